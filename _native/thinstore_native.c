@@ -249,20 +249,28 @@ int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst
     return 0;
 }
 
-/* Would decrementing each of ids[k] in turn keep every count >= 0?  Decrements
- * and then restores the counts, so it leaves them as found. */
-static int check_decrements(uint32_t *ref, const uint64_t *ids, uint64_t k)
+/* Decrement each of ids[k] in turn (zeros skipped).  If a count would drop
+ * below zero, restore the ones already done and fail: all or nothing. */
+static int dec_all(uint32_t *ref, const uint64_t *ids, uint64_t k)
 {
-    uint64_t i, bad = k;
+    uint64_t i;
     for (i = 0; i < k; i++) {
         uint64_t c = ids[i];
         if (!c) continue;
-        if (ref[c] == 0) { bad = i; break; }
+        if (ref[c] == 0) break;
         ref[c] -= 1;
     }
+    if (i == k) return 0;
     for (uint64_t j = 0; j < i; j++)
         if (ids[j]) ref[ids[j]] += 1;
-    return bad == k ? 0 : TS_E_UNDERFLOW;
+    return TS_E_UNDERFLOW;
+}
+
+/* The flags a decrement leaves, from the count after the whole batch (as the
+ * twin does): PENDING_FREE when it reached zero, PINNED otherwise. */
+static inline void dec_flags(const uint32_t *ref, uint8_t *state, uint64_t c)
+{
+    state[c] |= TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED);
 }
 
 int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
@@ -272,10 +280,10 @@ int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
     for (uint64_t i = 0; i < k; i++)
         if (ids[i] >= n_chunks) return TS_E_CORRUPT;
     if (delta < 0) {
-        int rc = check_decrements(chunk_ref, ids, k);
+        int rc = dec_all(chunk_ref, ids, k);
         if (rc) return rc;
         for (uint64_t i = 0; i < k; i++)
-            if (ids[i]) ref_dec(chunk_ref, chunk_state, ids[i]);
+            if (ids[i]) dec_flags(chunk_ref, chunk_state, ids[i]);
         return 0;
     }
     for (uint64_t i = 0; i < k; i++) {
@@ -285,26 +293,50 @@ int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
     return 0;
 }
 
+/* Entry of virtual chunk v for unmapping, NULL under a missing page; its page
+ * id in *pid.  *err is set when an id lies outside its array. */
+static inline uint64_t *unmap_entry(uint64_t *dir, uint64_t n_dir, uint64_t *pages,
+                                    uint64_t n_pages, uint64_t n_chunks, uint64_t v,
+                                    uint64_t *pid, int *err)
+{
+    if (v / TS_FANOUT >= n_dir) { *err = TS_E_CORRUPT; return NULL; }
+    *pid = dir[v / TS_FANOUT];
+    if (*pid == 0) return NULL;
+    if (*pid >= n_pages) { *err = TS_E_CORRUPT; return NULL; }
+    uint64_t *e = &pages[*pid * TS_FANOUT + v % TS_FANOUT];
+    if (*e >= n_chunks) { *err = TS_E_CORRUPT; return NULL; }
+    return e;
+}
+
 int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
                        uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
                        uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
                        uint64_t first, uint64_t count)
 {
-    int64_t done = 0;
-    for (uint64_t v = first; v < first + count; v++) {
-        uint64_t d = v / TS_FANOUT;
-        if (d >= n_dir) return TS_E_CORRUPT;
-        uint64_t pid = dir[d];
-        if (pid == 0) {  /* no page: skip to the next page boundary */
-            v = (d + 1) * TS_FANOUT - 1;
-            continue;
+    /* Pass 1 checks ids and drops the references (undone on underflow), pass 2
+     * sets the flags from the final counts and clears the entries: all or
+     * nothing, like the twin's single batched ref_batch. */
+    uint64_t v, pid;
+    int err = 0;
+    for (v = first; v < first + count; v++) {
+        uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, v, &pid, &err);
+        if (err) break;
+        if (!e || !*e) continue;
+        if (chunk_ref[*e] == 0) { err = TS_E_UNDERFLOW; break; }
+        chunk_ref[*e] -= 1;
+    }
+    if (err) {
+        for (uint64_t u = first; u < v; u++) {
+            uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, u, &pid, &err);
+            if (e && *e) chunk_ref[*e] += 1;
         }
-        if (pid >= n_pages) return TS_E_CORRUPT;
-        uint64_t *e = &pages[pid * TS_FANOUT + v % TS_FANOUT];
-        if (*e == 0) continue;
-        if (*e >= n_chunks) return TS_E_CORRUPT;
-        int rc = ref_dec(chunk_ref, chunk_state, *e);
-        if (rc) return rc;
+        return err;
+    }
+    int64_t done = 0;
+    for (v = first; v < first + count; v++) {
+        uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, v, &pid, &err);
+        if (!e || !*e) continue;
+        dec_flags(chunk_ref, chunk_state, *e);
         *e = 0;
         page_dirty[pid] = 1;
         done++;
@@ -425,12 +457,13 @@ static int take_new_chunk(uint64_t *e, uint64_t old, uint32_t *ref, uint8_t *sta
         rc = ts_cow_copy(fd, obase, nbase, lo);
         if (rc == 0) rc = ts_cow_copy(fd, obase + hi, nbase + hi, csize - hi);
         if (rc == 0) rc = ref_dec(ref, state, old);
+        counters[0] += 1;
         counters[1] += 1;
         counters[2] += (int64_t)(lo + csize - hi);
     }
     if (rc) return rc;
     ref[n] = 1;
-    state[n] |= TS_ST_REF_CHANGED | TS_ST_WRITTEN;
+    state[n] = TS_ST_REF_CHANGED | TS_ST_WRITTEN;  /* a fresh chunk: no stale flags */
     *e = (uint64_t)n;
     return 0;
 }

@@ -79,11 +79,12 @@ int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst
                    uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks);
 
 /*
- * Apply delta (+1 or -1) to the reference count of each id in ids[k], in order
- * (ids may repeat; zeros are ignored).  Every change sets REF_CHANGED; a decrement
- * also sets PENDING_FREE when the count reaches 0 and PINNED otherwise.  All or
- * nothing: if any count would drop below 0 (TS_E_UNDERFLOW) or an id is out of
- * range (TS_E_CORRUPT) nothing is changed.  Returns 0 or the error.
+ * Apply delta (+1 or -1) to the reference count of each id in ids[k] (ids may
+ * repeat and each occurrence counts; zeros are ignored).  Every id touched gets
+ * REF_CHANGED; a decrement also sets, from the count after the whole batch,
+ * PENDING_FREE when it is 0 and PINNED otherwise.  All or nothing: if any count
+ * would drop below 0 (TS_E_UNDERFLOW) or an id is out of range (TS_E_CORRUPT)
+ * nothing changes.  Returns 0 or the error.
  */
 int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
                  const uint64_t *ids, uint64_t k, int delta);
@@ -102,16 +103,17 @@ int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
 /*
  * Write buf[length] at byte offset of the device through its map, on file fd.
  * Each chunk touched, with [lo, hi) the part the write covers:
- *   entry 0   -> take the next of new_chunks; ref = 1, REF_CHANGED|WRITTEN; punch
+ *   entry 0   -> take the next of new_chunks; ref = 1, state = REF_CHANGED|WRITTEN; punch
  *                the uncovered parts (fallocate PUNCH_HOLE|KEEP_SIZE, zeros written
  *                where unsupported) so they read zero; entry = new; page dirty.
  *   shared    -> (ref > 1 or PINNED) take the next new chunk; copy the uncovered
  *                parts of the old chunk into it (ts_cow_copy); drop one reference
  *                from the old chunk (ref_batch -1 rules); new ref = 1,
- *                REF_CHANGED|WRITTEN; entry = new; page dirty.
+ *                state = REF_CHANGED|WRITTEN; entry = new; page dirty.
  *   otherwise -> written in place; WRITTEN.
  * Data landing contiguously in the file goes out in one pwrite.  counters[4] +=
- * (chunks allocated, chunks copied on write, bytes copied, bytes written).
+ * (chunks allocated (both cases above), chunks copied on write, bytes copied,
+ * bytes written).
  * The page of every chunk in range must exist and be exclusive (caller shadows).
  * Returns 0, -errno on I/O error, TS_E_NOCHUNK, TS_E_CORRUPT or TS_E_UNDERFLOW.
  */
@@ -124,11 +126,11 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
                    int64_t *counters);
 
 /*
- * Unmap whole virtual chunks [first, first+count): each nonzero entry becomes 0
- * with ref_batch -1 rules on its chunk, and its page is marked dirty; chunks under
- * a missing page are skipped.  Pages with nonzero entries must be exclusive.
- * Returns the number of entries unmapped, TS_E_CORRUPT or TS_E_UNDERFLOW (the
- * entries before the failing one stay unmapped).
+ * Unmap whole virtual chunks [first, first+count): each nonzero entry becomes 0,
+ * its chunk loses one reference with ref_batch -1 rules (one batch for the whole
+ * range) and its page is marked dirty; chunks under a missing page are skipped.
+ * Pages with nonzero entries must be exclusive.  All or nothing.  Returns the
+ * number of entries unmapped, TS_E_CORRUPT or TS_E_UNDERFLOW.
  */
 int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
                        uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,

@@ -58,7 +58,8 @@ _built, _why_not = _load()
 if _built:
     ffi, lib = _built
     _E = {lib.TS_E_CORRUPT: (CorruptMetadata, "a map or chunk id lies outside its array"),
-          lib.TS_E_UNDERFLOW: (CorruptMetadata, "a reference count would drop below zero"),
+          # ValueError, as the twin raises: callers must not depend on the backend
+          lib.TS_E_UNDERFLOW: (ValueError, "reference count would drop below zero"),
           lib.TS_E_NOCHUNK: (ThinstoreError, "write_range ran out of preallocated chunks"),
           lib.TS_E_SPACE: (UsageError, "translate: the output array is too small"),
           lib.TS_E_ARG: (UsageError, "invalid kernel argument")}
