@@ -76,18 +76,67 @@ def _check(rc: int, what: str) -> int:
 
 
 def _arr(a, dtype, name: str, writable: bool = False):
-    """A cffi pointer into numpy array `a`, after checking what C assumes of it."""
+    """A cffi pointer into numpy array `a`, after checking what C assumes of it
+    (from_buffer itself refuses arrays that are not C-contiguous)."""
     if not isinstance(a, np.ndarray) or a.dtype != dtype:
         raise TypeError(f"{name} must be a numpy {dtype} array")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
     return ffi.from_buffer(_CTYPE[dtype], a, require_writable=writable)
 
 
-def _pages(pages, writable: bool = False):
-    if pages.ndim != 2 or pages.shape[1] != lib.TS_FANOUT:
-        raise ValueError(f"pages must have shape (n, {lib.TS_FANOUT})")
-    return _arr(pages, _U64, "pages", writable), pages.shape[0]
+# The pool's long-lived arrays (maps, space map, counters) cross the boundary on
+# every request, and checking and wrapping each costs more than a 4 KiB pwrite on
+# tmpfs.  So the pointer arguments of each group of arrays are built once and kept,
+# keyed by the arrays' ids; the entry holds the arrays, so an id cannot be reused
+# while it is kept.  A held pointer forbids an in-place ndarray.resize; the core
+# replaces arrays when it grows them, which only makes a new entry.
+_MEMO: dict[tuple, tuple] = {}
+_MEMO_MAX = 16
+
+
+def _memo(kind: str, arrays: tuple, build):
+    key = (kind, *map(id, arrays))
+    hit = _MEMO.get(key)
+    if hit is None:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        hit = _MEMO[key] = (arrays, build(*arrays))
+    return hit[1]
+
+
+def _check_pages(pages):
+    if not isinstance(pages, np.ndarray) or pages.ndim != 2 or pages.shape[1] != lib.TS_FANOUT:
+        raise ValueError(f"pages must be an array of shape (n, {lib.TS_FANOUT})")
+    return pages.shape[0]
+
+
+def _map_args(dirarr, pages, writable=False):
+    """(dir, n_dir, pages, n_pages) as C takes them."""
+    n_pages = _check_pages(pages)
+    return (_arr(dirarr, _U64, "dirarr", writable), len(dirarr),
+            _arr(pages, _U64, "pages", writable), n_pages)
+
+
+def _space_args(chunk_ref, chunk_state):
+    """(chunk_ref, chunk_state, n_chunks): the space map as C sees it."""
+    if len(chunk_state) != len(chunk_ref):
+        raise ValueError("chunk_ref and chunk_state must have the same length")
+    return (_arr(chunk_ref, _U32, "chunk_ref", True),
+            _arr(chunk_state, _U8, "chunk_state", True), len(chunk_ref))
+
+
+def _state_args(dirarr, pages, page_dirty, chunk_ref, chunk_state):
+    """Map, page_dirty and space map: the arguments of the kernels that write."""
+    d, n_dir, p, n_pages = _map_args(dirarr, pages, True)
+    if len(page_dirty) != n_pages:
+        raise ValueError("page_dirty must have one entry per page row")
+    return (d, n_dir, p, n_pages, _arr(page_dirty, _U8, "page_dirty", True),
+            *_space_args(chunk_ref, chunk_state))
+
+
+def _counters_arg(counters):
+    if len(counters) != 4:
+        raise ValueError("counters must have 4 entries")
+    return _arr(counters, _I64, "counters", True)
 
 
 def _fd(fio):
@@ -104,28 +153,28 @@ class NativeKernels:
     def translate(dirarr, pages, chunk_shift, offset, length, out):
         if out.ndim != 2 or out.shape[1] != 3:
             raise ValueError("out must have shape (m, 3)")
-        p, n_pages = _pages(pages)
         return _check(lib.ts_translate(
-            _arr(dirarr, _U64, "dirarr"), len(dirarr), p, n_pages, chunk_shift,
-            offset, length, _arr(out, _I64, "out", True), out.shape[0]), "translate")
+            *_memo("map", (dirarr, pages), _map_args), chunk_shift, offset, length,
+            _arr(out, _I64, "out", True), out.shape[0]), "translate")
 
     @staticmethod
     def shadow_page(pages, src, dst, chunk_ref, chunk_state):
-        p, n_pages = _pages(pages, True)
-        _check(lib.ts_shadow_page(p, n_pages, src, dst, *_space(chunk_ref, chunk_state)),
-               "shadow_page")
+        n_pages = _check_pages(pages)
+        _check(lib.ts_shadow_page(
+            _memo("pages", (pages,), lambda p: _arr(p, _U64, "pages", True)), n_pages, src, dst,
+            *_memo("space", (chunk_ref, chunk_state), _space_args)), "shadow_page")
 
     @staticmethod
     def ref_batch(chunk_ref, chunk_state, ids, delta):
-        _check(lib.ts_ref_batch(*_space(chunk_ref, chunk_state),
+        _check(lib.ts_ref_batch(*_memo("space", (chunk_ref, chunk_state), _space_args),
                                 _arr(ids, _U64, "ids"), len(ids), delta), "ref_batch")
 
     @staticmethod
     def count_write_allocs(dirarr, pages, chunk_ref, chunk_state, chunk_shift, offset, length):
-        p, n_pages = _pages(pages)
         return _check(lib.ts_count_write_allocs(
-            _arr(dirarr, _U64, "dirarr"), len(dirarr), p, n_pages,
-            *_space(chunk_ref, chunk_state), chunk_shift, offset, length), "count_write_allocs")
+            *_memo("map", (dirarr, pages), _map_args),
+            *_memo("space", (chunk_ref, chunk_state), _space_args),
+            chunk_shift, offset, length), "count_write_allocs")
 
     @staticmethod
     def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
@@ -135,24 +184,19 @@ class NativeKernels:
             return _twins().write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state,
                                         new_chunks, chunk_shift, fio, buf, offset, length,
                                         counters)
-        p, n_pages = _pages(pages, True)
-        _dirty(page_dirty, n_pages)
         data = ffi.from_buffer("uint8_t[]", buf)
         if len(data) < length:
             raise ValueError(f"write_range: buffer holds {len(data)} bytes, not {length}")
+        new = _arr(new_chunks, _I64, "new_chunks") if len(new_chunks) else ffi.NULL
         _check(lib.ts_write_range(
-            _arr(dirarr, _U64, "dirarr", True), len(dirarr), p, n_pages,
-            _arr(page_dirty, _U8, "page_dirty", True), *_space(chunk_ref, chunk_state),
-            _arr(new_chunks, _I64, "new_chunks"), len(new_chunks), chunk_shift, fd,
-            data, offset, length, _counters(counters)), "write_range")
+            *_memo("state", (dirarr, pages, page_dirty, chunk_ref, chunk_state), _state_args),
+            new, len(new_chunks), chunk_shift, fd, data, offset, length,
+            _memo("counters", (counters,), _counters_arg)), "write_range")
 
     @staticmethod
     def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks):
-        p, n_pages = _pages(pages, True)
-        _dirty(page_dirty, n_pages)
         return _check(lib.ts_unmap_range(
-            _arr(dirarr, _U64, "dirarr"), len(dirarr), p, n_pages,
-            _arr(page_dirty, _U8, "page_dirty", True), *_space(chunk_ref, chunk_state),
+            *_memo("state", (dirarr, pages, page_dirty, chunk_ref, chunk_state), _state_args),
             first_chunk, n_chunks), "unmap_range")
 
     @staticmethod
@@ -160,12 +204,11 @@ class NativeKernels:
         fd = _fd(fio)
         if fd is None:
             return _twins().read_range(dirarr, pages, chunk_shift, fio, buf, offset, length)
-        p, n_pages = _pages(pages)
         out = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         if len(out) != length:
             raise ValueError(f"read_range: buffer holds {len(out)} bytes, not {length}")
-        _check(lib.ts_read_range(_arr(dirarr, _U64, "dirarr"), len(dirarr), p, n_pages,
-                                 chunk_shift, fd, out, offset, length), "read_range")
+        _check(lib.ts_read_range(*_memo("map", (dirarr, pages), _map_args), chunk_shift, fd,
+                                 out, offset, length), "read_range")
 
     @staticmethod
     def cow_copy(fio, src_off, dst_off, length):
@@ -181,34 +224,15 @@ class NativeKernels:
 
     @staticmethod
     def count_mapped(dirarr, pages, chunk_ref, page_ref):
-        p, n_pages = _pages(pages)
+        d, n_dir, p, n_pages = _map_args(dirarr, pages)
         if len(page_ref) != n_pages:
             raise ValueError("page_ref must have one entry per page row")
         out = np.zeros(2, dtype=np.int64)
         _check(lib.ts_count_mapped(
-            _arr(dirarr, _U64, "dirarr"), len(dirarr), p, _arr(page_ref, _U32, "page_ref"),
-            n_pages, _arr(chunk_ref, _U32, "chunk_ref"), len(chunk_ref),
+            d, n_dir, p, _arr(page_ref, _U32, "page_ref"), n_pages,
+            _arr(chunk_ref, _U32, "chunk_ref"), len(chunk_ref),
             ffi.from_buffer("int64_t[]", out, require_writable=True)), "count_mapped")
         return int(out[0]), int(out[1])
-
-
-def _space(chunk_ref, chunk_state):
-    """(ref pointer, state pointer, n_chunks): the space map as C sees it."""
-    if len(chunk_state) != len(chunk_ref):
-        raise ValueError("chunk_ref and chunk_state must have the same length")
-    return (_arr(chunk_ref, _U32, "chunk_ref", True),
-            _arr(chunk_state, _U8, "chunk_state", True), len(chunk_ref))
-
-
-def _dirty(page_dirty, n_pages):
-    if len(page_dirty) != n_pages:
-        raise ValueError("page_dirty must have one entry per page row")
-
-
-def _counters(counters):
-    if len(counters) != 4:
-        raise ValueError("counters must have 4 entries")
-    return _arr(counters, _I64, "counters", True)
 
 
 def _choose():
