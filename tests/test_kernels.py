@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -339,6 +341,42 @@ def test_backend_is_reported():
         assert native.BACKEND == "python"
     if os.environ.get(native.ENV) == "0":
         assert native.BACKEND == "native"
+
+
+def _import_backend(mode: str | None, hide_native: bool = False):
+    """Import thinstore in a fresh interpreter; (returncode, stdout+stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != native.ENV}
+    if mode is not None:
+        env[native.ENV] = mode
+    env["PYTHONPATH"] = os.getcwd()
+    hide = "import sys; sys.modules['thinstore._thinstore_native'] = None; " if hide_native else ""
+    res = subprocess.run([sys.executable, "-c", hide + "import thinstore; print(thinstore.BACKEND)"],
+                         env=env, capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_pure_python_switch_forces_the_twins():
+    assert _import_backend("1") == (0, "python\n")
+
+
+def test_native_demanded_but_absent_fails_loudly():
+    rc, out = _import_backend("0", hide_native=True)
+    assert rc != 0 and "NativeUnavailable" in out and "THINSTORE_PURE_PYTHON=0" in out
+
+
+def test_unset_falls_back_to_the_twins_without_a_build():
+    assert _import_backend(None, hide_native=True) == (0, "python\n")
+
+
+@needs_native
+def test_unset_uses_native_when_built():
+    assert _import_backend(None) == (0, "native\n")
+
+
+@needs_native
+def test_stale_build_is_refused_with_a_clear_message():
+    built, why = native._load(api=native.API_VERSION + 1)
+    assert built is None and "stale" in why and "rebuild" in why
 
 
 @needs_native

@@ -41,15 +41,15 @@ def _twins():
     return importlib.import_module("thinstore.kernels")
 
 
-def _load():
-    """(ffi, lib) of a current native build, or (None, reason)."""
+def _load(api: int = API_VERSION):
+    """(ffi, lib) of a native build implementing kernel API `api`, or (None, reason)."""
     try:
         from thinstore._thinstore_native import ffi, lib
     except ImportError as e:
         return None, f"the native library is not built ({e})"
-    if lib.ts_api_version() != API_VERSION:
+    if lib.ts_api_version() != api:
         return None, (f"the native library is stale: it implements kernel API "
-                      f"{lib.ts_api_version()}, this thinstore needs {API_VERSION}; "
+                      f"{lib.ts_api_version()}, this thinstore needs {api}; "
                       f"rebuild it (pip install . or python setup.py build_ext --inplace)")
     return (ffi, lib), None
 
