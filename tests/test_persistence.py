@@ -135,3 +135,21 @@ def test_full_pool_fails_the_write_and_keeps_data(pool_path):
             assert v.pread(20 * cs, cs) == b"x" * cs
             assert v.pread(4 * cs, 12 * cs) == data[4 * cs:]
         assert not check_pool(pool)
+
+
+def test_low_water_mark_warns_once_per_crossing(pool_path, caplog):
+    cs = 4096
+    with Pool.create(pool_path, 100 * cs, cs, commit_interval=0, low_water=0.5) as pool:
+        pool.create_volume("v", 100 * cs)
+        with pool.open_device("v") as v, caplog.at_level("WARNING", logger="thinstore"):
+            for i in range(70):
+                v.pwrite(b"x" * cs, i * cs)
+            pool.commit()
+            assert sum("low-water" in r.message for r in caplog.records) == 1
+            v.discard(0, 70 * cs)
+            pool.commit()
+            for i in range(70):
+                v.pwrite(b"y" * cs, i * cs)
+            pool.commit()
+            assert sum("low-water" in r.message for r in caplog.records) == 2
+        assert pool.status()["low_water_crossed"]
