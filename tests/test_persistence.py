@@ -153,3 +153,20 @@ def test_low_water_mark_warns_once_per_crossing(pool_path, caplog):
             pool.commit()
             assert sum("low-water" in r.message for r in caplog.records) == 2
         assert pool.status()["low_water_crossed"]
+
+
+def test_growing_a_full_pool_makes_room(pool_path):
+    cs = 4096
+    with Pool.create(pool_path, 8 * cs, cs, commit_interval=0) as pool:
+        pool.create_volume("v", 64 * cs)
+        with pool.open_device("v") as v:
+            v.pwrite(b"a" * 8 * cs, 0)
+            with pytest.raises(PoolFull):
+                v.pwrite(b"b" * cs, 8 * cs)
+            pool.grow(16 * cs)
+            v.pwrite(b"b" * cs, 8 * cs)
+    with Pool.open(pool_path, commit_interval=0) as pool:
+        assert pool.capacity == 16 * cs
+        with pool.open_device("v") as v:
+            assert v.pread(0, 9 * cs) == b"a" * 8 * cs + b"b" * cs
+        assert not check_pool(pool)

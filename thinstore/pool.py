@@ -327,6 +327,20 @@ class Pool:
         self.md.maps.drop(dm.directory, self.md.space, keep)
         dm.directory.arr[keep:] = 0
 
+    def grow(self, capacity: int) -> None:
+        """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""
+        with self.lock:
+            self._check_open()
+            md = self.md
+            nchunks = capacity // md.chunk_size + 1
+            if nchunks < len(md.space.refs):
+                raise UsageError(f"pool {self.path} holds {self.capacity} bytes; "
+                                 "a pool can grow but not shrink")
+            md.data_fio.truncate(nchunks * md.chunk_size)
+            md.space.resize(nchunks)
+            md.sb = md.sb._replace(capacity_chunks=nchunks)
+            self.commit()
+
     # ------------------------------------------------------------ queries
     def list(self) -> list[DeviceInfo]:
         with self.lock:
