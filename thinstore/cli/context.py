@@ -1,0 +1,30 @@
+"""How a command reaches the pool it manages.
+
+Handlers get the pool only from :func:`open_pool` and call only the management methods of
+docs/api.md (create_volume, snapshot, clone, destroy, rename, rollback, resize, list, info,
+status, open_device), so that a proxy with those methods can stand in for a pool that a
+running server holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from thinstore.errors import UsageError
+
+
+@contextlib.contextmanager
+def open_pool(args):
+    """Yield the pool named by ``args.pool``; closing it commits and releases the lock."""
+    path = pool_path(args)
+    from thinstore import Pool  # late: the core's import cost is paid only by commands using it
+
+    with Pool.open(path) as pool:
+        yield pool
+
+
+def pool_path(args) -> str:
+    """The pool directory from ``--pool`` or THINSTORE_POOL; a usage error when neither."""
+    if not getattr(args, "pool", None):
+        raise UsageError("no pool given: pass --pool DIR or set THINSTORE_POOL")
+    return args.pool
