@@ -15,10 +15,10 @@ _PART_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
 def check_part(part: str, whole: str) -> str:
-    """Return ``part`` if it is a valid name component, else raise InvalidName."""
-    if not _PART_RE.match(part) or len(part.encode()) > MAX_NAME_BYTES:
-        raise InvalidName(f"invalid device name {whole!r}: use letters, digits and _ . : - "
-                          f"(at most {MAX_NAME_BYTES} bytes per part)")
+    """Return ``part`` if it is a valid name component of ``whole``, else raise InvalidName."""
+    if not _PART_RE.match(part) or part in (".", "..") or len(whole.encode()) > MAX_NAME_BYTES:
+        raise InvalidName(f"invalid device name {whole[:64]!r}: use letters, digits and _ . : - "
+                          f"(at most {MAX_NAME_BYTES} bytes in all)")
     return part
 
 
