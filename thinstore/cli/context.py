@@ -10,17 +10,29 @@ from __future__ import annotations
 
 import contextlib
 
-from thinstore.errors import UsageError
+from thinstore.errors import CorruptMetadata, UsageError
 
 
 @contextlib.contextmanager
 def open_pool(args):
     """Yield the pool named by ``args.pool``; closing it commits and releases the lock."""
     path = pool_path(args)
-    from thinstore import Pool  # late: the core's import cost is paid only by commands using it
+    from thinstore import Pool
 
-    with Pool.open(path) as pool:
+    with _opening(path), Pool.open(path) as pool:
         yield pool
+
+
+@contextlib.contextmanager
+def _opening(path: str):
+    """Say which pool is damaged and what to do: the core's message names only the block."""
+    try:
+        yield
+    except CorruptMetadata as err:
+        if path in str(err):
+            raise
+        raise CorruptMetadata(f"pool {path}: metadata damaged ({err}); "
+                              "run 'thinstore check' or restore from a replica") from err
 
 
 def pool_path(args) -> str:

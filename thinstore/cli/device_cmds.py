@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("destroy", help="delete a volume, clone or snapshot")
     p.add_argument("name", type=device_name, metavar="NAME[@SNAP]")
     p.add_argument("--force", "-f", action="store_true",
-                   help="destroy even if the device is in use or has snapshots")
+                   help="destroy even while handles or clients have it open")
     p.set_defaults(func=cmd_destroy)
 
     p = subparsers.add_parser("rename", help="rename a device (a volume's snapshots follow)")

@@ -45,7 +45,6 @@ def cmd_init(args) -> int:
 def cmd_status(args) -> int:
     with open_pool(args) as pool:
         status = dict(pool.status())
-    status.setdefault("pool", pool_path(args))
     if args.json:
         print_json(status)
     else:
@@ -53,38 +52,43 @@ def cmd_status(args) -> int:
     return 0
 
 
-STATUS_SIZES = ("capacity", "used", "free", "chunk_size")
+STATUS_SIZES = {"capacity", "used", "free", "chunk_size", "metadata_bytes"}
+STATUS_ORDER = ("path", "capacity", "used", "free", "chunk_size", "devices", "low_water",
+                "backend", "data_checksums", "metadata_bytes", "generation", "uuid")
 
 
 def print_status(status: dict, parsable: bool) -> None:
-    """``key: value`` lines, sizes human unless parsable; keys the core adds later show too."""
-    used, capacity = status.get("used"), status.get("capacity")
-    lines = {"pool": status.get("pool")}
-    for key in STATUS_SIZES:
-        lines[key] = size_cell(status.get(key), parsable)
-    if used is not None and capacity:
-        lines["used"] += f" ({100 * used / capacity:.1f}%)"
-    lines["devices"] = status.get("devices")
-    lines["low water"] = _low_water(status, parsable)
-    for key, value in status.items():
-        if key not in lines and key not in ("low_water", "low_water_crossed"):
-            lines[key] = value
-    width = max(len(key) for key in lines) + 1
+    """``key: value`` lines in a fixed order, sizes human unless parsable.
+
+    Keys the core adds later are printed after the known ones, so nothing is hidden.
+    """
+    lines = {key: _status_value(status, key, parsable) for key in STATUS_ORDER if key in status}
+    lines.update((key, _plain(value)) for key, value in status.items()
+                 if key not in lines and key != "low_water_crossed")
+    width = max(len(key) for key in lines) + 2
     for key, value in lines.items():
-        print(f"{(key.replace('_', ' ') + ':').ljust(width)} {_plain(value)}")
+        print(f"{(key.replace('_', ' ') + ':').ljust(width)}{value}")
 
 
-def _low_water(status: dict, parsable: bool) -> str:
-    mark, crossed = status.get("low_water"), status.get("low_water_crossed")
-    if isinstance(mark, int) and not isinstance(mark, bool):
-        text = size_cell(mark, parsable) + " free"
-    else:
-        text = "-" if mark is None else str(mark)
-    state = "CROSSED: grow the pool or free space" if crossed else "ok"
-    return f"{text} ({state})"
+def _status_value(status: dict, key: str, parsable: bool) -> str:
+    value = status[key]
+    if key in STATUS_SIZES:
+        text = size_cell(value, parsable)
+        if key == "used" and status.get("capacity"):
+            text += f" ({100 * value / status['capacity']:.1f}%)"
+        return text
+    if key == "low_water":
+        return _low_water(value, status.get("low_water_crossed"))
+    return _plain(value)
+
+
+def _low_water(mark, crossed) -> str:
+    """The mark is the used fraction of capacity that triggers the warning."""
+    text = f"{mark:.0%} used" if isinstance(mark, float) else _plain(mark)
+    return text + (" (CROSSED: grow the pool or free space)" if crossed else " (not reached)")
 
 
 def _plain(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return str(len(value))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return "-" if value is None else str(value)
