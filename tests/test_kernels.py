@@ -10,6 +10,7 @@ each backend (parametrized) so a pure-Python CI run still exercises them.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -377,6 +378,19 @@ def test_unset_uses_native_when_built():
 def test_stale_build_is_refused_with_a_clear_message():
     built, why = native._load(api=native.API_VERSION + 1)
     assert built is None and "stale" in why and "rebuild" in why
+
+
+@pytest.mark.parametrize("k", BACKENDS)
+def test_io_error_raises_oserror(k, tmp_path):
+    """A failed pwrite reaches the caller as OSError (the native code's -errno)."""
+    pool = Pool(0, 1, 64, 12, 0.0)
+    pool.dirarr[0] = 1
+    DataFile(tmp_path / "data", pool, 1)
+    ro = FileIO(str(tmp_path / "data"), readonly=True)
+    with pytest.raises(OSError) as err:
+        k.write_range(pool.dirarr, pool.pages, pool.page_dirty, pool.chunk_ref, pool.chunk_state,
+                      np.array([3], np.int64), 12, ro, b"x" * 4096, 0, 4096, np.zeros(4, np.int64))
+    assert err.value.errno == errno.EBADF
 
 
 @needs_native
