@@ -434,6 +434,21 @@ def test_import_errors_leave_no_volume(pool, tmp_path):
     assert set(devices(pool)) == {"vm1"}
 
 
+def test_import_into_a_full_pool_fails_cleanly(tmp_path):
+    path = tmp_path / "small"
+    Pool.create(str(path), capacity=8 * CHUNK, chunk_size=CHUNK).close()
+    src = sparse_image(tmp_path / "src.raw", 16 * CHUNK, {0: os.urandom(16 * CHUNK)})
+    err = fails(8, "import", "vm1", src, pool=path)
+    assert "vm1" in err and "full" in err
+    assert devices(path) == {}  # the half-made volume is gone: the import can be retried
+
+
+def test_export_to_an_unwritable_path_names_it(pool, tmp_path):
+    given(pool, ("create", "vm1", M))
+    assert "no-such-dir/out.raw" in fails(1, "export", "vm1", tmp_path / "no-such-dir" / "out.raw",
+                                          pool=pool)
+
+
 def test_progress_only_on_a_terminal(pool, tmp_path):
     src = sparse_image(tmp_path / "src.raw", 8 * M, {0: b"x" * M})
     assert cli("import", "piped", src, pool=pool, check_rc=0).stderr == b""
