@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     init = subparsers.add_parser("init", help="create a pool in DIR",
                                  description="Create a new pool in the --pool directory.")
     init.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
-                      help=f"data capacity (default {DEFAULT_CAPACITY}); volumes may exceed it in sum")
+                      help=f"data capacity (default {DEFAULT_CAPACITY}); volumes may exceed it "
+                      "in sum")
     init.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                       help=f"allocation unit, a power of two 4K..1M (default {DEFAULT_CHUNK_SIZE})")
     init.set_defaults(func=cmd_init)
