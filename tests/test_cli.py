@@ -6,6 +6,7 @@ device, the JSON keys, the table shape, and that import/export keep holes as hol
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -19,6 +20,7 @@ from thinstore import Pool
 from thinstore.cli.device_cmds import device_dict
 from thinstore.cli.main import main
 from thinstore.errors import ReadOnlyDevice
+from thinstore.progress import Progress
 from thinstore.units import format_size, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +146,26 @@ def test_parse_size_refuses_what_is_not_a_whole_size(text):
 def test_format_size_is_short_and_parses_back(value, text):
     assert format_size(value) == text
     assert abs(parse_size(text) - value) <= value / 100
+
+
+def test_progress_line_shows_bytes_rate_and_eta():
+    now = [0.0]
+    progress = Progress(100 * M, "import vm1", stream=io.StringIO(), clock=lambda: now[0])
+    assert not progress.enabled  # a StringIO is no terminal: nothing is drawn
+    now[0] = 2.0
+    progress.advance(25 * M)
+    line = progress.line(now[0])
+    assert line.startswith("import vm1  [######------------------]")
+    assert "25M/100M" in line and "12.5M/s" in line and "ETA 0:06" in line
+    progress.close()
+    assert progress.stream.getvalue() == ""
+
+
+def test_debug_env_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    assert in_process(capsys, "list", pool=tmp_path / "none")[2].count("\n") == 1
+    monkeypatch.setenv("THINSTORE_DEBUG", "1")
+    code, _, err = in_process(capsys, "list", pool=tmp_path / "none")
+    assert code == 9 and "Traceback" in err and err.endswith("(run 'thinstore init' first)\n")
 
 
 # ---------------------------------------------------------------- pool commands
