@@ -192,6 +192,14 @@ def test_status_table_shows_human_sizes(pool, capsys):
     assert code == 0 and "capacity:       1073741824" in out
 
 
+def test_grow_adds_capacity_and_never_shrinks(pool):
+    ok("grow", "2G", pool=pool)
+    ok("grow", "+512M", pool=pool)
+    with Pool.open(str(pool)) as p:
+        assert p.capacity == 2 * G + 512 * M and p.status()["free"] == 2 * G + 512 * M
+    assert "shrink" in fails(2, "grow", "1G", pool=pool)
+
+
 @pytest.mark.parametrize("size", ["3K", "2K", "2M", "96K", "64Q"])
 def test_init_refuses_a_bad_chunk_size(tmp_path, capsys, size):
     code, _, err = in_process(capsys, "init", "--chunk-size", size, pool=tmp_path / "p")
