@@ -30,7 +30,10 @@ CHUNK = 64 * K
 
 def cli(*args, pool=None, env=None, stderr=subprocess.PIPE, check_rc=None):
     """Run ``python -m thinstore [--pool POOL] ARGS`` from this tree; return the result."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("THINSTORE_")}
+    # keep THINSTORE_PURE_PYTHON and the like (a run forces a backend for every process);
+    # drop only what would change which pool or how errors print
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("THINSTORE_POOL", "THINSTORE_DEBUG")}
     full_env.update(PYTHONPATH=str(ROOT), **(env or {}))
     pool_args = ["--pool", str(pool)] if pool is not None else []
     result = subprocess.run([sys.executable, "-m", "thinstore", *pool_args, *map(str, args)],
@@ -63,6 +66,13 @@ def devices(pool) -> dict[str, dict]:
     """The pool's devices as ``list --json`` shows them (in-process: test_*_list_json execs)."""
     with Pool.open(str(pool)) as p:
         return {info.name: device_dict(info) for info in p.list()}
+
+
+@pytest.fixture(autouse=True)
+def _plain_environment(monkeypatch):
+    """In-process runs see neither the caller's pool nor its debug switch."""
+    monkeypatch.delenv("THINSTORE_POOL", raising=False)
+    monkeypatch.delenv("THINSTORE_DEBUG", raising=False)
 
 
 @pytest.fixture
