@@ -14,7 +14,7 @@ import mmh3
 import pytest
 
 from thinstore import stream as S
-from thinstore.errors import StreamError
+from thinstore.errors import StreamError, StreamTruncated
 
 SNAP = uuid.UUID("11111111-2222-3333-4444-555555555555")
 BASE = uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
@@ -113,7 +113,7 @@ def test_trailer_holds_counts_and_the_chained_stream_checksum():
 @pytest.mark.parametrize("cut", [0, 3, 20, 86, 90, 86 + 48 + 10, -10, -1])
 def test_truncated_stream_is_refused_as_truncated(cut):
     data = sample_stream()
-    with pytest.raises(StreamError, match="truncated|empty stream"):
+    with pytest.raises(StreamTruncated, match="truncated|empty stream"):
         read_all(data[:cut])
 
 

@@ -33,7 +33,7 @@ from typing import BinaryIO, Iterator, NamedTuple
 import lz4.block
 import mmh3
 
-from thinstore.errors import StreamError
+from thinstore.errors import StreamError, StreamTruncated
 
 MAGIC = b"THINSTRM"
 VERSION = 1
@@ -151,9 +151,9 @@ def read_header(f: BinaryIO) -> Header:
     magic = read_exact(f, len(MAGIC))
     if len(magic) < len(MAGIC) or magic != MAGIC:
         if len(magic) == 0:
-            raise StreamError("empty stream: no header (did the sender fail?)")
+            raise StreamTruncated("empty stream: no header (did the sender fail?)")
         if MAGIC.startswith(magic):
-            raise StreamError("truncated stream: it ends inside the header")
+            raise StreamTruncated("truncated stream: it ends inside the header")
         raise StreamError(f"bad magic {magic!r}: not a thinstore stream")
     rest = _need(f, HEADER.size - len(MAGIC), "inside the header")
     fixed = magic + rest
@@ -241,7 +241,7 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
 def _need(f: BinaryIO, n: int, where: str) -> bytes:
     data = read_exact(f, n)
     if len(data) < n:
-        raise StreamError(f"truncated stream: it ends {where}")
+        raise StreamTruncated(f"truncated stream: it ends {where}")
     return data
 
 
@@ -281,13 +281,13 @@ class RecordReader:
         head = read_exact(self.f, RECORD.size)
         if len(head) < RECORD.size:
             what = "after" if not head else "inside"
-            raise StreamError(f"truncated stream: it ends {what} {self._where()}, "
+            raise StreamTruncated(f"truncated stream: it ends {what} {self._where()}, "
                               f"before the trailer")
         rtype, flags, _, plen, seq, offset, length, cs = RECORD.unpack(head)
         self._check_sizes(rtype, plen)
         payload = read_exact(self.f, plen)
         if len(payload) < plen:
-            raise StreamError(f"truncated stream: it ends inside {self._where()}")
+            raise StreamTruncated(f"truncated stream: it ends inside {self._where()}")
         if checksum(head[:_RECORD_SIGNED], payload) != cs:
             raise StreamError(f"checksum mismatch at {self._where()}: the stream is corrupt")
         r = Record(rtype, flags, seq, offset, length, payload, self.pos,
