@@ -31,7 +31,7 @@ from .diff import DeviceMap, DiffCounters, DiffRange, diff_maps
 from .errors import DeviceExists, NoSuchDevice, StreamError, StreamTruncated, UsageError
 from .native import K
 
-Progress = Callable[[int], None]  # called with bytes done since the last call
+Progress = Callable[[int, int], None]  # called with (bytes done since last call, total)
 CHECKPOINT_BYTES = 64 << 20  # stream bytes between resume checkpoints
 CHECKPOINT_SECONDS = 5.0
 
@@ -97,7 +97,7 @@ class SendStats:
     changed_bytes: int  # bytes the diff found (what the stream describes)
     data_bytes: int  # raw bytes carried in DATA records
     stream_bytes: int  # bytes written to the stream
-    records: int
+    records: int  # records before the trailer
     counters: DiffCounters
 
 
@@ -110,17 +110,17 @@ def send(pool, snapshot: str, out: BinaryIO, base: str | None = None,
                       _uuid.UUID(hex=info.uuid),
                       _uuid.UUID(hex=base_info.uuid) if base_info else None)
     w = S.StreamWriter(out, header)
+    done = _counting(progress, d.changed_bytes)
     with pool.open_device(snapshot) as dev:
         for rg in d.ranges:
             if rg.a_mapped:
-                _send_data(dev, w, rg)
+                _send_data(dev, w, rg, done)
             else:
                 w.hole(rg.offset, rg.length)
-            if progress:
-                progress(rg.length)
+                done(rg.length)
     t = w.finish()
     return SendStats(snapshot, base, d.changed_bytes, t.data_bytes, w.bytes_written,
-                     w.seq, d.counters)
+                     w.seq - 1, d.counters)
 
 
 def _send_devices(pool, snapshot: str, base: str | None):
@@ -137,7 +137,13 @@ def _send_devices(pool, snapshot: str, base: str | None):
     return info, base_info
 
 
-def _send_data(dev, w: S.StreamWriter, rg: DiffRange) -> None:
+def _counting(progress: Progress | None, total: int) -> Callable[[int], None]:
+    if progress is None:
+        return lambda n: None
+    return lambda n: progress(n, total)
+
+
+def _send_data(dev, w: S.StreamWriter, rg: DiffRange, done: Callable[[int], None]) -> None:
     """DATA records for a mapped range; all-zero pieces become (coalesced) ZERO records."""
     step = S.WRITE_DATA_LEN
     buf = bytearray(min(step, rg.length))
@@ -146,6 +152,7 @@ def _send_data(dev, w: S.StreamWriter, rg: DiffRange) -> None:
         n = min(step, rg.offset + rg.length - pos)
         view = memoryview(buf)[:n]
         dev.readinto(view, pos)
+        done(n)
         if K.is_zero(view):
             zero_at, zero_len = (zero_at, zero_len + n) if zero_len else (pos, n)
             continue
@@ -170,19 +177,21 @@ class ReceiveStats:
 
 
 def receive(pool, name: str, inp: BinaryIO, *, resume: bool = False, force: bool = False,
-            progress: Progress | None = None) -> ReceiveStats:
+            progress: Progress | None = None, stream_size: int | None = None) -> ReceiveStats:
     """Receive a stream into NAME@SNAP and bring volume NAME to it (see module doc).
 
     resume=True continues an interrupted receive into NAME from `inp`, which is either
     the whole stream again or its remainder from the saved byte offset.  force=True
     lets an incremental stream discard changes made to NAME since its base.
+    progress gets stream bytes of `stream_size` when that is known (a file), else
+    device bytes passed of the device size (records come in ascending offset).
     """
     names.check_name(name, snapshot=False)
     token = R.load(pool, name)
     if resume:
         if token is None:
             raise UsageError(f"no interrupted receive into {name!r} to resume")
-        return _resume(pool, token, inp, progress)
+        return _resume(pool, token, inp, _Meter(progress, stream_size))
     if token is not None:
         raise UsageError(f"an interrupted receive into {name!r} is pending ({token.seq} "
                          f"records applied): continue it with 'receive --resume {name}' "
@@ -190,7 +199,8 @@ def receive(pool, name: str, inp: BinaryIO, *, resume: bool = False, force: bool
     header = S.read_header(inp)
     token = _prepare(pool, name, header, force)
     reader = S.RecordReader(inp, header)
-    return _Receiver(pool, token, reader, fresh=True, progress=progress).run()
+    meter = _Meter(progress, stream_size, S.header_len(header))
+    return _Receiver(pool, token, reader, fresh=True, progress=meter).run()
 
 
 def abort_receive(pool, name: str) -> bool:
@@ -283,6 +293,32 @@ def _resume_reader(token: R.Token, inp: BinaryIO) -> S.RecordReader:
                           tuple(token.counts))
 
 
+class _Meter:
+    """Turns records read into progress calls: stream bytes when the size is known,
+    else the device position (records ascend, so it only moves forward)."""
+
+    def __init__(self, progress: Progress | None, stream_size: int | None, start: int = 0):
+        self.progress, self.stream_size = progress, stream_size
+        self.done = start
+        if progress and stream_size and start:
+            progress(start, stream_size)
+
+    def __call__(self, r: S.Record | None, device_size: int) -> None:
+        """Account for record r, or (r None) for the verified end of the stream."""
+        if not self.progress:
+            return
+        total = self.stream_size or device_size
+        if r is None:
+            now = total
+        elif self.stream_size:
+            now = self.done + r.end - r.pos
+        else:
+            now = r.offset + r.length
+        if now > self.done:
+            self.progress(now - self.done, total)
+            self.done = now
+
+
 class _Receiver:
     """Applies verified records to the hidden workspace; checkpoints; publishes."""
 
@@ -334,9 +370,9 @@ class _Receiver:
                 self.stats.records += 1
                 self._maybe_checkpoint()
             self.stats.stream_bytes = self.reader.pos - start
-            if self.progress:
-                self.progress(r.end - r.pos)
+            self.progress(r, self.token.header.device_size)
         self.stats.stream_bytes = self.reader.pos - start
+        self.progress(None, self.token.header.device_size)
 
     def _verify_skipped(self, r: S.Record) -> None:
         """A record applied before the interruption: read and verified, not re-applied."""
