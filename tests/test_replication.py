@@ -399,3 +399,31 @@ def test_send_refuses_volumes_and_terminals(src):
         os.close(slave)
         os.close(master)
     assert r.returncode == 2 and b"terminal" in r.stderr
+
+
+def test_resume_rechecks_the_target_before_publishing(src, dst):
+    """A volume created while a full receive was interrupted is not overwritten."""
+    data = stream_of(src, "v@s1")
+    with pytest.raises(StreamTruncated):
+        RP.receive(dst, "w", io.BytesIO(data[:len(data) // 2]))
+    dst.create_volume("w", MiB)
+    with pytest.raises(DeviceExists, match="volume 'w' exists"):
+        RP.receive(dst, "w", io.BytesIO(data), resume=True)
+    assert dst.info("w").size == MiB and RP.abort_receive(dst, "w")
+
+
+def test_progress_bar_on_a_terminal_only(src, tmp_path):
+    path = src.path
+    src.close()
+    master, slave = os.openpty()
+    try:
+        r = cli("--pool", path, "send", "v@s3", "-o", str(tmp_path / "s"), stdout=slave,
+                stderr=slave)
+        os.set_blocking(master, False)
+        shown = os.read(master, 65536)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 0 and b"send v@s3" in shown and b"ETA" in shown
+    r = cli("--pool", path, "send", "v@s3", "-o", str(tmp_path / "t"))
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b""

@@ -220,20 +220,31 @@ def pending_receive(pool, name: str) -> R.Token | None:
 
 def _prepare(pool, name: str, header: S.Header, force: bool) -> R.Token:
     """Check the target, create the hidden workspace, save the first token."""
+    base = _check_target(pool, name, header, force)
+    hidden = R.hidden_name(name)
+    pool.destroy_hidden(hidden)  # a stale workspace from a crash before its first token
+    pool.create_hidden(hidden, header.device_size, like=base)
+    token = R.Token.start(name, hidden, header, force)
+    R.save(pool, token)
+    return token
+
+
+def _check_target(pool, name: str, header: S.Header, force: bool) -> str | None:
+    """What a stream may be received into; returns the base snapshot's name, if any.
+
+    Checked when a receive starts and again just before it publishes, because a resumed
+    receive may find that the user changed the pool while it was interrupted.
+    """
     target = f"{name}@{header.snap_name}"
     names.check_name(target, snapshot=True)
     if _exists(pool, target):
         raise DeviceExists(f"{target!r} exists already: this stream was received before")
-    base = _find_base(pool, name, header, force) if header.incremental else None
-    if base is None and _exists(pool, name):
+    if header.incremental:
+        return _find_base(pool, name, header, force)
+    if _exists(pool, name):
         raise DeviceExists(f"volume {name!r} exists: a full stream creates a new volume; "
                            f"receive into another name, or send an incremental stream")
-    hidden = R.hidden_name(name)
-    pool.destroy_hidden(hidden)  # a stale workspace from a crash before its first token
-    pool.create_hidden(hidden, header.device_size, like=base)
-    token = R.Token.start(name, hidden, header)
-    R.save(pool, token)
-    return token
+    return None
 
 
 def _exists(pool, name: str) -> bool:
@@ -333,6 +344,7 @@ class _Receiver:
     def run(self) -> ReceiveStats:
         if self.reader is not None:
             self._apply_all()
+        _check_target(self.pool, self.token.name, self.token.header, self.token.force)
         self.pool.publish_hidden(self.token.hidden, self.stats.snapshot,
                                  self.token.header.snap_uuid.bytes)
         R.remove(self.pool, self.token.name)

@@ -42,12 +42,13 @@ class Token:
     pos: int
     state: bytes
     counts: list[int]
+    force: bool = False  # receive -F: NAME's changes since the base may be discarded
     complete: bool = False  # every record applied and the trailer verified
 
     @classmethod
-    def start(cls, name: str, hidden: str, header: S.Header) -> "Token":
+    def start(cls, name: str, hidden: str, header: S.Header, force: bool = False) -> "Token":
         return cls(name, hidden, header, 0, S.header_len(header), header.checksum,
-                   [0, 0, 0, 0, 0])
+                   [0, 0, 0, 0, 0], force)
 
     def advance(self, reader: S.RecordReader) -> None:
         """Move to the point just past the record the reader last yielded."""
@@ -66,7 +67,8 @@ class Token:
         if d.get("format") != TOKEN_FORMAT:
             raise StreamError(f"resume token format {d.get('format')} is not understood")
         return cls(d["name"], d["hidden"], _header_from_json(d["header"]), d["seq"],
-                   d["pos"], bytes.fromhex(d["state"]), list(d["counts"]), d["complete"])
+                   d["pos"], bytes.fromhex(d["state"]), list(d["counts"]), d["force"],
+                   d["complete"])
 
 
 def _header_to_json(h: S.Header) -> dict:
