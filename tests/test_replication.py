@@ -130,16 +130,23 @@ def test_received_snapshot_is_shared_not_copied(src, dst):
 # --- 2. piping between processes -------------------------------------------------------
 
 
+def cli_env():
+    """This tree, the caller's backend choice; not its pool or debug settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("THINSTORE_POOL", "THINSTORE_DEBUG")}
+    return dict(env, PYTHONPATH=ROOT)
+
+
 def cli(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=ROOT)
     if "stdout" not in kw:
         kw["capture_output"] = True
-    return subprocess.run([sys.executable, "-m", "thinstore", *args], env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "thinstore", *args], env=cli_env(),
+                          timeout=120, **kw)
 
 
 def pipe(src_path, send_args, dst_path, recv_args):
     """`thinstore send ... | thinstore receive ...`: two processes, one pipe, no file."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = cli_env()
     cmd = [sys.executable, "-m", "thinstore"]
     sender = subprocess.Popen(cmd + ["--pool", src_path, "send", *send_args],
                               stdout=subprocess.PIPE, env=env)
@@ -367,7 +374,7 @@ def test_killed_receive_shows_nothing_and_resumes(src, tmp_path):
     expect = content(src, "v@s5")
     dst_path = str(tmp_path / "dst")
     assert cli("--pool", dst_path, "init", "--capacity", "512M").returncode == 0
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = cli_env()
     proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", dst_path,
                              "receive", "w"], stdin=subprocess.PIPE, env=env)
     proc.stdin.write(data[:len(data) // 2])
