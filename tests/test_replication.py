@@ -194,6 +194,10 @@ def test_diff_of_a_64g_volume_touches_only_differing_pages(tmp_path):
     assert [(r.offset, r.length) for r in result.ranges] == [
         (k * page_span, CS) for k in (14, 700, 1995)]
     pool.close()
+    with Pool.open(str(tmp_path / "p"), commit_interval=0) as pool:  # pages load lazily
+        before = pool.md.maps.counters["pages_read"]
+        assert RP.diff(pool, "big@a", "big@b").ranges == result.ranges
+        assert pool.md.maps.counters["pages_read"] - before == 2 * 3  # 3 pages each side
 
 
 def test_diff_equals_a_byte_by_byte_comparison(src):
