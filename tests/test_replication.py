@@ -438,3 +438,24 @@ def test_progress_bar_on_a_terminal_only(src, tmp_path):
     assert r.returncode == 0 and b"send v@s3" in shown and b"ETA" in shown
     r = cli("--pool", path, "send", "v@s3", "-o", str(tmp_path / "t"))
     assert r.returncode == 0 and r.stderr == b"" and r.stdout == b""
+
+
+def test_incrementals_across_a_grow_and_a_shrink(tmp_path, dst):
+    src = new_pool(tmp_path / "src")
+    src.create_volume("v", 8 * MiB)
+    with src.open_device("v") as dev:
+        dev.pwrite(pattern(1, 8 * MiB), 0)
+    src.snapshot("v@a")
+    src.resize("v", 12 * MiB + 4096)
+    with src.open_device("v") as dev:
+        dev.pwrite(pattern(2, 100_000), 10 * MiB)
+    src.snapshot("v@b")
+    src.resize("v", 3 * MiB + 512, shrink=True)
+    src.snapshot("v@c")
+    RP.receive(dst, "w", io.BytesIO(stream_of(src, "v@a")))
+    RP.receive(dst, "w", io.BytesIO(stream_of(src, "v@b", "v@a")))
+    RP.receive(dst, "w", io.BytesIO(stream_of(src, "v@c", "v@b")))
+    for snap in "abc":
+        assert dst.info(f"w@{snap}").size == src.info(f"v@{snap}").size
+        assert content(dst, f"w@{snap}") == content(src, f"v@{snap}")
+    src.close()

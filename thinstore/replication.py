@@ -112,7 +112,7 @@ def send(pool, snapshot: str, out: BinaryIO, base: str | None = None,
     w = S.StreamWriter(out, header)
     done = _counting(progress, d.changed_bytes)
     with pool.open_device(snapshot) as dev:
-        for rg in d.ranges:
+        for rg in _clip(d.ranges, info.size):  # past a shrunk end the receiver truncates
             if rg.a_mapped:
                 _send_data(dev, w, rg, done)
             else:
@@ -135,6 +135,13 @@ def _send_devices(pool, snapshot: str, base: str | None):
         if i is not None and i.kind != "snapshot":
             raise UsageError(f"{i.name!r} is a {i.kind}: send works from snapshots")
     return info, base_info
+
+
+def _clip(ranges: list[DiffRange], size: int) -> list[DiffRange]:
+    out = [r for r in ranges if r.offset < size]
+    if out and out[-1].offset + out[-1].length > size:
+        out[-1] = out[-1]._replace(length=size - out[-1].offset)
+    return out
 
 
 def _counting(progress: Progress | None, total: int) -> Callable[[int], None]:
