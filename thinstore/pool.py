@@ -294,12 +294,7 @@ class Pool:
             vol = self._find(base)
             if vol.kind == "snapshot":
                 raise InvalidName(f"{base!r} is not writable")
-            directory = snap.directory.copy()
-            self.md.maps.share(directory)
-            self.md.maps.drop(vol.directory, self.md.space)
-            vol.directory.release(self.md.store)
-            vol.directory = directory
-            vol.size = snap.size
+            self._replace_map(vol, snap)
             self.commit()
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
@@ -429,13 +424,17 @@ class Pool:
             return vol
         if vol.kind == "snapshot":
             raise InvalidName(f"{vol_name!r} is not writable")
+        self._replace_map(vol, src)
+        return vol
+
+    def _replace_map(self, vol: DeviceMeta, src: DeviceMeta) -> None:
+        """`vol` takes `src`'s content and size by sharing its pages (O(pages), no data)."""
         directory = src.directory.copy()
         self.md.maps.share(directory)
         self.md.maps.drop(vol.directory, self.md.space)
         vol.directory.release(self.md.store)
         vol.directory = directory
         vol.size = src.size
-        return vol
 
     # ------------------------------------------------------------ queries
     def list(self) -> list[DeviceInfo]:
