@@ -67,7 +67,7 @@ class Pool:
     @classmethod
     def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                low_water: float = 0.9, data_checksums: bool = True,
-               commit_interval: float = COMMIT_INTERVAL) -> "Pool":
+               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
@@ -79,9 +79,9 @@ class Pool:
             raise UsageError(f"{path} already holds a pool")
         lockfd = _take_lock(path)
         try:
-            data = FileIO(os.path.join(path, "data"), create=True)
+            data = fileio(os.path.join(path, "data"), create=True)
             data.truncate((nchunks + 1) * chunk_size)
-            meta = FileIO(os.path.join(path, "meta"), create=True)
+            meta = fileio(os.path.join(path, "meta"), create=True)
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
             md = Metadata.format_new(meta, data, chunk_size, nchunks + 1, flags,
                                      int(round(low_water * 100)))
