@@ -1,0 +1,266 @@
+"""Data chunk checksums: computed at commit, verified on read, kept honest across crashes.
+
+Every mapped chunk of a pool created with data checksums has an mmh3 checksum in
+``md.space.sums`` (0 = not known: never verified). Invariants:
+
+- a checksum is brought up to date in the commit that follows a write of its chunk
+  (chunks with ST_WRITTEN), never on each small write;
+- a read verifies every committed chunk it touches (not ST_WRITTEN) against its checksum
+  and fails with DataChecksumError naming device and offset, never returning the bytes;
+- the crash window: a chunk written *in place* after the last commit no longer matches
+  its committed checksum. Before the first such write in a transaction, the chunk's
+  coarse region is marked in the write-intent file (``POOL/intent``) and fsynced; after
+  the commit the mark is cleared. Opening a pool re-checksums the mapped chunks of marked
+  regions before anything reads them (see docs/integrity.md for why this and not
+  never-write-in-place).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+import mmh3
+import numpy as np
+
+from .errors import DataChecksumError
+from .format import FANOUT
+from .kernels import ST_PENDING_FREE, ST_WRITTEN
+
+log = logging.getLogger("thinstore")
+
+_hash = getattr(mmh3, "mmh3_32_uintdigest", None)
+INTENT_NAME = "intent"
+REGION_MIN_BYTES = 64 << 20       # md-raid's bitmap chunks are this coarse too
+MAX_REGIONS = 8 * 4000            # the bitmap fits in one 4 KiB block
+_BATCH = 4 << 20                  # bytes read at once when hashing at commit
+
+
+def chunk_sum(buf) -> int:
+    """mmh3 x86 32-bit (seed 0) of a chunk; 0 is reserved for 'unknown' and maps to 1."""
+    h = _hash(buf) if _hash is not None else mmh3.hash(bytes(buf), 0, signed=False)
+    return h or 1
+
+
+def region_shift(nchunks: int, chunk_shift: int) -> int:
+    """log2 of chunks per intent region: at least 64 MiB, at most MAX_REGIONS regions."""
+    shift = max(0, (REGION_MIN_BYTES >> chunk_shift).bit_length() - 1)
+    while (nchunks >> shift) >= MAX_REGIONS:
+        shift += 1
+    return shift
+
+
+class IntentLog:
+    """The write-intent bitmap file: one bit per region, with a checksummed header.
+
+    A file that cannot be read back whole (torn, bad checksum) counts as every region
+    marked: the worst a damaged intent file costs is a full re-checksum, never a false
+    error or a missed one.
+    """
+
+    _HEAD = struct.Struct("<IIII")    # magic, checksum of the rest, region shift, nbits
+    MAGIC = 0x49535354                # b"TSSI"
+
+    def __init__(self, fio, nchunks: int, chunk_shift: int):
+        self.fio = fio
+        self.shift = region_shift(nchunks, chunk_shift)
+        self.bits = np.zeros((nchunks >> self.shift) + 1, dtype=bool)
+        self.any = False
+        self.writes = 0
+
+    def encode(self) -> bytes:
+        body = struct.pack("<II", self.shift, len(self.bits)) + np.packbits(self.bits).tobytes()
+        return struct.pack("<II", self.MAGIC, chunk_sum(body)) + body
+
+    def read_marked(self, nchunks: int) -> np.ndarray:
+        """Chunk ranges (start, stop) whose region the file marks; everything if unreadable."""
+        raw = self.fio.pread(max(self.fio.size(), 8), 0)
+        magic, csum = struct.unpack_from("<II", raw, 0)
+        body = raw[8:]
+        if magic != self.MAGIC or len(body) < 8:
+            return [(0, nchunks)] if magic or any(raw) else []
+        shift, nbits = struct.unpack_from("<II", body, 0)
+        nbytes = (nbits + 7) // 8
+        if len(body) < 8 + nbytes or csum != chunk_sum(body[:8 + nbytes]) or shift > 40:
+            return [(0, nchunks)]
+        bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, 8))[:nbits]
+        return [(int(r) << shift, min(nchunks, (int(r) + 1) << shift))
+                for r in np.flatnonzero(bits)]
+
+    def mark(self, chunks: np.ndarray) -> None:
+        """Make the regions of `chunks` durably marked before they are written in place."""
+        regions = chunks >> self.shift
+        if self.bits[regions].all():
+            return
+        self.bits[regions] = True
+        self.any = True
+        self._store(sync=True)
+
+    def clear(self) -> None:
+        """After a commit: no chunk differs from its committed checksum any more.
+
+        Not synced: a clear that does not reach the disk only costs a needless re-check.
+        """
+        if self.any:
+            self.bits[:] = False
+            self.any = False
+            self._store(sync=False)
+
+    def _store(self, sync: bool) -> None:
+        data = self.encode()
+        self.fio.pwrite(data, 0)
+        if self.fio.size() > len(data):
+            self.fio.truncate(len(data))
+        if sync:
+            self.fio.fsync()
+        self.writes += 1
+
+
+def open_intent(path: str, fileio):
+    """The pool's intent file, created empty when missing (pools made before it existed)."""
+    full = os.path.join(path, INTENT_NAME)
+    if os.path.exists(full):
+        return fileio(full)
+    fio = fileio(full, create=True)
+    fio.fsync()
+    return fio
+
+
+class DataSums:
+    """Checksum upkeep of one open pool (only when the pool has data checksums on)."""
+
+    def __init__(self, md, intent_fio):
+        self.md = md
+        self.intent = IntentLog(intent_fio, len(md.space.refs), md.chunk_shift)
+        self.verified = np.zeros(len(md.space.refs), dtype=bool)
+        self.counters = {"chunks_hashed": 0, "chunks_verified": 0, "intent_writes": 0}
+
+    # ------------------------------------------------------------ commit
+    def on_commit(self, generation: int) -> None:
+        """Checksum chunks written in this transaction; forget those freed in it."""
+        space = self.md.space
+        sums = space.sums
+        freed = np.flatnonzero(space.state & ST_PENDING_FREE)
+        sums.arr[freed] = 0
+        sums.mark(freed)
+        written = space.written()
+        written = written[space.refs.arr[written] > 0]
+        self._grow()
+        for start, count in _runs(written):
+            self._hash_run(start, count)
+        sums.mark(written)
+        self.verified[freed] = False
+
+    def _hash_run(self, start: int, count: int) -> None:
+        """Hash `count` consecutive chunks from `start`, reading up to _BATCH at once."""
+        cs = self.md.chunk_size
+        per = max(1, _BATCH // cs)
+        arr = self.md.space.sums.arr
+        for lo in range(start, start + count, per):
+            n = min(per, start + count - lo)
+            buf = bytearray(n * cs)
+            self.md.data_fio.preadinto(buf, lo * cs)
+            view = memoryview(buf)
+            for i in range(n):
+                arr[lo + i] = chunk_sum(view[i * cs:(i + 1) * cs])
+            self.verified[lo:lo + n] = True
+            self.counters["chunks_hashed"] += n
+
+    def committed(self) -> None:
+        """After the superblock is durable: the intent marks have done their job."""
+        self.intent.clear()
+        self.counters["intent_writes"] = self.intent.writes
+
+    # ------------------------------------------------------------ writes
+    def before_write(self, dirarr, pages, offset: int, length: int) -> None:
+        """Mark the intent regions of committed chunks this write may change in place."""
+        ents = _entries(dirarr, pages, self.md.chunk_shift, offset, length)
+        space = self.md.space
+        ents = ents[ents != 0]
+        if not len(ents):
+            return
+        ents = ents[(space.sums.arr[ents] != 0) & ((space.state[ents] & ST_WRITTEN) == 0)]
+        if len(ents):
+            self.intent.mark(ents)
+
+    # ------------------------------------------------------------ reads
+    def verify(self, dm, buf, offset: int, length: int) -> None:
+        """Raise DataChecksumError when a committed chunk the read touched does not match.
+
+        A chunk the read covers whole is hashed from `buf`; one it covers in part is read
+        whole once (and remembered as verified until it is written again).
+        """
+        shift = self.md.chunk_shift
+        ents = _entries(dm.directory.arr, self.md.maps.pages, shift, offset, length)
+        space = self.md.space
+        self._grow()
+        first = offset >> shift
+        idx = np.flatnonzero(ents != 0)
+        c = ents[idx]
+        todo = (space.sums.arr[c] != 0) & ~self.verified[c] & ((space.state[c] & ST_WRITTEN) == 0)
+        if not todo.any():
+            return
+        view = memoryview(buf).cast("B")
+        for v, chunk in zip((idx[todo] + first).tolist(), c[todo].tolist()):
+            self._verify_one(dm, view, offset, v, chunk)
+
+    def _verify_one(self, dm, view, offset: int, v: int, chunk: int) -> None:
+        cs = self.md.chunk_size
+        lo = v * cs - offset
+        if lo >= 0 and lo + cs <= len(view):
+            data = view[lo:lo + cs]
+        else:
+            data = self.md.data_fio.pread(cs, chunk * cs)
+        self.counters["chunks_verified"] += 1
+        if chunk_sum(data) != int(self.md.space.sums.arr[chunk]):
+            view[:] = bytes(len(view))      # the caller's buffer must not keep bad bytes
+            raise DataChecksumError(
+                f"device {dm.name!r}: data at offset {v * cs} (chunk {v}, {cs} bytes) does not "
+                f"match its checksum: pool data chunk {chunk} at byte {chunk * cs} of "
+                f"{self.md.data_fio.path} is damaged (run 'thinstore scrub')")
+        self.verified[chunk] = True
+
+    # ------------------------------------------------------------ recovery
+    def recover(self) -> int:
+        """Re-checksum mapped chunks of regions the intent file marks (after a crash).
+
+        Returns the number of chunks whose checksum changed; the caller commits.
+        """
+        space = self.md.space
+        changed = 0
+        for start, stop in self.intent.read_marked(len(space.refs)):
+            ids = np.arange(start, stop)
+            ids = ids[(space.refs.arr[start:stop] > 0) & (space.sums.arr[start:stop] != 0)]
+            old = space.sums.arr[ids].copy()
+            for s, n in _runs(ids):
+                self._hash_run(s, n)
+            changed += int(np.count_nonzero(old != space.sums.arr[ids]))
+            space.sums.mark(ids)
+            self.intent.any = True      # the clear after the commit must be written
+        return changed
+
+    def _grow(self) -> None:
+        n = len(self.md.space.refs)
+        if len(self.verified) < n:
+            self.verified = np.concatenate([self.verified,
+                                            np.zeros(n - len(self.verified), dtype=bool)])
+
+
+def _entries(dirarr, pages, shift: int, offset: int, length: int) -> np.ndarray:
+    """Data chunk ids (int64) of the virtual chunks a byte range touches; pages loaded."""
+    first, last = offset >> shift, (offset + length - 1) >> shift
+    v = np.arange(first, last + 1, dtype=np.int64)
+    pids = dirarr[v // FANOUT].astype(np.int64)
+    ents = pages[pids, v % FANOUT].astype(np.int64)
+    ents[pids == 0] = 0
+    return ents
+
+
+def _runs(ids: np.ndarray):
+    """(start, count) of each run of consecutive ids."""
+    if not len(ids):
+        return
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    for run in np.split(np.asarray(ids), breaks):
+        yield int(run[0]), len(run)
