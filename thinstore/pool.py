@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from . import names
+from .datasums import DataSums, open_intent
 from .device import Device, DeviceInfo
 from .errors import (DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
@@ -56,6 +57,7 @@ class Pool:
         self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
+        self._sums: DataSums | None = None
         self._stop = threading.Event()
         self._timer = None
         if commit_interval and commit_interval > 0:
@@ -88,7 +90,9 @@ class Pool:
         except BaseException:
             os.close(lockfd)
             raise
-        return cls(path, md, lockfd, commit_interval=commit_interval)
+        pool = cls(path, md, lockfd, commit_interval=commit_interval)
+        pool._attach_sums(fileio)
+        return pool
 
     @classmethod
     def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
@@ -103,7 +107,31 @@ class Pool:
         except BaseException:
             os.close(lockfd)
             raise
-        return cls(path, md, lockfd, commit_interval=commit_interval)
+        pool = cls(path, md, lockfd, commit_interval=commit_interval)
+        pool._attach_sums(fileio)
+        return pool
+
+    def _attach_sums(self, fileio) -> None:
+        """Data checksums (docs/integrity.md): hook them into commit, read and write, and
+        re-checksum what an unclean shutdown may have left half-written before any read."""
+        if not self.data_checksums:
+            return
+        try:
+            self._sums = DataSums(self.md, open_intent(self.path, fileio))
+            self._checksum_hook = self._sums.on_commit
+            changed = self._sums.recover()
+            if self._sums.intent.any:
+                log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
+                            "written in place since the last commit (%d chunk(s) changed)",
+                            self.path, changed)
+                self.commit()
+        except BaseException:
+            self._closed = True
+            self._stop.set()
+            self.md.data_fio.close()
+            self.md.meta_fio.close()
+            os.close(self._lockfd)
+            raise
 
     def close(self) -> None:
         with self.lock:
@@ -116,6 +144,8 @@ class Pool:
                 self._closed = True
                 self.md.data_fio.close()
                 self.md.meta_fio.close()
+                if self._sums is not None:
+                    self._sums.intent.fio.close()
                 os.close(self._lockfd)
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=5)
@@ -160,6 +190,8 @@ class Pool:
         with self.lock:
             self._check_open()
             self.md.commit(getattr(self, "_checksum_hook", None))
+            if self._sums is not None:
+                self._sums.committed()
             self._dirty = False
             self.counters["commits"] += 1
 
@@ -411,6 +443,8 @@ class Pool:
             self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
             K.read_range(d, self.md.maps.pages, self.md.chunk_shift, self.md.data_fio, buf,
                          offset, length)
+            if self._sums is not None:
+                self._sums.verify(dm, buf, offset, length)
 
     def _write(self, dm: DeviceMeta, data, offset: int, fua: bool) -> None:
         length = memoryview(data).nbytes
@@ -430,6 +464,8 @@ class Pool:
         p0, p1 = self._pages_of(offset, length)
         maps.prepare(dm.directory, p0, p1, space, allocate=True)
         d = dm.directory.arr
+        if self._sums is not None:
+            self._sums.before_write(d, maps.pages, offset, length)
         need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
                                     offset, length)
         fresh = self._allocate(need, dm)
