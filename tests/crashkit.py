@@ -74,10 +74,16 @@ def kill_round(path: str, seed: int, max_delay: float = 0.12, n_ops: int = 3000)
         killed = False
     _, status = os.waitpid(pid, 0)
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
-        with open(log + ".err") as f:
-            raise AssertionError(f"workload child failed (seed {seed}):\n{f.read()}")
+        try:
+            with open(log + ".err") as f:
+                why = f.read()
+        except FileNotFoundError:
+            why = "(no traceback)"
+        raise AssertionError(f"workload child {pid} of {os.getpid()} failed (seed {seed}, "
+                             f"status {os.WEXITSTATUS(status)}):\n{why}")
     last = last_logged(log)
-    os.unlink(log)
+    if os.path.exists(log):
+        os.unlink(log)
     model, in_progress = _replay(seed, devs, contents, n_ops, last)
     errors = verify(path, model, in_progress)
     return {"killed": killed and os.WIFSIGNALED(status), "ops_done": last + 1,
