@@ -1,0 +1,124 @@
+"""Data checksums: computed at commit for written chunks only, and the crash window.
+
+A chunk written in place after its last commit no longer matches its stored checksum;
+a crash then must not turn it into a false I/O error, while damage to chunks outside
+the write-intent regions must still be caught.
+"""
+
+from __future__ import annotations
+
+import os
+
+import crashkit
+import pytest
+from integrity_helpers import CHUNK, flip_chunk
+
+from thinstore import Pool, datasums
+from thinstore.errors import DataChecksumError
+
+
+@pytest.fixture
+def small_regions(monkeypatch):
+    """Regions of 16 chunks, so a test pool has many (the default is 64 MiB)."""
+    monkeypatch.setattr(datasums, "REGION_MIN_BYTES", 16 * CHUNK)
+
+
+def _pool(path: str) -> Pool:
+    pool = Pool.create(path, 4 << 20, CHUNK, commit_interval=0)
+    pool.create_volume("v", 512 << 10)
+    with pool.open_device("v") as dev:
+        dev.pwrite(os.urandom(512 << 10), 0)
+    pool.commit()
+    return pool
+
+
+def _chunk(pool, vchunk: int) -> int:
+    dm = pool._find("v")
+    pid = int(dm.directory.arr[0])
+    pool.md.maps.ensure_loaded([pid])
+    return int(pool.md.maps.pages[pid, vchunk])
+
+
+def test_commit_hashes_only_chunks_written_since(tmp_path):
+    pool = _pool(str(tmp_path / "p"))
+    before = pool._sums.counters["chunks_hashed"]
+    with pool.open_device("v") as dev:
+        for i in range(20):
+            dev.pwrite(b"z" * 512, 5 * CHUNK + i * 512 % CHUNK)   # 20 small writes, 1 chunk
+        dev.pwrite(b"y" * 100, 40 * CHUNK)
+    assert pool._sums.counters["chunks_hashed"] == before       # not on each write
+    pool.commit()
+    assert pool._sums.counters["chunks_hashed"] == before + 2
+    pool.close()
+
+
+def test_in_place_writes_mark_a_region_once_per_commit(tmp_path, small_regions):
+    pool = _pool(str(tmp_path / "p"))
+    intent = pool._sums.intent
+    w0 = intent.writes
+    with pool.open_device("v") as dev:
+        for i in range(10):
+            dev.pwrite(b"a" * 100, i * CHUNK)                     # chunks 0-9: one region
+    assert intent.writes == w0 + 1 and intent.bits.sum() == 1
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"b" * 100, 40 * CHUNK)                        # another region
+    assert intent.writes == w0 + 2
+    pool.commit()
+    assert not intent.bits.any()
+    pool.close()
+
+
+def test_crash_after_in_place_write_gives_no_false_error(tmp_path, small_regions):
+    """Killed (no commit) after writing committed chunks in place: reads stay clean."""
+    path = str(tmp_path / "p")
+    pool = _pool(path)
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"n" * 3000, 3 * CHUNK + 500)
+        dev.pwrite(b"m" * CHUNK, 20 * CHUNK)
+    crashkit._abandon(pool)                    # the process dies: no commit, data on disk
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
+        assert dev.pread(3 * CHUNK + 500, 3000) == b"n" * 3000
+        assert dev.pread(20 * CHUNK, CHUNK) == b"m" * CHUNK
+        dev.pread(0, 512 << 10)                # every chunk verifies
+    assert crashkit.check_path(path).clean
+
+
+def test_damage_outside_the_intent_regions_is_still_caught(tmp_path, small_regions):
+    path = str(tmp_path / "p")
+    pool = _pool(path)
+    victim = _chunk(pool, 100)                 # region 6; the writes below hit region 0
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"n" * 3000, 3 * CHUNK + 500)
+    crashkit._abandon(pool)
+    flip_chunk(path, victim)
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
+        assert dev.pread(3 * CHUNK + 500, 3000) == b"n" * 3000
+        with pytest.raises(DataChecksumError, match=f"offset {100 * CHUNK}"):
+            dev.pread(100 * CHUNK, 10)
+
+
+def test_unreadable_intent_file_means_recheck_everything(tmp_path, small_regions):
+    path = str(tmp_path / "p")
+    pool = _pool(path)
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"q" * 10, 70 * CHUNK)
+    crashkit._abandon(pool)
+    with open(os.path.join(path, "intent"), "r+b") as f:
+        f.write(b"\xff" * 8)                  # torn / damaged intent record
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
+        assert dev.pread(70 * CHUNK, 10) == b"q" * 10
+        assert pool._sums.counters["chunks_hashed"] >= 128
+
+
+def test_snapshot_shares_checksums_and_cow_chunk_gets_its_own(tmp_path):
+    pool = _pool(str(tmp_path / "p"))
+    pool.snapshot("v@s")
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"c" * 10, 7 * CHUNK)       # copy on write: a new chunk
+    pool.commit()
+    with pool.open_device("v@s") as snap, pool.open_device("v") as dev:
+        assert snap.pread(7 * CHUNK, 10) != b"c" * 10
+        assert dev.pread(7 * CHUNK, 10) == b"c" * 10
+    sums = pool.md.space.sums.arr
+    assert (sums[pool.md.space.refs.arr > 0] != 0).all()
+    pool.close()
