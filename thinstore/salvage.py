@@ -131,10 +131,15 @@ def _claim(sv: Salvage, locations, what: str) -> None:
 
 def _array(sv: Salvage, dtype, root: fmt.ArrayRoot, what: str, want: int | None) -> PagedArray:
     """A paged array; unreadable leaves read as zero and are reported."""
+    per_leaf = fmt.PAYLOAD_SIZE // np.dtype(dtype).itemsize
     length = root.length if want is None else want
     if want is not None and root.length != want:
         sv.problems.append(Problem("metadata", f"{what} holds {root.length} entries, the pool "
                                    f"has {want}"))
+    if length > len(root.leaves) * per_leaf:      # a damaged length: trust the leaves
+        sv.problems.append(Problem("metadata", f"{what}: {length} entries cannot fit in "
+                                   f"{len(root.leaves)} leaves"))
+        length = len(root.leaves) * per_leaf
     pa = PagedArray(dtype, length)
     n = min(len(pa.leaves), len(root.leaves))
     for i, loc in enumerate(root.leaves[:n].tolist()):
@@ -161,6 +166,12 @@ def _array(sv: Salvage, dtype, root: fmt.ArrayRoot, what: str, want: int | None)
 def _device(sv: Salvage, rec: fmt.DeviceRecord) -> None:
     md = sv.md
     want = dir_length(rec.size, md.chunk_shift)
+    room = len(rec.directory.leaves) * (fmt.PAYLOAD_SIZE // 8)
+    if want > room:
+        size = room * fmt.FANOUT << md.chunk_shift
+        sv.problems.append(Problem("metadata", f"device {rec.name!r}: size {rec.size} does not "
+                                   f"fit its directory; taking {size}", device=rec.name))
+        rec, want = rec._replace(size=size), room
     d = _array(sv, np.uint64, rec.directory, f"device {rec.name!r} directory", want)
     bad = np.flatnonzero(d.arr >= len(md.maps.locations))
     for pi in bad.tolist():
