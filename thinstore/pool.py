@@ -28,7 +28,7 @@ import numpy as np
 from . import names
 from .datasums import DataSums, open_intent
 from .device import Device, DeviceInfo
-from .errors import (DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
+from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import FANOUT, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
@@ -54,6 +54,7 @@ class Pool:
         self._dirty = False
         self._closed = False
         self._low_water_crossed = False
+        self._since_low_water_check = 0
         self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
@@ -104,6 +105,9 @@ class Pool:
             meta = fileio(os.path.join(path, "meta"))
             md = Metadata(meta, data)
             md.load()
+        except CorruptMetadata as e:
+            os.close(lockfd)
+            raise CorruptMetadata(f"pool {path}: {e}; run 'thinstore --pool {path} check'") from None
         except BaseException:
             os.close(lockfd)
             raise
@@ -139,7 +143,8 @@ class Pool:
                 return
             self._stop.set()
             try:
-                self.commit()
+                if self._dirty:        # a read-only session leaves the pool untouched
+                    self.commit()
             finally:
                 self._closed = True
                 self.md.data_fio.close()
@@ -193,6 +198,7 @@ class Pool:
             if self._sums is not None:
                 self._sums.committed()
             self._dirty = False
+            self._check_low_water()
             self.counters["commits"] += 1
 
     def _check_open(self) -> None:
@@ -357,6 +363,20 @@ class Pool:
         self.md.maps.drop(dm.directory, self.md.space, keep)
         dm.directory.arr[keep:] = 0
 
+    def grow(self, capacity: int) -> None:
+        """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""
+        with self.lock:
+            self._check_open()
+            md = self.md
+            nchunks = capacity // md.chunk_size + 1
+            if nchunks < len(md.space.refs):
+                raise UsageError(f"pool {self.path} holds {self.capacity} bytes; "
+                                 "a pool can grow but not shrink")
+            md.data_fio.truncate(nchunks * md.chunk_size)
+            md.space.resize(nchunks)
+            md.sb = md.sb._replace(capacity_chunks=nchunks)
+            self.commit()
+
     # ------------------------------------------------------------ queries
     def list(self) -> list[DeviceInfo]:
         with self.lock:
@@ -483,7 +503,8 @@ class Pool:
         if fresh is None:
             raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
                            f"chunk(s), {space.free()} free; destroy a device or discard data")
-        if n:
+        self._since_low_water_check += n
+        if self._since_low_water_check * 200 > space.capacity:   # every 0.5% of capacity
             self._check_low_water()
         return fresh
 
@@ -497,6 +518,8 @@ class Pool:
         kc[:] = 0
 
     def _check_low_water(self) -> None:
+        """Warn once each time usage crosses the low-water mark (not on every write)."""
+        self._since_low_water_check = 0
         space = self.md.space
         over = space.used() >= space.capacity * self.md.low_water_pct / 100
         if over and not self._low_water_crossed:
