@@ -91,6 +91,9 @@ class IntentLog:
     def mark(self, chunks: np.ndarray) -> None:
         """Make the regions of `chunks` durably marked before they are written in place."""
         regions = chunks >> self.shift
+        if regions.max() >= len(self.bits):           # the pool grew
+            self.bits = np.concatenate([self.bits, np.zeros(int(regions.max()) + 1
+                                                            - len(self.bits), dtype=bool)])
         if self.bits[regions].all():
             return
         self.bits[regions] = True
