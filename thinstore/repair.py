@@ -82,10 +82,6 @@ def _fix(md, report: RepairReport) -> None:
         report.changes.append(f"... {len(bad) - 50} more refcounts rebuilt")
     refs[:] = expect.astype(refs.dtype)
     sums = md.space.sums.arr
-    stale = np.flatnonzero((expect == 0) & (sums != 0))
-    if len(stale):
-        report.changes.append(f"forgot the checksums of {len(stale)} free chunk(s)")
-    sums[stale] = 0
     if md.flags & POOL_FLAG_DATA_CHECKSUMS:
         _rehash_missing(md, np.flatnonzero((expect > 0) & (sums == 0)), report)
 
