@@ -53,7 +53,7 @@ def test_random_4k_writes(benchmark, tmp_path_factory, results, chunk, layout, s
     data = os.urandom(4096)
     with pool.open_device("v") as dev:
         benchmark.pedantic(_round, args=(pool, dev, rng, data, layout == "fresh"),
-                           rounds=8, iterations=1, warmup_rounds=1)
+                           rounds=15, iterations=1, warmup_rounds=2)
     pool.close()
     key = f"{layout}-{chunk >> 10}K"
     results[f"{key}-{sums}"] = benchmark.stats.stats.median

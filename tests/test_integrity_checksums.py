@@ -64,6 +64,13 @@ def test_in_place_writes_mark_a_region_once_per_commit(tmp_path, small_regions):
         dev.pwrite(b"b" * 100, 40 * CHUNK)                        # another region
     assert intent.writes == w0 + 2
     pool.commit()
+    assert intent.bits.sum() == 2          # kept one more transaction: no I/O if written again
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"c" * 100, 41 * CHUNK)
+    assert intent.writes == w0 + 2             # still marked: nothing written
+    pool.commit()
+    assert intent.bits.sum() == 1 and intent.writes == w0 + 3   # region 0 idle: cleared
+    pool.commit()
     assert not intent.bits.any()
     pool.close()
 

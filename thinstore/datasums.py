@@ -34,7 +34,7 @@ _hash = getattr(mmh3, "mmh3_x64_128_uintdigest", None)     # takes buffers (mmh3
 INTENT_NAME = "intent"
 REGION_MIN_BYTES = 64 << 20       # md-raid's bitmap chunks are this coarse too
 MAX_REGIONS = 8 * 4000            # the bitmap fits in one 4 KiB block
-_BATCH = 4 << 20                  # bytes read at once when hashing at commit
+_BATCH = 256 << 10                # bytes read at once when hashing at commit (fits L2)
 _SMALL = 4                        # requests spanning fewer chunks take the scalar path
 
 
@@ -60,26 +60,36 @@ def region_shift(nchunks: int, chunk_shift: int) -> int:
 class IntentLog:
     """The write-intent bitmap file: one bit per region, with a checksummed header.
 
+    `bits` is what the file says (a region's bit is durable before any chunk in it is
+    written in place); `hot` is the regions written in the open transaction. After a
+    commit, a region stays marked for one more transaction if it was written in the
+    last one, and is cleared only when a whole transaction passes without a write to it
+    (md-raid clears its bits lazily the same way). So a steady random-write load pays
+    no intent I/O at all, and a crash re-checksums at most two transactions' regions.
+
     A file that cannot be read back whole (torn, bad checksum) counts as every region
     marked: the worst a damaged intent file costs is a full re-checksum, never a false
     error or a missed one.
     """
 
-    _HEAD = struct.Struct("<IIII")    # magic, checksum of the rest, region shift, nbits
-    MAGIC = 0x49535354                # b"TSSI"
+    MAGIC = 0x49535354                # b"TSSI"; record: magic, checksum, shift, nbits, bits
 
     def __init__(self, fio, nchunks: int, chunk_shift: int):
         self.fio = fio
         self.shift = region_shift(nchunks, chunk_shift)
         self.bits = np.zeros((nchunks >> self.shift) + 1, dtype=bool)
-        self.any = False
+        self.hot = np.zeros_like(self.bits)
         self.writes = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.bits.any())
 
     def encode(self) -> bytes:
         body = struct.pack("<II", self.shift, len(self.bits)) + np.packbits(self.bits).tobytes()
         return struct.pack("<II", self.MAGIC, chunk_sum(body)) + body
 
-    def read_marked(self, nchunks: int) -> np.ndarray:
+    def read_marked(self, nchunks: int) -> list:
         """Chunk ranges (start, stop) whose region the file marks; everything if unreadable."""
         raw = self.fio.pread(max(self.fio.size(), 8), 0)
         magic, csum = struct.unpack_from("<II", raw, 0)
@@ -96,28 +106,39 @@ class IntentLog:
 
     def mark(self, chunks) -> None:
         """Make the regions of `chunks` durably marked before they are written in place."""
-        if len(chunks) == 1 and int(chunks[0]) >> self.shift < len(self.bits) \
-                and self.bits[int(chunks[0]) >> self.shift]:
-            return                         # the common case: one chunk, region marked
+        if len(chunks) == 1:
+            r = int(chunks[0]) >> self.shift
+            if r < len(self.bits) and self.bits[r]:
+                self.hot[r] = True
+                return                     # the common case: one chunk, region marked
         regions = np.asarray(chunks, dtype=np.int64) >> self.shift
         if regions.max() >= len(self.bits):           # the pool grew
-            self.bits = np.concatenate([self.bits, np.zeros(int(regions.max()) + 1
-                                                            - len(self.bits), dtype=bool)])
+            extra = int(regions.max()) + 1 - len(self.bits)
+            self.bits = np.concatenate([self.bits, np.zeros(extra, dtype=bool)])
+            self.hot = np.concatenate([self.hot, np.zeros(extra, dtype=bool)])
+        self.hot[regions] = True
         if self.bits[regions].all():
             return
         self.bits[regions] = True
-        self.any = True
         self._store(sync=True)
 
-    def clear(self) -> None:
-        """After a commit: no chunk differs from its committed checksum any more.
+    def committed(self) -> None:
+        """After a commit: keep only the regions the committed transaction wrote.
 
-        Not synced: a clear that does not reach the disk only costs a needless re-check.
+        Not synced: the new bits are a subset of the durable ones, so losing or tearing
+        this write only costs a needless re-check.
         """
-        if self.any:
-            self.bits[:] = False
-            self.any = False
+        keep = self.hot.copy()
+        self.hot[:] = False
+        if (keep != self.bits).any():
+            self.bits = keep
             self._store(sync=False)
+
+    def clear_all(self) -> None:
+        if self.bits.any():
+            self.bits[:] = False
+            self.hot[:] = False
+            self._store(sync=True)
 
     def _store(self, sync: bool) -> None:
         data = self.encode()
@@ -146,6 +167,7 @@ class DataSums:
         self.md = md
         self.intent = IntentLog(intent_fio, len(md.space.refs), md.chunk_shift)
         self.verified = np.zeros(len(md.space.refs), dtype=bool)
+        self._buf = bytearray(0)
         self.counters = {"chunks_hashed": 0, "chunks_verified": 0, "intent_writes": 0}
 
     # ------------------------------------------------------------ commit
@@ -168,15 +190,17 @@ class DataSums:
         self.verified[freed] = False
 
     def _hash_run(self, start: int, count: int) -> None:
-        """Hash `count` consecutive chunks from `start`, reading up to _BATCH at once."""
+        """Hash `count` consecutive chunks from `start`, reading up to _BATCH at once into
+        one reused buffer small enough to stay in cache while it is hashed."""
         cs = self.md.chunk_size
         per = max(1, _BATCH // cs)
         arr = self.md.space.sums.arr
+        if len(self._buf) < per * cs:
+            self._buf = bytearray(per * cs)
         for lo in range(start, start + count, per):
             n = min(per, start + count - lo)
-            buf = bytearray(n * cs)
-            self.md.data_fio.preadinto(buf, lo * cs)
-            view = memoryview(buf)
+            view = memoryview(self._buf)[:n * cs]
+            self.md.data_fio.preadinto(view, lo * cs)
             for i in range(n):
                 arr[lo + i] = chunk_sum(view[i * cs:(i + 1) * cs])
             self.verified[lo:lo + n] = True
@@ -184,8 +208,12 @@ class DataSums:
 
     def committed(self) -> None:
         """After the superblock is durable: the intent marks have done their job."""
-        self.intent.clear()
+        self.intent.committed()
         self.counters["intent_writes"] = self.intent.writes
+
+    def shutdown(self) -> None:
+        """A clean close: everything is committed, so no region needs marking."""
+        self.intent.clear_all()
 
     # ------------------------------------------------------------ writes
     def before_write(self, dirarr, pages, offset: int, length: int) -> None:
@@ -286,7 +314,7 @@ class DataSums:
                 self._hash_run(s, n)
             changed += int(np.count_nonzero(old != space.sums.arr[ids]))
             space.sums.mark(ids)
-            self.intent.any = True      # the clear after the commit must be written
+            self.intent.bits[:] = True  # so the clear after the recovery commit is written
         return changed
 
     def _grow(self) -> None:

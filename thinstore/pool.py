@@ -145,6 +145,8 @@ class Pool:
             try:
                 if self._dirty:        # a read-only session leaves the pool untouched
                     self.commit()
+                if self._sums is not None:
+                    self._sums.shutdown()   # clean: the next open re-checksums nothing
             finally:
                 self._closed = True
                 self.md.data_fio.close()
