@@ -2,7 +2,7 @@
 
     python -m pytest benchmarks/bench_checksums.py --benchmark-only -s
 
-A round is 512 random 4 KiB writes at aligned offsets over a 256 MiB volume, then a
+A round is 2048 random 4 KiB writes at aligned offsets over a 256 MiB volume, then a
 flush (commit), so the cost of hashing every chunk written since the last commit is
 inside the measurement. Two layouts: overwrites of a filled volume (in place: write-
 intent marks plus re-hashing) and first writes to an empty one (allocation). Chunk
@@ -19,7 +19,7 @@ from thinstore import Pool
 
 MiB = 1 << 20
 VOL = 256 * MiB
-WRITES = 512
+WRITES = 2048
 
 
 def _pool(tmp_path_factory, sums: bool, chunk: int, fill: bool) -> Pool:
