@@ -328,12 +328,7 @@ class Pool:
             vol = self._find(base)
             if vol.kind == "snapshot":
                 raise InvalidName(f"{base!r} is not writable")
-            directory = snap.directory.copy()
-            self.md.maps.share(directory)
-            self.md.maps.drop(vol.directory, self.md.space)
-            vol.directory.release(self.md.store)
-            vol.directory = directory
-            vol.size = snap.size
+            self._replace_map(vol, snap)
             self.commit()
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
@@ -347,12 +342,15 @@ class Pool:
             if size < dm.size and not shrink:
                 raise UsageError(f"{name!r} is {dm.size} bytes; shrinking to {size} loses data: "
                                  "pass --shrink to do it")
-            if size < dm.size:
-                self._truncate(dm, size)
-            dm.directory.resize(dir_length(size, self.md.chunk_shift))
-            dm.size = size
+            self._set_size(dm, size)
             self.commit()
             return self._info(dm)
+
+    def _set_size(self, dm: DeviceMeta, size: int) -> None:
+        if size < dm.size:
+            self._truncate(dm, size)
+        dm.directory.resize(dir_length(size, self.md.chunk_shift))
+        dm.size = size
 
     def _truncate(self, dm: DeviceMeta, size: int) -> None:
         """Unmap everything past `size` (the tail of the last chunk is zeroed)."""
@@ -378,6 +376,99 @@ class Pool:
             md.space.resize(nchunks)
             md.sb = md.sb._replace(capacity_chunks=nchunks)
             self.commit()
+
+    # ------------------------------------------------------------ hidden devices (receive)
+    def create_hidden(self, name: str, size: int, like: str | None = None) -> None:
+        """A writable device that list() omits and no lookup by name finds.
+
+        It is a receive's workspace: persisted like any device (so an interrupted
+        receive resumes into it) yet never visible half-made. It starts empty, or
+        sharing every map page of snapshot `like` (as a clone), then takes `size`.
+        """
+        names.check_name(name, snapshot=False)
+        _check_size(size)
+        with self.lock:
+            self._check_open()
+            self._need_free_name(name)
+            if like is None:
+                d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
+                d.dirty[:] = True
+                self._new_device(name, "volume", size, d, bytes(16), FLAG_HIDDEN)
+            else:
+                dm = self._share_device(self._find(like), name, "clone", FLAG_HIDDEN)
+                self._set_size(dm, size)
+            self.commit()
+
+    def _hidden(self, name: str) -> DeviceMeta | None:
+        return next((dm for dm in self.md.devices.values()
+                     if dm.name == name and dm.flags & FLAG_HIDDEN), None)
+
+    def hidden_exists(self, name: str) -> bool:
+        with self.lock:
+            return self._hidden(name) is not None
+
+    def open_hidden(self, name: str) -> Device:
+        with self.lock:
+            self._check_open()
+            dm = self._hidden(name)
+            if dm is None:
+                raise NoSuchDevice(f"no unfinished receive {name!r} in pool {self.path}")
+            dm.opens += 1
+            return Device(self, dm)
+
+    def destroy_hidden(self, name: str) -> None:
+        """Drop a hidden device and commit; absent is fine (an abort may repeat)."""
+        with self.lock:
+            self._check_open()
+            dm = self._hidden(name)
+            if dm is not None:
+                self._drop_device(dm)
+                self.commit()
+
+    def publish_hidden(self, hidden: str, snapshot: str, uuid: bytes) -> DeviceInfo:
+        """In ONE commit: snapshot `vol@snap` (carrying `uuid`) and volume `vol` take the
+        hidden device's map, and the hidden device goes.
+
+        `vol` is created when absent, else its map is replaced as rollback does. One
+        commit is what makes a receive atomic: before it nothing shows, after it all.
+        """
+        names.check_name(snapshot, snapshot=True)
+        vol_name, _ = names.split(snapshot)
+        with self.lock:
+            self._check_open()
+            src = self._hidden(hidden)
+            if src is None:
+                raise NoSuchDevice(f"no unfinished receive {hidden!r} in pool {self.path}")
+            if src.opens:
+                raise DeviceBusy(f"{hidden!r} is still open")
+            self._need_free_name(snapshot)
+            vol = self._publish_volume(src, vol_name)
+            snap = self._share_device(src, snapshot, "snapshot")
+            snap.uuid, snap.origin_uuid = bytes(uuid), vol.uuid
+            self._drop_device(src)
+            self.commit()
+            return self._info(snap)
+
+    def _publish_volume(self, src: DeviceMeta, vol_name: str) -> DeviceMeta:
+        try:
+            vol = self._find(vol_name)
+        except NoSuchDevice:
+            vol = self._share_device(src, vol_name, "volume")
+            vol.origin_uuid = bytes(16)
+            return vol
+        if vol.kind == "snapshot":
+            raise InvalidName(f"{vol_name!r} is not writable")
+        self._replace_map(vol, src)
+        return vol
+
+    def _replace_map(self, vol: DeviceMeta, src: DeviceMeta) -> None:
+        """`vol` takes `src`'s content and size by sharing its pages (O(pages), no data)."""
+        directory = src.directory.copy()
+        self.md.maps.share(directory)
+        self.md.maps.drop(vol.directory, self.md.space)
+        vol.directory.release(self.md.store)
+        vol.directory = directory
+        vol.size = src.size
 
     # ------------------------------------------------------------ queries
     def list(self) -> list[DeviceInfo]:
