@@ -213,3 +213,20 @@ def test_pool_without_checksums_reads_without_verifying(tmp_path):
         assert scrub_pool(pool).verified == 0
     assert not os.path.exists(os.path.join(path, "intent"))
     assert check_path(path).clean
+
+
+def test_stored_page_no_directory_names_is_a_leak(pool_dir):
+    path, _ = pool_dir
+
+    def damage(pool):
+        maps = pool.md.maps
+        pid = int(pool._find("vol").directory.arr[0])
+        maps.ensure_loaded([pid])
+        orphan = maps.allocate()          # live in memory (ref 1), so the commit stores it,
+        maps.pages[orphan] = maps.pages[pid]   # but no directory names it: on disk, a leak
+    tamper(path, damage)
+    report = check_path(path)
+    assert any(p.kind == "leak" and "map page" in p.message for p in report.problems)
+    rep = repair_path(path)
+    assert any(c.startswith("freed map page") for c in rep.changes)
+    assert check_path(path).clean

@@ -65,9 +65,15 @@ def expected_refcounts(md) -> tuple[np.ndarray, np.ndarray]:
     return expect, ents[ents >= len(expect)]
 
 
-def check_metadata(md) -> list[Problem]:
-    """Map, refcount and checksum-table checks of a loaded (or salvaged) tree."""
+def check_metadata(md, committed: bool = True) -> list[Problem]:
+    """Map, refcount and checksum-table checks of a loaded (or salvaged) tree.
+
+    `committed` adds what holds only between transactions: no page is stored that no
+    directory names (an open transaction frees such pages at its commit).
+    """
     problems: list[Problem] = []
+    if committed:
+        problems += _leaked_pages(md)
     expect, outside = expected_refcounts(md)
     if len(outside):
         problems += _name_chunks(md, "range", outside, "names chunk {c}, outside the pool "
@@ -83,6 +89,16 @@ def check_metadata(md) -> list[Problem]:
             "checksum", f"chunk {c}: mapped but has no checksum (reads cannot verify it)",
             chunk=c))
     return problems
+
+
+def _leaked_pages(md) -> list[Problem]:
+    maps = md.maps
+    n = min(len(maps.ref), len(maps.locations.arr))
+    locs = maps.locations.arr[:n]
+    leaked = np.flatnonzero((locs != 0) & (maps.ref[:n] == 0))
+    return _listed("leak", leaked, lambda p: Problem(
+        "leak", f"map page {p} is stored in metadata block {int(locs[p])} but no device "
+        "names it", block=int(locs[p])))
 
 
 def _refcount_problems(md, stored: np.ndarray, expect: np.ndarray) -> list[Problem]:
@@ -124,7 +140,7 @@ def _where(places) -> str:
 def check_pool(pool) -> list[Problem]:
     """Check an open pool's in-memory tree (consistent at any moment, committed or not)."""
     with pool.lock:
-        return check_metadata(pool.md)
+        return check_metadata(pool.md, committed=False)
 
 
 def check_path(path: str, fileio=FileIO) -> Report:

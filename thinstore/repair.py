@@ -72,6 +72,11 @@ def repair_path(path: str, fileio=FileIO, dry_run: bool = False) -> RepairReport
 
 def _fix(md, report: RepairReport) -> None:
     _drop_outside(md, report)
+    maps = md.maps
+    n = min(len(maps.ref), len(maps.locations.arr))
+    for pid in np.flatnonzero((maps.locations.arr[:n] != 0) & (maps.ref[:n] == 0)).tolist():
+        report.changes.append(f"freed map page {pid} (block {int(maps.locations.arr[pid])}): "
+                              "no device names it")      # the commit frees dead pages
     expect, _ = expected_refcounts(md)
     refs = md.space.refs.arr
     bad = np.flatnonzero(refs.astype(np.int64) != expect)
