@@ -61,3 +61,28 @@ def test_random_4k_writes(benchmark, tmp_path_factory, results, chunk, layout, s
         ratio = results[f"{key}-False"] / results[f"{key}-True"]
         report(f"4 KiB random writes, {layout}, {chunk >> 10} KiB chunks: throughput with "
                f"checksums / without = {ratio:.2f} (target >= 0.8)")
+
+
+def _read_round(pool, dev, rng, cold: bool):
+    if cold and pool._sums is not None:        # forget what was verified: worst case
+        pool._sums.verified[:] = False
+    for _ in range(WRITES):
+        dev.pread(rng.randrange(VOL // 4096) * 4096, 4096)
+
+
+@pytest.mark.parametrize("chunk", [64 << 10, 4 << 10])
+@pytest.mark.parametrize("sums", [False, True], ids=["off", "on"])
+def test_random_4k_cold_reads(benchmark, tmp_path_factory, results, chunk, sums):
+    """Reads verify every chunk they touch; a 4 KiB read of a 64 KiB chunk reads it whole."""
+    pool = _pool(tmp_path_factory, sums, chunk, fill=True)
+    rng = random.Random(6)
+    with pool.open_device("v") as dev:
+        benchmark.pedantic(_read_round, args=(pool, dev, rng, True), rounds=15,
+                           iterations=1, warmup_rounds=2)
+    pool.close()
+    key = f"read-{chunk >> 10}K"
+    results[f"{key}-{sums}"] = benchmark.stats.stats.median
+    if f"{key}-True" in results and f"{key}-False" in results:
+        ratio = results[f"{key}-False"] / results[f"{key}-True"]
+        report(f"4 KiB random reads (nothing verified yet), {chunk >> 10} KiB chunks: "
+               f"throughput with checksums / without = {ratio:.2f}")
