@@ -129,3 +129,19 @@ def test_snapshot_shares_checksums_and_cow_chunk_gets_its_own(tmp_path):
     sums = pool.md.space.sums.arr
     assert (sums[pool.md.space.refs.arr > 0] != 0).all()
     pool.close()
+
+
+def test_grown_pool_checksums_and_marks_new_chunks(tmp_path, small_regions):
+    pool = Pool.create(str(tmp_path / "p"), 64 * CHUNK, CHUNK, commit_interval=0)
+    pool.create_volume("v", 1 << 20)
+    with pool.open_device("v") as dev:
+        dev.pwrite(os.urandom(60 * CHUNK), 0)
+        pool.grow(200 * CHUNK)
+        dev.pwrite(os.urandom(100 * CHUNK), 60 * CHUNK)      # chunks past the old end
+        pool.commit()
+        dev.pwrite(b"x" * 10, 150 * CHUNK)                     # in place, a new region
+        assert pool._sums.intent.bits[-1]
+        pool.commit()
+        dev.pread(0, 160 * CHUNK)
+    assert crashkit.check_pool(pool) == []
+    pool.close()

@@ -183,3 +183,11 @@ def test_restore_cli_reads_stdin_and_rejects_garbage(pool):
     doc = cli(path, "dump", "--json").stdout
     assert cli(path, "restore", "-", stdin=doc).returncode == 0
     assert _contents(path) == contents
+
+
+def test_init_turns_checksums_off_only_when_asked(tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert cli(on, "init", "--capacity", "16M").returncode == 0
+    assert cli(off, "init", "--capacity", "16M", "--no-data-checksums").returncode == 0
+    assert json.loads(cli(on, "status", "--json").stdout)["data_checksums"] is True
+    assert json.loads(cli(off, "status", "--json").stdout)["data_checksums"] is False
