@@ -89,8 +89,8 @@ def dump_text(doc: dict) -> str:
             for s, c, n in doc["pages"].get(str(pid), []):
                 v = slot * fmt.FANOUT + s
                 span = f"{v}..{v + n - 1}" if n > 1 else f"{v}"
-                lines.append(f"  virtual {span} -> chunk {c}{'..' + str(c + n - 1) if n > 1 else ''}"
-                             f"  (page {pid})")
+                chunks = f"{c}..{c + n - 1}" if n > 1 else f"{c}"
+                lines.append(f"  virtual {span} -> chunk {chunks}  (page {pid})")
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +184,8 @@ def _build(meta_fio, data_fio, doc: dict) -> int:
     _fill_pages(md, doc["pages"], cap)
     for dev in doc["devices"]:
         _add_device(md, dev, npages)
-    md.next_dev_id = max([int(p.get("next_dev_id", 1))] + [d.dev_id + 1 for d in md.devices.values()])
+    md.next_dev_id = max([int(p.get("next_dev_id", 1))]
+                         + [d.dev_id + 1 for d in md.devices.values()])
     _derive_counts(md)
     for c, s in doc.get("checksums", []):
         if 0 < int(c) < cap:
@@ -202,7 +203,8 @@ def _fill_pages(md, pages: dict, cap: int) -> None:
         if pid <= 0:
             raise UsageError(f"restore: page id {pid} is invalid (ids start at 1)")
         for slot, chunk, count in runs:
-            if not (0 <= slot and slot + count <= fmt.FANOUT and 0 < chunk and chunk + count <= cap):
+            if not (0 <= slot and slot + count <= fmt.FANOUT
+                    and 0 < chunk and chunk + count <= cap):
                 raise UsageError(f"restore: page {pid} run {[slot, chunk, count]} lies outside "
                                  f"the page ({fmt.FANOUT} slots) or the pool ({cap} chunks)")
             maps.pages[pid, slot:slot + count] = np.arange(chunk, chunk + count, dtype=np.uint64)
@@ -248,7 +250,8 @@ def _validate(doc: dict) -> None:
     if int(doc.get("version", 0)) > fmt.VERSION:
         raise UsageError(f"restore: dump version {doc['version']} is newer than {fmt.VERSION}")
     p = doc.get("pool", {})
-    if not fmt.valid_chunk_size(int(p.get("chunk_size", 0))) or int(p.get("capacity_chunks", 0)) < 2:
+    geometry_ok = fmt.valid_chunk_size(int(p.get("chunk_size", 0)))
+    if not geometry_ok or int(p.get("capacity_chunks", 0)) < 2:
         raise UsageError("restore: the dump's chunk size or capacity is invalid")
     names = [d["name"] for d in doc.get("devices", [])]
     if len(set(names)) != len(names):
