@@ -166,6 +166,8 @@ def test_hand_edited_dump_mends_a_pool(pool):
     lambda d: d["devices"][0]["directory"].append([0, 99999]),
     lambda d: d["pool"].update(chunk_size=3000),
     lambda d: d["devices"][0].pop("size"),
+    lambda d: d["devices"][0]["directory"].append([0, 77]),      # a page the dump lacks
+    lambda d: d["pages"].update({"1": [[0, 1, 0]]}),
 ])
 def test_restore_rejects_malformed_dumps_and_keeps_the_pool(pool, damage):
     path, contents = pool

@@ -182,8 +182,9 @@ def _build(meta_fio, data_fio, doc: dict) -> int:
     npages = max([int(k) for k in doc["pages"]] + [0]) + 1
     md.maps = MapStore(PagedArray(np.uint64, max(npages, 64)), md.store)
     _fill_pages(md, doc["pages"], cap)
+    known = {int(k) for k in doc["pages"]}
     for dev in doc["devices"]:
-        _add_device(md, dev, npages)
+        _add_device(md, dev, known)
     md.next_dev_id = max([int(p.get("next_dev_id", 1))]
                          + [d.dev_id + 1 for d in md.devices.values()])
     _derive_counts(md)
@@ -203,7 +204,7 @@ def _fill_pages(md, pages: dict, cap: int) -> None:
         if pid <= 0:
             raise UsageError(f"restore: page id {pid} is invalid (ids start at 1)")
         for slot, chunk, count in runs:
-            if not (0 <= slot and slot + count <= fmt.FANOUT
+            if not (0 <= slot and count >= 1 and slot + count <= fmt.FANOUT
                     and 0 < chunk and chunk + count <= cap):
                 raise UsageError(f"restore: page {pid} run {[slot, chunk, count]} lies outside "
                                  f"the page ({fmt.FANOUT} slots) or the pool ({cap} chunks)")
@@ -212,11 +213,11 @@ def _fill_pages(md, pages: dict, cap: int) -> None:
         maps.dirty[pid] = 1
 
 
-def _add_device(md, dev: dict, npages: int) -> None:
+def _add_device(md, dev: dict, known: set) -> None:
     size = int(dev["size"])
     d = PagedArray(np.uint64, dir_length(size, md.chunk_shift))
     for slot, pid in dev["directory"]:
-        if not (0 <= slot < len(d) and 0 < pid < npages):
+        if not (0 <= slot < len(d) and pid in known):
             raise UsageError(f"restore: device {dev['name']!r} directory entry {[slot, pid]} "
                              "is outside its directory or names no page")
         d.arr[slot] = pid
