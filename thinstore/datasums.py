@@ -168,6 +168,9 @@ class DataSums:
         self.intent = IntentLog(intent_fio, len(md.space.refs), md.chunk_shift)
         self.verified = np.zeros(len(md.space.refs), dtype=bool)
         self._buf = bytearray(0)
+        self._zero = bytearray(0)
+        self.fresh: dict = {}         # chunk allocated this transaction -> [(lo, hi)] written
+        self._pending = None
         self.counters = {"chunks_hashed": 0, "chunks_verified": 0, "intent_writes": 0}
 
     # ------------------------------------------------------------ commit
@@ -184,10 +187,36 @@ class DataSums:
         written = space.written()
         written = written[space.refs.arr[written] > 0]
         self._grow()
-        for start, count in _runs(written):
+        fresh, self.fresh = self.fresh, {}
+        half = self.md.chunk_size // 2        # mostly written: a batched full read is cheaper
+        fresh = {c: r for c, r in fresh.items() if sum(hi - lo for lo, hi in r) < half}
+        if fresh:
+            known = np.fromiter(fresh, dtype=np.int64, count=len(fresh))
+            sparse = np.isin(written, known)
+            for c in written[sparse].tolist():
+                self._hash_fresh(c, fresh[c])
+            written_full = written[~sparse]
+        else:
+            written_full = written
+        for start, count in _runs(written_full):
             self._hash_run(start, count)
         sums.mark(written)
         self.verified[freed] = False
+
+    def _hash_fresh(self, chunk: int, ranges: list) -> None:
+        """Hash a chunk allocated this transaction: zeros except the ranges written."""
+        cs = self.md.chunk_size
+        if len(self._zero) != cs:
+            self._zero = bytearray(cs)
+        buf = memoryview(self._zero)
+        base = chunk * cs
+        for lo, hi in ranges:
+            self.md.data_fio.preadinto(buf[lo:hi], base + lo)
+        self.md.space.sums.arr[chunk] = chunk_sum(buf)
+        for lo, hi in ranges:
+            buf[lo:hi] = bytes(hi - lo)
+        self.verified[chunk] = True
+        self.counters["chunks_hashed"] += 1
 
     def _hash_run(self, start: int, count: int) -> None:
         """Hash `count` consecutive chunks from `start`, reading up to _BATCH at once into
@@ -217,34 +246,63 @@ class DataSums:
 
     # ------------------------------------------------------------ writes
     def before_write(self, dirarr, pages, offset: int, length: int) -> None:
-        """Mark the intent regions of committed chunks this write may change in place."""
+        """Mark the intent regions of committed chunks this write may change in place,
+        and note what after_write needs to keep the fresh-chunk layouts exact."""
         shift = self.md.chunk_shift
+        self._pending = None
         if ((offset + length - 1) >> shift) - (offset >> shift) < _SMALL:
-            todo = self._committed_small(dirarr, pages, offset, length)
+            todo = self._scan_small(dirarr, pages, offset, length)
             if todo:
                 self.intent.mark(todo)
             return
         ents = _entries(dirarr, pages, shift, offset, length)
         space = self.md.space
         ents = ents[ents != 0]
+        for c in ents.tolist() if self.fresh else ():
+            self.fresh.pop(c, None)          # large writes: hashed from a full read
         if not len(ents):
             return
         ents = ents[(space.sums.arr[ents] != 0) & ((space.state[ents] & ST_WRITTEN) == 0)]
         if len(ents):
             self.intent.mark(ents)
 
-    def _committed_small(self, dirarr, pages, offset: int, length: int) -> list:
+    def _scan_small(self, dirarr, pages, offset: int, length: int) -> list:
         """Chunks of a small range that hold a committed checksum (scalar path: numpy
-        calls cost more than the work for a 4 KiB request)."""
-        shift = self.md.chunk_shift
+        calls cost more than the work for a 4 KiB request); sets `_pending`."""
+        shift, cs = self.md.chunk_shift, self.md.chunk_size
         sums, state = self.md.space.sums.arr, self.md.space.state
-        out = []
-        for v in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+        out, pending = [], []
+        end = offset + length
+        for v in range(offset >> shift, ((end - 1) >> shift) + 1):
             pid = int(dirarr[v // FANOUT])
             c = int(pages[pid, v % FANOUT]) if pid else 0
-            if c and sums[c] and not state[c] & ST_WRITTEN:
+            base = v << shift
+            lo, hi = max(offset, base) - base, min(end, base + cs) - base
+            if not c:
+                pending.append((v, c, lo, hi, []))
+            elif c in self.fresh:
+                pending.append((v, c, lo, hi, self.fresh.pop(c)))
+            elif sums[c] and not state[c] & ST_WRITTEN:
                 out.append(c)
+        self._pending = pending
         return out
+
+    def after_write(self, dirarr, pages) -> None:
+        """Record which bytes of chunks allocated in this transaction hold data.
+
+        A chunk that was unmapped before the write is a new chunk whose uncovered parts
+        read as zeros (the write kernel's contract), so at commit only its written
+        ranges need reading. A chunk the write moved (copy on write) is not recorded:
+        it holds copied bytes and is hashed from a full read. A write that fails between
+        before_write and here leaves its chunks unrecorded, which is also safe.
+        """
+        for v, old, lo, hi, ranges in self._pending or ():
+            pid = int(dirarr[v // FANOUT])
+            c = int(pages[pid, v % FANOUT]) if pid else 0
+            if c and (old == 0 or c == old):
+                ranges.append((lo, hi))
+                self.fresh[c] = ranges
+        self._pending = None
 
     # ------------------------------------------------------------ reads
     def verify(self, dm, buf, offset: int, length: int) -> None:

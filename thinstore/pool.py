@@ -577,13 +577,15 @@ class Pool:
         p0, p1 = self._pages_of(offset, length)
         maps.prepare(dm.directory, p0, p1, space, allocate=True)
         d = dm.directory.arr
-        if self._sums is not None:
-            self._sums.before_write(d, maps.pages, offset, length)
         need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
                                     offset, length)
-        fresh = self._allocate(need, dm)
+        fresh = self._allocate(need, dm)        # may commit: checksum upkeep comes after
+        if self._sums is not None:
+            self._sums.before_write(d, maps.pages, offset, length)
         K.write_range(d, maps.pages, maps.dirty, space.refs.arr, space.state, fresh, shift,
                       md.data_fio, data, offset, length, self._kc)
+        if self._sums is not None:
+            self._sums.after_write(d, maps.pages)
         self._dirty = True
         self._count()
 
