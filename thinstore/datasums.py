@@ -188,20 +188,23 @@ class DataSums:
         written = written[space.refs.arr[written] > 0]
         self._grow()
         fresh, self.fresh = self.fresh, {}
-        half = self.md.chunk_size // 2        # mostly written: a batched full read is cheaper
-        fresh = {c: r for c, r in fresh.items() if sum(hi - lo for lo, hi in r) < half}
-        if fresh:
-            known = np.fromiter(fresh, dtype=np.int64, count=len(fresh))
-            sparse = np.isin(written, known)
-            for c in written[sparse].tolist():
-                self._hash_fresh(c, fresh[c])
-            written_full = written[~sparse]
-        else:
-            written_full = written
-        for start, count in _runs(written_full):
+        for c, ranges in self._sparse(written, fresh):
+            self._hash_fresh(c, ranges)
+        for start, count in _runs(written[~np.isin(written, list(fresh))] if fresh else written):
             self._hash_run(start, count)
         sums.mark(written)
         self.verified[freed] = False
+
+    def _sparse(self, written: np.ndarray, fresh: dict):
+        """(chunk, ranges) of written fresh chunks less than half written; `fresh` keeps
+        only those (the rest, mostly written, are cheaper in a batched full read)."""
+        half = self.md.chunk_size // 2
+        for c in [c for c, r in fresh.items() if sum(hi - lo for lo, hi in r) >= half]:
+            del fresh[c]
+        if not fresh:
+            return []
+        hit = written[np.isin(written, np.fromiter(fresh, np.int64, len(fresh)))]
+        return [(c, fresh[c]) for c in hit.tolist()]
 
     def _hash_fresh(self, chunk: int, ranges: list) -> None:
         """Hash a chunk allocated this transaction: zeros except the ranges written."""
@@ -210,11 +213,13 @@ class DataSums:
             self._zero = bytearray(cs)
         buf = memoryview(self._zero)
         base = chunk * cs
-        for lo, hi in ranges:
-            self.md.data_fio.preadinto(buf[lo:hi], base + lo)
-        self.md.space.sums.arr[chunk] = chunk_sum(buf)
-        for lo, hi in ranges:
-            buf[lo:hi] = bytes(hi - lo)
+        try:
+            for lo, hi in ranges:
+                self.md.data_fio.preadinto(buf[lo:hi], base + lo)
+            self.md.space.sums.arr[chunk] = chunk_sum(buf)
+        finally:                                # the buffer must be all zero again
+            for lo, hi in ranges:
+                buf[lo:hi] = bytes(hi - lo)
         self.verified[chunk] = True
         self.counters["chunks_hashed"] += 1
 
