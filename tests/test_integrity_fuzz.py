@@ -54,31 +54,33 @@ def _exercise(src: str, meta: bytes, work: str) -> None:
         os.link(os.path.join(src, name), os.path.join(work, name))
     with open(os.path.join(work, "meta"), "wb") as f:
         f.write(meta)
-    _open_and_read(work)
+    failed = _open_and_read(work)
     mfio = FileIO(os.path.join(work, "meta"), readonly=True)
     dfio = FileIO(os.path.join(work, "data"), readonly=True)
     try:
         sv = salvage(mfio, dfio)
+        problems = list(sv.problems)
         if sv.md is not None:
-            check_metadata(sv.md)
-    except ThinstoreError:
-        pass
+            problems += check_metadata(sv.md)
     finally:
         mfio.close()
         dfio.close()
+    if failed:           # what stops open or a read, check must report
+        assert problems, f"open/read failed ({failed}) but check found nothing"
 
 
-def _open_and_read(work: str) -> None:
+def _open_and_read(work: str) -> str | None:
+    """Open the pool and read every device; the error that stopped it, if any."""
     try:
         pool = Pool.open(work, commit_interval=0)
-    except ThinstoreError:
-        return
+    except ThinstoreError as e:
+        return str(e)
     try:
         for d in pool.list():
             with pool.open_device(d.name) as dev:
                 dev.pread(0, dev.size)
-    except ThinstoreError:
-        pass
+    except ThinstoreError as e:
+        return str(e)
     finally:                                # never commit a damaged tree back
         pool._closed = True
         pool.md.meta_fio.close()
