@@ -85,11 +85,14 @@ def test_crash_after_in_place_write_gives_no_false_error(tmp_path, small_regions
         dev.pwrite(b"n" * 3000, 3 * CHUNK + 500)
         dev.pwrite(b"m" * CHUNK, 20 * CHUNK)
     crashkit._abandon(pool)                    # the process dies: no commit, data on disk
+    report = crashkit.check_path(path)
+    assert report.clean and report.info["unclean_regions"] == 2
     with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
         assert dev.pread(3 * CHUNK + 500, 3000) == b"n" * 3000
         assert dev.pread(20 * CHUNK, CHUNK) == b"m" * CHUNK
         dev.pread(0, 512 << 10)                # every chunk verifies
-    assert crashkit.check_path(path).clean
+    report = crashkit.check_path(path)
+    assert report.clean and report.info["unclean_regions"] == 0
 
 
 def test_damage_outside_the_intent_regions_is_still_caught(tmp_path, small_regions):

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from .datasums import INTENT_NAME, IntentLog
 from .errors import PoolNotFound
 from .kernels import ST_WRITTEN
 from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
@@ -157,11 +158,26 @@ def check_path(path: str, fileio=FileIO) -> Report:
         if sv.md is not None:
             problems += check_metadata(sv.md)
             info.update(_summary(sv.md))
+            info["unclean_regions"] = _intent_regions(path, fileio, sv.md)
         return Report(path, problems, info)
     finally:
         meta.close()
         data.close()
         os.close(lockfd)
+
+
+def _intent_regions(path: str, fileio, md) -> int:
+    """How many write-intent regions the next open will re-checksum (0 after a clean
+    close): not damage, but what an unclean shutdown left to do."""
+    full = os.path.join(path, INTENT_NAME)
+    if not os.path.exists(full) or not md.flags & POOL_FLAG_DATA_CHECKSUMS:
+        return 0
+    fio = fileio(full, readonly=True)
+    try:
+        return len(IntentLog(fio, len(md.space.refs), md.chunk_shift)
+                   .read_marked(len(md.space.refs)))
+    finally:
+        fio.close()
 
 
 def _summary(md) -> dict:

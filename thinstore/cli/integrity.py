@@ -77,6 +77,9 @@ def _print_check(report) -> None:
         print(f"generation {info['generation']}: {len(info['devices'])} device(s), "
               f"{info['mapped_chunks']} mapped chunk(s), {info['map_pages']} map page(s), "
               f"{info['metadata_blocks']} metadata block(s)")
+    if info.get("unclean_regions"):
+        print(f"not shut down cleanly: the next open re-checksums {info['unclean_regions']} "
+              "write-intent region(s)")
     for p in report.problems:
         print(p)
     print("clean" if report.clean else f"damaged: {len(report.problems)} problem(s) "
