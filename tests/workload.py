@@ -5,7 +5,8 @@ replay exactly what a killed child was doing from the seed and the child's log o
 completed op indices. `Model` applies ops to plain bytearrays and keeps, per device,
 the content as of the last completed flush plus a mask of bytes touched since; after
 a crash every untouched byte of every device that existed at that flush must read back
-exactly (DESIGN §3). Snapshot, clone and destroy commit, so they count as flushes.
+exactly (DESIGN §3). Snapshot, clone, destroy, rollback and resize commit, so they
+count as flushes.
 """
 
 from __future__ import annotations
@@ -28,53 +29,63 @@ def payload(seed: int, i: int, length: int) -> bytes:
 
 
 def plan(seed: int, devices: dict, n: int):
-    """Yield n ops; `devices` maps name -> kind for what exists at the start."""
+    """Yield n ops; `devices` maps name -> (kind, size) for what exists at the start."""
     rng = random.Random(seed)
     devs = dict(devices)
     serial = 0
     for i in range(n):
-        writable = sorted(d for d, k in devs.items() if k != "snapshot")
-        snaps = sorted(d for d, k in devs.items() if k == "snapshot")
+        writable = sorted(d for d, (k, _) in devs.items() if k != "snapshot")
+        snaps = sorted(d for d, (k, _) in devs.items() if k == "snapshot")
         r = rng.random()
         if not writable or (r < 0.03 and len(devs) < MAX_DEVICES):
             serial += 1
             name = f"v{seed % 100000}x{serial}"
-            devs[name] = "volume"
+            devs[name] = ("volume", DEV_SIZE)
             yield i, ("create", name)
-        elif r < 0.60:
-            off, ln = _range(rng)
-            yield i, ("write", rng.choice(writable), off, ln)
         elif r < 0.70:
-            off, ln = _range(rng)
-            yield i, ("discard", rng.choice(writable), off, ln)
+            name = rng.choice(writable)
+            off, ln = _range(rng, devs[name][1])
+            yield i, ("write" if r < 0.60 else "discard", name, off, ln)
         elif r < 0.82:
             yield i, ("flush",)
         elif r < 0.88 and len(devs) < MAX_DEVICES:
-            vol = rng.choice(sorted(d for d, k in devs.items() if k == "volume") or writable)
-            if devs[vol] != "volume":
+            vols = sorted(d for d, (k, _) in devs.items() if k == "volume")
+            if not vols:
                 continue
+            vol = rng.choice(vols)
             serial += 1
             snap = f"{vol}@s{seed % 100000}x{serial}"
-            devs[snap] = "snapshot"
+            devs[snap] = ("snapshot", devs[vol][1])
             yield i, ("snapshot", snap)
         elif r < 0.93 and snaps and len(devs) < MAX_DEVICES:
             serial += 1
-            name = f"c{seed % 100000}x{serial}"
-            devs[name] = "clone"
-            yield i, ("clone", rng.choice(snaps), name)
-        elif r < 0.97 and len(devs) > 2:
+            name, src = f"c{seed % 100000}x{serial}", rng.choice(snaps)
+            devs[name] = ("clone", devs[src][1])
+            yield i, ("clone", src, name)
+        elif r < 0.96 and len(devs) > 2:
             victim = rng.choice(sorted(devs))
             del devs[victim]             # its snapshots stay whole (DESIGN §2)
             yield i, ("destroy", victim)
+        elif r < 0.98:
+            back = [s for s in snaps if devs.get(s.split("@")[0], ("",))[0] == "volume"]
+            if back:
+                snap = rng.choice(back)
+                devs[snap.split("@")[0]] = ("volume", devs[snap][1])
+                yield i, ("rollback", snap)
+        else:
+            name = rng.choice(writable)
+            size = rng.randrange(CHUNK // 2, 2 * DEV_SIZE)       # not chunk-aligned
+            devs[name] = (devs[name][0], size)
+            yield i, ("resize", name, size)
 
 
-def _range(rng: random.Random) -> tuple[int, int]:
-    if rng.random() < 0.5:
-        first = rng.randrange(DEV_SIZE // CHUNK)
+def _range(rng: random.Random, size: int) -> tuple[int, int]:
+    if rng.random() < 0.5 and size >= CHUNK:
+        first = rng.randrange(size // CHUNK)
         n = rng.randint(1, 3)
-        return first * CHUNK, min(n * CHUNK, DEV_SIZE - first * CHUNK)
-    off = rng.randrange(DEV_SIZE - 1)
-    return off, rng.randint(1, min(12000, DEV_SIZE - off))
+        return first * CHUNK, min(n * CHUNK, size - first * CHUNK)
+    off = rng.randrange(size - 1)
+    return off, rng.randint(1, min(12000, size - off))
 
 
 def run_op(pool, seed: int, op) -> None:
@@ -97,6 +108,10 @@ def run_op(pool, seed: int, op) -> None:
         pool.clone(*args)
     elif kind == "destroy":
         pool.destroy(args[0], force=True)
+    elif kind == "rollback":
+        pool.rollback(args[0])
+    elif kind == "resize":
+        pool.resize(args[0], args[1], shrink=True)
 
 
 class Model:
@@ -123,6 +138,12 @@ class Model:
             self._add(args[1], bytearray(self.cur[args[0]]))
         elif kind == "destroy":
             del self.cur[args[0]], self.touched[args[0]]
+        elif kind == "rollback":
+            self.cur[args[0].split("@")[0]] = bytearray(self.cur[args[0]])
+        elif kind == "resize":
+            name, size = args
+            data = self.cur[name][:size]
+            self.cur[name] = data + bytes(size - len(data))
         self._flushed()
 
     def _add(self, name: str, data: bytearray) -> None:
@@ -131,8 +152,7 @@ class Model:
 
     def _flushed(self) -> None:
         self.durable = {n: bytes(b) for n, b in self.cur.items()}
-        for m in self.touched.values():
-            m[:] = False
+        self.touched = {n: np.zeros(len(b), dtype=bool) for n, b in self.cur.items()}
 
     def verify(self, pool, in_progress=None) -> list[str]:
         """Compare a reopened pool with what must have survived; return the differences."""
@@ -142,6 +162,11 @@ class Model:
         kind = in_progress[1][0] if in_progress else None
         if kind == "destroy":
             may_vanish = {in_progress[1][1]}
+        resized = set()
+        if kind == "rollback":                # the volume may hold either content
+            resized = {in_progress[1][1].split("@")[0]}
+        if kind == "resize":
+            resized = {in_progress[1][1]}
         if kind in ("write", "discard"):      # an unacknowledged write may land in part
             name, off, ln = in_progress[1][1:]
             self.touched[name][off:off + ln] = True
@@ -150,9 +175,12 @@ class Model:
                 if name not in may_vanish:
                     errors.append(f"device {name} existed at the last flush and is gone")
                 continue
-            if name not in self.touched:
+            if name not in self.touched or name in resized:
                 continue
             got = read_all(pool, name)
+            if len(got) != len(want):
+                errors.append(f"device {name}: {len(got)} bytes, {len(want)} at the last flush")
+                continue
             keep = ~self.touched[name]
             diff = np.flatnonzero((np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8))
                                   & keep)
@@ -172,7 +200,7 @@ def snapshot_contents(pool) -> dict:
 
 
 def kinds(pool) -> dict:
-    return {d.name: d.kind for d in pool.list()}
+    return {d.name: (d.kind, d.size) for d in pool.list()}
 
 
 def log_line(fd: int, i: int) -> None:
