@@ -4,7 +4,7 @@
     python tools/crash_soak.py --kills 500 --cuts 1000 [--dir /tmp/soak] [--seed 0]
 
 Each kill round forks a child that runs a random workload (writes, flushes, discards,
-snapshots, clones, destroys) on the pool and logs every completed op; the child is
+snapshots, clones, destroys, rollbacks, resizes) on the pool and logs every completed op; the child is
 SIGKILLed at a random moment; the pool is reopened, checked (`check` must be clean)
 and every byte acknowledged before the last completed flush must read back, on every
 device that existed then. Each cut round does the same in-process through the
