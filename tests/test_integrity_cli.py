@@ -72,6 +72,9 @@ def test_superblock_damage_is_its_own_class(pool):
     flip(os.path.join(path, "meta"), older * BLOCK_SIZE + 12)
     r = cli(path, "check")
     assert r.returncode == DAMAGE_CODES["superblock"] and f"slot {older}" in r.stdout
+    r = cli(path, "repair")
+    assert r.returncode == 0 and f"superblock slot {older}" in r.stdout
+    assert cli(path, "check").returncode == 0          # the repair commit rewrote the slot
 
 
 def test_repair_reports_changes_then_check_is_clean(pool):
@@ -193,3 +196,13 @@ def test_init_turns_checksums_off_only_when_asked(tmp_path):
     assert cli(off, "init", "--capacity", "16M", "--no-data-checksums").returncode == 0
     assert json.loads(cli(on, "status", "--json").stdout)["data_checksums"] is True
     assert json.loads(cli(off, "status", "--json").stdout)["data_checksums"] is False
+
+
+def test_dump_of_a_damaged_pool_warns_and_keeps_the_rest(pool):
+    path, _ = pool
+    flip_block(path, map_page_block(path, "vol"))
+    r = cli(path, "dump", "--json")
+    assert r.returncode == 0 and "warning: metadata: device 'vol'" in r.stderr
+    doc = json.loads(r.stdout)
+    dirs = {d["name"]: d["directory"] for d in doc["devices"]}
+    assert dirs["vol"] == [] and dirs["vol@snap"] and dirs["clone"]
