@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from . import names
+from .datasums import DataSums, open_intent
 from .device import Device, DeviceInfo
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
@@ -57,6 +58,7 @@ class Pool:
         self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
+        self._sums: DataSums | None = None
         self._stop = threading.Event()
         self._timer = None
         if commit_interval and commit_interval > 0:
@@ -68,7 +70,7 @@ class Pool:
     @classmethod
     def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                low_water: float = 0.9, data_checksums: bool = True,
-               commit_interval: float = COMMIT_INTERVAL) -> "Pool":
+               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
@@ -80,16 +82,18 @@ class Pool:
             raise UsageError(f"{path} already holds a pool")
         lockfd = _take_lock(path)
         try:
-            data = FileIO(os.path.join(path, "data"), create=True)
+            data = fileio(os.path.join(path, "data"), create=True)
             data.truncate((nchunks + 1) * chunk_size)
-            meta = FileIO(os.path.join(path, "meta"), create=True)
+            meta = fileio(os.path.join(path, "meta"), create=True)
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
             md = Metadata.format_new(meta, data, chunk_size, nchunks + 1, flags,
                                      int(round(low_water * 100)))
         except BaseException:
             os.close(lockfd)
             raise
-        return cls(path, md, lockfd, commit_interval=commit_interval)
+        pool = cls(path, md, lockfd, commit_interval=commit_interval)
+        pool._attach_sums(fileio)
+        return pool
 
     @classmethod
     def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
@@ -107,7 +111,31 @@ class Pool:
         except BaseException:
             os.close(lockfd)
             raise
-        return cls(path, md, lockfd, commit_interval=commit_interval)
+        pool = cls(path, md, lockfd, commit_interval=commit_interval)
+        pool._attach_sums(fileio)
+        return pool
+
+    def _attach_sums(self, fileio) -> None:
+        """Data checksums (docs/integrity.md): hook them into commit, read and write, and
+        re-checksum what an unclean shutdown may have left half-written before any read."""
+        if not self.data_checksums:
+            return
+        try:
+            self._sums = DataSums(self.md, open_intent(self.path, fileio))
+            self._checksum_hook = self._sums.on_commit
+            changed = self._sums.recover()
+            if self._sums.intent.any:
+                log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
+                            "written in place since the last commit (%d chunk(s) changed)",
+                            self.path, changed)
+                self.commit()
+        except BaseException:
+            self._closed = True
+            self._stop.set()
+            self.md.data_fio.close()
+            self.md.meta_fio.close()
+            os.close(self._lockfd)
+            raise
 
     def close(self) -> None:
         with self.lock:
@@ -117,10 +145,14 @@ class Pool:
             try:
                 if self._dirty:        # a read-only session leaves the pool untouched
                     self.commit()
+                if self._sums is not None:
+                    self._sums.shutdown()   # clean: the next open re-checksums nothing
             finally:
                 self._closed = True
                 self.md.data_fio.close()
                 self.md.meta_fio.close()
+                if self._sums is not None:
+                    self._sums.intent.fio.close()
                 os.close(self._lockfd)
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=5)
@@ -165,6 +197,8 @@ class Pool:
         with self.lock:
             self._check_open()
             self.md.commit(getattr(self, "_checksum_hook", None))
+            if self._sums is not None:
+                self._sums.committed()
             self._dirty = False
             self._check_low_water()
             self.counters["commits"] += 1
@@ -522,6 +556,8 @@ class Pool:
             self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
             K.read_range(d, self.md.maps.pages, self.md.chunk_shift, self.md.data_fio, buf,
                          offset, length)
+            if self._sums is not None:
+                self._sums.verify(dm, buf, offset, length)
 
     def _write(self, dm: DeviceMeta, data, offset: int, fua: bool) -> None:
         length = memoryview(data).nbytes
@@ -543,9 +579,13 @@ class Pool:
         d = dm.directory.arr
         need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
                                     offset, length)
-        fresh = self._allocate(need, dm)
+        fresh = self._allocate(need, dm)        # may commit: checksum upkeep comes after
+        if self._sums is not None:
+            self._sums.before_write(d, maps.pages, offset, length)
         K.write_range(d, maps.pages, maps.dirty, space.refs.arr, space.state, fresh, shift,
                       md.data_fio, data, offset, length, self._kc)
+        if self._sums is not None:
+            self._sums.after_write(d, maps.pages)
         self._dirty = True
         self._count()
 
