@@ -1,0 +1,310 @@
+"""The transmission phase: requests in, replies out, for one connection.
+
+One reader thread parses requests (and WRITE payloads) in order; requests run
+on a small per-connection worker pool so reads and writes overlap, and each
+reply goes out as soon as its request completes, under a per-connection send
+lock so replies never interleave mid-message.
+
+What must hold:
+- a payload is never allocated from a client-declared length above
+  ``MAX_PAYLOAD``; larger WRITEs are skipped (up to ``MAX_WRITE_SKIP``) and
+  refused, or the connection is dropped;
+- in-flight work is bounded (count and bytes), so a client that pipelines
+  without reading replies stalls only itself;
+- DISC and end-of-stream let every in-flight request finish before the socket
+  closes; a peer that is gone makes sends no-ops, never a server failure;
+- FLUSH commits the pool, which makes every write acknowledged on any
+  connection durable: that is the promise behind NBD_FLAG_CAN_MULTI_CONN.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from thinstore.errors import ThinstoreError
+from thinstore.nbd import protocol as P
+from thinstore.nbd.handshake import Agreement
+from thinstore.nbd.wire import (PeerClosed, close_quietly, hang_up, recv_exact,
+                                recv_into_exact, skip)
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
+_WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
+_RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
+           P.Cmd.BLOCK_STATUS)
+
+
+class RequestError(Exception):
+    """A request refused with an NBD error value (the connection carries on)."""
+
+    def __init__(self, error: int, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+class Budget:
+    """Bounds in-flight requests by count and by bytes held in buffers.
+
+    A single request larger than the byte budget is still admitted when
+    nothing else is in flight, so every legal request can make progress.
+    """
+
+    def __init__(self, count: int, nbytes: int):
+        self._cond = threading.Condition()
+        self._count, self._bytes = count, nbytes
+        self._used_count = self._used_bytes = 0
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            while self._used_count and (self._used_count >= self._count
+                                        or self._used_bytes + nbytes > self._bytes):
+                self._cond.wait()
+            self._used_count += 1
+            self._used_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self._used_count -= 1
+            self._used_bytes -= nbytes
+            self._cond.notify_all()
+
+
+class Transmission:
+    """Serve requests on one negotiated connection until DISC or hang-up."""
+
+    def __init__(self, agreement: Agreement, config):
+        self.sock, self.dev = agreement.sock, agreement.device
+        self.structured, self.contexts = agreement.structured, agreement.contexts
+        self.read_only = bool(self.dev.read_only or config.read_only)
+        self._send_lock = threading.Lock()
+        self._dead = False
+        self._budget = Budget(config.queue_depth, config.inflight_bytes)
+        # OpenSSL objects must not be read and written from two threads at
+        # once, so a TLS connection runs its requests in the reader thread.
+        self._pool = None if agreement.tls or config.workers <= 0 else \
+            ThreadPoolExecutor(config.workers, thread_name_prefix="nbd-io")
+
+    # -- main loop ---------------------------------------------------------------
+    def run(self) -> None:
+        """Read requests until DISC/EOF/protocol violation; then drain and close."""
+        try:
+            while self._next_request():
+                pass
+        except (PeerClosed, OSError) as exc:
+            log.debug("connection ended: %s", exc)
+        except _Violation as exc:
+            log.info("dropping client: %s", exc)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            close_quietly(self.sock)
+            self.dev.close()
+
+    def abort(self) -> None:
+        """Called from another thread (shutdown, forced destroy): end the session."""
+        hang_up(self.sock)
+
+    def _next_request(self) -> bool:
+        req = P.decode_request(recv_exact(self.sock, P.REQUEST.size))
+        if req.magic != P.REQUEST_MAGIC:
+            raise _Violation(f"bad request magic {req.magic:#x}")
+        if req.type == P.Cmd.DISC:
+            return False
+        if req.type == P.Cmd.WRITE and req.length > P.MAX_PAYLOAD:
+            self._refuse_oversized_write(req)
+            return True
+        nbytes = req.length if req.type in (P.Cmd.READ, P.Cmd.WRITE) else 0
+        self._budget.acquire(nbytes)
+        try:
+            payload = self._read_payload(req)
+        except BaseException:
+            self._budget.release(nbytes)
+            raise
+        if self._pool is None:
+            self._execute(req, payload, nbytes)
+        else:
+            self._pool.submit(self._execute, req, payload, nbytes)
+        return True
+
+    def _read_payload(self, req: P.Request):
+        if req.type != P.Cmd.WRITE or not req.length:
+            return None
+        buf = bytearray(req.length)
+        recv_into_exact(self.sock, memoryview(buf))
+        return buf
+
+    def _refuse_oversized_write(self, req: P.Request) -> None:
+        if req.length > MAX_WRITE_SKIP:
+            raise _Violation(f"WRITE of {req.length} bytes: connection dropped")
+        skip(self.sock, req.length)
+        error = P.EOVERFLOW if self.structured else P.EINVAL
+        self._send_error(req, error, f"payload above {P.MAX_PAYLOAD} bytes")
+
+    # -- execution ---------------------------------------------------------------
+    def _execute(self, req: P.Request, payload, nbytes: int) -> None:
+        try:
+            self._check(req)
+            _COMMANDS[req.type](self, req, payload)
+        except RequestError as exc:
+            self._send_error(req, exc.error, str(exc))
+        except ThinstoreError as exc:
+            self._send_error(req, P.wire_errno(exc.errno), str(exc))
+        except OSError as exc:
+            self._send_error(req, P.wire_errno(exc.errno), f"I/O error: {exc.strerror}")
+        except Exception as exc:           # a bug must not take the server down
+            log.exception("request %s failed", req)
+            self._send_error(req, P.EIO, f"internal error: {exc}")
+        finally:
+            self._budget.release(nbytes)
+
+    def _check(self, req: P.Request) -> None:
+        """Validate command, flags and range; errors as the spec recommends."""
+        allowed = P.ALLOWED_CMD_FLAGS.get(req.type)
+        if allowed is None:
+            raise RequestError(P.EINVAL, f"unknown command {req.type}")
+        if not self.structured:
+            allowed &= ~P.CMD_FLAG_DF
+        if req.flags & ~allowed:
+            raise RequestError(P.EINVAL, f"flags {req.flags:#x} invalid for command {req.type}")
+        if req.type in _WRITES and self.read_only:
+            raise RequestError(P.EPERM, f"export {self.dev.name!r} is read-only")
+        if req.type == P.Cmd.FLUSH and (req.offset or req.length):
+            raise RequestError(P.EINVAL, "FLUSH offset and length must be zero")
+        if req.type in _RANGED and req.offset + req.length > self.dev.size:
+            error = P.ENOSPC if req.type in _WRITES else P.EINVAL
+            raise RequestError(error, f"range {req.offset}+{req.length} beyond size {self.dev.size}")
+        if req.type == P.Cmd.READ and req.length > P.MAX_PAYLOAD:
+            raise RequestError(P.EOVERFLOW if self.structured else P.EINVAL,
+                               f"read above {P.MAX_PAYLOAD} bytes")
+
+    def _read(self, req: P.Request, _payload) -> None:
+        if self.structured:
+            self._read_structured(req)
+            return
+        buf = bytearray(P.SIMPLE_REPLY.size + req.length)
+        view = memoryview(buf)
+        if req.length:
+            self.dev.readinto(view[P.SIMPLE_REPLY.size:], req.offset)
+        P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, req.cookie)
+        self._send(view)
+
+    def _read_structured(self, req: P.Request) -> None:
+        """Data chunks for mapped runs, OFFSET_HOLE for unmapped ones (one chunk with DF)."""
+        if not req.length:
+            self._send(P.chunk_none(req.cookie))
+            return
+        runs = _merge_runs(self.dev.extents(req.offset, req.length))
+        if req.flags & P.CMD_FLAG_DF and len(runs) > 1:
+            runs = [(req.offset, req.length, True)]
+        chunks = [self._chunk(req.cookie, off, n, mapped, i == len(runs) - 1)
+                  for i, (off, n, mapped) in enumerate(runs)]
+        self._send(*chunks)
+
+    def _chunk(self, cookie: int, offset: int, length: int, mapped: bool, done: bool):
+        if not mapped:
+            return P.chunk_offset_hole(cookie, offset, length, done)
+        head = P.OFFSET_DATA_HEADER.size
+        buf = bytearray(head + length)
+        view = memoryview(buf)
+        self.dev.readinto(view[head:], offset)
+        P.pack_offset_data_header(buf, cookie, offset, length, done)
+        return view
+
+    def _write(self, req: P.Request, payload) -> None:
+        if req.length:
+            self.dev.pwrite(payload, req.offset, fua=bool(req.flags & P.CMD_FLAG_FUA))
+        self._send_ok(req)
+
+    def _flush(self, req: P.Request, _payload) -> None:
+        self.dev.flush()
+        self._send_ok(req)
+
+    def _trim(self, req: P.Request, _payload) -> None:
+        if req.length:
+            self.dev.discard(req.offset, req.length)
+        self._commit_if_fua(req)
+        self._send_ok(req)
+
+    def _write_zeroes(self, req: P.Request, _payload) -> None:
+        no_hole = bool(req.flags & P.CMD_FLAG_NO_HOLE)
+        if no_hole and req.flags & P.CMD_FLAG_FAST_ZERO:
+            raise RequestError(P.ENOTSUP, "zeroing with NO_HOLE allocates: not fast")
+        if req.length:
+            self.dev.write_zeroes(req.offset, req.length, no_hole=no_hole)
+        self._commit_if_fua(req)
+        self._send_ok(req)
+
+    def _cache(self, req: P.Request, _payload) -> None:
+        self._send_ok(req)        # reads are served from the page cache already
+
+    def _block_status(self, req: P.Request, _payload) -> None:
+        if not self.contexts:
+            raise RequestError(P.EINVAL, "no metadata context was negotiated")
+        if not req.length:
+            raise RequestError(P.EINVAL, "BLOCK_STATUS of zero length")
+        runs = _merge_runs(self.dev.extents(req.offset, req.length))
+        if req.flags & P.CMD_FLAG_REQ_ONE:
+            runs = runs[:1]
+        descriptors = [(n, 0 if mapped else P.STATE_HOLE | P.STATE_ZERO)
+                       for _, n, mapped in runs[:_MAX_DESCRIPTORS]]
+        self._send(P.chunk_block_status(req.cookie, P.BASE_ALLOCATION_ID, descriptors))
+
+    def _commit_if_fua(self, req: P.Request) -> None:
+        if req.flags & P.CMD_FLAG_FUA:
+            self.dev.flush()
+
+    # -- replies -----------------------------------------------------------------
+    def _send_ok(self, req: P.Request) -> None:
+        self._send(P.simple_reply(req.cookie))
+
+    def _send_error(self, req: P.Request, error: int, message: str) -> None:
+        if self.structured:
+            self._send(P.chunk_error(req.cookie, error, message))
+        else:
+            self._send(P.simple_reply(req.cookie, error))
+
+    def _send(self, *parts) -> None:
+        """Send one whole reply; a vanished peer turns later sends into no-ops."""
+        with self._send_lock:
+            if self._dead:
+                return
+            try:
+                for part in parts:
+                    self.sock.sendall(part)
+            except OSError as exc:
+                self._dead = True
+                log.debug("peer gone while replying: %s", exc)
+                hang_up(self.sock)
+
+
+class _Violation(Exception):
+    """The client broke a MUST of the protocol: hard disconnect."""
+
+
+_MAX_DESCRIPTORS = 1024
+
+_COMMANDS = {
+    P.Cmd.READ: Transmission._read,
+    P.Cmd.WRITE: Transmission._write,
+    P.Cmd.FLUSH: Transmission._flush,
+    P.Cmd.TRIM: Transmission._trim,
+    P.Cmd.CACHE: Transmission._cache,
+    P.Cmd.WRITE_ZEROES: Transmission._write_zeroes,
+    P.Cmd.BLOCK_STATUS: Transmission._block_status,
+}
+
+
+def _merge_runs(extents) -> list[tuple[int, int, bool]]:
+    """Coalesce adjacent extents with the same mapped state."""
+    runs: list[list] = []
+    for off, n, mapped in extents:
+        if n <= 0:
+            continue
+        if runs and runs[-1][2] == bool(mapped) and runs[-1][0] + runs[-1][1] == off:
+            runs[-1][1] += n
+        else:
+            runs.append([off, n, bool(mapped)])
+    return [tuple(r) for r in runs]
