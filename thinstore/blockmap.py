@@ -1,0 +1,161 @@
+"""Block maps: shared, reference-counted map pages and the per-device directories.
+
+A device's directory (a PagedArray of uint64) names one map page per FANOUT virtual
+chunks; a map page is a row of FANOUT data chunk ids. Pages are shared between a
+snapshot and its origin and carry a reference count (how many directory slots name
+them). A page is changed only while its count is 1: writing through a shared page
+first *shadows* it (copy the row, add a reference to every chunk it names).
+
+Page ids are logical and stable; `locations` (persisted) says which metadata block
+holds each committed page. Page refcounts are derived at open from the directories,
+so they cannot disagree with them. Pages are read from ``meta`` on first use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+from .format import BT_MAP, FANOUT
+from .paged import PagedArray
+
+
+class MapStore:
+    def __init__(self, locations: PagedArray, store):
+        self.locations = locations          # page id -> metadata block (0: not on disk)
+        self.store = store
+        cap = max(len(locations), 64)
+        self.pages = np.zeros((cap, FANOUT), dtype=np.uint64)
+        self.ref = np.zeros(cap, dtype=np.uint32)
+        self.dirty = np.zeros(cap, dtype=np.uint8)
+        self.loaded = np.zeros(cap, dtype=bool)
+        self.loaded[0] = True
+        if len(locations) < cap:
+            locations.resize(cap)
+        self.counters = {"pages_shadowed": 0, "pages_allocated": 0, "pages_written": 0,
+                         "pages_read": 0}
+
+    # -- capacity and allocation
+    @property
+    def capacity(self) -> int:
+        return len(self.ref)
+
+    def _grow(self) -> None:
+        old = self.capacity
+        new = old * 2
+        self.pages = np.concatenate([self.pages, np.zeros((new - old, FANOUT), dtype=np.uint64)])
+        for name in ("ref", "dirty", "loaded"):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.zeros(new - old, dtype=arr.dtype)]))
+        self.locations.resize(new)
+
+    def allocate(self) -> int:
+        """A page id free in memory and on disk (ref 0 and no committed block)."""
+        while True:
+            free = np.flatnonzero((self.ref[1:] == 0) & (self.locations.arr[1:] == 0))
+            if len(free):
+                pid = int(free[0]) + 1
+                self.pages[pid] = 0
+                self.loaded[pid] = True
+                self.dirty[pid] = 1
+                self.ref[pid] = 1
+                self.counters["pages_allocated"] += 1
+                return pid
+            self._grow()
+
+    # -- loading
+    def ensure_loaded(self, pids) -> None:
+        pids = np.asarray(pids, dtype=np.int64)
+        for pid in pids[~self.loaded[pids]].tolist():
+            payload = self.store.read_block(int(self.locations.arr[pid]), BT_MAP)
+            self.pages[pid] = np.frombuffer(payload, dtype="<u8", count=FANOUT)
+            self.loaded[pid] = True
+            self.counters["pages_read"] += 1
+
+    def derive_refs(self, directories) -> None:
+        """Recompute page refcounts from every directory (done at open)."""
+        self.ref[:] = 0
+        for d in directories:
+            pids = d.arr[d.arr != 0].astype(np.int64)
+            if len(pids) and pids.max() >= self.capacity:
+                from .errors import CorruptMetadata
+                raise CorruptMetadata(f"a directory names page {pids.max()}, beyond the page table")
+            np.add.at(self.ref, pids, 1)
+
+    # -- directory operations (Python: per page, never per chunk)
+    def prepare(self, directory: PagedArray, p0: int, p1: int, spacemap, allocate: bool) -> None:
+        """Make directory slots p0..p1 point at loaded, exclusive pages.
+
+        Missing pages are created when `allocate`; shared pages are shadowed.
+        """
+        d = directory.arr
+        self.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
+        for pi in range(p0, p1 + 1):
+            pid = int(d[pi])
+            if pid == 0:
+                if allocate:
+                    d[pi] = self.allocate()
+                    directory.mark_range(pi, pi + 1)
+            elif self.ref[pid] > 1:
+                self.shadow(directory, pi, spacemap)
+
+    def shadow(self, directory: PagedArray, pi: int, spacemap) -> int:
+        old = int(directory.arr[pi])
+        new = self.allocate()
+        _k_shadow(self.pages, old, new, spacemap)
+        self.ref[old] -= 1
+        directory.arr[pi] = new
+        directory.mark_range(pi, pi + 1)
+        self.counters["pages_shadowed"] += 1
+        return new
+
+    def share(self, directory: PagedArray) -> None:
+        """One more reference to every page of a directory (snapshot, clone, rollback)."""
+        pids = directory.arr[directory.arr != 0].astype(np.int64)
+        np.add.at(self.ref, pids, 1)
+
+    def drop(self, directory: PagedArray, spacemap, p0: int = 0) -> None:
+        """Drop the references of directory slots p0.. (destroy, rollback, shrink)."""
+        d = directory.arr[p0:]
+        for pid in d[d != 0].astype(np.int64).tolist():
+            self.ref[pid] -= 1
+            if self.ref[pid] == 0:
+                self.ensure_loaded([pid])
+                row = self.pages[pid]
+                _k_ref(spacemap, row[row != 0], -1)
+                self.pages[pid] = 0
+                self.dirty[pid] = 0
+
+    # -- commit
+    def commit(self, generation: int) -> None:
+        """Write dirty live pages to fresh blocks; free the blocks of dead pages."""
+        store = self.store
+        locs = self.locations
+        dead = np.flatnonzero((self.ref == 0) & (locs.arr != 0))
+        for pid in dead.tolist():
+            store.free_later(int(locs.arr[pid]))
+        locs.arr[dead] = 0
+        locs.mark(dead)
+        live = np.flatnonzero((self.dirty != 0) & (self.ref > 0))
+        for pid in live.tolist():
+            old = int(locs.arr[pid])
+            if old:
+                store.free_later(old)
+            payload = self.pages[pid].astype("<u8", copy=False).tobytes()
+            locs.arr[pid] = store.write_new(BT_MAP, payload, generation)
+        locs.mark(live)
+        self.counters["pages_written"] += len(live)
+        self.dirty[:] = 0
+
+
+def _k_shadow(pages, old, new, spacemap):
+    from .native import K
+    K.shadow_page(pages, old, new, spacemap.refs.arr, spacemap.state)
+
+
+def _k_ref(spacemap, ids, delta):
+    from .native import K
+    K.ref_batch(spacemap.refs.arr, spacemap.state, np.asarray(ids, dtype=np.uint64), delta)
+
+
+

@@ -1,0 +1,72 @@
+"""Device handles: byte-addressed I/O on one volume, snapshot or clone of an open pool."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    kind: str            # volume | snapshot | clone
+    size: int
+    read_only: bool
+    uuid: str
+    origin: str | None   # the device a snapshot was taken of / the snapshot a clone came from
+    created: float       # seconds since the epoch
+    used: int            # bytes mapped
+    exclusive: int       # bytes only this device maps
+    shared: int          # bytes mapped and shared with another device
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Device:
+    """An open handle. Reads of unmapped ranges return zeros; writes to a snapshot
+    raise ReadOnlyDevice; a range outside the device raises OutOfRange (WritePastEnd
+    for writes). The handle keeps the device from being destroyed until close()."""
+
+    def __init__(self, pool, meta):
+        self._pool = pool
+        self._meta = meta
+        self.chunk_size = pool.chunk_size
+
+    name = property(lambda self: self._meta.name)
+    size = property(lambda self: self._meta.size)
+    kind = property(lambda self: self._meta.kind)
+    read_only = property(lambda self: self._meta.read_only)
+    uuid = property(lambda self: self._meta.uuid.hex())
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self._pool._read(self._meta, buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buf, offset: int) -> None:
+        self._pool._read(self._meta, buf, offset)
+
+    def pwrite(self, data, offset: int, fua: bool = False) -> None:
+        self._pool._write(self._meta, data, offset, fua)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._pool._discard(self._meta, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None:
+        self._pool._write_zeroes(self._meta, offset, length, no_hole)
+
+    def flush(self) -> None:
+        self._pool.commit()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return self._pool._extents(self._meta, offset, length)
+
+    def close(self) -> None:
+        if self._meta is not None:
+            self._pool._release(self._meta)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,236 @@
+"""On-disk records of the ``meta`` file: superblocks, block headers and the root record.
+
+Layout (docs/format.md says what each byte means)::
+
+    meta:  block 0  superblock slot A        block 1  superblock slot B
+           block 2… metadata blocks, 4096 bytes each, every one with a 32-byte header
+
+Every record carries a magic, the format version and an mmh3 checksum, so a torn or
+misdirected write is caught when the block is read, never acted on. Nothing here does
+I/O: records go to and from ``bytes``.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as _uuid
+from typing import NamedTuple
+
+import mmh3
+import numpy as np
+
+from .errors import CorruptMetadata
+
+VERSION = 1
+BLOCK_SIZE = 4096
+HEADER_SIZE = 32
+PAYLOAD_SIZE = BLOCK_SIZE - HEADER_SIZE          # 4064
+FANOUT = PAYLOAD_SIZE // 8                       # 508 u64 map entries per page
+SUPERBLOCK_SLOTS = 2
+
+SB_MAGIC = 0x42535354        # b"TSSB" little-endian
+BLOCK_MAGIC = 0x424D5354     # b"TSMB"
+ROOT_MAGIC = 0x54525354      # b"TSRT"
+
+# block types
+BT_MAP = 1        # a map page: 508 u64 data chunk ids
+BT_LEAF = 2       # a leaf of a paged array (refcounts, checksums, page locations, directories)
+BT_ROOT = 3       # a piece of the root record chain
+
+DEVICE_KINDS = ("volume", "snapshot", "clone")
+
+
+def checksum(data) -> int:
+    """The metadata checksum: mmh3 x86 32-bit, seed 0, unsigned."""
+    return mmh3.hash(bytes(data), 0, signed=False)
+
+
+# ---------------------------------------------------------------- block header
+BlockHeader = NamedTuple("BlockHeader", [("magic", int), ("checksum", int), ("type", int),
+                                         ("version", int), ("location", int),
+                                         ("generation", int)])
+_HEADER = struct.Struct("<IIHHIQQ")   # magic, checksum, type, version, reserved, location, generation
+
+
+def seal_block(block: bytearray, btype: int, location: int, generation: int) -> bytearray:
+    """Fill in the header of a 4096-byte block whose payload is already at [32:]."""
+    _HEADER.pack_into(block, 0, BLOCK_MAGIC, 0, btype, VERSION, 0, location, generation)
+    struct.pack_into("<I", block, 4, checksum(memoryview(block)[8:]))
+    return block
+
+
+def open_block(block: bytes, btype: int, location: int) -> memoryview:
+    """Verify a block read from `location` and return its payload."""
+    if len(block) != BLOCK_SIZE:
+        raise CorruptMetadata(f"metadata block {location}: short read")
+    magic, csum, typ, ver, _, loc, _gen = _HEADER.unpack_from(block, 0)
+    if magic != BLOCK_MAGIC:
+        raise CorruptMetadata(f"metadata block {location}: bad magic {magic:#x}")
+    if csum != checksum(memoryview(block)[8:]):
+        raise CorruptMetadata(f"metadata block {location}: checksum mismatch")
+    if ver > VERSION:
+        raise CorruptMetadata(f"metadata block {location}: format version {ver} is newer than {VERSION}")
+    if typ != btype or loc != location:
+        raise CorruptMetadata(f"metadata block {location}: holds type {typ} of block {loc}, "
+                              f"expected type {btype} (misdirected write)")
+    return memoryview(block)[HEADER_SIZE:]
+
+
+# ---------------------------------------------------------------- superblock
+class Superblock(NamedTuple):
+    generation: int
+    chunk_size: int
+    capacity_chunks: int      # data chunks, chunk 0 included (reserved, never mapped)
+    pool_uuid: bytes
+    root_location: int        # first block of the root record chain
+    root_length: int          # bytes in the root record
+    root_checksum: int
+    commit_time_ns: int
+    flags: int = 0
+
+
+_SB = struct.Struct("<IIHHIQQ16sQQIIQ")
+# magic, checksum, version, flags, chunk_size, generation, capacity_chunks, uuid,
+# root_location, root_length, root_checksum, block_size, commit_time_ns
+
+
+def pack_superblock(sb: Superblock) -> bytes:
+    buf = bytearray(BLOCK_SIZE)
+    _SB.pack_into(buf, 0, SB_MAGIC, 0, VERSION, sb.flags, sb.chunk_size, sb.generation,
+                  sb.capacity_chunks, sb.pool_uuid, sb.root_location, sb.root_length,
+                  sb.root_checksum, BLOCK_SIZE, sb.commit_time_ns)
+    struct.pack_into("<I", buf, 4, checksum(memoryview(buf)[8:]))
+    return bytes(buf)
+
+
+def unpack_superblock(buf: bytes, slot: int) -> Superblock:
+    """Decode a slot; raise CorruptMetadata saying why it cannot be used."""
+    if len(buf) < BLOCK_SIZE:
+        raise CorruptMetadata(f"superblock slot {slot}: short read")
+    (magic, csum, ver, flags, chunk_size, gen, cap, puuid, rloc, rlen, rsum,
+     bsize, ctime) = _SB.unpack_from(buf, 0)
+    if magic != SB_MAGIC:
+        raise CorruptMetadata(f"superblock slot {slot}: bad magic")
+    if csum != checksum(memoryview(buf)[8:BLOCK_SIZE]):
+        raise CorruptMetadata(f"superblock slot {slot}: checksum mismatch (torn write?)")
+    if ver > VERSION:
+        raise CorruptMetadata(f"superblock slot {slot}: format version {ver} is newer than "
+                              f"this thinstore ({VERSION}); upgrade thinstore")
+    if bsize != BLOCK_SIZE or not valid_chunk_size(chunk_size):
+        raise CorruptMetadata(f"superblock slot {slot}: impossible geometry")
+    return Superblock(gen, chunk_size, cap, puuid, rloc, rlen, rsum, ctime, flags)
+
+
+def valid_chunk_size(n: int) -> bool:
+    return 4096 <= n <= 1 << 20 and n & (n - 1) == 0
+
+
+# ---------------------------------------------------------------- root record
+class ArrayRoot(NamedTuple):
+    """Where a paged array lives: its length and the block of each leaf (0 = all zero)."""
+    length: int
+    leaves: np.ndarray   # uint64
+
+
+class DeviceRecord(NamedTuple):
+    dev_id: int
+    uuid: bytes          # 16 bytes, unique for ever (send/receive identity)
+    kind: str
+    size: int
+    created_ns: int
+    origin_uuid: bytes   # the snapshot a clone was made from / the volume a snapshot was taken of
+    name: str
+    directory: ArrayRoot
+    flags: int = 0       # bit 0: hidden (an unfinished receive)
+
+
+class RootRecord(NamedTuple):
+    refcounts: ArrayRoot      # u32 per data chunk
+    checksums: ArrayRoot      # u32 per data chunk (mmh3 of its bytes), 0 = not computed
+    page_locations: ArrayRoot  # u64 per map page id: its metadata block, 0 = free id
+    next_dev_id: int
+    devices: list
+    low_water_pct: int = 90
+    flags: int = 0            # bit 0: data checksums on
+
+
+_ROOT_HEAD = struct.Struct("<IHHQII")       # magic, version, flags, next_dev_id, low_water, ndev
+_ARRAY_HEAD = struct.Struct("<QI")          # length, nleaves
+_DEV_HEAD = struct.Struct("<Q16sBBHQQ16s")  # id, uuid, kind, flags, name_len, size, created, origin
+
+
+def _pack_array(out: list, root: ArrayRoot) -> None:
+    leaves = np.ascontiguousarray(root.leaves, dtype="<u8")
+    out.append(_ARRAY_HEAD.pack(root.length, len(leaves)))
+    out.append(leaves.tobytes())
+
+
+def _unpack_array(buf: memoryview, pos: int) -> tuple[ArrayRoot, int]:
+    length, nleaves = _ARRAY_HEAD.unpack_from(buf, pos)
+    pos += _ARRAY_HEAD.size
+    end = pos + 8 * nleaves
+    if end > len(buf):
+        raise CorruptMetadata("root record: array runs past its end")
+    leaves = np.frombuffer(buf[pos:end], dtype="<u8").astype(np.uint64)
+    return ArrayRoot(length, leaves), end
+
+
+def pack_root(root: RootRecord) -> bytes:
+    out = [_ROOT_HEAD.pack(ROOT_MAGIC, VERSION, root.flags, root.next_dev_id,
+                           root.low_water_pct, len(root.devices))]
+    for arr in (root.refcounts, root.checksums, root.page_locations):
+        _pack_array(out, arr)
+    for d in root.devices:
+        name = d.name.encode()
+        out.append(_DEV_HEAD.pack(d.dev_id, d.uuid, DEVICE_KINDS.index(d.kind), d.flags,
+                                  len(name), d.size, d.created_ns, d.origin_uuid))
+        out.append(name)
+        _pack_array(out, d.directory)
+    return b"".join(out)
+
+
+def unpack_root(data: bytes) -> RootRecord:
+    buf = memoryview(data)
+    try:
+        magic, ver, flags, next_id, low_water, ndev = _ROOT_HEAD.unpack_from(buf, 0)
+        if magic != ROOT_MAGIC:
+            raise CorruptMetadata("root record: bad magic")
+        if ver > VERSION:
+            raise CorruptMetadata(f"root record: format version {ver} is newer than {VERSION}")
+        pos = _ROOT_HEAD.size
+        arrays = []
+        for _ in range(3):
+            arr, pos = _unpack_array(buf, pos)
+            arrays.append(arr)
+        devices = []
+        for _ in range(ndev):
+            dev_id, duuid, kind, dflags, nlen, size, created, origin = _DEV_HEAD.unpack_from(buf, pos)
+            pos += _DEV_HEAD.size
+            name = bytes(buf[pos:pos + nlen]).decode()
+            pos += nlen
+            directory, pos = _unpack_array(buf, pos)
+            devices.append(DeviceRecord(dev_id, duuid, DEVICE_KINDS[kind], size, created,
+                                        origin, name, directory, dflags))
+    except (struct.error, IndexError, UnicodeDecodeError) as e:
+        raise CorruptMetadata(f"root record: malformed ({e})") from None
+    return RootRecord(arrays[0], arrays[1], arrays[2], next_id, devices, low_water, flags)
+
+
+# root chain blocks: payload = u64 next block, u32 bytes used, u32 reserved, data
+_CHAIN = struct.Struct("<QII")
+CHAIN_DATA = PAYLOAD_SIZE - _CHAIN.size
+
+
+def pack_chain_payload(next_block: int, data: bytes) -> bytes:
+    return _CHAIN.pack(next_block, len(data), 0) + data
+
+
+def unpack_chain_payload(payload: memoryview) -> tuple[int, bytes]:
+    nxt, used, _ = _CHAIN.unpack_from(payload, 0)
+    if used > CHAIN_DATA:
+        raise CorruptMetadata("root chain block: length out of range")
+    return nxt, bytes(payload[_CHAIN.size:_CHAIN.size + used])
+
+
+def new_uuid() -> bytes:
+    return _uuid.uuid4().bytes

@@ -1,0 +1,228 @@
+"""Pure-Python twins of the native kernels: the reference the C code is tested against.
+
+Each function has the signature of its native wrapper (thinstore/native.py); the
+contract is written once in _native/thinstore_native.h. Arrays are numpy and
+C-contiguous:
+
+- ``dirarr``   uint64[n_dir]: map page id per FANOUT virtual chunks (0 = no page)
+- ``pages``    uint64[cap, FANOUT]: row = page id; entry = data chunk id (0 = unmapped)
+- ``chunk_ref`` uint32[n_chunks]: how many map-page entries name the chunk
+- ``chunk_state`` uint8[n_chunks]: ST_* flags below
+- ``page_dirty`` uint8[cap]: set when a page's entries change
+
+Invariants the callers keep: pages a write or unmap touches are loaded and exclusive
+(page refcount 1), and ``new_chunks`` holds exactly the free chunks the call needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .format import FANOUT
+
+ST_PENDING_FREE = 1   # refcount fell to 0 in the open transaction: not reusable before commit
+ST_PINNED = 2         # refcount fell but not to 0: the committed state may still share it
+ST_WRITTEN = 4        # data written since the last commit
+ST_REF_CHANGED = 8    # refcount changed since the last commit
+
+_SHARED = ST_PINNED
+
+
+def _chunk_span(chunk_shift: int, offset: int, length: int) -> tuple[int, int]:
+    first = offset >> chunk_shift
+    last = (offset + length - 1) >> chunk_shift
+    return first, last
+
+
+def _entries(dirarr, pages, first: int, last: int) -> np.ndarray:
+    """Data chunk ids of virtual chunks first..last (a copy)."""
+    v = np.arange(first, last + 1, dtype=np.int64)
+    pids = dirarr[v // FANOUT].astype(np.int64)
+    out = pages[pids, v % FANOUT].copy()
+    out[pids == 0] = 0
+    return out
+
+
+def translate(dirarr, pages, chunk_shift, offset, length, out) -> int:
+    """Turn a byte range into coalesced extents (virt_offset, length, data_offset|-1)."""
+    if length <= 0:
+        return 0
+    first, last = _chunk_span(chunk_shift, offset, length)
+    ents = _entries(dirarr, pages, first, last)
+    n = 0
+    pos, end = offset, offset + length
+    for i, c in enumerate(ents.tolist()):
+        v = first + i
+        lo = max(pos, v << chunk_shift)
+        hi = min(end, (v + 1) << chunk_shift)
+        doff = -1 if c == 0 else (c << chunk_shift) + (lo - (v << chunk_shift))
+        if n and _joins(out[n - 1], lo, doff):
+            out[n - 1, 1] += hi - lo
+        else:
+            out[n] = (lo, hi - lo, doff)
+            n += 1
+        pos = hi
+    return n
+
+
+def _joins(prev, lo: int, doff: int) -> bool:
+    if prev[2] == -1 or doff == -1:
+        return prev[2] == -1 and doff == -1
+    return prev[2] + prev[1] == doff
+
+
+def shadow_page(pages, src, dst, chunk_ref, chunk_state) -> None:
+    """Copy page src to dst and give every chunk it names one more reference."""
+    pages[dst] = pages[src]
+    ids = pages[dst][pages[dst] != 0]
+    ref_batch(chunk_ref, chunk_state, ids, +1)
+
+
+def ref_batch(chunk_ref, chunk_state, ids, delta) -> None:
+    """Add delta (+1/-1) to the refcount of every id (repeats count; zeros ignored)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[ids != 0]
+    if not len(ids):
+        return
+    uniq, counts = np.unique(ids, return_counts=True)
+    if delta > 0:
+        chunk_ref[uniq] += counts.astype(chunk_ref.dtype)
+        chunk_state[uniq] |= ST_REF_CHANGED
+        return
+    if np.any(chunk_ref[uniq] < counts):
+        raise ValueError("reference count would drop below zero")
+    chunk_ref[uniq] -= counts.astype(chunk_ref.dtype)
+    zero = chunk_ref[uniq] == 0
+    chunk_state[uniq[zero]] |= ST_PENDING_FREE | ST_REF_CHANGED
+    chunk_state[uniq[~zero]] |= ST_PINNED | ST_REF_CHANGED
+
+
+def _needs_new(c: int, chunk_ref, chunk_state) -> bool:
+    return c == 0 or chunk_ref[c] > 1 or bool(chunk_state[c] & _SHARED)
+
+
+def count_write_allocs(dirarr, pages, chunk_ref, chunk_state, chunk_shift, offset, length) -> int:
+    """How many new chunks a write of the range needs (unmapped or shared chunks)."""
+    if length <= 0:
+        return 0
+    first, last = _chunk_span(chunk_shift, offset, length)
+    ents = _entries(dirarr, pages, first, last)
+    mapped = ents[ents != 0].astype(np.int64)
+    shared = (chunk_ref[mapped] > 1) | ((chunk_state[mapped] & _SHARED) != 0)
+    return int(np.count_nonzero(ents == 0) + np.count_nonzero(shared))
+
+
+def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
+                chunk_shift, fio, buf, offset, length, counters) -> None:
+    """Write buf to the byte range, allocating or copying-on-write chunks as needed."""
+    if length <= 0:
+        return
+    cs = 1 << chunk_shift
+    data = memoryview(buf).cast("B")
+    first, last = _chunk_span(chunk_shift, offset, length)
+    fresh = iter(np.asarray(new_chunks, dtype=np.int64).tolist())
+    run_off, run_start = None, 0     # pending contiguous pwrite: data offset, buf start
+    pos, end = offset, offset + length
+    for v in range(first, last + 1):
+        base = v << chunk_shift
+        lo, hi = max(pos, base) - base, min(end, base + cs) - base
+        pid, slot = int(dirarr[v // FANOUT]), v % FANOUT
+        c = int(pages[pid, slot])
+        if _needs_new(c, chunk_ref, chunk_state):
+            c = _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, c,
+                             next(fresh), chunk_shift, lo, hi, fio, counters)
+        chunk_state[c] |= ST_WRITTEN
+        doff = (c << chunk_shift) + lo
+        bstart = base + lo - offset
+        if run_off is not None and run_off + (bstart - run_start) != doff:
+            fio.pwrite(data[run_start:bstart], run_off)
+            run_off = None
+        if run_off is None:
+            run_off, run_start = doff, bstart
+        pos = base + hi
+    fio.pwrite(data[run_start:length], run_off)
+    counters[3] += length
+
+
+def _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, old, new,
+                 chunk_shift, lo, hi, fio, counters) -> int:
+    """Map a new chunk at (pid, slot) whose uncovered parts hold the old bytes or zeros."""
+    cs = 1 << chunk_shift
+    dst = new << chunk_shift
+    if old == 0:
+        fio.punch(dst, lo)
+        fio.punch(dst + hi, cs - hi)
+        counters[0] += 1
+    else:
+        src = old << chunk_shift
+        if lo:
+            fio.copy(src, dst, lo)
+        if hi < cs:
+            fio.copy(src + hi, dst + hi, cs - hi)
+        ref_batch(chunk_ref, chunk_state, [old], -1)
+        counters[0] += 1
+        counters[1] += 1
+        counters[2] += lo + cs - hi
+    chunk_ref[new] = 1
+    chunk_state[new] = ST_REF_CHANGED
+    pages[pid, slot] = new
+    page_dirty[pid] = 1
+    return new
+
+
+def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks) -> int:
+    """Unmap whole virtual chunks; their data chunks lose one reference each."""
+    if n_chunks <= 0:
+        return 0
+    v = np.arange(first_chunk, first_chunk + n_chunks, dtype=np.int64)
+    pids = dirarr[v // FANOUT].astype(np.int64)
+    keep = pids != 0
+    v, pids = v[keep], pids[keep]
+    slots = v % FANOUT
+    ents = pages[pids, slots]
+    hit = ents != 0
+    if not hit.any():
+        return 0
+    ref_batch(chunk_ref, chunk_state, ents[hit], -1)
+    pages[pids[hit], slots[hit]] = 0
+    page_dirty[np.unique(pids[hit])] = 1
+    return int(np.count_nonzero(hit))
+
+
+def read_range(dirarr, pages, chunk_shift, fio, buf, offset, length) -> None:
+    """Fill buf with the range: zeros for holes, file bytes for mapped extents."""
+    if length <= 0:
+        return
+    out = np.empty(((length >> chunk_shift) + 2, 3), dtype=np.int64)
+    n = translate(dirarr, pages, chunk_shift, offset, length, out)
+    view = memoryview(buf).cast("B")
+    for voff, ln, doff in out[:n].tolist():
+        part = view[voff - offset:voff - offset + ln]
+        if doff < 0:
+            part[:] = bytes(ln)
+        else:
+            fio.preadinto(part, doff)
+
+
+def cow_copy(fio, src_off, dst_off, length) -> None:
+    """Copy bytes inside the data file (reflink where the file system can)."""
+    fio.copy(src_off, dst_off, length)
+
+
+def is_zero(buf) -> bool:
+    """True when every byte of buf is zero."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    return not arr.any()
+
+
+def count_mapped(dirarr, pages, chunk_ref, page_ref) -> tuple[int, int]:
+    """(mapped chunks, chunks mapped by this device alone) of one directory."""
+    pids = dirarr[dirarr != 0].astype(np.int64)
+    if not len(pids):
+        return 0, 0
+    rows = pages[pids]
+    mask = rows != 0
+    used = int(np.count_nonzero(mask))
+    solo = (page_ref[pids] == 1)[:, None] & mask
+    excl = int(np.count_nonzero(chunk_ref[rows[solo].astype(np.int64)] == 1))
+    return used, excl

@@ -1,0 +1,221 @@
+"""Transactions: loading the committed tree, and committing the open one atomically.
+
+The committed state is whatever the valid superblock slot with the highest
+generation reaches. Commit order (DESIGN §3), each step only ever writing blocks
+that the committed tree does not reach:
+
+1. map pages changed in this transaction, each to a fresh block;
+2. data checksums of chunks written since the last commit (when enabled);
+3. dirty leaves of the paged arrays (refcounts, checksums, page locations, directories);
+4. the root record (device table and array roots) as a chain of fresh blocks;
+5. fsync ``data`` then ``meta``: everything the new superblock names is durable;
+6. the superblock into the *other* slot (generation + 1, mmh3 checksum); fsync ``meta``;
+7. only now: blocks and chunks the old tree used become free.
+
+A crash before 6 completes leaves the old superblock valid; a torn write in 6 fails
+its checksum and the other slot (the previous generation) is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from . import format as fmt
+from .blockmap import MapStore
+from .errors import CorruptMetadata
+from .metastore import MetaStore
+from .paged import PagedArray
+from .spacemap import SpaceMap
+
+log = logging.getLogger("thinstore")
+
+FLAG_HIDDEN = 1
+
+
+@dataclasses.dataclass
+class DeviceMeta:
+    """What the pool knows of one device. `directory` is its block map's first level."""
+    dev_id: int
+    uuid: bytes
+    kind: str
+    size: int
+    created_ns: int
+    origin_uuid: bytes
+    name: str
+    directory: PagedArray
+    flags: int = 0
+    opens: int = 0          # open Device handles (memory only)
+
+    @property
+    def read_only(self) -> bool:
+        return self.kind == "snapshot"
+
+    def record(self) -> fmt.DeviceRecord:
+        return fmt.DeviceRecord(self.dev_id, self.uuid, self.kind, self.size, self.created_ns,
+                                self.origin_uuid, self.name, self.directory.root(), self.flags)
+
+
+def dir_length(size: int, chunk_shift: int) -> int:
+    nchunks = (size + (1 << chunk_shift) - 1) >> chunk_shift
+    return -(-nchunks // fmt.FANOUT)
+
+
+class Metadata:
+    """The in-memory image of the committed tree plus the open transaction."""
+
+    def __init__(self, meta_fio, data_fio):
+        self.meta_fio = meta_fio
+        self.data_fio = data_fio
+        self.store = MetaStore(meta_fio)
+        self.sb: fmt.Superblock | None = None
+        self.slot_warning: str | None = None
+        self.root_blocks: list[int] = []
+        self.devices: dict[int, DeviceMeta] = {}
+        self.next_dev_id = 1
+        self.low_water_pct = 90
+        self.flags = 0
+        self.commits = 0
+
+    # ------------------------------------------------------------ creation
+    @classmethod
+    def format_new(cls, meta_fio, data_fio, chunk_size: int, capacity_chunks: int,
+                   flags: int = 0, low_water_pct: int = 90) -> "Metadata":
+        md = cls(meta_fio, data_fio)
+        meta_fio.truncate(fmt.SUPERBLOCK_SLOTS * fmt.BLOCK_SIZE)
+        md.store = MetaStore(meta_fio)
+        md.flags = flags
+        md.low_water_pct = low_water_pct
+        md.sb = fmt.Superblock(0, chunk_size, capacity_chunks, fmt.new_uuid(), 0, 0, 0, 0)
+        md.space = SpaceMap(PagedArray(np.uint32, capacity_chunks),
+                            PagedArray(np.uint32, capacity_chunks))
+        md.maps = MapStore(PagedArray(np.uint64, 64), md.store)
+        md.commit()
+        md.commit()   # both slots valid from the start: a bad slot later means damage
+        return md
+
+    @property
+    def chunk_size(self) -> int:
+        return self.sb.chunk_size
+
+    @property
+    def chunk_shift(self) -> int:
+        return self.sb.chunk_size.bit_length() - 1
+
+    @property
+    def generation(self) -> int:
+        return self.sb.generation
+
+    # ------------------------------------------------------------ loading
+    def load(self) -> None:
+        self.sb = self._pick_superblock()
+        root = fmt.unpack_root(self._read_root_chain())
+        store = self.store
+        store.mark_used(self.root_blocks)
+        self.flags = root.flags
+        self.low_water_pct = root.low_water_pct
+        self.next_dev_id = root.next_dev_id
+        refs = self._load_array(np.uint32, root.refcounts)
+        sums = self._load_array(np.uint32, root.checksums)
+        if len(refs) != self.sb.capacity_chunks or len(sums) != len(refs):
+            raise CorruptMetadata("refcount table does not match the pool capacity")
+        self.space = SpaceMap(refs, sums)
+        locs = self._load_array(np.uint64, root.page_locations)
+        self.maps = MapStore(locs, store)
+        store.mark_used(locs.arr[locs.arr != 0])
+        for rec in root.devices:
+            d = self._load_array(np.uint64, rec.directory)
+            if len(d) != dir_length(rec.size, self.chunk_shift):
+                raise CorruptMetadata(f"device {rec.name}: directory does not match its size")
+            self.devices[rec.dev_id] = DeviceMeta(rec.dev_id, rec.uuid, rec.kind, rec.size,
+                                                  rec.created_ns, rec.origin_uuid, rec.name, d,
+                                                  rec.flags)
+        self.maps.derive_refs([d.directory for d in self.devices.values()])
+        orphans = np.flatnonzero((self.maps.ref > 0) & (self.maps.locations.arr == 0))
+        if len(orphans):
+            raise CorruptMetadata(f"map page {orphans[0]} is referenced but has no block")
+
+    def _load_array(self, dtype, root: fmt.ArrayRoot) -> PagedArray:
+        arr = PagedArray.load(dtype, root, self.store)
+        self.store.mark_used(arr.block_locations())
+        return arr
+
+    def _pick_superblock(self) -> fmt.Superblock:
+        found, errors = [], []
+        for slot in range(fmt.SUPERBLOCK_SLOTS):
+            raw = self.meta_fio.pread(fmt.BLOCK_SIZE, slot * fmt.BLOCK_SIZE)
+            try:
+                found.append(fmt.unpack_superblock(raw, slot))
+            except CorruptMetadata as e:
+                errors.append(str(e))
+        if not found:
+            raise CorruptMetadata("no valid superblock: " + "; ".join(errors))
+        found.sort(key=lambda sb: sb.generation, reverse=True)
+        if errors:
+            self.slot_warning = f"{errors[0]}; using generation {found[0].generation}"
+            log.warning("superblock: %s", self.slot_warning)
+        return found[0]
+
+    def _read_root_chain(self) -> bytes:
+        sb = self.sb
+        parts, loc, total = [], sb.root_location, 0
+        self.root_blocks = []
+        while loc:
+            if len(self.root_blocks) > sb.root_length // fmt.CHAIN_DATA + 1:
+                raise CorruptMetadata("root record chain is longer than its length")
+            self.root_blocks.append(loc)
+            loc, data = fmt.unpack_chain_payload(self.store.read_block(loc, fmt.BT_ROOT))
+            parts.append(data)
+            total += len(data)
+        data = b"".join(parts)
+        if len(data) != sb.root_length or fmt.checksum(data) != sb.root_checksum:
+            raise CorruptMetadata("root record does not match its superblock (length or checksum)")
+        return data
+
+    # ------------------------------------------------------------ commit
+    def commit(self, checksum_hook=None) -> None:
+        gen = self.sb.generation + 1
+        store = self.store
+        self.maps.commit(gen)
+        if checksum_hook is not None:
+            checksum_hook(gen)
+        self.space.commit_prepare()
+        for arr in (self.space.refs, self.space.sums, self.maps.locations):
+            arr.flush(store, gen)
+        for dev in self.devices.values():
+            dev.directory.flush(store, gen)
+        root = fmt.RootRecord(self.space.refs.root(), self.space.sums.root(),
+                              self.maps.locations.root(), self.next_dev_id,
+                              [d.record() for d in self.devices.values()],
+                              self.low_water_pct, self.flags)
+        data = fmt.pack_root(root)
+        old_root = self.root_blocks
+        self.root_blocks = self._write_root_chain(data, gen)
+        self.data_fio.fsync()
+        self.meta_fio.fsync()
+        sb = self.sb._replace(generation=gen, root_location=self.root_blocks[0],
+                              root_length=len(data), root_checksum=fmt.checksum(data),
+                              commit_time_ns=time.time_ns())
+        self.meta_fio.pwrite(fmt.pack_superblock(sb), (gen % fmt.SUPERBLOCK_SLOTS) * fmt.BLOCK_SIZE)
+        self.meta_fio.fsync()
+        self.sb = sb
+        for loc in old_root:
+            store.free_later(loc)
+        store.release_pending()
+        self.space.commit_done(self.data_fio, self.chunk_shift)
+        self.commits += 1
+
+    def _write_root_chain(self, data: bytes, gen: int) -> list[int]:
+        pieces = [data[i:i + fmt.CHAIN_DATA] for i in range(0, len(data), fmt.CHAIN_DATA)] or [b""]
+        locs = [self.store.allocate() for _ in pieces]
+        for i, piece in enumerate(pieces):
+            nxt = locs[i + 1] if i + 1 < len(locs) else 0
+            block = bytearray(fmt.BLOCK_SIZE)
+            payload = fmt.pack_chain_payload(nxt, piece)
+            block[fmt.HEADER_SIZE:fmt.HEADER_SIZE + len(payload)] = payload
+            self.meta_fio.pwrite(fmt.seal_block(block, fmt.BT_ROOT, locs[i], gen),
+                                 locs[i] * fmt.BLOCK_SIZE)
+        return locs

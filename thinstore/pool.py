@@ -1,0 +1,573 @@
+"""The thin pool: the public storage API.
+
+A pool is a directory::
+
+    POOL/data   sparse file cut into chunks; chunk n at n * chunk_size (chunk 0 unused)
+    POOL/meta   two superblock slots, then 4096-byte metadata blocks (docs/format.md)
+    POOL/lock   fcntl lock: one process at a time; it holds the holder's pid
+
+Every public method takes `self.lock` (re-entrant), so one Pool may serve many
+threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
+resize) commit before they return; data writes commit on flush, on FUA, by the
+background timer while writes are pending, and on close. After a crash the pool
+opens at its last commit: every write acknowledged before the last completed flush
+reads back exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import names
+from .device import Device, DeviceInfo
+from .errors import (DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
+                     PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
+from .format import FANOUT, new_uuid, valid_chunk_size
+from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
+from .native import BACKEND, K
+from .paged import PagedArray
+from .storage import FileIO
+
+log = logging.getLogger("thinstore")
+
+POOL_FLAG_DATA_CHECKSUMS = 1
+DEFAULT_CHUNK_SIZE = 64 << 10
+COMMIT_INTERVAL = 5.0
+
+
+class Pool:
+    """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
+
+    def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
+        self.path = path
+        self.md = md
+        self.lock = threading.RLock()
+        self._lockfd = lockfd
+        self._dirty = False
+        self._closed = False
+        self._low_water_crossed = False
+        self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
+                         "bytes_written": 0, "commits": 0}
+        self._kc = np.zeros(4, dtype=np.int64)
+        self._stop = threading.Event()
+        self._timer = None
+        if commit_interval and commit_interval > 0:
+            self._timer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
+                                           name="thinstore-commit", daemon=True)
+            self._timer.start()
+
+    # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+               low_water: float = 0.9, data_checksums: bool = True,
+               commit_interval: float = COMMIT_INTERVAL) -> "Pool":
+        if not valid_chunk_size(chunk_size):
+            raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
+                             "from 4K to 1M")
+        nchunks = capacity // chunk_size
+        if nchunks < 1:
+            raise UsageError(f"capacity {capacity} is smaller than one chunk ({chunk_size})")
+        os.makedirs(path, exist_ok=True)
+        if os.path.exists(os.path.join(path, "meta")):
+            raise UsageError(f"{path} already holds a pool")
+        lockfd = _take_lock(path)
+        try:
+            data = FileIO(os.path.join(path, "data"), create=True)
+            data.truncate((nchunks + 1) * chunk_size)
+            meta = FileIO(os.path.join(path, "meta"), create=True)
+            flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
+            md = Metadata.format_new(meta, data, chunk_size, nchunks + 1, flags,
+                                     int(round(low_water * 100)))
+        except BaseException:
+            os.close(lockfd)
+            raise
+        return cls(path, md, lockfd, commit_interval=commit_interval)
+
+    @classmethod
+    def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
+        if not os.path.isfile(os.path.join(path, "meta")):
+            raise PoolNotFound(f"no thinstore pool at {path} (run 'thinstore init' first)")
+        lockfd = _take_lock(path)
+        try:
+            data = fileio(os.path.join(path, "data"))
+            meta = fileio(os.path.join(path, "meta"))
+            md = Metadata(meta, data)
+            md.load()
+        except BaseException:
+            os.close(lockfd)
+            raise
+        return cls(path, md, lockfd, commit_interval=commit_interval)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._closed:
+                return
+            self._stop.set()
+            try:
+                self.commit()
+            finally:
+                self._closed = True
+                self.md.data_fio.close()
+                self.md.meta_fio.close()
+                os.close(self._lockfd)
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _commit_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with self.lock:
+                if self._closed:
+                    return
+                if self._dirty:
+                    try:
+                        self.commit()
+                    except (OSError, ThinstoreError) as e:
+                        log.error("background commit failed: %s", e)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def chunk_size(self) -> int:
+        return self.md.chunk_size
+
+    @property
+    def capacity(self) -> int:
+        return self.md.space.capacity * self.md.chunk_size
+
+    @property
+    def uuid(self) -> str:
+        return self.md.sb.pool_uuid.hex()
+
+    @property
+    def data_checksums(self) -> bool:
+        return bool(self.md.flags & POOL_FLAG_DATA_CHECKSUMS)
+
+    # ------------------------------------------------------------ commit
+    def commit(self) -> None:
+        """Make every write so far durable (a new superblock generation)."""
+        with self.lock:
+            self._check_open()
+            self.md.commit(getattr(self, "_checksum_hook", None))
+            self._dirty = False
+            self.counters["commits"] += 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ThinstoreError(f"pool {self.path} is closed")
+
+    # ------------------------------------------------------------ lookup
+    def _find(self, name: str) -> DeviceMeta:
+        for dm in self.md.devices.values():
+            if dm.name == name and not dm.flags & FLAG_HIDDEN:
+                return dm
+        raise NoSuchDevice(f"no device {name!r} in pool {self.path} "
+                           "(see 'thinstore list')")
+
+    def _exists(self, name: str) -> bool:
+        return any(dm.name == name for dm in self.md.devices.values())
+
+    def _new_device(self, name: str, kind: str, size: int, directory: PagedArray,
+                    origin_uuid: bytes, flags: int = 0) -> DeviceMeta:
+        md = self.md
+        dm = DeviceMeta(md.next_dev_id, new_uuid(), kind, size, time.time_ns(), origin_uuid,
+                        name, directory, flags)
+        md.next_dev_id += 1
+        md.devices[dm.dev_id] = dm
+        return dm
+
+    def _need_free_name(self, name: str) -> None:
+        if self._exists(name):
+            raise DeviceExists(f"device {name!r} exists already; choose another name "
+                               "or destroy it first")
+
+    # ------------------------------------------------------------ management
+    def create_volume(self, name: str, size: int) -> DeviceInfo:
+        names.check_name(name, snapshot=False)
+        _check_size(size)
+        with self.lock:
+            self._check_open()
+            self._need_free_name(name)
+            d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
+            d.dirty[:] = True
+            dm = self._new_device(name, "volume", size, d, bytes(16))
+            self.commit()
+            return self._info(dm)
+
+    def snapshot(self, name: str) -> DeviceInfo:
+        """Take a read-only snapshot `vol@snap`: the map pages are shared, nothing copied."""
+        names.check_name(name, snapshot=True)
+        base, _ = names.split(name)
+        with self.lock:
+            self._check_open()
+            parent = self._find(base)
+            self._need_free_name(name)
+            dm = self._share_device(parent, name, "snapshot")
+            self.commit()
+            return self._info(dm)
+
+    def clone(self, snapshot: str, name: str) -> DeviceInfo:
+        """A writable device that starts as the snapshot's exact content."""
+        names.check_name(snapshot, snapshot=True)
+        names.check_name(name, snapshot=False)
+        with self.lock:
+            self._check_open()
+            snap = self._find(snapshot)
+            self._need_free_name(name)
+            dm = self._share_device(snap, name, "clone")
+            self.commit()
+            return self._info(dm)
+
+    def _share_device(self, src: DeviceMeta, name: str, kind: str, flags: int = 0) -> DeviceMeta:
+        directory = src.directory.copy()
+        self.md.maps.share(directory)
+        return self._new_device(name, kind, src.size, directory, src.uuid, flags)
+
+    def destroy(self, name: str, force: bool = False) -> None:
+        """Destroy one device. Every other device, its snapshots included, stays whole."""
+        names.check_name(name)
+        with self.lock:
+            self._check_open()
+            dm = self._find(name)
+            if dm.opens and not force:
+                raise DeviceBusy(f"device {name!r} is in use ({dm.opens} open handle(s)); "
+                                 "disconnect its clients or force")
+            self._drop_device(dm)
+            self.commit()
+
+    def _drop_device(self, dm: DeviceMeta) -> None:
+        self.md.maps.drop(dm.directory, self.md.space)
+        dm.directory.release(self.md.store)
+        del self.md.devices[dm.dev_id]
+        dm.opens = -1   # handles still open see it gone
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a device; a volume's snapshots follow it (vol@s -> new@s)."""
+        names.check_name(old)
+        names.check_name(new)
+        with self.lock:
+            self._check_open()
+            dm = self._find(old)
+            obase, osnap = names.split(old)
+            nbase, nsnap = names.split(new)
+            if (osnap is None) != (nsnap is None) or (osnap and obase != nbase):
+                raise InvalidName(f"cannot rename {old!r} to {new!r}: a snapshot keeps its "
+                                  "volume part (vol@a -> vol@b); a volume takes a plain name")
+            self._need_free_name(new)
+            moves = [(dm, new)]
+            if osnap is None:
+                for other in self.md.devices.values():
+                    b, s = names.split(other.name)
+                    if s is not None and b == old:
+                        moves.append((other, f"{new}@{s}"))
+                for _, target in moves[1:]:
+                    names.check_name(target)
+                    self._need_free_name(target)
+            for d, target in moves:
+                d.name = target
+            self.commit()
+
+    def rollback(self, snapshot: str) -> None:
+        """Bring volume `vol` back to `vol@snap` (newer snapshots are kept)."""
+        names.check_name(snapshot, snapshot=True)
+        base, _ = names.split(snapshot)
+        with self.lock:
+            self._check_open()
+            snap = self._find(snapshot)
+            vol = self._find(base)
+            if vol.kind == "snapshot":
+                raise InvalidName(f"{base!r} is not writable")
+            directory = snap.directory.copy()
+            self.md.maps.share(directory)
+            self.md.maps.drop(vol.directory, self.md.space)
+            vol.directory.release(self.md.store)
+            vol.directory = directory
+            vol.size = snap.size
+            self.commit()
+
+    def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
+        names.check_name(name)
+        _check_size(size)
+        with self.lock:
+            self._check_open()
+            dm = self._find(name)
+            if dm.read_only:
+                raise ReadOnlyDevice(f"{name!r} is a snapshot; snapshots cannot be resized")
+            if size < dm.size and not shrink:
+                raise UsageError(f"{name!r} is {dm.size} bytes; shrinking to {size} loses data: "
+                                 "pass --shrink to do it")
+            if size < dm.size:
+                self._truncate(dm, size)
+            dm.directory.resize(dir_length(size, self.md.chunk_shift))
+            dm.size = size
+            self.commit()
+            return self._info(dm)
+
+    def _truncate(self, dm: DeviceMeta, size: int) -> None:
+        """Unmap everything past `size` (the tail of the last chunk is zeroed)."""
+        cs = self.md.chunk_size
+        if size % cs:
+            self._zero_range(dm, size, min(dm.size, -(-size // cs) * cs) - size, no_hole=False)
+        first = -(-size // cs)
+        self._unmap_chunks(dm, first, -(-dm.size // cs) - first)
+        keep = dir_length(size, self.md.chunk_shift)
+        self.md.maps.drop(dm.directory, self.md.space, keep)
+        dm.directory.arr[keep:] = 0
+
+    # ------------------------------------------------------------ queries
+    def list(self) -> list[DeviceInfo]:
+        with self.lock:
+            self._check_open()
+            devs = [d for d in self.md.devices.values() if not d.flags & FLAG_HIDDEN]
+            return [self._info(d) for d in sorted(devs, key=lambda d: d.name)]
+
+    def info(self, name: str) -> DeviceInfo:
+        with self.lock:
+            self._check_open()
+            return self._info(self._find(name))
+
+    def _info(self, dm: DeviceMeta) -> DeviceInfo:
+        maps, space = self.md.maps, self.md.space
+        d = dm.directory.arr
+        maps.ensure_loaded(d[d != 0])
+        used, excl = K.count_mapped(d, maps.pages, space.refs.arr, maps.ref)
+        cs = self.md.chunk_size
+        origin = None
+        if dm.origin_uuid != bytes(16):
+            origin = next((o.name for o in self.md.devices.values()
+                           if o.uuid == dm.origin_uuid), None)
+        return DeviceInfo(dm.name, dm.kind, dm.size, dm.read_only, dm.uuid.hex(), origin,
+                          dm.created_ns / 1e9, used * cs, excl * cs, (used - excl) * cs)
+
+    def status(self) -> dict:
+        with self.lock:
+            self._check_open()
+            space = self.md.space
+            cs = self.md.chunk_size
+            used = space.used()
+            return {"path": os.path.abspath(self.path), "uuid": self.uuid,
+                    "capacity": space.capacity * cs, "used": used * cs,
+                    "free": (space.capacity - used) * cs, "chunk_size": cs,
+                    "devices": sum(1 for d in self.md.devices.values()
+                                   if not d.flags & FLAG_HIDDEN),
+                    "low_water": self.md.low_water_pct / 100,
+                    "low_water_crossed": used >= space.capacity * self.md.low_water_pct / 100,
+                    "backend": BACKEND, "generation": self.md.generation,
+                    "data_checksums": self.data_checksums,
+                    "metadata_bytes": self.md.meta_fio.size()}
+
+    # ------------------------------------------------------------ handles
+    def open_device(self, name: str) -> Device:
+        with self.lock:
+            self._check_open()
+            dm = self._find(name)
+            dm.opens += 1
+            return Device(self, dm)
+
+    def _release(self, dm: DeviceMeta) -> None:
+        with self.lock:
+            if dm.opens > 0:
+                dm.opens -= 1
+
+    def _live(self, dm: DeviceMeta) -> None:
+        self._check_open()
+        if self.md.devices.get(dm.dev_id) is not dm:
+            raise NoSuchDevice(f"device {dm.name!r} was destroyed")
+
+    # ------------------------------------------------------------ data path
+    def _bounds(self, dm: DeviceMeta, offset: int, length: int, write: bool) -> None:
+        self._live(dm)
+        if write and dm.read_only:
+            raise ReadOnlyDevice(f"{dm.name!r} is a read-only snapshot; clone it to write")
+        if offset < 0 or length < 0 or offset + length > dm.size:
+            from .errors import OutOfRange, WritePastEnd
+            cls = WritePastEnd if write else OutOfRange
+            raise cls(f"{dm.name!r}: range {offset}+{length} lies outside the device "
+                      f"({dm.size} bytes)")
+
+    def _pages_of(self, offset: int, length: int) -> tuple[int, int]:
+        shift = self.md.chunk_shift
+        return (offset >> shift) // FANOUT, ((offset + length - 1) >> shift) // FANOUT
+
+    def _read(self, dm: DeviceMeta, buf, offset: int) -> None:
+        length = memoryview(buf).nbytes
+        with self.lock:
+            self._bounds(dm, offset, length, write=False)
+            if not length:
+                return
+            p0, p1 = self._pages_of(offset, length)
+            d = dm.directory.arr
+            self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
+            K.read_range(d, self.md.maps.pages, self.md.chunk_shift, self.md.data_fio, buf,
+                         offset, length)
+
+    def _write(self, dm: DeviceMeta, data, offset: int, fua: bool) -> None:
+        length = memoryview(data).nbytes
+        with self.lock:
+            self._bounds(dm, offset, length, write=True)
+            if length:
+                if K.is_zero(data):
+                    self._zero_range(dm, offset, length, no_hole=False)
+                else:
+                    self._write_data(dm, data, offset, length)
+            if fua:
+                self.commit()
+
+    def _write_data(self, dm: DeviceMeta, data, offset: int, length: int) -> None:
+        md = self.md
+        maps, space, shift = md.maps, md.space, md.chunk_shift
+        p0, p1 = self._pages_of(offset, length)
+        maps.prepare(dm.directory, p0, p1, space, allocate=True)
+        d = dm.directory.arr
+        need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
+                                    offset, length)
+        fresh = self._allocate(need, dm)
+        K.write_range(d, maps.pages, maps.dirty, space.refs.arr, space.state, fresh, shift,
+                      md.data_fio, data, offset, length, self._kc)
+        self._dirty = True
+        self._count()
+
+    def _allocate(self, n: int, dm: DeviceMeta) -> np.ndarray:
+        space = self.md.space
+        fresh = space.allocate(n)
+        if fresh is None and space.pending():
+            self.commit()          # chunks freed in this transaction become usable
+            fresh = space.allocate(n)
+        if fresh is None:
+            raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
+                           f"chunk(s), {space.free()} free; destroy a device or discard data")
+        if n:
+            self._check_low_water()
+        return fresh
+
+    def _count(self) -> None:
+        kc = self._kc
+        c = self.counters
+        c["chunks_allocated"] += int(kc[0])
+        c["chunks_copied"] += int(kc[1])
+        c["bytes_copied"] += int(kc[2])
+        c["bytes_written"] += int(kc[3])
+        kc[:] = 0
+
+    def _check_low_water(self) -> None:
+        space = self.md.space
+        over = space.used() >= space.capacity * self.md.low_water_pct / 100
+        if over and not self._low_water_crossed:
+            log.warning("pool %s is %d%% full (low-water mark %d%%): add capacity or free space",
+                        self.path, 100 * space.used() // max(space.capacity, 1),
+                        self.md.low_water_pct)
+        self._low_water_crossed = over
+
+    def _discard(self, dm: DeviceMeta, offset: int, length: int) -> None:
+        with self.lock:
+            self._bounds(dm, offset, length, write=True)
+            self._zero_range(dm, offset, length, no_hole=False)
+
+    def _write_zeroes(self, dm: DeviceMeta, offset: int, length: int, no_hole: bool) -> None:
+        with self.lock:
+            self._bounds(dm, offset, length, write=True)
+            self._zero_range(dm, offset, length, no_hole)
+
+    def _zero_range(self, dm: DeviceMeta, offset: int, length: int, no_hole: bool) -> None:
+        """Make the range read zeros: whole chunks unmapped (or allocated zero), edges zeroed."""
+        if length <= 0:
+            return
+        if no_hole:
+            return self._fill_zeros(dm, offset, length)
+        cs = self.md.chunk_size
+        end = offset + length
+        first = -(-offset // cs)
+        last = end // cs                 # whole chunks [first, last)
+        if first >= last:               # inside one chunk, or straddling two
+            self._zero_partial(dm, offset, end)
+            return
+        self._zero_partial(dm, offset, first * cs)
+        self._zero_partial(dm, last * cs, end)
+        self._unmap_chunks(dm, first, last - first)
+
+    def _zero_partial(self, dm: DeviceMeta, start: int, end: int) -> None:
+        """Zero bytes inside chunks that stay mapped; unmapped ones read zero already."""
+        cs = self.md.chunk_size
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // cs + 1) * cs)
+            if self._mapped(dm, pos // cs):
+                self._write_data(dm, bytes(stop - pos), pos, stop - pos)
+            pos = stop
+
+    def _fill_zeros(self, dm: DeviceMeta, offset: int, length: int) -> None:
+        step = 8 << 20
+        zeros = bytes(min(step, length))
+        for pos in range(offset, offset + length, step):
+            n = min(step, offset + length - pos)
+            self._write_data(dm, memoryview(zeros)[:n], pos, n)
+
+    def _mapped(self, dm: DeviceMeta, v: int) -> bool:
+        pid = int(dm.directory.arr[v // FANOUT])
+        if not pid:
+            return False
+        self.md.maps.ensure_loaded([pid])
+        return bool(self.md.maps.pages[pid, v % FANOUT])
+
+    def _unmap_chunks(self, dm: DeviceMeta, first: int, n: int) -> None:
+        if n <= 0:
+            return
+        maps, space = self.md.maps, self.md.space
+        p0, p1 = first // FANOUT, (first + n - 1) // FANOUT
+        maps.prepare(dm.directory, p0, p1, space, allocate=False)
+        K.unmap_range(dm.directory.arr, maps.pages, maps.dirty, space.refs.arr, space.state,
+                      first, n)
+        self._dirty = True
+
+    def _extents(self, dm: DeviceMeta, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        with self.lock:
+            self._bounds(dm, offset, length, write=False)
+            if not length:
+                return []
+            p0, p1 = self._pages_of(offset, length)
+            d = dm.directory.arr
+            self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
+            out = np.empty(((length >> self.md.chunk_shift) + 2, 3), dtype=np.int64)
+            n = K.translate(d, self.md.maps.pages, self.md.chunk_shift, offset, length, out)
+        result: list[tuple[int, int, bool]] = []
+        for voff, ln, doff in out[:n].tolist():
+            mapped = doff >= 0
+            if result and result[-1][2] == mapped:
+                result[-1] = (result[-1][0], result[-1][1] + ln, mapped)
+            else:
+                result.append((voff, ln, mapped))
+        return result
+
+
+def _check_size(size) -> None:
+    if not isinstance(size, int) or size < 0 or size > 1 << 60:
+        raise UsageError(f"invalid device size {size!r}")
+
+
+def _take_lock(path: str) -> int:
+    """The pool's exclusive lock; a second opener learns the holder's pid."""
+    lockpath = os.path.join(path, "lock")
+    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise PoolLocked(f"pool {path} is in use by process {holder}; stop it or "
+                             "use its control socket") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -1,0 +1,102 @@
+"""Data chunk space map: reference counts, transaction state and allocation.
+
+Invariants:
+- chunk 0 is never allocated (a map entry of 0 means "unmapped");
+- a chunk is free when its refcount is 0 and it is not PENDING_FREE;
+- a chunk whose refcount fell in the open transaction is PENDING_FREE (at 0) or PINNED
+  (above 0) until commit: the committed maps may still point at it, so it must be
+  neither reused nor written in place before the commit that lets it go (DESIGN §3).
+Refcounts persist as a PagedArray; the state flags live only in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .kernels import ST_PENDING_FREE, ST_PINNED, ST_REF_CHANGED, ST_WRITTEN
+from .paged import PagedArray
+
+log = logging.getLogger("thinstore")
+
+_WINDOW = 1 << 16
+
+
+class SpaceMap:
+    def __init__(self, refcounts: PagedArray, checksums: PagedArray):
+        self.refs = refcounts
+        self.sums = checksums
+        self.state = np.zeros(len(refcounts), dtype=np.uint8)
+        self.cursor = 1
+
+    @property
+    def capacity(self) -> int:
+        """Usable chunks (chunk 0 excluded)."""
+        return len(self.refs.arr) - 1
+
+    def used(self) -> int:
+        return int(np.count_nonzero(self.refs.arr[1:]))
+
+    def pending(self) -> int:
+        return int(np.count_nonzero(self.state & ST_PENDING_FREE))
+
+    def free(self) -> int:
+        return self.capacity - self.used() - self.pending()
+
+    def allocate(self, n: int) -> np.ndarray | None:
+        """n free chunk ids, or None when fewer than n are free. Nothing is changed."""
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        found, total = [], 0
+        size = len(self.refs.arr)
+        for lo, hi in ((self.cursor, size), (1, self.cursor)):
+            pos = lo
+            while pos < hi and total < n:
+                end = min(pos + _WINDOW, hi)
+                win = np.flatnonzero((self.refs.arr[pos:end] == 0) &
+                                     ((self.state[pos:end] & ST_PENDING_FREE) == 0))
+                take = win[:n - total] + pos
+                found.append(take)
+                total += len(take)
+                pos = end
+        if total < n:
+            return None
+        ids = np.concatenate(found).astype(np.int64)
+        self.cursor = int(ids[-1]) + 1 if ids[-1] + 1 < size else 1
+        return ids
+
+    def commit_prepare(self) -> None:
+        """Mark the refcount leaves that changed in this transaction dirty."""
+        self.refs.mark(np.flatnonzero(self.state & ST_REF_CHANGED))
+
+    def commit_done(self, data_fio, chunk_shift: int) -> int:
+        """After the commit is durable: free pending chunks (punching them) and clear state."""
+        freed = np.flatnonzero(self.state & ST_PENDING_FREE)
+        for start, count in _runs(freed):
+            data_fio.punch(start << chunk_shift, count << chunk_shift)
+        self.state[:] = 0
+        return len(freed)
+
+    def written(self) -> np.ndarray:
+        return np.flatnonzero(self.state & ST_WRITTEN)
+
+    def resize(self, nchunks: int) -> None:
+        self.refs.resize(nchunks)
+        self.sums.resize(nchunks)
+        state = np.zeros(nchunks, dtype=np.uint8)
+        n = min(nchunks, len(self.state))
+        state[:n] = self.state[:n]
+        self.state = state
+
+
+def _runs(ids: np.ndarray):
+    """Yield (start, count) for runs of consecutive ids."""
+    if not len(ids):
+        return
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    for run in np.split(ids, breaks):
+        yield int(run[0]), len(run)
+
+
+__all__ = ["SpaceMap", "ST_PENDING_FREE", "ST_PINNED", "ST_WRITTEN"]
