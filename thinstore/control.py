@@ -292,5 +292,5 @@ def _info(data):
     """A DeviceInfo again (the core's class), so callers see what Pool returns."""
     if not isinstance(data, dict):
         return data
-    from thinstore.pool import DeviceInfo
-    return DeviceInfo.from_dict(data)
+    from thinstore.device import DeviceInfo
+    return DeviceInfo(**data)
