@@ -34,10 +34,10 @@ MAX_CLIENTS = 16
 OPS = {
     "create_volume": (("name", "size"), "info"),
     "snapshot": (("name",), "info"),
-    "clone": (("source", "name"), "info"),
+    "clone": (("snapshot", "name"), "info"),
     "destroy": (("name", "force"), None),
     "rename": (("old", "new"), "info"),
-    "rollback": (("name",), "info"),
+    "rollback": (("snapshot",), "info"),
     "resize": (("name", "size", "shrink"), "info"),
     "list": ((), "infos"),
     "info": (("name",), "info"),
@@ -254,8 +254,8 @@ class RemotePool:
     def snapshot(self, name):
         return _info(self.request("snapshot", name=name))
 
-    def clone(self, source, name):
-        return _info(self.request("clone", source=source, name=name))
+    def clone(self, snapshot, name):
+        return _info(self.request("clone", snapshot=snapshot, name=name))
 
     def destroy(self, name, force=False):
         return self.request("destroy", name=name, force=bool(force))
@@ -263,8 +263,8 @@ class RemotePool:
     def rename(self, old, new):
         return _info(self.request("rename", old=old, new=new))
 
-    def rollback(self, name):
-        return _info(self.request("rollback", name=name))
+    def rollback(self, snapshot):
+        return _info(self.request("rollback", snapshot=snapshot))
 
     def resize(self, name, size, shrink=False):
         return _info(self.request("resize", name=name, size=int(size), shrink=bool(shrink)))
