@@ -53,6 +53,7 @@ class Pool:
         self._dirty = False
         self._closed = False
         self._low_water_crossed = False
+        self._since_low_water_check = 0
         self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
@@ -161,6 +162,7 @@ class Pool:
             self._check_open()
             self.md.commit(getattr(self, "_checksum_hook", None))
             self._dirty = False
+            self._check_low_water()
             self.counters["commits"] += 1
 
     def _check_open(self) -> None:
@@ -325,6 +327,20 @@ class Pool:
         self.md.maps.drop(dm.directory, self.md.space, keep)
         dm.directory.arr[keep:] = 0
 
+    def grow(self, capacity: int) -> None:
+        """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""
+        with self.lock:
+            self._check_open()
+            md = self.md
+            nchunks = capacity // md.chunk_size + 1
+            if nchunks < len(md.space.refs):
+                raise UsageError(f"pool {self.path} holds {self.capacity} bytes; "
+                                 "a pool can grow but not shrink")
+            md.data_fio.truncate(nchunks * md.chunk_size)
+            md.space.resize(nchunks)
+            md.sb = md.sb._replace(capacity_chunks=nchunks)
+            self.commit()
+
     # ------------------------------------------------------------ queries
     def list(self) -> list[DeviceInfo]:
         with self.lock:
@@ -447,7 +463,8 @@ class Pool:
         if fresh is None:
             raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
                            f"chunk(s), {space.free()} free; destroy a device or discard data")
-        if n:
+        self._since_low_water_check += n
+        if self._since_low_water_check * 200 > space.capacity:   # every 0.5% of capacity
             self._check_low_water()
         return fresh
 
@@ -461,6 +478,8 @@ class Pool:
         kc[:] = 0
 
     def _check_low_water(self) -> None:
+        """Warn once each time usage crosses the low-water mark (not on every write)."""
+        self._since_low_water_check = 0
         space = self.md.space
         over = space.used() >= space.capacity * self.md.low_water_pct / 100
         if over and not self._low_water_crossed:

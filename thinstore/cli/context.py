@@ -1,0 +1,42 @@
+"""How a command reaches the pool it manages.
+
+Handlers get the pool only from :func:`open_pool` and call only the management methods of
+docs/api.md (create_volume, snapshot, clone, destroy, rename, rollback, resize, list, info,
+status, open_device), so that a proxy with those methods can stand in for a pool that a
+running server holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from thinstore.errors import CorruptMetadata, UsageError
+
+
+@contextlib.contextmanager
+def open_pool(args):
+    """Yield the pool named by ``args.pool``; closing it commits and releases the lock."""
+    path = pool_path(args)
+    from thinstore import Pool
+
+    with _opening(path), Pool.open(path) as pool:
+        yield pool
+
+
+@contextlib.contextmanager
+def _opening(path: str):
+    """Say which pool is damaged and what to do: the core's message names only the block."""
+    try:
+        yield
+    except CorruptMetadata as err:
+        if path in str(err):
+            raise
+        raise CorruptMetadata(f"pool {path}: metadata damaged ({err}); "
+                              "run 'thinstore check' or restore from a replica") from err
+
+
+def pool_path(args) -> str:
+    """The pool directory from ``--pool`` or THINSTORE_POOL; a usage error when neither."""
+    if not getattr(args, "pool", None):
+        raise UsageError("no pool given: pass --pool DIR or set THINSTORE_POOL")
+    return args.pool

@@ -1,0 +1,139 @@
+"""Commands on devices: create, snapshot, clone, list, destroy, rename, rollback, resize.
+
+Each handler checks names (see names.py), opens the pool and makes one management call;
+the core does the work and raises the error that says what went wrong.
+"""
+
+from __future__ import annotations
+
+from thinstore.cli.context import open_pool
+from thinstore.cli.names import device_name, snapshot_name, volume_name
+from thinstore.cli.output import print_json, print_table, size_cell, time_cell
+from thinstore.units import parse_size
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("create", help="create a thin volume")
+    p.add_argument("name", type=volume_name, metavar="NAME")
+    p.add_argument("--size", "-s", type=parse_size, required=True, metavar="SIZE",
+                   help="virtual size, e.g. 10G (may exceed the pool's free space)")
+    p.set_defaults(func=cmd_create)
+
+    p = subparsers.add_parser("snapshot", help="take a read-only snapshot NAME@SNAP")
+    p.add_argument("snapshot", type=snapshot_name, metavar="NAME@SNAP")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = subparsers.add_parser("clone", help="create a writable volume from a snapshot")
+    p.add_argument("snapshot", type=snapshot_name, metavar="NAME@SNAP")
+    p.add_argument("new_name", type=volume_name, metavar="NEWNAME")
+    p.set_defaults(func=cmd_clone)
+
+    _register_list(subparsers)
+
+    p = subparsers.add_parser("destroy", help="delete a volume, clone or snapshot")
+    p.add_argument("name", type=device_name, metavar="NAME[@SNAP]")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="destroy even while handles or clients have it open")
+    p.set_defaults(func=cmd_destroy)
+
+    p = subparsers.add_parser("rename", help="rename a device (a volume's snapshots follow)")
+    p.add_argument("old", type=device_name, metavar="OLD")
+    p.add_argument("new", type=device_name, metavar="NEW")
+    p.set_defaults(func=cmd_rename)
+
+    p = subparsers.add_parser("rollback", help="return a volume to a snapshot's content")
+    p.add_argument("snapshot", type=snapshot_name, metavar="NAME@SNAP")
+    p.set_defaults(func=cmd_rollback)
+
+    p = subparsers.add_parser("resize", help="change a volume's virtual size")
+    p.add_argument("name", type=volume_name, metavar="NAME")
+    p.add_argument("size", type=parse_size, metavar="SIZE")
+    p.add_argument("--shrink", action="store_true",
+                   help="allow a smaller size (data past the new end is discarded)")
+    p.set_defaults(func=cmd_resize)
+
+
+def _register_list(subparsers) -> None:
+    p = subparsers.add_parser("list", help="list devices with their space use")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-p", "--parsable", action="store_true", help="exact bytes and epoch times")
+    p.add_argument("-H", "--no-headers", dest="headers", action="store_false",
+                   help="scripted mode: no header, tab-separated")
+    p.set_defaults(func=cmd_list)
+
+
+def cmd_create(args) -> int:
+    with open_pool(args) as pool:
+        pool.create_volume(args.name, args.size)
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    with open_pool(args) as pool:
+        pool.snapshot(args.snapshot)
+    return 0
+
+
+def cmd_clone(args) -> int:
+    with open_pool(args) as pool:
+        pool.clone(args.snapshot, args.new_name)
+    return 0
+
+
+def cmd_destroy(args) -> int:
+    with open_pool(args) as pool:
+        pool.destroy(args.name, force=args.force)
+    return 0
+
+
+def cmd_rename(args) -> int:
+    with open_pool(args) as pool:
+        pool.rename(args.old, args.new)
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    with open_pool(args) as pool:
+        pool.rollback(args.snapshot)
+    return 0
+
+
+def cmd_resize(args) -> int:
+    with open_pool(args) as pool:
+        pool.resize(args.name, args.size, shrink=args.shrink)
+    return 0
+
+
+LIST_KEYS = ("name", "kind", "size", "used", "exclusive", "shared", "origin", "created",
+             "read_only", "uuid")
+LIST_HEADERS = ["NAME", "KIND", "SIZE", "USED", "EXCL", "SHARED", "ORIGIN", "CREATED"]
+LIST_SIZES = ("size", "used", "exclusive", "shared")
+
+
+def cmd_list(args) -> int:
+    with open_pool(args) as pool:
+        devices = [device_dict(info) for info in pool.list()]
+    devices.sort(key=_volume_then_snapshot)
+    if args.json:
+        print_json({"devices": devices})
+    else:
+        rows = [_list_row(d, args.parsable) for d in devices]
+        print_table(LIST_HEADERS, rows, right={2, 3, 4, 5}, header=args.headers)
+    return 0
+
+
+def _volume_then_snapshot(device: dict) -> tuple[str, str]:
+    """Sort key putting vm1, then vm1@a, vm1@b, before vm1-test (as zfs list does)."""
+    volume, _, snap = device["name"].partition("@")
+    return volume, snap
+
+
+def device_dict(info) -> dict:
+    """The stable JSON form of a DeviceInfo: exactly LIST_KEYS, sizes in bytes."""
+    return {key: getattr(info, key, None) for key in LIST_KEYS}
+
+
+def _list_row(device: dict, parsable: bool) -> list[str]:
+    sizes = [size_cell(device[key], parsable) for key in LIST_SIZES]
+    return [device["name"], device["kind"], *sizes, device["origin"] or "-",
+            time_cell(device["created"], parsable)]

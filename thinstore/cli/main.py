@@ -1,0 +1,112 @@
+"""Entry point of the ``thinstore`` command: parse, dispatch, turn errors into exit codes.
+
+Every command lives in a module named in :data:`COMMANDS`; each module has
+``register(subparsers)``, which adds its parsers with ``set_defaults(func=handler)``, and a
+handler takes the parsed args and returns the exit code.  Adding a command group means
+adding a module and its name here, nothing else.
+
+Exit codes: 0 success; 2 usage errors (argparse's and :class:`UsageError`); a
+:class:`ThinstoreError` returns its ``exit_code`` after ONE line ``thinstore: <message>`` on
+stderr; 1 for an OS error on a file the user named; 70 for a bug; 130 on Ctrl-C.  Tracebacks appear only
+with ``THINSTORE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from thinstore.errors import ThinstoreError
+
+COMMANDS = ["pool_cmds", "device_cmds", "image_cmds"]
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h: a bug, not the user's mistake
+
+PROG = "thinstore"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: global options, then one subparser per command of every module."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Thin-provisioned copy-on-write block store: volumes, "
+        "snapshots, clones.", epilog="Run 'thinstore COMMAND --help' for a command's options.")
+    parser.add_argument("--pool", metavar="DIR", default=os.environ.get("THINSTORE_POOL"),
+                        help="pool directory (default: $THINSTORE_POOL)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.{name}").register(subparsers)
+    _accept_pool_after_command(subparsers)
+    return parser
+
+
+def _accept_pool_after_command(subparsers) -> None:
+    """Let ``thinstore create vm1 --size 1G --pool DIR`` work as well as the global form.
+
+    SUPPRESS leaves the global value (or $THINSTORE_POOL) alone when the option is absent.
+    """
+    for sub in set(subparsers.choices.values()):
+        try:
+            sub.add_argument("--pool", metavar="DIR", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
+        except argparse.ArgumentError:  # the command defines --pool itself
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (the console script exits with it)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return _exit_status(exit_.code)
+    except ThinstoreError as err:  # raised by an argument type: a bad size or name
+        return _report(err, err.exit_code)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Call the handler, mapping failures to one line on stderr and an exit code."""
+    try:
+        return args.func(args) or 0
+    except ThinstoreError as err:
+        return _report(err, err.exit_code)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except OSError as err:
+        return _report(err, 1, _os_message(err))
+    except KeyboardInterrupt:
+        return _report(None, 130, "interrupted")
+    except Exception as err:  # a bug: say so in one line, the traceback with THINSTORE_DEBUG=1
+        return _report(err, EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err} "
+                       "(rerun with THINSTORE_DEBUG=1 for a traceback and report it)")
+
+
+def _report(err: BaseException | None, code: int, message: str | None = None) -> int:
+    if os.environ.get("THINSTORE_DEBUG") == "1" and err is not None:
+        import traceback
+
+        traceback.print_exception(err)
+    print(f"{PROG}: {message or err}", file=sys.stderr)
+    return code
+
+
+def _os_message(err: OSError) -> str:
+    """``FILE: reason``, the way cp and dd word it."""
+    if err.filename is not None:
+        return f"{err.filename}: {err.strerror}"
+    return err.strerror or str(err)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (``thinstore list | head``): stop without a second error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
+def _exit_status(code) -> int:
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 2

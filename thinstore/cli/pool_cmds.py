@@ -1,0 +1,94 @@
+"""Pool-wide commands: ``init`` creates a pool, ``status`` reports its space and state."""
+
+from __future__ import annotations
+
+from thinstore.cli.context import open_pool, pool_path
+from thinstore.cli.output import print_json, size_cell
+from thinstore.errors import UsageError
+from thinstore.units import parse_size
+
+DEFAULT_CAPACITY = "16G"
+DEFAULT_CHUNK_SIZE = "64K"
+MIN_CHUNK, MAX_CHUNK = 4 << 10, 1 << 20
+
+
+def register(subparsers) -> None:
+    init = subparsers.add_parser("init", help="create a pool in DIR",
+                                 description="Create a new pool in the --pool directory.")
+    init.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
+                      help=f"data capacity (default {DEFAULT_CAPACITY}); volumes may exceed it in sum")
+    init.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+                      help=f"allocation unit, a power of two 4K..1M (default {DEFAULT_CHUNK_SIZE})")
+    init.set_defaults(func=cmd_init)
+
+    status = subparsers.add_parser("status", help="show capacity, usage and state of the pool")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("-p", "--parsable", action="store_true", help="exact byte counts")
+    status.set_defaults(func=cmd_status)
+
+
+def chunk_size(text: str) -> int:
+    """A chunk size: a power of two from 4K to 1M (the range the block maps are built for)."""
+    size = parse_size(text)
+    if not MIN_CHUNK <= size <= MAX_CHUNK or size & (size - 1):
+        raise UsageError(f"invalid chunk size {text!r}: use a power of two from 4K to 1M, e.g. 64K")
+    return size
+
+
+def cmd_init(args) -> int:
+    from thinstore import Pool
+
+    Pool.create(pool_path(args), capacity=args.capacity, chunk_size=args.chunk_size).close()
+    return 0
+
+
+def cmd_status(args) -> int:
+    with open_pool(args) as pool:
+        status = dict(pool.status())
+    if args.json:
+        print_json(status)
+    else:
+        print_status(status, args.parsable)
+    return 0
+
+
+STATUS_SIZES = {"capacity", "used", "free", "chunk_size", "metadata_bytes"}
+STATUS_ORDER = ("path", "capacity", "used", "free", "chunk_size", "devices", "low_water",
+                "backend", "data_checksums", "metadata_bytes", "generation", "uuid")
+
+
+def print_status(status: dict, parsable: bool) -> None:
+    """``key: value`` lines in a fixed order, sizes human unless parsable.
+
+    Keys the core adds later are printed after the known ones, so nothing is hidden.
+    """
+    lines = {key: _status_value(status, key, parsable) for key in STATUS_ORDER if key in status}
+    lines.update((key, _plain(value)) for key, value in status.items()
+                 if key not in lines and key != "low_water_crossed")
+    width = max(len(key) for key in lines) + 2
+    for key, value in lines.items():
+        print(f"{(key.replace('_', ' ') + ':').ljust(width)}{value}")
+
+
+def _status_value(status: dict, key: str, parsable: bool) -> str:
+    value = status[key]
+    if key in STATUS_SIZES:
+        text = size_cell(value, parsable)
+        if key == "used" and status.get("capacity"):
+            text += f" ({100 * value / status['capacity']:.1f}%)"
+        return text
+    if key == "low_water":
+        return _low_water(value, status.get("low_water_crossed"))
+    return _plain(value)
+
+
+def _low_water(mark, crossed) -> str:
+    """The mark is the used fraction of capacity that triggers the warning."""
+    text = f"{mark:.0%} used" if isinstance(mark, float) else _plain(mark)
+    return text + (" (CROSSED: grow the pool or free space)" if crossed else " (not reached)")
+
+
+def _plain(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)

@@ -1,0 +1,158 @@
+"""Raw image copies between files and devices that keep holes as holes.
+
+Import reads only the data segments of the source (SEEK_DATA/SEEK_HOLE), widened to chunk
+boundaries so that each write covers whole chunks, in big blocks; blocks that are all zero
+are not written, so they stay unmapped (the core's pwrite would leave them unmapped too, but
+skipping them here saves the call).  Export writes only the device's mapped extents, skips
+all-zero blocks within them, and sets the file's size with ftruncate, so an unmapped range
+becomes a hole.  Both copy through one reused buffer: no per-block allocation.
+
+A target that is not a regular file (a pipe, stdout as ``-``, a block device) cannot hold
+holes; it gets every byte, zeros included, in order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+BLOCK_SIZE = 4 << 20
+EXTENT_WINDOW = 1 << 30
+_ZEROS = bytes(BLOCK_SIZE)
+_NO_SEEK_DATA = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTTY, errno.ESPIPE)
+
+
+def data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` of the ranges of ``fd`` below ``size`` that may hold data.
+
+    Where the file system cannot tell (SEEK_DATA unsupported, a block device), the whole
+    range counts as data; zero detection then still keeps zeros out of the pool.
+    """
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # only a hole remains
+                return
+            if err.errno not in _NO_SEEK_DATA:
+                raise
+            yield offset, size
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        offset = end
+
+
+def align_segments(segments, align: int, size: int) -> Iterator[tuple[int, int]]:
+    """Widen each segment to ``align`` boundaries (capped at ``size``) and merge overlaps."""
+    pending = None
+    for start, end in segments:
+        start, end = start - start % align, min(size, -(-end // align) * align)
+        if pending and start <= pending[1]:
+            pending = (pending[0], max(pending[1], end))
+            continue
+        if pending:
+            yield pending
+        pending = (start, end)
+    if pending:
+        yield pending
+
+
+def blocks(start: int, end: int, block: int = BLOCK_SIZE) -> Iterator[tuple[int, int]]:
+    """Split ``[start, end)`` into pieces of at most ``block`` bytes ending on multiples of it."""
+    while start < end:
+        stop = min(end, (start // block + 1) * block)
+        yield start, stop - start
+        start = stop
+
+
+def is_zero(buf: bytearray, length: int) -> bool:
+    """True when the first ``length`` bytes of ``buf`` are zero.
+
+    ``startswith`` on a memoryview is one memcmp without copying either side (slicing
+    ``bytes`` or calling ``tobytes`` would copy the block first).
+    """
+    return _ZEROS.startswith(memoryview(buf)[:length])
+
+
+def import_file(fd: int, file_size: int, dev, progress) -> None:
+    """Copy the data of ``fd`` into the fresh (all unmapped) device ``dev`` at the same offsets."""
+    buf = bytearray(BLOCK_SIZE)
+    view, done = memoryview(buf), 0
+    segments = align_segments(data_segments(fd, file_size), dev.chunk_size, file_size)
+    for seg_start, seg_end in segments:
+        for offset, length in blocks(seg_start, seg_end):
+            got = _read_full(fd, view[:length], offset)
+            if got and not is_zero(buf, got):
+                dev.pwrite(view[:got], offset)
+            progress.advance(offset + length - done)
+            done = offset + length
+    progress.advance(file_size - done)
+
+
+def _read_full(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``; fewer bytes only at end of file."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def export_device(dev, fd: int, progress) -> None:
+    """Copy ``dev`` to ``fd``: sparse into a regular file, every byte into anything else."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        _export_sparse(dev, fd, progress)
+    else:
+        _export_dense(dev, fd, progress)
+
+
+def _export_sparse(dev, fd: int, progress) -> None:
+    os.ftruncate(fd, 0)  # drop old blocks: the extents we skip must read as holes
+    os.ftruncate(fd, dev.size)
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    for offset, length, mapped in device_extents(dev):
+        if mapped:
+            for start, piece in blocks(offset, offset + length):
+                dev.readinto(view[:piece], start)
+                if not is_zero(buf, piece):
+                    _write_full(fd, view[:piece], start)
+                progress.advance(piece)
+        else:
+            progress.advance(length)
+    os.fsync(fd)
+
+
+def _export_dense(dev, fd: int, progress) -> None:
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    for offset, length, mapped in device_extents(dev):
+        for start, piece in blocks(offset, offset + length):
+            if mapped:
+                dev.readinto(view[:piece], start)
+            _write_full(fd, view[:piece] if mapped else memoryview(_ZEROS)[:piece], None)
+            progress.advance(piece)
+
+
+def device_extents(dev) -> Iterator[tuple[int, int, bool]]:
+    """The device's extents, asked for a window at a time so a huge device stays cheap."""
+    for window_start in range(0, dev.size, EXTENT_WINDOW):
+        window = min(EXTENT_WINDOW, dev.size - window_start)
+        yield from dev.extents(window_start, window)
+
+
+def _write_full(fd: int, view: memoryview, offset: int | None) -> None:
+    """Write all of ``view`` at ``offset`` (or at the file position when None)."""
+    while len(view):
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        if offset is not None:
+            offset += n

@@ -1,0 +1,76 @@
+"""Sizes as people type them and as tables show them.
+
+Suffixes are binary (K = 1024, like zfs, lvm and qemu-img): ``4096``, ``512K``, ``10G``,
+``1.5G``, ``2T``; a trailing ``B`` or ``iB`` is accepted (``10GiB``) and case is ignored.
+A size must come to a whole number of bytes: ``1.5K`` is 1536, ``1.3K`` is refused rather
+than silently rounded, because a size that is not what was typed is worse than an error.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from thinstore.errors import UsageError
+
+SUFFIXES = "KMGTPE"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Return the byte count ``text`` names; raise UsageError saying what is accepted."""
+    if isinstance(text, int):
+        return _check_non_negative(text, str(text))
+    match = _SIZE_RE.match(text)
+    if match is None or (match.group(3) and match.group(3).lower() == "ib" and not match.group(2)):
+        raise UsageError(f"invalid size {text!r}: use bytes or a K/M/G/T suffix, e.g. 512K, 10G, 1.5G")
+    number, suffix = Fraction(match.group(1)), match.group(2).upper()
+    value = number * (1024 ** (SUFFIXES.index(suffix) + 1) if suffix else 1)
+    if value.denominator != 1:
+        raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def _check_non_negative(value: int, text: str) -> int:
+    if value < 0:
+        raise UsageError(f"invalid size {text!r}: must not be negative")
+    return value
+
+
+def format_size(nbytes: int) -> str:
+    """Return ``nbytes`` in the largest binary unit that keeps it >= 1, about 3 digits.
+
+    Whole values print without decimals (``512K``, ``10G``) so that what ``create`` was
+    given reads back the same; others keep at most three significant digits (``1.5G``,
+    ``10.3M``, ``123K``).  The output parses back with :func:`parse_size` to within 1%.
+    """
+    if nbytes < 1024:
+        return f"{nbytes}B"
+    value, unit = Fraction(nbytes), ""
+    for unit in SUFFIXES:
+        value /= 1024
+        if value < 1024 or unit == SUFFIXES[-1]:
+            break
+    return _three_digits(value, unit)
+
+
+def _three_digits(value: Fraction, unit: str) -> str:
+    if value.denominator == 1:
+        return f"{value.numerator}{unit}"
+    decimals = 2 if value < 10 else 1 if value < 100 else 0
+    text = f"{float(value):.{decimals}f}"
+    if float(text) >= 1024 and unit != SUFFIXES[-1]:
+        return f"1{SUFFIXES[SUFFIXES.index(unit) + 1]}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return f"{text}{unit}"
+
+
+def format_duration(seconds: float) -> str:
+    """Return ``seconds`` as ``M:SS`` or ``H:MM:SS`` for an ETA; ``--:--`` when unknown."""
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        return "--:--"
+    seconds = int(seconds + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
