@@ -52,7 +52,6 @@ def test_random_writes_on_two_connections_verify(srv):
 
 
 def test_snapshots_through_the_cli_while_fio_writes(srv):
-    pytest.importorskip("thinstore.cli.main", reason="the CLI is not merged yet")
     srv.pool.create_volume("live", 2 * REGION)
     writer = subprocess.Popen(
         ["fio", "--output-format=json", *common(srv.uri("live")), "--rw=write", "--bs=64k",

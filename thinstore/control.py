@@ -81,8 +81,8 @@ class ControlServer:
     the connections, unless forced, in which case those clients are dropped.
     """
 
-    def __init__(self, pool, sessions=None):
-        self.pool, self.sessions = pool, sessions
+    def __init__(self, pool, sessions=None, nbd_socket: str | None = None):
+        self.pool, self.sessions, self.nbd_socket = pool, sessions, nbd_socket
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self._clients = threading.Semaphore(MAX_CLIENTS)
@@ -183,7 +183,7 @@ class ControlServer:
         return {info.name: self.sessions.connections(info.name) for info in self.pool.list()}
 
     def _op_ping(self):
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "nbd_socket": self.nbd_socket}
 
 
 def _error_dict(exc: ThinstoreError) -> dict:
@@ -286,6 +286,15 @@ class RemotePool:
 
     def ping(self):
         return self.request("ping")
+
+    def open_device(self, name):
+        """A Device-like NBD connection to the server's export ``name``."""
+        from thinstore.nbd.client import NBDDevice
+        endpoint = self.ping().get("nbd_socket")
+        if not endpoint:
+            raise DeviceBusy(f"the server holding {self.path} exports no unix socket: "
+                             "stop it to reach device data directly")
+        return NBDDevice(endpoint, name, int(self.status()["chunk_size"]))
 
 
 def _info(data):

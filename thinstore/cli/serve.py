@@ -93,7 +93,7 @@ def cmd_serve(args) -> int:
         server = NBDServer(pool, config)
         sock = server.listen_unix(args.socket or os.path.join(path, DEFAULT_SOCKET))
         bound = [server.listen_tcp(host, port) for host, port in listens]
-        control = ControlServer(pool, server)
+        control = ControlServer(pool, server, nbd_socket=sock)
         control.listen()
         server.start()
         announce(sock, bound, context is not None, control.path)

@@ -180,6 +180,7 @@ OPTION_REPLY = struct.Struct(">QIII")
 EXPORT_NAME_REPLY = struct.Struct(">QH")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
 INFO_EXPORT = struct.Struct(">HQH")
 INFO_BLOCK_SIZE = struct.Struct(">HIII")
 
@@ -330,6 +331,7 @@ OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")   # chunk header + data offset
 OFFSET_HOLE = struct.Struct(">IHHQIQI")         # chunk header + offset + size
 ERROR_CHUNK = struct.Struct(">IHHQIIH")         # chunk header + error + msg len
 DESCRIPTOR = struct.Struct(">II")
+HOLE_PAYLOAD = struct.Struct(">QI")             # OFFSET_HOLE payload: offset, size
 
 
 class Request(NamedTuple):
