@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -225,3 +226,40 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def new_pool_dir(capacity: str = "1G"):
+    """A pool made by ``thinstore init`` in a short temp dir; removed afterwards."""
+    d = short_tmpdir()
+    path = os.path.join(d, "pool")
+    cli("--pool", path, "init", "--capacity", capacity)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class ServeProcess:
+    """``thinstore --pool DIR serve ARGS`` in the background, stopped on close()."""
+
+    def __init__(self, pool: str, *args: str):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", pool, "serve",
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.lines = []
+        while not any(line.startswith("control socket:") for line in self.lines):
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"serve exited: {self.proc.stderr.read()}")
+            self.lines.append(line.strip())
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.stdout.close()
+            self.proc.stderr.close()

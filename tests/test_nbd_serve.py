@@ -5,53 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
 
 import pytest
 
 from thinstore import Pool
 from thinstore.nbd import protocol as P
-from nbd_helpers import MiB, ROOT, RawClient, cli, need, run, short_tmpdir
-
-
-class ServeProcess:
-    """``thinstore --pool DIR serve ARGS`` in the background, stopped on close()."""
-
-    def __init__(self, pool: str, *args: str):
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", pool, "serve",
-                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-        self.lines = []
-        while not any(line.startswith("control socket:") for line in self.lines):
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"serve exited: {self.proc.stderr.read()}")
-            self.lines.append(line.strip())
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            self.proc.stdout.close()
-            self.proc.stderr.close()
+from nbd_helpers import MiB, ROOT, RawClient, ServeProcess, cli, need, new_pool_dir, run
 
 
 @pytest.fixture
 def pool_dir():
-    d = short_tmpdir()
-    path = os.path.join(d, "pool")
-    run([sys.executable, "-m", "thinstore", "--pool", path, "init", "--capacity", "1G"],
-        env=dict(os.environ, PYTHONPATH=ROOT))
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
+    with new_pool_dir() as path:
+        yield path
 
 
 @pytest.fixture
