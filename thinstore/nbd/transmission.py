@@ -26,12 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
 from thinstore.nbd.handshake import Agreement
-from thinstore.nbd.wire import (PeerClosed, close_quietly, hang_up, recv_exact,
-                                recv_into_exact, skip)
+from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
+INLINE_MAX = 128 << 10          # READ/WRITE up to this run in the reader thread
+_READ_BUFFER = 256 << 10
+_ZEROS = memoryview(bytes(INLINE_MAX))
 _WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
 _RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
            P.Cmd.BLOCK_STATUS)
@@ -82,6 +84,9 @@ class Transmission:
         self._send_lock = threading.Lock()
         self._dead = False
         self._budget = Budget(config.queue_depth, config.inflight_bytes)
+        # Requests arrive through a buffered reader: one recv often brings
+        # several pipelined requests, and payloads are read straight into place.
+        self._rfile = self.sock.makefile("rb", buffering=_READ_BUFFER)
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
@@ -100,6 +105,7 @@ class Transmission:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            self._rfile.close()
             close_quietly(self.sock)
             self.dev.close()
 
@@ -107,8 +113,14 @@ class Transmission:
         """Called from another thread (shutdown, forced destroy): end the session."""
         hang_up(self.sock)
 
+    def _recv(self, n: int) -> bytes:
+        data = self._rfile.read(n)
+        if len(data) != n:
+            raise PeerClosed(f"peer closed after {len(data)} of {n} bytes")
+        return data
+
     def _next_request(self) -> bool:
-        req = P.decode_request(recv_exact(self.sock, P.REQUEST.size))
+        req = P.decode_request(self._recv(P.REQUEST.size))
         if req.magic != P.REQUEST_MAGIC:
             raise _Violation(f"bad request magic {req.magic:#x}")
         if req.type == P.Cmd.DISC:
@@ -123,23 +135,38 @@ class Transmission:
         except BaseException:
             self._budget.release(nbytes)
             raise
-        if self._pool is None:
+        if self._pool is None or self._inline(req):
             self._execute(req, payload, nbytes)
         else:
             self._pool.submit(self._execute, req, payload, nbytes)
         return True
 
+    @staticmethod
+    def _inline(req: P.Request) -> bool:
+        """Small reads and writes cost less than a hand-off to a worker thread; commits
+        (FLUSH, FUA) and large or unbounded work go to the workers so they overlap."""
+        if req.flags & P.CMD_FLAG_FUA or req.type in (P.Cmd.FLUSH, P.Cmd.TRIM,
+                                                       P.Cmd.WRITE_ZEROES):
+            return False
+        return req.length <= INLINE_MAX
+
     def _read_payload(self, req: P.Request):
         if req.type != P.Cmd.WRITE or not req.length:
             return None
         buf = bytearray(req.length)
-        recv_into_exact(self.sock, memoryview(buf))
+        if self._rfile.readinto(buf) != req.length:
+            raise PeerClosed("peer closed inside a WRITE payload")
         return buf
 
     def _refuse_oversized_write(self, req: P.Request) -> None:
         if req.length > MAX_WRITE_SKIP:
             raise _Violation(f"WRITE of {req.length} bytes: connection dropped")
-        skip(self.sock, req.length)
+        left = req.length
+        while left:
+            piece = self._rfile.read(min(left, 1 << 20))
+            if not piece:
+                raise PeerClosed("peer closed inside a skipped payload")
+            left -= len(piece)
         error = P.EOVERFLOW if self.structured else P.EINVAL
         self._send_error(req, error, f"payload above {P.MAX_PAYLOAD} bytes")
 
@@ -192,9 +219,16 @@ class Transmission:
         self._send(view)
 
     def _read_structured(self, req: P.Request) -> None:
-        """Data chunks for mapped runs, OFFSET_HOLE for unmapped ones (one chunk with DF)."""
+        """Data chunks for mapped runs, OFFSET_HOLE for unmapped ones (one chunk with DF).
+
+        A small read is answered from the data alone: all zeros is a hole (OFFSET_HOLE
+        means "reads as zeros"), which spares a map lookup on the hot path.
+        """
         if not req.length:
             self._send(P.chunk_none(req.cookie))
+            return
+        if req.length <= INLINE_MAX:
+            self._read_small_structured(req)
             return
         runs = _merge_runs(self.dev.extents(req.offset, req.length))
         if req.flags & P.CMD_FLAG_DF and len(runs) > 1:
@@ -202,6 +236,17 @@ class Transmission:
         chunks = [self._chunk(req.cookie, off, n, mapped, i == len(runs) - 1)
                   for i, (off, n, mapped) in enumerate(runs)]
         self._send(*chunks)
+
+    def _read_small_structured(self, req: P.Request) -> None:
+        head = P.OFFSET_DATA_HEADER.size
+        buf = bytearray(head + req.length)
+        view = memoryview(buf)
+        self.dev.readinto(view[head:], req.offset)
+        if buf.startswith(_ZEROS[:req.length], head):
+            self._send(P.chunk_offset_hole(req.cookie, req.offset, req.length, True))
+            return
+        P.pack_offset_data_header(buf, req.cookie, req.offset, req.length, True)
+        self._send(view)
 
     def _chunk(self, cookie: int, offset: int, length: int, mapped: bool, done: bool):
         if not mapped:
