@@ -26,13 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
 from thinstore.nbd.handshake import Agreement
+from thinstore.nbd.channel import Inbox, Outbox
 from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 
 log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
 INLINE_MAX = 128 << 10          # READ/WRITE up to this run in the reader thread
-_READ_BUFFER = 256 << 10
 _ZEROS = memoryview(bytes(INLINE_MAX))
 _WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
 _RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
@@ -81,12 +81,9 @@ class Transmission:
         self.sock, self.dev = agreement.sock, agreement.device
         self.structured, self.contexts = agreement.structured, agreement.contexts
         self.read_only = bool(self.dev.read_only or config.read_only)
-        self._send_lock = threading.Lock()
-        self._dead = False
         self._budget = Budget(config.queue_depth, config.inflight_bytes)
-        # Requests arrive through a buffered reader: one recv often brings
-        # several pipelined requests, and payloads are read straight into place.
-        self._rfile = self.sock.makefile("rb", buffering=_READ_BUFFER)
+        self._inbox, self._outbox = Inbox(self.sock), Outbox(self.sock)
+        self._reader = threading.get_ident()
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
@@ -95,6 +92,7 @@ class Transmission:
     # -- main loop ---------------------------------------------------------------
     def run(self) -> None:
         """Read requests until DISC/EOF/protocol violation; then drain and close."""
+        self._reader = threading.get_ident()
         try:
             while self._next_request():
                 pass
@@ -103,9 +101,9 @@ class Transmission:
         except _Violation as exc:
             log.info("dropping client: %s", exc)
         finally:
+            self._outbox.flush()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            self._rfile.close()
             close_quietly(self.sock)
             self.dev.close()
 
@@ -113,33 +111,38 @@ class Transmission:
         """Called from another thread (shutdown, forced destroy): end the session."""
         hang_up(self.sock)
 
-    def _recv(self, n: int) -> bytes:
-        data = self._rfile.read(n)
-        if len(data) != n:
-            raise PeerClosed(f"peer closed after {len(data)} of {n} bytes")
-        return data
-
     def _next_request(self) -> bool:
-        req = P.decode_request(self._recv(P.REQUEST.size))
+        """Read one request and run or dispatch it; False after DISC.
+
+        Replies of requests run here are queued and flushed just before the
+        reader would block, so a burst of requests gets one burst of replies.
+        """
+        if not self._inbox.has(P.REQUEST.size):
+            self._outbox.flush()
+        req = P.Request._make(self._inbox.unpack(P.REQUEST))
         if req.magic != P.REQUEST_MAGIC:
             raise _Violation(f"bad request magic {req.magic:#x}")
         if req.type == P.Cmd.DISC:
             return False
         if req.type == P.Cmd.WRITE and req.length > P.MAX_PAYLOAD:
             self._refuse_oversized_write(req)
-            return True
+        elif self._pool is None or self._inline(req):
+            self._execute(req, self._read_payload(req), None)
+        else:
+            self._dispatch(req)
+        return True
+
+    def _dispatch(self, req: P.Request) -> None:
+        """Hand a request to a worker, within the connection's in-flight budget."""
         nbytes = req.length if req.type in (P.Cmd.READ, P.Cmd.WRITE) else 0
+        self._outbox.flush()
         self._budget.acquire(nbytes)
         try:
             payload = self._read_payload(req)
         except BaseException:
             self._budget.release(nbytes)
             raise
-        if self._pool is None or self._inline(req):
-            self._execute(req, payload, nbytes)
-        else:
-            self._pool.submit(self._execute, req, payload, nbytes)
-        return True
+        self._pool.submit(self._execute, req, payload, nbytes)
 
     @staticmethod
     def _inline(req: P.Request) -> bool:
@@ -154,24 +157,19 @@ class Transmission:
         if req.type != P.Cmd.WRITE or not req.length:
             return None
         buf = bytearray(req.length)
-        if self._rfile.readinto(buf) != req.length:
-            raise PeerClosed("peer closed inside a WRITE payload")
+        self._inbox.readinto(memoryview(buf))
         return buf
 
     def _refuse_oversized_write(self, req: P.Request) -> None:
         if req.length > MAX_WRITE_SKIP:
             raise _Violation(f"WRITE of {req.length} bytes: connection dropped")
-        left = req.length
-        while left:
-            piece = self._rfile.read(min(left, 1 << 20))
-            if not piece:
-                raise PeerClosed("peer closed inside a skipped payload")
-            left -= len(piece)
+        self._inbox.skip(req.length)
         error = P.EOVERFLOW if self.structured else P.EINVAL
         self._send_error(req, error, f"payload above {P.MAX_PAYLOAD} bytes")
 
     # -- execution ---------------------------------------------------------------
-    def _execute(self, req: P.Request, payload, nbytes: int) -> None:
+    def _execute(self, req: P.Request, payload, nbytes: int | None) -> None:
+        """Run one request and reply; ``nbytes`` is its budget share (None inline)."""
         try:
             self._check(req)
             _COMMANDS[req.type](self, req, payload)
@@ -185,7 +183,8 @@ class Transmission:
             log.exception("request %s failed", req)
             self._send_error(req, P.EIO, f"internal error: {exc}")
         finally:
-            self._budget.release(nbytes)
+            if nbytes is not None:
+                self._budget.release(nbytes)
 
     def _check(self, req: P.Request) -> None:
         """Validate command, flags and range; errors as the spec recommends."""
@@ -312,17 +311,11 @@ class Transmission:
             self._send(P.simple_reply(req.cookie, error))
 
     def _send(self, *parts) -> None:
-        """Send one whole reply; a vanished peer turns later sends into no-ops."""
-        with self._send_lock:
-            if self._dead:
-                return
-            try:
-                for part in parts:
-                    self.sock.sendall(part)
-            except OSError as exc:
-                self._dead = True
-                log.debug("peer gone while replying: %s", exc)
-                hang_up(self.sock)
+        """One whole reply: queued when produced by the reader, sent at once by a worker."""
+        if threading.get_ident() == self._reader:
+            self._outbox.queue(parts)
+        else:
+            self._outbox.send(parts)
 
 
 class _Violation(Exception):
