@@ -6,6 +6,7 @@ device, the JSON keys, the table shape, and that import/export keep holes as hol
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -19,6 +20,7 @@ from thinstore import Pool
 from thinstore.cli.device_cmds import device_dict
 from thinstore.cli.main import main
 from thinstore.errors import ReadOnlyDevice
+from thinstore.progress import Progress
 from thinstore.units import format_size, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +30,10 @@ CHUNK = 64 * K
 
 def cli(*args, pool=None, env=None, stderr=subprocess.PIPE, check_rc=None):
     """Run ``python -m thinstore [--pool POOL] ARGS`` from this tree; return the result."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("THINSTORE_")}
+    # keep THINSTORE_PURE_PYTHON and the like (a run forces a backend for every process);
+    # drop only what would change which pool or how errors print
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("THINSTORE_POOL", "THINSTORE_DEBUG")}
     full_env.update(PYTHONPATH=str(ROOT), **(env or {}))
     pool_args = ["--pool", str(pool)] if pool is not None else []
     result = subprocess.run([sys.executable, "-m", "thinstore", *pool_args, *map(str, args)],
@@ -61,6 +66,13 @@ def devices(pool) -> dict[str, dict]:
     """The pool's devices as ``list --json`` shows them (in-process: test_*_list_json execs)."""
     with Pool.open(str(pool)) as p:
         return {info.name: device_dict(info) for info in p.list()}
+
+
+@pytest.fixture(autouse=True)
+def _plain_environment(monkeypatch):
+    """In-process runs see neither the caller's pool nor its debug switch."""
+    monkeypatch.delenv("THINSTORE_POOL", raising=False)
+    monkeypatch.delenv("THINSTORE_DEBUG", raising=False)
 
 
 @pytest.fixture
@@ -146,6 +158,26 @@ def test_format_size_is_short_and_parses_back(value, text):
     assert abs(parse_size(text) - value) <= value / 100
 
 
+def test_progress_line_shows_bytes_rate_and_eta():
+    now = [0.0]
+    progress = Progress(100 * M, "import vm1", stream=io.StringIO(), clock=lambda: now[0])
+    assert not progress.enabled  # a StringIO is no terminal: nothing is drawn
+    now[0] = 2.0
+    progress.advance(25 * M)
+    line = progress.line(now[0])
+    assert line.startswith("import vm1  [######------------------]")
+    assert "25M/100M" in line and "12.5M/s" in line and "ETA 0:06" in line
+    progress.close()
+    assert progress.stream.getvalue() == ""
+
+
+def test_debug_env_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    assert in_process(capsys, "list", pool=tmp_path / "none")[2].count("\n") == 1
+    monkeypatch.setenv("THINSTORE_DEBUG", "1")
+    code, _, err = in_process(capsys, "list", pool=tmp_path / "none")
+    assert code == 9 and "Traceback" in err and err.endswith("(run 'thinstore init' first)\n")
+
+
 # ---------------------------------------------------------------- pool commands
 
 def test_init_defaults_and_status_json(tmp_path):
@@ -168,6 +200,14 @@ def test_status_table_shows_human_sizes(pool, capsys):
     assert "not reached" in fields["low water"]
     code, out, _ = in_process(capsys, "status", "-p", pool=pool)
     assert code == 0 and "capacity:       1073741824" in out
+
+
+def test_grow_adds_capacity_and_never_shrinks(pool):
+    ok("grow", "2G", pool=pool)
+    ok("grow", "+512M", pool=pool)
+    with Pool.open(str(pool)) as p:
+        assert p.capacity == 2 * G + 512 * M and p.status()["free"] == 2 * G + 512 * M
+    assert "shrink" in fails(2, "grow", "1G", pool=pool)
 
 
 @pytest.mark.parametrize("size", ["3K", "2K", "2M", "96K", "64Q"])
@@ -432,6 +472,21 @@ def test_import_errors_leave_no_volume(pool, tmp_path):
     src = sparse_image(tmp_path / "src.raw", M, {0: b"x"})
     assert "vm1" in fails(4, "import", "vm1", src, pool=pool)
     assert set(devices(pool)) == {"vm1"}
+
+
+def test_import_into_a_full_pool_fails_cleanly(tmp_path):
+    path = tmp_path / "small"
+    Pool.create(str(path), capacity=8 * CHUNK, chunk_size=CHUNK).close()
+    src = sparse_image(tmp_path / "src.raw", 16 * CHUNK, {0: os.urandom(16 * CHUNK)})
+    err = fails(8, "import", "vm1", src, pool=path)
+    assert "vm1" in err and "full" in err
+    assert devices(path) == {}  # the half-made volume is gone: the import can be retried
+
+
+def test_export_to_an_unwritable_path_names_it(pool, tmp_path):
+    given(pool, ("create", "vm1", M))
+    assert "no-such-dir/out.raw" in fails(1, "export", "vm1", tmp_path / "no-such-dir" / "out.raw",
+                                          pool=pool)
 
 
 def test_progress_only_on_a_terminal(pool, tmp_path):

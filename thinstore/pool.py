@@ -27,7 +27,7 @@ import numpy as np
 
 from . import names
 from .device import Device, DeviceInfo
-from .errors import (DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
+from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import FANOUT, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
@@ -101,6 +101,9 @@ class Pool:
             meta = fileio(os.path.join(path, "meta"))
             md = Metadata(meta, data)
             md.load()
+        except CorruptMetadata as e:
+            os.close(lockfd)
+            raise CorruptMetadata(f"pool {path}: {e}; run 'thinstore --pool {path} check'") from None
         except BaseException:
             os.close(lockfd)
             raise
@@ -112,7 +115,8 @@ class Pool:
                 return
             self._stop.set()
             try:
-                self.commit()
+                if self._dirty:        # a read-only session leaves the pool untouched
+                    self.commit()
             finally:
                 self._closed = True
                 self.md.data_fio.close()

@@ -51,15 +51,15 @@ class SpaceMap:
         found, total = [], 0
         size = len(self.refs.arr)
         for lo, hi in ((self.cursor, size), (1, self.cursor)):
-            pos = lo
+            pos, window = lo, max(256, 2 * n)     # small first: the cursor is usually at free space
             while pos < hi and total < n:
-                end = min(pos + _WINDOW, hi)
+                end = min(pos + window, hi)
                 win = np.flatnonzero((self.refs.arr[pos:end] == 0) &
                                      ((self.state[pos:end] & ST_PENDING_FREE) == 0))
                 take = win[:n - total] + pos
                 found.append(take)
                 total += len(take)
-                pos = end
+                pos, window = end, min(window * 4, _WINDOW)
         if total < n:
             return None
         ids = np.concatenate(found).astype(np.int64)

@@ -88,7 +88,8 @@ def cmd_export(args) -> int:
     with open_pool(args) as pool:
         dev = pool.open_device(args.name)
         try:
-            with _open_output(args.file) as out, Progress(dev.size, f"export {args.name}") as progress:
+            progress = Progress(dev.size, f"export {args.name}")
+            with _open_output(args.file) as out, progress:
                 rawcopy.export_device(dev, out.fileno(), progress)
         finally:
             dev.close()

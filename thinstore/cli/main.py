@@ -7,8 +7,8 @@ adding a module and its name here, nothing else.
 
 Exit codes: 0 success; 2 usage errors (argparse's and :class:`UsageError`); a
 :class:`ThinstoreError` returns its ``exit_code`` after ONE line ``thinstore: <message>`` on
-stderr; 1 for an OS error on a file the user named; 70 for a bug; 130 on Ctrl-C.  Tracebacks appear only
-with ``THINSTORE_DEBUG=1``.
+stderr; 1 for an OS error on a file the user named; 70 for a bug; 130 on Ctrl-C.
+Tracebacks appear only with ``THINSTORE_DEBUG=1``.
 """
 
 from __future__ import annotations

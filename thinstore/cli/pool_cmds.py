@@ -1,4 +1,4 @@
-"""Pool-wide commands: ``init`` creates a pool, ``status`` reports its space and state."""
+"""Pool-wide commands: ``init`` creates a pool, ``grow`` enlarges it, ``status`` reports it."""
 
 from __future__ import annotations
 
@@ -16,10 +16,17 @@ def register(subparsers) -> None:
     init = subparsers.add_parser("init", help="create a pool in DIR",
                                  description="Create a new pool in the --pool directory.")
     init.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
-                      help=f"data capacity (default {DEFAULT_CAPACITY}); volumes may exceed it in sum")
+                      help=f"data capacity (default {DEFAULT_CAPACITY}); volumes may exceed it "
+                      "in sum")
     init.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                       help=f"allocation unit, a power of two 4K..1M (default {DEFAULT_CHUNK_SIZE})")
     init.set_defaults(func=cmd_init)
+
+    grow = subparsers.add_parser("grow", help="enlarge the pool's capacity",
+                                 description="Set the pool's capacity to SIZE, or add to it "
+                                 "with +SIZE. A pool never shrinks.")
+    grow.add_argument("size", metavar="[+]SIZE", help="new capacity, or +SIZE to add")
+    grow.set_defaults(func=cmd_grow)
 
     status = subparsers.add_parser("status", help="show capacity, usage and state of the pool")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -39,6 +46,14 @@ def cmd_init(args) -> int:
     from thinstore import Pool
 
     Pool.create(pool_path(args), capacity=args.capacity, chunk_size=args.chunk_size).close()
+    return 0
+
+
+def cmd_grow(args) -> int:
+    relative = args.size.startswith("+")
+    size = parse_size(args.size[1:] if relative else args.size)
+    with open_pool(args) as pool:
+        pool.grow(pool.capacity + size if relative else size)
     return 0
 
 

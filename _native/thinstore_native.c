@@ -1,0 +1,503 @@
+/*
+ * thinstore_native.c -- the kernels declared in thinstore_native.h.
+ *
+ * Plain C over (pointer, length) pairs: no Python.h, no allocation on the hot
+ * path, every id bounds-checked.  Semantics are those of the Python twins in
+ * thinstore/kernels.py; when the two disagree the twin is right and this file
+ * is the bug.
+ */
+#define _GNU_SOURCE
+#include "thinstore_native.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+
+#define BOUNCE_SIZE (64 * 1024)  /* on the stack: fits any thread's stack */
+
+static const uint8_t zero_block[64 * 1024];
+
+int ts_api_version(void) { return TS_API_VERSION; }
+
+/* ---- map lookups ------------------------------------------------------- */
+
+/* Entry of virtual chunk v: 0 for a hole, or TS_E_CORRUPT via *err. */
+static inline uint64_t lookup(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
+                              uint64_t n_pages, uint64_t v, int *err)
+{
+    uint64_t d = v / TS_FANOUT;
+    if (d >= n_dir) { *err = TS_E_CORRUPT; return 0; }
+    uint64_t pid = dir[d];
+    if (pid == 0) return 0;
+    if (pid >= n_pages) { *err = TS_E_CORRUPT; return 0; }
+    return pages[pid * TS_FANOUT + v % TS_FANOUT];
+}
+
+/* Pointer to the entry of virtual chunk v for writing; its page id in *pid.
+ * NULL when the page is missing or an id is out of range. */
+static inline uint64_t *entry_ptr(uint64_t *dir, uint64_t n_dir, uint64_t *pages,
+                                  uint64_t n_pages, uint64_t v, uint64_t *pid)
+{
+    uint64_t d = v / TS_FANOUT;
+    if (d >= n_dir) return NULL;
+    *pid = dir[d];
+    if (*pid == 0 || *pid >= n_pages) return NULL;
+    return &pages[*pid * TS_FANOUT + v % TS_FANOUT];
+}
+
+/* One reference less on chunk c, with the ref_batch(-1) flag rules. */
+static inline int ref_dec(uint32_t *ref, uint8_t *state, uint64_t c)
+{
+    if (ref[c] == 0) return TS_E_UNDERFLOW;
+    ref[c] -= 1;
+    state[c] |= TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED);
+    return 0;
+}
+
+/* ---- positional I/O ---------------------------------------------------- */
+
+static int pread_full(int fd, uint8_t *buf, uint64_t len, uint64_t off)
+{
+    while (len > 0) {
+        ssize_t n = pread(fd, buf, len > (1u << 30) ? (1u << 30) : len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (n == 0) {  /* past the end of the file: zeros, like FileIO.pread */
+            memset(buf, 0, len);
+            return 0;
+        }
+        buf += n; off += (uint64_t)n; len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    while (len > 0) {
+        ssize_t n = pwrite(fd, buf, len > (1u << 30) ? (1u << 30) : len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        buf += n; off += (uint64_t)n; len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Make [off, off+len) read as zeros: punch a hole, or write zeros (iovec of a
+ * shared zero block) where the file system cannot punch. */
+static int punch(int fd, uint64_t off, uint64_t len)
+{
+    if (len == 0) return 0;
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL)
+        return -errno;
+    struct iovec iov[16];
+    while (len > 0) {
+        int k = 0;
+        uint64_t batch = 0;
+        while (k < 16 && batch < len) {
+            uint64_t n = len - batch < sizeof zero_block ? len - batch : sizeof zero_block;
+            iov[k].iov_base = (void *)zero_block;
+            iov[k].iov_len = n;
+            batch += n; k++;
+        }
+        ssize_t w = pwritev(fd, iov, k, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        off += (uint64_t)w; len -= (uint64_t)w;
+    }
+    return 0;
+}
+
+static int copy_bounce(int fd, uint64_t src, uint64_t dst, uint64_t len)
+{
+    uint8_t bounce[BOUNCE_SIZE];
+    while (len > 0) {
+        uint64_t n = len < BOUNCE_SIZE ? len : BOUNCE_SIZE;
+        int rc = pread_full(fd, bounce, n, src);
+        if (rc == 0) rc = pwrite_full(fd, bounce, n, dst);
+        if (rc) return rc;
+        src += n; dst += n; len -= n;
+    }
+    return 0;
+}
+
+int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length)
+{
+    while (length > 0) {
+        loff_t s = (loff_t)src, d = (loff_t)dst;
+        ssize_t n = copy_file_range(fd, &s, fd, &d, length, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL)
+                return -errno;
+            n = 0;
+        }
+        if (n == 0)  /* refused, or source past EOF: copy (zeros) by hand */
+            return copy_bounce(fd, src, dst, length);
+        src += (uint64_t)n; dst += (uint64_t)n; length -= (uint64_t)n;
+    }
+    return 0;
+}
+
+int ts_is_zero(const uint8_t *buf, uint64_t length)
+{
+    uint64_t i = 0;
+    for (; i < length && ((uintptr_t)(buf + i) & 7); i++)
+        if (buf[i]) return 0;
+    for (; i + 64 <= length; i += 64) {
+        const uint64_t *w = (const uint64_t *)(buf + i);
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) return 0;
+    }
+    for (; i < length; i++)
+        if (buf[i]) return 0;
+    return 1;
+}
+
+/* ---- translation ------------------------------------------------------- */
+
+/* Append (voff, len, doff) to out, merging with the previous row when both are
+ * holes or the data continues the previous row's data. */
+static inline int emit(int64_t *out, uint64_t out_rows, int64_t *rows,
+                       uint64_t voff, uint64_t len, int64_t doff)
+{
+    if (*rows > 0) {
+        int64_t *p = out + (*rows - 1) * 3;
+        if ((doff < 0 && p[2] < 0) || (doff >= 0 && p[2] >= 0 && p[2] + p[1] == doff)) {
+            p[1] += (int64_t)len;
+            return 0;
+        }
+    }
+    if ((uint64_t)*rows >= out_rows) return TS_E_SPACE;
+    int64_t *r = out + *rows * 3;
+    r[0] = (int64_t)voff; r[1] = (int64_t)len; r[2] = doff;
+    (*rows)++;
+    return 0;
+}
+
+int64_t ts_translate(const uint64_t *dir, uint64_t n_dir,
+                     const uint64_t *pages, uint64_t n_pages,
+                     unsigned chunk_shift, uint64_t offset, uint64_t length,
+                     int64_t *out, uint64_t out_rows)
+{
+    if (chunk_shift > 40) return TS_E_ARG;
+    int64_t rows = 0;
+    uint64_t end = offset + length, csize = 1ull << chunk_shift;
+    for (uint64_t pos = offset; pos < end;) {
+        uint64_t v = pos >> chunk_shift, cstart = v << chunk_shift;
+        uint64_t stop = cstart + csize < end ? cstart + csize : end;
+        int err = 0;
+        uint64_t c = lookup(dir, n_dir, pages, n_pages, v, &err);
+        if (err) return err;
+        int64_t doff = c ? (int64_t)((c << chunk_shift) + (pos - cstart)) : -1;
+        int rc = emit(out, out_rows, &rows, pos, stop - pos, doff);
+        if (rc) return rc;
+        pos = stop;
+    }
+    return rows;
+}
+
+int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
+                              const uint64_t *pages, uint64_t n_pages,
+                              const uint32_t *chunk_ref, const uint8_t *chunk_state,
+                              uint64_t n_chunks, unsigned chunk_shift,
+                              uint64_t offset, uint64_t length)
+{
+    if (length == 0) return 0;
+    if (chunk_shift > 40) return TS_E_ARG;
+    uint64_t first = offset >> chunk_shift, last = (offset + length - 1) >> chunk_shift;
+    int64_t need = 0;
+    for (uint64_t v = first; v <= last; v++) {
+        int err = 0;
+        uint64_t c = lookup(dir, n_dir, pages, n_pages, v, &err);
+        if (err) return err;
+        if (c >= n_chunks) return TS_E_CORRUPT;
+        if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
+    }
+    return need;
+}
+
+/* ---- reference counts -------------------------------------------------- */
+
+int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst,
+                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks)
+{
+    if (src >= n_pages || dst >= n_pages) return TS_E_CORRUPT;
+    const uint64_t *s = pages + src * TS_FANOUT;
+    for (int i = 0; i < TS_FANOUT; i++)
+        if (s[i] >= n_chunks) return TS_E_CORRUPT;
+    memmove(pages + dst * TS_FANOUT, s, TS_FANOUT * sizeof(uint64_t));
+    for (int i = 0; i < TS_FANOUT; i++) {
+        uint64_t c = s[i];
+        if (c) { chunk_ref[c] += 1; chunk_state[c] |= TS_ST_REF_CHANGED; }
+    }
+    return 0;
+}
+
+/* Decrement each of ids[k] in turn (zeros skipped).  If a count would drop
+ * below zero, restore the ones already done and fail: all or nothing. */
+static int dec_all(uint32_t *ref, const uint64_t *ids, uint64_t k)
+{
+    uint64_t i;
+    for (i = 0; i < k; i++) {
+        uint64_t c = ids[i];
+        if (!c) continue;
+        if (ref[c] == 0) break;
+        ref[c] -= 1;
+    }
+    if (i == k) return 0;
+    for (uint64_t j = 0; j < i; j++)
+        if (ids[j]) ref[ids[j]] += 1;
+    return TS_E_UNDERFLOW;
+}
+
+/* The flags a decrement leaves, from the count after the whole batch (as the
+ * twin does): PENDING_FREE when it reached zero, PINNED otherwise. */
+static inline void dec_flags(const uint32_t *ref, uint8_t *state, uint64_t c)
+{
+    state[c] |= TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED);
+}
+
+int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                 const uint64_t *ids, uint64_t k, int delta)
+{
+    if (delta != 1 && delta != -1) return TS_E_ARG;
+    for (uint64_t i = 0; i < k; i++)
+        if (ids[i] >= n_chunks) return TS_E_CORRUPT;
+    if (delta < 0) {
+        int rc = dec_all(chunk_ref, ids, k);
+        if (rc) return rc;
+        for (uint64_t i = 0; i < k; i++)
+            if (ids[i]) dec_flags(chunk_ref, chunk_state, ids[i]);
+        return 0;
+    }
+    for (uint64_t i = 0; i < k; i++) {
+        uint64_t c = ids[i];
+        if (c) { chunk_ref[c] += 1; chunk_state[c] |= TS_ST_REF_CHANGED; }
+    }
+    return 0;
+}
+
+/* Entry of virtual chunk v for unmapping, NULL under a missing page; its page
+ * id in *pid.  *err is set when an id lies outside its array. */
+static inline uint64_t *unmap_entry(uint64_t *dir, uint64_t n_dir, uint64_t *pages,
+                                    uint64_t n_pages, uint64_t n_chunks, uint64_t v,
+                                    uint64_t *pid, int *err)
+{
+    if (v / TS_FANOUT >= n_dir) { *err = TS_E_CORRUPT; return NULL; }
+    *pid = dir[v / TS_FANOUT];
+    if (*pid == 0) return NULL;
+    if (*pid >= n_pages) { *err = TS_E_CORRUPT; return NULL; }
+    uint64_t *e = &pages[*pid * TS_FANOUT + v % TS_FANOUT];
+    if (*e >= n_chunks) { *err = TS_E_CORRUPT; return NULL; }
+    return e;
+}
+
+int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
+                       uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
+                       uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                       uint64_t first, uint64_t count)
+{
+    /* Pass 1 checks ids and drops the references (undone on underflow), pass 2
+     * sets the flags from the final counts and clears the entries: all or
+     * nothing, like the twin's single batched ref_batch. */
+    uint64_t v, pid;
+    int err = 0;
+    for (v = first; v < first + count; v++) {
+        uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, v, &pid, &err);
+        if (err) break;
+        if (!e || !*e) continue;
+        if (chunk_ref[*e] == 0) { err = TS_E_UNDERFLOW; break; }
+        chunk_ref[*e] -= 1;
+    }
+    if (err) {
+        for (uint64_t u = first; u < v; u++) {
+            uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, u, &pid, &err);
+            if (e && *e) chunk_ref[*e] += 1;
+        }
+        return err;
+    }
+    int64_t done = 0;
+    for (v = first; v < first + count; v++) {
+        uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, v, &pid, &err);
+        if (!e || !*e) continue;
+        dec_flags(chunk_ref, chunk_state, *e);
+        *e = 0;
+        page_dirty[pid] = 1;
+        done++;
+    }
+    return done;
+}
+
+int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
+                    const uint32_t *page_ref, uint64_t n_pages,
+                    const uint32_t *chunk_ref, uint64_t n_chunks, int64_t *out)
+{
+    int64_t used = 0, excl = 0;
+    for (uint64_t d = 0; d < n_dir; d++) {
+        uint64_t pid = dir[d];
+        if (pid == 0) continue;
+        if (pid >= n_pages) return TS_E_CORRUPT;
+        const uint64_t *p = pages + pid * TS_FANOUT;
+        int page_excl = page_ref[pid] == 1;
+        for (int i = 0; i < TS_FANOUT; i++) {
+            uint64_t c = p[i];
+            if (!c) continue;
+            if (c >= n_chunks) return TS_E_CORRUPT;
+            used++;
+            excl += page_excl && chunk_ref[c] == 1;
+        }
+    }
+    out[0] = used;
+    out[1] = excl;
+    return 0;
+}
+
+/* ---- the request data path -------------------------------------------- */
+
+int ts_read_range(const uint64_t *dir, uint64_t n_dir,
+                  const uint64_t *pages, uint64_t n_pages,
+                  unsigned chunk_shift, int fd,
+                  uint8_t *buf, uint64_t offset, uint64_t length)
+{
+    /* Walk the chunks, growing one extent (hole or contiguous data) at a time
+     * and issuing it when the next chunk does not continue it. */
+    if (chunk_shift > 40) return TS_E_ARG;
+    uint64_t end = offset + length, csize = 1ull << chunk_shift;
+    uint64_t run_v = offset, run_len = 0;
+    int64_t run_d = -1;
+    for (uint64_t pos = offset; pos <= end;) {
+        uint64_t piece = 0;
+        int64_t doff = -2;  /* sentinel: flush at the end */
+        if (pos < end) {
+            uint64_t v = pos >> chunk_shift, cstart = v << chunk_shift;
+            piece = (cstart + csize < end ? cstart + csize : end) - pos;
+            int err = 0;
+            uint64_t c = lookup(dir, n_dir, pages, n_pages, v, &err);
+            if (err) return err;
+            doff = c ? (int64_t)((c << chunk_shift) + (pos - cstart)) : -1;
+            if (run_len && ((doff < 0 && run_d < 0) ||
+                            (doff >= 0 && run_d >= 0 && run_d + (int64_t)run_len == doff))) {
+                run_len += piece;
+                pos += piece;
+                continue;
+            }
+        }
+        if (run_len) {
+            uint8_t *dst = buf + (run_v - offset);
+            if (run_d < 0) memset(dst, 0, run_len);
+            else {
+                int rc = pread_full(fd, dst, run_len, (uint64_t)run_d);
+                if (rc) return rc;
+            }
+        }
+        if (pos == end) break;
+        run_v = pos; run_len = piece; run_d = doff;
+        pos += piece;
+    }
+    return 0;
+}
+
+/* The batch of data writes of one ts_write_range: pieces contiguous in the
+ * file join the pending run; anything else flushes it first. */
+struct run { int fd; const uint8_t *buf; uint64_t off, len; };
+
+static int run_flush(struct run *r)
+{
+    int rc = r->len ? pwrite_full(r->fd, r->buf, r->len, r->off) : 0;
+    r->len = 0;
+    return rc;
+}
+
+static int run_add(struct run *r, const uint8_t *buf, uint64_t off, uint64_t len)
+{
+    if (r->len && r->off + r->len == off && r->buf + r->len == buf) {
+        r->len += len;
+        return 0;
+    }
+    int rc = run_flush(r);
+    r->buf = buf; r->off = off; r->len = len;
+    return rc;
+}
+
+/* Give virtual chunk entry *e a fresh chunk from new_chunks, preparing the
+ * parts [0, lo) and [hi, csize) the write leaves alone: zeros for a new
+ * mapping, the old chunk's bytes for a copy on write. */
+static int take_new_chunk(uint64_t *e, uint64_t old, uint32_t *ref, uint8_t *state,
+                          uint64_t n_chunks, const int64_t *new_chunks, uint64_t n_new,
+                          uint64_t *next_new, unsigned shift, int fd,
+                          uint64_t lo, uint64_t hi, int64_t *counters)
+{
+    if (*next_new >= n_new) return TS_E_NOCHUNK;
+    int64_t n = new_chunks[(*next_new)++];
+    if (n <= 0 || (uint64_t)n >= n_chunks) return TS_E_CORRUPT;
+    uint64_t csize = 1ull << shift, nbase = (uint64_t)n << shift;
+    int rc;
+    if (old == 0) {
+        rc = punch(fd, nbase, lo);
+        if (rc == 0) rc = punch(fd, nbase + hi, csize - hi);
+        counters[0] += 1;
+    } else {
+        uint64_t obase = old << shift;
+        rc = ts_cow_copy(fd, obase, nbase, lo);
+        if (rc == 0) rc = ts_cow_copy(fd, obase + hi, nbase + hi, csize - hi);
+        if (rc == 0) rc = ref_dec(ref, state, old);
+        counters[0] += 1;
+        counters[1] += 1;
+        counters[2] += (int64_t)(lo + csize - hi);
+    }
+    if (rc) return rc;
+    ref[n] = 1;
+    state[n] = TS_ST_REF_CHANGED | TS_ST_WRITTEN;  /* a fresh chunk: no stale flags */
+    *e = (uint64_t)n;
+    return 0;
+}
+
+int ts_write_range(uint64_t *dir, uint64_t n_dir,
+                   uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
+                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                   const int64_t *new_chunks, uint64_t n_new,
+                   unsigned chunk_shift, int fd,
+                   const uint8_t *buf, uint64_t offset, uint64_t length,
+                   int64_t *counters)
+{
+    if (chunk_shift > 40) return TS_E_ARG;
+    uint64_t end = offset + length, csize = 1ull << chunk_shift, next_new = 0;
+    struct run run = { fd, buf, 0, 0 };
+    for (uint64_t pos = offset; pos < end;) {
+        uint64_t v = pos >> chunk_shift, cstart = v << chunk_shift, pid;
+        uint64_t lo = pos - cstart, hi = (cstart + csize < end ? cstart + csize : end) - cstart;
+        uint64_t *e = entry_ptr(dir, n_dir, pages, n_pages, v, &pid);
+        if (!e || *e >= n_chunks) return TS_E_CORRUPT;
+        uint64_t c = *e;
+        if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) {
+            int rc = take_new_chunk(e, c, chunk_ref, chunk_state, n_chunks, new_chunks, n_new,
+                                    &next_new, chunk_shift, fd, lo, hi, counters);
+            if (rc) return rc;
+            page_dirty[pid] = 1;
+        } else {
+            chunk_state[c] |= TS_ST_WRITTEN;
+        }
+        int rc = run_add(&run, buf + (pos - offset), (*e << chunk_shift) + lo, hi - lo);
+        if (rc) return rc;
+        pos = cstart + hi;
+    }
+    int rc = run_flush(&run);
+    if (rc == 0) counters[3] += (int64_t)length;
+    return rc;
+}

@@ -1,0 +1,172 @@
+/*
+ * thinstore_native.h -- the whole contract of thinstore's native hot path.
+ *
+ * Everything the C side does is declared and documented here; _native/build.py
+ * feeds the block between the cdef markers to cffi verbatim, so this header is
+ * also the binding.  The Python twins in thinstore/kernels.py implement the same
+ * functions and are the test oracle; thinstore/native.py wraps these calls.
+ *
+ * Data layout (all arrays C-contiguous, owned by the Python caller):
+ *   dir[n_dir]            uint64  map page id per TS_FANOUT virtual chunks, 0 = none
+ *   pages[n_pages*FANOUT] uint64  row p = map page p (row 0 unused); entry = data
+ *                                 chunk id, 0 = unmapped (chunk 0 is never allocated)
+ *   page_dirty[n_pages]   uint8   set to 1 when a page's entries change
+ *   chunk_ref[n_chunks]   uint32  map entries referencing the chunk
+ *   chunk_state[n_chunks] uint8   TS_ST_* flags
+ *   Virtual chunk v lives in dir[v / FANOUT], slot v % FANOUT; data chunk c sits at
+ *   byte c << chunk_shift of the data file.
+ *
+ * Rules every function keeps:
+ *   - One call per request or range, never per chunk; no call allocates memory
+ *     for its result (the caller passes output arrays with their sizes).
+ *   - Every id read from an array is bounds-checked against the array length
+ *     passed alongside it, so damaged metadata gives TS_E_CORRUPT, never a crash.
+ *   - Nothing here touches Python: cffi releases the GIL for the whole call, so
+ *     I/O runs while other threads run.  The caller serialises calls that mutate
+ *     the same arrays (the pool lock).
+ *   - Return: >= 0 is the result; < 0 is -errno for an I/O failure (the wrapper
+ *     raises OSError) or one of the TS_E_* codes below (all below -TS_E_BASE).
+ *     After an I/O error in ts_write_range the map may be partially updated, as
+ *     with the twin; the open transaction is then abandoned by the caller.
+ */
+#ifndef THINSTORE_NATIVE_H
+#define THINSTORE_NATIVE_H
+
+#include <stdint.h>
+
+/* cdef-begin: everything up to cdef-end is parsed by cffi. */
+
+/* Bumped whenever a signature or semantics here changes; native.py refuses a
+ * build whose ts_api_version() differs from the one it was written for. */
+#define TS_API_VERSION 1
+
+#define TS_FANOUT 508
+
+#define TS_ST_PENDING_FREE 1  /* ref fell to 0 in the open txn; not reusable until commit */
+#define TS_ST_PINNED 2        /* ref fell but is nonzero in the open txn: copy on write  */
+#define TS_ST_WRITTEN 4       /* data written since the last commit                      */
+#define TS_ST_REF_CHANGED 8   /* refcount changed since the last commit                  */
+
+#define TS_E_BASE 100000
+#define TS_E_CORRUPT -100001    /* an id points outside its array, or a write hits a missing page */
+#define TS_E_UNDERFLOW -100002  /* a reference count would drop below zero                 */
+#define TS_E_NOCHUNK -100003    /* write_range ran out of preallocated new chunks          */
+#define TS_E_SPACE -100004      /* the output array is too small                           */
+#define TS_E_ARG -100005        /* bad argument: delta not +-1, shift out of range         */
+
+/* The API version this library was compiled with (TS_API_VERSION). */
+int ts_api_version(void);
+
+/*
+ * Translate the byte range [offset, offset+length) of a device into extents.
+ * Writes rows (virt_offset, length, data_offset) into out[out_rows][3]; data_offset
+ * is -1 for a hole (no page, or entry 0).  Coalesced: adjacent holes merge, and
+ * adjacent mapped pieces merge when their data is contiguous in the data file.
+ * Returns the number of rows (0 for length 0), TS_E_SPACE if out_rows is too small
+ * (chunks in range + 1 always suffices), TS_E_CORRUPT on an out-of-range id.
+ */
+int64_t ts_translate(const uint64_t *dir, uint64_t n_dir,
+                     const uint64_t *pages, uint64_t n_pages,
+                     unsigned chunk_shift, uint64_t offset, uint64_t length,
+                     int64_t *out, uint64_t out_rows);
+
+/*
+ * Shadow a map page: pages[dst] = pages[src], and every nonzero entry c gains a
+ * reference (chunk_ref[c] += 1, chunk_state[c] |= REF_CHANGED).  Ids are checked
+ * before anything changes.  Returns 0 or TS_E_CORRUPT.
+ */
+int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst,
+                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks);
+
+/*
+ * Apply delta (+1 or -1) to the reference count of each id in ids[k] (ids may
+ * repeat and each occurrence counts; zeros are ignored).  Every id touched gets
+ * REF_CHANGED; a decrement also sets, from the count after the whole batch,
+ * PENDING_FREE when it is 0 and PINNED otherwise.  All or nothing: if any count
+ * would drop below 0 (TS_E_UNDERFLOW) or an id is out of range (TS_E_CORRUPT)
+ * nothing changes.  Returns 0 or the error.
+ */
+int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                 const uint64_t *ids, uint64_t k, int delta);
+
+/*
+ * Count the chunks of [offset, offset+length) a write would have to allocate:
+ * entry 0 (or no page), or chunk_ref > 1, or state & PINNED.  Returns the count
+ * or TS_E_CORRUPT.
+ */
+int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
+                              const uint64_t *pages, uint64_t n_pages,
+                              const uint32_t *chunk_ref, const uint8_t *chunk_state,
+                              uint64_t n_chunks, unsigned chunk_shift,
+                              uint64_t offset, uint64_t length);
+
+/*
+ * Write buf[length] at byte offset of the device through its map, on file fd.
+ * Each chunk touched, with [lo, hi) the part the write covers:
+ *   entry 0   -> take the next of new_chunks; ref = 1, state = REF_CHANGED|WRITTEN; punch
+ *                the uncovered parts (fallocate PUNCH_HOLE|KEEP_SIZE, zeros written
+ *                where unsupported) so they read zero; entry = new; page dirty.
+ *   shared    -> (ref > 1 or PINNED) take the next new chunk; copy the uncovered
+ *                parts of the old chunk into it (ts_cow_copy); drop one reference
+ *                from the old chunk (ref_batch -1 rules); new ref = 1,
+ *                state = REF_CHANGED|WRITTEN; entry = new; page dirty.
+ *   otherwise -> written in place; WRITTEN.
+ * Data landing contiguously in the file goes out in one pwrite.  counters[4] +=
+ * (chunks allocated (both cases above), chunks copied on write, bytes copied,
+ * bytes written).
+ * The page of every chunk in range must exist and be exclusive (caller shadows).
+ * Returns 0, -errno on I/O error, TS_E_NOCHUNK, TS_E_CORRUPT or TS_E_UNDERFLOW.
+ */
+int ts_write_range(uint64_t *dir, uint64_t n_dir,
+                   uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
+                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                   const int64_t *new_chunks, uint64_t n_new,
+                   unsigned chunk_shift, int fd,
+                   const uint8_t *buf, uint64_t offset, uint64_t length,
+                   int64_t *counters);
+
+/*
+ * Unmap whole virtual chunks [first, first+count): each nonzero entry becomes 0,
+ * its chunk loses one reference with ref_batch -1 rules (one batch for the whole
+ * range) and its page is marked dirty; chunks under a missing page are skipped.
+ * Pages with nonzero entries must be exclusive.  All or nothing.  Returns the
+ * number of entries unmapped, TS_E_CORRUPT or TS_E_UNDERFLOW.
+ */
+int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
+                       uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
+                       uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                       uint64_t first, uint64_t count);
+
+/*
+ * Read [offset, offset+length) of the device into buf[length]: holes become zeros,
+ * each coalesced mapped extent is one pread loop (bytes past the end of the file
+ * read as zeros).  Returns 0, -errno, or TS_E_CORRUPT.
+ */
+int ts_read_range(const uint64_t *dir, uint64_t n_dir,
+                  const uint64_t *pages, uint64_t n_pages,
+                  unsigned chunk_shift, int fd,
+                  uint8_t *buf, uint64_t offset, uint64_t length);
+
+/*
+ * Copy [src, src+length) to [dst, dst+length) within fd: copy_file_range in a
+ * loop (a reflink on btrfs and xfs, an in-kernel copy elsewhere), falling back to
+ * pread/pwrite when the file system refuses; bytes past the end of the file copy
+ * as zeros.  The ranges must not overlap.  Returns 0 or -errno.
+ */
+int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length);
+
+/* 1 if all length bytes of buf are zero, else 0. */
+int ts_is_zero(const uint8_t *buf, uint64_t length);
+
+/*
+ * Count a device's mapped chunks into out[2] = (used, exclusive): exclusive are
+ * those whose page has page_ref 1 and whose chunk has chunk_ref 1.
+ * Returns 0 or TS_E_CORRUPT.
+ */
+int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
+                    const uint32_t *page_ref, uint64_t n_pages,
+                    const uint32_t *chunk_ref, uint64_t n_chunks, int64_t *out);
+
+/* cdef-end */
+
+#endif /* THINSTORE_NATIVE_H */

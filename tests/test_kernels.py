@@ -1,0 +1,428 @@
+"""The native kernels do exactly what their pure-Python twins do.
+
+Each kernel has one hypothesis test that runs the twin and the C version on the
+same random map, space map and file and demands identical results: returned
+values, every array, the data file's bytes, the counters.  Ranges include
+unaligned starts and ends, zero length and the device's last partial chunk; refcount
+batches repeat ids and include zeros.  A second group of plain cases runs against
+each backend (parametrized) so a pure-Python CI run still exercises them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from thinstore import native
+from thinstore.errors import CorruptMetadata, ThinstoreError
+
+from thinstore import kernels as TWIN
+from thinstore.storage import FileIO
+
+F = 508
+PINNED = 2
+NAT = native.NATIVE
+needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels unavailable: {native.WHY_NOT_NATIVE}")
+BACKENDS = [pytest.param(TWIN, id="python"),
+            pytest.param(NAT, id="native", marks=needs_native)]
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+class Pool:
+    """A random device map and space map: the arrays the kernels work on."""
+
+    def __init__(self, seed: int, n_dir: int, n_chunks: int, shift: int, density: float):
+        rng = np.random.default_rng(seed)
+        self.shift, self.n_chunks = shift, n_chunks
+        cap = n_dir + 2
+        self.pages = np.zeros((cap, F), np.uint64)
+        self.dirarr = np.zeros(n_dir, np.uint64)
+        for d in range(n_dir):
+            if rng.random() < 0.85:  # some directory slots have no page
+                self.dirarr[d] = d + 1
+                self.pages[d + 1] = _entries(rng, n_chunks, density)
+        self.page_dirty = np.zeros(cap, np.uint8)
+        self.page_ref = rng.integers(1, 3, cap).astype(np.uint32)
+        self.chunk_ref = np.zeros(n_chunks, np.uint32)
+        np.add.at(self.chunk_ref, self.pages[self.dirarr[self.dirarr > 0]].ravel(), 1)
+        self.chunk_ref[0] = 0
+        self.chunk_ref += (rng.random(n_chunks) < 0.2).astype(np.uint32) * (self.chunk_ref > 0)
+        self.chunk_state = (rng.random(n_chunks) < 0.1).astype(np.uint8) * PINNED
+        self.chunk_state[self.chunk_ref == 0] = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.dirarr) * F << self.shift
+
+    def arrays(self):
+        return [self.dirarr, self.pages, self.page_dirty, self.chunk_ref, self.chunk_state]
+
+    def copy(self) -> "Pool":
+        other = object.__new__(Pool)
+        other.__dict__ = {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                          for k, v in self.__dict__.items()}
+        return other
+
+    def free_chunks(self, k: int) -> np.ndarray:
+        free = np.flatnonzero(self.chunk_ref == 0)
+        return free[free > 0][:k].astype(np.int64)
+
+
+def _entries(rng, n_chunks, density):
+    """One map page: runs of consecutive chunk ids (to coalesce) among holes."""
+    out = np.zeros(F, np.uint64)
+    i = 0
+    while i < F:
+        run = int(rng.integers(1, 40))
+        if rng.random() < density:
+            start = int(rng.integers(1, n_chunks - 1))
+            ids = np.arange(start, start + run) % (n_chunks - 1) + 1
+            out[i:i + run] = ids[:F - i]
+        i += run
+    return out
+
+
+pools = st.builds(Pool, seed=st.integers(0, 2**32 - 1), n_dir=st.integers(1, 3),
+                  n_chunks=st.integers(64, 1200), shift=st.sampled_from([9, 12, 16]),
+                  density=st.floats(0, 1))
+
+
+@st.composite
+def pool_and_range(draw, max_chunks=None):
+    """A pool and a byte range inside its device: unaligned, empty, or at the end."""
+    pool = draw(pools)
+    size, cs = pool.size, 1 << pool.shift
+    kind = draw(st.sampled_from(["any", "empty", "tail", "aligned"]))
+    limit = size if max_chunks is None else min(size, max_chunks * cs)
+    if kind == "empty":
+        return pool, draw(st.integers(0, size)), 0
+    length = draw(st.integers(1, limit))
+    if kind == "tail":
+        return pool, size - length, length
+    off = draw(st.integers(0, size - length))
+    if kind == "aligned":
+        off -= off % cs
+    return pool, off, length
+
+
+def _rows(k, pool, off, length):
+    out = np.full(((length >> pool.shift) + 2, 3), -7, np.int64)
+    n = k.translate(pool.dirarr, pool.pages, pool.shift, off, length, out)
+    return out[:n].tolist()
+
+
+class DataFile:
+    """A pool data file with random bytes in every chunk, opened with FileIO."""
+
+    def __init__(self, path, pool, seed):
+        data = np.random.default_rng(seed).integers(0, 256, pool.n_chunks << pool.shift, np.uint8)
+        data.tofile(path)
+        self.path = str(path)
+        self.fio = _open(self.path)
+
+    def twin(self, suffix):
+        shutil.copyfile(self.path, self.path + suffix)
+        return _open(self.path + suffix)
+
+
+def _open(path):
+    return FileIO(path)
+
+
+def _read_all(fio):
+    return os.pread(fio.fd, 1 << 30, 0)
+
+
+# ---- native and twin agree ------------------------------------------------
+
+@needs_native
+@SETTINGS
+@given(pool_and_range())
+def test_translate_agrees(args):
+    pool, off, length = args
+    rows = _rows(TWIN, pool, off, length)
+    assert _rows(NAT, pool, off, length) == rows
+    assert sum(r[1] for r in rows) == length
+
+
+@needs_native
+@SETTINGS
+@given(pools, st.data())
+def test_shadow_page_agrees(pool, data):
+    src = data.draw(st.integers(0, len(pool.pages) - 1))
+    dst = data.draw(st.integers(1, len(pool.pages) - 1).filter(lambda d: d != src))
+    a, b = pool, pool.copy()
+    TWIN.shadow_page(a.pages, src, dst, a.chunk_ref, a.chunk_state)
+    NAT.shadow_page(b.pages, src, dst, b.chunk_ref, b.chunk_state)
+    _same_arrays(a, b)
+
+
+@needs_native
+@SETTINGS
+@given(pools, st.data(), st.sampled_from([1, -1]))
+def test_ref_batch_agrees(pool, data, delta):
+    mapped = np.flatnonzero(pool.chunk_ref).tolist() or [0]
+    ids = data.draw(st.lists(st.one_of(st.sampled_from(mapped), st.just(0)), max_size=200))
+    ids = np.array(ids, np.uint64)
+    a, b = pool, pool.copy()
+    errs = [_outcome(k.ref_batch, p.chunk_ref, p.chunk_state, ids, delta)
+            for k, p in ((TWIN, a), (NAT, b))]
+    assert errs[0] == errs[1]
+    if errs[0] is None:  # after an underflow the twin's partial state is unspecified
+        _same_arrays(a, b)
+
+
+@needs_native
+@SETTINGS
+@given(pool_and_range())
+def test_count_write_allocs_agrees(args):
+    pool, off, length = args
+    _give_every_slot_a_page(pool)
+    got = [k.count_write_allocs(pool.dirarr, pool.pages, pool.chunk_ref, pool.chunk_state,
+                                pool.shift, off, length) for k in (TWIN, NAT)]
+    assert got[0] == got[1]
+
+
+@needs_native
+@SETTINGS
+@given(pool_and_range(max_chunks=24), st.integers(0, 2**32 - 1))
+def test_write_range_agrees(tmp_path, args, seed):
+    pool, off, length = args
+    _give_every_slot_a_page(pool)
+    f = DataFile(tmp_path / "data", pool, seed)
+    buf = np.random.default_rng(seed + 1).integers(0, 256, length, np.uint8).tobytes()
+    k = TWIN.count_write_allocs(pool.dirarr, pool.pages, pool.chunk_ref, pool.chunk_state,
+                                pool.shift, off, length)
+    new = pool.free_chunks(k)
+    if len(new) < k:
+        event("pool full")  # the caller raises PoolFull before calling the kernel
+        return
+    results = []
+    for kern, p, fio in ((TWIN, pool, f.twin(".twin")), (NAT, pool.copy(), f.fio)):
+        counters = np.zeros(4, np.int64)
+        kern.write_range(p.dirarr, p.pages, p.page_dirty, p.chunk_ref, p.chunk_state, new,
+                         p.shift, fio, buf, off, length, counters)
+        results.append((p, counters.tolist(), _read_all(fio)))
+    (a, ca, da), (b, cb, db) = results
+    _same_arrays(a, b)
+    assert ca == cb
+    assert da == db
+    back = bytearray(length)
+    NAT.read_range(b.dirarr, b.pages, b.shift, f.fio, back, off, length)
+    assert back == buf
+
+
+@needs_native
+@SETTINGS
+@given(pools, st.data())
+def test_unmap_range_agrees(pool, data):
+    total = len(pool.dirarr) * F
+    first = data.draw(st.integers(0, total))
+    count = data.draw(st.integers(0, total - first))
+    a, b = pool, pool.copy()
+    got = [k.unmap_range(p.dirarr, p.pages, p.page_dirty, p.chunk_ref, p.chunk_state, first, count)
+           for k, p in ((TWIN, a), (NAT, b))]
+    assert got[0] == got[1]
+    _same_arrays(a, b)
+
+
+@needs_native
+@SETTINGS
+@given(pool_and_range(max_chunks=64), st.integers(0, 2**32 - 1))
+def test_read_range_agrees(tmp_path, args, seed):
+    pool, off, length = args
+    f = DataFile(tmp_path / "data", pool, seed)
+    bufs = [bytearray(length), np.full(length, 0xAA, np.uint8)]
+    TWIN.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, bufs[0], off, length)
+    NAT.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, bufs[1], off, length)
+    assert bytes(bufs[0]) == bufs[1].tobytes()
+
+
+@needs_native
+@SETTINGS
+@given(st.integers(1, 3 << 16), st.integers(0, 2**32 - 1), st.data())
+def test_cow_copy_agrees(tmp_path, size, seed, data):
+    length = data.draw(st.integers(0, size))
+    src = data.draw(st.integers(0, size - length))
+    dst = data.draw(st.integers(0, size + 4096))  # may run past the end of the file
+    if src < dst + length and dst < src + length:
+        dst = src + length  # the kernels require disjoint ranges
+    path = tmp_path / "f"
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, size, np.uint8).tobytes())
+    files = [_open(str(path)), _open(_dup(path, ".twin"))]
+    TWIN.cow_copy(files[1], src, dst, length)
+    NAT.cow_copy(files[0], src, dst, length)
+    assert _read_all(files[0]) == _read_all(files[1])
+
+
+@needs_native
+@SETTINGS
+@given(st.integers(0, 70000), st.data())
+def test_is_zero_agrees(n, data):
+    buf = bytearray(n)
+    if n and data.draw(st.booleans()):
+        buf[data.draw(st.integers(0, n - 1))] = data.draw(st.integers(1, 255))
+    start = data.draw(st.integers(0, min(n, 9)))  # unaligned views too
+    view = memoryview(buf)[start:]
+    assert NAT.is_zero(view) == TWIN.is_zero(view) == (not any(view))
+
+
+@needs_native
+@SETTINGS
+@given(pools)
+def test_count_mapped_agrees(pool):
+    got = [k.count_mapped(pool.dirarr, pool.pages, pool.chunk_ref, pool.page_ref)
+           for k in (TWIN, NAT)]
+    assert tuple(got[0]) == tuple(got[1])
+
+
+# ---- plain cases, run against each backend --------------------------------
+
+@pytest.mark.parametrize("k", BACKENDS)
+class TestBothBackends:
+    def _pool(self):
+        pool = Pool(0, 1, 64, 12, 0.0)
+        pool.dirarr[0] = 1
+        pool.pages[1, :6] = [5, 6, 0, 0, 9, 11]
+        pool.chunk_ref[[5, 6, 9, 11]] = 1
+        return pool
+
+    def test_translate_coalesces_runs_and_holes(self, k):
+        pool = self._pool()
+        assert _rows(k, pool, 100, 6 * 4096 - 200) == [
+            [100, 8092, 5 * 4096 + 100], [8192, 8192, -1],
+            [16384, 4096, 9 * 4096], [20480, 4096 - 100, 11 * 4096]]
+        assert _rows(k, pool, 5, 0) == []
+
+    def test_ref_batch_repeats_and_flags(self, k):
+        pool = self._pool()
+        pool.chunk_ref[5] = 3
+        k.ref_batch(pool.chunk_ref, pool.chunk_state, np.array([5, 0, 5, 6], np.uint64), -1)
+        assert pool.chunk_ref[[5, 6]].tolist() == [1, 0]
+        assert pool.chunk_state[5] & 8 and pool.chunk_state[5] & PINNED
+        assert pool.chunk_state[6] & 1  # pending free
+
+    def test_ref_batch_underflow_raises(self, k):
+        pool = self._pool()
+        with pytest.raises((ThinstoreError, ValueError)):
+            k.ref_batch(pool.chunk_ref, pool.chunk_state, np.array([5, 5], np.uint64), -1)
+
+    def test_write_then_read_through_a_shared_chunk(self, k, tmp_path):
+        pool = self._pool()
+        pool.chunk_ref[6] = 2  # shared with a snapshot: must be copied, not overwritten
+        f = DataFile(tmp_path / "data", pool, 1)
+        before = f.fio.pread(4096, 6 * 4096)
+        new = np.array([20], np.int64)
+        counters = np.zeros(4, np.int64)
+        k.write_range(pool.dirarr, pool.pages, pool.page_dirty, pool.chunk_ref, pool.chunk_state,
+                      new, 12, f.fio, b"x" * 100, 4096 + 10, 100, counters)
+        assert pool.pages[1, 1] == 20 and pool.chunk_ref[6] == 1 and pool.page_dirty[1] == 1
+        assert counters.tolist() == [1, 1, 4096 - 100, 100]  # a COW allocates too
+        assert f.fio.pread(4096, 6 * 4096) == before
+        back = bytearray(4096)
+        k.read_range(pool.dirarr, pool.pages, 12, f.fio, back, 4096, 4096)
+        assert back == before[:10] + b"x" * 100 + before[110:]
+
+    def test_is_zero(self, k):
+        assert k.is_zero(bytes(4096)) and not k.is_zero(b"\0" * 4095 + b"\1")
+        assert k.is_zero(b"")
+
+
+def test_backend_is_reported():
+    assert native.BACKEND in ("native", "python")
+    if os.environ.get(native.ENV) == "1":
+        assert native.BACKEND == "python"
+    if os.environ.get(native.ENV) == "0":
+        assert native.BACKEND == "native"
+
+
+def _import_backend(mode: str | None, hide_native: bool = False):
+    """Import thinstore in a fresh interpreter; (returncode, stdout+stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != native.ENV}
+    if mode is not None:
+        env[native.ENV] = mode
+    env["PYTHONPATH"] = os.getcwd()
+    hide = "import sys; sys.modules['thinstore._thinstore_native'] = None; " if hide_native else ""
+    res = subprocess.run([sys.executable, "-c", hide + "import thinstore; print(thinstore.BACKEND)"],
+                         env=env, capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_pure_python_switch_forces_the_twins():
+    assert _import_backend("1") == (0, "python\n")
+
+
+def test_native_demanded_but_absent_fails_loudly():
+    rc, out = _import_backend("0", hide_native=True)
+    assert rc != 0 and "NativeUnavailable" in out and "THINSTORE_PURE_PYTHON=0" in out
+
+
+def test_unset_falls_back_to_the_twins_without_a_build():
+    assert _import_backend(None, hide_native=True) == (0, "python\n")
+
+
+@needs_native
+def test_unset_uses_native_when_built():
+    assert _import_backend(None) == (0, "native\n")
+
+
+@needs_native
+def test_stale_build_is_refused_with_a_clear_message():
+    built, why = native._load(api=native.API_VERSION + 1)
+    assert built is None and "stale" in why and "rebuild" in why
+
+
+@pytest.mark.parametrize("k", BACKENDS)
+def test_io_error_raises_oserror(k, tmp_path):
+    """A failed pwrite reaches the caller as OSError (the native code's -errno)."""
+    pool = Pool(0, 1, 64, 12, 0.0)
+    pool.dirarr[0] = 1
+    DataFile(tmp_path / "data", pool, 1)
+    ro = FileIO(str(tmp_path / "data"), readonly=True)
+    with pytest.raises(OSError) as err:
+        k.write_range(pool.dirarr, pool.pages, pool.page_dirty, pool.chunk_ref, pool.chunk_state,
+                      np.array([3], np.int64), 12, ro, b"x" * 4096, 0, 4096, np.zeros(4, np.int64))
+    assert err.value.errno == errno.EBADF
+
+
+@needs_native
+def test_native_reports_corrupt_ids_instead_of_crashing():
+    pool = Pool(0, 1, 64, 12, 0.0)
+    pool.dirarr[0] = 10**9
+    with pytest.raises(CorruptMetadata):
+        _rows(NAT, pool, 0, 4096)
+
+
+# ---- helpers ----------------------------------------------------------------
+
+def _give_every_slot_a_page(pool):
+    """write/count preconditions: every page in range exists (and is exclusive)."""
+    for d in range(len(pool.dirarr)):
+        pool.dirarr[d] = d + 1
+
+
+def _same_arrays(a, b):
+    for x, y, name in zip(a.arrays(), b.arrays(), ["dirarr", "pages", "page_dirty",
+                                                   "chunk_ref", "chunk_state"]):
+        assert np.array_equal(x, y), name
+
+
+def _outcome(fn, *args):
+    try:
+        fn(*args)
+    except (ThinstoreError, ValueError):
+        return "error"
+    return None
+
+
+def _dup(path, suffix):
+    shutil.copyfile(path, str(path) + suffix)
+    return str(path) + suffix
