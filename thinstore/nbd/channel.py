@@ -91,7 +91,7 @@ class Outbox:
     def queue(self, parts) -> None:
         """Hold a reply (reader thread only) until flush(); flush early when large."""
         self._queued.extend(parts)
-        self._queued_bytes += sum(len(p) for p in parts)
+        self._queued_bytes += len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         if self._queued_bytes >= FLUSH_BYTES or len(self._queued) >= FLUSH_COUNT:
             self.flush()
 

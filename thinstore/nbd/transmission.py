@@ -119,7 +119,10 @@ class Transmission:
         """
         if not self._inbox.has(P.REQUEST.size):
             self._outbox.flush()
-        req = P.Request._make(self._inbox.unpack(P.REQUEST))
+        fields = self._inbox.unpack(P.REQUEST)
+        if self._fast_path(*fields):
+            return True
+        req = P.Request._make(fields)
         if req.magic != P.REQUEST_MAGIC:
             raise _Violation(f"bad request magic {req.magic:#x}")
         if req.type == P.Cmd.DISC:
@@ -130,6 +133,32 @@ class Transmission:
             self._execute(req, self._read_payload(req), None)
         else:
             self._dispatch(req)
+        return True
+
+    def _fast_path(self, magic, flags, kind, cookie, offset, length) -> bool:
+        """The hot path: a small, flagless, in-range READ or WRITE runs here at once.
+
+        Everything it skips (flags, range, read-only, magic) is checked by the
+        condition; any other request returns False for the general path.
+        """
+        if flags or not 0 < length <= INLINE_MAX or offset + length > self.dev.size \
+                or magic != P.REQUEST_MAGIC or kind > P.Cmd.WRITE:
+            return False
+        if kind == P.Cmd.WRITE:
+            if self.read_only:
+                return False
+            payload = bytearray(length)
+            self._inbox.readinto(memoryview(payload))
+        try:
+            if kind == P.Cmd.WRITE:
+                self.dev.pwrite(payload, offset)
+                self._send(P.simple_reply(cookie))
+            elif self.structured:
+                self._read_small_structured(cookie, offset, length)
+            else:
+                self._read_simple(cookie, offset, length)
+        except (ThinstoreError, OSError) as exc:
+            self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
         return True
 
     def _dispatch(self, req: P.Request) -> None:
@@ -175,16 +204,21 @@ class Transmission:
             _COMMANDS[req.type](self, req, payload)
         except RequestError as exc:
             self._send_error(req, exc.error, str(exc))
-        except ThinstoreError as exc:
-            self._send_error(req, P.wire_errno(exc.errno), str(exc))
-        except OSError as exc:
-            self._send_error(req, P.wire_errno(exc.errno), f"I/O error: {exc.strerror}")
+        except (ThinstoreError, OSError) as exc:
+            self._fail(req, exc)
         except Exception as exc:           # a bug must not take the server down
             log.exception("request %s failed", req)
             self._send_error(req, P.EIO, f"internal error: {exc}")
         finally:
             if nbytes is not None:
                 self._budget.release(nbytes)
+
+    def _fail(self, req: P.Request, exc: Exception) -> None:
+        """Reply with the NBD errno of a storage or OS error."""
+        if isinstance(exc, ThinstoreError):
+            self._send_error(req, P.wire_errno(exc.errno), str(exc))
+        else:
+            self._send_error(req, P.wire_errno(exc.errno), f"I/O error: {exc.strerror}")
 
     def _check(self, req: P.Request) -> None:
         """Validate command, flags and range; errors as the spec recommends."""
@@ -209,12 +243,15 @@ class Transmission:
     def _read(self, req: P.Request, _payload) -> None:
         if self.structured:
             self._read_structured(req)
-            return
-        buf = bytearray(P.SIMPLE_REPLY.size + req.length)
+        else:
+            self._read_simple(req.cookie, req.offset, req.length)
+
+    def _read_simple(self, cookie: int, offset: int, length: int) -> None:
+        buf = bytearray(P.SIMPLE_REPLY.size + length)
         view = memoryview(buf)
-        if req.length:
-            self.dev.readinto(view[P.SIMPLE_REPLY.size:], req.offset)
-        P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, req.cookie)
+        if length:
+            self.dev.readinto(view[P.SIMPLE_REPLY.size:], offset)
+        P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, cookie)
         self._send(view)
 
     def _read_structured(self, req: P.Request) -> None:
@@ -227,7 +264,7 @@ class Transmission:
             self._send(P.chunk_none(req.cookie))
             return
         if req.length <= INLINE_MAX:
-            self._read_small_structured(req)
+            self._read_small_structured(req.cookie, req.offset, req.length)
             return
         runs = _merge_runs(self.dev.extents(req.offset, req.length))
         if req.flags & P.CMD_FLAG_DF and len(runs) > 1:
@@ -236,15 +273,15 @@ class Transmission:
                   for i, (off, n, mapped) in enumerate(runs)]
         self._send(*chunks)
 
-    def _read_small_structured(self, req: P.Request) -> None:
+    def _read_small_structured(self, cookie: int, offset: int, length: int) -> None:
         head = P.OFFSET_DATA_HEADER.size
-        buf = bytearray(head + req.length)
+        buf = bytearray(head + length)
         view = memoryview(buf)
-        self.dev.readinto(view[head:], req.offset)
-        if buf.startswith(_ZEROS[:req.length], head):
-            self._send(P.chunk_offset_hole(req.cookie, req.offset, req.length, True))
+        self.dev.readinto(view[head:], offset)
+        if buf.startswith(_ZEROS[:length], head):
+            self._send(P.chunk_offset_hole(cookie, offset, length, True))
             return
-        P.pack_offset_data_header(buf, req.cookie, req.offset, req.length, True)
+        P.pack_offset_data_header(buf, cookie, offset, length, True)
         self._send(view)
 
     def _chunk(self, cookie: int, offset: int, length: int, mapped: bool, done: bool):
