@@ -86,6 +86,21 @@ def test_destroy_refuses_a_device_with_open_connections_unless_forced(ctl):
     c.close()
 
 
+def test_rollback_of_a_volume_in_use_is_refused(ctl):
+    ctl.remote.create_volume("rb", 8 * MiB)
+    ctl.remote.snapshot("rb@a")
+    c = RawClient(ctl.sock)
+    c.greet()
+    c.go("rb")
+    wait_for(lambda: ctl.server.connections("rb") == 1, what="the session")
+    with pytest.raises(DeviceBusy, match="rolling it back"):
+        ctl.remote.rollback("rb@a")
+    c.request(P.Cmd.DISC)
+    c.close()
+    wait_for(lambda: ctl.server.connections("rb") == 0, what="the session to end")
+    ctl.remote.rollback("rb@a")
+
+
 def test_snapshots_taken_while_a_client_writes_hold_every_acknowledged_write(ctl):
     ctl.remote.create_volume("live", 16 * MiB)
     block, blocks = 64 << 10, 200

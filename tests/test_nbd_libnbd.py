@@ -126,6 +126,10 @@ assert kinds == [(0, 65536, nbd.READ_HOLE), (65536, 65536, nbd.READ_DATA),
 chunks.clear()
 h.pread_structured(196608, 0, chunk, nbd.CMD_FLAG_DF)
 assert chunks == [(0, 196608, nbd.READ_DATA)], chunks
+for offset, status in ((4096, nbd.READ_HOLE), (69632, nbd.READ_DATA)):
+    chunks.clear()
+    h.pread_structured(4096, offset, chunk)
+    assert chunks == [(offset, 4096, status)], (offset, chunks)
 entries = []
 def extent(ctx, offset, ents, err):
     entries.append(list(ents))
@@ -175,3 +179,29 @@ def test_snapshot_refuses_writes_with_eperm(srv):
     srv.pool.create_volume("rov", 4 * MiB)
     srv.pool.snapshot("rov@s")
     assert system_python(READONLY_SCRIPT, srv.uri("rov@s")).stdout.strip() == "ok"
+
+
+READ_ONLY_SERVER = r"""
+import errno, sys, nbd
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+assert h.is_read_only() and not h.can_trim() and not h.can_zero()
+assert h.pread(512, 0) == b"\x09" * 512
+try:
+    h.pwrite(b"x" * 512, 0)
+except nbd.Error as e:
+    assert e.errnum == errno.EPERM, e.errnum
+else:
+    raise AssertionError("a read-only server took a write")
+print("ok")
+"""
+
+
+def test_read_only_server_exports_volumes_read_only():
+    need_libnbd_python()
+    with served(read_only=True) as s:
+        s.pool.create_volume("vol", MiB)
+        with s.pool.open_device("vol") as dev:
+            dev.pwrite(b"\x09" * 512, 0)
+        assert system_python(READ_ONLY_SERVER, s.uri("vol")).stdout.strip() == "ok"

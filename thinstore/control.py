@@ -177,6 +177,15 @@ class ControlServer:
             self.sessions.disconnect(name)
         return self.pool.destroy(name, force=force)
 
+    def _op_rollback(self, snapshot: str):
+        """Refused while clients use the volume: its content would change under them."""
+        volume = snapshot.split("@", 1)[0]
+        busy = self.sessions.connections(volume) if self.sessions else 0
+        if busy:
+            raise DeviceBusy(f"{volume!r} has {busy} open NBD connection(s): disconnect the "
+                             "clients before rolling it back")
+        return self.pool.rollback(snapshot)
+
     def _op_connections(self):
         if self.sessions is None:
             return {}
