@@ -1,16 +1,19 @@
 """The transmission phase: requests in, replies out, for one connection.
 
-One reader thread parses requests (and WRITE payloads) in order; requests run
-on a small per-connection worker pool so reads and writes overlap, and each
-reply goes out as soon as its request completes, under a per-connection send
-lock so replies never interleave mid-message.
+One reader thread parses requests (and WRITE payloads) in order.  Small READs
+and WRITEs run right there (a thread hand-off would cost more than the work) and
+their replies are corked until the reader would block; FLUSH, FUA, TRIM,
+WRITE_ZEROES and large requests go to a small per-connection worker pool so they
+overlap, and reply as soon as they complete.  One send lock per connection keeps
+every reply whole on the wire (see :mod:`thinstore.nbd.channel`).
 
 What must hold:
 - a payload is never allocated from a client-declared length above
   ``MAX_PAYLOAD``; larger WRITEs are skipped (up to ``MAX_WRITE_SKIP``) and
   refused, or the connection is dropped;
-- in-flight work is bounded (count and bytes), so a client that pipelines
-  without reading replies stalls only itself;
+- in-flight work is bounded (count and bytes handed to workers; replies corked
+  in the reader), so a client that pipelines without reading replies stalls
+  only itself;
 - DISC and end-of-stream let every in-flight request finish before the socket
   closes; a peer that is gone makes sends no-ops, never a server failure;
 - FLUSH commits the pool, which makes every write acknowledged on any
@@ -157,7 +160,7 @@ class Transmission:
                 self._read_small_structured(cookie, offset, length)
             else:
                 self._read_simple(cookie, offset, length)
-        except (ThinstoreError, OSError) as exc:
+        except Exception as exc:           # a failed request must not end the session
             self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
         return True
 
@@ -204,21 +207,21 @@ class Transmission:
             _COMMANDS[req.type](self, req, payload)
         except RequestError as exc:
             self._send_error(req, exc.error, str(exc))
-        except (ThinstoreError, OSError) as exc:
+        except Exception as exc:           # a failed request must not end the session
             self._fail(req, exc)
-        except Exception as exc:           # a bug must not take the server down
-            log.exception("request %s failed", req)
-            self._send_error(req, P.EIO, f"internal error: {exc}")
         finally:
             if nbytes is not None:
                 self._budget.release(nbytes)
 
     def _fail(self, req: P.Request, exc: Exception) -> None:
-        """Reply with the NBD errno of a storage or OS error."""
+        """Reply with the NBD errno of a storage or OS error; anything else is a bug: EIO."""
         if isinstance(exc, ThinstoreError):
             self._send_error(req, P.wire_errno(exc.errno), str(exc))
-        else:
+        elif isinstance(exc, OSError):
             self._send_error(req, P.wire_errno(exc.errno), f"I/O error: {exc.strerror}")
+        else:
+            log.exception("request %s failed", req)
+            self._send_error(req, P.EIO, f"internal error: {exc}")
 
     def _check(self, req: P.Request) -> None:
         """Validate command, flags and range; errors as the spec recommends."""
