@@ -10,8 +10,9 @@ The same 1 GiB of random data is served three ways:
 
 Workloads: 4K randread QD16, 4K randwrite QD16, 1M read, 1M write, over unix
 sockets with fio's nbd engine.  Each round runs every workload on every server
-back to back, so all three see the same history; the table shows the median of
-the rounds and thinstore's ratio to each peer.
+back to back (the order rotating between rounds, so none always runs first, right
+after the previous workload's writeback), so all three see the same history; the
+table shows the median of the rounds and thinstore's ratio to each peer.
 
     python benchmarks/fio_compare.py [--size 1G] [--runtime 10] [--rounds 3]
 """
@@ -138,7 +139,8 @@ def main() -> int:
         results = {w: {s: [] for s in SERVERS} for w in WORKLOADS}
         for round_no in range(args.rounds):
             for wname, workload in WORKLOADS.items():
-                for server in SERVERS:
+                order = SERVERS[round_no % 3:] + SERVERS[:round_no % 3]   # no one always first
+                for server in order:
                     value = run_fio(uris[server], workload, size, args.runtime)
                     results[wname][server].append(value)
                     print(f"round {round_no + 1} {wname:18} {server:12} {value:10.0f} "
