@@ -400,3 +400,38 @@ def test_connection_limit_refuses_extra_clients_then_recovers():
             c.close()
         wait_for(lambda: not s.server._sockets, what="the idle clients to go")
         assert_healthy(s)
+
+
+@pytest.mark.parametrize("no_zeroes", [True, False])
+def test_old_style_export_name_enters_transmission(srv, no_zeroes):
+    c = RawClient(srv.sock)
+    flags = P.CLIENT_FLAG_FIXED_NEWSTYLE | (P.CLIENT_FLAG_NO_ZEROES if no_zeroes else 0)
+    c.greet(flags)
+    c.send_option(P.Opt.EXPORT_NAME, b"vol")
+    size, tflags = P.EXPORT_NAME_REPLY.unpack(c.recv(P.EXPORT_NAME_REPLY.size))
+    assert size == SIZE and tflags & P.TF_HAS_FLAGS and not tflags & P.TF_SEND_DF
+    if not no_zeroes:
+        assert c.recv(124) == bytes(124)
+    c.request(P.Cmd.READ, 0, 512, cookie=4)
+    assert c.simple_reply(512)[:2] == (4, 0)
+    c.close()
+
+
+def test_a_storage_fault_is_eio_and_the_server_carries_on(srv):
+    """Fault injection: the pool's data file descriptor turns into a directory's."""
+    c = in_transmission(srv)
+    data_fd = srv.pool.md.data_fio.fd
+    saved = os.dup(data_fd)
+    broken = os.open("/", os.O_RDONLY)
+    try:
+        os.dup2(broken, data_fd)
+        c.request(P.Cmd.READ, 8 * MiB, 4096, cookie=1)
+        expect_error(c, 1, P.EIO)
+        c.request(P.Cmd.WRITE, 8 * MiB, 4096, cookie=2, data=b"w" * 4096)
+        expect_error(c, 2, P.EIO)
+    finally:
+        os.dup2(saved, data_fd)
+        os.close(saved)
+        os.close(broken)
+    c.close()
+    assert_healthy(srv)
