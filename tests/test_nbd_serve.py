@@ -50,6 +50,9 @@ def test_cli_manages_the_pool_while_the_server_holds_it(serving, pool_dir):
     assert names == {"vm", "vm@a", "vm-try"}
     assert "vm" in cli(*p, "status").stdout + cli(*p, "list").stdout
     cli(*p, "destroy", "vm-try")
+    before = json.loads(cli(*p, "status", "--json").stdout)["capacity"]
+    cli(*p, "grow", "+256M")
+    assert json.loads(cli(*p, "status", "--json").stdout)["capacity"] == before + (256 << 20)
     missing = cli(*p, "destroy", "nothing", check=False)
     assert missing.returncode == 3 and "nothing" in missing.stderr
     taken = cli(*p, "create", "vm", "--size", "1M", check=False)

@@ -42,6 +42,7 @@ OPS = {
     "list": ((), "infos"),
     "info": (("name",), "info"),
     "status": ((), None),
+    "grow": (("capacity",), None),
     "commit": ((), None),
     "connections": ((), None),
     "ping": ((), None),
@@ -287,6 +288,17 @@ class RemotePool:
     def status(self):
         return self.request("status")
 
+    def grow(self, capacity):
+        return self.request("grow", capacity=int(capacity))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.status()["capacity"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.status()["chunk_size"])
+
     def commit(self):
         return self.request("commit")
 
@@ -303,7 +315,7 @@ class RemotePool:
         if not endpoint:
             raise DeviceBusy(f"the server holding {self.path} exports no unix socket: "
                              "stop it to reach device data directly")
-        return NBDDevice(endpoint, name, int(self.status()["chunk_size"]))
+        return NBDDevice(endpoint, name, self.chunk_size)
 
 
 def _info(data):
