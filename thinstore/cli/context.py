@@ -15,8 +15,19 @@ from thinstore.errors import CorruptMetadata, UsageError
 
 @contextlib.contextmanager
 def open_pool(args):
-    """Yield the pool named by ``args.pool``; closing it commits and releases the lock."""
+    """Yield the pool named by ``args.pool``; closing it commits and releases the lock.
+
+    While ``thinstore serve`` holds the pool, its control socket answers and the
+    commands go through it (a :class:`thinstore.control.RemotePool`) instead.
+    """
     path = pool_path(args)
+    from thinstore.control import RemotePool
+
+    remote = RemotePool.connect(path)
+    if remote is not None:
+        with remote:
+            yield remote
+        return
     from thinstore import Pool
 
     with _opening(path), Pool.open(path) as pool:

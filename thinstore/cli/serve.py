@@ -1,0 +1,132 @@
+"""``thinstore serve``: export every device of the pool over NBD.
+
+The server holds the pool (its exclusive lock) until SIGINT/SIGTERM; meanwhile
+the other commands reach the pool through the control socket it opens in the
+pool directory.  Listens on a unix socket (mode 0600) in the pool directory;
+TCP only with ``--listen``, where a bare port binds loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+import sys
+import threading
+
+from thinstore.errors import UsageError
+
+DEFAULT_SOCKET = "nbd.sock"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="export every volume and snapshot over NBD",
+        description="Serve every device of the pool as an NBD export named by the device "
+        "(vol, vol@snap; snapshots read-only) until interrupted.")
+    p.add_argument("--socket", metavar="PATH", help="unix socket path (default POOL/nbd.sock)")
+    p.add_argument("--listen", metavar="[HOST:]PORT", action="append", default=[],
+                   help="also listen on TCP; a bare port binds 127.0.0.1 (repeatable)")
+    p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA that client certificates must chain to")
+    p.add_argument("--tls", choices=("require", "on"),
+                   help="with a certificate: 'require' (default) refuses plaintext, "
+                   "'on' lets clients choose")
+    p.add_argument("--read-only", action="store_true", help="export every device read-only")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="I/O threads per connection (default 4)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
+    p.set_defaults(func=cmd_serve)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``PORT`` -> loopback; ``HOST:PORT``; ``[V6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise UsageError(f"invalid --listen {text!r}: use PORT or HOST:PORT") from None
+    if not 0 <= number <= 65535:
+        raise UsageError(f"invalid port in --listen {text!r}")
+    return host, number
+
+
+def tls_context(args) -> tuple[ssl.SSLContext | None, bool]:
+    """The server's TLS context and whether TLS is required (None, False without TLS)."""
+    if not args.tls_cert and not args.tls_key:
+        if args.tls or args.tls_ca:
+            raise UsageError("--tls and --tls-ca need --tls-cert and --tls-key")
+        return None, False
+    if not (args.tls_cert and args.tls_key):
+        raise UsageError("give both --tls-cert and --tls-key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_ca:
+        ctx.load_verify_locations(args.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx, (args.tls or "require") == "require"
+
+
+def cmd_serve(args) -> int:
+    from thinstore import Pool
+    from thinstore.cli.context import pool_path
+    from thinstore.control import ControlServer
+    from thinstore.nbd.server import NBDServer, ServerConfig
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="thinstore serve: %(message)s")
+    path = pool_path(args)
+    listens = [parse_listen(text) for text in args.listen]
+    context, require = tls_context(args)
+    config = ServerConfig(read_only=args.read_only, tls_context=context, tls_require=require,
+                          handshake_timeout=args.handshake_timeout,
+                          max_connections=args.max_connections, workers=args.workers)
+    with Pool.open(path) as pool:
+        server = NBDServer(pool, config)
+        sock = server.listen_unix(args.socket or os.path.join(path, DEFAULT_SOCKET))
+        bound = [server.listen_tcp(host, port) for host, port in listens]
+        control = ControlServer(pool, server, nbd_socket=sock)
+        control.listen()
+        server.start()
+        announce(sock, bound, context is not None, control.path)
+        try:
+            wait_for_signal()
+        finally:
+            control.shutdown()
+            server.shutdown()
+            _unlink(sock)
+    return 0
+
+
+def announce(sock: str, bound, tls: bool, control: str) -> None:
+    """Print the URIs clients use (NAME stands for a device name)."""
+    scheme = "nbds" if tls else "nbd"
+    print(f"{scheme}+unix:///NAME?socket={sock}")
+    for host, port in bound:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"{scheme}://{shown}:{port}/NAME")
+    print(f"control socket: {control}")
+    sys.stdout.flush()
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,326 @@
+"""The control socket: pool management while a server holds the pool.
+
+A running ``thinstore serve`` holds the pool's exclusive lock, so the CLI cannot
+open the pool itself.  Instead the server listens on ``POOL/control.sock``
+(mode 0600) and runs management calls for it; :class:`RemotePool` is the client,
+with the same management methods as :class:`thinstore.Pool`.  Both sides share
+the pool lock discipline of the core, so a snapshot taken here holds every
+write the NBD server acknowledged before it.
+
+Wire format: JSON lines.  A request is ``{"op": NAME, "args": {...}}``; the
+answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type":
+CLASS, "message": TEXT, "errno": N, "exit_code": N}}``.  Errors come back as
+the same :mod:`thinstore.errors` class, so the CLI reports them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+
+from thinstore import errors
+from thinstore.errors import DeviceBusy, ProtocolError, ThinstoreError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_LINE = 64 << 10
+MAX_CLIENTS = 16
+
+#: op -> (parameter names, whether the result is a DeviceInfo / list of them)
+OPS = {
+    "create_volume": (("name", "size"), "info"),
+    "snapshot": (("name",), "info"),
+    "clone": (("snapshot", "name"), "info"),
+    "destroy": (("name", "force"), None),
+    "rename": (("old", "new"), "info"),
+    "rollback": (("snapshot",), "info"),
+    "resize": (("name", "size", "shrink"), "info"),
+    "list": ((), "infos"),
+    "info": (("name",), "info"),
+    "status": ((), None),
+    "grow": (("capacity",), None),
+    "commit": ((), None),
+    "connections": ((), None),
+    "ping": ((), None),
+}
+
+
+def socket_path(pool_dir: str) -> str:
+    return os.path.join(pool_dir, SOCKET_NAME)
+
+
+def _to_wire(value, shape):
+    if value is None or shape is None:
+        return _plain(value)
+    if shape == "infos":
+        return [item.to_dict() for item in value]
+    return value.to_dict() if hasattr(value, "to_dict") else _plain(value)
+
+
+def _plain(value):
+    """JSON-safe copy (numpy scalars and tuples become ints and lists)."""
+    return json.loads(json.dumps(value, default=_default))
+
+
+def _default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+class ControlServer:
+    """Answers management calls on the control socket for a running NBD server.
+
+    ``sessions`` is the NBD server (``connections(name)``, ``disconnect(name)``):
+    destroying a device a client has open is refused with DeviceBusy naming
+    the connections, unless forced, in which case those clients are dropped.
+    """
+
+    def __init__(self, pool, sessions=None, nbd_socket: str | None = None):
+        self.pool, self.sessions, self.nbd_socket = pool, sessions, nbd_socket
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+        self._clients = threading.Semaphore(MAX_CLIENTS)
+        self._thread: threading.Thread | None = None
+
+    def listen(self, path: str | None = None) -> str:
+        path = path or socket_path(self.pool.path)
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        sock.settimeout(0.2)
+        self._listener, self.path = sock, path
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+        return path
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            os.unlink(self.path)
+        except (OSError, AttributeError):
+            pass
+
+    def _accept_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except (socket.timeout, InterruptedError):
+                    continue
+                if not self._clients.acquire(blocking=False):
+                    conn.close()
+                    continue
+                threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
+        finally:
+            self._listener.close()
+
+    def _serve_client(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(None)
+            reader = conn.makefile("rb")
+            while not self._stopping.is_set():
+                line = reader.readline(MAX_LINE + 1)
+                if not line:
+                    break
+                conn.sendall(json.dumps(self.handle_line(line)).encode() + b"\n")
+        except OSError as exc:
+            log.debug("control client gone: %s", exc)
+        finally:
+            conn.close()
+            self._clients.release()
+
+    def handle_line(self, line: bytes) -> dict:
+        """One request line -> one answer dict; never raises."""
+        try:
+            if len(line) > MAX_LINE:
+                raise ProtocolError("control request too long")
+            request = json.loads(line)
+            if not isinstance(request, dict) or request.get("op") not in OPS:
+                raise ProtocolError(f"unknown control request {str(request)[:80]!r}")
+            return {"ok": True, "result": self.call(request["op"], request.get("args") or {})}
+        except ThinstoreError as exc:
+            return {"ok": False, "error": _error_dict(exc)}
+        except (ValueError, TypeError) as exc:
+            return {"ok": False, "error": _error_dict(ProtocolError(f"bad control request: {exc}"))}
+        except Exception as exc:        # a bug: report it, keep serving
+            log.exception("control request failed")
+            return {"ok": False, "error": _error_dict(ThinstoreError(f"internal error: {exc}"))}
+
+    def call(self, op: str, args: dict):
+        names, shape = OPS[op]
+        if not isinstance(args, dict) or set(args) - set(names):
+            raise ProtocolError(f"{op} takes {', '.join(names) or 'no arguments'}")
+        handler = getattr(self, "_op_" + op, None)
+        result = handler(**args) if handler else getattr(self.pool, op)(**args)
+        return _to_wire(result, shape)
+
+    def _op_destroy(self, name: str, force: bool = False):
+        busy = self.sessions.connections(name) if self.sessions else 0
+        if busy and not force:
+            raise DeviceBusy(f"{name!r} has {busy} open NBD connection(s): disconnect the "
+                             "clients first, or destroy with --force to drop them")
+        if busy:
+            self.sessions.disconnect(name)
+        return self.pool.destroy(name, force=force)
+
+    def _op_rollback(self, snapshot: str):
+        """Refused while clients use the volume: its content would change under them."""
+        volume = snapshot.split("@", 1)[0]
+        busy = self.sessions.connections(volume) if self.sessions else 0
+        if busy:
+            raise DeviceBusy(f"{volume!r} has {busy} open NBD connection(s): disconnect the "
+                             "clients before rolling it back")
+        return self.pool.rollback(snapshot)
+
+    def _op_connections(self):
+        if self.sessions is None:
+            return {}
+        return {info.name: self.sessions.connections(info.name) for info in self.pool.list()}
+
+    def _op_ping(self):
+        return {"pid": os.getpid(), "nbd_socket": self.nbd_socket}
+
+
+def _error_dict(exc: ThinstoreError) -> dict:
+    return {"type": type(exc).__name__, "message": str(exc), "errno": exc.errno,
+            "exit_code": exc.exit_code}
+
+
+def _error_from_dict(data: dict) -> ThinstoreError:
+    cls = getattr(errors, str(data.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, ThinstoreError)):
+        cls = ThinstoreError
+    return cls(data.get("message"))
+
+
+class RemotePool:
+    """A pool held by a running server, managed over its control socket.
+
+    Offers the management methods of :class:`thinstore.Pool` with the same
+    results (DeviceInfo objects, the status dict) and the same exceptions.
+    """
+
+    def __init__(self, path: str, timeout: float = 60.0):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._sock.connect(socket_path(path))
+        self._reader = self._sock.makefile("rb")
+        self._lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, path: str) -> "RemotePool | None":
+        """A RemotePool if a live server answers in ``path``, else None."""
+        if not os.path.exists(socket_path(path)):
+            return None
+        try:
+            remote = cls(path, timeout=5.0)
+            remote.ping()
+        except (OSError, ThinstoreError):
+            return None
+        remote._sock.settimeout(None)
+        return remote
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, op: str, **args):
+        with self._lock:
+            self._sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            line = self._reader.readline(1 << 24)
+        if not line:
+            raise ProtocolError("the server closed the control connection")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise _error_from_dict(answer.get("error") or {})
+        return answer.get("result")
+
+    # -- the Pool management API ---------------------------------------------------
+    def create_volume(self, name, size):
+        return _info(self.request("create_volume", name=name, size=int(size)))
+
+    def snapshot(self, name):
+        return _info(self.request("snapshot", name=name))
+
+    def clone(self, snapshot, name):
+        return _info(self.request("clone", snapshot=snapshot, name=name))
+
+    def destroy(self, name, force=False):
+        return self.request("destroy", name=name, force=bool(force))
+
+    def rename(self, old, new):
+        return _info(self.request("rename", old=old, new=new))
+
+    def rollback(self, snapshot):
+        return _info(self.request("rollback", snapshot=snapshot))
+
+    def resize(self, name, size, shrink=False):
+        return _info(self.request("resize", name=name, size=int(size), shrink=bool(shrink)))
+
+    def list(self):
+        return [_info(item) for item in self.request("list")]
+
+    def info(self, name):
+        return _info(self.request("info", name=name))
+
+    def status(self):
+        return self.request("status")
+
+    def grow(self, capacity):
+        return self.request("grow", capacity=int(capacity))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.status()["capacity"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.status()["chunk_size"])
+
+    def commit(self):
+        return self.request("commit")
+
+    def connections(self):
+        return self.request("connections")
+
+    def ping(self):
+        return self.request("ping")
+
+    def open_device(self, name):
+        """A Device-like NBD connection to the server's export ``name``."""
+        from thinstore.nbd.client import NBDDevice
+        endpoint = self.ping().get("nbd_socket")
+        if not endpoint:
+            raise DeviceBusy(f"the server holding {self.path} exports no unix socket: "
+                             "stop it to reach device data directly")
+        return NBDDevice(endpoint, name, self.chunk_size)
+
+
+def _info(data):
+    """A DeviceInfo again (the core's class), so callers see what Pool returns."""
+    if not isinstance(data, dict):
+        return data
+    from thinstore.device import DeviceInfo
+    return DeviceInfo(**data)

@@ -1,0 +1,391 @@
+"""The transmission phase: requests in, replies out, for one connection.
+
+One reader thread parses requests (and WRITE payloads) in order.  READs and
+WRITEs up to 4 MiB run right there (a thread hand-off would cost more than the work) and
+their replies are corked until the reader would block; FLUSH, FUA, TRIM,
+WRITE_ZEROES and large requests go to a small per-connection worker pool so they
+overlap, and reply as soon as they complete.  One send lock per connection keeps
+every reply whole on the wire (see :mod:`thinstore.nbd.channel`).
+
+What must hold:
+- a payload is never allocated from a client-declared length above
+  ``MAX_PAYLOAD``; larger WRITEs are skipped (up to ``MAX_WRITE_SKIP``) and
+  refused, or the connection is dropped;
+- in-flight work is bounded (count and bytes handed to workers; replies corked
+  in the reader), so a client that pipelines without reading replies stalls
+  only itself;
+- DISC and end-of-stream let every in-flight request finish before the socket
+  closes; a peer that is gone makes sends no-ops, never a server failure;
+- FLUSH commits the pool, which makes every write acknowledged on any
+  connection durable: that is the promise behind NBD_FLAG_CAN_MULTI_CONN.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from thinstore.errors import ThinstoreError
+from thinstore.nbd import protocol as P
+from thinstore.nbd.handshake import Agreement
+from thinstore.nbd.channel import Inbox, Outbox
+from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
+FAST_MAX = 128 << 10            # READ/WRITE up to this take the fast path
+INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
+_ZEROS = memoryview(bytes(FAST_MAX))
+_WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
+_RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
+           P.Cmd.BLOCK_STATUS)
+
+
+class RequestError(Exception):
+    """A request refused with an NBD error value (the connection carries on)."""
+
+    def __init__(self, error: int, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+class Budget:
+    """Bounds in-flight requests by count and by bytes held in buffers.
+
+    A single request larger than the byte budget is still admitted when
+    nothing else is in flight, so every legal request can make progress.
+    """
+
+    def __init__(self, count: int, nbytes: int):
+        self._cond = threading.Condition()
+        self._count, self._bytes = count, nbytes
+        self._used_count = self._used_bytes = 0
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            while self._used_count and (self._used_count >= self._count
+                                        or self._used_bytes + nbytes > self._bytes):
+                self._cond.wait()
+            self._used_count += 1
+            self._used_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self._used_count -= 1
+            self._used_bytes -= nbytes
+            self._cond.notify_all()
+
+
+class Transmission:
+    """Serve requests on one negotiated connection until DISC or hang-up."""
+
+    def __init__(self, agreement: Agreement, config):
+        self.sock, self.dev = agreement.sock, agreement.device
+        self.structured, self.contexts = agreement.structured, agreement.contexts
+        self.read_only = bool(self.dev.read_only or config.read_only)
+        self._budget = Budget(config.queue_depth, config.inflight_bytes)
+        self._inbox, self._outbox = Inbox(self.sock), Outbox(self.sock)
+        self._reader = threading.get_ident()
+        # OpenSSL objects must not be read and written from two threads at
+        # once, so a TLS connection runs its requests in the reader thread.
+        self._pool = None if agreement.tls or config.workers <= 0 else \
+            ThreadPoolExecutor(config.workers, thread_name_prefix="nbd-io")
+
+    # -- main loop ---------------------------------------------------------------
+    def run(self) -> None:
+        """Read requests until DISC/EOF/protocol violation; then drain and close."""
+        self._reader = threading.get_ident()
+        try:
+            while self._next_request():
+                pass
+        except (PeerClosed, OSError) as exc:
+            log.debug("connection ended: %s", exc)
+        except _Violation as exc:
+            log.info("dropping client: %s", exc)
+        finally:
+            self._outbox.flush()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            close_quietly(self.sock)
+            self.dev.close()
+
+    def abort(self) -> None:
+        """Called from another thread (shutdown, forced destroy): end the session."""
+        hang_up(self.sock)
+
+    def _next_request(self) -> bool:
+        """Read one request and run or dispatch it; False after DISC.
+
+        Replies of requests run here are queued and flushed just before the
+        reader would block, so a burst of requests gets one burst of replies.
+        """
+        if not self._inbox.has(P.REQUEST.size):
+            self._outbox.flush()
+        fields = self._inbox.unpack(P.REQUEST)
+        if self._fast_path(*fields):
+            return True
+        req = P.Request._make(fields)
+        if req.magic != P.REQUEST_MAGIC:
+            raise _Violation(f"bad request magic {req.magic:#x}")
+        if req.type == P.Cmd.DISC:
+            return False
+        if req.type == P.Cmd.WRITE and req.length > P.MAX_PAYLOAD:
+            self._refuse_oversized_write(req)
+        elif self._pool is None or self._inline(req):
+            self._execute(req, self._read_payload(req), None)
+        else:
+            self._dispatch(req)
+        return True
+
+    def _fast_path(self, magic, flags, kind, cookie, offset, length) -> bool:
+        """The hot path: a small, flagless, in-range READ or WRITE runs here at once.
+
+        Everything it skips (flags, range, read-only, magic) is checked by the
+        condition; any other request returns False for the general path.
+        """
+        if flags or not 0 < length <= FAST_MAX or offset + length > self.dev.size \
+                or magic != P.REQUEST_MAGIC or kind > P.Cmd.WRITE:
+            return False
+        if kind == P.Cmd.WRITE:
+            if self.read_only:
+                return False
+            payload = bytearray(length)
+            self._inbox.readinto(memoryview(payload))
+        try:
+            if kind == P.Cmd.WRITE:
+                self.dev.pwrite(payload, offset)
+                self._send(P.simple_reply(cookie))
+            elif self.structured:
+                self._read_small_structured(cookie, offset, length)
+            else:
+                self._read_simple(cookie, offset, length)
+        except Exception as exc:           # a failed request must not end the session
+            self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
+        return True
+
+    def _dispatch(self, req: P.Request) -> None:
+        """Hand a request to a worker, within the connection's in-flight budget."""
+        nbytes = req.length if req.type in (P.Cmd.READ, P.Cmd.WRITE) else 0
+        self._outbox.flush()
+        self._budget.acquire(nbytes)
+        try:
+            payload = self._read_payload(req)
+        except BaseException:
+            self._budget.release(nbytes)
+            raise
+        self._pool.submit(self._execute, req, payload, nbytes)
+
+    @staticmethod
+    def _inline(req: P.Request) -> bool:
+        """Reads and writes served from the page cache cost less than a hand-off to a
+        worker thread (measured: 4K IOPS halved, 1M reads 10% slower with the hand-off);
+        commits (FLUSH, FUA), TRIM/WRITE_ZEROES (unbounded work) and very large
+        requests go to the workers so they overlap with what follows."""
+        if req.flags & P.CMD_FLAG_FUA or req.type in (P.Cmd.FLUSH, P.Cmd.TRIM,
+                                                       P.Cmd.WRITE_ZEROES):
+            return False
+        return req.length <= INLINE_MAX
+
+    def _read_payload(self, req: P.Request):
+        if req.type != P.Cmd.WRITE or not req.length:
+            return None
+        buf = bytearray(req.length)
+        self._inbox.readinto(memoryview(buf))
+        return buf
+
+    def _refuse_oversized_write(self, req: P.Request) -> None:
+        if req.length > MAX_WRITE_SKIP:
+            raise _Violation(f"WRITE of {req.length} bytes: connection dropped")
+        self._inbox.skip(req.length)
+        error = P.EOVERFLOW if self.structured else P.EINVAL
+        self._send_error(req, error, f"payload above {P.MAX_PAYLOAD} bytes")
+
+    # -- execution ---------------------------------------------------------------
+    def _execute(self, req: P.Request, payload, nbytes: int | None) -> None:
+        """Run one request and reply; ``nbytes`` is its budget share (None inline)."""
+        try:
+            self._check(req)
+            _COMMANDS[req.type](self, req, payload)
+        except RequestError as exc:
+            self._send_error(req, exc.error, str(exc))
+        except Exception as exc:           # a failed request must not end the session
+            self._fail(req, exc)
+        finally:
+            if nbytes is not None:
+                self._budget.release(nbytes)
+
+    def _fail(self, req: P.Request, exc: Exception) -> None:
+        """Reply with the NBD errno of a storage or OS error; anything else is a bug: EIO."""
+        if isinstance(exc, ThinstoreError):
+            self._send_error(req, P.wire_errno(exc.errno), str(exc))
+        elif isinstance(exc, OSError):
+            self._send_error(req, P.wire_errno(exc.errno), f"I/O error: {exc.strerror}")
+        else:
+            log.exception("request %s failed", req)
+            self._send_error(req, P.EIO, f"internal error: {exc}")
+
+    def _check(self, req: P.Request) -> None:
+        """Validate command, flags and range; errors as the spec recommends."""
+        allowed = P.ALLOWED_CMD_FLAGS.get(req.type)
+        if allowed is None:
+            raise RequestError(P.EINVAL, f"unknown command {req.type}")
+        if not self.structured:
+            allowed &= ~P.CMD_FLAG_DF
+        if req.flags & ~allowed:
+            raise RequestError(P.EINVAL, f"flags {req.flags:#x} invalid for command {req.type}")
+        if req.type in _WRITES and self.read_only:
+            raise RequestError(P.EPERM, f"export {self.dev.name!r} is read-only")
+        if req.type == P.Cmd.FLUSH and (req.offset or req.length):
+            raise RequestError(P.EINVAL, "FLUSH offset and length must be zero")
+        if req.type in _RANGED and req.offset + req.length > self.dev.size:
+            error = P.ENOSPC if req.type in _WRITES else P.EINVAL
+            raise RequestError(error, f"range {req.offset}+{req.length} beyond size {self.dev.size}")
+        if req.type == P.Cmd.READ and req.length > P.MAX_PAYLOAD:
+            raise RequestError(P.EOVERFLOW if self.structured else P.EINVAL,
+                               f"read above {P.MAX_PAYLOAD} bytes")
+
+    def _read(self, req: P.Request, _payload) -> None:
+        if self.structured:
+            self._read_structured(req)
+        else:
+            self._read_simple(req.cookie, req.offset, req.length)
+
+    def _read_simple(self, cookie: int, offset: int, length: int) -> None:
+        buf = bytearray(P.SIMPLE_REPLY.size + length)
+        view = memoryview(buf)
+        if length:
+            self.dev.readinto(view[P.SIMPLE_REPLY.size:], offset)
+        P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, cookie)
+        self._send(view)
+
+    def _read_structured(self, req: P.Request) -> None:
+        """Data chunks for mapped runs, OFFSET_HOLE for unmapped ones (one chunk with DF).
+
+        A small read is answered from the data alone: all zeros is a hole (OFFSET_HOLE
+        means "reads as zeros"), which spares a map lookup on the hot path.
+        """
+        if not req.length:
+            self._send(P.chunk_none(req.cookie))
+            return
+        if req.length <= FAST_MAX:
+            self._read_small_structured(req.cookie, req.offset, req.length)
+            return
+        runs = _merge_runs(self.dev.extents(req.offset, req.length))
+        if req.flags & P.CMD_FLAG_DF and len(runs) > 1:
+            runs = [(req.offset, req.length, True)]
+        chunks = [self._chunk(req.cookie, off, n, mapped, i == len(runs) - 1)
+                  for i, (off, n, mapped) in enumerate(runs)]
+        self._send(*chunks)
+
+    def _read_small_structured(self, cookie: int, offset: int, length: int) -> None:
+        head = P.OFFSET_DATA_HEADER.size
+        buf = bytearray(head + length)
+        view = memoryview(buf)
+        self.dev.readinto(view[head:], offset)
+        if buf.startswith(_ZEROS[:length], head):
+            self._send(P.chunk_offset_hole(cookie, offset, length, True))
+            return
+        P.pack_offset_data_header(buf, cookie, offset, length, True)
+        self._send(view)
+
+    def _chunk(self, cookie: int, offset: int, length: int, mapped: bool, done: bool):
+        if not mapped:
+            return P.chunk_offset_hole(cookie, offset, length, done)
+        head = P.OFFSET_DATA_HEADER.size
+        buf = bytearray(head + length)
+        view = memoryview(buf)
+        self.dev.readinto(view[head:], offset)
+        P.pack_offset_data_header(buf, cookie, offset, length, done)
+        return view
+
+    def _write(self, req: P.Request, payload) -> None:
+        if req.length:
+            self.dev.pwrite(payload, req.offset, fua=bool(req.flags & P.CMD_FLAG_FUA))
+        self._send_ok(req)
+
+    def _flush(self, req: P.Request, _payload) -> None:
+        self.dev.flush()
+        self._send_ok(req)
+
+    def _trim(self, req: P.Request, _payload) -> None:
+        if req.length:
+            self.dev.discard(req.offset, req.length)
+        self._commit_if_fua(req)
+        self._send_ok(req)
+
+    def _write_zeroes(self, req: P.Request, _payload) -> None:
+        no_hole = bool(req.flags & P.CMD_FLAG_NO_HOLE)
+        if no_hole and req.flags & P.CMD_FLAG_FAST_ZERO:
+            raise RequestError(P.ENOTSUP, "zeroing with NO_HOLE allocates: not fast")
+        if req.length:
+            self.dev.write_zeroes(req.offset, req.length, no_hole=no_hole)
+        self._commit_if_fua(req)
+        self._send_ok(req)
+
+    def _cache(self, req: P.Request, _payload) -> None:
+        self._send_ok(req)        # reads are served from the page cache already
+
+    def _block_status(self, req: P.Request, _payload) -> None:
+        if not self.contexts:
+            raise RequestError(P.EINVAL, "no metadata context was negotiated")
+        if not req.length:
+            raise RequestError(P.EINVAL, "BLOCK_STATUS of zero length")
+        runs = _merge_runs(self.dev.extents(req.offset, req.length))
+        if req.flags & P.CMD_FLAG_REQ_ONE:
+            runs = runs[:1]
+        descriptors = [(n, 0 if mapped else P.STATE_HOLE | P.STATE_ZERO)
+                       for _, n, mapped in runs[:_MAX_DESCRIPTORS]]
+        self._send(P.chunk_block_status(req.cookie, P.BASE_ALLOCATION_ID, descriptors))
+
+    def _commit_if_fua(self, req: P.Request) -> None:
+        if req.flags & P.CMD_FLAG_FUA:
+            self.dev.flush()
+
+    # -- replies -----------------------------------------------------------------
+    def _send_ok(self, req: P.Request) -> None:
+        self._send(P.simple_reply(req.cookie))
+
+    def _send_error(self, req: P.Request, error: int, message: str) -> None:
+        if self.structured:
+            self._send(P.chunk_error(req.cookie, error, message))
+        else:
+            self._send(P.simple_reply(req.cookie, error))
+
+    def _send(self, *parts) -> None:
+        """One whole reply: queued when produced by the reader, sent at once by a worker."""
+        if threading.get_ident() == self._reader:
+            self._outbox.queue(parts)
+        else:
+            self._outbox.send(parts)
+
+
+class _Violation(Exception):
+    """The client broke a MUST of the protocol: hard disconnect."""
+
+
+_MAX_DESCRIPTORS = 1024
+
+_COMMANDS = {
+    P.Cmd.READ: Transmission._read,
+    P.Cmd.WRITE: Transmission._write,
+    P.Cmd.FLUSH: Transmission._flush,
+    P.Cmd.TRIM: Transmission._trim,
+    P.Cmd.CACHE: Transmission._cache,
+    P.Cmd.WRITE_ZEROES: Transmission._write_zeroes,
+    P.Cmd.BLOCK_STATUS: Transmission._block_status,
+}
+
+
+def _merge_runs(extents) -> list[tuple[int, int, bool]]:
+    """Coalesce adjacent extents with the same mapped state."""
+    runs: list[list] = []
+    for off, n, mapped in extents:
+        if n <= 0:
+            continue
+        if runs and runs[-1][2] == bool(mapped) and runs[-1][0] + runs[-1][1] == off:
+            runs[-1][1] += n
+        else:
+            runs.append([off, n, bool(mapped)])
+    return [tuple(r) for r in runs]
