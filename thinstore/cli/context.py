@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from thinstore.errors import CorruptMetadata, UsageError
+from thinstore.errors import CorruptMetadata, PoolLocked, UsageError
 
 
 @contextlib.contextmanager
@@ -28,6 +28,28 @@ def open_pool(args):
         with remote:
             yield remote
         return
+    from thinstore import Pool
+
+    with _opening(path), Pool.open(path) as pool:
+        yield pool
+
+
+@contextlib.contextmanager
+def open_local_pool(args, command: str):
+    """Yield the pool itself, for commands the control socket does not carry.
+
+    diff, send and receive read and write block maps directly, which a
+    :class:`thinstore.control.RemotePool` cannot offer; while a server holds the pool
+    they stop with exit 5 and say so, instead of failing half way through a proxy.
+    """
+    path = pool_path(args)
+    from thinstore.control import RemotePool
+
+    remote = RemotePool.connect(path)
+    if remote is not None:
+        remote.close()
+        raise PoolLocked(f"pool {path} is being served (thinstore serve holds it); "
+                         f"'{command}' needs the pool itself: stop the server first")
     from thinstore import Pool
 
     with _opening(path), Pool.open(path) as pool:

@@ -17,7 +17,7 @@ import stat
 import sys
 
 from thinstore import replication as RP
-from thinstore.cli.context import open_pool
+from thinstore.cli.context import open_local_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell
 from thinstore.errors import UsageError
@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 
 
 def cmd_diff(args) -> int:
-    with open_pool(args) as pool:
+    with open_local_pool(args, "diff") as pool:
         result = RP.diff(pool, args.a, args.b)
     if args.json:
         print_json(result.to_dict())
@@ -70,7 +70,7 @@ def cmd_diff(args) -> int:
 
 def cmd_send(args) -> int:
     base = _base_name(args.snapshot, args.base)
-    with open_pool(args) as pool, _output(args.output) as out, Bar(f"send {args.snapshot}") as bar:
+    with open_local_pool(args, "send") as pool, _output(args.output) as out, Bar(f"send {args.snapshot}") as bar:
         stats = RP.send(pool, args.snapshot, out, base, progress=bar)
     if args.verbose:
         print(f"sent {args.snapshot}: {stats.changed_bytes} bytes changed, "
@@ -79,7 +79,7 @@ def cmd_send(args) -> int:
 
 
 def cmd_receive(args) -> int:
-    with open_pool(args) as pool:
+    with open_local_pool(args, "receive") as pool:
         if args.abort:
             if not RP.abort_receive(pool, args.name):
                 raise UsageError(f"no interrupted receive into {args.name!r}")
