@@ -8,6 +8,7 @@ what a script notices: the exit code, one ``thinstore:`` line on stderr, never e
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,3 +71,27 @@ def test_an_exabyte_volume_is_refused_as_usage_not_a_crash(pool):
     assert result.returncode != BUG_EXIT, result.stderr
     assert result.returncode == 2
     one_error_line(result)
+
+
+def test_serve_prints_uris_that_work_from_another_directory(pool, tmp_path):
+    """``tools/demo.sh`` serves ``--pool demo-pool``; the URI it printed named the socket
+    relative to the server's cwd, so nbdinfo in another terminal could not connect."""
+    if not shutil.which("nbdinfo"):
+        pytest.skip("nbdinfo is not installed")
+    assert ts("--pool", pool, "create", "vm", "--size", "1M").returncode == 0
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", "pool", "serve"],
+                            cwd=os.path.dirname(pool), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        uri = lines[0].replace("NAME", "vm")
+        assert uri.startswith("nbd+unix:///vm?socket=/"), lines
+        assert lines[1].startswith("control socket: /"), lines
+        size = subprocess.run(["nbdinfo", "--size", uri], cwd=str(tmp_path), capture_output=True,
+                              text=True, timeout=30)
+        assert size.returncode == 0 and size.stdout.strip() == str(1 << 20), size.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()

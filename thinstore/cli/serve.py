@@ -107,8 +107,13 @@ def cmd_serve(args) -> int:
 
 
 def announce(sock: str, bound, tls: bool, control: str) -> None:
-    """Print the URIs clients use (NAME stands for a device name)."""
+    """Print the URIs clients use (NAME stands for a device name).
+
+    Socket paths are printed absolute: the URI is pasted into another terminal, whose
+    working directory is not the server's (``--pool demo-pool`` gave a relative socket).
+    """
     scheme = "nbds" if tls else "nbd"
+    sock, control = os.path.abspath(sock), os.path.abspath(control)
     print(f"{scheme}+unix:///NAME?socket={sock}")
     for host, port in bound:
         shown = f"[{host}]" if ":" in host else host
