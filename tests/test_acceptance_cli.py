@@ -95,3 +95,20 @@ def test_serve_prints_uris_that_work_from_another_directory(pool, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def test_list_selects_devices_kinds_and_columns_like_zfs_list(pool):
+    """Scripts ask ``zfs list -Hp -o used vm1`` and ``-t snapshot -o name``; list took
+    no NAME, -t or -o, so every script had to parse the whole table."""
+    for args in (["create", "vm", "--size", "1M"], ["snapshot", "vm@a"], ["clone", "vm@a", "c"]):
+        assert ts("--pool", pool, *args).returncode == 0
+    one = ts("--pool", pool, "list", "-Hp", "-o", "name,size", "vm")
+    assert one.returncode == 0 and one.stdout.decode() == f"vm\t{1 << 20}\n", one.stderr
+    snaps = ts("--pool", pool, "list", "-H", "-o", "name", "-t", "snapshot")
+    assert snaps.stdout.decode() == "vm@a\n"
+    kinds = ts("--pool", pool, "list", "-H", "-o", "kind,name", "-t", "volume,clone")
+    assert kinds.stdout.decode() == "clone\tc\nvolume\tvm\n"
+    missing = ts("--pool", pool, "list", "vm", "nope")
+    assert missing.returncode == 3 and missing.stdout == b"" and "nope" in one_error_line(missing)
+    assert ts("--pool", pool, "list", "-o", "colour").returncode == 2
+    assert ts("--pool", pool, "list", "-t", "pool").returncode == 2

@@ -6,6 +6,8 @@ the core does the work and raises the error that says what went wrong.
 
 from __future__ import annotations
 
+import argparse
+
 from thinstore.cli.context import open_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell, time_cell
@@ -55,6 +57,12 @@ def register(subparsers) -> None:
 
 def _register_list(subparsers) -> None:
     p = subparsers.add_parser("list", help="list devices with their space use")
+    p.add_argument("names", type=device_name, nargs="*", metavar="NAME",
+                   help="only these devices (exit 3 if one does not exist)")
+    p.add_argument("-t", "--type", type=_kinds, metavar="KIND[,KIND]",
+                   help="only these kinds: volume, snapshot, clone (or all)")
+    p.add_argument("-o", "--output", type=_columns, metavar="COL[,COL]",
+                   help="table columns: " + ",".join(LIST_COLUMNS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-p", "--parsable", action="store_true", help="exact bytes and epoch times")
     p.add_argument("-H", "--no-headers", dest="headers", action="store_false",
@@ -112,14 +120,48 @@ LIST_SIZES = ("size", "used", "exclusive", "shared")
 
 def cmd_list(args) -> int:
     with open_pool(args) as pool:
-        devices = [device_dict(info) for info in pool.list()]
+        infos = [pool.info(name) for name in args.names] if args.names else pool.list()
+    devices = [device_dict(info) for info in infos]
+    if args.type:
+        devices = [d for d in devices if d["kind"] in args.type]
     devices.sort(key=_volume_then_snapshot)
     if args.json:
         print_json({"devices": devices})
-    else:
-        rows = [_list_row(d, args.parsable) for d in devices]
-        print_table(LIST_HEADERS, rows, right={2, 3, 4, 5}, header=args.headers)
+        return 0
+    columns = args.output or list(LIST_COLUMNS)
+    rows = [_list_row(d, args.parsable) for d in devices]
+    picked = [LIST_COLUMNS.index(c) for c in columns]
+    print_table([LIST_HEADERS[i] for i in picked], [[row[i] for i in picked] for row in rows],
+                right={n for n, i in enumerate(picked) if i in (2, 3, 4, 5)},
+                header=args.headers)
     return 0
+
+
+LIST_COLUMNS = ("name", "kind", "size", "used", "exclusive", "shared", "origin", "created")
+_COLUMN_ALIASES = {"excl": "exclusive", "type": "kind"}
+_KINDS = ("volume", "snapshot", "clone")
+
+
+def _columns(text: str) -> list[str]:
+    """``-o name,used``: zfs-style column choice; an unknown column is a usage error."""
+    columns = [_COLUMN_ALIASES.get(c, c) for c in text.lower().split(",") if c]
+    bad = [c for c in columns if c not in LIST_COLUMNS]
+    if bad or not columns:
+        raise argparse.ArgumentTypeError(
+            f"unknown column {', '.join(bad) or text!r}: use {','.join(LIST_COLUMNS)}")
+    return columns
+
+
+def _kinds(text: str) -> set[str]:
+    """``-t snapshot`` or ``-t volume,clone``; ``all`` means every kind."""
+    kinds = {k.rstrip("s") if k != "all" else k for k in text.lower().split(",") if k}
+    if "all" in kinds:
+        return set(_KINDS)
+    bad = kinds - set(_KINDS)
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind {', '.join(sorted(bad)) or text!r}: use {','.join(_KINDS)} or all")
+    return kinds
 
 
 def _volume_then_snapshot(device: dict) -> tuple[str, str]:
