@@ -112,3 +112,23 @@ def test_list_selects_devices_kinds_and_columns_like_zfs_list(pool):
     assert missing.returncode == 3 and missing.stdout == b"" and "nope" in one_error_line(missing)
     assert ts("--pool", pool, "list", "-o", "colour").returncode == 2
     assert ts("--pool", pool, "list", "-t", "pool").returncode == 2
+
+
+def test_import_of_a_preallocated_image_maps_only_chunks_with_data(pool, tmp_path):
+    """A fully allocated raw image (dd from /dev/zero, or a block device: SEEK_DATA sees
+    no holes) with two small writes imported as 8 MiB: every 4 MiB block holding any
+    byte was written whole. Only the two 64 KiB chunks with data should be mapped."""
+    image = tmp_path / "prealloc.raw"
+    with open(image, "wb") as f:
+        f.write(bytes(16 << 20))
+        f.seek(5)
+        f.write(b"hello")
+        f.seek((9 << 20) + 3)
+        f.write(b"x")
+    assert ts("--pool", pool, "import", "vm", str(image)).returncode == 0
+    listed = ts("--pool", pool, "list", "-Hp", "-o", "used", "vm")
+    assert listed.stdout.decode().strip() == str(2 * 64 << 10), listed
+    out = tmp_path / "out.raw"
+    assert ts("--pool", pool, "export", "vm", str(out)).returncode == 0
+    assert out.read_bytes() == image.read_bytes()
+    assert os.stat(out).st_blocks * 512 <= 2 * 64 << 10

@@ -1,10 +1,10 @@
 """Raw image copies between files and devices that keep holes as holes.
 
 Import reads only the data segments of the source (SEEK_DATA/SEEK_HOLE), widened to chunk
-boundaries so that each write covers whole chunks, in big blocks; blocks that are all zero
-are not written, so they stay unmapped (the core's pwrite would leave them unmapped too, but
-skipping them here saves the call).  Export writes only the device's mapped extents, skips
-all-zero blocks within them, and sets the file's size with ftruncate, so an unmapped range
+boundaries so that each write covers whole chunks, in big blocks; chunks that are all zero
+are not written, so they stay unmapped (the core's pwrite leaves a write that is all zeros
+unmapped, but maps every chunk of a write that holds any data, zero chunks included).  Export writes only the device's mapped extents, skips
+all-zero chunks within them, and sets the file's size with ftruncate, so an unmapped range
 becomes a hole.  Both copy through one reused buffer: no per-block allocation.
 
 A target that is not a regular file (a pipe, stdout as ``-``, a block device) cannot hold
@@ -80,16 +80,39 @@ def is_zero(buf: bytearray, length: int) -> bool:
     return _ZEROS.startswith(memoryview(buf)[:length])
 
 
+def nonzero_runs(buf: bytearray, length: int, granule: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, length)`` of the runs of ``granule``-sized pieces of ``buf[:length]``
+    that are not all zero (``start`` is a multiple of ``granule``; the last piece may be short).
+
+    A block that holds a little data among zeros (a preallocated image, a block device,
+    which SEEK_DATA cannot see into) then maps only the chunks with data, as a write of
+    zeros over NBD does, instead of every chunk of the 4 MiB block.
+    """
+    if is_zero(buf, length):
+        return
+    view, run = memoryview(buf), None
+    for start in range(0, length, granule):
+        piece = min(granule, length - start)
+        if not _ZEROS.startswith(view[start:start + piece]):
+            run = (run[0], start + piece - run[0]) if run else (start, piece)
+        elif run:
+            yield run
+            run = None
+    if run:
+        yield run
+
+
 def import_file(fd: int, file_size: int, dev, progress) -> None:
-    """Copy the data of ``fd`` into the fresh (all unmapped) device ``dev`` at the same offsets."""
+    """Copy the data of ``fd`` into the fresh (all unmapped) device ``dev`` at the same offsets;
+    chunks that would hold only zeros are not written, so they stay unmapped."""
     buf = bytearray(BLOCK_SIZE)
     view, done = memoryview(buf), 0
     segments = align_segments(data_segments(fd, file_size), dev.chunk_size, file_size)
     for seg_start, seg_end in segments:
         for offset, length in blocks(seg_start, seg_end):
             got = _read_full(fd, view[:length], offset)
-            if got and not is_zero(buf, got):
-                dev.pwrite(view[:got], offset)
+            for start, run in nonzero_runs(buf, got, dev.chunk_size):
+                dev.pwrite(view[start:start + run], offset + start)
             progress.advance(offset + length - done)
             done = offset + length
     progress.advance(file_size - done)
@@ -123,8 +146,8 @@ def _export_sparse(dev, fd: int, progress) -> None:
         if mapped:
             for start, piece in blocks(offset, offset + length):
                 dev.readinto(view[:piece], start)
-                if not is_zero(buf, piece):
-                    _write_full(fd, view[:piece], start)
+                for at, run in nonzero_runs(buf, piece, dev.chunk_size):
+                    _write_full(fd, view[at:at + run], start + at)
                 progress.advance(piece)
         else:
             progress.advance(length)
