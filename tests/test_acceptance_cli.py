@@ -132,3 +132,22 @@ def test_import_of_a_preallocated_image_maps_only_chunks_with_data(pool, tmp_pat
     assert ts("--pool", pool, "export", "vm", str(out)).returncode == 0
     assert out.read_bytes() == image.read_bytes()
     assert os.stat(out).st_blocks * 512 <= 2 * 64 << 10
+
+
+def test_export_to_stdout_pipes_into_import_from_stdin(pool, tmp_path):
+    """``export vm -`` writes stdout, but ``import vm -`` said '-: No such file or
+    directory': a raw pipe between two pools (or over ssh) was impossible."""
+    data = os.urandom(100_001)
+    image = tmp_path / "in.raw"
+    image.write_bytes(data)
+    assert ts("--pool", pool, "import", "src", str(image)).returncode == 0
+    raw = ts("--pool", pool, "export", "src", "-").stdout
+    assert raw == data
+    no_size = ts("--pool", pool, "import", "dst", "-", stdin=raw)
+    assert no_size.returncode == 2 and "--size" in one_error_line(no_size)
+    assert ts("--pool", pool, "import", "dst", "-", "--size", "1M", stdin=raw).returncode == 0
+    back = ts("--pool", pool, "export", "dst", "-").stdout
+    assert back == data + bytes((1 << 20) - len(data))
+    short = ts("--pool", pool, "import", "cut", "-", "--size", "64K", stdin=raw)
+    assert short.returncode == 2 and "longer" in one_error_line(short)
+    assert ts("--pool", pool, "list", "cut").returncode == 3  # the half-made volume is gone

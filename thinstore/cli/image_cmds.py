@@ -19,7 +19,8 @@ from thinstore.units import format_size, parse_size
 def register(subparsers) -> None:
     p = subparsers.add_parser("import", help="create a volume from a raw image file")
     p.add_argument("name", type=_import_target, metavar="NAME")
-    p.add_argument("file", metavar="FILE", help="raw image: a file or block device")
+    p.add_argument("file", metavar="FILE",
+                   help="raw image: a file or block device; - or a pipe needs --size")
     p.add_argument("--size", "-s", type=parse_size, metavar="SIZE",
                    help="volume size (default: the file's size; never smaller)")
     p.set_defaults(func=cmd_import)
@@ -40,9 +41,11 @@ def _import_target(text: str) -> str:
 
 
 def cmd_import(args) -> int:
-    fd = os.open(args.file, os.O_RDONLY)
+    fd = os.dup(sys.stdin.fileno()) if args.file == "-" else os.open(args.file, os.O_RDONLY)
     try:
-        file_size = _seekable_size(fd, args.file)
+        file_size = _seekable_size(fd)
+        if file_size is None:
+            return _import_stream(args, fd)
         size = _volume_size(args.size, file_size, args.file)
         with open_pool(args) as pool:
             _import_into_new_volume(pool, args.name, size, fd, file_size)
@@ -51,12 +54,25 @@ def cmd_import(args) -> int:
     return 0
 
 
-def _seekable_size(fd: int, path: str) -> int:
+def _seekable_size(fd: int) -> int | None:
+    """The size of a file or block device; None for a pipe, socket or terminal."""
     try:
         return os.lseek(fd, 0, os.SEEK_END)
-    except OSError as err:
-        raise UsageError(f"{path}: import needs a file it can seek in (a regular file or "
-                         "block device), not a pipe") from err
+    except OSError:
+        return None
+
+
+def _import_stream(args, fd: int) -> int:
+    """``export vm - | import vm - --size S``: a pipe has no size to read, so --size says it;
+    the stream fills the volume from byte 0 and may be shorter (the rest reads zero)."""
+    if os.isatty(fd):
+        raise UsageError(f"{args.file} is a terminal: pipe a raw image in")
+    if args.size is None:
+        raise UsageError(f"{args.file}: a pipe has no size: give the volume's --size "
+                         "(e.g. the source's 'thinstore list -Hp -o size NAME')")
+    with open_pool(args) as pool:
+        _import_into_new_volume(pool, args.name, args.size, fd, None)
+    return 0
 
 
 def _volume_size(requested: int | None, file_size: int, path: str) -> int:
@@ -68,14 +84,17 @@ def _volume_size(requested: int | None, file_size: int, path: str) -> int:
     return requested
 
 
-def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int) -> None:
+def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int | None) -> None:
     """Create ``name``, copy, flush; on any failure destroy the half-made volume."""
     pool.create_volume(name, size)
     try:
         dev = pool.open_device(name)
         try:
-            with Progress(file_size, f"import {name}") as progress:
-                rawcopy.import_file(fd, file_size, dev, progress)
+            with Progress(file_size or size, f"import {name}") as progress:
+                if file_size is None:
+                    rawcopy.import_stream(fd, dev, progress)
+                else:
+                    rawcopy.import_file(fd, file_size, dev, progress)
             dev.flush()
         finally:
             dev.close()

@@ -18,6 +18,8 @@ import os
 import stat
 from collections.abc import Iterator
 
+from thinstore.errors import UsageError
+
 BLOCK_SIZE = 4 << 20
 EXTENT_WINDOW = 1 << 30
 _ZEROS = bytes(BLOCK_SIZE)
@@ -118,11 +120,36 @@ def import_file(fd: int, file_size: int, dev, progress) -> None:
     progress.advance(file_size - done)
 
 
-def _read_full(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; fewer bytes only at end of file."""
+def import_stream(fd: int, dev, progress) -> None:
+    """Copy a pipe into the fresh device ``dev`` from byte 0, skipping all-zero chunks.
+
+    More bytes than the device holds is an error (data would be cut off), raised after the
+    device is full; the caller then destroys the half-made volume.
+    """
+    buf = bytearray(BLOCK_SIZE)
+    view, offset = memoryview(buf), 0
+    while True:
+        got = _read_full(fd, view, None)
+        if got == 0:
+            return
+        if offset + got > dev.size:
+            raise UsageError(f"the input is longer than the volume ({dev.size} bytes): "
+                             "give a larger --size")
+        for start, run in nonzero_runs(buf, got, dev.chunk_size):
+            dev.pwrite(view[start:start + run], offset + start)
+        offset += got
+        progress.advance(got)
+
+
+def _read_full(fd: int, view: memoryview, offset: int | None) -> int:
+    """Fill ``view`` from ``offset`` (from the file position when None, as for a pipe);
+    fewer bytes only at end of file."""
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
+        if offset is None:
+            n = os.readv(fd, [view[got:]])
+        else:
+            n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
             break
         got += n
