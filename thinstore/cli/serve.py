@@ -78,7 +78,7 @@ def tls_context(args) -> tuple[ssl.SSLContext | None, bool]:
 def cmd_serve(args) -> int:
     from thinstore import Pool
     from thinstore.cli.context import pool_path
-    from thinstore.control import ControlServer
+    from thinstore.control import ControlServer, socket_path as control_socket_path
     from thinstore.nbd.server import NBDServer, ServerConfig
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -91,10 +91,11 @@ def cmd_serve(args) -> int:
                           max_connections=args.max_connections, workers=args.workers)
     with Pool.open(path) as pool:
         server = NBDServer(pool, config)
-        sock = server.listen_unix(args.socket or os.path.join(path, DEFAULT_SOCKET))
-        bound = [server.listen_tcp(host, port) for host, port in listens]
+        where = args.socket or os.path.join(path, DEFAULT_SOCKET)
+        sock = _bind(where, server.listen_unix, where)
+        bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port) for host, port in listens]
         control = ControlServer(pool, server, nbd_socket=sock)
-        control.listen()
+        _bind(control_socket_path(path), control.listen)
         server.start()
         announce(sock, bound, context is not None, control.path)
         try:
@@ -104,6 +105,18 @@ def cmd_serve(args) -> int:
             server.shutdown()
             _unlink(sock)
     return 0
+
+
+def _bind(where: str, listen, *args):
+    """Run ``listen(*args)``; an OS error names the socket or address it was about
+    ("Address already in use" alone does not say which of several)."""
+    try:
+        return listen(*args)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if "too long" in reason:
+            reason += " (a unix socket path has at most 107 bytes: serve a pool with a shorter path)"
+        raise OSError(err.errno, reason, where) from err
 
 
 def announce(sock: str, bound, tls: bool, control: str) -> None:
