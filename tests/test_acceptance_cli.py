@@ -8,6 +8,7 @@ what a script notices: the exit code, one ``thinstore:`` line on stderr, never e
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -189,3 +190,18 @@ def test_a_pool_in_a_deep_directory_can_be_served_with_a_short_socket(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
         shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+
+
+def test_export_that_the_file_system_refuses_names_the_output_file(pool, tmp_path):
+    """Exporting a 16T volume to ext4 said only 'thinstore: File too large' (ftruncate's
+    EFBIG): nothing told the user it was the output file, not the pool."""
+    assert ts("--pool", pool, "create", "vm", "--size", "8M").returncode == 0
+    out = tmp_path / "out.raw"
+    env = {k: v for k, v in os.environ.items() if k not in ("THINSTORE_POOL", "THINSTORE_DEBUG")}
+    env["PYTHONPATH"] = ROOT
+    limited = subprocess.run(  # a file-size limit makes ftruncate fail with EFBIG anywhere
+        [sys.executable, "-m", "thinstore", "--pool", pool, "export", "vm", str(out)],
+        capture_output=True, timeout=60, env=env,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
+    assert limited.returncode == 1
+    assert str(out) in one_error_line(limited) and "too large" in limited.stderr.decode()

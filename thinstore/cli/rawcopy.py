@@ -13,6 +13,7 @@ holes; it gets every byte, zeros included, in order.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -141,9 +142,30 @@ def import_stream(fd: int, dev, progress) -> None:
         progress.advance(got)
 
 
+@contextlib.contextmanager
+def _naming(fd: int):
+    """Give an OS error on the image file its name: 'thinstore: File too large' alone does
+    not say that the output file, not the pool, is the one that cannot grow."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = f"file descriptor {fd}"
+        raise OSError(err.errno, err.strerror, name) from err
+
+
 def _read_full(fd: int, view: memoryview, offset: int | None) -> int:
     """Fill ``view`` from ``offset`` (from the file position when None, as for a pipe);
     fewer bytes only at end of file."""
+    with _naming(fd):
+        return _read_loop(fd, view, offset)
+
+
+def _read_loop(fd: int, view: memoryview, offset: int | None) -> int:
     got = 0
     while got < len(view):
         if offset is None:
@@ -165,8 +187,9 @@ def export_device(dev, fd: int, progress) -> None:
 
 
 def _export_sparse(dev, fd: int, progress) -> None:
-    os.ftruncate(fd, 0)  # drop old blocks: the extents we skip must read as holes
-    os.ftruncate(fd, dev.size)
+    with _naming(fd):
+        os.ftruncate(fd, 0)  # drop old blocks: the extents we skip must read as holes
+        os.ftruncate(fd, dev.size)  # EFBIG: a 16T device on ext4
     buf = bytearray(BLOCK_SIZE)
     view = memoryview(buf)
     for offset, length, mapped in device_extents(dev):
@@ -178,7 +201,8 @@ def _export_sparse(dev, fd: int, progress) -> None:
                 progress.advance(piece)
         else:
             progress.advance(length)
-    os.fsync(fd)
+    with _naming(fd):
+        os.fsync(fd)
 
 
 def _export_dense(dev, fd: int, progress) -> None:
@@ -201,6 +225,11 @@ def device_extents(dev) -> Iterator[tuple[int, int, bool]]:
 
 def _write_full(fd: int, view: memoryview, offset: int | None) -> None:
     """Write all of ``view`` at ``offset`` (or at the file position when None)."""
+    with _naming(fd):
+        _write_loop(fd, view, offset)
+
+
+def _write_loop(fd: int, view: memoryview, offset: int | None) -> None:
     while len(view):
         n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
         view = view[n:]
