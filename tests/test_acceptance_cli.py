@@ -205,3 +205,18 @@ def test_export_that_the_file_system_refuses_names_the_output_file(pool, tmp_pat
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
     assert limited.returncode == 1
     assert str(out) in one_error_line(limited) and "too large" in limited.stderr.decode()
+
+
+def test_a_failed_send_leaves_the_output_file_as_it_was(pool, tmp_path):
+    """``send vm@typo -o week.stream`` truncated week.stream to 0 bytes before finding
+    that vm@typo does not exist: yesterday's stream was lost to a typo."""
+    out = tmp_path / "week.stream"
+    out.write_bytes(b"yesterday's stream")
+    assert ts("--pool", pool, "create", "vm", "--size", "1M").returncode == 0
+    assert ts("--pool", pool, "snapshot", "vm@a").returncode == 0
+    typo = ts("--pool", pool, "send", "vm@typo", "-o", str(out))
+    assert typo.returncode == 3
+    assert out.read_bytes() == b"yesterday's stream"
+    assert ts("--pool", pool, "send", "vm@a", "-o", str(out)).returncode == 0
+    assert out.read_bytes().startswith(b"THINSTRM")
+    assert os.listdir(tmp_path) == ["week.stream"]  # no partial file left beside it

@@ -15,6 +15,7 @@ import contextlib
 import os
 import stat
 import sys
+import tempfile
 
 from thinstore import replication as RP
 from thinstore.cli.context import open_local_pool
@@ -104,7 +105,7 @@ def _base_name(snapshot: str, base: str | None) -> str | None:
 @contextlib.contextmanager
 def _output(path):
     if path is not None:
-        with open(path, "wb") as f:
+        with _replacing(path) as f:
             yield f
         return
     if sys.stdout.isatty():
@@ -113,6 +114,35 @@ def _output(path):
     sys.stdout.flush()
     yield sys.stdout.buffer
     sys.stdout.buffer.flush()
+
+
+@contextlib.contextmanager
+def _replacing(path: str):
+    """Write a regular ``-o FILE`` beside it and rename it into place only when the send
+    succeeded: a mistyped snapshot or a failed send must not truncate the stream that FILE
+    held, nor leave a partial stream under FILE's name.  A FIFO or device is written as is.
+    """
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        with open(path, "wb") as f:
+            yield f
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
