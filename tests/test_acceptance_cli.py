@@ -220,3 +220,36 @@ def test_a_failed_send_leaves_the_output_file_as_it_was(pool, tmp_path):
     assert ts("--pool", pool, "send", "vm@a", "-o", str(out)).returncode == 0
     assert out.read_bytes().startswith(b"THINSTRM")
     assert os.listdir(tmp_path) == ["week.stream"]  # no partial file left beside it
+
+
+def test_a_failed_init_leaves_nothing_behind(tmp_path):
+    """init of a capacity the file system cannot hold as one file (EFBIG; a file-size
+    limit stands in for ext4's 16T) said 'File too large', naming no file, and left data
+    and lock behind, so the next init failed with 'File exists'."""
+    pool = tmp_path / "pool"
+    env = {k: v for k, v in os.environ.items() if k not in ("THINSTORE_POOL", "THINSTORE_DEBUG")}
+    env["PYTHONPATH"] = ROOT
+    big = subprocess.run(
+        [sys.executable, "-m", "thinstore", "--pool", str(pool), "init", "--capacity", "1G"],
+        capture_output=True, timeout=60, env=env,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
+    assert big.returncode == 1
+    assert str(pool / "data") in one_error_line(big) and "--capacity" in big.stderr.decode()
+    assert not pool.exists()
+    assert ts("--pool", str(pool), "init", "--capacity", "64M").returncode == 0
+    stranger = tmp_path / "other"
+    stranger.mkdir()
+    (stranger / "data").write_bytes(b"not ours")
+    assert ts("--pool", str(stranger), "init").returncode == 1
+    assert sorted(os.listdir(stranger)) == ["data"]  # no lock file left in a foreign directory
+    assert (stranger / "data").read_bytes() == b"not ours"
+
+
+def test_a_serve_that_fails_to_start_leaves_no_socket(pool):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert ts("--pool", pool, "serve", "--listen", str(taken.getsockname()[1])).returncode == 1
+    assert not os.path.exists(os.path.join(pool, "nbd.sock"))
+    tls = ts("--pool", pool, "serve", "--tls-cert", "/nonexistent.pem", "--tls-key", "/k.pem")
+    assert tls.returncode == 1 and "/nonexistent.pem" in one_error_line(tls)

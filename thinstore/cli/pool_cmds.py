@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+
 from thinstore.cli.context import open_pool, pool_path
 from thinstore.cli.output import print_json, size_cell
 from thinstore.errors import UsageError
@@ -48,9 +52,38 @@ def chunk_size(text: str) -> int:
 def cmd_init(args) -> int:
     from thinstore import Pool
 
-    Pool.create(pool_path(args), capacity=args.capacity, chunk_size=args.chunk_size,
-                data_checksums=args.data_checksums).close()
+    path = pool_path(args)
+    with _undone_on_failure(path):
+        Pool.create(path, capacity=args.capacity, chunk_size=args.chunk_size,
+                    data_checksums=args.data_checksums).close()
     return 0
+
+
+@contextlib.contextmanager
+def _undone_on_failure(path: str):
+    """A failed init removes what it made (files, and the directory if it made that), so
+    ``init`` can simply be run again; a file that was there before is never touched.
+
+    Without this, a capacity larger than the file system's largest file (EFBIG: 100T on
+    ext4) left ``data`` and ``lock`` behind, and the next init said 'File exists'.
+    """
+    existed = os.path.isdir(path)
+    before = set(os.listdir(path)) if existed else set()
+    try:
+        yield
+    except BaseException as err:
+        made = set(os.listdir(path)) - before if os.path.isdir(path) else set()
+        for name in made:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        if isinstance(err, OSError) and err.errno == errno.EFBIG and err.filename is None:
+            raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data file "
+                          "that large; use a smaller --capacity (grow it later)",
+                          os.path.join(path, "data")) from err
+        raise
 
 
 def cmd_grow(args) -> int:

@@ -8,6 +8,7 @@ TCP only with ``--listen``, where a bare port binds loopback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -68,6 +69,9 @@ def tls_context(args) -> tuple[ssl.SSLContext | None, bool]:
         raise UsageError("give both --tls-cert and --tls-key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for name in (args.tls_cert, args.tls_key, args.tls_ca):
+        if name and not os.path.isfile(name):  # ssl's own error names no file
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     ctx.load_cert_chain(args.tls_cert, args.tls_key)
     if args.tls_ca:
         ctx.load_verify_locations(args.tls_ca)
@@ -93,12 +97,13 @@ def cmd_serve(args) -> int:
         server = NBDServer(pool, config)
         where = args.socket or os.path.join(path, DEFAULT_SOCKET)
         sock = _bind(where, server.listen_unix, where)
-        bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port) for host, port in listens]
         control = ControlServer(pool, server, nbd_socket=sock)
-        _bind(control_socket_path(path), control.listen)
-        server.start()
-        announce(sock, bound, context is not None, control.path)
-        try:
+        try:  # a failed start (a TCP port in use) must not leave the unix socket behind
+            bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
+                     for host, port in listens]
+            _bind(control_socket_path(path), control.listen)
+            server.start()
+            announce(sock, bound, context is not None, control.path)
             wait_for_signal()
         finally:
             control.shutdown()
