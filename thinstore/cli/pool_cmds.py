@@ -90,7 +90,14 @@ def cmd_grow(args) -> int:
     relative = args.size.startswith("+")
     size = parse_size(args.size[1:] if relative else args.size)
     with open_pool(args) as pool:
-        pool.grow(pool.capacity + size if relative else size)
+        try:
+            pool.grow(pool.capacity + size if relative else size)
+        except OSError as err:
+            if err.errno != errno.EFBIG or err.filename is not None:
+                raise
+            raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data "
+                          "file that large; the pool keeps its capacity",
+                          os.path.join(pool.path, "data")) from err
     return 0
 
 
