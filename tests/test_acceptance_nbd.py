@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from nbd_helpers import (ROOT, SYSTEM_PYTHON, ServeProcess, cli, need, need_libnbd_python,
-                         new_pool_dir, run, uri)
+from nbd_helpers import (ROOT, SYSTEM_PYTHON, RawClient, ServeProcess, cli, need,
+                         need_libnbd_python, new_pool_dir, run, uri)
 
 MiB = 1 << 20
 
@@ -85,3 +85,19 @@ def test_a_full_pool_answers_enospc_and_recovers_when_grown(served):
     assert int(count) >= 16 and kinds == "{28}", lines  # ENOSPC, not EIO or a dropped link
     assert lines[1] == "read 4096" and lines[2] == "after grow ok"
     assert cli("--pool", pool, "list", "-Hp", "-o", "name", "big").stdout.strip() == "big"
+
+
+@pytest.mark.xfail(strict=True, reason="control.py checks a volume's NBD clients before the "
+                   "snapshot exists: 'rollback vm@typo' with a client says busy (exit 5) "
+                   "where there is no such snapshot (exit 3)")
+def test_rollback_to_a_missing_snapshot_says_missing_even_with_clients(served):
+    pool, sock = served
+    cli("--pool", pool, "create", "vm", "--size", "1M")
+    client = RawClient(sock)
+    try:
+        client.greet()
+        client.go("vm")
+        result = cli("--pool", pool, "rollback", "vm@typo", check=False)
+        assert result.returncode == 3, result.stderr
+    finally:
+        client.close()
