@@ -298,3 +298,21 @@ def test_grow_past_the_file_system_limit_while_served_is_not_an_internal_error(p
         server.terminate()
         server.wait(timeout=30)
         server.stdout.close()
+
+
+def test_a_receive_into_a_full_pool_says_grow_and_resume(tmp_path):
+    """The full-pool error named the hidden '.receive.NAME' and said 'destroy a device';
+    the receive is resumable, and growing then resuming loses nothing."""
+    with new_pool_dir("64M") as src, new_pool_dir("8M") as dst:
+        image = tmp_path / "data.raw"
+        image.write_bytes(os.urandom(12 << 20))
+        stream = tmp_path / "s.stream"
+        for args in (["import", "vm", str(image)], ["snapshot", "vm@a"],
+                     ["send", "vm@a", "-o", str(stream)]):
+            assert ts("--pool", src, *args).returncode == 0
+        full = ts("--pool", dst, "receive", "vm", "-i", str(stream))
+        assert full.returncode == 8
+        assert "receive --resume vm" in full.stderr.decode()
+        assert ts("--pool", dst, "grow", "+16M").returncode == 0
+        assert ts("--pool", dst, "receive", "--resume", "vm", "-i", str(stream)).returncode == 0
+        assert ts("--pool", dst, "export", "vm@a", "-").stdout == image.read_bytes()

@@ -21,7 +21,7 @@ from thinstore import replication as RP
 from thinstore.cli.context import open_local_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell
-from thinstore.errors import UsageError
+from thinstore.errors import PoolFull, UsageError
 from thinstore.progress import Progress
 
 
@@ -85,13 +85,31 @@ def cmd_receive(args) -> int:
             if not RP.abort_receive(pool, args.name):
                 raise UsageError(f"no interrupted receive into {args.name!r}")
             return 0
-        with _input(args.input) as inp, Bar(f"receive {args.name}") as bar:
+        with _input(args.input) as inp, Bar(f"receive {args.name}") as bar, \
+                _full_hint(pool, args.name):
             stats = RP.receive(pool, args.name, inp, resume=args.resume, force=args.force,
                                progress=bar, stream_size=_regular_size(inp))
     if args.verbose:
         print(f"received {stats.snapshot}: {stats.records} records applied, "
               f"{stats.skipped} skipped, {stats.stream_bytes} stream bytes", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _full_hint(pool, name: str):
+    """A receive stopped by a full pool is kept (a resume token); say so and how to finish.
+
+    The core's message names the hidden workspace ('.receive.NAME') and suggests destroying
+    a device; growing the pool and resuming is the way that loses nothing.
+    """
+    try:
+        yield
+    except PoolFull as err:
+        if RP.pending_receive(pool, name) is None:
+            raise
+        raise PoolFull(f"{err}; the receive into {name!r} is kept: grow the pool "
+                       f"('thinstore grow +SIZE') or free space, then run 'thinstore receive "
+                       f"--resume {name}' with the same stream") from err
 
 
 def _base_name(snapshot: str, base: str | None) -> str | None:
