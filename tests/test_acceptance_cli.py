@@ -316,3 +316,8 @@ def test_a_receive_into_a_full_pool_says_grow_and_resume(tmp_path):
         assert ts("--pool", dst, "grow", "+16M").returncode == 0
         assert ts("--pool", dst, "receive", "--resume", "vm", "-i", str(stream)).returncode == 0
         assert ts("--pool", dst, "export", "vm@a", "-").stdout == image.read_bytes()
+
+
+def test_version_is_printed():
+    result = ts("--version")
+    assert result.returncode == 0 and result.stdout.decode().startswith("thinstore 0.")

@@ -34,12 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshots, clones.", epilog="Run 'thinstore COMMAND --help' for a command's options.")
     parser.add_argument("--pool", metavar="DIR", default=os.environ.get("THINSTORE_POOL"),
                         help="pool directory (default: $THINSTORE_POOL)")
+    parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMANDS:
         importlib.import_module(f"{__package__}.{name}").register(subparsers)
     _accept_pool_after_command(subparsers)
     return parser
+
+
+def _version() -> str:
+    """``thinstore --version``: what a bug report and a packaging script ask for first."""
+    from thinstore import __version__
+    return f"{PROG} {__version__}"
 
 
 def _accept_pool_after_command(subparsers) -> None:
