@@ -321,3 +321,21 @@ def test_a_receive_into_a_full_pool_says_grow_and_resume(tmp_path):
 def test_version_is_printed():
     result = ts("--version")
     assert result.returncode == 0 and result.stdout.decode().startswith("thinstore 0.")
+
+
+def test_restore_refuses_a_dump_of_another_pool_unless_forced(tmp_path):
+    """Restoring the replica's dump over the primary succeeded silently: every volume then
+    read chunks of the wrong data file (only scrub noticed, as checksum damage)."""
+    with new_pool_dir("64M") as a, new_pool_dir("64M") as b:
+        image = tmp_path / "a.raw"
+        image.write_bytes(os.urandom(1 << 20))
+        assert ts("--pool", a, "import", "vm", str(image)).returncode == 0
+        dump = tmp_path / "a.json"
+        assert ts("--pool", a, "dump", "--json", "-o", str(dump)).returncode == 0
+        wrong = ts("--pool", b, "restore", str(dump))
+        assert wrong.returncode == 2 and "another" not in wrong.stderr.decode()
+        assert "holds pool" in one_error_line(wrong)
+        assert ts("--pool", b, "list", "vm").returncode == 3  # b untouched
+        assert ts("--pool", a, "restore", str(dump)).returncode == 0  # its own dump: fine
+        assert ts("--pool", a, "export", "vm", "-").stdout == image.read_bytes()
+        assert ts("--pool", b, "restore", "--force", str(dump)).returncode == 0

@@ -11,11 +11,12 @@ while a server holds it (exit 5, PoolLocked).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from thinstore.cli.context import pool_path
 from thinstore.cli.output import print_json
-from thinstore.errors import CorruptMetadata, DataChecksumError
+from thinstore.errors import CorruptMetadata, DataChecksumError, ThinstoreError, UsageError
 
 
 def register(subparsers) -> None:
@@ -48,6 +49,9 @@ def register(subparsers) -> None:
         description="Write new metadata from a JSON dump; the old meta file is kept as "
         "meta.old. Data chunks are never written.")
     restore.add_argument("input", metavar="FILE", help="the dump ('-' for stdin)")
+    restore.add_argument("-f", "--force", action="store_true",
+                         help="restore even a dump of another pool (its maps then name "
+                         "this pool's data chunks)")
     restore.set_defaults(func=cmd_restore)
 
     scrub = subparsers.add_parser(
@@ -123,9 +127,36 @@ def cmd_restore(args) -> int:
     else:
         with open(args.input) as f:
             text = f.read()
-    gen = restore_path(pool_path(args), load_dump(text))
+    doc = load_dump(text)
+    if not args.force:
+        _refuse_another_pools_dump(pool_path(args), doc)
+    gen = restore_path(pool_path(args), doc)
     print(f"restored metadata at generation {gen}; the previous meta file is meta.old")
     return 0
+
+
+def _refuse_another_pools_dump(path: str, doc: dict) -> None:
+    """A dump names its pool's UUID; restoring it over another pool (the replica beside the
+    primary, say) points every volume at chunks of the wrong data file, silently: scrub is
+    the first to notice.  A pool whose superblocks are both unreadable cannot be checked,
+    which is when restore is most needed, so that case goes on."""
+    from thinstore.format import BLOCK_SIZE, unpack_superblock
+    try:
+        wanted = bytes.fromhex(doc["pool"]["uuid"])
+        with open(os.path.join(path, "meta"), "rb") as f:
+            slots = [f.read(BLOCK_SIZE), f.read(BLOCK_SIZE)]
+    except (OSError, KeyError, TypeError, ValueError):
+        return
+    held = set()
+    for slot, raw in enumerate(slots):
+        try:
+            held.add(unpack_superblock(raw, slot).pool_uuid)
+        except ThinstoreError:
+            continue
+    if held and wanted not in held:
+        raise UsageError(f"restore: the dump is of pool {wanted.hex()}, but {path} holds pool "
+                         f"{held.pop().hex()}: its volumes would read the wrong data; "
+                         "use --force if that is really meant")
 
 
 def cmd_scrub(args) -> int:
