@@ -333,7 +333,7 @@ def test_restore_refuses_a_dump_of_another_pool_unless_forced(tmp_path):
         dump = tmp_path / "a.json"
         assert ts("--pool", a, "dump", "--json", "-o", str(dump)).returncode == 0
         wrong = ts("--pool", b, "restore", str(dump))
-        assert wrong.returncode == 2 and "another" not in wrong.stderr.decode()
+        assert wrong.returncode == 2
         assert "holds pool" in one_error_line(wrong)
         assert ts("--pool", b, "list", "vm").returncode == 3  # b untouched
         assert ts("--pool", a, "restore", str(dump)).returncode == 0  # its own dump: fine
