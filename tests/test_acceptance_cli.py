@@ -339,3 +339,15 @@ def test_restore_refuses_a_dump_of_another_pool_unless_forced(tmp_path):
         assert ts("--pool", a, "restore", str(dump)).returncode == 0  # its own dump: fine
         assert ts("--pool", a, "export", "vm", "-").stdout == image.read_bytes()
         assert ts("--pool", b, "restore", "--force", str(dump)).returncode == 0
+
+
+def test_dump_dash_is_stdout_and_restore_explains_the_text_form(pool, tmp_path):
+    """``dump -o -`` wrote a file named '-' (export and restore take '-' as stdout/stdin),
+    and restoring the text form said only 'not valid JSON'."""
+    out = ts("--pool", pool, "dump", "-o", "-")
+    assert out.returncode == 0 and out.stdout.startswith(b"pool ")
+    assert not os.path.exists("-")
+    text = tmp_path / "dump.txt"
+    text.write_bytes(out.stdout)
+    wrong = ts("--pool", pool, "restore", str(text))
+    assert wrong.returncode == 2 and "--json" in one_error_line(wrong)

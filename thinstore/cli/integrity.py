@@ -112,7 +112,7 @@ def cmd_dump(args) -> int:
     for p in problems:
         print(f"thinstore: warning: {p}", file=sys.stderr)
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n" if args.json else dump_text(doc)
-    if args.output:
+    if args.output and args.output != "-":  # '-' is stdout, as for export and restore
         with open(args.output, "w") as f:
             f.write(text)
     else:
@@ -127,6 +127,9 @@ def cmd_restore(args) -> int:
     else:
         with open(args.input) as f:
             text = f.read()
+    if text.startswith("pool "):
+        raise UsageError(f"restore: {args.input} is the text form of a dump; restore reads "
+                         "the JSON form ('thinstore dump --json -o FILE')")
     doc = load_dump(text)
     if not args.force:
         _refuse_another_pools_dump(pool_path(args), doc)
