@@ -351,3 +351,14 @@ def test_dump_dash_is_stdout_and_restore_explains_the_text_form(pool, tmp_path):
     text.write_bytes(out.stdout)
     wrong = ts("--pool", pool, "restore", str(text))
     assert wrong.returncode == 2 and "--json" in one_error_line(wrong)
+
+
+@pytest.mark.parametrize("command", ["check", "scrub", "repair", "dump"])
+def test_integrity_commands_on_a_served_pool_do_not_suggest_the_control_socket(served_pool,
+                                                                              command):
+    """They said 'stop it or use its control socket', but the control socket carries none
+    of them."""
+    result = ts("--pool", served_pool, command)
+    assert result.returncode == 5
+    err = one_error_line(result)
+    assert f"'{command}' needs the pool itself" in err and "in use by process" in err

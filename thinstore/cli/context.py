@@ -9,6 +9,7 @@ running server holds.
 from __future__ import annotations
 
 import contextlib
+import os
 
 from thinstore.errors import CorruptMetadata, PoolLocked, UsageError
 
@@ -54,6 +55,25 @@ def open_local_pool(args, command: str):
 
     with _opening(path), Pool.open(path) as pool:
         yield pool
+
+
+@contextlib.contextmanager
+def needs_pool_itself(args, command: str):
+    """For commands that work on the pool's files (check, repair, dump, restore, scrub):
+    while another process holds the pool, say that this command cannot go through a
+    server's control socket (the core's message suggests it), and what to do instead."""
+    try:
+        yield
+    except PoolLocked as err:
+        path = pool_path(args)
+        try:
+            with open(os.path.join(path, "lock")) as f:
+                holder = f.read().strip() or "another process"
+        except OSError:
+            raise err from None
+        raise PoolLocked(f"pool {path} is in use by process {holder}: '{command}' needs the "
+                         "pool itself, not a server's control socket: stop that process "
+                         "(e.g. the 'thinstore serve') first") from err
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from thinstore.cli.context import pool_path
+from thinstore.cli.context import needs_pool_itself, pool_path
 from thinstore.cli.output import print_json
 from thinstore.errors import CorruptMetadata, DataChecksumError, ThinstoreError, UsageError
 
@@ -66,7 +66,8 @@ def register(subparsers) -> None:
 
 def cmd_check(args) -> int:
     from thinstore.check import check_path
-    report = check_path(pool_path(args))
+    with needs_pool_itself(args, "check"):
+        report = check_path(pool_path(args))
     if args.json:
         print_json(report.to_dict())
     else:
@@ -92,7 +93,8 @@ def _print_check(report) -> None:
 
 def cmd_repair(args) -> int:
     from thinstore.repair import repair_path
-    report = repair_path(pool_path(args), dry_run=args.dry_run)
+    with needs_pool_itself(args, "repair"):
+        report = repair_path(pool_path(args), dry_run=args.dry_run)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -108,7 +110,8 @@ def cmd_repair(args) -> int:
 
 def cmd_dump(args) -> int:
     from thinstore.dump import dump_path, dump_text
-    doc, problems = dump_path(pool_path(args))
+    with needs_pool_itself(args, "dump"):
+        doc, problems = dump_path(pool_path(args))
     for p in problems:
         print(f"thinstore: warning: {p}", file=sys.stderr)
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n" if args.json else dump_text(doc)
@@ -133,7 +136,8 @@ def cmd_restore(args) -> int:
     doc = load_dump(text)
     if not args.force:
         _refuse_another_pools_dump(pool_path(args), doc)
-    gen = restore_path(pool_path(args), doc)
+    with needs_pool_itself(args, "restore"):
+        gen = restore_path(pool_path(args), doc)
     print(f"restored metadata at generation {gen}; the previous meta file is meta.old")
     return 0
 
@@ -165,7 +169,7 @@ def _refuse_another_pools_dump(path: str, doc: dict) -> None:
 def cmd_scrub(args) -> int:
     from thinstore import Pool
     from thinstore.scrub import Progress, scrub_pool
-    with Pool.open(pool_path(args)) as pool:
+    with needs_pool_itself(args, "scrub"), Pool.open(pool_path(args)) as pool:
         with pool.lock:
             total = int((pool.md.space.refs.arr != 0).sum())
         report = scrub_pool(pool, Progress(total, force=args.progress))
