@@ -362,3 +362,15 @@ def test_integrity_commands_on_a_served_pool_do_not_suggest_the_control_socket(s
     assert result.returncode == 5
     err = one_error_line(result)
     assert f"'{command}' needs the pool itself" in err and "in use by process" in err
+
+
+def test_core_warnings_are_prefixed_like_every_stderr_line(tmp_path):
+    """'pool X is 90% full ...' went to stderr bare (logging's last resort), unlike every
+    other line there; a script filtering 'thinstore:' lines missed it."""
+    with new_pool_dir("1M") as pool:
+        image = tmp_path / "fill.raw"
+        image.write_bytes(os.urandom(960 << 10))  # 15 of 16 chunks: past the 90% mark
+        result = ts("--pool", pool, "import", "vm", str(image))
+        assert result.returncode == 0
+        lines = result.stderr.decode().splitlines()
+        assert lines and all(line.startswith("thinstore: warning: ") for line in lines), lines

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Call the handler, mapping failures to one line on stderr and an exit code."""
+    if args.command != "serve":  # serve configures its own log lines
+        _log_like_errors()
     try:
         return args.func(args) or 0
     except ThinstoreError as err:
@@ -88,6 +91,22 @@ def run(args: argparse.Namespace) -> int:
     except Exception as err:  # a bug: say so in one line, the traceback with THINSTORE_DEBUG=1
         return _report(err, EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err} "
                        "(rerun with THINSTORE_DEBUG=1 for a traceback and report it)")
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _log_like_errors() -> None:
+    """The core's warnings (a pool past its low-water mark, an unclean shutdown) went out
+    bare through logging's last-resort handler; prefix them like every other line on
+    stderr (``thinstore: warning: ...``) so a script can tell them from data."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelFormatter())
+    logging.getLogger().addHandler(handler)
 
 
 def _report(err: BaseException | None, code: int, message: str | None = None) -> int:
