@@ -374,3 +374,11 @@ def test_core_warnings_are_prefixed_like_every_stderr_line(tmp_path):
         assert result.returncode == 0
         lines = result.stderr.decode().splitlines()
         assert lines and all(line.startswith("thinstore: warning: ") for line in lines), lines
+
+
+@pytest.mark.parametrize("option", [["--workers", "0"], ["--max-connections", "0"],
+                                    ["--handshake-timeout", "-1"]])
+def test_serve_refuses_counts_and_timeouts_that_are_not_positive(pool, option):
+    """'--handshake-timeout -1' started a server that dropped every client."""
+    result = ts("--pool", pool, "serve", *option, timeout=20)
+    assert result.returncode == 2 and option[0] in result.stderr.decode()

@@ -8,6 +8,7 @@ TCP only with ``--listen``, where a bare port binds loopback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -36,12 +37,29 @@ def register(subparsers) -> None:
                    help="with a certificate: 'require' (default) refuses plaintext, "
                    "'on' lets clients choose")
     p.add_argument("--read-only", action="store_true", help="export every device read-only")
-    p.add_argument("--max-connections", type=int, default=64, metavar="N")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--workers", type=int, default=4, metavar="N",
+    p.add_argument("--max-connections", type=_positive(int), default=64, metavar="N",
+                   help="clients at once (default 64)")
+    p.add_argument("--handshake-timeout", type=_positive(float), default=10.0,
+                   metavar="SECONDS", help="for the whole handshake (default 10)")
+    p.add_argument("--workers", type=_positive(int), default=4, metavar="N",
                    help="I/O threads per connection (default 4)")
     p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
     p.set_defaults(func=cmd_serve)
+
+
+def _positive(kind):
+    """An argparse type for a count or time that must be > 0: '--handshake-timeout -1'
+    started a server that dropped every client, '--max-connections 0' one that took none."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def parse_listen(text: str) -> tuple[str, int]:
