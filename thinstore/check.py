@@ -1,30 +1,61 @@
-"""Consistency check of an open pool: what thin_check verifies, from the loaded tree.
+"""Consistency check of a pool: what thin_check verifies, and a little more.
 
-Loading already verified every superblock, root and leaf checksum and that no two
-structures claim one metadata block. Here the reference counts stored for data
-chunks are recomputed from every live map page and compared; every map entry must
-lie inside the pool.
+What must hold, and is verified here:
+
+- both superblock slots are valid (a damaged one is reported even when the other works);
+- every metadata block the committed tree reaches passes its checksum, magic and
+  location test, and no block is claimed twice (salvage.py reads them all);
+- every map entry names a chunk inside the pool (never the reserved chunk 0);
+- the stored reference count of every data chunk equals the number of map entries
+  naming it: more is a leak, fewer means a chunk is owned more often than counted
+  (it would be freed while still mapped);
+- with data checksums on, every mapped chunk has a checksum.
+
+Each class of damage has its own exit code (salvage.DAMAGE_CODES); a report names
+devices, byte offsets, chunks and metadata blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
+from .datasums import INTENT_NAME, IntentLog
+from .errors import PoolNotFound
+from .kernels import ST_WRITTEN
+from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
+from .salvage import DAMAGE_CODES, Problem, owners, salvage
+from .storage import FileIO
+
+MAX_LISTED = 20            # problems of one class named one by one; the rest are counted
+
 
 @dataclasses.dataclass
-class Problem:
-    kind: str        # e.g. "refcount", "range", "page"
-    message: str
+class Report:
+    path: str
+    problems: list
+    info: dict
 
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.message}"
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    @property
+    def exit_code(self) -> int:
+        """0 when clean, else the code of the most severe class of damage found."""
+        kinds = {p.kind for p in self.problems}
+        return next((code for kind, code in DAMAGE_CODES.items() if kind in kinds), 0)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "clean": self.clean, "exit_code": self.exit_code,
+                "info": self.info, "problems": [p.to_dict() for p in self.problems]}
 
 
-def expected_refcounts(pool) -> np.ndarray:
-    """Data chunk refcounts recomputed from every live map page."""
-    maps, space = pool.md.maps, pool.md.space
+def expected_refcounts(md) -> tuple[np.ndarray, np.ndarray]:
+    """(refcounts recomputed from every live map page, entries naming chunks outside)."""
+    maps, space = md.maps, md.space
     live = np.flatnonzero(maps.ref > 0)
     maps.ensure_loaded(live)
     ents = maps.pages[live].ravel()
@@ -35,20 +66,125 @@ def expected_refcounts(pool) -> np.ndarray:
     return expect, ents[ents >= len(expect)]
 
 
-def check_pool(pool) -> list[Problem]:
+def check_metadata(md, committed: bool = True) -> list[Problem]:
+    """Map, refcount and checksum-table checks of a loaded (or salvaged) tree.
+
+    `committed` adds what holds only between transactions: no page is stored that no
+    directory names (an open transaction frees such pages at its commit).
+    """
     problems: list[Problem] = []
-    with pool.lock:
-        space = pool.md.space
-        expect, outside = expected_refcounts(pool)
-        for c in outside[:20].tolist():
-            problems.append(Problem("range", f"a map entry names chunk {c}, outside the pool"))
-        stored = space.refs.arr.astype(np.int64)
-        bad = np.flatnonzero(stored != expect)
-        for c in bad[:20].tolist():
-            problems.append(Problem("refcount", f"chunk {c}: stored {stored[c]}, "
-                                                f"maps name it {expect[c]} time(s)"))
-        if len(bad) > 20:
-            problems.append(Problem("refcount", f"... {len(bad) - 20} more chunks"))
-        if stored[0] or expect[0]:
-            problems.append(Problem("range", "reserved chunk 0 is referenced"))
+    if committed:
+        problems += _leaked_pages(md)
+    expect, outside = expected_refcounts(md)
+    if len(outside):
+        problems += _name_chunks(md, "range", outside, "names chunk {c}, outside the pool "
+                                 f"({len(expect)} chunks)")
+    stored = md.space.refs.arr.astype(np.int64)
+    if expect[0]:
+        problems += _name_chunks(md, "range", [0], "names reserved chunk 0")
+    problems += _refcount_problems(md, stored, expect)
+    if md.flags & POOL_FLAG_DATA_CHECKSUMS:
+        pending = (md.space.state & ST_WRITTEN) != 0     # the next commit hashes these
+        missing = np.flatnonzero((expect > 0) & (md.space.sums.arr == 0) & ~pending)
+        problems += _listed("checksum", missing, lambda c: Problem(
+            "checksum", f"chunk {c}: mapped but has no checksum (reads cannot verify it)",
+            chunk=c))
     return problems
+
+
+def _leaked_pages(md) -> list[Problem]:
+    maps = md.maps
+    n = min(len(maps.ref), len(maps.locations.arr))
+    locs = maps.locations.arr[:n]
+    leaked = np.flatnonzero((locs != 0) & (maps.ref[:n] == 0))
+    return _listed("leak", leaked, lambda p: Problem(
+        "leak", f"map page {p} is stored in metadata block {int(locs[p])} but no device "
+        "names it", block=int(locs[p])))
+
+
+def _refcount_problems(md, stored: np.ndarray, expect: np.ndarray) -> list[Problem]:
+    out = []
+    under = np.flatnonzero(stored < expect)
+    own = owners(md, under[:MAX_LISTED])
+    out += _listed("refcount", under, lambda c: Problem(
+        "refcount", f"chunk {c}: stored refcount {stored[c]}, but {expect[c]} map entries name "
+        f"it ({_where(own.get(c, []))}): it could be freed while still mapped", chunk=c))
+    leak = np.flatnonzero(stored > expect)
+    out += _listed("leak", leak, lambda c: Problem(
+        "leak", f"chunk {c}: stored refcount {stored[c]}, but {expect[c]} map entries name it "
+        "(space leaked until repair)", chunk=c))
+    return out
+
+
+def _name_chunks(md, kind: str, chunks, template: str) -> list[Problem]:
+    """One problem per map entry naming one of `chunks`, with its device and offset."""
+    out = []
+    for c, where in owners(md, list(chunks)[:MAX_LISTED]).items():
+        for name, off in where[:MAX_LISTED]:
+            out.append(Problem(kind, f"device {name!r} at byte {off}: map entry "
+                               + template.format(c=c), device=name, offset=off, chunk=c))
+    return out
+
+
+def _listed(kind: str, ids: np.ndarray, make) -> list[Problem]:
+    out = [make(int(c)) for c in ids[:MAX_LISTED].tolist()]
+    if len(ids) > MAX_LISTED:
+        out.append(Problem(kind, f"... and {len(ids) - MAX_LISTED} more chunk(s) like these"))
+    return out
+
+
+def _where(places) -> str:
+    shown = ", ".join(f"{n}@{off}" for n, off in places[:4])
+    return shown + (f" and {len(places) - 4} more" if len(places) > 4 else "")
+
+
+def check_pool(pool) -> list[Problem]:
+    """Check an open pool's in-memory tree (consistent at any moment, committed or not)."""
+    with pool.lock:
+        return check_metadata(pool.md, committed=False)
+
+
+def check_path(path: str, fileio=FileIO) -> Report:
+    """Check the committed metadata of the pool at `path`, read-only, under its lock."""
+    if not os.path.isfile(os.path.join(path, "meta")):
+        raise PoolNotFound(f"no thinstore pool at {path}")
+    lockfd = _take_lock(path)
+    meta = fileio(os.path.join(path, "meta"), readonly=True)
+    data = fileio(os.path.join(path, "data"), readonly=True)
+    try:
+        sv = salvage(meta, data)
+        problems = list(sv.problems)
+        info = {"slots": sv.slots}
+        if sv.md is not None:
+            problems += check_metadata(sv.md)
+            info.update(_summary(sv.md))
+            info["unclean_regions"] = _intent_regions(path, fileio, sv.md)
+        return Report(path, problems, info)
+    finally:
+        meta.close()
+        data.close()
+        os.close(lockfd)
+
+
+def _intent_regions(path: str, fileio, md) -> int:
+    """How many write-intent regions the next open will re-checksum (0 after a clean
+    close): not damage, but what an unclean shutdown left to do."""
+    full = os.path.join(path, INTENT_NAME)
+    if not os.path.exists(full) or not md.flags & POOL_FLAG_DATA_CHECKSUMS:
+        return 0
+    fio = fileio(full, readonly=True)
+    try:
+        return len(IntentLog(fio, len(md.space.refs), md.chunk_shift)
+                   .read_marked(len(md.space.refs)))
+    finally:
+        fio.close()
+
+
+def _summary(md) -> dict:
+    return {"generation": md.generation, "chunk_size": md.chunk_size,
+            "capacity_chunks": len(md.space.refs) - 1,
+            "mapped_chunks": int(np.count_nonzero(md.space.refs.arr)),
+            "map_pages": int(np.count_nonzero(md.maps.ref)),
+            "metadata_blocks": int(np.count_nonzero(md.store.used)),
+            "devices": sorted(d.name for d in md.devices.values()),
+            "data_checksums": bool(md.flags & POOL_FLAG_DATA_CHECKSUMS)}

@@ -19,6 +19,7 @@ returns, so both mappings live here and nowhere else::
      +-- CorruptMetadata            EIO     exit 10  checksums, magics, torn state
      +-- DataChecksumError          EIO     exit 11  a chunk no longer matches
      +-- StreamError                EIO     exit 12  send/receive streams
+     |    +-- StreamTruncated                  a cut-off stream: resumable
      +-- NativeUnavailable          EIO     exit 13  THINSTORE_PURE_PYTHON=0 without C
      +-- ProtocolError              EINVAL  exit 14  NBD/control wire errors
 
@@ -147,3 +148,7 @@ class ProtocolError(ThinstoreError):
 
     errno = _errno.EINVAL
     exit_code = 14
+
+
+class StreamTruncated(StreamError):
+    """The send/receive stream ends before its trailer (resume with 'receive --resume')."""

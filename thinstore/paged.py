@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import CorruptMetadata
 from .format import BT_LEAF, PAYLOAD_SIZE, ArrayRoot
 
 
@@ -35,7 +36,15 @@ class PagedArray:
 
     @classmethod
     def load(cls, dtype, root: ArrayRoot, store) -> "PagedArray":
-        """Read every stored leaf of `root` through the metadata store."""
+        """Read every stored leaf of `root` through the metadata store.
+
+        A root whose leaf count does not fit its length is damage, reported as such
+        (the count also bounds the memory a damaged length could ask for).
+        """
+        per_leaf = PAYLOAD_SIZE // np.dtype(dtype).itemsize
+        if root.length < 0 or -(-root.length // per_leaf) != len(root.leaves):
+            raise CorruptMetadata(f"a table of {root.length} entries cannot have "
+                                  f"{len(root.leaves)} leaves")
         pa = cls(dtype, root.length, root.leaves)
         for i, loc in enumerate(pa.leaves.tolist()):
             if loc:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from . import names
+from .datasums import DataSums, open_intent
 from .device import Device, DeviceInfo
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
@@ -57,6 +58,7 @@ class Pool:
         self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
+        self._sums: DataSums | None = None
         self._stop = threading.Event()
         self._timer = None
         if commit_interval and commit_interval > 0:
@@ -68,7 +70,7 @@ class Pool:
     @classmethod
     def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                low_water: float = 0.9, data_checksums: bool = True,
-               commit_interval: float = COMMIT_INTERVAL) -> "Pool":
+               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
@@ -80,16 +82,18 @@ class Pool:
             raise UsageError(f"{path} already holds a pool")
         lockfd = _take_lock(path)
         try:
-            data = FileIO(os.path.join(path, "data"), create=True)
+            data = fileio(os.path.join(path, "data"), create=True)
             data.truncate((nchunks + 1) * chunk_size)
-            meta = FileIO(os.path.join(path, "meta"), create=True)
+            meta = fileio(os.path.join(path, "meta"), create=True)
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
             md = Metadata.format_new(meta, data, chunk_size, nchunks + 1, flags,
                                      int(round(low_water * 100)))
         except BaseException:
             os.close(lockfd)
             raise
-        return cls(path, md, lockfd, commit_interval=commit_interval)
+        pool = cls(path, md, lockfd, commit_interval=commit_interval)
+        pool._attach_sums(fileio)
+        return pool
 
     @classmethod
     def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
@@ -107,7 +111,31 @@ class Pool:
         except BaseException:
             os.close(lockfd)
             raise
-        return cls(path, md, lockfd, commit_interval=commit_interval)
+        pool = cls(path, md, lockfd, commit_interval=commit_interval)
+        pool._attach_sums(fileio)
+        return pool
+
+    def _attach_sums(self, fileio) -> None:
+        """Data checksums (docs/integrity.md): hook them into commit, read and write, and
+        re-checksum what an unclean shutdown may have left half-written before any read."""
+        if not self.data_checksums:
+            return
+        try:
+            self._sums = DataSums(self.md, open_intent(self.path, fileio))
+            self._checksum_hook = self._sums.on_commit
+            changed = self._sums.recover()
+            if self._sums.intent.any:
+                log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
+                            "written in place since the last commit (%d chunk(s) changed)",
+                            self.path, changed)
+                self.commit()
+        except BaseException:
+            self._closed = True
+            self._stop.set()
+            self.md.data_fio.close()
+            self.md.meta_fio.close()
+            os.close(self._lockfd)
+            raise
 
     def close(self) -> None:
         with self.lock:
@@ -117,10 +145,14 @@ class Pool:
             try:
                 if self._dirty:        # a read-only session leaves the pool untouched
                     self.commit()
+                if self._sums is not None:
+                    self._sums.shutdown()   # clean: the next open re-checksums nothing
             finally:
                 self._closed = True
                 self.md.data_fio.close()
                 self.md.meta_fio.close()
+                if self._sums is not None:
+                    self._sums.intent.fio.close()
                 os.close(self._lockfd)
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=5)
@@ -165,6 +197,8 @@ class Pool:
         with self.lock:
             self._check_open()
             self.md.commit(getattr(self, "_checksum_hook", None))
+            if self._sums is not None:
+                self._sums.committed()
             self._dirty = False
             self._check_low_water()
             self.counters["commits"] += 1
@@ -294,12 +328,7 @@ class Pool:
             vol = self._find(base)
             if vol.kind == "snapshot":
                 raise InvalidName(f"{base!r} is not writable")
-            directory = snap.directory.copy()
-            self.md.maps.share(directory)
-            self.md.maps.drop(vol.directory, self.md.space)
-            vol.directory.release(self.md.store)
-            vol.directory = directory
-            vol.size = snap.size
+            self._replace_map(vol, snap)
             self.commit()
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
@@ -313,12 +342,15 @@ class Pool:
             if size < dm.size and not shrink:
                 raise UsageError(f"{name!r} is {dm.size} bytes; shrinking to {size} loses data: "
                                  "pass --shrink to do it")
-            if size < dm.size:
-                self._truncate(dm, size)
-            dm.directory.resize(dir_length(size, self.md.chunk_shift))
-            dm.size = size
+            self._set_size(dm, size)
             self.commit()
             return self._info(dm)
+
+    def _set_size(self, dm: DeviceMeta, size: int) -> None:
+        if size < dm.size:
+            self._truncate(dm, size)
+        dm.directory.resize(dir_length(size, self.md.chunk_shift))
+        dm.size = size
 
     def _truncate(self, dm: DeviceMeta, size: int) -> None:
         """Unmap everything past `size` (the tail of the last chunk is zeroed)."""
@@ -344,6 +376,99 @@ class Pool:
             md.space.resize(nchunks)
             md.sb = md.sb._replace(capacity_chunks=nchunks)
             self.commit()
+
+    # ------------------------------------------------------------ hidden devices (receive)
+    def create_hidden(self, name: str, size: int, like: str | None = None) -> None:
+        """A writable device that list() omits and no lookup by name finds.
+
+        It is a receive's workspace: persisted like any device (so an interrupted
+        receive resumes into it) yet never visible half-made. It starts empty, or
+        sharing every map page of snapshot `like` (as a clone), then takes `size`.
+        """
+        names.check_name(name, snapshot=False)
+        _check_size(size)
+        with self.lock:
+            self._check_open()
+            self._need_free_name(name)
+            if like is None:
+                d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
+                d.dirty[:] = True
+                self._new_device(name, "volume", size, d, bytes(16), FLAG_HIDDEN)
+            else:
+                dm = self._share_device(self._find(like), name, "clone", FLAG_HIDDEN)
+                self._set_size(dm, size)
+            self.commit()
+
+    def _hidden(self, name: str) -> DeviceMeta | None:
+        return next((dm for dm in self.md.devices.values()
+                     if dm.name == name and dm.flags & FLAG_HIDDEN), None)
+
+    def hidden_exists(self, name: str) -> bool:
+        with self.lock:
+            return self._hidden(name) is not None
+
+    def open_hidden(self, name: str) -> Device:
+        with self.lock:
+            self._check_open()
+            dm = self._hidden(name)
+            if dm is None:
+                raise NoSuchDevice(f"no unfinished receive {name!r} in pool {self.path}")
+            dm.opens += 1
+            return Device(self, dm)
+
+    def destroy_hidden(self, name: str) -> None:
+        """Drop a hidden device and commit; absent is fine (an abort may repeat)."""
+        with self.lock:
+            self._check_open()
+            dm = self._hidden(name)
+            if dm is not None:
+                self._drop_device(dm)
+                self.commit()
+
+    def publish_hidden(self, hidden: str, snapshot: str, uuid: bytes) -> DeviceInfo:
+        """In ONE commit: snapshot `vol@snap` (carrying `uuid`) and volume `vol` take the
+        hidden device's map, and the hidden device goes.
+
+        `vol` is created when absent, else its map is replaced as rollback does. One
+        commit is what makes a receive atomic: before it nothing shows, after it all.
+        """
+        names.check_name(snapshot, snapshot=True)
+        vol_name, _ = names.split(snapshot)
+        with self.lock:
+            self._check_open()
+            src = self._hidden(hidden)
+            if src is None:
+                raise NoSuchDevice(f"no unfinished receive {hidden!r} in pool {self.path}")
+            if src.opens:
+                raise DeviceBusy(f"{hidden!r} is still open")
+            self._need_free_name(snapshot)
+            vol = self._publish_volume(src, vol_name)
+            snap = self._share_device(src, snapshot, "snapshot")
+            snap.uuid, snap.origin_uuid = bytes(uuid), vol.uuid
+            self._drop_device(src)
+            self.commit()
+            return self._info(snap)
+
+    def _publish_volume(self, src: DeviceMeta, vol_name: str) -> DeviceMeta:
+        try:
+            vol = self._find(vol_name)
+        except NoSuchDevice:
+            vol = self._share_device(src, vol_name, "volume")
+            vol.origin_uuid = bytes(16)
+            return vol
+        if vol.kind == "snapshot":
+            raise InvalidName(f"{vol_name!r} is not writable")
+        self._replace_map(vol, src)
+        return vol
+
+    def _replace_map(self, vol: DeviceMeta, src: DeviceMeta) -> None:
+        """`vol` takes `src`'s content and size by sharing its pages (O(pages), no data)."""
+        directory = src.directory.copy()
+        self.md.maps.share(directory)
+        self.md.maps.drop(vol.directory, self.md.space)
+        vol.directory.release(self.md.store)
+        vol.directory = directory
+        vol.size = src.size
 
     # ------------------------------------------------------------ queries
     def list(self) -> list[DeviceInfo]:
@@ -431,6 +556,8 @@ class Pool:
             self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
             K.read_range(d, self.md.maps.pages, self.md.chunk_shift, self.md.data_fio, buf,
                          offset, length)
+            if self._sums is not None:
+                self._sums.verify(dm, buf, offset, length)
 
     def _write(self, dm: DeviceMeta, data, offset: int, fua: bool) -> None:
         length = memoryview(data).nbytes
@@ -452,9 +579,13 @@ class Pool:
         d = dm.directory.arr
         need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
                                     offset, length)
-        fresh = self._allocate(need, dm)
+        fresh = self._allocate(need, dm)        # may commit: checksum upkeep comes after
+        if self._sums is not None:
+            self._sums.before_write(d, maps.pages, offset, length)
         K.write_range(d, maps.pages, maps.dirty, space.refs.arr, space.state, fresh, shift,
                       md.data_fio, data, offset, length, self._kc)
+        if self._sums is not None:
+            self._sums.after_write(d, maps.pages)
         self._dirty = True
         self._count()
 

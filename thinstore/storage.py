@@ -38,9 +38,10 @@ def _libc():
     global _LIBC
     if _LIBC is None:
         import ctypes
-        import ctypes.util
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # the C library the interpreter already has loaded: find_library would run
+            # ldconfig in a subprocess, forking a process that inherits the pool's files
+            lib = ctypes.CDLL(None, use_errno=True)
             lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
             _LIBC = lib
         except (OSError, AttributeError):

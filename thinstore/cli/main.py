@@ -20,7 +20,7 @@ import sys
 
 from thinstore.errors import ThinstoreError
 
-COMMANDS = ["pool_cmds", "device_cmds", "image_cmds", "serve"]
+COMMANDS = ["pool_cmds", "device_cmds", "image_cmds", "serve", "replication", "integrity"]
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h: a bug, not the user's mistake
 

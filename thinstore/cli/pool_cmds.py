@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                       "in sum")
     init.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                       help=f"allocation unit, a power of two 4K..1M (default {DEFAULT_CHUNK_SIZE})")
+    init.add_argument("--no-data-checksums", dest="data_checksums", action="store_false",
+                      help="keep no per-chunk checksums (reads are then not verified; "
+                      "scrub finds nothing); fixed for the pool's life")
     init.set_defaults(func=cmd_init)
 
     grow = subparsers.add_parser("grow", help="enlarge the pool's capacity",
@@ -45,7 +48,8 @@ def chunk_size(text: str) -> int:
 def cmd_init(args) -> int:
     from thinstore import Pool
 
-    Pool.create(pool_path(args), capacity=args.capacity, chunk_size=args.chunk_size).close()
+    Pool.create(pool_path(args), capacity=args.capacity, chunk_size=args.chunk_size,
+                data_checksums=args.data_checksums).close()
     return 0
 
 

@@ -1,0 +1,148 @@
+"""Integrity commands: ``check``, ``repair``, ``dump``, ``restore`` and ``scrub``.
+
+Exit codes (docs/integrity.md): check returns 0 when clean, else the code of the most
+severe class of damage found (20 unreadable, 21 metadata, 22 range, 23 refcount,
+24 leak, 25 superblock, 26 checksum); scrub returns 0, or 11 (DataChecksumError) when
+a chunk is damaged; repair returns 0, or 10 (CorruptMetadata) when something was left
+unfixed. All but scrub work on a pool no process holds; repair and restore refuse
+while a server holds it (exit 5, PoolLocked).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from thinstore.cli.context import pool_path
+from thinstore.cli.output import print_json
+from thinstore.errors import CorruptMetadata, DataChecksumError
+
+
+def register(subparsers) -> None:
+    check = subparsers.add_parser(
+        "check", help="verify the pool's metadata (like thin_check)",
+        description="Verify both superblocks, every metadata block, every map entry and "
+        "every reference count. Exit 0 when clean, else a code per class of damage.")
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    check.set_defaults(func=cmd_check)
+
+    repair = subparsers.add_parser(
+        "repair", help="rebuild reference counts and free space from the maps",
+        description="Rebuild reference counts and free space from the block maps, drop map "
+        "entries and pages that cannot be read or point outside the pool, and report every "
+        "change. Data chunks are never written.")
+    repair.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    repair.add_argument("--json", action="store_true", help="machine-readable report")
+    repair.set_defaults(func=cmd_repair)
+
+    dump = subparsers.add_parser(
+        "dump", help="print the metadata in readable form (like thin_dump)",
+        description="Print the committed metadata: text for reading, --json for editing "
+        "and 'restore'.")
+    dump.add_argument("--json", action="store_true", help="the JSON form restore reads")
+    dump.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    dump.set_defaults(func=cmd_dump)
+
+    restore = subparsers.add_parser(
+        "restore", help="replace the metadata from a JSON dump (like thin_restore)",
+        description="Write new metadata from a JSON dump; the old meta file is kept as "
+        "meta.old. Data chunks are never written.")
+    restore.add_argument("input", metavar="FILE", help="the dump ('-' for stdin)")
+    restore.set_defaults(func=cmd_restore)
+
+    scrub = subparsers.add_parser(
+        "scrub", help="read and verify every mapped chunk",
+        description="Read every mapped chunk once, verify its checksum, and name each "
+        "damaged chunk with every device and offset that uses it.")
+    scrub.add_argument("--json", action="store_true", help="machine-readable report")
+    scrub.add_argument("--progress", action="store_true",
+                       help="draw the progress bar even when stderr is not a terminal")
+    scrub.set_defaults(func=cmd_scrub)
+
+
+def cmd_check(args) -> int:
+    from thinstore.check import check_path
+    report = check_path(pool_path(args))
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        _print_check(report)
+    return report.exit_code
+
+
+def _print_check(report) -> None:
+    info = report.info
+    print(f"pool {report.path}: " + "; ".join(info.get("slots", [])))
+    if "generation" in info:
+        print(f"generation {info['generation']}: {len(info['devices'])} device(s), "
+              f"{info['mapped_chunks']} mapped chunk(s), {info['map_pages']} map page(s), "
+              f"{info['metadata_blocks']} metadata block(s)")
+    if info.get("unclean_regions"):
+        print(f"not shut down cleanly: the next open re-checksums {info['unclean_regions']} "
+              "write-intent region(s)")
+    for p in report.problems:
+        print(p)
+    print("clean" if report.clean else f"damaged: {len(report.problems)} problem(s) "
+          f"(exit {report.exit_code}); 'thinstore repair' rebuilds what the maps allow")
+
+
+def cmd_repair(args) -> int:
+    from thinstore.repair import repair_path
+    report = repair_path(pool_path(args), dry_run=args.dry_run)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        verb = "would change" if args.dry_run else "changed"
+        for line in report.changes:
+            print(f"{verb}: {line}")
+        for line in report.unfixable:
+            print(f"not fixed: {line}")
+        if not report.changes and not report.unfixable:
+            print("nothing to repair")
+    return CorruptMetadata.exit_code if report.unfixable else 0
+
+
+def cmd_dump(args) -> int:
+    from thinstore.dump import dump_path, dump_text
+    doc, problems = dump_path(pool_path(args))
+    for p in problems:
+        print(f"thinstore: warning: {p}", file=sys.stderr)
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n" if args.json else dump_text(doc)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from thinstore.dump import load_dump, restore_path
+    if args.input == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.input) as f:
+            text = f.read()
+    gen = restore_path(pool_path(args), load_dump(text))
+    print(f"restored metadata at generation {gen}; the previous meta file is meta.old")
+    return 0
+
+
+def cmd_scrub(args) -> int:
+    from thinstore import Pool
+    from thinstore.scrub import Progress, scrub_pool
+    with Pool.open(pool_path(args)) as pool:
+        with pool.lock:
+            total = int((pool.md.space.refs.arr != 0).sum())
+        report = scrub_pool(pool, Progress(total, force=args.progress))
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(f"scrub: {report.verified} chunk(s) verified, {report.skipped} without a "
+              f"checksum, {report.bytes_read} bytes read in {report.seconds:.1f}s")
+        for d in report.damaged:
+            print(f"damaged: {d.describe()}")
+        print("no damage found" if not report.damaged else
+              f"{len(report.damaged)} damaged chunk(s): restore the devices named above "
+              "from a replica or backup")
+    return DataChecksumError.exit_code if report.damaged else 0
