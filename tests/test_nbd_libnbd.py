@@ -205,3 +205,12 @@ def test_read_only_server_exports_volumes_read_only():
         with s.pool.open_device("vol") as dev:
             dev.pwrite(b"\x09" * 512, 0)
         assert system_python(READ_ONLY_SERVER, s.uri("vol")).stdout.strip() == "ok"
+
+
+def test_nbdinfo_lists_a_pool_with_many_devices():
+    with served() as s:
+        s.pool.create_volume("many", MiB)
+        for i in range(299):
+            s.pool.snapshot(f"many@s{i:03}")
+        out = json.loads(run(["nbdinfo", "--list", "--json", s.uri()]).stdout)
+        assert len(out["exports"]) == 300
