@@ -79,16 +79,13 @@ def cmd_serve(args) -> int:
     from thinstore import Pool
     from thinstore.cli.context import pool_path
     from thinstore.control import ControlServer
-    from thinstore.nbd.server import NBDServer, ServerConfig
+    from thinstore.nbd.server import NBDServer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="thinstore serve: %(message)s")
     path = pool_path(args)
     listens = [parse_listen(text) for text in args.listen]
-    context, require = tls_context(args)
-    config = ServerConfig(read_only=args.read_only, tls_context=context, tls_require=require,
-                          handshake_timeout=args.handshake_timeout,
-                          max_connections=args.max_connections, workers=args.workers)
+    config = server_config(args)
     with Pool.open(path) as pool:
         server = NBDServer(pool, config)
         sock = server.listen_unix(args.socket or os.path.join(path, DEFAULT_SOCKET))
@@ -96,7 +93,7 @@ def cmd_serve(args) -> int:
         control = ControlServer(pool, server, nbd_socket=sock)
         control.listen()
         server.start()
-        announce(sock, bound, context is not None, control.path)
+        announce(sock, bound, config.tls_context is not None, control.path)
         try:
             wait_for_signal()
         finally:
@@ -104,6 +101,15 @@ def cmd_serve(args) -> int:
             server.shutdown()
             _unlink(sock)
     return 0
+
+
+def server_config(args):
+    from thinstore.nbd.server import ServerConfig
+
+    context, require = tls_context(args)
+    return ServerConfig(read_only=args.read_only, tls_context=context, tls_require=require,
+                        handshake_timeout=args.handshake_timeout,
+                        max_connections=args.max_connections, workers=args.workers)
 
 
 def announce(sock: str, bound, tls: bool, control: str) -> None:
