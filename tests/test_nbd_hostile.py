@@ -440,3 +440,21 @@ def test_a_storage_fault_is_eio_and_the_server_carries_on(srv):
         os.close(broken)
     c.close()
     assert_healthy(srv)
+
+
+def test_a_full_pool_answers_enospc_and_recovers_after_trim():
+    with served(capacity=4 * MiB) as s:
+        s.pool.create_volume("thin", 64 * MiB)          # over-provisioned 16x
+        c = in_transmission(s, name="thin")
+        block = os.urandom(MiB)
+        errors = []
+        for i in range(8):
+            c.request(P.Cmd.WRITE, i * MiB, MiB, cookie=i, data=block)
+            errors.append(reply_error(c.structured_reply()[1]))
+        assert errors[0] == 0 and P.ENOSPC in errors, errors
+        c.request(P.Cmd.TRIM, 0, 8 * MiB, cookie=20)
+        c.request(P.Cmd.FLUSH, cookie=21)
+        assert [reply_error(c.structured_reply()[1]) for _ in range(2)] == [0, 0]
+        c.request(P.Cmd.WRITE, 0, MiB, cookie=22, data=block)
+        assert reply_error(c.structured_reply()[1]) == 0, "space came back"
+        c.close()
