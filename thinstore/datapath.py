@@ -21,8 +21,14 @@ from .native import K
 log = logging.getLogger("thinstore")
 
 
+_NO_SUMS = np.zeros(0, dtype=np.uint32)     # write_fast without data checksums
+_NO_BITS = np.zeros(0, dtype=bool)
+
+
 class DataPath:
     """Pool's request handlers (see the module docstring)."""
+
+    FAST_WRITES = True     # False: every write takes the general path (tests compare both)
 
     def _bounds(self, dm: DeviceMeta, offset: int, length: int, write: bool) -> None:
         self._live(dm)
@@ -55,13 +61,46 @@ class DataPath:
         length = memoryview(data).nbytes
         with self.lock:
             self._bounds(dm, offset, length, write=True)
-            if length:
+            if length and not self._write_fast(dm, data, offset, length):
                 if K.is_zero(data):
                     self._zero_range(dm, offset, length, no_hole=False)
                 else:
                     self._write_data(dm, data, offset, length)
             if fua:
                 self.commit()
+
+    def _write_fast(self, dm: DeviceMeta, data, offset: int, length: int) -> bool:
+        """The common write in one kernel call (K.write_fast): every chunk in range
+        mapped under exclusive pages, free chunks near the cursor for the copies on
+        write, intent regions already marked. False (nothing done) otherwise, and the
+        general path below does the same write.
+
+        It gives exactly the general path's result: the same chunks allocated (same
+        scan order and cursor), the same intent marks (DataSums.before_write sets only
+        `hot` when the region is marked), and nothing for after_write to record, as no
+        chunk in range is a hole. Chunks allocated this transaction whose written
+        ranges DataSums tracks (`fresh`) are known only to Python, so while any exist
+        the fast path stands aside.
+        """
+        sums = self._sums
+        if not self.FAST_WRITES or (sums is not None and sums.fresh):
+            return False
+        md = self.md
+        maps, space = md.maps, md.space
+        if sums is None:
+            csums, bits, hot, ishift = _NO_SUMS, _NO_BITS, _NO_BITS, 0
+        else:
+            intent = sums.intent
+            csums, bits, hot, ishift = space.sums.arr, intent.bits, intent.hot, intent.shift
+        n = K.write_fast(dm.directory.arr, maps.pages, maps.ref, maps.dirty, space.refs.arr,
+                         space.state, csums, bits, hot, ishift, space.cursor_arr,
+                         md.chunk_shift, md.data_fio, data, offset, length, self._kc)
+        if n < 0:
+            return False
+        self._dirty = True
+        if n:
+            self._note_allocated(n)
+        return True
 
     def _write_data(self, dm: DeviceMeta, data, offset: int, length: int) -> None:
         md = self.md
@@ -79,7 +118,6 @@ class DataPath:
         if self._sums is not None:
             self._sums.after_write(d, maps.pages)
         self._dirty = True
-        self._count()
 
     def _allocate(self, n: int, dm: DeviceMeta) -> np.ndarray:
         space = self.md.space
@@ -90,14 +128,18 @@ class DataPath:
         if fresh is None:
             raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
                            f"chunk(s), {space.free()} free; destroy a device or discard data")
-        self._since_low_water_check += n
-        if self._since_low_water_check * 200 > space.capacity:   # every 0.5% of capacity
-            self._check_low_water()
+        self._note_allocated(n)
         return fresh
 
+    def _note_allocated(self, n: int) -> None:
+        self._since_low_water_check += n
+        if self._since_low_water_check * 200 > self.md.space.capacity:   # every 0.5%
+            self._check_low_water()
+
     def _count(self) -> None:
+        """Fold the kernels' counters into the pool's (call with the lock held)."""
         kc = self._kc
-        c = self.counters
+        c = self._counters
         c["chunks_allocated"] += int(kc[0])
         c["chunks_copied"] += int(kc[1])
         c["bytes_copied"] += int(kc[2])

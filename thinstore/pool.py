@@ -63,8 +63,8 @@ class Pool(DataPath, HiddenDevices):
         self._closed = False
         self._low_water_crossed = False
         self._since_low_water_check = 0
-        self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
-                         "bytes_written": 0, "commits": 0}
+        self._counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
+                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
         self._sums: DataSums | None = None
         self._stop = threading.Event()
@@ -183,6 +183,14 @@ class Pool(DataPath, HiddenDevices):
                         log.error("background commit failed: %s", e)
 
     # ------------------------------------------------------------ properties
+    @property
+    def counters(self) -> dict:
+        """Data path totals; the kernels add into `_kc`, folded in here when read
+        (folding on every write cost more than a 4 KiB write's own Python)."""
+        with self.lock:
+            self._count()
+            return self._counters
+
     @property
     def chunk_size(self) -> int:
         return self.md.chunk_size
