@@ -44,8 +44,11 @@ class DataPath:
         return (offset >> shift) // FANOUT, ((offset + length - 1) >> shift) // FANOUT
 
     def _read(self, dm: DeviceMeta, buf, offset: int) -> None:
+        """Under the shared lock: reads run together, never beside a write. What they
+        touch that is shared is idempotent (page loading, under its own lock) or a
+        flag a second reader would set the same (DataSums.verified)."""
         length = memoryview(buf).nbytes
-        with self.lock:
+        with self.lock.shared:
             self._bounds(dm, offset, length, write=False)
             if not length:
                 return
@@ -219,7 +222,7 @@ class DataPath:
         self._dirty = True
 
     def _extents(self, dm: DeviceMeta, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        with self.lock:
+        with self.lock.shared:
             self._bounds(dm, offset, length, write=False)
             if not length:
                 return []

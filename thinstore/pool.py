@@ -6,8 +6,11 @@ A pool is a directory::
     POOL/meta   two superblock slots, then 4096-byte metadata blocks (docs/format.md)
     POOL/lock   fcntl lock: one process at a time; it holds the holder's pid
 
-Every public method takes `self.lock` (re-entrant), so one Pool may serve many
-threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
+`self.lock` (thinstore/rwlock.py) is shared for reads and exclusive for everything
+else: reads and extents queries of any devices run at once (the C kernels release
+the GIL for their I/O), while writes, management operations and commits run alone.
+`with pool.lock:` is the exclusive side, re-entrant like the RLock it replaced, so
+one Pool may serve many threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
 resize) commit before they return; data writes commit on flush, on FUA, by the
 background timer while writes are pending, and on close. After a crash the pool
 opens at its last commit: every write acknowledged before the last completed flush
@@ -42,6 +45,7 @@ from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, K
 from .paged import PagedArray
 from .storage import FileIO
+from .rwlock import RWLock
 from .units import check_device_size
 
 log = logging.getLogger("thinstore")
@@ -57,7 +61,7 @@ class Pool(DataPath, HiddenDevices):
     def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
         self.path = path
         self.md = md
-        self.lock = threading.RLock()
+        self.lock = RWLock()
         self._lockfd = lockfd
         self._dirty = False
         self._closed = False
@@ -390,6 +394,8 @@ class Pool(DataPath, HiddenDevices):
                                  "a pool can grow but not shrink")
             md.data_fio.truncate(nchunks * md.chunk_size)
             md.space.resize(nchunks)
+            if self._sums is not None:
+                self._sums.grow()      # here, exclusive: readers never replace its arrays
             md.sb = md.sb._replace(capacity_chunks=nchunks)
             self.commit()
 
