@@ -52,13 +52,25 @@ class DataPath:
             self._bounds(dm, offset, length, write=False)
             if not length:
                 return
-            p0, p1 = self._pages_of(offset, length)
-            d = dm.directory.arr
-            self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
-            K.read_range(d, self.md.maps.pages, self.md.chunk_shift, self.md.data_fio, buf,
-                         offset, length)
+            md = self.md
+            d = self._load_pages(dm, offset, length)
+            K.read_range(d, md.maps.pages, md.chunk_shift, md.data_fio, buf, offset, length)
             if self._sums is not None:
                 self._sums.verify(dm, buf, offset, length)
+
+    def _load_pages(self, dm: DeviceMeta, offset: int, length: int) -> np.ndarray:
+        """Load the map pages of a range (length > 0); returns the directory array.
+        A request inside one page, the common case, checks it without numpy."""
+        p0, p1 = self._pages_of(offset, length)
+        d = dm.directory.arr
+        maps = self.md.maps
+        if p0 == p1:
+            pid = int(d[p0])
+            if pid and not maps.loaded[pid]:
+                maps.ensure_loaded([pid])
+        else:
+            maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
+        return d
 
     def _write(self, dm: DeviceMeta, data, offset: int, fua: bool) -> None:
         length = memoryview(data).nbytes
@@ -226,9 +238,7 @@ class DataPath:
             self._bounds(dm, offset, length, write=False)
             if not length:
                 return []
-            p0, p1 = self._pages_of(offset, length)
-            d = dm.directory.arr
-            self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
+            d = self._load_pages(dm, offset, length)
             out = np.empty(((length >> self.md.chunk_shift) + 2, 3), dtype=np.int64)
             n = K.translate(d, self.md.maps.pages, self.md.chunk_shift, offset, length, out)
         result: list[tuple[int, int, bool]] = []
