@@ -88,12 +88,13 @@ def cmd_serve(args) -> int:
     config = server_config(args)
     with Pool.open(path) as pool:
         server = NBDServer(pool, config)
-        sock = server.listen_unix(args.socket or os.path.join(path, DEFAULT_SOCKET))
+        sock = server.listen_unix(os.path.abspath(args.socket or os.path.join(path, DEFAULT_SOCKET)))
         bound = [server.listen_tcp(host, port) for host, port in listens]
         control = ControlServer(pool, server, nbd_socket=sock)
         control.listen()
         server.start()
-        announce(sock, bound, config.tls_context is not None, control.path)
+        announce(sock, bound, config.tls_context is not None, control.path,
+                 [d.name for d in pool.list()])
         try:
             wait_for_signal()
         finally:
@@ -112,14 +113,16 @@ def server_config(args):
                         max_connections=args.max_connections, workers=args.workers)
 
 
-def announce(sock: str, bound, tls: bool, control: str) -> None:
-    """Print the URIs clients use (NAME stands for a device name)."""
+def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
+    """Print the URIs clients use (NAME stands for a device name), then one per device."""
     scheme = "nbds" if tls else "nbd"
     print(f"{scheme}+unix:///NAME?socket={sock}")
     for host, port in bound:
         shown = f"[{host}]" if ":" in host else host
         print(f"{scheme}://{shown}:{port}/NAME")
     print(f"control socket: {control}")
+    for name in devices:
+        print(f"  {name}: {scheme}+unix:///{name}?socket={sock}")
     sys.stdout.flush()
 
 
