@@ -501,3 +501,67 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
     if (rc == 0) counters[3] += (int64_t)length;
     return rc;
 }
+
+/* ---- the fast write ---------------------------------------------------- */
+
+#define FAST_SCAN_MAX 65536
+
+/* Up to `need` free chunks into out[], in SpaceMap.allocate's order; 1 if found. */
+static int fast_allocate(const uint32_t *ref, const uint8_t *state, uint64_t n_chunks,
+                         int64_t *cursor, uint64_t need, int64_t *out)
+{
+    if (need == 0) return 1;
+    uint64_t start = (*cursor >= 1 && (uint64_t)*cursor < n_chunks) ? (uint64_t)*cursor : 1;
+    uint64_t got = 0, c = start, looked = 0;
+    int wrapped = 0;
+    while (got < need && looked < FAST_SCAN_MAX) {
+        if (c >= n_chunks) {
+            if (wrapped || start == 1) return 0;
+            c = 1; wrapped = 1;
+        }
+        if (wrapped && c >= start) return 0;
+        if (ref[c] == 0 && !(state[c] & TS_ST_PENDING_FREE)) out[got++] = (int64_t)c;
+        c++; looked++;
+    }
+    if (got < need) return 0;
+    uint64_t next = (uint64_t)out[got - 1] + 1;
+    *cursor = next < n_chunks ? (int64_t)next : 1;
+    return 1;
+}
+
+int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
+                      uint64_t *pages, uint64_t n_pages,
+                      const uint32_t *page_ref, uint8_t *page_dirty,
+                      uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                      const uint32_t *chunk_sums, uint64_t n_sums,
+                      const uint8_t *intent_bits, uint8_t *intent_hot, uint64_t n_bits,
+                      int64_t *cursor, int64_t *counters, int fd,
+                      unsigned intent_shift, unsigned chunk_shift,
+                      const uint8_t *buf, uint64_t offset, uint64_t length)
+{
+    if (chunk_shift > 40 || length == 0) return TS_SLOW;
+    uint64_t first = offset >> chunk_shift, last = (offset + length - 1) >> chunk_shift;
+    if (last - first >= TS_FAST_MAX_CHUNKS || ts_is_zero(buf, length)) return TS_SLOW;
+    uint64_t need = 0, n_hot = 0, hot[TS_FAST_MAX_CHUNKS];
+    for (uint64_t v = first; v <= last; v++) {
+        uint64_t d = v / TS_FANOUT, pid;
+        if (d >= n_dir) return TS_SLOW;
+        pid = dir[d];
+        if (pid == 0 || pid >= n_pages || page_ref[pid] != 1) return TS_SLOW;
+        uint64_t c = pages[pid * TS_FANOUT + v % TS_FANOUT];
+        if (c == 0 || c >= n_chunks) return TS_SLOW;
+        if (chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
+        if (n_sums && (c >= n_sums || (chunk_sums[c] && !(chunk_state[c] & TS_ST_WRITTEN)))) {
+            uint64_t r = c >> intent_shift;
+            if (c >= n_sums || r >= n_bits || !intent_bits[r]) return TS_SLOW;
+            hot[n_hot++] = r;
+        }
+    }
+    int64_t fresh[TS_FAST_MAX_CHUNKS];
+    if (!fast_allocate(chunk_ref, chunk_state, n_chunks, cursor, need, fresh)) return TS_SLOW;
+    for (uint64_t i = 0; i < n_hot; i++) intent_hot[hot[i]] = 1;
+    int rc = ts_write_range(dir, n_dir, pages, n_pages, page_dirty, chunk_ref, chunk_state,
+                            n_chunks, fresh, need, chunk_shift, fd, buf, offset, length,
+                            counters);
+    return rc ? rc : (int64_t)need;
+}

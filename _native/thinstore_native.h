@@ -38,7 +38,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 1
+#define TS_API_VERSION 2
 
 #define TS_FANOUT 508
 
@@ -53,6 +53,8 @@
 #define TS_E_NOCHUNK -100003    /* write_range ran out of preallocated new chunks          */
 #define TS_E_SPACE -100004      /* the output array is too small                           */
 #define TS_E_ARG -100005        /* bad argument: delta not +-1, shift out of range         */
+#define TS_SLOW -100006         /* ts_write_fast: not the common case; nothing was changed  */
+#define TS_FAST_MAX_CHUNKS 64   /* ts_write_fast takes requests spanning at most this many */
 
 /* The API version this library was compiled with (TS_API_VERSION). */
 int ts_api_version(void);
@@ -124,6 +126,40 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
                    unsigned chunk_shift, int fd,
                    const uint8_t *buf, uint64_t offset, uint64_t length,
                    int64_t *counters);
+
+/*
+ * The common write, whole, in one call: ts_write_range plus the allocation and
+ * the checksum bookkeeping the caller would otherwise do around it.
+ *
+ * It applies only when every chunk of [offset, offset+length) is mapped
+ * (entry != 0) under a page with page_ref == 1, the request spans at most
+ * TS_FAST_MAX_CHUNKS chunks and buf is not all zeros.  Then:
+ *   - need = chunks that are shared (chunk_ref > 1 or PINNED);
+ *   - need free chunks (chunk_ref == 0, not PENDING_FREE) are found scanning up
+ *     from *cursor to n_chunks, then from 1 (at most 65536 ids are looked at);
+ *     *cursor becomes the last id taken + 1 (1 past the end) -- the order and
+ *     cursor rule of SpaceMap.allocate, so both pick the same chunks;
+ *   - write intent (n_sums > 0: data checksums on): a chunk with a committed
+ *     checksum (chunk_sums[c] != 0) not WRITTEN since the commit gets
+ *     intent_hot[c >> intent_shift] = 1; its region must already be marked
+ *     durable (intent_bits[r] != 0, r < n_bits) -- DataSums.before_write's
+ *     outcome when no intent I/O is needed;
+ *   - then ts_write_range with the chunks found.
+ * Returns need (>= 0) when written; TS_SLOW, with nothing changed, when any
+ * condition fails (a hole, a shared or missing page, too few free chunks within
+ * the scan, an unmarked intent region, an all-zero buffer, an id out of range):
+ * the caller then takes the general path, which does the same write.  After
+ * the checks the errors are those of ts_write_range.
+ */
+int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
+                      uint64_t *pages, uint64_t n_pages,
+                      const uint32_t *page_ref, uint8_t *page_dirty,
+                      uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                      const uint32_t *chunk_sums, uint64_t n_sums,
+                      const uint8_t *intent_bits, uint8_t *intent_hot, uint64_t n_bits,
+                      int64_t *cursor, int64_t *counters, int fd,
+                      unsigned intent_shift, unsigned chunk_shift,
+                      const uint8_t *buf, uint64_t offset, uint64_t length);
 
 /*
  * Unmap whole virtual chunks [first, first+count): each nonzero entry becomes 0,

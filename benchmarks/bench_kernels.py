@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import thinstore.datapath
 import thinstore.pool
 from conftest import report
 from thinstore import Pool, kernels as TWIN, native
@@ -87,6 +88,7 @@ ROUNDS = 10
 def _use(k) -> None:
     """Route the core through kernels k (the core reads K from these modules)."""
     thinstore.pool.K = k
+    thinstore.datapath.K = k
     native.K = k
 
 
@@ -117,11 +119,11 @@ def volume(request, tmp_path):
     for off in range(0, 256 << 20, len(block)):
         dev.pwrite(block, off)
     pool.commit()
-    saved = (thinstore.pool.K, native.K)
+    saved = (thinstore.pool.K, thinstore.datapath.K, native.K)
     vol = Volume()
     vol.pool, vol.dev, vol.where = pool, dev, where
     yield vol
-    thinstore.pool.K, native.K = saved
+    thinstore.pool.K, thinstore.datapath.K, native.K = saved
     vol.dev.close()
     pool.close()
 

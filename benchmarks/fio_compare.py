@@ -49,6 +49,7 @@ def parse_args():
     p.add_argument("--workdir", help="where images and pool go (default: a temp dir)")
     p.add_argument("--workers", type=int, default=4, help="thinstore serve --workers")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    p.add_argument("--only", metavar="TEXT", help="run only workloads whose name contains TEXT")
     return p.parse_args()
 
 
@@ -136,9 +137,10 @@ def main() -> int:
                             ("nbdkit-file", lambda: setup_nbdkit(work, base))):
             proc, uris[name] = setup()
             procs.append(proc)
-        results = {w: {s: [] for s in SERVERS} for w in WORKLOADS}
+        chosen = {w: v for w, v in WORKLOADS.items() if not args.only or args.only in w}
+        results = {w: {s: [] for s in SERVERS} for w in chosen}
         for round_no in range(args.rounds):
-            for wname, workload in WORKLOADS.items():
+            for wname, workload in chosen.items():
                 order = SERVERS[round_no % 3:] + SERVERS[:round_no % 3]   # no one always first
                 for server in order:
                     value = run_fio(uris[server], workload, size, args.runtime)

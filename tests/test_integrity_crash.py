@@ -9,12 +9,10 @@ is what keeps the pool whole.
 
 from __future__ import annotations
 
-import time
 
 import crashkit
 import pytest
 
-from thinstore import format as fmt
 from thinstore.errors import ThinstoreError
 from thinstore.metadata import Metadata
 
@@ -51,33 +49,10 @@ def test_power_cuts_lose_only_unflushed_writes(tmp_path):
 
 def _commit_superblock_first(self, checksum_hook=None):
     """Metadata.commit with the order broken: superblock written before the tree is synced."""
-    gen = self.sb.generation + 1
-    self.maps.commit(gen)
-    if checksum_hook is not None:
-        checksum_hook(gen)
-    self.space.commit_prepare()
-    for arr in (self.space.refs, self.space.sums, self.maps.locations):
-        arr.flush(self.store, gen)
-    for dev in self.devices.values():
-        dev.directory.flush(self.store, gen)
-    root = fmt.RootRecord(self.space.refs.root(), self.space.sums.root(),
-                          self.maps.locations.root(), self.next_dev_id,
-                          [d.record() for d in self.devices.values()],
-                          self.low_water_pct, self.flags)
-    data = fmt.pack_root(root)
-    old_root = self.root_blocks
-    self.root_blocks = self._write_root_chain(data, gen)
-    sb = self.sb._replace(generation=gen, root_location=self.root_blocks[0],
-                          root_length=len(data), root_checksum=fmt.checksum(data),
-                          commit_time_ns=time.time_ns())
-    self.meta_fio.pwrite(fmt.pack_superblock(sb), (gen % fmt.SUPERBLOCK_SLOTS) * fmt.BLOCK_SIZE)
-    self.data_fio.fsync()
-    self.meta_fio.fsync()
-    self.sb = sb
-    for loc in old_root:
-        self.store.free_later(loc)
-    self.store.release_pending()
-    self.space.commit_done(self.data_fio, self.chunk_shift)
+    sb = self.write_tree(checksum_hook)
+    self.write_superblock(sb)
+    self.sync()
+    self.release(sb)
 
 
 def test_broken_commit_order_is_caught(tmp_path, monkeypatch):

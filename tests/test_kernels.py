@@ -426,3 +426,88 @@ def _outcome(fn, *args):
 def _dup(path, suffix):
     shutil.copyfile(path, str(path) + suffix)
     return str(path) + suffix
+
+
+# ---- the fast write ---------------------------------------------------------
+
+class FastExtras:
+    """What write_fast takes beyond write_range: checksums, intent bitmap, cursor."""
+
+    def __init__(self, pool, rng, checksums: bool):
+        n = pool.n_chunks
+        self.sums = (rng.integers(0, 3, n) * rng.integers(1, 2**32, n)).astype(np.uint32) \
+            if checksums else np.zeros(0, np.uint32)
+        self.ishift = int(rng.integers(0, 5))
+        nbits = (n >> self.ishift) + int(rng.integers(0, 2))   # sometimes short (pool grew)
+        self.bits = rng.random(nbits) < 0.8
+        self.hot = np.zeros(nbits, dtype=bool)
+        self.cursor = np.array([rng.integers(0, n + 2)], np.int64)
+
+    def copy(self):
+        other = object.__new__(FastExtras)
+        other.__dict__ = {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                          for k, v in self.__dict__.items()}
+        return other
+
+
+@needs_native
+@SETTINGS
+@given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
+def test_write_fast_agrees(tmp_path, args, seed, checksums, zeros):
+    """Same answer (allocated count or SLOW), arrays, cursor, intent marks and file bytes."""
+    pool, off, length = args
+    rng = np.random.default_rng(seed)
+    pool.chunk_state |= (rng.random(pool.n_chunks) < 0.3).astype(np.uint8) * TWIN.ST_WRITTEN
+    if rng.random() < 0.7:     # mostly the common case: every chunk in range mapped
+        _map_everything(pool, rng)
+    ex = FastExtras(pool, rng, checksums)
+    f = DataFile(tmp_path / "data", pool, seed)
+    buf = bytes(length) if zeros else rng.integers(0, 256, length, np.uint8).tobytes()
+    results = []
+    for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
+        counters = np.zeros(4, np.int64)
+        rc = kern.write_fast(p.dirarr, p.pages, p.page_ref, p.page_dirty, p.chunk_ref,
+                             p.chunk_state, e.sums, e.bits, e.hot, e.ishift, e.cursor, p.shift,
+                             fio, buf, off, length, counters)
+        results.append((rc, p, e, counters.tolist(), _read_all(fio)))
+    (ra, a, ea, ca, da), (rb, b, eb, cb, db) = results
+    event("slow" if ra == TWIN.SLOW else "fast")
+    assert ra == rb
+    _same_arrays(a, b)
+    assert (ca, ea.cursor.tolist(), ea.hot.tolist()) == (cb, eb.cursor.tolist(), eb.hot.tolist())
+    assert da == db
+    if ra != TWIN.SLOW:
+        back = bytearray(length)
+        NAT.read_range(b.dirarr, b.pages, b.shift, f.fio, back, off, length)
+        assert back == buf
+
+
+def _map_everything(pool, rng):
+    """Every slot a page, every page exclusive, every entry a chunk (some shared)."""
+    _give_every_slot_a_page(pool)
+    pool.page_ref[:] = 1
+    rows = pool.pages[1:len(pool.dirarr) + 1]
+    holes = rows == 0
+    rows[holes] = rng.integers(1, pool.n_chunks, int(holes.sum()))
+    pool.chunk_ref[:] = 0
+    np.add.at(pool.chunk_ref, rows.ravel().astype(np.int64), 1)
+    pool.chunk_state[pool.chunk_ref == 0] = 0
+
+
+@pytest.mark.parametrize("k", BACKENDS)
+def test_write_fast_slow_leaves_everything(k, tmp_path):
+    """A hole in range: SLOW, and not one array or byte changed."""
+    pool = Pool(5, 1, 200, 12, 0.5)
+    pool.page_ref[:] = 1
+    pool.pages[1, 3] = 0
+    before = [a.copy() for a in pool.arrays()]
+    f = DataFile(tmp_path / "data", pool, 1)
+    data = _read_all(f.fio)
+    cursor = np.ones(1, np.int64)
+    rc = k.write_fast(pool.dirarr, pool.pages, pool.page_ref, pool.page_dirty, pool.chunk_ref,
+                      pool.chunk_state, np.zeros(0, np.uint32), np.zeros(1, bool),
+                      np.zeros(1, bool), 0, cursor, 12, f.fio, b"x" * 8192, 2 << 12, 8192,
+                      np.zeros(4, np.int64))
+    assert rc == TWIN.SLOW
+    assert all(np.array_equal(x, y) for x, y in zip(before, pool.arrays()))
+    assert _read_all(f.fio) == data and cursor[0] == 1

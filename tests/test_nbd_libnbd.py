@@ -205,3 +205,71 @@ def test_read_only_server_exports_volumes_read_only():
         with s.pool.open_device("vol") as dev:
             dev.pwrite(b"\x09" * 512, 0)
         assert system_python(READ_ONLY_SERVER, s.uri("vol")).stdout.strip() == "ok"
+
+
+def test_nbdinfo_lists_a_pool_with_many_devices():
+    with served() as s:
+        s.pool.create_volume("many", MiB)
+        for i in range(299):
+            s.pool.snapshot(f"many@s{i:03}")
+        out = json.loads(run(["nbdinfo", "--list", "--json", s.uri()]).stdout)
+        assert len(out["exports"]) == 300
+
+
+MIXED_SCRIPT = r"""
+import os, random, sys, nbd
+uri, region = sys.argv[1], int(sys.argv[2])
+rng = random.Random(7)
+handles = [nbd.NBD() for _ in range(4)]
+for h in handles:
+    h.connect_uri(uri)
+model = [bytearray(region) for _ in handles]
+pending = [[] for _ in handles]          # in-flight writes: (cookie, start, end)
+sizes = (512, 4096, 65536, 200 * 1024, 1 << 20, 5 << 20)
+
+def settle(i, start, end):
+    # NBD may reorder in-flight requests: never overlap a write still in flight
+    h = handles[i]
+    while True:
+        pending[i] = [p for p in pending[i] if not h.aio_command_completed(p[0])]
+        if not any(s < end and start < e for _, s, e in pending[i]) and h.aio_in_flight() < 16:
+            return
+        h.poll(-1)
+
+for step in range(300):
+    for i, h in enumerate(handles):
+        size = rng.choice(sizes)
+        off = rng.randrange(0, region - size + 1) & ~511
+        kind = rng.random()
+        settle(i, off, off + size)
+        where = i * region + off
+        if kind < 0.5:
+            data = os.urandom(size)
+            flags = nbd.CMD_FLAG_FUA if rng.random() < 0.1 else 0
+            pending[i].append((h.aio_pwrite(data, where, flags=flags), off, off + size))
+            model[i][off:off + size] = data
+        elif kind < 0.6:
+            pending[i].append((h.aio_zero(size, where), off, off + size))
+            model[i][off:off + size] = bytes(size)
+        elif kind < 0.65:
+            h.aio_flush()
+        else:
+            h.aio_pread(nbd.Buffer(size), where)
+for h in handles:
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    h.flush()
+for i in range(4):
+    got = handles[(i + 1) % 4].pread(region, i * region)   # through another connection
+    assert got == bytes(model[i]), f"region {i} differs"
+print("ok")
+"""
+
+
+def test_four_connections_mixed_pipelined_io_matches_a_model():
+    need_libnbd_python()
+    region = 16 * MiB
+    with served() as s:
+        s.pool.create_volume("mixed", 4 * region)
+        assert system_python(MIXED_SCRIPT, s.uri("mixed"), str(region),
+                             timeout=240).stdout.strip() == "ok"

@@ -137,3 +137,22 @@ def test_a_second_server_on_the_same_pool_is_refused(serving, pool_dir):
                   os.path.join(pool_dir, "other.sock")], check=False, env=env, timeout=30)
     assert second.returncode == 5, second.stderr
     assert cli("--pool", pool_dir, "status").returncode == 0, "the first server still answers"
+
+
+def test_sigterm_with_clients_connected_ends_them_and_exits(pool_dir):
+    s = ServeProcess(pool_dir)
+    cli("--pool", pool_dir, "create", "held", "--size", "4M")
+    clients = [RawClient(os.path.join(pool_dir, "nbd.sock")) for _ in range(3)]
+    clients[0].greet()
+    clients[0].go("held")
+    data = os.urandom(65536)
+    clients[0].request(P.Cmd.WRITE, 0, len(data), cookie=1, data=data)
+    assert clients[0].structured_reply()[1] == [(-1, bytes(4))]
+    clients[1].greet()                     # mid-handshake
+    clients[2].recv(P.GREETING.size)       # greeted by the server, silent since
+    assert s.stop() == 0
+    for c in clients:
+        assert c.closed_by_server()
+        c.close()
+    with Pool.open(pool_dir) as pool, pool.open_device("held") as dev:
+        assert dev.pread(0, len(data)) == data, "an acknowledged write survives a clean stop"

@@ -198,3 +198,16 @@ def test_all_zero_write_leaves_chunks_unmapped(pool):
         dev.pwrite(bytes(MiB), 0)
         assert pool.info("vol").used == 0
         assert dev.pread(0, MiB) == bytes(MiB)
+
+
+def test_closing_a_handle_twice_releases_it_once(pool):
+    from thinstore.errors import DeviceBusy
+    pool.create_volume("vol", SIZE)
+    a = pool.open_device("vol")
+    b = pool.open_device("vol")
+    a.close()
+    a.close()
+    with pytest.raises(DeviceBusy):
+        pool.destroy("vol")
+    b.close()
+    pool.destroy("vol")

@@ -5,7 +5,7 @@ import tempfile
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, precondition,
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant,
                                  rule)
 
 from thinstore import Pool

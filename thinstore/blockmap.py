@@ -13,8 +13,9 @@ so they cannot disagree with them. Pages are read from ``meta`` on first use.
 
 from __future__ import annotations
 
-import numpy as np
+import threading
 
+import numpy as np
 
 from .format import BT_MAP, FANOUT
 from .paged import PagedArray
@@ -34,6 +35,7 @@ class MapStore:
             locations.resize(cap)
         self.counters = {"pages_shadowed": 0, "pages_allocated": 0, "pages_written": 0,
                          "pages_read": 0}
+        self._loading = threading.Lock()    # readers load pages side by side
 
     # -- capacity and allocation
     @property
@@ -65,12 +67,18 @@ class MapStore:
 
     # -- loading
     def ensure_loaded(self, pids) -> None:
+        """Read the pages not in memory yet. Safe from concurrent readers (shared pool
+        lock): loading takes its own lock and re-checks, and a row is filled before
+        `loaded` says so; a reader that sees it loaded sees it whole."""
         pids = np.asarray(pids, dtype=np.int64)
-        for pid in pids[~self.loaded[pids]].tolist():
-            payload = self.store.read_block(int(self.locations.arr[pid]), BT_MAP)
-            self.pages[pid] = np.frombuffer(payload, dtype="<u8", count=FANOUT)
-            self.loaded[pid] = True
-            self.counters["pages_read"] += 1
+        if self.loaded[pids].all():
+            return
+        with self._loading:
+            for pid in pids[~self.loaded[pids]].tolist():
+                payload = self.store.read_block(int(self.locations.arr[pid]), BT_MAP)
+                self.pages[pid] = np.frombuffer(payload, dtype="<u8", count=FANOUT)
+                self.loaded[pid] = True
+                self.counters["pages_read"] += 1
 
     def derive_refs(self, directories) -> None:
         """Recompute page refcounts from every directory (done at open)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 
 import mmh3
 import numpy as np
@@ -172,6 +173,7 @@ class DataSums:
         self.fresh: dict = {}         # chunk allocated this transaction -> [(lo, hi)] written
         self._pending = None
         self.counters = {"chunks_hashed": 0, "chunks_verified": 0, "intent_writes": 0}
+        self._verify_count = threading.Lock()   # reads verify side by side
 
     # ------------------------------------------------------------ commit
     def on_commit(self, generation: int) -> None:
@@ -186,7 +188,7 @@ class DataSums:
         freed = np.flatnonzero(space.state & ST_PENDING_FREE)
         written = space.written()
         written = written[space.refs.arr[written] > 0]
-        self._grow()
+        self.grow()
         fresh, self.fresh = self.fresh, {}
         for c, ranges in self._sparse(written, fresh):
             self._hash_fresh(c, ranges)
@@ -317,7 +319,6 @@ class DataSums:
         whole once (and remembered as verified until it is written again).
         """
         shift = self.md.chunk_shift
-        self._grow()
         first = offset >> shift
         if ((offset + length - 1) >> shift) - first < _SMALL:
             return self._verify_small(dm, buf, offset, length)
@@ -352,7 +353,8 @@ class DataSums:
             data = view[lo:lo + cs]
         else:
             data = self.md.data_fio.pread(cs, chunk * cs)
-        self.counters["chunks_verified"] += 1
+        with self._verify_count:
+            self.counters["chunks_verified"] += 1
         if chunk_sum(data) != int(self.md.space.sums.arr[chunk]):
             view[:] = bytes(len(view))      # the caller's buffer must not keep bad bytes
             raise DataChecksumError(
@@ -380,7 +382,9 @@ class DataSums:
             self.intent.bits[:] = True  # so the clear after the recovery commit is written
         return changed
 
-    def _grow(self) -> None:
+    def grow(self) -> None:
+        """Follow the space map's length (the pool grew). Called by the exclusive side
+        only (commit, Pool.grow), so concurrent readers never see `verified` replaced."""
         n = len(self.md.space.refs)
         if len(self.verified) < n:
             self.verified = np.concatenate([self.verified,

@@ -30,6 +30,7 @@ class Device:
     def __init__(self, pool, meta):
         self._pool = pool
         self._meta = meta
+        self._closed = False
         self.chunk_size = pool.chunk_size
 
     name = property(lambda self: self._meta.name)
@@ -62,7 +63,9 @@ class Device:
         return self._pool._extents(self._meta, offset, length)
 
     def close(self) -> None:
-        if self._meta is not None:
+        """Release the handle (idempotent: a second close does nothing)."""
+        if self._meta is not None and not self._closed:
+            self._closed = True
             self._pool._release(self._meta)
 
     def __enter__(self):

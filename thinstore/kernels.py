@@ -226,3 +226,72 @@ def count_mapped(dirarr, pages, chunk_ref, page_ref) -> tuple[int, int]:
     solo = (page_ref[pids] == 1)[:, None] & mask
     excl = int(np.count_nonzero(chunk_ref[rows[solo].astype(np.int64)] == 1))
     return used, excl
+
+
+SLOW = -1                 # write_fast: "take the general path"; nothing was changed
+FAST_MAX_CHUNKS = 64
+_FAST_SCAN_MAX = 65536
+
+
+def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
+               intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
+               offset, length, counters) -> int:
+    """The common write whole: checks, allocation, write intent, write_range.
+
+    Returns the number of chunks allocated, or SLOW (nothing changed) when a chunk in
+    range is a hole, a page is missing or shared, the request spans more than
+    FAST_MAX_CHUNKS chunks, buf is all zeros, free chunks run short within the scan,
+    or a chunk needing write intent lies in an unmarked region. `cursor` is int64[1],
+    SpaceMap's allocation cursor; `chunk_sums` is empty when checksums are off.
+    """
+    if length == 0:
+        return SLOW
+    first, last = _chunk_span(chunk_shift, offset, length)
+    if last - first >= FAST_MAX_CHUNKS or is_zero(memoryview(buf)[:length]):
+        return SLOW
+    need, hot = 0, []
+    for v in range(first, last + 1):
+        c = _fast_entry(dirarr, pages, page_ref, len(chunk_ref), v)
+        if c is None:
+            return SLOW
+        need += _needs_new(c, chunk_ref, chunk_state)
+        if len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
+            r = c >> intent_shift
+            if r >= len(intent_bits) or not intent_bits[r]:
+                return SLOW
+            hot.append(r)
+    fresh = _fast_allocate(chunk_ref, chunk_state, cursor, need)
+    if fresh is None:
+        return SLOW
+    intent_hot[hot] = True
+    write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, fresh, chunk_shift, fio,
+                buf, offset, length, counters)
+    return need
+
+
+def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):
+    """Chunk id of virtual chunk v when it is mapped under an exclusive page, else None."""
+    d = v // FANOUT
+    if d >= len(dirarr):
+        return None
+    pid = int(dirarr[d])
+    if pid == 0 or pid >= len(pages) or page_ref[pid] != 1:
+        return None
+    c = int(pages[pid, v % FANOUT])
+    return c if 0 < c < n_chunks else None
+
+
+def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
+    """`need` free chunk ids in SpaceMap.allocate's order (cursor up, then from 1),
+    looking at most _FAST_SCAN_MAX ids; None if too few. Advances cursor[0]."""
+    if need == 0:
+        return np.zeros(0, dtype=np.int64)
+    n = len(chunk_ref)
+    start = int(cursor[0]) if 1 <= cursor[0] < n else 1
+    up = np.arange(start, min(n, start + _FAST_SCAN_MAX))
+    ids = np.concatenate([up, np.arange(1, min(start, 1 + _FAST_SCAN_MAX - len(up)))])
+    free = ids[(chunk_ref[ids] == 0) & ((chunk_state[ids] & ST_PENDING_FREE) == 0)][:need]
+    if len(free) < need:
+        return None
+    cursor[0] = free[-1] + 1 if free[-1] + 1 < n else 1
+    return free.astype(np.int64)

@@ -177,6 +177,15 @@ class Metadata:
 
     # ------------------------------------------------------------ commit
     def commit(self, checksum_hook=None) -> None:
+        """Steps 1-7 of the module docstring, in that order."""
+        sb = self.write_tree(checksum_hook)
+        self.sync()
+        self.write_superblock(sb)
+        self.meta_fio.fsync()
+        self.release(sb)
+
+    def write_tree(self, checksum_hook=None) -> fmt.Superblock:
+        """Steps 1-4: the new tree in free blocks; returns the superblock naming it."""
         gen = self.sb.generation + 1
         store = self.store
         self.maps.commit(gen)
@@ -192,19 +201,27 @@ class Metadata:
                               [d.record() for d in self.devices.values()],
                               self.low_water_pct, self.flags)
         data = fmt.pack_root(root)
-        old_root = self.root_blocks
+        for loc in self.root_blocks:
+            store.free_later(loc)
         self.root_blocks = self._write_root_chain(data, gen)
+        return self.sb._replace(generation=gen, root_location=self.root_blocks[0],
+                                root_length=len(data), root_checksum=fmt.checksum(data),
+                                commit_time_ns=time.time_ns())
+
+    def sync(self) -> None:
+        """Step 5: every block the new superblock will name is durable."""
         self.data_fio.fsync()
         self.meta_fio.fsync()
-        sb = self.sb._replace(generation=gen, root_location=self.root_blocks[0],
-                              root_length=len(data), root_checksum=fmt.checksum(data),
-                              commit_time_ns=time.time_ns())
-        self.meta_fio.pwrite(fmt.pack_superblock(sb), (gen % fmt.SUPERBLOCK_SLOTS) * fmt.BLOCK_SIZE)
-        self.meta_fio.fsync()
+
+    def write_superblock(self, sb: fmt.Superblock) -> None:
+        """Step 6 (without its fsync): the other slot, so the previous one stays whole."""
+        self.meta_fio.pwrite(fmt.pack_superblock(sb),
+                             (sb.generation % fmt.SUPERBLOCK_SLOTS) * fmt.BLOCK_SIZE)
+
+    def release(self, sb: fmt.Superblock) -> None:
+        """Step 7, once `sb` is durable: what the old tree used becomes free."""
         self.sb = sb
-        for loc in old_root:
-            store.free_later(loc)
-        store.release_pending()
+        self.store.release_pending()
         self.space.commit_done(self.data_fio, self.chunk_shift)
         self.commits += 1
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 1  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 2  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -139,6 +139,28 @@ def _counters_arg(counters):
     return _arr(counters, _I64, "counters", True)
 
 
+def _fast_args(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
+               intent_bits, intent_hot, cursor, counters, fio):
+    """The array arguments of ts_write_fast in C's order, then the file descriptor
+    (all before the per-request scalars); None when the file has no descriptor."""
+    fd = _fd(fio)
+    if fd is None:
+        return None
+    d, n_dir, p, n_pages, dirty, ref, state, n_chunks = _state_args(
+        dirarr, pages, page_dirty, chunk_ref, chunk_state)
+    if len(page_ref) != n_pages or len(intent_hot) != len(intent_bits):
+        raise ValueError("page_ref must match pages; intent_hot must match intent_bits")
+    if len(chunk_sums) not in (0, n_chunks) or len(cursor) != 1:
+        raise ValueError("chunk_sums must be empty or match chunk_ref; cursor holds one id")
+    sums = _arr(chunk_sums, _U32, "chunk_sums") if len(chunk_sums) else ffi.NULL
+    # bool arrays as bytes; the cdata keeps its view (and so the array) alive
+    bits = _arr(intent_bits.view(np.uint8), _U8, "intent_bits")
+    hot = _arr(intent_hot.view(np.uint8), _U8, "intent_hot", True)
+    return (d, n_dir, p, n_pages, _arr(page_ref, _U32, "page_ref"), dirty, ref, state, n_chunks,
+            sums, len(chunk_sums), bits, hot, len(intent_bits), _arr(cursor, _I64, "cursor", True),
+            _counters_arg(counters), fd)
+
+
 def _fd(fio):
     fd = getattr(fio, "fd", None)
     return fd if isinstance(fd, int) and fd >= 0 else None
@@ -192,6 +214,24 @@ class NativeKernels:
             *_memo("state", (dirarr, pages, page_dirty, chunk_ref, chunk_state), _state_args),
             new, len(new_chunks), chunk_shift, fd, data, offset, length,
             _memo("counters", (counters,), _counters_arg)), "write_range")
+
+    @staticmethod
+    def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
+                   intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
+                   offset, length, counters):
+        args = _memo("fast", (dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state,
+                              chunk_sums, intent_bits, intent_hot, cursor, counters, fio),
+                     _fast_args)
+        if args is None:        # a file without a descriptor (a test double)
+            return _twins().write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref,
+                                       chunk_state, chunk_sums, intent_bits, intent_hot,
+                                       intent_shift, cursor, chunk_shift, fio, buf, offset,
+                                       length, counters)
+        data = ffi.from_buffer("uint8_t[]", buf)
+        if len(data) < length:
+            raise ValueError(f"write_fast: buffer holds {len(data)} bytes, not {length}")
+        rc = lib.ts_write_fast(*args, intent_shift, chunk_shift, data, offset, length)
+        return -1 if rc == lib.TS_SLOW else _check(rc, "write_fast")
 
     @staticmethod
     def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks):

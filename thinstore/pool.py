@@ -6,12 +6,20 @@ A pool is a directory::
     POOL/meta   two superblock slots, then 4096-byte metadata blocks (docs/format.md)
     POOL/lock   fcntl lock: one process at a time; it holds the holder's pid
 
-Every public method takes `self.lock` (re-entrant), so one Pool may serve many
-threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
+`self.lock` (thinstore/rwlock.py) is shared for reads and exclusive for everything
+else: reads and extents queries of any devices run at once (the C kernels release
+the GIL for their I/O), while writes, management operations and commits run alone.
+`with pool.lock:` is the exclusive side, re-entrant like the RLock it replaced, so
+one Pool may serve many threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
 resize) commit before they return; data writes commit on flush, on FUA, by the
 background timer while writes are pending, and on close. After a crash the pool
 opens at its last commit: every write acknowledged before the last completed flush
 reads back exactly.
+
+Pool's methods live in three modules: this one (lifecycle, commit, management,
+queries, handles), thinstore/datapath.py (the request handlers Device calls) and
+thinstore/hidden.py (the receive workspace), joined as mixins so callers keep
+calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 """
 
 from __future__ import annotations
@@ -27,14 +35,18 @@ import numpy as np
 
 from . import names
 from .datasums import DataSums, open_intent
+from .datapath import DataPath
 from .device import Device, DeviceInfo
-from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolFull, PoolLocked,
+from .hidden import HiddenDevices
+from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
-from .format import FANOUT, new_uuid, valid_chunk_size
+from .format import new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, K
 from .paged import PagedArray
 from .storage import FileIO
+from .rwlock import RWLock
+from .units import check_device_size
 
 log = logging.getLogger("thinstore")
 
@@ -43,20 +55,20 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
-class Pool:
+class Pool(DataPath, HiddenDevices):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
     def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
         self.path = path
         self.md = md
-        self.lock = threading.RLock()
+        self.lock = RWLock()
         self._lockfd = lockfd
         self._dirty = False
         self._closed = False
         self._low_water_crossed = False
         self._since_low_water_check = 0
-        self.counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
-                         "bytes_written": 0, "commits": 0}
+        self._counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
+                          "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
         self._sums: DataSums | None = None
         self._stop = threading.Event()
@@ -176,6 +188,14 @@ class Pool:
 
     # ------------------------------------------------------------ properties
     @property
+    def counters(self) -> dict:
+        """Data path totals; the kernels add into `_kc`, folded in here when read
+        (folding on every write cost more than a 4 KiB write's own Python)."""
+        with self.lock:
+            self._count()
+            return self._counters
+
+    @property
     def chunk_size(self) -> int:
         return self.md.chunk_size
 
@@ -235,7 +255,7 @@ class Pool:
     # ------------------------------------------------------------ management
     def create_volume(self, name: str, size: int) -> DeviceInfo:
         names.check_name(name, snapshot=False)
-        _check_size(size)
+        check_device_size(size)
         with self.lock:
             self._check_open()
             self._need_free_name(name)
@@ -333,7 +353,7 @@ class Pool:
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
         names.check_name(name)
-        _check_size(size)
+        check_device_size(size)
         with self.lock:
             self._check_open()
             dm = self._find(name)
@@ -374,92 +394,10 @@ class Pool:
                                  "a pool can grow but not shrink")
             md.data_fio.truncate(nchunks * md.chunk_size)
             md.space.resize(nchunks)
+            if self._sums is not None:
+                self._sums.grow()      # here, exclusive: readers never replace its arrays
             md.sb = md.sb._replace(capacity_chunks=nchunks)
             self.commit()
-
-    # ------------------------------------------------------------ hidden devices (receive)
-    def create_hidden(self, name: str, size: int, like: str | None = None) -> None:
-        """A writable device that list() omits and no lookup by name finds.
-
-        It is a receive's workspace: persisted like any device (so an interrupted
-        receive resumes into it) yet never visible half-made. It starts empty, or
-        sharing every map page of snapshot `like` (as a clone), then takes `size`.
-        """
-        names.check_name(name, snapshot=False)
-        _check_size(size)
-        with self.lock:
-            self._check_open()
-            self._need_free_name(name)
-            if like is None:
-                d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
-                d.dirty[:] = True
-                self._new_device(name, "volume", size, d, bytes(16), FLAG_HIDDEN)
-            else:
-                dm = self._share_device(self._find(like), name, "clone", FLAG_HIDDEN)
-                self._set_size(dm, size)
-            self.commit()
-
-    def _hidden(self, name: str) -> DeviceMeta | None:
-        return next((dm for dm in self.md.devices.values()
-                     if dm.name == name and dm.flags & FLAG_HIDDEN), None)
-
-    def hidden_exists(self, name: str) -> bool:
-        with self.lock:
-            return self._hidden(name) is not None
-
-    def open_hidden(self, name: str) -> Device:
-        with self.lock:
-            self._check_open()
-            dm = self._hidden(name)
-            if dm is None:
-                raise NoSuchDevice(f"no unfinished receive {name!r} in pool {self.path}")
-            dm.opens += 1
-            return Device(self, dm)
-
-    def destroy_hidden(self, name: str) -> None:
-        """Drop a hidden device and commit; absent is fine (an abort may repeat)."""
-        with self.lock:
-            self._check_open()
-            dm = self._hidden(name)
-            if dm is not None:
-                self._drop_device(dm)
-                self.commit()
-
-    def publish_hidden(self, hidden: str, snapshot: str, uuid: bytes) -> DeviceInfo:
-        """In ONE commit: snapshot `vol@snap` (carrying `uuid`) and volume `vol` take the
-        hidden device's map, and the hidden device goes.
-
-        `vol` is created when absent, else its map is replaced as rollback does. One
-        commit is what makes a receive atomic: before it nothing shows, after it all.
-        """
-        names.check_name(snapshot, snapshot=True)
-        vol_name, _ = names.split(snapshot)
-        with self.lock:
-            self._check_open()
-            src = self._hidden(hidden)
-            if src is None:
-                raise NoSuchDevice(f"no unfinished receive {hidden!r} in pool {self.path}")
-            if src.opens:
-                raise DeviceBusy(f"{hidden!r} is still open")
-            self._need_free_name(snapshot)
-            vol = self._publish_volume(src, vol_name)
-            snap = self._share_device(src, snapshot, "snapshot")
-            snap.uuid, snap.origin_uuid = bytes(uuid), vol.uuid
-            self._drop_device(src)
-            self.commit()
-            return self._info(snap)
-
-    def _publish_volume(self, src: DeviceMeta, vol_name: str) -> DeviceMeta:
-        try:
-            vol = self._find(vol_name)
-        except NoSuchDevice:
-            vol = self._share_device(src, vol_name, "volume")
-            vol.origin_uuid = bytes(16)
-            return vol
-        if vol.kind == "snapshot":
-            raise InvalidName(f"{vol_name!r} is not writable")
-        self._replace_map(vol, src)
-        return vol
 
     def _replace_map(self, vol: DeviceMeta, src: DeviceMeta) -> None:
         """`vol` takes `src`'s content and size by sharing its pages (O(pages), no data)."""
@@ -531,184 +469,6 @@ class Pool:
             raise NoSuchDevice(f"device {dm.name!r} was destroyed")
 
     # ------------------------------------------------------------ data path
-    def _bounds(self, dm: DeviceMeta, offset: int, length: int, write: bool) -> None:
-        self._live(dm)
-        if write and dm.read_only:
-            raise ReadOnlyDevice(f"{dm.name!r} is a read-only snapshot; clone it to write")
-        if offset < 0 or length < 0 or offset + length > dm.size:
-            from .errors import OutOfRange, WritePastEnd
-            cls = WritePastEnd if write else OutOfRange
-            raise cls(f"{dm.name!r}: range {offset}+{length} lies outside the device "
-                      f"({dm.size} bytes)")
-
-    def _pages_of(self, offset: int, length: int) -> tuple[int, int]:
-        shift = self.md.chunk_shift
-        return (offset >> shift) // FANOUT, ((offset + length - 1) >> shift) // FANOUT
-
-    def _read(self, dm: DeviceMeta, buf, offset: int) -> None:
-        length = memoryview(buf).nbytes
-        with self.lock:
-            self._bounds(dm, offset, length, write=False)
-            if not length:
-                return
-            p0, p1 = self._pages_of(offset, length)
-            d = dm.directory.arr
-            self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
-            K.read_range(d, self.md.maps.pages, self.md.chunk_shift, self.md.data_fio, buf,
-                         offset, length)
-            if self._sums is not None:
-                self._sums.verify(dm, buf, offset, length)
-
-    def _write(self, dm: DeviceMeta, data, offset: int, fua: bool) -> None:
-        length = memoryview(data).nbytes
-        with self.lock:
-            self._bounds(dm, offset, length, write=True)
-            if length:
-                if K.is_zero(data):
-                    self._zero_range(dm, offset, length, no_hole=False)
-                else:
-                    self._write_data(dm, data, offset, length)
-            if fua:
-                self.commit()
-
-    def _write_data(self, dm: DeviceMeta, data, offset: int, length: int) -> None:
-        md = self.md
-        maps, space, shift = md.maps, md.space, md.chunk_shift
-        p0, p1 = self._pages_of(offset, length)
-        maps.prepare(dm.directory, p0, p1, space, allocate=True)
-        d = dm.directory.arr
-        need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
-                                    offset, length)
-        fresh = self._allocate(need, dm)        # may commit: checksum upkeep comes after
-        if self._sums is not None:
-            self._sums.before_write(d, maps.pages, offset, length)
-        K.write_range(d, maps.pages, maps.dirty, space.refs.arr, space.state, fresh, shift,
-                      md.data_fio, data, offset, length, self._kc)
-        if self._sums is not None:
-            self._sums.after_write(d, maps.pages)
-        self._dirty = True
-        self._count()
-
-    def _allocate(self, n: int, dm: DeviceMeta) -> np.ndarray:
-        space = self.md.space
-        fresh = space.allocate(n)
-        if fresh is None and space.pending():
-            self.commit()          # chunks freed in this transaction become usable
-            fresh = space.allocate(n)
-        if fresh is None:
-            raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
-                           f"chunk(s), {space.free()} free; destroy a device or discard data")
-        self._since_low_water_check += n
-        if self._since_low_water_check * 200 > space.capacity:   # every 0.5% of capacity
-            self._check_low_water()
-        return fresh
-
-    def _count(self) -> None:
-        kc = self._kc
-        c = self.counters
-        c["chunks_allocated"] += int(kc[0])
-        c["chunks_copied"] += int(kc[1])
-        c["bytes_copied"] += int(kc[2])
-        c["bytes_written"] += int(kc[3])
-        kc[:] = 0
-
-    def _check_low_water(self) -> None:
-        """Warn once each time usage crosses the low-water mark (not on every write)."""
-        self._since_low_water_check = 0
-        space = self.md.space
-        over = space.used() >= space.capacity * self.md.low_water_pct / 100
-        if over and not self._low_water_crossed:
-            log.warning("pool %s is %d%% full (low-water mark %d%%): add capacity or free space",
-                        self.path, 100 * space.used() // max(space.capacity, 1),
-                        self.md.low_water_pct)
-        self._low_water_crossed = over
-
-    def _discard(self, dm: DeviceMeta, offset: int, length: int) -> None:
-        with self.lock:
-            self._bounds(dm, offset, length, write=True)
-            self._zero_range(dm, offset, length, no_hole=False)
-
-    def _write_zeroes(self, dm: DeviceMeta, offset: int, length: int, no_hole: bool) -> None:
-        with self.lock:
-            self._bounds(dm, offset, length, write=True)
-            self._zero_range(dm, offset, length, no_hole)
-
-    def _zero_range(self, dm: DeviceMeta, offset: int, length: int, no_hole: bool) -> None:
-        """Make the range read zeros: whole chunks unmapped (or allocated zero), edges zeroed."""
-        if length <= 0:
-            return
-        if no_hole:
-            return self._fill_zeros(dm, offset, length)
-        cs = self.md.chunk_size
-        end = offset + length
-        first = -(-offset // cs)
-        last = end // cs                 # whole chunks [first, last)
-        if first >= last:               # inside one chunk, or straddling two
-            self._zero_partial(dm, offset, end)
-            return
-        self._zero_partial(dm, offset, first * cs)
-        self._zero_partial(dm, last * cs, end)
-        self._unmap_chunks(dm, first, last - first)
-
-    def _zero_partial(self, dm: DeviceMeta, start: int, end: int) -> None:
-        """Zero bytes inside chunks that stay mapped; unmapped ones read zero already."""
-        cs = self.md.chunk_size
-        pos = start
-        while pos < end:
-            stop = min(end, (pos // cs + 1) * cs)
-            if self._mapped(dm, pos // cs):
-                self._write_data(dm, bytes(stop - pos), pos, stop - pos)
-            pos = stop
-
-    def _fill_zeros(self, dm: DeviceMeta, offset: int, length: int) -> None:
-        step = 8 << 20
-        zeros = bytes(min(step, length))
-        for pos in range(offset, offset + length, step):
-            n = min(step, offset + length - pos)
-            self._write_data(dm, memoryview(zeros)[:n], pos, n)
-
-    def _mapped(self, dm: DeviceMeta, v: int) -> bool:
-        pid = int(dm.directory.arr[v // FANOUT])
-        if not pid:
-            return False
-        self.md.maps.ensure_loaded([pid])
-        return bool(self.md.maps.pages[pid, v % FANOUT])
-
-    def _unmap_chunks(self, dm: DeviceMeta, first: int, n: int) -> None:
-        if n <= 0:
-            return
-        maps, space = self.md.maps, self.md.space
-        p0, p1 = first // FANOUT, (first + n - 1) // FANOUT
-        maps.prepare(dm.directory, p0, p1, space, allocate=False)
-        K.unmap_range(dm.directory.arr, maps.pages, maps.dirty, space.refs.arr, space.state,
-                      first, n)
-        self._dirty = True
-
-    def _extents(self, dm: DeviceMeta, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        with self.lock:
-            self._bounds(dm, offset, length, write=False)
-            if not length:
-                return []
-            p0, p1 = self._pages_of(offset, length)
-            d = dm.directory.arr
-            self.md.maps.ensure_loaded(d[p0:p1 + 1][d[p0:p1 + 1] != 0])
-            out = np.empty(((length >> self.md.chunk_shift) + 2, 3), dtype=np.int64)
-            n = K.translate(d, self.md.maps.pages, self.md.chunk_shift, offset, length, out)
-        result: list[tuple[int, int, bool]] = []
-        for voff, ln, doff in out[:n].tolist():
-            mapped = doff >= 0
-            if result and result[-1][2] == mapped:
-                result[-1] = (result[-1][0], result[-1][1] + ln, mapped)
-            else:
-                result.append((voff, ln, mapped))
-        return result
-
-
-def _check_size(size) -> None:
-    if not isinstance(size, int) or size < 0 or size > 1 << 60:
-        raise UsageError(f"invalid device size {size!r}")
-
-
 def _take_lock(path: str) -> int:
     """The pool's exclusive lock; a second opener learns the holder's pid."""
     lockpath = os.path.join(path, "lock")

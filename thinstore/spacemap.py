@@ -28,7 +28,16 @@ class SpaceMap:
         self.refs = refcounts
         self.sums = checksums
         self.state = np.zeros(len(refcounts), dtype=np.uint8)
-        self.cursor = 1
+        self.cursor_arr = np.ones(1, dtype=np.int64)   # an array: the fast write kernel moves it
+
+    @property
+    def cursor(self) -> int:
+        """Where the next allocation starts looking (allocations rotate through the pool)."""
+        return int(self.cursor_arr[0])
+
+    @cursor.setter
+    def cursor(self, value: int) -> None:
+        self.cursor_arr[0] = value
 
     @property
     def capacity(self) -> int:

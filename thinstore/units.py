@@ -38,6 +38,12 @@ def _check_non_negative(value: int, text: str) -> int:
     return value
 
 
+def check_device_size(size) -> None:
+    """A device size must be an int from 0 to 2**60 (kernel offsets are signed 64-bit)."""
+    if not isinstance(size, int) or size < 0 or size > 1 << 60:
+        raise UsageError(f"invalid device size {size!r}")
+
+
 def format_size(nbytes: int) -> str:
     """Return ``nbytes`` in the largest binary unit that keeps it >= 1, about 3 digits.
 

@@ -101,19 +101,16 @@ def cmd_serve(args) -> int:
     from thinstore import Pool
     from thinstore.cli.context import pool_path
     from thinstore.control import ControlServer, socket_path as control_socket_path
-    from thinstore.nbd.server import NBDServer, ServerConfig
+    from thinstore.nbd.server import NBDServer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="thinstore serve: %(message)s")
     path = pool_path(args)
     listens = [parse_listen(text) for text in args.listen]
-    context, require = tls_context(args)
-    config = ServerConfig(read_only=args.read_only, tls_context=context, tls_require=require,
-                          handshake_timeout=args.handshake_timeout,
-                          max_connections=args.max_connections, workers=args.workers)
+    config = server_config(args)
     with Pool.open(path) as pool:
         server = NBDServer(pool, config)
-        where = args.socket or os.path.join(path, DEFAULT_SOCKET)
+        where = os.path.abspath(args.socket or os.path.join(path, DEFAULT_SOCKET))
         sock = _bind(where, server.listen_unix, where)
         control = ControlServer(pool, server, nbd_socket=sock)
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
@@ -121,7 +118,8 @@ def cmd_serve(args) -> int:
                      for host, port in listens]
             _bind(control_socket_path(path), control.listen)
             server.start()
-            announce(sock, bound, context is not None, control.path)
+            announce(sock, bound, config.tls_context is not None, control.path,
+                     [d.name for d in pool.list()])
             wait_for_signal()
         finally:
             control.shutdown()
@@ -142,8 +140,17 @@ def _bind(where: str, listen, *args):
         raise OSError(err.errno, reason, where) from err
 
 
-def announce(sock: str, bound, tls: bool, control: str) -> None:
-    """Print the URIs clients use (NAME stands for a device name).
+def server_config(args):
+    from thinstore.nbd.server import ServerConfig
+
+    context, require = tls_context(args)
+    return ServerConfig(read_only=args.read_only, tls_context=context, tls_require=require,
+                        handshake_timeout=args.handshake_timeout,
+                        max_connections=args.max_connections, workers=args.workers)
+
+
+def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
+    """Print the URIs clients use (NAME stands for a device name), then one per device.
 
     Socket paths are printed absolute: the URI is pasted into another terminal, whose
     working directory is not the server's (``--pool demo-pool`` gave a relative socket).
@@ -155,6 +162,8 @@ def announce(sock: str, bound, tls: bool, control: str) -> None:
         shown = f"[{host}]" if ":" in host else host
         print(f"{scheme}://{shown}:{port}/NAME")
     print(f"control socket: {control}")
+    for name in devices:
+        print(f"  {name}: {scheme}+unix:///{name}?socket={sock}")
     sys.stdout.flush()
 
 

@@ -9,11 +9,23 @@ command flags.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from thinstore.errors import NoSuchDevice
 from thinstore.nbd import protocol as P
 
 _BASE_FLAGS = P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_CAN_MULTI_CONN | P.TF_SEND_CACHE
 _WRITE_FLAGS = (P.TF_SEND_FUA | P.TF_SEND_TRIM | P.TF_SEND_WRITE_ZEROES
                 | P.TF_SEND_FAST_ZERO)
+
+
+class ExportInfo(NamedTuple):
+    """What the handshake needs of a device (pool.info would also count its usage)."""
+
+    name: str
+    kind: str
+    size: int
+    read_only: bool
 
 
 class Catalog:
@@ -25,15 +37,18 @@ class Catalog:
     def list(self):
         return self.pool.list()
 
-    def describe(self, name: str):
-        """The DeviceInfo of an export; NoSuchDevice/InvalidName if there is none."""
-        if not name:
-            from thinstore.errors import NoSuchDevice
-            raise NoSuchDevice("no default export: name a device (see NBD_OPT_LIST)")
-        return self.pool.info(name)
+    def describe(self, name: str) -> ExportInfo:
+        """An export's name, kind, size and mode; NoSuchDevice/InvalidName if there is none.
+
+        Opens a handle rather than calling ``pool.info``, whose usage count walks the
+        whole block map: a client's INFO must not cost that per device.
+        """
+        with self.open(name) as dev:
+            return ExportInfo(dev.name, dev.kind, dev.size, dev.read_only)
 
     def open(self, name: str):
-        self.describe(name)
+        if not name:
+            raise NoSuchDevice("no default export: name a device (see NBD_OPT_LIST)")
         return self.pool.open_device(name)
 
     def transmission_flags(self, target, structured: bool) -> int:

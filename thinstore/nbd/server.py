@@ -35,7 +35,7 @@ class ServerConfig:
     tls_context: ssl.SSLContext | None = None
     tls_require: bool = False
     handshake_timeout: float = 10.0
-    max_options: int = 256
+    max_options: int = 4096
     max_connections: int = 64
     workers: int = 4
     queue_depth: int = 32

@@ -123,6 +123,8 @@ class Transmission:
         """
         if not self._inbox.has(P.REQUEST.size):
             self._outbox.flush()
+        if self._outbox.dead:
+            raise PeerClosed("the peer stopped taking replies")   # no one to answer
         fields = self._inbox.unpack(P.REQUEST)
         if self._fast_path(*fields):
             return True

@@ -1,0 +1,174 @@
+"""Reads run side by side under the pool's shared lock; writes run alone.
+
+What a user would notice if this broke: a read racing a write returning bytes torn
+between two writes, or another device's bytes, or a hang. Correctness only, no
+timing: every wait has a generous bound and exists only to turn a deadlock into a
+failure.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from thinstore import Pool
+from thinstore.rwlock import RWLock
+
+MiB = 1 << 20
+CS = 64 << 10
+CHUNKS = 32
+TAG = struct.Struct("<IIQ")     # device, chunk, generation: repeated over a whole chunk
+WAIT = 60
+
+
+def _chunk(dev: int, chunk: int, gen: int) -> bytes:
+    return TAG.pack(dev, chunk, gen) * (CS // TAG.size)
+
+
+def _check_piece(piece: bytes, dev: int, chunk: int, issued: list) -> None:
+    """A piece of one chunk: one tag throughout, this device's and chunk's, and a
+    generation the writer has started to write."""
+    tags = set(np.frombuffer(piece, dtype=np.dtype([("d", "<u4"), ("c", "<u4"),
+                                                    ("g", "<u8")])).tolist())
+    assert len(tags) == 1, f"chunk {chunk} of device {dev} torn: {sorted(tags)[:4]}"
+    (d, c, g), = tags
+    assert (d, c) == (dev, chunk), f"read device {dev} chunk {chunk}, got device {d} chunk {c}"
+    assert g <= issued[chunk], f"chunk {chunk}: generation {g} never written"
+
+
+def _reader(pool: Pool, name: str, dev_id: int, issued: list, stop: threading.Event,
+            errors: list, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    try:
+        with pool.open_device(name) as dev:
+            for _ in range(3000):                # bounded, and ends early with the writer
+                if stop.is_set():
+                    break
+                first = int(rng.integers(0, CHUNKS - 3))
+                n = int(rng.integers(1, 4))
+                buf = dev.pread(first * CS, n * CS)
+                for i in range(n):
+                    _check_piece(buf[i * CS:(i + 1) * CS], dev_id, first + i, issued)
+    except BaseException as e:               # handed to the main thread
+        errors.append(e)
+
+
+def _writer(pool: Pool, issued: list, errors: list) -> None:
+    """Whole-chunk writes of new generations to volume a. Every few writes a snapshot
+    comes and goes and the pool commits, so chunks are copied on write, freed and
+    punched, and freed chunks reused: a read that outlived its translation would
+    see zeros or some other chunk's tag."""
+    rng = np.random.default_rng(99)
+    try:
+        with pool.open_device("a") as dev:
+            for step in range(600):
+                if step % 8 == 0:
+                    pool.snapshot("a@s")
+                c = int(rng.integers(0, CHUNKS))
+                issued[c] += 1
+                dev.pwrite(_chunk(1, c, issued[c]), c * CS, fua=step % 3 == 0)
+                if step % 8 == 7:
+                    pool.destroy("a@s")
+                    dev.flush()
+    except BaseException as e:
+        errors.append(e)
+
+
+@pytest.fixture
+def two_volumes(tmp_path):
+    pool = Pool.create(str(tmp_path / "pool"), 64 * MiB, CS, commit_interval=0.05)
+    for dev_id, name in ((1, "a"), (2, "b")):
+        pool.create_volume(name, CHUNKS * CS)
+        with pool.open_device(name) as dev:
+            for c in range(CHUNKS):
+                dev.pwrite(_chunk(dev_id, c, 0), c * CS)
+    pool.commit()
+    yield pool
+    pool.close()
+
+
+def test_reads_beside_a_writer_are_never_torn(two_volumes):
+    pool = two_volumes
+    issued = [0] * CHUNKS
+    errors: list = []
+    stop = threading.Event()
+    readers = [threading.Thread(target=_reader, args=(pool, name, dev_id, issued, stop,
+                                                      errors, seed))
+               for seed, (name, dev_id) in enumerate([("a", 1), ("a", 1), ("a", 1), ("b", 2)])]
+    writer = threading.Thread(target=_writer, args=(pool, issued, errors))
+    for t in readers + [writer]:
+        t.start()
+    writer.join(WAIT)
+    stop.set()
+    for t in readers:
+        t.join(WAIT)
+    assert not writer.is_alive() and not any(t.is_alive() for t in readers), "deadlock"
+    if errors:
+        raise errors[0]
+    with pool.open_device("a") as dev:        # and the end state is the last generation
+        for c in range(CHUNKS):
+            assert dev.pread(c * CS, CS) == _chunk(1, c, issued[c])
+
+
+# ---- the lock itself ---------------------------------------------------------
+
+def _in_thread(fn):
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def test_readers_hold_the_lock_together():
+    lock = RWLock()
+    both = threading.Barrier(2, timeout=WAIT)   # passes only if both hold it at once
+
+    def read():
+        with lock.shared:
+            both.wait()
+    threads = [_in_thread(read) for _ in range(2)]
+    for t in threads:
+        t.join(WAIT)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_a_writer_waits_for_readers_and_new_readers_wait_for_it():
+    lock = RWLock()
+    order: list = []
+    lock.acquire_shared()
+    w = _in_thread(lambda: (lock.acquire(), order.append("writer"), lock.release()))
+    for _ in range(WAIT * 1000):              # until the writer is queued
+        if lock._writers_waiting:
+            break
+        w.join(0.001)
+    r = _in_thread(lambda: (lock.acquire_shared(), order.append("reader"),
+                            lock.release_shared()))
+    r.join(0.05)
+    assert order == []                        # writer preference: the reader queues too
+    lock.release_shared()
+    w.join(WAIT)
+    r.join(WAIT)
+    assert order == ["writer", "reader"]
+
+
+def test_exclusive_is_reentrant_and_may_read():
+    lock = RWLock()
+    with lock:
+        with lock:
+            with lock.shared:
+                assert lock.acquire(blocking=False)
+                lock.release()
+    assert _in_thread(lambda: lock.acquire() and lock.release()).join(WAIT) is None
+    assert lock._owner is None and lock._readers == 0
+
+
+def test_shared_is_reentrant_and_upgrading_fails_loudly():
+    lock = RWLock()
+    with lock.shared:
+        with lock.shared:
+            with pytest.raises(RuntimeError):
+                lock.acquire()
+    with lock:                                # and it was all given back
+        pass

@@ -1,0 +1,139 @@
+"""The pool's lock: shared for reads, exclusive for everything else.
+
+Reads (translate, pread, checksum verify) change nothing another request depends
+on, and the C kernels release the GIL while they do I/O, so many reads may run at
+once. Writes, management operations and commits change the maps and the space map
+and must run alone.
+
+- `lock` (the object itself) is the exclusive side, used exactly like the
+  threading.RLock it replaces: `with pool.lock:`, acquire()/release(); re-entrant.
+- `lock.shared` is the shared side: `with pool.lock.shared:`. Re-entrant too, and a
+  thread holding the exclusive side may take it (its reads are already alone).
+- Writer preference: once a writer waits, new readers wait behind it, so a stream
+  of reads cannot starve writes and commits (a flush must not wait forever).
+- A thread holding only the shared side must not ask for the exclusive side: two
+  such threads would each wait for the other to leave. That raises RuntimeError
+  at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_ident = threading.get_ident
+
+
+class RWLock:
+    """See the module docstring. Invariant: `_owner` is set only while `_readers`
+    is 0, and `_readers` grows only while `_owner` is None and no writer waits."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._can_read = threading.Condition(self._mutex)
+        self._can_write = threading.Condition(self._mutex)
+        self._readers = 0            # threads holding the shared side
+        self._readers_waiting = 0
+        self._writers_waiting = 0
+        self._owner = None           # the thread holding the exclusive side
+        self._depth = 0              # its re-entry count (shared takes included)
+        self._local = threading.local()    # .n: this thread's shared depth
+        self.shared = _Shared(self)
+
+    # ---- exclusive side (the RLock interface)
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        me = _ident()
+        if self._owner == me:
+            self._depth += 1
+            return True
+        if getattr(self._local, "n", 0):
+            raise RuntimeError("a thread holding the pool's shared lock asked for the "
+                               "exclusive lock: that would deadlock")
+        with self._mutex:
+            if self._owner is not None or self._readers:
+                if not blocking:
+                    return False
+                self._writers_waiting += 1
+                try:
+                    got = self._can_write.wait_for(self._free, None if timeout < 0 else timeout)
+                finally:
+                    self._writers_waiting -= 1
+                if not got:
+                    self._wake()        # readers held back for this writer may go
+                    return False
+            self._owner, self._depth = me, 1
+        return True
+
+    def release(self) -> None:
+        if self._owner != _ident():
+            raise RuntimeError("cannot release the pool lock: this thread does not hold it")
+        self._depth -= 1
+        if self._depth:
+            return
+        with self._mutex:
+            self._owner = None
+            self._wake()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _free(self) -> bool:
+        return self._owner is None and not self._readers
+
+    def _wake(self) -> None:
+        """With the mutex held and the lock just left: a waiting writer first."""
+        if self._writers_waiting:
+            self._can_write.notify()
+        elif self._readers_waiting:
+            self._can_read.notify_all()
+
+    # ---- shared side
+    def acquire_shared(self) -> None:
+        if self._owner == _ident():
+            self._depth += 1
+            return
+        local = self._local
+        n = getattr(local, "n", 0)
+        if n:
+            local.n = n + 1
+            return
+        with self._mutex:
+            while self._owner is not None or self._writers_waiting:
+                self._readers_waiting += 1
+                try:
+                    self._can_read.wait()
+                finally:
+                    self._readers_waiting -= 1
+            self._readers += 1
+        local.n = 1
+
+    def release_shared(self) -> None:
+        if self._owner == _ident():
+            self._depth -= 1        # taken while exclusive: never 0 here
+            return
+        local = self._local
+        local.n -= 1
+        if local.n:
+            return
+        with self._mutex:
+            self._readers -= 1
+            if not self._readers:
+                self._wake()
+
+
+class _Shared:
+    """`with lock.shared:`; a separate object so the exclusive side keeps the
+    plain `with lock:` form every existing caller uses."""
+
+    __slots__ = ("_rw",)
+
+    def __init__(self, rw: RWLock):
+        self._rw = rw
+
+    def __enter__(self):
+        self._rw.acquire_shared()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._rw.release_shared()
