@@ -67,8 +67,6 @@ def test_send_to_a_file_on_a_served_pool_leaves_no_file(served_pool, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: pool._check_size allows up to 1<<60, but a "
-                   "1E volume needs a 258 GiB in-memory directory: MemoryError, exit 70")
 def test_an_exabyte_volume_is_refused_as_usage_not_a_crash(pool):
     env = {k: v for k, v in os.environ.items() if k not in ("THINSTORE_POOL", "THINSTORE_DEBUG")}
     env["PYTHONPATH"] = ROOT
@@ -174,9 +172,6 @@ def test_serve_names_the_socket_or_address_it_cannot_bind(pool):
     assert nodir.returncode == 1 and "/nonexistent-dir/nbd.sock" in one_error_line(nodir)
 
 
-@pytest.mark.xfail(strict=True, reason="control.py binds POOL/control.sock, and a unix socket "
-                   "path holds at most 107 bytes: a pool in a deep directory cannot be served "
-                   "even with --socket SHORT (pytest's tmp_path is often that deep)")
 def test_a_pool_in_a_deep_directory_can_be_served_with_a_short_socket(tmp_path):
     deep = tmp_path / ("d" * 100) / "pool"
     deep.parent.mkdir()
@@ -278,9 +273,6 @@ def test_grow_past_the_file_system_limit_names_the_data_file(pool):
     assert str(256 << 20) in status
 
 
-@pytest.mark.xfail(strict=True, reason="control.py answers an OSError of a control request "
-                   "(EFBIG from grow) as 'internal error: [Errno 27] File too large', losing "
-                   "the errno and the file; it should travel like a ThinstoreError")
 def test_grow_past_the_file_system_limit_while_served_is_not_an_internal_error(pool):
     env = dict(os.environ, PYTHONPATH=ROOT)
     server = subprocess.Popen(  # the server grows the file: limit its file size

@@ -87,9 +87,6 @@ def test_a_full_pool_answers_enospc_and_recovers_when_grown(served):
     assert cli("--pool", pool, "list", "-Hp", "-o", "name", "big").stdout.strip() == "big"
 
 
-@pytest.mark.xfail(strict=True, reason="control.py checks a volume's NBD clients before the "
-                   "snapshot exists: 'rollback vm@typo' with a client says busy (exit 5) "
-                   "where there is no such snapshot (exit 3)")
 def test_rollback_to_a_missing_snapshot_says_missing_even_with_clients(served):
     pool, sock = served
     cli("--pool", pool, "create", "vm", "--size", "1M")
@@ -103,9 +100,6 @@ def test_rollback_to_a_missing_snapshot_says_missing_even_with_clients(served):
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="control.py serves at most 16 control clients and never "
-                   "times an idle one out: 16 connections that send nothing lock every CLI "
-                   "command out, and the fallback says 'pool in use ... use its control socket'")
 def test_idle_control_connections_do_not_lock_the_cli_out(served):
     import socket
     pool, _ = served

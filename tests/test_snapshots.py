@@ -211,3 +211,17 @@ def test_closing_a_handle_twice_releases_it_once(pool):
         pool.destroy("vol")
     b.close()
     pool.destroy("vol")
+
+
+def test_rollback_refuses_a_snapshot_of_an_earlier_namesake(pool):
+    from thinstore.errors import InvalidName
+    pool.create_volume("vm", SIZE)
+    write(pool, "vm", b"old", 0)
+    pool.snapshot("vm@a")
+    pool.destroy("vm")                   # vm@a stays whole
+    pool.create_volume("vm", 2 * SIZE)   # an unrelated volume takes the name
+    with pytest.raises(InvalidName, match="clone it instead"):
+        pool.rollback("vm@a")
+    assert pool.info("vm").size == 2 * SIZE
+    pool.clone("vm@a", "vm-old")
+    assert read(pool, "vm-old", 0, 3) == b"old"

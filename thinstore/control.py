@@ -15,6 +15,7 @@ the same :mod:`thinstore.errors` class, so the CLI reports them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
 MAX_LINE = 64 << 10
-MAX_CLIENTS = 16
+MAX_CLIENTS = 128
+IDLE_TIMEOUT = 60.0       # a control client silent this long is dropped
 
 #: op -> (parameter names, whether the result is a DeviceInfo / list of them)
 OPS = {
@@ -51,6 +53,23 @@ OPS = {
 
 def socket_path(pool_dir: str) -> str:
     return os.path.join(pool_dir, SOCKET_NAME)
+
+
+@contextlib.contextmanager
+def short_socket_path(path: str):
+    """A name for `path` that fits a sockaddr_un (107 bytes): a pool may live deep.
+
+    Linux resolves /proc/self/fd/N/NAME through the open directory N, so binding or
+    connecting there reaches the same socket file whatever the directory's length.
+    """
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
 
 
 def _to_wire(value, shape):
@@ -96,7 +115,8 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            sock.bind(path)
+            with short_socket_path(path) as short:
+                sock.bind(short)
         finally:
             os.umask(old)
         sock.listen(16)
@@ -131,7 +151,7 @@ class ControlServer:
 
     def _serve_client(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(None)
+            conn.settimeout(IDLE_TIMEOUT)
             reader = conn.makefile("rb")
             while not self._stopping.is_set():
                 line = reader.readline(MAX_LINE + 1)
@@ -155,6 +175,10 @@ class ControlServer:
             return {"ok": True, "result": self.call(request["op"], request.get("args") or {})}
         except ThinstoreError as exc:
             return {"ok": False, "error": _error_dict(exc)}
+        except OSError as exc:          # e.g. EFBIG growing the data file: keep errno and file
+            return {"ok": False, "error": {"type": "OSError", "errno": exc.errno,
+                                           "message": exc.strerror or str(exc),
+                                           "filename": exc.filename, "exit_code": 1}}
         except (ValueError, TypeError) as exc:
             return {"ok": False, "error": _error_dict(ProtocolError(f"bad control request: {exc}"))}
         except Exception as exc:        # a bug: report it, keep serving
@@ -181,6 +205,7 @@ class ControlServer:
     def _op_rollback(self, snapshot: str):
         """Refused while clients use the volume: its content would change under them."""
         volume = snapshot.split("@", 1)[0]
+        self.pool.info(snapshot)          # a missing snapshot is "no such device", not busy
         busy = self.sessions.connections(volume) if self.sessions else 0
         if busy:
             raise DeviceBusy(f"{volume!r} has {busy} open NBD connection(s): disconnect the "
@@ -201,7 +226,9 @@ def _error_dict(exc: ThinstoreError) -> dict:
             "exit_code": exc.exit_code}
 
 
-def _error_from_dict(data: dict) -> ThinstoreError:
+def _error_from_dict(data: dict) -> Exception:
+    if data.get("type") == "OSError":
+        return OSError(data.get("errno"), data.get("message"), data.get("filename"))
     cls = getattr(errors, str(data.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, ThinstoreError)):
         cls = ThinstoreError
@@ -219,7 +246,8 @@ class RemotePool:
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(socket_path(path))
+        with short_socket_path(socket_path(path)) as short:
+            self._sock.connect(short)
         self._reader = self._sock.makefile("rb")
         self._lock = threading.Lock()
 

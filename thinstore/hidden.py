@@ -30,7 +30,7 @@ class HiddenDevices:
         sharing every map page of snapshot `like` (as a clone), then takes `size`.
         """
         names.check_name(name, snapshot=False)
-        check_device_size(size)
+        check_device_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             self._need_free_name(name)

@@ -255,7 +255,7 @@ class Pool(DataPath, HiddenDevices):
     # ------------------------------------------------------------ management
     def create_volume(self, name: str, size: int) -> DeviceInfo:
         names.check_name(name, snapshot=False)
-        check_device_size(size)
+        check_device_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             self._need_free_name(name)
@@ -348,12 +348,16 @@ class Pool(DataPath, HiddenDevices):
             vol = self._find(base)
             if vol.kind == "snapshot":
                 raise InvalidName(f"{base!r} is not writable")
+            if snap.origin_uuid != vol.uuid:
+                raise InvalidName(f"{snapshot!r} was taken of an earlier device named {base!r}, "
+                                  f"not of this one; clone it instead "
+                                  f"('thinstore clone {snapshot} NEWNAME')")
             self._replace_map(vol, snap)
             self.commit()
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
         names.check_name(name)
-        check_device_size(size)
+        check_device_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             dm = self._find(name)

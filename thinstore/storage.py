@@ -122,7 +122,10 @@ class FileIO:
         return os.fstat(self.fd).st_size
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:       # EFBIG, ENOSPC: say which file
+            raise OSError(e.errno, e.strerror, self.path) from None
 
     def close(self) -> None:
         if self.fd is not None and self.fd >= 0:

@@ -38,10 +38,25 @@ def _check_non_negative(value: int, text: str) -> int:
     return value
 
 
-def check_device_size(size) -> None:
-    """A device size must be an int from 0 to 2**60 (kernel offsets are signed 64-bit)."""
+#: A device's directory is a dense in-memory array of one u64 per 508 chunks; this caps
+#: it at 64 MiB (278 TiB with 64 KiB chunks, 17 TiB with 4 KiB chunks).
+MAX_DIRECTORY_ENTRIES = 1 << 23
+
+
+def max_device_size(chunk_size: int) -> int:
+    return MAX_DIRECTORY_ENTRIES * 508 * chunk_size
+
+
+def check_device_size(size, chunk_size: int | None = None) -> None:
+    """A device size is an int from 0 up to what the chunk size allows (and 2**60:
+    kernel offsets are signed 64-bit)."""
     if not isinstance(size, int) or size < 0 or size > 1 << 60:
         raise UsageError(f"invalid device size {size!r}")
+    if chunk_size and size > max_device_size(chunk_size):
+        raise UsageError(f"a device of {format_size(size)} is larger than this pool supports "
+                         f"with {format_size(chunk_size)} chunks (at most "
+                         f"{format_size(max_device_size(chunk_size))}); use a pool with "
+                         "larger chunks")
 
 
 def format_size(nbytes: int) -> str:

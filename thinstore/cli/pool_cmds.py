@@ -79,10 +79,10 @@ def _undone_on_failure(path: str):
         if not existed:
             with contextlib.suppress(OSError):
                 os.rmdir(path)
-        if isinstance(err, OSError) and err.errno == errno.EFBIG and err.filename is None:
+        if isinstance(err, OSError) and err.errno == errno.EFBIG:
             raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data file "
                           "that large; use a smaller --capacity (grow it later)",
-                          os.path.join(path, "data")) from err
+                          err.filename or os.path.join(path, "data")) from err
         raise
 
 
@@ -93,11 +93,11 @@ def cmd_grow(args) -> int:
         try:
             pool.grow(pool.capacity + size if relative else size)
         except OSError as err:
-            if err.errno != errno.EFBIG or err.filename is not None:
+            if err.errno != errno.EFBIG:
                 raise
             raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data "
                           "file that large; the pool keeps its capacity",
-                          os.path.join(pool.path, "data")) from err
+                          err.filename or os.path.join(pool.path, "data")) from err
     return 0
 
 
