@@ -1,0 +1,39 @@
+"""Imports flow one way: the storage core knows nothing of NBD, the CLI or replication."""
+
+import ast
+import pathlib
+
+PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
+CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
+        "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
+        "units", "rwlock"]
+ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume")
+
+
+def imported(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:                    # relative: from .x import y / from . import x
+                found.update([base.split(".")[0]] if base else [a.name for a in node.names])
+            elif base.startswith("thinstore."):
+                found.add(base.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("thinstore."))
+    return found
+
+
+def test_storage_core_imports_nothing_above_it():
+    for name in CORE:
+        path = PKG / f"{name}.py"
+        assert path.exists(), name
+        bad = imported(path) & set(ABOVE)
+        assert not bad, f"thinstore/{name}.py imports {sorted(bad)}"
+
+
+def test_nbd_server_does_not_reach_into_the_cli():
+    for path in (PKG / "nbd").glob("*.py"):
+        assert "cli" not in imported(path), path.name
