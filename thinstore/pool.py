@@ -112,16 +112,19 @@ class Pool(DataPath, HiddenDevices):
         if not os.path.isfile(os.path.join(path, "meta")):
             raise PoolNotFound(f"no thinstore pool at {path} (run 'thinstore init' first)")
         lockfd = _take_lock(path)
+        opened = []
         try:
-            data = fileio(os.path.join(path, "data"))
-            meta = fileio(os.path.join(path, "meta"))
-            md = Metadata(meta, data)
+            opened.append(fileio(os.path.join(path, "data")))
+            opened.append(fileio(os.path.join(path, "meta")))
+            md = Metadata(opened[1], opened[0])
             md.load()
-        except CorruptMetadata as e:
+        except BaseException as e:
+            for f in opened:          # a pool that fails to open keeps no descriptor
+                f.close()
             os.close(lockfd)
-            raise CorruptMetadata(f"pool {path}: {e}; run 'thinstore --pool {path} check'") from None
-        except BaseException:
-            os.close(lockfd)
+            if isinstance(e, CorruptMetadata):
+                raise CorruptMetadata(f"pool {path}: {e}; "
+                                      f"run 'thinstore --pool {path} check'") from None
             raise
         pool = cls(path, md, lockfd, commit_interval=commit_interval)
         pool._attach_sums(fileio)
