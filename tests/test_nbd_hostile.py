@@ -168,9 +168,7 @@ def test_abort_is_acknowledged_even_with_payload(client):
 def test_idle_client_in_the_handshake_is_dropped(srv):
     c = RawClient(srv.sock)
     c.recv(P.GREETING.size)
-    start = time.monotonic()
-    assert c.closed_by_server()
-    assert time.monotonic() - start < 10
+    assert c.closed_by_server()      # within the client's 10 s socket timeout, or it raises
     c.close()
     assert_healthy(srv)
 
