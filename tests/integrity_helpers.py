@@ -74,3 +74,13 @@ def tamper(path: str, fn) -> None:
 
 def zeros_mask(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.uint8) == 0
+
+
+def contents_of(path: str) -> dict:
+    """Every device's bytes, by name (opens and closes the pool)."""
+    with Pool.open(path, commit_interval=0) as pool:
+        out = {}
+        for d in pool.list():
+            with pool.open_device(d.name) as dev:
+                out[d.name] = dev.pread(0, dev.size)
+        return out

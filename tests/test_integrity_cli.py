@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from integrity_helpers import CHUNK, chunk_of, flip, flip_block, flip_chunk, make_pool, \
+from integrity_helpers import contents_of, CHUNK, chunk_of, flip, flip_block, flip_chunk, make_pool, \
     map_page_block
 
 from thinstore import Pool
@@ -34,15 +34,6 @@ def cli(pool, *args, stdin=None):
 def pool(tmp_path):
     path = str(tmp_path / "pool")
     return path, make_pool(path)
-
-
-def _contents(path: str) -> dict:
-    with Pool.open(path, commit_interval=0) as p:
-        out = {}
-        for d in p.list():
-            with p.open_device(d.name) as dev:
-                out[d.name] = dev.pread(0, dev.size)
-        return out
 
 
 def test_check_clean_and_json(pool):
@@ -87,7 +78,7 @@ def test_repair_reports_changes_then_check_is_clean(pool):
     assert r.returncode == 0 and "changed: metadata: device 'vol'" in r.stdout, r.stdout
     assert cli(path, "check").returncode == 0
     assert cli(path, "repair").stdout.strip() == "nothing to repair"
-    assert _contents(path)["clone"] == contents["clone"]
+    assert contents_of(path)["clone"] == contents["clone"]
 
 
 def test_repair_refuses_while_a_process_holds_the_pool(pool):
@@ -131,7 +122,7 @@ def test_dump_text_and_json_restore_round_trip(pool, tmp_path):
     r = cli(path, "restore", str(out))
     assert r.returncode == 0, r.stderr
     assert cli(path, "check").returncode == 0
-    assert _contents(path) == contents
+    assert contents_of(path) == contents
 
 
 def test_dump_keeps_shared_pages_shared(pool):
@@ -156,7 +147,7 @@ def test_hand_edited_dump_mends_a_pool(pool):
     page[0] = [slot0[0] + 1, slot0[1] + 1, slot0[2] - 1]     # unmap vol's chunk 0
     restore_path(path, doc)
     assert check_path(path).clean
-    after = _contents(path)
+    after = contents_of(path)
     assert set(after) == {"vol", "vol@snap"}
     assert after["vol"][:CHUNK] == bytes(CHUNK)
     assert after["vol"][CHUNK:] == contents["vol"][CHUNK:]
@@ -178,7 +169,7 @@ def test_restore_rejects_malformed_dumps_and_keeps_the_pool(pool, damage):
     damage(doc)
     with pytest.raises(UsageError, match="restore"):
         restore_path(path, doc)
-    assert _contents(path) == contents
+    assert contents_of(path) == contents
 
 
 def test_restore_cli_reads_stdin_and_rejects_garbage(pool):
@@ -187,7 +178,7 @@ def test_restore_cli_reads_stdin_and_rejects_garbage(pool):
     assert r.returncode == 2 and "not valid JSON" in r.stderr
     doc = cli(path, "dump", "--json").stdout
     assert cli(path, "restore", "-", stdin=doc).returncode == 0
-    assert _contents(path) == contents
+    assert contents_of(path) == contents
 
 
 def test_init_turns_checksums_off_only_when_asked(tmp_path):

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from integrity_helpers import (CHUNK, chunk_of, flip, flip_block, flip_chunk, make_pool,
+from integrity_helpers import (CHUNK, contents_of, chunk_of, flip, flip_block, flip_chunk, make_pool,
                                map_page_block, tamper)
 
 from thinstore import Pool
@@ -32,15 +32,6 @@ def pool_dir(tmp_path):
 def _newest_slot(path: str) -> int:
     with Pool.open(path, commit_interval=0) as pool:
         return pool.md.generation % 2
-
-
-def _contents(path: str) -> dict:
-    with Pool.open(path, commit_interval=0) as pool:
-        out = {}
-        for d in pool.list():
-            with pool.open_device(d.name) as dev:
-                out[d.name] = dev.pread(0, dev.size)
-        return out
 
 
 def test_clean_pool_checks_clean(pool_dir):
@@ -66,7 +57,7 @@ def test_corrupt_newest_superblock_falls_back_and_says_so(pool_dir, caplog):
             pool.commit()
     assert "superblock" in caplog.text
     assert check_path(path).clean           # the next commit rewrote the damaged slot
-    assert _contents(path) == contents      # exactly the previous generation
+    assert contents_of(path) == contents      # exactly the previous generation
 
 
 def test_both_superblocks_corrupt_refuses_to_open(pool_dir):
@@ -98,7 +89,7 @@ def test_corrupt_map_page_is_caught_and_repair_drops_only_it(pool_dir):
     assert any("refcount" in c for c in rep.changes)
     assert not rep.unfixable
     assert check_path(path).clean
-    after = _contents(path)
+    after = contents_of(path)
     assert after["vol"] == bytes(len(contents["vol"]))        # lost range reads zeros
     assert after["vol@snap"] == contents["vol@snap"]           # the others are whole
     assert after["clone"] == contents["clone"]
@@ -123,7 +114,7 @@ def test_refcount_damage_is_named_and_rebuilt(pool_dir):
     rep = repair_path(path)
     assert f"chunk {c_leak}: refcount 3 -> 1" in rep.changes
     assert f"chunk {c_under}: refcount 0 -> 2" in rep.changes   # vol's page + the shared one
-    assert check_path(path).clean and _contents(path) == contents
+    assert check_path(path).clean and contents_of(path) == contents
 
 
 def test_map_entry_outside_pool_is_dropped(pool_dir):
@@ -142,7 +133,7 @@ def test_map_entry_outside_pool_is_dropped(pool_dir):
     rep = repair_path(path)
     assert any("outside the pool" in c and f"byte {11 * CHUNK}" in c for c in rep.changes)
     assert check_path(path).clean
-    vol = _contents(path)["vol"]
+    vol = contents_of(path)["vol"]
     assert vol[11 * CHUNK:12 * CHUNK] == bytes(CHUNK)
     assert vol[:11 * CHUNK] == contents["vol"][:11 * CHUNK]
 
