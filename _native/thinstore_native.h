@@ -108,9 +108,12 @@ int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
  *   entry 0   -> take the next of new_chunks; ref = 1, state = REF_CHANGED|WRITTEN; punch
  *                the uncovered parts (fallocate PUNCH_HOLE|KEEP_SIZE, zeros written
  *                where unsupported) so they read zero; entry = new; page dirty.
- *   shared    -> (ref > 1 or PINNED) take the next new chunk; copy the uncovered
- *                parts of the old chunk into it (ts_cow_copy); drop one reference
- *                from the old chunk (ref_batch -1 rules); new ref = 1,
+ *   shared    -> (ref > 1 or PINNED) take the next new chunk; fill the uncovered
+ *                parts from the old chunk: its whole 4 KiB blocks shared with
+ *                FICLONERANGE where the file system can (then ts_cow_copy for the
+ *                rest), else the new chunk written whole in one pwrite -- the old
+ *                bytes read around this write's piece; drop one reference from
+ *                the old chunk (ref_batch -1 rules); new ref = 1,
  *                state = REF_CHANGED|WRITTEN; entry = new; page dirty.
  *   otherwise -> written in place; WRITTEN.
  * Data landing contiguously in the file goes out in one pwrite.  counters[4] +=
@@ -184,10 +187,11 @@ int ts_read_range(const uint64_t *dir, uint64_t n_dir,
                   uint8_t *buf, uint64_t offset, uint64_t length);
 
 /*
- * Copy [src, src+length) to [dst, dst+length) within fd: copy_file_range in a
- * loop (a reflink on btrfs and xfs, an in-kernel copy elsewhere), falling back to
- * pread/pwrite when the file system refuses; bytes past the end of the file copy
- * as zeros.  The ranges must not overlap.  Returns 0 or -errno.
+ * Copy [src, src+length) to [dst, dst+length) within fd.  The whole 4 KiB blocks
+ * of the range are shared with FICLONERANGE (a reflink on btrfs and xfs: no data
+ * moves); where the file system cannot share, and for the unaligned edges, the
+ * bytes go through a buffer with pread/pwrite (bytes past the end of the file copy
+ * as zeros).  The ranges must not overlap.  Returns 0 or -errno.
  */
 int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length);
 

@@ -97,6 +97,9 @@ class FaultFile:
     def copy(self, src: int, dst: int, length: int) -> None:
         self.pwrite(self.pread(length, src), dst)
 
+    def share_blocks(self, src: int, dst: int, length: int) -> bool:
+        return False        # a disk without reflinks: copies move bytes
+
     def fsync(self) -> None:
         self.disk.tick()
         for off, data in self.pending:

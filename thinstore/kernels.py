@@ -128,46 +128,64 @@ def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
         lo, hi = max(pos, base) - base, min(end, base + cs) - base
         pid, slot = int(dirarr[v // FANOUT]), v % FANOUT
         c = int(pages[pid, slot])
+        bstart = base + lo - offset
         if _needs_new(c, chunk_ref, chunk_state):
-            c = _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, c,
-                             next(fresh), chunk_shift, lo, hi, fio, counters)
+            c, written = _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, c,
+                                      next(fresh), chunk_shift, lo, hi, fio, counters,
+                                      data[bstart:bstart + hi - lo])
+            if written:                 # the piece went out with the copied bytes
+                if run_off is not None:
+                    fio.pwrite(data[run_start:bstart], run_off)
+                    run_off = None
+                pos = base + hi
+                continue
         chunk_state[c] |= ST_WRITTEN
         doff = (c << chunk_shift) + lo
-        bstart = base + lo - offset
         if run_off is not None and run_off + (bstart - run_start) != doff:
             fio.pwrite(data[run_start:bstart], run_off)
             run_off = None
         if run_off is None:
             run_off, run_start = doff, bstart
         pos = base + hi
-    fio.pwrite(data[run_start:length], run_off)
+    if run_off is not None:
+        fio.pwrite(data[run_start:length], run_off)
     counters[3] += length
 
 
 def _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, old, new,
-                 chunk_shift, lo, hi, fio, counters) -> int:
-    """Map a new chunk at (pid, slot) whose uncovered parts hold the old bytes or zeros."""
+                 chunk_shift, lo, hi, fio, counters, piece) -> tuple[int, bool]:
+    """Map a new chunk at (pid, slot) whose uncovered parts hold the old bytes or zeros.
+    Returns (new, written): written when the write's piece for [lo, hi) went out too
+    (a copy on write where blocks cannot be shared writes the new chunk whole)."""
     cs = 1 << chunk_shift
     dst = new << chunk_shift
+    written = False
     if old == 0:
         fio.punch(dst, lo)
         fio.punch(dst + hi, cs - hi)
         counters[0] += 1
     else:
         src = old << chunk_shift
-        if lo:
-            fio.copy(src, dst, lo)
-        if hi < cs:
-            fio.copy(src + hi, dst + hi, cs - hi)
+        if (lo == 0 and hi == cs) or fio.share_blocks(src, dst, lo) \
+                or fio.share_blocks(src + hi, dst + hi, cs - hi):
+            if lo:
+                fio.copy(src, dst, lo)
+            if hi < cs:
+                fio.copy(src + hi, dst + hi, cs - hi)
+        else:
+            whole = bytearray(fio.pread(cs, src))
+            whole[lo:hi] = piece
+            fio.pwrite(whole, dst)
+            written = True
         ref_batch(chunk_ref, chunk_state, [old], -1)
         counters[0] += 1
         counters[1] += 1
         counters[2] += lo + cs - hi
     chunk_ref[new] = 1
-    chunk_state[new] = ST_REF_CHANGED
+    chunk_state[new] = ST_REF_CHANGED | (ST_WRITTEN if written else 0)
     pages[pid, slot] = new
     page_dirty[pid] = 1
-    return new
+    return new, written
 
 
 def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks) -> int:
@@ -295,3 +313,4 @@ def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
         return None
     cursor[0] = free[-1] + 1 if free[-1] + 1 < n else 1
     return free.astype(np.int64)
+

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 _ZEROS = bytes(1 << 20)
+_CLONE_ALIGN = 4096                      # the file-system block a reflink shares
+_FICLONERANGE = 0x4020940D               # _IOW(0x94, 13, struct file_clone_range)
+_CLONE_RANGE = struct.Struct("=qQQQ")    # src_fd, src_offset, src_length, dest_offset
 
 try:
     import fcntl as _fcntl
@@ -100,20 +104,35 @@ class FileIO:
             length -= n
 
     def copy(self, src: int, dst: int, length: int) -> None:
-        """Copy within the file: copy_file_range (reflinks on btrfs/xfs), else read/write."""
-        while length > 0:
-            try:
-                n = os.copy_file_range(self.fd, self.fd, length, src, dst)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                n = 0
-            if n == 0:
-                self.pwrite(self.pread(length, src), dst)
-                return
-            src += n
-            dst += n
-            length -= n
+        """Copy within the file: the whole 4 KiB blocks shared (a reflink) where the
+        file system can, everything else read and written (ts_cow_copy's rule)."""
+        if self.share_blocks(src, dst, length):
+            head = -src % _CLONE_ALIGN
+            tail = head + (length - head) // _CLONE_ALIGN * _CLONE_ALIGN
+            self._copy_bytes(src, dst, head)
+            self._copy_bytes(src + tail, dst + tail, length - tail)
+        else:
+            self._copy_bytes(src, dst, length)
+
+    def share_blocks(self, src: int, dst: int, length: int) -> bool:
+        """Share the whole 4 KiB blocks of [src, src+length) as [dst, ...) with
+        FICLONERANGE; False (nothing done) where there are none or the file system
+        cannot (ext4, tmpfs), True on btrfs and xfs."""
+        head = -src % _CLONE_ALIGN
+        if _fcntl is None or src % _CLONE_ALIGN != dst % _CLONE_ALIGN \
+                or length < head + _CLONE_ALIGN:
+            return False
+        mid = (length - head) // _CLONE_ALIGN * _CLONE_ALIGN
+        try:
+            _fcntl.ioctl(self.fd, _FICLONERANGE, _CLONE_RANGE.pack(self.fd, src + head, mid,
+                                                                   dst + head))
+        except OSError:
+            return False
+        return True
+
+    def _copy_bytes(self, src: int, dst: int, length: int) -> None:
+        if length > 0:
+            self.pwrite(self.pread(length, src), dst)
 
     def fsync(self) -> None:
         os.fsync(self.fd)
