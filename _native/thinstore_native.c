@@ -13,9 +13,11 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef FALLOC_FL_KEEP_SIZE
@@ -591,15 +593,17 @@ static int fast_allocate(const uint32_t *ref, const uint8_t *state, uint64_t n_c
     return 1;
 }
 
-int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
-                      uint64_t *pages, uint64_t n_pages,
-                      const uint32_t *page_ref, uint8_t *page_dirty,
-                      uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                      const uint32_t *chunk_sums, uint64_t n_sums,
-                      const uint8_t *intent_bits, uint8_t *intent_hot, uint64_t n_bits,
-                      int64_t *cursor, int64_t *counters, int fd,
-                      unsigned intent_shift, unsigned chunk_shift,
-                      const uint8_t *buf, uint64_t offset, uint64_t length)
+/* ts_write_fast, taking TS_SLOW also when the write needs more than max_need chunks. */
+static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
+                                 uint64_t *pages, uint64_t n_pages,
+                                 const uint32_t *page_ref, uint8_t *page_dirty,
+                                 uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                                 const uint32_t *chunk_sums, uint64_t n_sums,
+                                 const uint8_t *intent_bits, uint8_t *intent_hot,
+                                 uint64_t n_bits, int64_t *cursor, int64_t *counters, int fd,
+                                 unsigned intent_shift, unsigned chunk_shift,
+                                 const uint8_t *buf, uint64_t offset, uint64_t length,
+                                 uint64_t max_need)
 {
     if (chunk_shift > 40 || length == 0) return TS_SLOW;
     uint64_t first = offset >> chunk_shift, last = (offset + length - 1) >> chunk_shift;
@@ -619,6 +623,7 @@ int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
             hot[n_hot++] = r;
         }
     }
+    if (need > max_need) return TS_SLOW;
     int64_t fresh[TS_FAST_MAX_CHUNKS];
     if (!fast_allocate(chunk_ref, chunk_state, n_chunks, cursor, need, fresh)) return TS_SLOW;
     for (uint64_t i = 0; i < n_hot; i++) intent_hot[hot[i]] = 1;
@@ -626,4 +631,73 @@ int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
                             n_chunks, fresh, need, chunk_shift, fd, buf, offset, length,
                             counters);
     return rc ? rc : (int64_t)need;
+}
+
+int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
+                      uint64_t *pages, uint64_t n_pages,
+                      const uint32_t *page_ref, uint8_t *page_dirty,
+                      uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
+                      const uint32_t *chunk_sums, uint64_t n_sums,
+                      const uint8_t *intent_bits, uint8_t *intent_hot, uint64_t n_bits,
+                      int64_t *cursor, int64_t *counters, int fd,
+                      unsigned intent_shift, unsigned chunk_shift,
+                      const uint8_t *buf, uint64_t offset, uint64_t length)
+{
+    return write_fast_capped(dir, n_dir, pages, n_pages, page_ref, page_dirty, chunk_ref,
+                             chunk_state, n_chunks, chunk_sums, n_sums, intent_bits,
+                             intent_hot, n_bits, cursor, counters, fd, intent_shift,
+                             chunk_shift, buf, offset, length, UINT64_MAX);
+}
+
+/* ---- the write lane ------------------------------------------------------ */
+
+int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
+                      const uint8_t *buf, uint64_t offset, uint64_t length)
+{
+    if (!dev->writable || length == 0 || offset > dev->size || length > dev->size - offset)
+        return TS_SLOW;
+    int idle = 0;
+    if (__atomic_load_n(&l->closers, __ATOMIC_ACQUIRE) ||
+        !__atomic_compare_exchange_n(&l->gate, &idle, -1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return TS_SLOW;
+    int64_t rc = TS_SLOW;
+    if (l->open) {
+        rc = write_fast_capped(dev->dir, dev->n_dir, l->pages, l->n_pages, l->page_ref,
+                               l->page_dirty, l->chunk_ref, l->chunk_state, l->n_chunks,
+                               l->chunk_sums, l->n_sums, l->intent_bits, l->intent_hot,
+                               l->n_bits, l->cursor, l->counters, l->fd, l->intent_shift,
+                               l->chunk_shift, buf, offset, length,
+                               l->budget > 0 ? (uint64_t)l->budget : 0);
+        if (rc != TS_SLOW) {
+            l->wrote = 1;
+            if (rc > 0) l->budget -= rc;
+        }
+    }
+    __atomic_store_n(&l->gate, 0, __ATOMIC_RELEASE);
+    return rc;
+}
+
+void ts_gate_close(ts_lane *l)
+{
+    __atomic_add_fetch(&l->closers, 1, __ATOMIC_ACQ_REL);
+    for (unsigned spins = 0;; spins++) {
+        int g = __atomic_load_n(&l->gate, __ATOMIC_ACQUIRE);
+        if (g >= 0 && __atomic_compare_exchange_n(&l->gate, &g, g + 1, 0, __ATOMIC_ACQ_REL,
+                                                  __ATOMIC_ACQUIRE))
+            break;
+        if (g >= 0 || spins < 64) continue;
+        if (spins < 4096) {
+            sched_yield();                      /* a lane write is doing its I/O */
+        } else {
+            struct timespec nap = {0, 50000};   /* a slow disk: stop burning a core */
+            nanosleep(&nap, NULL);
+        }
+    }
+    __atomic_sub_fetch(&l->closers, 1, __ATOMIC_ACQ_REL);
+}
+
+void ts_gate_open(ts_lane *l)
+{
+    __atomic_sub_fetch(&l->gate, 1, __ATOMIC_RELEASE);
 }

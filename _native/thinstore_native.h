@@ -38,7 +38,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 2
+#define TS_API_VERSION 3
 
 #define TS_FANOUT 508
 
@@ -206,6 +206,67 @@ int ts_is_zero(const uint8_t *buf, uint64_t length);
 int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
                     const uint32_t *page_ref, uint64_t n_pages,
                     const uint32_t *chunk_ref, uint64_t n_chunks, int64_t *out);
+
+/*
+ * The write lane: a device's common write in one call from Device.pwrite, with
+ * no Python around it.  ts_write_fast still needs its caller to hold the pool
+ * lock and to pass the pool's arrays; the lane holds those arrays itself and
+ * takes a gate instead of the lock, so a write that finds the pool idle runs
+ * whole in C.
+ *
+ * ts_lane (one per open pool): the pool's arrays as ts_write_fast takes them,
+ * set by Python (thinstore/fastlane.py) only while the gate is closed, plus:
+ *   open    0 makes every lane write return TS_SLOW (pool closed, checksums
+ *           tracking fresh chunks, fast writes switched off);
+ *   budget  chunks lane writes may still allocate before Python must look
+ *           (the low-water warning); a write needing more returns TS_SLOW;
+ *   wrote   set to 1 by a lane write that got past its checks: the pool has
+ *           an open transaction to commit (Python folds and clears it);
+ *   gate    > 0: that many Python holders of the pool lock (readers or the one
+ *           writer) -- lane writes stand aside; -1: a lane write runs; 0: idle;
+ *   closers Python threads waiting to close the gate: lane writes stand aside,
+ *           so a closer waits for at most the one lane write in flight.
+ * ts_dev_lane (one per open device): its directory, size and writability, also
+ * set by Python with the gate closed; writable = 0 for a snapshot or a device
+ * destroyed since.
+ */
+typedef struct ts_lane {
+    uint64_t *pages; uint64_t n_pages;
+    const uint32_t *page_ref; uint8_t *page_dirty;
+    uint32_t *chunk_ref; uint8_t *chunk_state; uint64_t n_chunks;
+    const uint32_t *chunk_sums; uint64_t n_sums;
+    const uint8_t *intent_bits; uint8_t *intent_hot; uint64_t n_bits;
+    int64_t *cursor; int64_t *counters;
+    int fd; unsigned intent_shift; unsigned chunk_shift;
+    int open;
+    int64_t budget;
+    int wrote;
+    int gate;
+    int closers;
+} ts_lane;
+
+typedef struct ts_dev_lane {
+    uint64_t *dir; uint64_t n_dir;
+    uint64_t size;
+    int writable;
+} ts_dev_lane;
+
+/*
+ * Write buf[length] at offset of the device through the lane: when the lane is
+ * open, the device writable, the range inside it and the gate idle, take the
+ * gate and do ts_write_fast with the lane's arrays, taking TS_SLOW also when the
+ * write would allocate more chunks than budget.  Returns what ts_write_fast returns, or TS_SLOW with nothing
+ * changed; the caller then takes the pool lock and the general path.
+ */
+int64_t ts_lane_write(ts_lane *lane, const ts_dev_lane *dev,
+                      const uint8_t *buf, uint64_t offset, uint64_t length);
+
+/* Close the gate for one holder of the pool lock: wait for a lane write in
+ * flight to finish (lane writes are short: one request), then count in. */
+void ts_gate_close(ts_lane *lane);
+
+/* Count one holder out; the gate opens when the last one leaves. */
+void ts_gate_open(ts_lane *lane);
 
 /* cdef-end */
 

@@ -482,16 +482,60 @@ def test_write_fast_agrees(tmp_path, args, seed, checksums, zeros):
         assert back == buf
 
 
-def _map_everything(pool, rng):
-    """Every slot a page, every page exclusive, every entry a chunk (some shared)."""
+def _map_everything(pool, rng, spare: float = 0.0):
+    """Every slot a page, every page exclusive, every entry a chunk (some shared);
+    `spare`: the part of the chunk ids (the top) no entry names."""
     _give_every_slot_a_page(pool)
     pool.page_ref[:] = 1
     rows = pool.pages[1:len(pool.dirarr) + 1]
-    holes = rows == 0
-    rows[holes] = rng.integers(1, pool.n_chunks, int(holes.sum()))
+    top = max(2, int(pool.n_chunks * (1 - spare)))
+    holes = (rows == 0) | (rows >= top)
+    rows[holes] = rng.integers(1, top, int(holes.sum()))
     pool.chunk_ref[:] = 0
     np.add.at(pool.chunk_ref, rows.ravel().astype(np.int64), 1)
     pool.chunk_state[pool.chunk_ref == 0] = 0
+
+
+@needs_native
+@SETTINGS
+@given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(),
+       st.sampled_from(["open"] * 5 + ["closed", "read-only", "short", "busy", "closing"]),
+       st.one_of(st.just(1 << 20), st.integers(-1, 3)))
+def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
+    """The write lane: write_fast's result when the lane is open and idle, the device
+    writable and the range inside it and the allocation within budget; SLOW with
+    nothing changed otherwise. Same budget and `wrote` left behind."""
+    pool, off, length = args
+    rng = np.random.default_rng(seed)
+    if rng.random() < 0.8:
+        _map_everything(pool, rng, spare=0.5)     # half the chunks left free to allocate
+    ex = FastExtras(pool, rng, checksums)
+    ex.bits[:] = True                     # write_fast's own refusals: test_write_fast_agrees
+    f = DataFile(tmp_path / "data", pool, seed)
+    buf = rng.integers(0, 256, length, np.uint8).tobytes()
+    before = _read_all(f.fio)
+    results = []
+    for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
+        counters = np.zeros(4, np.int64)
+        lane = TWIN.Lane(p.pages, p.page_ref, p.page_dirty, p.chunk_ref, p.chunk_state, e.sums,
+                         e.bits, e.hot, e.ishift, e.cursor, counters, fio, p.shift)
+        lane.open, lane.budget = int(lane_state != "closed"), budget
+        lane.gate, lane.closers = int(lane_state == "busy"), int(lane_state == "closing")
+        size = p.size - (1 << p.shift) * (lane_state == "short")
+        dev = TWIN.DevLane(p.dirarr, size, lane_state != "read-only")
+        rc = kern.lane_write(lane, dev, buf, off, length)
+        results.append((rc, p, e, counters.tolist(), lane.budget, lane.wrote, _read_all(fio)))
+    (ra, a, ea, ca, ba, wa, da), (rb, b, eb, cb, bb, wb, db) = results
+    event("slow" if ra == TWIN.SLOW else "fast")
+    assert (ra, ba, wa) == (rb, bb, wb)
+    _same_arrays(a, b)
+    assert (ca, ea.cursor.tolist(), ea.hot.tolist()) == (cb, eb.cursor.tolist(), eb.hot.tolist())
+    assert da == db
+    if ra == TWIN.SLOW:
+        assert (wa, ba, ca) == (0, budget, [0, 0, 0, 0]) and da == before
+    else:
+        assert lane_state in ("open", "short") and 0 <= ra <= budget and ba == budget - ra
+        assert off + length <= pool.size - (1 << pool.shift) * (lane_state == "short")
 
 
 @pytest.mark.parametrize("k", BACKENDS)

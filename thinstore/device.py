@@ -32,6 +32,8 @@ class Device:
         self._meta = meta
         self._closed = False
         self.chunk_size = pool.chunk_size
+        # the native write lane (fastlane.py), or None: every write takes the pool lock
+        self._fast = pool._lane.writer(meta) if pool._lane is not None else None
 
     name = property(lambda self: self._meta.name)
     size = property(lambda self: self._meta.size)
@@ -48,7 +50,9 @@ class Device:
         self._pool._read(self._meta, buf, offset)
 
     def pwrite(self, data, offset: int, fua: bool = False) -> None:
-        self._pool._write(self._meta, data, offset, fua)
+        fast = self._fast
+        if fast is None or fua or not fast(data, offset):
+            self._pool._write(self._meta, data, offset, fua)
 
     def discard(self, offset: int, length: int) -> None:
         self._pool._discard(self._meta, offset, length)
@@ -66,6 +70,7 @@ class Device:
         """Release the handle (idempotent: a second close does nothing)."""
         if self._meta is not None and not self._closed:
             self._closed = True
+            self._fast = None
             self._pool._release(self._meta)
 
     def __enter__(self):

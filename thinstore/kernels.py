@@ -262,6 +262,15 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
     or a chunk needing write intent lies in an unmarked region. `cursor` is int64[1],
     SpaceMap's allocation cursor; `chunk_sums` is empty when checksums are off.
     """
+    return _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
+                       intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
+                       offset, length, counters, None)
+
+
+def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
+                intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
+                offset, length, counters, max_need) -> int:
+    """write_fast, also SLOW when the write needs more than max_need (not None) chunks."""
     if length == 0:
         return SLOW
     first, last = _chunk_span(chunk_shift, offset, length)
@@ -278,6 +287,8 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
             if r >= len(intent_bits) or not intent_bits[r]:
                 return SLOW
             hot.append(r)
+    if max_need is not None and need > max_need:
+        return SLOW
     fresh = _fast_allocate(chunk_ref, chunk_state, cursor, need)
     if fresh is None:
         return SLOW
@@ -314,3 +325,43 @@ def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
     cursor[0] = free[-1] + 1 if free[-1] + 1 < n else 1
     return free.astype(np.int64)
 
+
+# ---- the write lane (fastlane.py; ts_lane and ts_dev_lane in the header) -----
+
+class Lane:
+    """A pool's half of the write lane: the arrays write_fast takes and the lane's
+    scalars, named as in ts_lane (``fio`` stands where C has ``fd``). ``gate`` and
+    ``closers`` are the C side's synchronisation; the twin only reads them."""
+
+    def __init__(self, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
+                 intent_bits, intent_hot, intent_shift, cursor, counters, fio, chunk_shift):
+        self.pages, self.page_ref, self.page_dirty = pages, page_ref, page_dirty
+        self.chunk_ref, self.chunk_state, self.chunk_sums = chunk_ref, chunk_state, chunk_sums
+        self.intent_bits, self.intent_hot, self.intent_shift = intent_bits, intent_hot, intent_shift
+        self.cursor, self.counters, self.fio, self.chunk_shift = cursor, counters, fio, chunk_shift
+        self.open = self.budget = self.wrote = self.gate = self.closers = 0
+
+
+class DevLane:
+    """A device's half: its directory, size and whether the lane may write it."""
+
+    def __init__(self, dirarr, size: int, writable: bool):
+        self.dirarr, self.size, self.writable = dirarr, size, int(writable)
+
+
+def lane_write(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
+    """write_fast through a lane: SLOW (nothing changed) unless the lane is open and
+    idle, the device writable, the range inside it and the chunks to allocate within
+    lane.budget; otherwise write_fast's result, with lane.wrote set and the chunks
+    allocated taken off lane.budget."""
+    if (not dev.writable or length <= 0 or offset < 0 or offset + length > dev.size
+            or lane.closers or lane.gate or not lane.open):
+        return SLOW
+    rc = _write_fast(dev.dirarr, lane.pages, lane.page_ref, lane.page_dirty, lane.chunk_ref,
+                     lane.chunk_state, lane.chunk_sums, lane.intent_bits, lane.intent_hot,
+                     lane.intent_shift, lane.cursor, lane.chunk_shift, lane.fio, buf, offset,
+                     length, lane.counters, max(lane.budget, 0))
+    if rc != SLOW:
+        lane.wrote = 1
+        lane.budget -= rc
+    return rc

@@ -29,7 +29,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 2  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 3  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -166,6 +166,30 @@ def _fd(fio):
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
+def fill_lane(c, lane) -> None:
+    """Point ts_lane `c` at the arrays of `lane` (a kernels.Lane) and copy its scalars,
+    after checking what C assumes of them. The caller keeps `lane` (and so the
+    arrays) alive as long as `c` is used, and sets it only with the gate closed."""
+    fd = _fd(lane.fio)
+    if fd is None:
+        raise ValueError("a write lane needs a data file with a descriptor")
+    d = np.zeros(1, np.uint64)      # fast_args checks everything but the directory
+    (_, _, c.pages, c.n_pages, c.page_ref, c.page_dirty, c.chunk_ref, c.chunk_state,
+     c.n_chunks, c.chunk_sums, c.n_sums, c.intent_bits, c.intent_hot, c.n_bits, c.cursor,
+     c.counters, c.fd) = _fast_args(d, lane.pages, lane.page_ref, lane.page_dirty,
+                                    lane.chunk_ref, lane.chunk_state, lane.chunk_sums,
+                                    lane.intent_bits, lane.intent_hot, lane.cursor,
+                                    lane.counters, lane.fio)
+    c.intent_shift, c.chunk_shift = lane.intent_shift, lane.chunk_shift
+    c.open, c.budget, c.wrote = lane.open, lane.budget, lane.wrote
+
+
+def fill_dev_lane(c, dev) -> None:
+    """Point ts_dev_lane `c` at `dev` (a kernels.DevLane); the same rules as fill_lane."""
+    c.dir, c.n_dir = _arr(dev.dirarr, _U64, "dirarr", True), len(dev.dirarr)
+    c.size, c.writable = dev.size, dev.writable
+
+
 class NativeKernels:
     """The kernels of thinstore.kernels, running in C (same names, same signatures)."""
 
@@ -232,6 +256,23 @@ class NativeKernels:
             raise ValueError(f"write_fast: buffer holds {len(data)} bytes, not {length}")
         rc = lib.ts_write_fast(*args, intent_shift, chunk_shift, data, offset, length)
         return -1 if rc == lib.TS_SLOW else _check(rc, "write_fast")
+
+    @staticmethod
+    def lane_write(lane, dev, buf, offset, length):
+        """The lane's C entry on a kernels.Lane (the pool keeps its own ts_lane:
+        fastlane.py); the scalars the C side changes are copied back."""
+        if offset < 0:
+            return -1
+        c, dc = ffi.new("ts_lane *"), ffi.new("ts_dev_lane *")
+        fill_lane(c, lane)
+        fill_dev_lane(dc, dev)
+        c.gate, c.closers = lane.gate, lane.closers
+        data = ffi.from_buffer("uint8_t[]", buf)
+        if len(data) < length:
+            raise ValueError(f"lane_write: buffer holds {len(data)} bytes, not {length}")
+        rc = lib.ts_lane_write(c, dc, data, offset, length)
+        lane.budget, lane.wrote = c.budget, c.wrote
+        return -1 if rc == lib.TS_SLOW else _check(rc, "lane_write")
 
     @staticmethod
     def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks):

@@ -42,7 +42,8 @@ from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoS
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
-from .native import BACKEND, K
+from .native import BACKEND, NATIVE, K
+from .fastlane import WriteLane
 from .paged import PagedArray
 from .storage import FileIO
 from .rwlock import RWLock
@@ -73,6 +74,9 @@ class Pool(DataPath, HiddenDevices):
         self._sums: DataSums | None = None
         self._stop = threading.Event()
         self._timer = None
+        # native backend: Device.pwrite's common case runs whole in C (fastlane.py)
+        self._lane = WriteLane(self) if NATIVE is not None and K is NATIVE else None
+        self.lock.hooks = self._lane
         if commit_interval and commit_interval > 0:
             self._timer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
                                            name="thinstore-commit", daemon=True)
@@ -469,6 +473,8 @@ class Pool(DataPath, HiddenDevices):
         with self.lock:
             if dm.opens > 0:
                 dm.opens -= 1
+            if not dm.opens and self._lane is not None:
+                self._lane.forget(dm)
 
     def _live(self, dm: DeviceMeta) -> None:
         self._check_open()

@@ -11,6 +11,11 @@ and must run alone.
   thread holding the exclusive side may take it (its reads are already alone).
 - Writer preference: once a writer waits, new readers wait behind it, so a stream
   of reads cannot starve writes and commits (a flush must not wait forever).
+- `hooks` (None, or an object with enter(exclusive) and leave(exclusive)) hears
+  the outermost take and release of each holder: enter(True) after the exclusive
+  side is taken, leave(True) just before it is let go; enter(False)/leave(False)
+  likewise for each thread's shared side. The pool's write lane (fastlane.py)
+  uses them to stand aside while anyone holds the lock.
 - A thread holding only the shared side must not ask for the exclusive side: two
   such threads would each wait for the other to leave. That raises RuntimeError
   at once instead of hanging.
@@ -38,6 +43,7 @@ class RWLock:
         self._depth = 0              # its re-entry count (shared takes included)
         self._local = threading.local()    # .n: this thread's shared depth
         self.shared = _Shared(self)
+        self.hooks = None
 
     # ---- exclusive side (the RLock interface)
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -61,14 +67,30 @@ class RWLock:
                     self._wake()        # readers held back for this writer may go
                     return False
             self._owner, self._depth = me, 1
+        if self.hooks is not None:
+            try:
+                self.hooks.enter(True)
+            except BaseException:
+                self._depth = 1
+                self.release()
+                raise
         return True
 
     def release(self) -> None:
         if self._owner != _ident():
             raise RuntimeError("cannot release the pool lock: this thread does not hold it")
-        self._depth -= 1
-        if self._depth:
+        if self._depth == 1 and self.hooks is not None:
+            try:
+                self.hooks.leave(True)
+            finally:
+                self._let_go()
             return
+        self._depth -= 1
+        if not self._depth:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        self._depth = 0
         with self._mutex:
             self._owner = None
             self._wake()
@@ -107,15 +129,30 @@ class RWLock:
                     self._readers_waiting -= 1
             self._readers += 1
         local.n = 1
+        if self.hooks is not None:
+            try:
+                self.hooks.enter(False)
+            except BaseException:
+                self.release_shared()
+                raise
 
     def release_shared(self) -> None:
         if self._owner == _ident():
             self._depth -= 1        # taken while exclusive: never 0 here
             return
         local = self._local
-        local.n -= 1
-        if local.n:
+        if local.n == 1 and self.hooks is not None:
+            try:
+                self.hooks.leave(False)
+            finally:
+                self._leave_shared(local)
             return
+        local.n -= 1
+        if not local.n:
+            self._leave_shared(local)
+
+    def _leave_shared(self, local) -> None:
+        local.n = 0
         with self._mutex:
             self._readers -= 1
             if not self._readers:
