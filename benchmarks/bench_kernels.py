@@ -121,7 +121,7 @@ def volume(request, tmp_path):
     pool.commit()
     saved = (thinstore.pool.K, thinstore.datapath.K, native.K)
     vol = Volume()
-    vol.pool, vol.dev, vol.where = pool, dev, where
+    vol.pool, vol.dev, vol.where, vol.path = pool, dev, where, str(tmp_path / "pool")
     yield vol
     thinstore.pool.K, thinstore.datapath.K, native.K = saved
     vol.dev.close()
@@ -141,12 +141,13 @@ def _random_writes(dev, chunks, data):
 @pytest.mark.parametrize("shared", [False, True], ids=["exclusive", "shared-cow"])
 @pytest.mark.parametrize("k", BACKENDS)
 def test_random_4k_writes(benchmark, k, shared, volume):
-    pool = volume.pool
-    _use(k)
+    _use(k)         # the pool picks its write path (the native lane or not) at open
+    volume.dev.close()
+    volume.pool.close()
+    pool = volume.pool = Pool.open(volume.path, commit_interval=0)
     if shared:  # every chunk now shared with the snapshot: each first write copies
-        volume.dev.close()
         pool.snapshot("v@s")
-        volume.dev = pool.open_device("v")
+    volume.dev = pool.open_device("v")
     dev = volume.dev
     order = np.random.default_rng(2).permutation(dev.size >> SHIFT)
     rounds = iter(order[i * WRITES_PER_ROUND:(i + 1) * WRITES_PER_ROUND] for i in range(ROUNDS))
