@@ -13,7 +13,9 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
-#include <sched.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -649,20 +651,37 @@ int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
                              chunk_shift, buf, offset, length, UINT64_MAX);
 }
 
-/* ---- the write lane ------------------------------------------------------ */
+/* ---- the lane ------------------------------------------------------------ */
+
+#define GATE_READERS (TS_GATE_WRITER - 1)
+
+static inline int closing(const int *counter)
+{
+    return __atomic_load_n(counter, __ATOMIC_SEQ_CST) != 0;
+}
+
+/* Leave the gate (give back `unit`); wake closers waiting for lane requests. */
+static void lane_leave(ts_lane *l, int64_t unit)
+{
+    __atomic_sub_fetch(&l->gate, unit, __ATOMIC_SEQ_CST);
+    if (closing(&l->closers)) {
+        __atomic_add_fetch(&l->wake, 1, __ATOMIC_SEQ_CST);
+        syscall(SYS_futex, &l->wake, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    }
+}
 
 int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
                       const uint8_t *buf, uint64_t offset, uint64_t length)
 {
     if (!dev->writable || length == 0 || offset > dev->size || length > dev->size - offset)
         return TS_SLOW;
-    int idle = 0;
-    if (__atomic_load_n(&l->closers, __ATOMIC_ACQUIRE) ||
-        !__atomic_compare_exchange_n(&l->gate, &idle, -1, 0, __ATOMIC_ACQUIRE,
+    int64_t empty = 0;
+    if (closing(&l->closers) ||
+        !__atomic_compare_exchange_n(&l->gate, &empty, TS_GATE_WRITER, 0, __ATOMIC_SEQ_CST,
                                      __ATOMIC_RELAXED))
         return TS_SLOW;
     int64_t rc = TS_SLOW;
-    if (l->open) {
+    if (l->open && l->writes) {
         rc = write_fast_capped(dev->dir, dev->n_dir, l->pages, l->n_pages, l->page_ref,
                                l->page_dirty, l->chunk_ref, l->chunk_state, l->n_chunks,
                                l->chunk_sums, l->n_sums, l->intent_bits, l->intent_hot,
@@ -674,30 +693,86 @@ int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
             if (rc > 0) l->budget -= rc;
         }
     }
-    __atomic_store_n(&l->gate, 0, __ATOMIC_RELEASE);
+    lane_leave(l, TS_GATE_WRITER);
     return rc;
 }
 
-void ts_gate_close(ts_lane *l)
+/* 1 when every chunk of [first, last] can be read by the lane (see the header). */
+static int lane_readable(const ts_lane *l, const ts_dev_lane *dev, uint64_t first,
+                         uint64_t last)
 {
-    __atomic_add_fetch(&l->closers, 1, __ATOMIC_ACQ_REL);
-    for (unsigned spins = 0;; spins++) {
-        int g = __atomic_load_n(&l->gate, __ATOMIC_ACQUIRE);
-        if (g >= 0 && __atomic_compare_exchange_n(&l->gate, &g, g + 1, 0, __ATOMIC_ACQ_REL,
-                                                  __ATOMIC_ACQUIRE))
-            break;
-        if (g >= 0 || spins < 64) continue;
-        if (spins < 4096) {
-            sched_yield();                      /* a lane write is doing its I/O */
-        } else {
-            struct timespec nap = {0, 50000};   /* a slow disk: stop burning a core */
-            nanosleep(&nap, NULL);
-        }
+    for (uint64_t v = first; v <= last; v++) {
+        uint64_t d = v / TS_FANOUT;
+        if (d >= dev->n_dir) return 0;
+        uint64_t pid = dev->dir[d];
+        if (pid == 0) continue;                       /* no page: a hole, zeros */
+        if (pid >= l->n_pages || !l->page_loaded[pid]) return 0;
+        uint64_t c = l->pages[pid * TS_FANOUT + v % TS_FANOUT];
+        if (c == 0 || l->n_sums == 0) continue;
+        if (c >= l->n_sums || c >= l->n_chunks) return 0;
+        if (l->chunk_sums[c] && !l->chunk_verified[c] && !(l->chunk_state[c] & TS_ST_WRITTEN))
+            return 0;
     }
-    __atomic_sub_fetch(&l->closers, 1, __ATOMIC_ACQ_REL);
+    return 1;
 }
 
-void ts_gate_open(ts_lane *l)
+int64_t ts_lane_read(ts_lane *l, const ts_dev_lane *dev,
+                     uint8_t *buf, uint64_t offset, uint64_t length)
 {
-    __atomic_sub_fetch(&l->gate, 1, __ATOMIC_RELEASE);
+    if (length == 0 || offset > dev->size || length > dev->size - offset || l->chunk_shift > 40)
+        return TS_SLOW;
+    uint64_t first = offset >> l->chunk_shift, last = (offset + length - 1) >> l->chunk_shift;
+    if (last - first >= TS_FAST_MAX_CHUNKS) return TS_SLOW;
+    int64_t g = __atomic_load_n(&l->gate, __ATOMIC_SEQ_CST);
+    do {
+        if ((g & (TS_GATE_WRITER | TS_GATE_EXCLUSIVE)) || closing(&l->excl_closers))
+            return TS_SLOW;
+    } while (!__atomic_compare_exchange_n(&l->gate, &g, g + TS_GATE_READER, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    int64_t rc = TS_SLOW;
+    if (l->open && lane_readable(l, dev, first, last))
+        rc = ts_read_range(dev->dir, dev->n_dir, l->pages, l->n_pages, l->chunk_shift, l->fd,
+                           buf, offset, length);
+    lane_leave(l, TS_GATE_READER);
+    return rc;
+}
+
+void ts_gate_announce(ts_lane *l, int exclusive)
+{
+    __atomic_add_fetch(&l->closers, 1, __ATOMIC_SEQ_CST);
+    if (exclusive) __atomic_add_fetch(&l->excl_closers, 1, __ATOMIC_SEQ_CST);
+}
+
+void ts_gate_withdraw(ts_lane *l, int exclusive)
+{
+    if (exclusive) __atomic_sub_fetch(&l->excl_closers, 1, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&l->closers, 1, __ATOMIC_SEQ_CST);
+}
+
+void ts_gate_close(ts_lane *l, int exclusive)
+{
+    /* a shared holder waits for a lane write; the exclusive one for lane reads too */
+    int64_t busy = exclusive ? (TS_GATE_WRITER | GATE_READERS) : TS_GATE_WRITER;
+    int64_t unit = exclusive ? TS_GATE_EXCLUSIVE : TS_GATE_SHARED;
+    for (unsigned spins = 0;; spins++) {
+        uint32_t w = __atomic_load_n(&l->wake, __ATOMIC_SEQ_CST);
+        int64_t g = __atomic_load_n(&l->gate, __ATOMIC_SEQ_CST);
+        if (!(g & busy)) {
+            if (__atomic_compare_exchange_n(&l->gate, &g, g + unit, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+                break;
+            continue;
+        }
+        if (spins < 100) continue;              /* a lane request takes microseconds */
+        /* ...unless its thread is off the CPU: sleep until a request leaves */
+        struct timespec limit = {0, 1000000};
+        syscall(SYS_futex, &l->wake, FUTEX_WAIT_PRIVATE, w, &limit, NULL, 0);
+    }
+    ts_gate_withdraw(l, exclusive);
+}
+
+void ts_gate_open(ts_lane *l, int exclusive)
+{
+    __atomic_sub_fetch(&l->gate, exclusive ? TS_GATE_EXCLUSIVE : TS_GATE_SHARED,
+                       __ATOMIC_SEQ_CST);
 }

@@ -38,7 +38,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 3
+#define TS_API_VERSION 4
 
 #define TS_FANOUT 508
 
@@ -208,41 +208,61 @@ int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
                     const uint32_t *chunk_ref, uint64_t n_chunks, int64_t *out);
 
 /*
- * The write lane: a device's common write in one call from Device.pwrite, with
- * no Python around it.  ts_write_fast still needs its caller to hold the pool
- * lock and to pass the pool's arrays; the lane holds those arrays itself and
- * takes a gate instead of the lock, so a write that finds the pool idle runs
- * whole in C.
+ * The lane: a device's common read or write in one call from Device.readinto or
+ * Device.pwrite, with no Python around it.  ts_write_fast still needs its caller
+ * to hold the pool lock and to pass the pool's arrays; the lane holds those
+ * arrays itself and takes a gate instead of the lock, so a request that finds
+ * the pool idle runs whole in C.
  *
  * ts_lane (one per open pool): the pool's arrays as ts_write_fast takes them,
- * set by Python (thinstore/fastlane.py) only while the gate is closed, plus:
- *   open    0 makes every lane write return TS_SLOW (pool closed, checksums
- *           tracking fresh chunks, fast writes switched off);
+ * plus page_loaded (a map page's row is in memory) and chunk_verified (a chunk
+ * whose checksum a read has checked since it was last written), set by Python
+ * (thinstore/fastlane.py) only while the gate is closed, and:
+ *   open    0 makes every lane request return TS_SLOW (pool closed);
+ *   writes  0 makes lane writes return TS_SLOW (fast writes switched off, or
+ *           checksums tracking chunks allocated in this transaction);
  *   budget  chunks lane writes may still allocate before Python must look
  *           (the low-water warning); a write needing more returns TS_SLOW;
  *   wrote   set to 1 by a lane write that got past its checks: the pool has
  *           an open transaction to commit (Python folds and clears it);
- *   gate    > 0: that many Python holders of the pool lock (readers or the one
- *           writer) -- lane writes stand aside; -1: a lane write runs; 0: idle;
- *   closers Python threads waiting to close the gate: lane writes stand aside,
- *           so a closer waits for at most the one lane write in flight.
+ *   gate    who is inside: TS_GATE_READER per lane read, TS_GATE_WRITER for the
+ *           one lane write, TS_GATE_SHARED per Python holder of the pool lock's
+ *           shared side, TS_GATE_EXCLUSIVE for the holder of its exclusive side.
+ *           Lane reads share with lane reads and Python readers (none of them
+ *           changes what another reads); a lane write and the exclusive side
+ *           are alone;
+ *   closers, excl_closers  Python threads waiting for the pool lock or to
+ *           close the gate (for the exclusive side, the second too): new lane
+ *           writes stand aside for any, new lane reads for the second, so a
+ *           closer waits only for the lane requests already inside;
+ *   wake    bumped by a lane request leaving while someone closes: closers
+ *           sleep on it (futex) instead of spinning while a request they wait
+ *           for is off the CPU.
  * ts_dev_lane (one per open device): its directory, size and writability, also
- * set by Python with the gate closed; writable = 0 for a snapshot or a device
- * destroyed since.
+ * set by Python with the gate closed; writable = 0 for a snapshot; size = 0 and
+ * writable = 0 for a device destroyed since.
  */
+#define TS_GATE_READER 1LL
+#define TS_GATE_WRITER 0x1000000LL          /* 1 << 24 */
+#define TS_GATE_SHARED 0x100000000LL        /* 1 << 32 */
+#define TS_GATE_EXCLUSIVE 0x1000000000000LL /* 1 << 48 */
+
 typedef struct ts_lane {
     uint64_t *pages; uint64_t n_pages;
-    const uint32_t *page_ref; uint8_t *page_dirty;
+    const uint32_t *page_ref; uint8_t *page_dirty; const uint8_t *page_loaded;
     uint32_t *chunk_ref; uint8_t *chunk_state; uint64_t n_chunks;
-    const uint32_t *chunk_sums; uint64_t n_sums;
+    const uint32_t *chunk_sums; uint64_t n_sums; const uint8_t *chunk_verified;
     const uint8_t *intent_bits; uint8_t *intent_hot; uint64_t n_bits;
     int64_t *cursor; int64_t *counters;
     int fd; unsigned intent_shift; unsigned chunk_shift;
     int open;
+    int writes;
     int64_t budget;
     int wrote;
-    int gate;
+    int64_t gate;
     int closers;
+    int excl_closers;
+    uint32_t wake;
 } ts_lane;
 
 typedef struct ts_dev_lane {
@@ -253,20 +273,41 @@ typedef struct ts_dev_lane {
 
 /*
  * Write buf[length] at offset of the device through the lane: when the lane is
- * open, the device writable, the range inside it and the gate idle, take the
- * gate and do ts_write_fast with the lane's arrays, taking TS_SLOW also when the
- * write would allocate more chunks than budget.  Returns what ts_write_fast returns, or TS_SLOW with nothing
- * changed; the caller then takes the pool lock and the general path.
+ * open for writes, the device writable, the range inside it and the gate empty,
+ * take the gate and do ts_write_fast with the lane's arrays, taking TS_SLOW also
+ * when the write would allocate more chunks than budget.  Returns what
+ * ts_write_fast returns, or TS_SLOW with nothing changed; the caller then takes
+ * the pool lock and the general path.
  */
 int64_t ts_lane_write(ts_lane *lane, const ts_dev_lane *dev,
                       const uint8_t *buf, uint64_t offset, uint64_t length);
 
-/* Close the gate for one holder of the pool lock: wait for a lane write in
- * flight to finish (lane writes are short: one request), then count in. */
-void ts_gate_close(ts_lane *lane);
+/*
+ * Read [offset, offset+length) of the device into buf[length] through the lane
+ * (ts_read_range), beside other readers, when the lane is open, the range
+ * inside the device and spanning at most TS_FAST_MAX_CHUNKS chunks, every map
+ * page it needs in memory, and no chunk in it waits for its checksum to be
+ * checked (n_sums > 0, chunk_sums[c] != 0, not chunk_verified[c], not WRITTEN):
+ * that is Python's to do.  Returns 0, -errno, TS_E_CORRUPT, or TS_SLOW with buf
+ * untouched.
+ */
+int64_t ts_lane_read(ts_lane *lane, const ts_dev_lane *dev,
+                     uint8_t *buf, uint64_t offset, uint64_t length);
 
-/* Count one holder out; the gate opens when the last one leaves. */
-void ts_gate_open(ts_lane *lane);
+/* A thread is about to take the pool lock's shared (exclusive = 0) or exclusive
+ * side: from now on new lane writes (and, for the exclusive side, new lane
+ * reads) stand aside, so that a thread waiting for the lock is not starved by
+ * lane requests that never wait.  Each announce ends in ts_gate_close, or in
+ * ts_gate_withdraw when the lock was not taken after all. */
+void ts_gate_announce(ts_lane *lane, int exclusive);
+void ts_gate_withdraw(ts_lane *lane, int exclusive);
+
+/* The lock is taken: wait for the lane requests inside that this side excludes
+ * to finish (each is one request), then count in; ends the announce. */
+void ts_gate_close(ts_lane *lane, int exclusive);
+
+/* Count that holder out again. */
+void ts_gate_open(ts_lane *lane, int exclusive);
 
 /* cdef-end */
 

@@ -271,3 +271,35 @@ def test_shared_is_reentrant_and_upgrading_fails_loudly():
                 lock.acquire()
     with lock:                                # and it was all given back
         pass
+
+
+class Recorder:
+    """RWLock hooks that log what they hear, per thread."""
+
+    def __init__(self):
+        self.log: list = []
+
+    def __getattr__(self, name):
+        if name not in ("announce", "withdraw", "enter", "leave"):
+            raise AttributeError(name)
+        return lambda exclusive: self.log.append((name, exclusive))
+
+
+def test_hooks_hear_each_outermost_take_and_release_once():
+    """The lane's view of the lock: announce, then enter or withdraw, then leave,
+    for the outermost take of each side only; a failed try withdraws."""
+    lock, rec = RWLock(), Recorder()
+    lock.hooks = rec
+    with lock:
+        with lock:
+            with lock.shared:
+                pass
+    assert rec.log == [("announce", True), ("enter", True), ("leave", True)]
+    rec.log.clear()
+    with lock.shared:
+        with lock.shared:
+            got = []
+            _in_thread(lambda: got.append(lock.acquire(blocking=False))).join(WAIT)
+            assert got == [False]
+    assert rec.log == [("announce", False), ("enter", False),
+                       ("announce", True), ("withdraw", True), ("leave", False)]

@@ -496,15 +496,38 @@ def _map_everything(pool, rng, spare: float = 0.0):
     pool.chunk_state[pool.chunk_ref == 0] = 0
 
 
+LANE_STATES = ["open"] * 5 + ["closed", "no-writes", "read-only", "short", "busy-writer",
+                             "busy-shared", "busy-exclusive", "busy-readers", "closing",
+                             "closing-exclusive"]
+
+
+def _lane(kern_twin, p, e, fio, counters, lane_state, budget, rng_seed):
+    """A kernels.Lane and DevLane over test arrays, in the state named."""
+    rng = np.random.default_rng(rng_seed)
+    loaded = rng.random(len(p.pages)) < 0.9
+    verified = (rng.random(p.n_chunks) < 0.7) if len(e.sums) else np.zeros(0, bool)
+    lane = kern_twin.Lane(p.pages, p.page_ref, p.page_dirty, loaded, p.chunk_ref,
+                          p.chunk_state, e.sums, verified, e.bits, e.hot, e.ishift, e.cursor,
+                          counters, fio, p.shift)
+    lane.open, lane.writes, lane.budget = int(lane_state != "closed"), \
+        int(lane_state != "no-writes"), budget
+    lane.gate = {"busy-writer": TWIN.GATE_WRITER, "busy-shared": 2 * TWIN.GATE_SHARED,
+                 "busy-exclusive": TWIN.GATE_EXCLUSIVE,
+                 "busy-readers": 3 * TWIN.GATE_READER}.get(lane_state, 0)
+    lane.closers = int(lane_state.startswith("closing"))
+    lane.excl_closers = int(lane_state == "closing-exclusive")
+    size = p.size - (1 << p.shift) * (lane_state == "short")
+    return lane, kern_twin.DevLane(p.dirarr, size, lane_state != "read-only")
+
+
 @needs_native
 @SETTINGS
 @given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(),
-       st.sampled_from(["open"] * 5 + ["closed", "read-only", "short", "busy", "closing"]),
-       st.one_of(st.just(1 << 20), st.integers(-1, 3)))
+       st.sampled_from(LANE_STATES), st.one_of(st.just(1 << 20), st.integers(-1, 3)))
 def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
-    """The write lane: write_fast's result when the lane is open and idle, the device
-    writable and the range inside it and the allocation within budget; SLOW with
-    nothing changed otherwise. Same budget and `wrote` left behind."""
+    """The lane's write: write_fast's result when the lane is open for writes and
+    empty, the device writable and the range inside it and the allocation within
+    budget; SLOW with nothing changed otherwise. Same budget and `wrote` left behind."""
     pool, off, length = args
     rng = np.random.default_rng(seed)
     if rng.random() < 0.8:
@@ -517,12 +540,7 @@ def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
     results = []
     for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
         counters = np.zeros(4, np.int64)
-        lane = TWIN.Lane(p.pages, p.page_ref, p.page_dirty, p.chunk_ref, p.chunk_state, e.sums,
-                         e.bits, e.hot, e.ishift, e.cursor, counters, fio, p.shift)
-        lane.open, lane.budget = int(lane_state != "closed"), budget
-        lane.gate, lane.closers = int(lane_state == "busy"), int(lane_state == "closing")
-        size = p.size - (1 << p.shift) * (lane_state == "short")
-        dev = TWIN.DevLane(p.dirarr, size, lane_state != "read-only")
+        lane, dev = _lane(TWIN, p, e, fio, counters, lane_state, budget, seed)
         rc = kern.lane_write(lane, dev, buf, off, length)
         results.append((rc, p, e, counters.tolist(), lane.budget, lane.wrote, _read_all(fio)))
     (ra, a, ea, ca, ba, wa, da), (rb, b, eb, cb, bb, wb, db) = results
@@ -536,6 +554,37 @@ def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
     else:
         assert lane_state in ("open", "short") and 0 <= ra <= budget and ba == budget - ra
         assert off + length <= pool.size - (1 << pool.shift) * (lane_state == "short")
+
+
+@needs_native
+@SETTINGS
+@given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(),
+       st.sampled_from(LANE_STATES))
+def test_lane_read_agrees(tmp_path, args, seed, checksums, lane_state):
+    """The lane's read: read_range's bytes when the lane is open with no writer or
+    lock holder inside, the pages loaded and no chunk awaiting its checksum check;
+    SLOW with the buffer untouched otherwise. Other lane readers do not matter."""
+    pool, off, length = args
+    rng = np.random.default_rng(seed)
+    ex = FastExtras(pool, rng, checksums)
+    f = DataFile(tmp_path / "data", pool, seed)
+    results = []
+    for kern in (TWIN, NAT):
+        lane, dev = _lane(TWIN, pool, ex, f.fio, np.zeros(4, np.int64), lane_state, 0, seed)
+        buf = bytearray(b"\xa5" * length)
+        rc = kern.lane_read(lane, dev, buf, off, length)
+        results.append((rc, bytes(buf)))
+    (ra, da), (rb, db) = results
+    event("slow" if ra == TWIN.SLOW else "fast")
+    assert ra == rb and da == db
+    if ra == TWIN.SLOW:
+        assert da == b"\xa5" * length
+    else:
+        assert lane_state in ("open", "short", "no-writes", "read-only", "busy-readers",
+                              "busy-shared", "closing")
+        want = bytearray(length)
+        TWIN.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, want, off, length)
+        assert da == want
 
 
 @pytest.mark.parametrize("k", BACKENDS)

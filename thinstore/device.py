@@ -32,8 +32,10 @@ class Device:
         self._meta = meta
         self._closed = False
         self.chunk_size = pool.chunk_size
-        # the native write lane (fastlane.py), or None: every write takes the pool lock
-        self._fast = pool._lane.writer(meta) if pool._lane is not None else None
+        # the native lane (fastlane.py), or None: every request takes the pool lock
+        lane = pool._lane
+        self._fast = lane.writer(meta) if lane is not None else None
+        self._fast_read = lane.reader(meta) if lane is not None else None
 
     name = property(lambda self: self._meta.name)
     size = property(lambda self: self._meta.size)
@@ -43,11 +45,13 @@ class Device:
 
     def pread(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
-        self._pool._read(self._meta, buf, offset)
+        self.readinto(buf, offset)
         return bytes(buf)
 
     def readinto(self, buf, offset: int) -> None:
-        self._pool._read(self._meta, buf, offset)
+        fast = self._fast_read
+        if fast is None or not fast(buf, offset):
+            self._pool._read(self._meta, buf, offset)
 
     def pwrite(self, data, offset: int, fua: bool = False) -> None:
         fast = self._fast
@@ -70,7 +74,7 @@ class Device:
         """Release the handle (idempotent: a second close does nothing)."""
         if self._meta is not None and not self._closed:
             self._closed = True
-            self._fast = None
+            self._fast = self._fast_read = None
             self._pool._release(self._meta)
 
     def __enter__(self):

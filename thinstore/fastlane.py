@@ -1,31 +1,38 @@
-"""The write lane: Device.pwrite's common case in one native call.
+"""The lane: Device.pwrite's and Device.readinto's common case in one native call.
 
 With the native backend, a write that finds every chunk it touches mapped under
-exclusive pages (the steady state of a volume in use) needs none of the Python
-around ts_write_fast: the pool lock, bounds checks, argument marshalling. The lane
-(``ts_lane_write`` in _native/thinstore_native.h) does that write whole in C, and
-stands aside (TS_SLOW, nothing changed) whenever anything else is going on; the
-caller then takes the pool lock and the general path, which does the same write.
+exclusive pages (the steady state of a volume in use), or a read whose map pages
+are in memory and whose chunks' checksums have been checked, needs none of the
+Python around the kernels: the pool lock, bounds checks, argument marshalling.
+The lane (``ts_lane_write``, ``ts_lane_read`` in _native/thinstore_native.h) does
+such a request whole in C, and stands aside (TS_SLOW, nothing changed) whenever
+anything else is going on; the caller then takes the pool lock and the general
+path, which does the same request.
 
 How it stays safe without the lock:
 
-- The pool lock's holders close the lane's *gate* (RWLock hooks): while anyone
-  holds the lock, shared or exclusive, lane writes stand aside, and a holder
-  entering waits for the one lane write in flight. So a lane write runs only
-  when the pool lock is free, exactly as if it had taken it.
+- A *gate* counts who is inside: lane reads (any number), one lane write, and the
+  pool lock's holders, whose RWLock hooks enter and leave it. A lane write needs
+  the gate empty. A lane read shares it with other reads, lane or Python (none of
+  them changes what another reads), but not with a lane write or the lock's
+  exclusive side. A thread that starts waiting for the lock announces itself
+  first, so new lane requests stand aside and the waiter is not starved; once it
+  has the lock it waits for the lane requests already inside (each one request).
+  So each lane request runs exactly as if it held the lock's matching side.
 - The lane's pointers (the pool's arrays, each open device's directory, size and
-  writability) are set only while the gate is closed: on the way out of every
-  exclusive section, which is where arrays are replaced, devices destroyed or
-  resized and the pool closed. The lane also closes itself (``open = 0``) when
-  the Python path must see every write: fast writes switched off, or checksums
-  tracking chunks allocated in this transaction (DataSums.fresh).
-- What the lane does that the pool must know is folded back on the way in to
+  writability) are set only on the way out of an exclusive section, which is
+  where arrays are replaced, devices destroyed or resized and the pool closed.
+  Writes through the lane are off (``writes = 0``) while the Python path must see
+  every write: fast writes switched off, or checksums tracking chunks allocated
+  in this transaction (DataSums.fresh); the whole lane is off once the pool is
+  closed.
+- What lane writes did that the pool must know is folded back on the way in to
   every exclusive section: that a transaction is open (``wrote``), and how many
-  chunks it allocated (``budget``), which feeds the low-water warning.
+  chunks they allocated (``budget``), which feeds the low-water warning.
 
-The pure-Python backend has no lane: its write path is the one under the pool
-lock, so the twin of a lane write is ``kernels.lane_write``, which the agreement
-tests hold to the native one.
+The pure-Python backend has no lane: its requests take the pool lock, so the twins
+of the lane's entries, ``kernels.lane_write`` and ``kernels.lane_read``, serve as
+the oracle the agreement tests hold the native ones to.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ _NONE = np.zeros(0, np.uint32)          # checksums off: no sums, no intent bitm
 _NONE_BOOL = np.zeros(0, bool)
 
 
-class WriteLane:
+class Lane:
     """One per open pool (native backend): the C lane and the RWLock hooks that keep it."""
 
     def __init__(self, pool):
@@ -51,8 +58,14 @@ class WriteLane:
         self._devs: dict[int, tuple] = {}   # id(dm) -> (dm, ts_dev_lane, directory array)
 
     # ---- RWLock hooks (see rwlock.py): called by the outermost holder only
+    def announce(self, exclusive: bool) -> None:
+        native.lib.ts_gate_announce(self.c, exclusive)
+
+    def withdraw(self, exclusive: bool) -> None:
+        native.lib.ts_gate_withdraw(self.c, exclusive)
+
     def enter(self, exclusive: bool) -> None:
-        native.lib.ts_gate_close(self.c)
+        native.lib.ts_gate_close(self.c, exclusive)
         if exclusive:
             self._fold()
 
@@ -64,17 +77,20 @@ class WriteLane:
             self.c.open = 0
             raise
         finally:
-            native.lib.ts_gate_open(self.c)
+            native.lib.ts_gate_open(self.c, exclusive)
 
     # ---- devices
+    def _dev(self, dm):
+        key = id(dm)
+        if key not in self._devs:
+            self._devs[key] = (dm, native.ffi.new("ts_dev_lane *"), None)
+        return self._devs[key][1]
+
     def writer(self, dm):
         """A function (data, offset) -> bool for a handle on dm: True when the lane
         wrote it, False when the caller must take the general path. Called under the
         pool lock; the lane learns the device when that section ends."""
-        key = id(dm)
-        if key not in self._devs:
-            self._devs[key] = (dm, native.ffi.new("ts_dev_lane *"), None)
-        dl = self._devs[key][1]
+        dl = self._dev(dm)
         lane, write, from_buffer, check = self.c, native.lib.ts_lane_write, native.ffi.from_buffer, native._check
 
         def lane_write(data, offset: int) -> bool:
@@ -90,11 +106,30 @@ class WriteLane:
             check(rc, "write")
         return lane_write
 
+    def reader(self, dm):
+        """A function (buf, offset) -> bool for a handle on dm: True when the lane
+        filled the writable buffer, False (buf untouched) for the general path."""
+        dl = self._dev(dm)
+        lane, read, from_buffer, check = self.c, native.lib.ts_lane_read, native.ffi.from_buffer, native._check
+
+        def lane_read(buf, offset: int) -> bool:
+            try:
+                out = from_buffer("uint8_t[]", buf, require_writable=True)
+                rc = read(lane, dl, out, offset, len(out))
+            except (TypeError, ValueError, OverflowError):
+                return False
+            if rc >= 0:
+                return True
+            if rc == _SLOW:
+                return False
+            check(rc, "read")
+        return lane_read
+
     def forget(self, dm) -> None:
         """The last handle on dm closed (under the pool lock)."""
         entry = self._devs.pop(id(dm), None)
         if entry is not None:
-            entry[1].writable = 0
+            entry[1].writable = entry[1].size = 0
 
     # ---- keeping the lane in step (gate closed)
     def _fold(self) -> None:
@@ -111,19 +146,18 @@ class WriteLane:
         c, pool = self.c, self._pool
         md = pool.md
         sums = pool._sums
-        if (pool._closed or not pool.FAST_WRITES or (sums is not None and sums.fresh)
-                or native._fd(md.data_fio) is None):
+        if pool._closed or native._fd(md.data_fio) is None:
             c.open = 0
             return
         maps, space = md.maps, md.space
-        tail = (_NONE, _NONE_BOOL, _NONE_BOOL) if sums is None else \
-            (space.sums.arr, sums.intent.bits, sums.intent.hot)
-        arrays = (maps.pages, maps.ref, maps.dirty, space.refs.arr, space.state,
+        tail = (_NONE, _NONE_BOOL, _NONE_BOOL, _NONE_BOOL) if sums is None else \
+            (space.sums.arr, sums.verified, sums.intent.bits, sums.intent.hot)
+        arrays = (maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
                   space.cursor_arr, pool._kc, md.data_fio, *tail)
         if any(a is not b for a, b in zip(arrays, self._arrays)) or not self._arrays:
             self._record = kernels.Lane(
-                maps.pages, maps.ref, maps.dirty, space.refs.arr, space.state, tail[0],
-                tail[1], tail[2], sums.intent.shift if sums is not None else 0,
+                maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
+                tail[0], tail[1], tail[2], tail[3], sums.intent.shift if sums is not None else 0,
                 space.cursor_arr, pool._kc, md.data_fio, md.chunk_shift)
             try:
                 native.fill_lane(c, self._record)   # checks types and shapes
@@ -131,10 +165,11 @@ class WriteLane:
                 c.open, self._arrays = 0, ()
                 return
             self._arrays = arrays
+        c.writes = int(pool.FAST_WRITES and not (sums is not None and sums.fresh))
         c.budget = self._given = max(0, space.capacity // 200 - pool._since_low_water_check)
         for key, (dm, dl, arr) in list(self._devs.items()):
             if md.devices.get(dm.dev_id) is not dm:
-                dl.writable = 0
+                dl.writable = dl.size = 0
                 continue
             d = dm.directory.arr
             if d is not arr:

@@ -328,18 +328,26 @@ def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
 
 # ---- the write lane (fastlane.py; ts_lane and ts_dev_lane in the header) -----
 
-class Lane:
-    """A pool's half of the write lane: the arrays write_fast takes and the lane's
-    scalars, named as in ts_lane (``fio`` stands where C has ``fd``). ``gate`` and
-    ``closers`` are the C side's synchronisation; the twin only reads them."""
+GATE_READER, GATE_WRITER, GATE_SHARED, GATE_EXCLUSIVE = 1, 1 << 24, 1 << 32, 1 << 48
 
-    def __init__(self, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
-                 intent_bits, intent_hot, intent_shift, cursor, counters, fio, chunk_shift):
+
+class Lane:
+    """A pool's half of the lane: the arrays write_fast takes, page_loaded and
+    chunk_verified (bool arrays; chunk_verified empty when checksums are off), and
+    the lane's scalars, named as in ts_lane (``fio`` stands where C has ``fd``).
+    ``gate``, ``closers`` and ``excl_closers`` are the C side's synchronisation;
+    the twin only reads them."""
+
+    def __init__(self, pages, page_ref, page_dirty, page_loaded, chunk_ref, chunk_state,
+                 chunk_sums, chunk_verified, intent_bits, intent_hot, intent_shift, cursor,
+                 counters, fio, chunk_shift):
         self.pages, self.page_ref, self.page_dirty = pages, page_ref, page_dirty
+        self.page_loaded, self.chunk_verified = page_loaded, chunk_verified
         self.chunk_ref, self.chunk_state, self.chunk_sums = chunk_ref, chunk_state, chunk_sums
         self.intent_bits, self.intent_hot, self.intent_shift = intent_bits, intent_hot, intent_shift
         self.cursor, self.counters, self.fio, self.chunk_shift = cursor, counters, fio, chunk_shift
-        self.open = self.budget = self.wrote = self.gate = self.closers = 0
+        self.open = self.writes = self.budget = self.wrote = self.gate = 0
+        self.closers = self.excl_closers = 0
 
 
 class DevLane:
@@ -350,12 +358,12 @@ class DevLane:
 
 
 def lane_write(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
-    """write_fast through a lane: SLOW (nothing changed) unless the lane is open and
-    idle, the device writable, the range inside it and the chunks to allocate within
-    lane.budget; otherwise write_fast's result, with lane.wrote set and the chunks
-    allocated taken off lane.budget."""
+    """write_fast through a lane: SLOW (nothing changed) unless the lane is open for
+    writes and empty, the device writable, the range inside it and the chunks to
+    allocate within lane.budget; otherwise write_fast's result, with lane.wrote set
+    and the chunks allocated taken off lane.budget."""
     if (not dev.writable or length <= 0 or offset < 0 or offset + length > dev.size
-            or lane.closers or lane.gate or not lane.open):
+            or lane.closers or lane.gate or not (lane.open and lane.writes)):
         return SLOW
     rc = _write_fast(dev.dirarr, lane.pages, lane.page_ref, lane.page_dirty, lane.chunk_ref,
                      lane.chunk_state, lane.chunk_sums, lane.intent_bits, lane.intent_hot,
@@ -365,3 +373,41 @@ def lane_write(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
         lane.wrote = 1
         lane.budget -= rc
     return rc
+
+
+def lane_read(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
+    """read_range through a lane: 0 when read; SLOW (buf untouched) unless the lane
+    is open with no lane writer or exclusive lock holder inside or closing, the range inside the device and
+    spanning at most FAST_MAX_CHUNKS chunks, its map pages in memory, and no chunk
+    in it waiting for its checksum to be checked."""
+    if length <= 0 or offset < 0 or offset + length > dev.size:
+        return SLOW
+    first, last = _chunk_span(lane.chunk_shift, offset, length)
+    if (last - first >= FAST_MAX_CHUNKS or lane.excl_closers
+            or lane.gate & (GATE_WRITER | GATE_EXCLUSIVE)
+            or not lane.open or not _lane_readable(lane, dev, first, last)):
+        return SLOW
+    read_range(dev.dirarr, lane.pages, lane.chunk_shift, lane.fio, buf, offset, length)
+    return 0
+
+
+def _lane_readable(lane: Lane, dev: DevLane, first: int, last: int) -> bool:
+    n_sums = len(lane.chunk_sums)
+    for v in range(first, last + 1):
+        d = v // FANOUT
+        if d >= len(dev.dirarr):
+            return False
+        pid = int(dev.dirarr[d])
+        if pid == 0:
+            continue
+        if pid >= len(lane.pages) or not lane.page_loaded[pid]:
+            return False
+        c = int(lane.pages[pid, v % FANOUT])
+        if c == 0 or n_sums == 0:
+            continue
+        if c >= n_sums or c >= len(lane.chunk_ref):
+            return False
+        if lane.chunk_sums[c] and not lane.chunk_verified[c] \
+                and not lane.chunk_state[c] & ST_WRITTEN:
+            return False
+    return True

@@ -29,7 +29,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 3  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 4  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -180,14 +180,29 @@ def fill_lane(c, lane) -> None:
                                     lane.chunk_ref, lane.chunk_state, lane.chunk_sums,
                                     lane.intent_bits, lane.intent_hot, lane.cursor,
                                     lane.counters, lane.fio)
+    loaded, verified = lane.page_loaded, lane.chunk_verified
+    if len(loaded) != c.n_pages or len(verified) != (c.n_chunks if c.n_sums else 0):
+        raise ValueError("page_loaded must match pages; chunk_verified must match chunk_sums")
+    c.page_loaded = _arr(loaded.view(np.uint8), _U8, "page_loaded")
+    c.chunk_verified = _arr(verified.view(np.uint8), _U8, "chunk_verified") if len(verified) \
+        else ffi.NULL
     c.intent_shift, c.chunk_shift = lane.intent_shift, lane.chunk_shift
-    c.open, c.budget, c.wrote = lane.open, lane.budget, lane.wrote
+    c.open, c.writes, c.budget, c.wrote = lane.open, lane.writes, lane.budget, lane.wrote
 
 
 def fill_dev_lane(c, dev) -> None:
     """Point ts_dev_lane `c` at `dev` (a kernels.DevLane); the same rules as fill_lane."""
     c.dir, c.n_dir = _arr(dev.dirarr, _U64, "dirarr", True), len(dev.dirarr)
     c.size, c.writable = dev.size, dev.writable
+
+
+def _lane_structs(lane, dev):
+    """(ts_lane, ts_dev_lane) for a kernels.Lane and DevLane, gate state included."""
+    c, dc = ffi.new("ts_lane *"), ffi.new("ts_dev_lane *")
+    fill_lane(c, lane)
+    fill_dev_lane(dc, dev)
+    c.gate, c.closers, c.excl_closers = lane.gate, lane.closers, lane.excl_closers
+    return c, dc
 
 
 class NativeKernels:
@@ -259,20 +274,28 @@ class NativeKernels:
 
     @staticmethod
     def lane_write(lane, dev, buf, offset, length):
-        """The lane's C entry on a kernels.Lane (the pool keeps its own ts_lane:
+        """The lane's C entries on a kernels.Lane (the pool keeps its own ts_lane:
         fastlane.py); the scalars the C side changes are copied back."""
         if offset < 0:
             return -1
-        c, dc = ffi.new("ts_lane *"), ffi.new("ts_dev_lane *")
-        fill_lane(c, lane)
-        fill_dev_lane(dc, dev)
-        c.gate, c.closers = lane.gate, lane.closers
+        c, dc = _lane_structs(lane, dev)
         data = ffi.from_buffer("uint8_t[]", buf)
         if len(data) < length:
             raise ValueError(f"lane_write: buffer holds {len(data)} bytes, not {length}")
         rc = lib.ts_lane_write(c, dc, data, offset, length)
         lane.budget, lane.wrote = c.budget, c.wrote
         return -1 if rc == lib.TS_SLOW else _check(rc, "lane_write")
+
+    @staticmethod
+    def lane_read(lane, dev, buf, offset, length):
+        if offset < 0:
+            return -1
+        c, dc = _lane_structs(lane, dev)
+        out = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        if len(out) != length:
+            raise ValueError(f"lane_read: buffer holds {len(out)} bytes, not {length}")
+        rc = lib.ts_lane_read(c, dc, out, offset, length)
+        return -1 if rc == lib.TS_SLOW else _check(rc, "lane_read")
 
     @staticmethod
     def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks):

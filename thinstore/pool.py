@@ -43,7 +43,7 @@ from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoS
 from .format import new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
-from .fastlane import WriteLane
+from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO
 from .rwlock import RWLock
@@ -74,8 +74,8 @@ class Pool(DataPath, HiddenDevices):
         self._sums: DataSums | None = None
         self._stop = threading.Event()
         self._timer = None
-        # native backend: Device.pwrite's common case runs whole in C (fastlane.py)
-        self._lane = WriteLane(self) if NATIVE is not None and K is NATIVE else None
+        # native backend: a device's common read and write run whole in C (fastlane.py)
+        self._lane = Lane(self) if NATIVE is not None and K is NATIVE else None
         self.lock.hooks = self._lane
         if commit_interval and commit_interval > 0:
             self._timer = threading.Thread(target=self._commit_loop, args=(commit_interval,),

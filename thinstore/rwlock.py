@@ -11,11 +11,12 @@ and must run alone.
   thread holding the exclusive side may take it (its reads are already alone).
 - Writer preference: once a writer waits, new readers wait behind it, so a stream
   of reads cannot starve writes and commits (a flush must not wait forever).
-- `hooks` (None, or an object with enter(exclusive) and leave(exclusive)) hears
-  the outermost take and release of each holder: enter(True) after the exclusive
-  side is taken, leave(True) just before it is let go; enter(False)/leave(False)
-  likewise for each thread's shared side. The pool's write lane (fastlane.py)
-  uses them to stand aside while anyone holds the lock.
+- `hooks` (None, or an object with announce, withdraw, enter and leave, each
+  taking `exclusive`) hears the outermost take and release of each holder:
+  announce before a thread starts to wait for a side, then enter once it has it
+  (or withdraw if it gave up), leave just before it lets go. The pool's lane
+  (fastlane.py) uses them to stand aside while anyone holds or waits for the
+  lock.
 - A thread holding only the shared side must not ask for the exclusive side: two
   such threads would each wait for the other to leave. That raises RuntimeError
   at once instead of hanging.
@@ -54,6 +55,29 @@ class RWLock:
         if getattr(self._local, "n", 0):
             raise RuntimeError("a thread holding the pool's shared lock asked for the "
                                "exclusive lock: that would deadlock")
+        hooks = self.hooks
+        if hooks is not None:
+            hooks.announce(True)
+        try:
+            got = self._take(me, blocking, timeout)
+        except BaseException:
+            got = False
+            raise
+        finally:
+            if not got and hooks is not None:
+                hooks.withdraw(True)
+        if not got:
+            return False
+        if hooks is not None:
+            try:
+                hooks.enter(True)       # ends the announce
+            except BaseException:
+                self._depth = 1
+                self.release()
+                raise
+        return True
+
+    def _take(self, me, blocking: bool, timeout: float) -> bool:
         with self._mutex:
             if self._owner is not None or self._readers:
                 if not blocking:
@@ -67,13 +91,6 @@ class RWLock:
                     self._wake()        # readers held back for this writer may go
                     return False
             self._owner, self._depth = me, 1
-        if self.hooks is not None:
-            try:
-                self.hooks.enter(True)
-            except BaseException:
-                self._depth = 1
-                self.release()
-                raise
         return True
 
     def release(self) -> None:
@@ -120,18 +137,26 @@ class RWLock:
         if n:
             local.n = n + 1
             return
-        with self._mutex:
-            while self._owner is not None or self._writers_waiting:
-                self._readers_waiting += 1
-                try:
-                    self._can_read.wait()
-                finally:
-                    self._readers_waiting -= 1
-            self._readers += 1
+        hooks = self.hooks
+        if hooks is not None:
+            hooks.announce(False)
+        try:
+            with self._mutex:
+                while self._owner is not None or self._writers_waiting:
+                    self._readers_waiting += 1
+                    try:
+                        self._can_read.wait()
+                    finally:
+                        self._readers_waiting -= 1
+                self._readers += 1
+        except BaseException:
+            if hooks is not None:
+                hooks.withdraw(False)
+            raise
         local.n = 1
-        if self.hooks is not None:
+        if hooks is not None:
             try:
-                self.hooks.enter(False)
+                hooks.enter(False)      # ends the announce
             except BaseException:
                 self.release_shared()
                 raise
