@@ -12,6 +12,7 @@ ratios the native hot path is held to:
   both backends stand on, which is what bounds the ratio where it falls short)
 - COW copy of 64 KiB chunks on a page-cached file, as a fraction of a numpy copy
   of the same bytes in memory:                           target >= 0.5
+- and, beside them, 4 KiB random reads via Device.readinto (no target set)
 """
 
 from __future__ import annotations
@@ -159,6 +160,30 @@ def test_random_4k_writes(benchmark, k, shared, volume):
     assert (pool.counters["chunks_copied"] >= WRITES_PER_ROUND * ROUNDS) == shared
     kind = "shared (COW)" if shared else "exclusive"
     RESULTS[(f"4 KiB writes, {kind}, {volume.where}", _name(k))] = \
+        benchmark.stats.stats.min / WRITES_PER_ROUND
+
+
+@pytest.mark.parametrize("k", BACKENDS)
+def test_random_4k_reads(benchmark, k, volume):
+    """4 KiB reads at random spots through Device.readinto, checksums verified
+    (each chunk once, on a first warm-up pass, as in steady use)."""
+    _use(k)
+    volume.dev.close()
+    volume.pool.close()
+    pool = volume.pool = Pool.open(volume.path, commit_interval=0)
+    dev = volume.dev = pool.open_device("v")
+    n = dev.size >> SHIFT
+    buf = bytearray(4096)
+    for c in range(n):                         # load the map, verify every chunk once
+        dev.readinto(buf, c << SHIFT)
+    offs = [(int(c) << SHIFT) + (int(x) << 12) for c, x in
+            zip(np.random.default_rng(5).integers(0, n, WRITES_PER_ROUND),
+                np.random.default_rng(6).integers(0, 16, WRITES_PER_ROUND))]
+    def run():
+        for off in offs:
+            dev.readinto(buf, off)
+    benchmark.pedantic(run, rounds=ROUNDS * 2, iterations=1)
+    RESULTS[(f"4 KiB reads, {volume.where}", _name(k))] = \
         benchmark.stats.stats.min / WRITES_PER_ROUND
 
 
