@@ -595,6 +595,28 @@ static int fast_allocate(const uint32_t *ref, const uint8_t *state, uint64_t n_c
     return 1;
 }
 
+int ts_prealloc(int fd, unsigned chunk_shift, uint64_t n_chunks, int64_t *cursor,
+                const int64_t *ids, uint64_t k)
+{
+    int calls = 0;
+    if (chunk_shift > 40) return 0;
+    uint64_t span = (uint64_t)TS_PREALLOC_BYTES >> chunk_shift;
+    if (span == 0) span = 1;
+    for (uint64_t i = 0; i < k; i++) {
+        if (ids[i] <= 0 || (uint64_t)ids[i] >= n_chunks) continue;
+        uint64_t c = (uint64_t)ids[i];
+        if (cursor[1] >= 0 && c >= (uint64_t)cursor[1] && c < (uint64_t)cursor[2]) continue;
+        uint64_t hi = c + span < n_chunks ? c + span : n_chunks;
+        calls++;
+        if (fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)(c << chunk_shift),
+                      (off_t)((hi - c) << chunk_shift)) != 0)
+            hi = c + 1;
+        cursor[1] = (int64_t)c;
+        cursor[2] = (int64_t)hi;
+    }
+    return calls;
+}
+
 /* ts_write_fast, taking TS_SLOW also when the write needs more than max_need chunks. */
 static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
                                  uint64_t *pages, uint64_t n_pages,
@@ -628,6 +650,7 @@ static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
     if (need > max_need) return TS_SLOW;
     int64_t fresh[TS_FAST_MAX_CHUNKS];
     if (!fast_allocate(chunk_ref, chunk_state, n_chunks, cursor, need, fresh)) return TS_SLOW;
+    ts_prealloc(fd, chunk_shift, n_chunks, cursor, fresh, need);
     for (uint64_t i = 0; i < n_hot; i++) intent_hot[hot[i]] = 1;
     int rc = ts_write_range(dir, n_dir, pages, n_pages, page_dirty, chunk_ref, chunk_state,
                             n_chunks, fresh, need, chunk_shift, fd, buf, offset, length,

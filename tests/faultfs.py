@@ -100,6 +100,9 @@ class FaultFile:
     def share_blocks(self, src: int, dst: int, length: int) -> bool:
         return False        # a disk without reflinks: copies move bytes
 
+    def preallocate(self, offset: int, length: int) -> bool:
+        return True         # changes no byte: nothing to simulate
+
     def fsync(self) -> None:
         self.disk.tick()
         for off, data in self.pending:

@@ -144,6 +144,8 @@ class DataPath:
             raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
                            f"chunk(s), {space.free()} free; destroy a device or discard data")
         self._note_allocated(n)
+        K.prealloc(self.md.data_fio, self.md.chunk_shift, len(space.refs.arr), space.cursor_arr,
+                   fresh)
         return fresh
 
     def _note_allocated(self, n: int) -> None:

@@ -259,8 +259,9 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
     Returns the number of chunks allocated, or SLOW (nothing changed) when a chunk in
     range is a hole, a page is missing or shared, the request spans more than
     FAST_MAX_CHUNKS chunks, buf is all zeros, free chunks run short within the scan,
-    or a chunk needing write intent lies in an unmarked region. `cursor` is int64[1],
-    SpaceMap's allocation cursor; `chunk_sums` is empty when checksums are off.
+    or a chunk needing write intent lies in an unmarked region. `cursor` is int64[3],
+    SpaceMap's allocation cursor and preallocated range (prealloc); `chunk_sums` is
+    empty when checksums are off.
     """
     return _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
                        intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
@@ -292,10 +293,32 @@ def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chu
     fresh = _fast_allocate(chunk_ref, chunk_state, cursor, need)
     if fresh is None:
         return SLOW
+    prealloc(fio, chunk_shift, len(chunk_ref), cursor, fresh)
     intent_hot[hot] = True
     write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, fresh, chunk_shift, fio,
                 buf, offset, length, counters)
     return need
+
+
+PREALLOC_BYTES = 4 << 20
+
+
+def prealloc(fio, chunk_shift, n_chunks, cursor, ids) -> int:
+    """Keep the data file allocated ahead of the allocator (ts_prealloc): each id
+    outside cursor[1]:cursor[2] gets the next PREALLOC_BYTES preallocated from it,
+    which becomes the range (only its own chunk when the file system refuses).
+    Returns the number of fallocate calls."""
+    calls = 0
+    span = max(1, PREALLOC_BYTES >> chunk_shift)
+    for c in np.asarray(ids, dtype=np.int64).tolist():
+        if not 0 < c < n_chunks or (cursor[1] >= 0 and cursor[1] <= c < cursor[2]):
+            continue
+        hi = min(c + span, n_chunks)
+        calls += 1
+        if not fio.preallocate(c << chunk_shift, (hi - c) << chunk_shift):
+            hi = c + 1
+        cursor[1], cursor[2] = c, hi
+    return calls
 
 
 def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):

@@ -29,7 +29,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 4  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 5  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -150,8 +150,8 @@ def _fast_args(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
         dirarr, pages, page_dirty, chunk_ref, chunk_state)
     if len(page_ref) != n_pages or len(intent_hot) != len(intent_bits):
         raise ValueError("page_ref must match pages; intent_hot must match intent_bits")
-    if len(chunk_sums) not in (0, n_chunks) or len(cursor) != 1:
-        raise ValueError("chunk_sums must be empty or match chunk_ref; cursor holds one id")
+    if len(chunk_sums) not in (0, n_chunks) or len(cursor) != 3:
+        raise ValueError("chunk_sums must be empty or match chunk_ref; cursor is int64[3]")
     sums = _arr(chunk_sums, _U32, "chunk_sums") if len(chunk_sums) else ffi.NULL
     # bool arrays as bytes; the cdata keeps its view (and so the array) alive
     bits = _arr(intent_bits.view(np.uint8), _U8, "intent_bits")
@@ -296,6 +296,16 @@ class NativeKernels:
             raise ValueError(f"lane_read: buffer holds {len(out)} bytes, not {length}")
         rc = lib.ts_lane_read(c, dc, out, offset, length)
         return -1 if rc == lib.TS_SLOW else _check(rc, "lane_read")
+
+    @staticmethod
+    def prealloc(fio, chunk_shift, n_chunks, cursor, ids):
+        fd = _fd(fio)
+        if fd is None:
+            return _twins().prealloc(fio, chunk_shift, n_chunks, cursor, ids)
+        if len(cursor) != 3:
+            raise ValueError("cursor is int64[3]")
+        return lib.ts_prealloc(fd, chunk_shift, n_chunks, _arr(cursor, _I64, "cursor", True),
+                               _arr(ids, _I64, "ids"), len(ids))
 
     @staticmethod
     def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks):

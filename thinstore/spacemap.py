@@ -28,7 +28,9 @@ class SpaceMap:
         self.refs = refcounts
         self.sums = checksums
         self.state = np.zeros(len(refcounts), dtype=np.uint8)
-        self.cursor_arr = np.ones(1, dtype=np.int64)   # an array: the fast write kernel moves it
+        # [cursor, preallocated lo, hi): an array, as the fast write kernel moves it too
+        # (kernels.prealloc: the data file is kept allocated a little ahead)
+        self.cursor_arr = np.array([1, -1, -1], dtype=np.int64)
 
     @property
     def cursor(self) -> int:

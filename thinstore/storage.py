@@ -17,10 +17,11 @@ _ZEROS = bytes(1 << 20)
 _CLONE_ALIGN = 4096                      # the file-system block a reflink shares
 _FICLONERANGE = 0x4020940D               # _IOW(0x94, 13, struct file_clone_range)
 _CLONE_RANGE = struct.Struct("=qQQQ")    # src_fd, src_offset, src_length, dest_offset
+_KEEP_SIZE = 0x01                        # FALLOC_FL_KEEP_SIZE
+_PUNCH = 0x02 | _KEEP_SIZE               # FALLOC_FL_PUNCH_HOLE
 
 try:
     import fcntl as _fcntl
-    _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 except ImportError:  # pragma: no cover
     _fcntl = None
 
@@ -113,6 +114,16 @@ class FileIO:
             self._copy_bytes(src + tail, dst + tail, length - tail)
         else:
             self._copy_bytes(src, dst, length)
+
+    def preallocate(self, offset: int, length: int) -> bool:
+        """Have the file system set blocks aside for [offset, offset+length) without
+        changing a byte or the size (fallocate KEEP_SIZE); False where it cannot."""
+        import ctypes
+        libc = _libc()
+        if libc is None or length <= 0:
+            return False
+        return libc.fallocate(self.fd, _KEEP_SIZE, ctypes.c_long(offset),
+                              ctypes.c_long(length)) == 0
 
     def share_blocks(self, src: int, dst: int, length: int) -> bool:
         """Share the whole 4 KiB blocks of [src, src+length) as [dst, ...) with
