@@ -90,40 +90,29 @@ class Lane:
         """A function (data, offset) -> bool for a handle on dm: True when the lane
         wrote it, False when the caller must take the general path. Called under the
         pool lock; the lane learns the device when that section ends."""
-        dl = self._dev(dm)
-        lane, write, from_buffer, check = self.c, native.lib.ts_lane_write, native.ffi.from_buffer, native._check
+        return self._entry(dm, native.lib.ts_lane_write, False, "write")
 
-        def lane_write(data, offset: int) -> bool:
+    def reader(self, dm):
+        """A function (buf, offset) -> bool for a handle on dm: True when the lane
+        filled the writable buffer, False (buf untouched) for the general path."""
+        return self._entry(dm, native.lib.ts_lane_read, True, "read")
+
+    def _entry(self, dm, c_entry, fills: bool, what: str):
+        dl = self._dev(dm)
+        lane, from_buffer, check = self.c, native.ffi.from_buffer, native._check
+
+        def call(buf, offset: int) -> bool:
             try:
-                buf = from_buffer("uint8_t[]", data)
-                rc = write(lane, dl, buf, offset, len(buf))
+                cbuf = from_buffer("uint8_t[]", buf, require_writable=fills)
+                rc = c_entry(lane, dl, cbuf, offset, len(cbuf))
             except (TypeError, ValueError, OverflowError):
                 return False      # not a flat buffer, or a negative offset: the general path says why
             if rc >= 0:
                 return True
             if rc == _SLOW:
                 return False
-            check(rc, "write")
-        return lane_write
-
-    def reader(self, dm):
-        """A function (buf, offset) -> bool for a handle on dm: True when the lane
-        filled the writable buffer, False (buf untouched) for the general path."""
-        dl = self._dev(dm)
-        lane, read, from_buffer, check = self.c, native.lib.ts_lane_read, native.ffi.from_buffer, native._check
-
-        def lane_read(buf, offset: int) -> bool:
-            try:
-                out = from_buffer("uint8_t[]", buf, require_writable=True)
-                rc = read(lane, dl, out, offset, len(out))
-            except (TypeError, ValueError, OverflowError):
-                return False
-            if rc >= 0:
-                return True
-            if rc == _SLOW:
-                return False
-            check(rc, "read")
-        return lane_read
+            check(rc, what)
+        return call
 
     def forget(self, dm) -> None:
         """The last handle on dm closed (under the pool lock)."""
