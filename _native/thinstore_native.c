@@ -154,14 +154,19 @@ static int share_range(int fd, uint64_t src, uint64_t dst, uint64_t len)
     return ioctl(fd, FICLONERANGE, &r) == 0 ? 0 : -errno;
 }
 
-/* 1 if the whole blocks of [src, src+len) could be shared with [dst, ...): the
- * probe that tells a reflink file system (the blocks are then shared already). */
-static int share_blocks(int fd, uint64_t src, uint64_t dst, uint64_t len)
+/* Copy [src, src+len) to [dst, ...) by sharing its whole blocks and copying the
+ * unaligned edges through a buffer: 1 when done, 0 (nothing done) when there is
+ * no whole block or the file system cannot share -- the probe that tells a
+ * reflink file system -- or -errno from the edges. */
+static int copy_shared(int fd, uint64_t src, uint64_t dst, uint64_t len)
 {
     uint64_t head = (CLONE_ALIGN - src % CLONE_ALIGN) % CLONE_ALIGN;
     if (src % CLONE_ALIGN != dst % CLONE_ALIGN || len < head + CLONE_ALIGN) return 0;
-    return share_range(fd, src + head, dst + head,
-                       (len - head) / CLONE_ALIGN * CLONE_ALIGN) == 0;
+    uint64_t tail = head + (len - head) / CLONE_ALIGN * CLONE_ALIGN;
+    if (share_range(fd, src + head, dst + head, tail - head) != 0) return 0;
+    int rc = copy_bounce(fd, src, dst, head);
+    if (rc == 0) rc = copy_bounce(fd, src + tail, dst + tail, len - tail);
+    return rc ? rc : 1;
 }
 
 int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length)
@@ -170,13 +175,8 @@ int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length)
      * can (btrfs, xfs: no bytes move); the rest, and everything elsewhere, goes
      * through a buffer.  Measured on ext4's page cache, a buffered copy into a new
      * chunk costs 0.6 of copy_file_range's in-kernel copy, which works page by page. */
-    if (share_blocks(fd, src, dst, length)) {
-        uint64_t head = (CLONE_ALIGN - src % CLONE_ALIGN) % CLONE_ALIGN;
-        uint64_t tail = head + (length - head) / CLONE_ALIGN * CLONE_ALIGN;
-        int rc = copy_bounce(fd, src, dst, head);
-        return rc ? rc : copy_bounce(fd, src + tail, dst + tail, length - tail);
-    }
-    return copy_bounce(fd, src, dst, length);
+    int rc = copy_shared(fd, src, dst, length);
+    return rc < 0 ? rc : rc ? 0 : copy_bounce(fd, src, dst, length);
 }
 
 int ts_is_zero(const uint8_t *buf, uint64_t length)
@@ -508,14 +508,24 @@ static int take_new_chunk(uint64_t *e, uint64_t old, uint32_t *ref, uint8_t *sta
         counters[0] += 1;
     } else {
         uint64_t obase = old << shift;
-        /* a reflink file system shares the uncovered blocks; elsewhere, bytes move */
-        if ((lo == 0 && hi == csize) || share_blocks(fd, obase, nbase, lo) ||
-            share_blocks(fd, obase + hi, nbase + hi, csize - hi)) {
-            rc = ts_cow_copy(fd, obase, nbase, lo);
-            if (rc == 0) rc = ts_cow_copy(fd, obase + hi, nbase + hi, csize - hi);
-        } else {
-            rc = cow_merged(fd, obase, nbase, csize, lo, hi, data);
-            *written = rc == 0;
+        /* a reflink file system shares the uncovered blocks (the first part that has
+         * a whole block tells); elsewhere, bytes move */
+        int shared = 0;
+        rc = 0;
+        if (lo > 0 || hi < csize) {
+            shared = copy_shared(fd, obase, nbase, lo);
+            if (shared == 1) {
+                rc = ts_cow_copy(fd, obase + hi, nbase + hi, csize - hi);
+            } else if (shared == 0) {
+                shared = copy_shared(fd, obase + hi, nbase + hi, csize - hi);
+                if (shared == 1) rc = copy_bounce(fd, obase, nbase, lo);
+            }
+            if (shared < 0) {
+                rc = shared;
+            } else if (shared == 0) {
+                rc = cow_merged(fd, obase, nbase, csize, lo, hi, data);
+                *written = rc == 0;
+            }
         }
         if (rc == 0) rc = ref_dec(ref, state, old);
         counters[0] += 1;

@@ -97,7 +97,7 @@ class FaultFile:
     def copy(self, src: int, dst: int, length: int) -> None:
         self.pwrite(self.pread(length, src), dst)
 
-    def share_blocks(self, src: int, dst: int, length: int) -> bool:
+    def copy_shared(self, src: int, dst: int, length: int) -> bool:
         return False        # a disk without reflinks: copies move bytes
 
     def preallocate(self, offset: int, length: int) -> bool:

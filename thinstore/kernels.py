@@ -166,17 +166,17 @@ def _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, old, new,
         counters[0] += 1
     else:
         src = old << chunk_shift
-        if (lo == 0 and hi == cs) or fio.share_blocks(src, dst, lo) \
-                or fio.share_blocks(src + hi, dst + hi, cs - hi):
-            if lo:
-                fio.copy(src, dst, lo)
-            if hi < cs:
+        if lo > 0 or hi < cs:        # the first part with a whole block tells a reflink fs
+            if fio.copy_shared(src, dst, lo):
                 fio.copy(src + hi, dst + hi, cs - hi)
-        else:
-            whole = bytearray(fio.pread(cs, src))
-            whole[lo:hi] = piece
-            fio.pwrite(whole, dst)
-            written = True
+            elif fio.copy_shared(src + hi, dst + hi, cs - hi):
+                if lo:
+                    fio.pwrite(fio.pread(lo, src), dst)
+            else:
+                whole = bytearray(fio.pread(cs, src))
+                whole[lo:hi] = piece
+                fio.pwrite(whole, dst)
+                written = True
         ref_batch(chunk_ref, chunk_state, [old], -1)
         counters[0] += 1
         counters[1] += 1

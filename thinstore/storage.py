@@ -107,12 +107,7 @@ class FileIO:
     def copy(self, src: int, dst: int, length: int) -> None:
         """Copy within the file: the whole 4 KiB blocks shared (a reflink) where the
         file system can, everything else read and written (ts_cow_copy's rule)."""
-        if self.share_blocks(src, dst, length):
-            head = -src % _CLONE_ALIGN
-            tail = head + (length - head) // _CLONE_ALIGN * _CLONE_ALIGN
-            self._copy_bytes(src, dst, head)
-            self._copy_bytes(src + tail, dst + tail, length - tail)
-        else:
+        if not self.copy_shared(src, dst, length):
             self._copy_bytes(src, dst, length)
 
     def preallocate(self, offset: int, length: int) -> bool:
@@ -125,20 +120,22 @@ class FileIO:
         return libc.fallocate(self.fd, _KEEP_SIZE, ctypes.c_long(offset),
                               ctypes.c_long(length)) == 0
 
-    def share_blocks(self, src: int, dst: int, length: int) -> bool:
-        """Share the whole 4 KiB blocks of [src, src+length) as [dst, ...) with
-        FICLONERANGE; False (nothing done) where there are none or the file system
-        cannot (ext4, tmpfs), True on btrfs and xfs."""
+    def copy_shared(self, src: int, dst: int, length: int) -> bool:
+        """Copy by sharing the whole 4 KiB blocks of [src, src+length) with
+        FICLONERANGE and copying the unaligned edges; False, with nothing done,
+        where there is no whole block or the file system cannot share (ext4, tmpfs)."""
         head = -src % _CLONE_ALIGN
         if _fcntl is None or src % _CLONE_ALIGN != dst % _CLONE_ALIGN \
                 or length < head + _CLONE_ALIGN:
             return False
-        mid = (length - head) // _CLONE_ALIGN * _CLONE_ALIGN
+        tail = head + (length - head) // _CLONE_ALIGN * _CLONE_ALIGN
         try:
-            _fcntl.ioctl(self.fd, _FICLONERANGE, _CLONE_RANGE.pack(self.fd, src + head, mid,
-                                                                   dst + head))
+            _fcntl.ioctl(self.fd, _FICLONERANGE, _CLONE_RANGE.pack(self.fd, src + head,
+                                                                   tail - head, dst + head))
         except OSError:
             return False
+        self._copy_bytes(src, dst, head)
+        self._copy_bytes(src + tail, dst + tail, length - tail)
         return True
 
     def _copy_bytes(self, src: int, dst: int, length: int) -> None:
