@@ -23,10 +23,33 @@ DEFAULT_SOCKET = "nbd.sock"
 
 
 def register(subparsers) -> None:
+    from thinstore import frontends
+
     p = subparsers.add_parser(
         "serve", help="export every volume and snapshot over NBD",
         description="Serve every device of the pool as an NBD export named by the device "
-        "(vol, vol@snap; snapshots read-only) until interrupted.")
+        "(vol, vol@snap; snapshots read-only) until interrupted; with --frontend, also the "
+        "named frontends in the same process.")
+    found = frontends.available()
+    p.add_argument("--frontend", action="append", default=[], choices=sorted(found),
+                   metavar="NAME", help="also serve this frontend: "
+                   + (", ".join(sorted(found)) or "none installed") + " (repeatable)")
+    add_serve_arguments(p)
+    for name in sorted(found):
+        frontends.load(name).add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    for name, (_module, _cls, command) in sorted(found.items()):
+        cls = frontends.load(name)
+        sub = subparsers.add_parser(
+            command, help=f"serve with the {name} frontend (serve --frontend {name})",
+            description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+        add_serve_arguments(sub)
+        cls.add_arguments(sub)
+        sub.set_defaults(func=cmd_serve, frontend=[name])
+
+
+def add_serve_arguments(p) -> None:
+    """serve's own options, shared by every frontend's command."""
     p.add_argument("--socket", metavar="PATH", help="unix socket path (default POOL/nbd.sock)")
     p.add_argument("--listen", metavar="[HOST:]PORT", action="append", default=[],
                    help="also listen on TCP; a bare port binds 127.0.0.1 (repeatable)")
@@ -44,7 +67,6 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=_positive(int), default=4, metavar="N",
                    help="I/O threads per connection (default 4)")
     p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
-    p.set_defaults(func=cmd_serve)
 
 
 def _positive(kind):
@@ -101,6 +123,8 @@ def cmd_serve(args) -> int:
     from thinstore import Pool
     from thinstore.cli.context import pool_path
     from thinstore.control import ControlServer, socket_path as control_socket_path
+    from thinstore import frontends
+    from thinstore.frontends import ServeContext
     from thinstore.nbd.server import NBDServer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -113,15 +137,28 @@ def cmd_serve(args) -> int:
         where = os.path.abspath(args.socket or os.path.join(path, DEFAULT_SOCKET))
         sock = _bind(where, server.listen_unix, where)
         control = ControlServer(pool, server, nbd_socket=sock)
+        running = []
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
             bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
                      for host, port in listens]
             _bind(control_socket_path(path), control.listen)
             server.start()
+            context = ServeContext(pool=pool, pool_dir=os.path.abspath(path), nbd_socket=sock,
+                                   nbd_server=server, control=control)
+            for name in dict.fromkeys(getattr(args, "frontend", None) or []):
+                frontend = frontends.load(name)(context, args)
+                running.append(frontend)
+                frontend.start()
             announce(sock, bound, config.tls_context is not None, control.path,
                      [d.name for d in pool.list()])
+            for frontend in running:
+                for line in frontend.describe():
+                    print(line)
+            sys.stdout.flush()
             wait_for_signal()
         finally:
+            for frontend in reversed(running):  # frontends unmount before NBD goes away
+                frontend.stop()
             control.shutdown()
             server.shutdown()
             _unlink(sock)
