@@ -49,7 +49,7 @@ def fio_args(uri: str, workload, size: int, log_prefix: str) -> list[str]:
     if w.io_type == "readwrite":
         args.append("--rwmixread=50")
     if w.seconds:
-        args += ["--time_based", f"--runtime={w.seconds:g}s"]
+        args += ["--time_based", f"--runtime={max(1, round(w.seconds * 1000))}ms"]
     else:
         args.append(f"--io_size={w.io_total}")
     if w.flush_every:
@@ -102,8 +102,9 @@ def _fio_latency(lat: dict) -> dict:
     pct = lat.get("percentile", {})
     pick = {name: pct.get(key) for name, key in (("p50", "50.000000"), ("p99", "99.000000"),
                                                  ("p99.9", "99.900000"))}
-    return {"mean": lat["mean"] / 1000, **{k: v / 1000 if v is not None else None
-                                           for k, v in pick.items()}, "max": lat["max"] / 1000}
+    top = lat["max"] / 1000          # fio reports a bin's value, which may pass the max
+    return {"mean": lat["mean"] / 1000, **{k: min(v / 1000, top) if v is not None else None
+                                           for k, v in pick.items()}, "max": top}
 
 
 def _total(result: dict, elapsed: float, hist: dict) -> dict:
@@ -112,14 +113,19 @@ def _total(result: dict, elapsed: float, hist: dict) -> dict:
     nbytes = result["read"]["bytes"] + result["write"]["bytes"]
     counts = np.add(hist["read"], hist["write"])
     lat = {"mean": None, "p50": None, "p99": None, "p99.9": None, "max": None}
-    if counts.sum():
+    sides = [k for k in ("read", "write") if result[k]["ops"]]
+    if len(sides) == 1:
+        lat = dict(result[sides[0]]["latency_us"])
+    elif counts.sum():
         cum = np.cumsum(counts) / counts.sum()
         for name, q in (("p50", .5), ("p99", .99), ("p99.9", .999)):
-            lat[name] = float(EDGES_US[1:][np.searchsorted(cum, q)])
+            lat[name] = float(EDGES_US[1:][np.searchsorted(cum, q)])   # a bin's top edge
         means = [(result[k]["latency_us"]["mean"], result[k]["ops"]) for k in ("read", "write")
                  if result[k]["ops"]]
         lat["mean"] = sum(m * n for m, n in means) / sum(n for _, n in means)
         lat["max"] = max(result[k]["latency_us"]["max"] or 0 for k in ("read", "write"))
+        for name in ("p50", "p99", "p99.9"):
+            lat[name] = min(lat[name], lat["max"])
     return {"ops": ops, "bytes": nbytes, "iops": ops / elapsed, "bytes_per_s": nbytes / elapsed,
             "latency_us": lat}
 
