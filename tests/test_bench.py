@@ -134,6 +134,18 @@ def test_nbd_runs_through_the_running_server(capsys, pool_dir, io_type, pattern,
     assert r["engine"] == expected                           # fio has no per-write FUA
 
 
+def test_a_ramp_runs_first_unmeasured(capsys, pool_dir):
+    for extra in (["--via", "direct"], ["--via", "nbd", "--client", "fio"]):
+        if "fio" in extra:
+            need("fio")
+        r = bench_json(capsys, pool_dir, "v", "--io-type", "write", "--time", "300ms",
+                       "--ramp", "300ms", *extra)
+        check_figures(r, "write", 4096, "none", None)
+        assert r["elapsed_s"] < 0.6 and r["workload"]["ramp"] == 0.3
+        # the ramp's writes happened (the clone's chunks), only the 300 ms after it counted
+        assert r["counters"]["bytes_written"] > r["write"]["bytes"]
+
+
 def test_nbd_starts_a_server_when_none_runs(capsys, pool_dir):
     r = bench_json(capsys, pool_dir, "v@s", "--via", "nbd", "--client", "builtin",
                    "--io-total", "1M", "--io-size", "64K", "--io-pattern", "seq")

@@ -52,6 +52,8 @@ def fio_args(uri: str, workload, size: int, log_prefix: str) -> list[str]:
         args += ["--time_based", f"--runtime={max(1, round(w.seconds * 1000))}ms"]
     else:
         args.append(f"--io_size={w.io_total}")
+    if w.ramp:
+        args.append(f"--ramp_time={max(1, round(w.ramp * 1000))}ms")
     if w.flush_every:
         args.append(f"--fsync={w.flush_every}")
     return args
@@ -80,7 +82,10 @@ def parse(output: str, io_size: int, iops_log: list[tuple[int, float, int]]) -> 
     hist = {}
     for kind in ("read", "write"):
         data = job[kind]
-        ops, nbytes = int(data["total_ios"]), int(data["io_bytes"])
+        # requests are io_size each; fio's total_ios leaves out the ones in flight when
+        # its ramp ended while io_bytes counts them, so ops come from the bytes
+        nbytes = int(data["io_bytes"])
+        ops = nbytes // io_size
         clat = data.get("clat_ns", {})
         result[kind] = {"ops": ops, "bytes": nbytes, "iops": ops / elapsed,
                         "bytes_per_s": nbytes / elapsed, "latency_us": _fio_latency(clat)}

@@ -82,7 +82,7 @@ class StartedServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinstore", "--pool", pool_dir, "serve",
              "--socket", self.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            text=True, env=_same_package_env())
         first = self.proc.stdout.readline()
         if not first:
             err = self.proc.stderr.read().strip()
@@ -100,6 +100,15 @@ class StartedServer:
         for stream in (self.proc.stdout, self.proc.stderr):
             stream.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _same_package_env() -> dict:
+    """The environment with this thinstore first on the path, so the server started is
+    this same version (a source tree run beside an installed copy, say)."""
+    import thinstore
+    root = os.path.dirname(os.path.dirname(os.path.abspath(thinstore.__file__)))
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
 
 
 @contextlib.contextmanager

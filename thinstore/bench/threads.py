@@ -36,6 +36,7 @@ class ThreadedRun:
             raise UsageError(f"io size {workload.io_size} is larger than the device ({size})")
         self.recorders = [Recorder() for _ in range(workload.io_depth)]
         self._issued = itertools.count()
+        self._ramped = itertools.count()      # requests of the ramp: run, not measured
         self._limit = workload.io_total // workload.io_size if workload.io_total else None
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
@@ -52,7 +53,7 @@ class ThreadedRun:
                                         args=(handles[0 if self.shared else i], rec, i))
                        for i, rec in enumerate(self.recorders)]
             self.start = time.monotonic()
-            self._start_ns = time.perf_counter_ns()
+            self._start_ns = time.perf_counter_ns() + int(self.w.ramp * 1e9)  # measured from
             self._deadline = self._start_ns + int(self.w.seconds * 1e9) if self.w.seconds else None
             for t in threads:
                 t.start()
@@ -83,10 +84,12 @@ class ThreadedRun:
         rand, every, fua = w.io_pattern == "rand", w.flush_every, w.fua
         limit, deadline, start, clock = self._limit, self._deadline, self._start_ns, \
             time.perf_counter_ns
-        writes = 0
+        writes, ramping = 0, clock() < start
         while not self._stop.is_set():
-            n = next(self._issued)
-            if limit is not None and n >= limit:
+            if ramping and clock() >= start:
+                ramping = False
+            n = next(self._ramped if ramping else self._issued)
+            if limit is not None and n >= limit and not ramping:
                 return
             offset = (rng.randrange(blocks) if rand else n % blocks) * size
             is_write = mix == 1.0 or (0 < mix and rng.random() < mix)
@@ -96,13 +99,15 @@ class ThreadedRun:
             else:
                 handle.readinto(buf, offset)
             t1 = clock()
-            rec.lat[is_write].append(t1 - t0)
-            rec.end[is_write].append(t1 - start)
-            rec.ops += 1
+            if not ramping:
+                rec.lat[is_write].append(t1 - t0)
+                rec.end[is_write].append(t1 - start)
+                rec.ops += 1
             if is_write:
                 writes += 1
                 if every and writes % every == 0:
                     handle.flush()
-                    rec.flush_lat.append(clock() - t1)
+                    if not ramping:
+                        rec.flush_lat.append(clock() - t1)
             if deadline is not None and t1 >= deadline:
                 return

@@ -11,7 +11,7 @@ import dataclasses
 import re
 
 from thinstore.errors import UsageError
-from thinstore.units import format_size, parse_size
+from thinstore.units import format_size
 
 IO_TYPES = ("read", "write", "readwrite")
 IO_PATTERNS = ("rand", "seq")
@@ -26,7 +26,9 @@ class Workload:
     connections for the built-in engines, fio's iodepth for fio); the run stops
     after ``io_total`` bytes or ``seconds``, whichever is given (one is);
     ``sync`` is ``none``, ``fua`` (every write forced to stable storage) or
-    ``every-N`` (a flush after every N writes of each thread, fio's ``fsync=N``).
+    ``every-N`` (a flush after every N writes of each thread, fio's ``fsync=N``);
+    ``ramp`` seconds of the workload run first and are not measured (fio's
+    ``ramp_time``): caches fill, the first writes allocate.
     """
 
     io_type: str = "read"
@@ -36,6 +38,7 @@ class Workload:
     io_total: int | None = None
     seconds: float | None = DEFAULT_SECONDS
     sync: str = "none"
+    ramp: float = 0.0
 
     def __post_init__(self):
         if self.io_type not in IO_TYPES:
@@ -49,6 +52,8 @@ class Workload:
         if (self.io_total is None) == (self.seconds is None):
             raise UsageError("give one of --io-total and --time")
         parse_sync(self.sync)
+        if self.ramp < 0:
+            raise UsageError("--ramp must not be negative")
 
     @property
     def writes(self) -> bool:
@@ -69,6 +74,7 @@ class Workload:
         stop = format_size(self.io_total) if self.io_total is not None \
             else f"{self.seconds:g}s"
         sync = "" if self.sync == "none" else f", sync {self.sync}"
+        sync += f", after {self.ramp:g}s ramp" if self.ramp else ""
         prefix = "rand" if self.io_pattern == "rand" else "seq "
         return f"{format_size(self.io_size)} {prefix}{rw} QD{self.io_depth}, {stop}{sync}"
 
@@ -97,6 +103,3 @@ def parse_duration(text: str) -> float:
         raise UsageError(f"invalid duration {text!r}: must be more than 0")
     return value
 
-
-def parse_io_size(text: str) -> int:
-    return parse_size(text)

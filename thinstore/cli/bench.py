@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                       help="stop after this many bytes")
     stop.add_argument("--time", metavar="DURATION",
                       help="stop after this long, e.g. 30s, 500ms (default 10s)")
+    p.add_argument("--ramp", metavar="DURATION",
+                   help="run the workload this long first, unmeasured (warm-up), e.g. 5s")
     p.add_argument("--sync", default="none", metavar="none|fua|every-N",
                    help="no flushes (default), FUA on every write, or a flush every N writes")
     p.add_argument("--via", choices=("auto", "direct", "nbd"), default="auto",
@@ -65,7 +67,8 @@ def cmd_bench(args) -> int:
         raise UsageError("--rounds must be at least 1")
     seconds = parse_duration(args.time) if args.time else None if args.io_total else 10.0
     workload = Workload(args.io_type, args.io_size, args.io_pattern, args.io_depth,
-                        args.io_total, seconds, args.sync)
+                        args.io_total, seconds, args.sync,
+                        parse_duration(args.ramp) if args.ramp else 0.0)
     if args.report:
         from thinstore.bench.report import check_report_path
         check_report_path(args.report)
