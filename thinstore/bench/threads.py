@@ -57,8 +57,14 @@ class ThreadedRun:
             self._deadline = self._start_ns + int(self.w.seconds * 1e9) if self.w.seconds else None
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.join()
+            except BaseException:          # Ctrl-C: stop the streams before the handles go
+                self._stop.set()
+                for t in threads:
+                    t.join()
+                raise
             elapsed = (time.perf_counter_ns() - self._start_ns) / 1e9
         finally:
             for handle in handles:
