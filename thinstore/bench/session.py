@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from thinstore.bench import fio, peers as P
+from thinstore.bench import fio
 from thinstore.bench.compare import compare_rounds
 from thinstore.bench.progress import Ticker
 from thinstore.bench.results import counters_delta
@@ -143,5 +143,6 @@ def _server_ops(remote, name: str):
     return ops
 
 
-def peer_endpoint(peer: "P.Peer") -> Endpoint:
+def peer_endpoint(peer) -> Endpoint:
+    """The Endpoint of a started peer (thinstore.bench.peers.Peer)."""
     return Endpoint(peer.socket, peer.export)
