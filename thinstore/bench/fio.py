@@ -148,10 +148,17 @@ def _read_log(prefix: str) -> list[tuple[int, float, int]]:
 
 
 def _timeline(rows, elapsed: float, io_size: int) -> dict:
-    interval = timeline_interval(elapsed)
-    bins = max(1, int(np.ceil(elapsed / interval)))
-    iops = [0.0] * bins
-    for msec, value, _direction in rows:
-        i = min(bins - 1, max(0, int(round(msec / 1000 / interval)) - 1))
-        iops[i] += value
-    return {"interval_s": interval, "iops": iops, "bytes_per_s": [v * io_size for v in iops]}
+    """fio logs one averaged sample per direction about every ``interval`` ms, drifting
+    later a little each time; the i-th samples of the directions are one point in time
+    (their IOPS summed), kept at fio's own timestamps rather than forced onto a grid."""
+    per_direction: dict[int, list] = {}
+    for msec, value, direction in sorted(rows):
+        per_direction.setdefault(direction, []).append((msec, value))
+    points = max((len(s) for s in per_direction.values()), default=0)
+    t_s, iops = [], []
+    for i in range(points):
+        samples = [s[i] for s in per_direction.values() if i < len(s)]
+        t_s.append(max(msec for msec, _ in samples) / 1000)
+        iops.append(sum(value for _, value in samples))
+    return {"interval_s": timeline_interval(elapsed), "t_s": t_s, "iops": iops,
+            "bytes_per_s": [v * io_size for v in iops]}

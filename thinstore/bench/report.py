@@ -96,13 +96,14 @@ def title(result: dict) -> str:
 def _histograms(ax, runs: dict) -> None:
     import numpy as np
 
+    lo, hi = _occupied(runs)
     for name, run in runs.items():
         edges = np.asarray(run["histogram"]["edges_us"])
         for kind, style in (("read", "-"), ("write", "--")):
             counts = np.asarray(run["histogram"][kind], dtype=float)
             if not counts.sum():
                 continue
-            ax.stairs(100 * counts / counts.sum(), edges, linestyle=style,
+            ax.stairs(100 * counts[lo:hi] / counts.sum(), edges[lo:hi + 1], linestyle=style,
                       color=COLORS.get(name), label=f"{name} {kind}")
     ax.set_xscale("log")
     ax.set_xlabel("latency (µs, log scale)")
@@ -112,11 +113,22 @@ def _histograms(ax, runs: dict) -> None:
     ax.legend(fontsize=8)
 
 
+def _occupied(runs: dict) -> tuple[int, int]:
+    """The bins from the first to the last any run filled, two more on each side."""
+    import numpy as np
+
+    total = sum(np.asarray(run["histogram"][kind]) for run in runs.values()
+                for kind in ("read", "write"))
+    filled = np.nonzero(total)[0]
+    if not len(filled):
+        return 0, len(total)
+    return max(0, filled[0] - 2), min(len(total), filled[-1] + 3)
+
+
 def _timeline(ax, runs: dict) -> None:
     for name, run in runs.items():
         tl = run["timeline"]
-        xs = [(i + 1) * tl["interval_s"] for i in range(len(tl["iops"]))]
-        ax.plot(xs, tl["iops"], color=COLORS.get(name), label=name, linewidth=1.2)
+        ax.plot(tl["t_s"], tl["iops"], color=COLORS.get(name), label=name, linewidth=1.2)
     ax.set_xlabel("seconds")
     ax.set_ylabel("IOPS")
     ax.set_ylim(bottom=0)
@@ -133,8 +145,9 @@ def _bars(ax, compare: dict) -> None:
         rounds = [r["total"]["iops"] for r in compare["servers"][name]]
         ax.plot([i] * len(rounds), rounds, "k.", markersize=6)
         ratio = compare["ratios"].get(name)
-        label = f"{medians[i]:.0f}" + (f"\nthinstore/{name} = {ratio:.2f}x" if ratio else "")
-        ax.annotate(label, (i, medians[i]), ha="center", va="bottom", fontsize=8)
+        label = f"median {medians[i]:.0f} IOPS" + (f"\nthinstore/{name} = {ratio:.2f}x"
+                                                   if ratio else "")
+        ax.text(i, medians[i] / 2, label, ha="center", va="center", fontsize=9)
     ax.set_ylabel("IOPS (bar: median; dots: rounds)")
     ax.set_title(f"side by side: {compare['rounds']} interleaved round(s)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)

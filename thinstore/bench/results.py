@@ -9,13 +9,15 @@ report read one shape::
          "bytes_per_s": float, "latency_us": {"mean", "p50", "p99", "p99.9", "max"}},
      "flushes": {"ops": int, "latency_us": {...}},
      "histogram": {"edges_us": [float], "read": [int], "write": [int]},
-     "timeline": {"interval_s": float, "iops": [float], "bytes_per_s": [float]}}
+     "timeline": {"interval_s": float, "t_s": [float], "iops": [float],
+                  "bytes_per_s": [float]}}
 
 ``iops`` is ``ops / elapsed_s`` and ``bytes_per_s`` is ``bytes / elapsed_s``,
 so ``bytes == iops * io_size * elapsed_s`` for fixed-size requests.  Latency
 is per request, from issue to completion as the engine sees it (for fio:
 its completion latency, ``clat``); the histogram's bins are log-spaced, 20
-per decade from 1 us to 10 s.
+per decade from 1 us to 10 s.  The timeline's points are the ends of
+``interval_s`` steps (fio's own sample times with fio) and the IOPS over each.
 """
 
 from __future__ import annotations
@@ -102,8 +104,8 @@ def timeline(end_s, elapsed: float, io_size: int) -> dict:
     bins = max(1, int(np.ceil(elapsed / interval)))
     counts, _ = np.histogram(end_s, bins=bins, range=(0, bins * interval))
     iops = (counts / interval).tolist()
-    return {"interval_s": interval, "iops": iops,
-            "bytes_per_s": [v * io_size for v in iops]}
+    return {"interval_s": interval, "t_s": [round((i + 1) * interval, 6) for i in range(bins)],
+            "iops": iops, "bytes_per_s": [v * io_size for v in iops]}
 
 
 def _concat(arrays) -> np.ndarray:
