@@ -210,6 +210,7 @@ def test_direct_while_served_says_to_go_through_the_server(capsys, pool_dir):
 def test_bad_options_are_usage_errors(capsys, pool_dir):
     for args in (["--sync", "every-0"], ["--sync", "sometimes"], ["--io-size", "1000"],
                  ["--io-depth", "0"], ["--time", "soon"], ["--io-size", "16M"],
+                 ["--io-total", "1K"],
                  ["--report", "out.txt"], ["--compare", "tgtd"], ["--via", "direct",
                                                                   "--compare", "nbdkit"]):
         code, out, err = bench(capsys, pool_dir, "v", *args)

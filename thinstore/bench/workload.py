@@ -51,6 +51,9 @@ class Workload:
             raise UsageError(f"invalid io depth {self.io_depth}: 1 to 256")
         if (self.io_total is None) == (self.seconds is None):
             raise UsageError("give one of --io-total and --time")
+        if self.io_total is not None and self.io_total < self.io_size:
+            raise UsageError(f"--io-total {self.io_total} is less than one request "
+                             f"(--io-size {self.io_size})")
         parse_sync(self.sync)
         if self.ramp < 0:
             raise UsageError("--ramp must not be negative")

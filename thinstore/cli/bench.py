@@ -74,7 +74,7 @@ def cmd_bench(args) -> int:
         check_report_path(args.report)
     opts = Options(args.device, workload, args.via, args.client, args.force, args.in_place,
                    tuple(parse_peers(args.compare)) if args.compare else (), args.rounds,
-                   progress=_terminal(sys.stderr) and not args.json)
+                   progress=_terminal(sys.stderr))
     result = run_bench(pool_path(args), opts)
     if args.report:
         from thinstore.bench.report import write_report
