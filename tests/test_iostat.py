@@ -100,3 +100,42 @@ def test_operands_split_into_devices_interval_count():
     assert split_operands(["vm1", "vm2@s", "0.5", "3"]) == (["vm1", "vm2@s"], 0.5, 3)
     with pytest.raises(UsageError):
         split_operands(["-1"])
+
+
+def test_the_server_counts_each_kind_of_request_and_keeps_closed_connections():
+    from nbd_helpers import RawClient, served
+    from thinstore.nbd import protocol as P
+    with served() as s:
+        s.pool.create_volume("a", 4 * MiB)
+        client = RawClient(s.sock)
+        client.greet()
+        client.go("a", structured=False)
+        client.request(P.Cmd.WRITE, 0, 4096, data=b"x" * 4096, cookie=1)
+        client.request(P.Cmd.WRITE, 4096, 8192, flags=P.CMD_FLAG_FUA, data=b"y" * 8192, cookie=2)
+        client.request(P.Cmd.READ, 0, 512 << 10, cookie=3)          # past the fast path
+        client.request(P.Cmd.READ, 0, 4096, cookie=4)
+        client.request(P.Cmd.FLUSH, cookie=5)
+        client.request(P.Cmd.TRIM, 0, 65536, cookie=6)
+        client.request(P.Cmd.READ, 8 * MiB, 4096, cookie=7)          # beyond the end
+        lengths = {3: 512 << 10, 4: 4096}     # replies come in any order (workers)
+        replies = {}
+        for _ in range(7):
+            _, error, cookie = P.SIMPLE_REPLY.unpack(client.recv(P.SIMPLE_REPLY.size))
+            if not error and cookie in lengths:
+                client.recv(lengths[cookie])
+            replies[cookie] = error
+        assert [replies[c] for c in range(1, 8)] == [0] * 6 + [P.EINVAL]
+        live = s.server.iostat()["devices"]["a"]
+        client.request(P.Cmd.DISC)
+        client.close()
+        for _ in range(100):                    # the session ends in its own thread
+            if not s.server.connections():
+                break
+            time.sleep(0.02)
+        closed = s.server.iostat()["devices"]["a"]
+    assert live["connections"] == 1 and closed["connections"] == 0
+    for counts in (live, closed):
+        assert (counts["write_ops"], counts["write_bytes"]) == (2, 12288)
+        assert (counts["read_ops"], counts["read_bytes"]) == (2, (512 << 10) + 4096)
+        assert (counts["flush_ops"], counts["other_ops"], counts["errors"]) == (1, 1, 1)
+        assert counts["write_timed"] >= 1 and counts["write_ns"] > 0
