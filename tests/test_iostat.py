@@ -81,7 +81,7 @@ def test_iostat_table_and_errors(server):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("over ") and lines[1].split()[:4] == [
         "DEVICE", "CONN", "READ/S", "WRITE/S"]
-    assert [line.split()[0] for line in lines[2:] if line] == ["a", "b"]
+    assert [line.split()[0] for line in lines[2:] if line] == ["a", "b", "(all)"]
     missing = cli("--pool", path, "iostat", "nosuch", check=False)
     assert missing.returncode == 3
     bad = cli("--pool", path, "iostat", "a", "1", "0", check=False)

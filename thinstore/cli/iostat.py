@@ -5,8 +5,9 @@ each export's requests (thinstore/nbd/stats.py); this command reads the
 counters over the control socket and prints rates.  Without INTERVAL, one
 report averaged over the server's uptime; with it, the first report covers
 the uptime and each later one the INTERVAL seconds before it, COUNT times
-(forever without COUNT).  ``--json`` prints one JSON object per report, one
-per line, with the counts of the period as well as the rates.
+(forever without COUNT), a last row ``(all)`` summing the devices shown.
+``--json`` prints one JSON object per report, one per line, with the counts of
+the period as well as the rates.
 """
 
 from __future__ import annotations
@@ -120,11 +121,27 @@ def show(report: dict, as_json: bool) -> None:
         print(json.dumps(report, sort_keys=True))
     else:
         rows = [_row(name, d) for name, d in report["devices"].items()]
+        if len(rows) > 1:
+            rows.append(_row("(all)", _sum(report["devices"].values())))
         print(f"over {report['interval_s']:.1f}s")
         print_table(["DEVICE", "CONN", "READ/S", "WRITE/S", "RBYTES/S", "WBYTES/S",
                      "RLAT", "WLAT", "FLUSH/S"], rows, right=set(range(1, 9)))
         print()
     sys.stdout.flush()
+
+
+def _sum(devices) -> dict:
+    """The shown devices together (their latency weighted by their requests)."""
+    devices = list(devices)
+    out = {k: sum(d[k] for d in devices) for k in ("connections", "read_iops", "write_iops",
+                                                   "read_bytes_per_s", "write_bytes_per_s",
+                                                   "flushes_per_s")}
+    for kind in DIRECTIONS:
+        timed = [(d[f"{kind}_latency_us"], d[f"{kind}_ops"]) for d in devices
+                 if d[f"{kind}_latency_us"] is not None and d[f"{kind}_ops"]]
+        ops = sum(n for _, n in timed)
+        out[f"{kind}_latency_us"] = sum(v * n for v, n in timed) / ops if ops else None
+    return out
 
 
 def _row(name: str, d: dict) -> list[str]:
