@@ -21,11 +21,14 @@ def register(subparsers) -> None:
         "bench", help="measure a device's IOPS, throughput and latency",
         description="Benchmark one device. A write benchmark runs on a fresh clone of the "
         "device (destroyed afterwards) unless --in-place; on a snapshot only reads run.")
-    p.add_argument("device", type=device_name, metavar="DEVICE")
-    p.add_argument("--io-type", choices=("read", "write", "readwrite"), default="read")
+    p.add_argument("device", type=device_name, metavar="DEVICE",
+                   help="a volume, clone or snapshot (NAME@SNAP: reads only)")
+    p.add_argument("--io-type", choices=("read", "write", "readwrite"), default="read",
+                   help="read (default), write, or half each")
     p.add_argument("--io-size", type=parse_size, default=4096, metavar="SIZE",
                    help="bytes per request (default 4K)")
-    p.add_argument("--io-pattern", choices=("rand", "seq"), default="rand")
+    p.add_argument("--io-pattern", choices=("rand", "seq"), default="rand",
+                   help="random offsets (default) or one sequential stream")
     p.add_argument("--io-depth", type=int, default=16, metavar="N",
                    help="requests in flight (default 16)")
     stop = p.add_mutually_exclusive_group()
