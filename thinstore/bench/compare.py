@@ -47,7 +47,7 @@ def compare_rounds(endpoint, size: int, workload, engine: str, opts, remote) -> 
         for peer in running:
             peer.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result = dict(_median_run(runs["thinstore"]))
+    result = dict(median_run(runs["thinstore"]))
     result["counters"] = delta
     result["compare"] = summary(runs, opts.rounds)
     return result
@@ -61,6 +61,7 @@ def summary(runs: dict, rounds: int) -> dict:
                        if name != "thinstore"}}
 
 
-def _median_run(runs: list) -> dict:
+def median_run(runs: list) -> dict:
+    """The run with the median IOPS (the lower of the middle two for an even count)."""
     ordered = sorted(runs, key=lambda r: r["total"]["iops"])
     return ordered[(len(ordered) - 1) // 2]

@@ -60,11 +60,8 @@ def runs_by_server(result: dict) -> dict:
     compare = result.get("compare")
     if not compare:
         return {"thinstore": result}
-    out = {}
-    for name, runs in compare["servers"].items():
-        ordered = sorted(runs, key=lambda r: r["total"]["iops"])
-        out[name] = ordered[(len(ordered) - 1) // 2]
-    return out
+    from thinstore.bench.compare import median_run
+    return {name: median_run(runs) for name, runs in compare["servers"].items()}
 
 
 def figure(result: dict):

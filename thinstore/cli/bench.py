@@ -135,12 +135,18 @@ def _us(value) -> str:
 
 
 def _print_compare(compare: dict) -> None:
+    from thinstore.bench.compare import median_run
+
     print(f"compare: median IOPS of {compare['rounds']} interleaved round(s)")
     rows = []
     for name, runs in compare["servers"].items():
         ratio = compare["ratios"].get(name)
+        lat = median_run(runs)["total"]["latency_us"]
         rows.append([name, f"{compare['median_iops'][name]:.0f}",
                      " ".join(f"{r['total']['iops']:.0f}" for r in runs),
+                     _us(lat["p50"]), _us(lat["p99"]),
                      "-" if name == "thinstore" else
                      (f"{ratio:.2f}x" if ratio is not None else "-")])
-    print_table(["SERVER", "IOPS", "ROUNDS", "THINSTORE/SERVER"], rows, right={1, 3})
+    print_table(["SERVER", "IOPS", "ROUNDS", "P50", "P99", "THINSTORE/SERVER"], rows,
+                right={1, 3, 4, 5})
+    print("(P50, P99: of each server's median round)")
