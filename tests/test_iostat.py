@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -44,6 +45,10 @@ def test_iostat_follows_fio_on_one_device_and_agrees_with_its_totals(server):
     watch = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", path, "iostat",
                               "a", "b", "0.3", "--json"], stdout=subprocess.PIPE, text=True,
                              env=env)
+    reports: list[dict] = []
+    reader = threading.Thread(target=lambda: reports.extend(
+        json.loads(line) for line in watch.stdout), daemon=True)
+    reader.start()
     time.sleep(0.8)
     fio = subprocess.run(["fio", "--output-format=json", "--name=io", "--ioengine=nbd",
                           f"--uri={uri(sock, 'a')}", "--rw=randrw", "--bs=4k",
@@ -51,12 +56,18 @@ def test_iostat_follows_fio_on_one_device_and_agrees_with_its_totals(server):
                           "--randrepeat=0", "--norandommap"],
                          capture_output=True, text=True, timeout=120)
     assert fio.returncode == 0, fio.stderr
-    time.sleep(1.0)                      # one more report after fio's last request
-    watch.terminate()
-    out, _ = watch.communicate(timeout=30)
-    reports = [json.loads(line) for line in out.splitlines()]
-    assert len(reports) >= 3
     job = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]
+    done = job["read"]["io_bytes"] + job["write"]["io_bytes"]
+    deadline = time.monotonic() + 15      # a report after fio's last request, however slow
+    while time.monotonic() < deadline and sum(
+            r["devices"]["a"]["read_bytes"] + r["devices"]["a"]["write_bytes"]
+            for r in list(reports)) < done:
+        time.sleep(0.1)
+    time.sleep(0.4)                       # and one more, which must add nothing
+    watch.terminate()
+    watch.wait(30)
+    reader.join(10)
+    assert len(reports) >= 3
 
     def total(device: str, field: str) -> int:
         return sum(r["devices"][device][field] for r in reports)
