@@ -38,14 +38,18 @@ def check_report_path(path: str) -> None:
 
 def write_report(result: dict, path: str) -> None:
     """Draw ``result`` (thinstore.bench.results shape, with ``compare`` if any) to ``path``."""
+    import matplotlib
+
     check_report_path(path)
-    fig = figure(result)
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".png":
-        fig.savefig(path, format="png", dpi=100)
-        return
-    svg = io.StringIO()
-    fig.savefig(svg, format="svg")
+    # text as text in SVG: a smaller, searchable file (and no global setting changed)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig = figure(result)
+        if ext == ".png":
+            fig.savefig(path, format="png", dpi=100)
+            return
+        svg = io.StringIO()
+        fig.savefig(svg, format="svg")
     text = svg.getvalue()
     if ext == ".svg":
         with open(path, "w") as f:
@@ -65,11 +69,8 @@ def runs_by_server(result: dict) -> dict:
 
 
 def figure(result: dict):
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure     # no pyplot: no GUI backend, no global state
 
-    matplotlib.rcParams["svg.fonttype"] = "none"     # text as text: a smaller, searchable SVG
     runs = runs_by_server(result)
     compare = result.get("compare")
     fig = Figure(figsize=(11, 7.5 if compare else 4.2), layout="constrained")
