@@ -232,9 +232,11 @@ def test_compare_runs_the_peers_interleaved(capsys, pool_dir):
         if name != "thinstore":
             assert cmp["ratios"][name] == pytest.approx(
                 cmp["median_iops"]["thinstore"] / cmp["median_iops"][name])
-    code, out, _ = bench(capsys, pool_dir, "v", "--time", "200ms", "--compare", "nbdkit",
-                         "--rounds", "1")
-    assert code == 0 and "THINSTORE/SERVER" in out and "nbdkit" in out
+    code, out, err = bench(capsys, pool_dir, "v", "--time", "200ms", "--compare", "nbdkit",
+                           "--rounds", "1", "--client", "builtin", "--sync", "fua",
+                           "--io-type", "write")
+    assert code == 0, err
+    assert "builtin-client" in out and "THINSTORE/SERVER" in out and "nbdkit" in out
 
 
 def test_text_output_and_quiet_progress_when_piped(pool_dir):
