@@ -38,10 +38,9 @@ def run_bench(pool_dir: str, opts: Options) -> dict:
     """Run the benchmark ``opts`` asks for on the pool in ``pool_dir``; the result dict
     (:mod:`thinstore.bench.results`) plus ``device``, ``target``, ``via``,
     ``workload``, ``counters`` (pool counter deltas) and ``compare`` when asked."""
-    from thinstore.control import RemotePool
+    from thinstore.control import RemotePool, socket_path
 
-    served = os.path.exists(os.path.join(pool_dir, "control.sock")) and \
-        _answers(RemotePool, pool_dir)
+    served = os.path.exists(socket_path(pool_dir)) and _answers(RemotePool, pool_dir)
     via = opts.via if opts.via != "auto" else ("nbd" if served or opts.compare else "direct")
     if opts.compare and via != "nbd":
         raise UsageError("--compare measures every server over NBD: drop --via direct")
