@@ -221,6 +221,7 @@ def test_bad_options_are_usage_errors(capsys, pool_dir):
     assert code == 3
 
 
+@pytest.mark.integration          # qemu-nbd and nbdkit servers: once in CI, not per backend
 def test_compare_runs_the_peers_interleaved(capsys, pool_dir):
     need("fio", "qemu-nbd", "nbdkit", "qemu-img")
     r = bench_json(capsys, pool_dir, "v", "--io-type", "readwrite", "--time", "300ms",

@@ -15,6 +15,9 @@ from thinstore import Pool
 from thinstore.cli.main import main
 from nbd_helpers import MiB, need
 
+# a browser and peer servers, and nothing of the storage backend: once in CI
+pytestmark = pytest.mark.integration
+
 matplotlib = pytest.importorskip("matplotlib", reason="--report needs matplotlib "
                                  "(the [report] extra; CI installs it with [test])")
 
