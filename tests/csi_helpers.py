@@ -170,3 +170,65 @@ def need(*tools: str) -> None:
     for tool in tools:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
+
+
+class InProcess:
+    """Pool, NBD server and plugin in this process, so a test can read the pool's
+    counters (what a call cost) while it drives the plugin through its socket."""
+
+    def __init__(self, capacity: int = 4 * GiB, size_hint=None):
+        from thinstore.frontends.csi.service import Plugin
+        from thinstore.nbd.server import NBDServer, ServerConfig
+
+        self.dir = short_tmpdir()
+        self.pool_dir = os.path.join(self.dir, "pool")
+        self.pool = Pool.create(self.pool_dir, capacity, 64 << 10, commit_interval=0)
+        self.server = NBDServer(self.pool, ServerConfig())
+        self.nbd_sock = self.server.listen_unix(os.path.join(self.dir, "nbd.sock"))
+        self.server.start()
+        self.sock = os.path.join(self.dir, "csi.sock")
+        self.plugin = Plugin(self.pool, self.pool_dir, "node-1", nbd_server=self.server,
+                             nbd_socket=self.nbd_sock)
+        self.plugin.start(f"unix://{self.sock}")
+        self.client = Client(self.sock)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    def close(self) -> None:
+        self.client.close()
+        self.plugin.stop()
+        self.server.shutdown()
+        self.pool.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def in_process(**kw):
+    env = InProcess(**kw)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def require_block_devices() -> None:
+    """Skip (with the reason) where the attach module cannot make block devices."""
+    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "blkid")
+    if os.geteuid() != 0:
+        pytest.skip("loop devices and mounts need root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is not available")
+    if subprocess.run(["losetup", "-f"], capture_output=True).returncode:
+        pytest.skip("no free loop device")
+
+
+def stage_req(vid: str, path: str, cap=None) -> pb.NodeStageVolumeRequest:
+    return pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=path,
+                                     volume_capability=cap or mount_cap())
+
+
+def publish_req(vid: str, staging: str, target: str, cap=None, readonly=False):
+    return pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                       target_path=target, volume_capability=cap or mount_cap(),
+                                       readonly=readonly)

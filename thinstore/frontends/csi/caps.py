@@ -21,7 +21,7 @@ MODES = {Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY,
          Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER}
 READ_ONLY_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
 #: file systems the plugin makes and grows (the mkfs and grow tools they need)
-FS_TYPES = {"ext4": ("mkfs.ext4", "resize2fs"), "ext3": ("mkfs.ext3", "resize2fs"),
+FS_TYPES = {"ext4": ("mkfs.ext4", "resize2fs"),
             "xfs": ("mkfs.xfs", "xfs_growfs")}
 DEFAULT_FS = "ext4"
 DEFAULT_SIZE = 1 << 30          # a CreateVolume without a capacity range gets 1 GiB

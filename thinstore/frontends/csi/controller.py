@@ -257,7 +257,8 @@ class Controller(pbg.ControllerServicer):
                 self.state.put("snapshots", name, rec)
             try:
                 if not self._exists(rec["id"]):
-                    self.pool.snapshot(rec["id"])
+                    with self.plugin.frozen(vid):     # a staged file system, consistent
+                        self.pool.snapshot(rec["id"])
             except BaseException:
                 if not self._exists(rec["id"]):
                     self.state.drop("snapshots", name)

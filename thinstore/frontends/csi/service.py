@@ -10,6 +10,7 @@ key :data:`TOPOLOGY_KEY`), the way local-volume CSI drivers are deployed (docs/c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from concurrent import futures
@@ -25,6 +26,7 @@ from . import csi_pb2_grpc as pbg
 from . import ids
 from .controller import Controller
 from .metadata import SnapshotMetadata
+from .node import Node
 from .rpc import Code, RPCError, handler
 from .state import State
 
@@ -44,8 +46,8 @@ class Plugin:
         self.nbd_server = nbd_server
         self.nbd_socket = nbd_socket
         self.state = State(os.path.join(pool_dir, "csi"))
-        self.node = None                 # the Node servicer, once block devices are served
         self.controller = Controller(self)
+        self.node = Node(self) if nbd_socket else None     # block devices need the NBD socket
         self.server = None
         self.endpoint = None
 
@@ -74,6 +76,13 @@ class Plugin:
         busy = self.nbd_server is not None and self.nbd_server.connections(volume_id) > 0
         return busy or self.staged(volume_id)
 
+    def frozen(self, volume_id: str):
+        """fsfreeze the volume's staged file system for a snapshot (a no-op when it is
+        not mounted here); never entered with the pool lock held."""
+        if self.node is None:
+            return contextlib.nullcontext()
+        return self.node.attacher.frozen(volume_id)
+
     def published_nodes(self, volume_id: str) -> list[str]:
         return [self.node_id] if self.in_use(volume_id) else []
 
@@ -81,6 +90,8 @@ class Plugin:
     def start(self, endpoint: str) -> str:
         """Recover, then listen on ``endpoint`` (``unix:///PATH``); returns the socket path."""
         self.controller.recover()
+        if self.node is not None:
+            self.node.recover()
         path = socket_path(endpoint)
         _remove_stale(path)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS,
@@ -101,6 +112,8 @@ class Plugin:
         if self.server is not None:
             self.server.stop(grace=2).wait()
             self.server = None
+        if self.node is not None:
+            self.node.close()
 
 
 class Identity(pbg.IdentityServicer):

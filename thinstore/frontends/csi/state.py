@@ -14,6 +14,8 @@ A record is written *before* the pool device it describes is made and dropped *a
 that device is destroyed, so a device of the plugin's never exists without its record.
 A record without its device is an operation a crash cut short: :meth:`State.reconcile`
 drops it at start (the CO's retry makes it again), so nothing is orphaned either way.
+The node service keeps its stage and publish records in a second file of the same
+layout, ``POOL/csi/node`` ({"stages": {volume_id: record}, "publishes": {target: record}}).
 A file whose magic, version or checksum is wrong stops the plugin with
 :class:`StateError` naming the file; it is never silently replaced.
 """
@@ -43,7 +45,7 @@ def pack(data: dict) -> bytes:
     return f"{MAGIC} {VERSION} {_checksum(body)}\n".encode() + body
 
 
-def unpack(raw: bytes, path: str = "state") -> dict:
+def unpack(raw: bytes, path: str = "state", kinds=("volumes", "snapshots")) -> dict:
     head, sep, body = raw.partition(b"\n")
     fields = head.decode("ascii", "replace").split(" ")
     if not sep or len(fields) != 3 or fields[0] != MAGIC:
@@ -54,8 +56,8 @@ def unpack(raw: bytes, path: str = "state") -> dict:
         raise StateError(f"{path} fails its checksum (torn or edited); restore it or remove "
                          "it and re-import the volumes")
     data = json.loads(body)
-    data.setdefault("volumes", {})
-    data.setdefault("snapshots", {})
+    for kind in kinds:
+        data.setdefault(kind, {})
     return data
 
 
@@ -63,16 +65,18 @@ class State:
     """The records, in memory and on disk.  Callers hold :attr:`lock` across a
     read-decide-write sequence; every ``put``/``drop`` is durable when it returns."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, name: str = "state",
+                 kinds: tuple[str, ...] = ("volumes", "snapshots")):
         self.dir = directory
-        self.path = os.path.join(directory, "state")
+        self.path = os.path.join(directory, name)
+        self.kinds = kinds
         self.lock = threading.RLock()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         try:
             with open(self.path, "rb") as f:
-                self.data = unpack(f.read(), self.path)
+                self.data = unpack(f.read(), self.path, kinds)
         except FileNotFoundError:
-            self.data = {"volumes": {}, "snapshots": {}}
+            self.data = {kind: {} for kind in kinds}
 
     def get(self, kind: str, name: str) -> dict | None:
         return self.data[kind].get(name)
@@ -97,7 +101,7 @@ class State:
     def reconcile(self, exists) -> list[str]:
         """Drop records whose device ``exists(device)`` denies; returns their CSI names."""
         with self.lock:
-            gone = [(kind, name) for kind in ("volumes", "snapshots")
+            gone = [(kind, name) for kind in self.kinds
                     for name, rec in self.data[kind].items() if not exists(rec["id"])]
             for kind, name in gone:
                 del self.data[kind][name]
