@@ -26,7 +26,7 @@ import time
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import Int64Value
 
-from thinstore.errors import NoSuchDevice, UsageError
+from thinstore.errors import UsageError
 from thinstore.units import max_device_size
 
 from . import caps, ids
@@ -102,7 +102,7 @@ class Controller(pbg.ControllerServicer):
         valid = ids.is_snapshot_id(sid) if kind == "snapshot" else ids.is_volume_id(sid)
         if not valid or not self._exists(sid):
             raise RPCError(Code.NOT_FOUND, f"source {kind} {sid!r} does not exist")
-        return self.pool.info(sid).size
+        return self.plugin.size_of(sid)
 
     def _ensure_volume(self, rec: dict) -> None:
         """Make the pool hold what ``rec`` describes; each step is skipped when done, so
@@ -116,7 +116,7 @@ class Controller(pbg.ControllerServicer):
                 self._clone_volume(self._existing(source["volume"]), dev)
             else:
                 self.pool.create_volume(dev, rec["size"])
-        if self.pool.info(dev).size < rec["size"]:
+        if self.plugin.size_of(dev) < rec["size"]:
             self.pool.resize(dev, rec["size"])
 
     def _clone_volume(self, src: str, dev: str) -> None:
@@ -168,7 +168,7 @@ class Controller(pbg.ControllerServicer):
     @handler
     def ListVolumes(self, req, context):
         with self.lock:
-            sizes = {d.name: d.size for d in self.pool.list()}
+            sizes = self._sizes("volumes")
             recs = {r["id"]: r for _, r in self.state.items("volumes") if r["id"] in sizes}
             chosen, token = page(list(recs), req.starting_token, req.max_entries)
             entries = [pb.ListVolumesResponse.Entry(
@@ -208,7 +208,7 @@ class Controller(pbg.ControllerServicer):
             caps.check_capabilities([req.volume_capability])
         with self.lock:
             name, rec = self._volume_record(vid)
-            size = self.pool.info(vid).size
+            size = self.plugin.size_of(vid)
             if size < required:
                 size = self._grow(vid, required, limit)
                 rec = dict(rec, size=size)
@@ -253,7 +253,8 @@ class Controller(pbg.ControllerServicer):
                     raise RPCError(Code.NOT_FOUND, f"volume {vid!r} does not exist")
                 if self.pool.status()["free"] <= 0:
                     raise RPCError(Code.RESOURCE_EXHAUSTED, "the pool has no free chunk left")
-                rec = {"id": ids.snapshot_device(vid, name), "source": vid, "params": params}
+                rec = {"id": ids.snapshot_device(vid, name), "source": vid, "params": params,
+                       "created": time.time()}
                 self.state.put("snapshots", name, rec)
             try:
                 if not self._exists(rec["id"]):
@@ -280,24 +281,25 @@ class Controller(pbg.ControllerServicer):
     @handler
     def ListSnapshots(self, req, context):
         with self.lock:
-            infos = {d.name: d for d in self.pool.list()}
-            recs = {r["id"]: r for _, r in self.state.items("snapshots") if r["id"] in infos}
+            sizes = self._sizes("snapshots")
+            recs = {r["id"]: r for _, r in self.state.items("snapshots") if r["id"] in sizes}
             if req.snapshot_id:
                 recs = {k: v for k, v in recs.items() if k == req.snapshot_id}
             if req.source_volume_id:
                 recs = {k: v for k, v in recs.items() if v["source"] == req.source_volume_id}
             chosen, token = page(list(recs), req.starting_token, req.max_entries)
-            entries = [pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(recs[i], infos[i]))
+            entries = [pb.ListSnapshotsResponse.Entry(snapshot=self._snapshot(recs[i], sizes[i]))
                        for i in chosen]
         return pb.ListSnapshotsResponse(entries=entries, next_token=token)
 
     # ------------------------------------------------------------------ helpers
     def _exists(self, device: str) -> bool:
-        try:
-            self.pool.info(device)
-            return True
-        except (NoSuchDevice, UsageError):
-            return False
+        return self.plugin.exists(device)
+
+    def _sizes(self, kind: str) -> dict[str, int]:
+        """device -> size of the records' devices that exist (O(records), no map pages)."""
+        sizes = {r["id"]: self.plugin.size_of(r["id"]) for _, r in self.state.items(kind)}
+        return {k: v for k, v in sizes.items() if v is not None}
 
     def _volume_record(self, vid: str) -> tuple[str, dict]:
         found = self.state.by_id("volumes", vid) if ids.is_volume_id(vid) else None
@@ -307,7 +309,7 @@ class Controller(pbg.ControllerServicer):
 
     def _volume(self, rec: dict, size: int | None = None) -> pb.Volume:
         vol = pb.Volume(volume_id=rec["id"],
-                        capacity_bytes=size if size is not None else self.pool.info(rec["id"]).size,
+                        capacity_bytes=size if size is not None else self.plugin.size_of(rec["id"]),
                         volume_context={k: v for k, v in rec["params"].items()
                                         if k in caps.PARAMETERS},
                         accessible_topology=self.plugin.topology())
@@ -318,32 +320,28 @@ class Controller(pbg.ControllerServicer):
             vol.content_source.volume.volume_id = source["volume"]
         return vol
 
-    def _snapshot(self, rec: dict, info=None) -> pb.Snapshot:
-        info = info or self.pool.info(rec["id"])
+    def _snapshot(self, rec: dict, size: int | None = None) -> pb.Snapshot:
         created = Timestamp()
-        created.FromNanoseconds(int(info.created * 1e9))
+        created.FromNanoseconds(int(rec["created"] * 1e9))
+        size = size if size is not None else self.plugin.size_of(rec["id"])
         return pb.Snapshot(snapshot_id=rec["id"], source_volume_id=rec["source"],
-                           size_bytes=info.size, creation_time=created, ready_to_use=True)
+                           size_bytes=size, creation_time=created, ready_to_use=True)
 
     # ------------------------------------------------------------------ start
     def recover(self) -> None:
         """At start: remove transient clone snapshots, drop records whose device a crash
         kept from being made, and finish every volume a crash left smaller than asked."""
         with self.lock:
-            for info in self.pool.list():
-                if ids.is_temp(info.name):
-                    log.warning("removing %s, left by a clone a crash interrupted", info.name)
-                    self.pool.destroy(info.name, force=True)
+            for _name, rec in list(self.state.items("volumes")):
+                source = (rec["source"] or {}).get("volume")
+                temp = ids.clone_temp(source, rec["id"]) if source else None
+                if temp and self._exists(temp):
+                    log.warning("removing %s, left by a clone a crash interrupted", temp)
+                    self.pool.destroy(temp, force=True)
             for name in self.state.reconcile(self._exists):
                 log.warning("dropped the record of %r: its create never finished", name)
             for _name, rec in list(self.state.items("volumes")):
                 self._ensure_volume(rec)
-            known = {r["id"] for kind in ("volumes", "snapshots")
-                     for _, r in self.state.items(kind)}
-            for info in self.pool.list():
-                if info.name.startswith(ids.PREFIX) and info.name not in known:
-                    log.warning("device %s looks like a CSI volume but has no record; left "
-                                "alone (import it or destroy it by hand)", info.name)
 
 
 def _source_of(req) -> dict | None:

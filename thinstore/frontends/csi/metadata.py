@@ -30,7 +30,7 @@ class SnapshotMetadata(pbg.SnapshotMetadataServicer):
     @streaming
     def GetMetadataAllocated(self, req, context):
         sid = self._snapshot(req.snapshot_id, "snapshot_id")
-        size = self.pool.info(sid).size
+        size = self.plugin.size_of(sid)
         start = _start(req.starting_offset, size)
         per = _per_message(req.max_results)
         ranges = replication.diff(self.pool, sid).ranges
@@ -43,7 +43,7 @@ class SnapshotMetadata(pbg.SnapshotMetadataServicer):
         if base.partition("@")[0] != target.partition("@")[0]:
             raise RPCError(Code.INVALID_ARGUMENT, f"{base!r} and {target!r} are snapshots of "
                            "different volumes")
-        size = self.pool.info(target).size
+        size = self.plugin.size_of(target)
         start = _start(req.starting_offset, size)
         per = _per_message(req.max_results)
         ranges = replication.diff(self.pool, target, base).ranges

@@ -199,7 +199,7 @@ class Node(pbg.NodeServicer):
         with self.lock:
             kind = self._kind_at(vid, path)
         if kind == "block":
-            size = self.plugin.pool.info(vid).size
+            size = self.plugin.size_of(vid)
             usage = [pb.VolumeUsage(unit=pb.VolumeUsage.BYTES, total=size)]
         else:
             st = os.statvfs(path)
@@ -232,7 +232,7 @@ class Node(pbg.NodeServicer):
             caps.check_capabilities([req.volume_capability])
         with self.lock:
             kind = self._kind_at(vid, path)
-            size = self.plugin.pool.info(vid).size
+            size = self.plugin.size_of(vid)
             required, limit = caps.check_range(req.capacity_range)
             if limit and size > limit:
                 raise RPCError(Code.OUT_OF_RANGE, f"volume is {size} bytes, more than "
