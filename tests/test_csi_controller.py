@@ -82,7 +82,7 @@ def test_create_volume_same_name_other_request_is_already_exists(c, change):
     if change == "size":
         req = create_req(name, 32 * MiB)
     elif change == "params":
-        req = create_req(name, 16 * MiB, parameters={"mkfsOptions": "-m 0"})
+        req = create_req(name, 16 * MiB, parameters={"overcommit": "10"})
     else:
         req = create_req(name, 16 * MiB, volume_content_source=vol_source(base.volume_id))
     assert status_of(c.controller.CreateVolume, req) == C.ALREADY_EXISTS
@@ -362,14 +362,27 @@ def test_full_pool_is_resource_exhausted():
         assert c.create("pvc-more").volume_id == "csi.pvc-more"
 
 
+def test_overcommit_limits_what_volumes_promise():
+    with plugin_env(capacity=64 * MiB) as env:
+        c = env.client
+        two = {"overcommit": "2"}
+        c.create("pvc-oc-1", 100 * MiB, parameters=two)
+        assert status_of(c.controller.CreateVolume, create_req(
+            "pvc-oc-2", 40 * MiB, parameters=two)) == C.RESOURCE_EXHAUSTED
+        assert c.create("pvc-oc-2", 28 * MiB, parameters=two).capacity_bytes == 28 * MiB
+        assert c.create("pvc-oc-3", 40 * MiB).capacity_bytes == 40 * MiB   # no limit asked
+        for bad in ("0", "-1", "lots", "inf", "nan"):
+            assert status_of(c.controller.CreateVolume, create_req(
+                "pvc-oc-bad", parameters={"overcommit": bad})) == C.INVALID_ARGUMENT
+
+
 def test_idempotency_survives_a_restart():
     with plugin_env(capacity=1 * GiB) as env:
-        vol = env.client.create("pvc-restart", 24 * MiB, parameters={"mkfsOptions": "-m 0"})
+        vol = env.client.create("pvc-restart", 24 * MiB, parameters={"overcommit": "2"})
         snap = env.client.snapshot("snap-restart", vol.volume_id)
         env.restart()
         c = env.client
-        assert c.create("pvc-restart", 24 * MiB, parameters={"mkfsOptions": "-m 0"}) == vol
-        assert vol.volume_context["mkfsOptions"] == "-m 0"
+        assert c.create("pvc-restart", 24 * MiB, parameters={"overcommit": "2"}) == vol
         assert status_of(c.controller.CreateVolume, create_req("pvc-restart", 24 * MiB)) \
             == C.ALREADY_EXISTS
         assert c.snapshot("snap-restart", vol.volume_id) == snap

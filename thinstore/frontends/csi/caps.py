@@ -27,8 +27,10 @@ DEFAULT_FS = "ext4"
 DEFAULT_SIZE = 1 << 30          # a CreateVolume without a capacity range gets 1 GiB
 ALIGN = 4096                    # sizes are whole 4 KiB blocks (loop and NBD devices need it)
 
-#: StorageClass parameters the plugin understands (docs/csi.md, "Parameters")
-PARAMETERS = {"mkfsOptions"}
+#: StorageClass parameters the plugin understands (docs/csi.md, "Parameters"):
+#: overcommit  how many times the pool's capacity the plugin's volumes may promise in
+#:             total, counting the new one (a positive number; unset: no limit)
+PARAMETERS = {"overcommit"}
 #: keys the Kubernetes sidecars may add (--extra-create-metadata); recorded, not used
 PASSED_PREFIX = "csi.storage.k8s.io/"
 
@@ -72,7 +74,23 @@ def check_parameters(params) -> dict:
         raise RPCError(Code.INVALID_ARGUMENT,
                        f"unknown parameter(s) {', '.join(sorted(unknown))}; thinstore takes "
                        f"{', '.join(sorted(PARAMETERS))}")
+    if "overcommit" in params:
+        overcommit(params)
     return dict(params)
+
+
+def overcommit(params) -> float | None:
+    """The ``overcommit`` ratio of the parameters (None: unlimited); INVALID_ARGUMENT."""
+    text = params.get("overcommit")
+    if text is None:
+        return None
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = 0.0
+    if not ratio > 0 or ratio == float("inf"):
+        raise RPCError(Code.INVALID_ARGUMENT, f"overcommit {text!r} is not a positive number")
+    return ratio
 
 
 def check_range(rng) -> tuple[int, int]:

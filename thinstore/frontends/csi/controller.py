@@ -92,10 +92,22 @@ class Controller(pbg.ControllerServicer):
         if size > max_device_size(self.pool.chunk_size):
             raise RPCError(Code.OUT_OF_RANGE, f"{size} bytes is more than this pool's "
                            f"largest volume ({max_device_size(self.pool.chunk_size)})")
-        if self.pool.status()["free"] <= 0:
-            raise RPCError(Code.RESOURCE_EXHAUSTED, "the pool has no free chunk left")
+        self._need_room(size, caps.overcommit(params))
         return {"id": ids.volume_device(name), "size": size, "params": params,
                 "source": source, "created": time.time()}
+
+    def _need_room(self, size: int, ratio: float | None) -> None:
+        """RESOURCE_EXHAUSTED when the pool is full, or when the new volume would make the
+        plugin's volumes promise more than ``ratio`` times the pool's capacity."""
+        status = self.pool.status()
+        if status["free"] <= 0:
+            raise RPCError(Code.RESOURCE_EXHAUSTED, "the pool has no free chunk left")
+        if ratio is not None:
+            promised = sum(self._sizes("volumes").values()) + size
+            if promised > ratio * status["capacity"]:
+                raise RPCError(Code.RESOURCE_EXHAUSTED, f"volumes would promise {promised} "
+                               f"bytes, more than overcommit {ratio:g} x the pool's "
+                               f"{status['capacity']} bytes")
 
     def _source_size(self, source: dict) -> int:
         (kind, sid), = source.items()
@@ -310,8 +322,6 @@ class Controller(pbg.ControllerServicer):
     def _volume(self, rec: dict, size: int | None = None) -> pb.Volume:
         vol = pb.Volume(volume_id=rec["id"],
                         capacity_bytes=size if size is not None else self.plugin.size_of(rec["id"]),
-                        volume_context={k: v for k, v in rec["params"].items()
-                                        if k in caps.PARAMETERS},
                         accessible_topology=self.plugin.topology())
         source = rec["source"] or {}
         if "snapshot" in source:
