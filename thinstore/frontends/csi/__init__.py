@@ -51,8 +51,18 @@ class CSIFrontend(Frontend):
         self.plugin = Plugin(self.ctx.pool, self.ctx.pool_dir, node_id,
                              nbd_server=self.ctx.nbd_server, nbd_socket=self.ctx.nbd_socket)
         self.path = self.plugin.start(endpoint)
+        self._hooks = getattr(self.ctx.control, "snapshot_hooks", None)
+        if self._hooks is not None and self.plugin.node is not None:
+            # `thinstore snapshot csi.X@s` through the control socket freezes a staged
+            # file system too, as CreateSnapshot does
+            self._hooks.append(self.plugin.node.attacher.snapshot_hook)
 
     def stop(self) -> None:
+        hooks = getattr(self, "_hooks", None)
+        if hooks is not None and self.plugin.node is not None:
+            hook = self.plugin.node.attacher.snapshot_hook
+            if hook in hooks:
+                hooks.remove(hook)
         if self.plugin is not None:
             self.plugin.stop()
 
