@@ -232,3 +232,17 @@ def publish_req(vid: str, staging: str, target: str, cap=None, readonly=False):
     return pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
                                        target_path=target, volume_capability=cap or mount_cap(),
                                        readonly=readonly)
+
+
+def once_released(call, req):
+    """Run ``call(req)`` once the NBD server has let go of a client that just hung up:
+    it releases the device from its own thread, so the first try may still find the
+    device open (FAILED_PRECONDITION, which a CO retries too).  Bounded."""
+    for _ in range(500):
+        try:
+            return call(req, timeout=30)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+        time.sleep(0.02)
+    return call(req, timeout=30)

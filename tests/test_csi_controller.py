@@ -9,7 +9,8 @@ import os
 import grpc
 import pytest
 
-from csi_helpers import GiB, MiB, Mode, block_cap, mount_cap, pb, plugin_env, status_of
+from csi_helpers import (GiB, MiB, Mode, block_cap, mount_cap, once_released, pb, plugin_env,
+                         status_of)
 from thinstore.frontends.csi import state as csi_state
 from thinstore.nbd.client import NBDDevice
 
@@ -97,6 +98,17 @@ def test_create_volume_honours_an_exact_range_and_rejects_impossible_ones(c):
     assert status_of(c.controller.CreateVolume, create_req("pvc-huge", 1 << 62)) == C.OUT_OF_RANGE
 
 
+def test_create_volume_only_where_the_topology_allows(c):
+    key = "topology.csi.thinstore.dev/node"
+    here = pb.TopologyRequirement(requisite=[pb.Topology(segments={key: "node-9"}),
+                                             pb.Topology(segments={key: "node-1"})])
+    vol = c.controller.CreateVolume(create_req("pvc-topo", accessibility_requirements=here))
+    assert vol.volume.accessible_topology[0].segments[key] == "node-1"
+    elsewhere = pb.TopologyRequirement(requisite=[pb.Topology(segments={key: "node-9"})])
+    assert status_of(c.controller.CreateVolume, create_req(
+        "pvc-topo-2", accessibility_requirements=elsewhere)) == C.RESOURCE_EXHAUSTED
+
+
 def test_create_volume_without_a_range_gets_the_default(c):
     req = pb.CreateVolumeRequest(name="pvc-default", volume_capabilities=[block_cap()])
     assert c.controller.CreateVolume(req).volume.capacity_bytes == 1 * GiB
@@ -177,7 +189,7 @@ def test_delete_volume_in_use_is_failed_precondition(c, env):
         got = c.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
             volume_id=vol.volume_id))
         assert list(got.status.published_node_ids) == ["node-1"]
-    c.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    once_released(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol.volume_id))
 
 
 def test_deleting_a_volume_keeps_its_snapshots(c):
@@ -291,7 +303,7 @@ def test_delete_snapshot_idempotent_in_use_and_missing_id(c, env):
     with NBDDevice(os.path.join(env.dir, "nbd.sock"), snap.snapshot_id):
         assert status_of(c.controller.DeleteSnapshot,
                          D(snapshot_id=snap.snapshot_id)) == C.FAILED_PRECONDITION
-    c.controller.DeleteSnapshot(D(snapshot_id=snap.snapshot_id))
+    once_released(c.controller.DeleteSnapshot, D(snapshot_id=snap.snapshot_id))
     c.controller.DeleteSnapshot(D(snapshot_id=snap.snapshot_id))
     c.controller.DeleteSnapshot(D(snapshot_id="never-existed"))
     assert status_of(c.controller.DeleteSnapshot, D()) == C.INVALID_ARGUMENT
@@ -358,7 +370,7 @@ def test_full_pool_is_resource_exhausted():
             == C.RESOURCE_EXHAUSTED
         assert status_of(c.controller.CreateSnapshot, pb.CreateSnapshotRequest(
             name="snap-full", source_volume_id=vol.volume_id)) == C.RESOURCE_EXHAUSTED
-        c.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+        once_released(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol.volume_id))
         assert c.create("pvc-more").volume_id == "csi.pvc-more"
 
 

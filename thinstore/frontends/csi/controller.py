@@ -58,6 +58,7 @@ class Controller(pbg.ControllerServicer):
         params = caps.check_parameters(req.parameters)
         required, limit = caps.check_range(req.capacity_range)
         source = _source_of(req)
+        self._need_this_node(req)
         with self.lock:
             rec = self.state.get("volumes", name)
             if rec is not None:
@@ -74,6 +75,16 @@ class Controller(pbg.ControllerServicer):
                 raise
             crash_point("volume-made")
             return pb.CreateVolumeResponse(volume=self._volume(rec))
+
+    def _need_this_node(self, req) -> None:
+        """RESOURCE_EXHAUSTED when the requisite topologies all exclude this node (the
+        pool lives here; spec.md CreateVolume, "Unable to provision in topology")."""
+        requisite = req.accessibility_requirements.requisite
+        mine = self.plugin.topology()[0].segments
+        if requisite and not any(all(mine.get(k) == v for k, v in t.segments.items())
+                                 for t in requisite):
+            raise RPCError(Code.RESOURCE_EXHAUSTED, f"this plugin's pool is on node "
+                           f"{self.plugin.node_id!r}, which no requisite topology allows")
 
     def _same_volume(self, name, rec, required, limit, params, source) -> None:
         why = None
@@ -134,7 +145,8 @@ class Controller(pbg.ControllerServicer):
     def _clone_volume(self, src: str, dev: str) -> None:
         temp = ids.clone_temp(src, dev)
         if not self._exists(temp):
-            self.pool.snapshot(temp)
+            with self.plugin.frozen(src):          # a staged source: a consistent clone
+                self.pool.snapshot(temp)
         crash_point("clone-snapshotted")
         self.pool.clone(temp, dev)
         crash_point("clone-made")
