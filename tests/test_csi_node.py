@@ -292,9 +292,26 @@ def test_a_blank_volume_gets_a_file_system_once_and_keeps_its_data(env):
     unpublish_and_unstage(c, vid, stg, tgt)
 
 
+def test_data_without_a_file_system_is_never_formatted(env):
+    c = env.client
+    vid = c.create("pvc-raw-data", 32 * MiB, caps=[block_cap()]).volume_id
+    payload = os.urandom(1 << 20)
+    with env.pool.open_device(vid) as dev:
+        dev.pwrite(payload, 0)
+    stg = env.path("staging", "raw-data")
+    with pytest.raises(grpc.RpcError) as err:
+        c.node.NodeStageVolume(stage_req(vid, stg), timeout=60)
+    assert "refusing" in err.value.details()
+    with env.pool.open_device(vid) as dev:
+        assert dev.pread(0, 1 << 20) == payload
+    c.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=stg))
+    assert not os.path.ismount(stg)
+
+
 # ------------------------------------------------------------------------------ restarts
 
-def test_a_killed_plugin_stages_and_publishes_its_volumes_again():
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_restarted_plugin_stages_and_publishes_its_volumes_again(sig):
     require_block_devices()
     with plugin_env() as env:
         c = env.client
@@ -303,7 +320,7 @@ def test_a_killed_plugin_stages_and_publishes_its_volumes_again():
         c.node.NodeStageVolume(stage_req(vid, stg))
         c.node.NodePublishVolume(publish_req(vid, stg, tgt))
         write(os.path.join(tgt, "state"), "before the crash")
-        env.plugin.proc.send_signal(signal.SIGKILL)
+        env.plugin.proc.send_signal(sig)
         env.plugin.wait()
         env.stop_plugin()
         env.start()
