@@ -100,11 +100,6 @@ def is_snapshot_id(text: str) -> bool:
     return bool(sep) and base.startswith(PREFIX) and snap.startswith(PREFIX)
 
 
-def is_temp(device: str) -> bool:
-    base, sep, snap = device.partition("@")
-    return bool(sep) and base.startswith(PREFIX) and snap.startswith(TEMP_PREFIX)
-
-
 def csi_name_of(device: str) -> str | None:
     """The CSI name a plugin device was made for (None: hashed, or not the plugin's)."""
     part = device.partition("@")[2] or device
