@@ -21,6 +21,10 @@ from thinstore.frontends.csi.rpc import CRASH_ENV
 from thinstore.frontends.csi.state import State
 from thinstore.nbd.client import NBDDevice
 
+# kills and restarts the plugin process: it tests the process, not the kernels, so CI
+# runs it once (with the native kernels), not again on the pure-Python twins
+pytestmark = pytest.mark.integration
+
 
 def vol_source(vid):
     return pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=vid))
