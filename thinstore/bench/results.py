@@ -38,14 +38,13 @@ class Recorder:
     8 bytes per number, so a million requests take 16 MB, not 60.
     """
 
-    __slots__ = ("lat", "end", "flush_lat", "ops", "nbytes")
+    __slots__ = ("lat", "end", "flush_lat", "ops")
 
     def __init__(self):
         self.lat = (array("q"), array("q"))       # [read, write]
         self.end = (array("q"), array("q"))
         self.flush_lat = array("q")
         self.ops = 0          # read by the progress line while the run goes on
-        self.nbytes = 0
 
 
 def summarise(recorders: list[Recorder], elapsed: float, io_size: int, engine: str) -> dict:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import shutil
 
 from thinstore.errors import DeviceBusy, ReadOnlyDevice, ThinstoreError
 

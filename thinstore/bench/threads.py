@@ -40,7 +40,6 @@ class ThreadedRun:
         self._limit = workload.io_total // workload.io_size if workload.io_total else None
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
-        self.start = 0.0
 
     def ops_done(self) -> int:
         """Requests completed so far (for the progress line)."""
@@ -52,7 +51,6 @@ class ThreadedRun:
             threads = [threading.Thread(target=self._worker, name=f"bench-{i}",
                                         args=(handles[0 if self.shared else i], rec, i))
                        for i, rec in enumerate(self.recorders)]
-            self.start = time.monotonic()
             self._start_ns = time.perf_counter_ns() + int(self.w.ramp * 1e9)  # measured from
             self._deadline = self._start_ns + int(self.w.seconds * 1e9) if self.w.seconds else None
             for t in threads:
