@@ -65,7 +65,12 @@ def runs_by_server(result: dict) -> dict:
     if not compare:
         return {"thinstore": result}
     from thinstore.bench.compare import median_run
-    return {name: median_run(runs) for name, runs in compare["servers"].items()}
+    return {name: median_run(compare["servers"][name]) for name in _order(compare["servers"])}
+
+
+def _order(servers) -> list[str]:
+    """thinstore first, then the peers by name (a JSON round trip sorts the keys)."""
+    return sorted(servers, key=lambda name: (name != "thinstore", name))
 
 
 def figure(result: dict):
@@ -136,7 +141,7 @@ def _timeline(ax, runs: dict) -> None:
 
 
 def _bars(ax, compare: dict) -> None:
-    names = list(compare["servers"])
+    names = _order(compare["servers"])
     medians = [compare["median_iops"][n] for n in names]
     ax.bar(names, medians, color=[COLORS.get(n, "#888888") for n in names], alpha=0.7)
     for i, name in enumerate(names):
