@@ -40,19 +40,8 @@ CHECKPOINT_SECONDS = 5.0
 
 
 def device_map(pool, name: str) -> DeviceMap:
-    """Read-only view of a device's map for the diff; call with pool.lock held.
-
-    The core has no public accessor for maps; this reads its attributes
-    (DeviceMeta.directory, MapStore.pages) without changing anything.
-    """
-    dm = pool._find(name)
-    maps = pool.md.maps
-
-    def rows(ids):
-        maps.ensure_loaded(ids)
-        return maps.pages[ids.astype("int64")]
-
-    return DeviceMap(dm.size, pool.chunk_size, dm.directory.arr.copy(), rows)
+    """Read-only view of a device's map for the diff; call with pool.lock held."""
+    return DeviceMap(*pool.map_view(name))
 
 
 @dataclasses.dataclass
