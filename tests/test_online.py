@@ -231,3 +231,38 @@ def test_receive_refuses_a_volume_with_nbd_clients(pools, tmp_path):
 def _clients(pool: str, name: str) -> int:
     with RemotePool(pool) as remote:
         return remote.connections().get(name, 0)
+
+
+def test_a_pinned_generation_stays_whole_while_commits_reuse_space(pool):
+    """What check and dump of a served pool rely on: the committed tree they read is not
+    overwritten by the commits that go on meanwhile, and its blocks are freed after."""
+    from thinstore.check import PinnedMeta, check_metadata, check_served
+    from thinstore.dump import dump_metadata
+    from thinstore.salvage import salvage
+    from thinstore.storage import FileIO
+
+    def read_back(slots):
+        meta = PinnedMeta(FileIO(os.path.join(pool.path, "meta"), readonly=True), slots)
+        try:
+            sv = salvage(meta, pool.md.data_fio)
+            return dump_metadata(sv.md), sv.problems + check_metadata(sv.md)
+        finally:
+            meta.close()
+
+    pool.create_volume("v", 8 * MiB)
+    with pool.open_device("v") as dev:
+        dev.pwrite(os.urandom(4 * MiB), 0)
+        pool.commit()
+        with pool.lock:
+            want = dump_metadata(pool.md)
+        with pool.pinned_generation() as slots:
+            for i in range(20):               # each commit frees the previous tree's blocks
+                dev.pwrite(os.urandom(64 << 10), i * (64 << 10))
+                pool.commit()
+            held = len(pool.md.store.held)
+            got, problems = read_back(slots)
+        assert got == want and problems == [], "the pinned generation read back whole"
+        assert held > 0 and not pool.md.store.held, "held while pinned, freed after"
+    report = check_served(pool)
+    assert report.clean, report.problems
+    assert report.info["generation"] == pool.md.generation
