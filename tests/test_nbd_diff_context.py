@@ -11,7 +11,8 @@ import pytest
 
 from thinstore.control import ControlServer
 from thinstore.nbd import protocol as P
-from nbd_helpers import MiB, RawClient, cli, meta_request, need, run, served
+from nbd_helpers import (ROOT, SYSTEM_PYTHON, MiB, RawClient, cli, meta_request, need,
+                         need_libnbd_python, run, served)
 
 GiB = 1 << 30
 CS = 64 << 10
@@ -23,7 +24,7 @@ def srv():
     """A served pool: `big` (64 GiB, sparse, a few scattered changes between big@a and
     big@b) and `small` (8 MiB of data, changes of several kinds between small@a and small@b)."""
     with served(capacity=1 * GiB, chunk_size=CS) as s:
-        control = ControlServer(s.pool, s.server)
+        control = ControlServer(s.pool, s.server, nbd_socket=s.sock)
         control.listen()
         pool = s.pool
         rng = np.random.default_rng(7)
@@ -188,3 +189,20 @@ def test_a_destroyed_base_gets_an_error_not_a_wrong_answer(srv):
         c.close()
     assert chunks[-1][0] == P.REPLY_TYPE_ERROR
     assert os.strerror(int.from_bytes(chunks[-1][1][:4], "big"))
+
+
+def test_an_image_brought_up_to_date_by_copying_only_the_diff_ranges(srv, tmp_path):
+    """docs/replication.md's third way: tools/nbd_diff_copy.py (libnbd) on small@b."""
+    need_libnbd_python()
+    image = tmp_path / "small.img"
+    cli("--pool", srv.pool.path, "export", "small@a", str(image))
+    out = system_python_file(os.path.join(ROOT, "tools", "nbd_diff_copy.py"),
+                             srv.uri("small@b"), "small@a", str(image)).stdout
+    with srv.pool.open_device("small@b") as b:
+        assert image.read_bytes() == b.pread(0, 8 * MiB)
+    copied = sum(n for _, n in diff_ranges(srv, "small@a", "small@b"))
+    assert out.split() == ["copied", str(copied), "of", str(8 * MiB), "bytes"]
+
+
+def system_python_file(path: str, *args: str):
+    return run([SYSTEM_PYTHON, path, *args])
