@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from thinstore.control import RemotePool
-from nbd_helpers import SYSTEM_PYTHON, MiB, need, need_libnbd_python, run, wait_for
+from nbd_helpers import ROOT, SYSTEM_PYTHON, MiB, need, need_libnbd_python, run, wait_for
 from online_helpers import STALL_NS, Fio, Server, env, fio_ok, pipe, ts
 
 
@@ -266,3 +267,51 @@ def test_a_pinned_generation_stays_whole_while_commits_reuse_space(pool):
     report = check_served(pool)
     assert report.clean, report.problems
     assert report.info["generation"] == pool.md.generation
+
+
+def test_the_three_backup_walkthroughs_of_the_docs_run(tmp_path):
+    """docs/replication.md's shell blocks, run as written on a served vm1 (paths moved,
+    and the volume written just before each snapshot, as a served one is)."""
+    need_libnbd_python()
+    need("nbdinfo", "nbdcopy")
+    text = open(os.path.join(ROOT, "docs", "replication.md")).read()
+    section = text[text.index("## Incremental backup of a served volume"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    srv_pool, bin_dir = str(tmp_path / "srv"), tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "thinstore"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m thinstore \"$@\"\n")
+    wrapper.chmod(0o755)
+    pools = {p: str(tmp_path / p) for p in ("srv", "backup", "restore")}
+    for p in pools.values():
+        ts(p, "init", "--capacity", "1G")
+    ts(srv_pool, "create", "vm1", "--size", "64M")
+    srv = Server(srv_pool)
+    results = []
+    try:
+        run_env = dict(env(), PATH=f"{bin_dir}:{os.environ['PATH']}")
+        for n, block in enumerate(blocks):
+            write = f"head -c 1M /dev/urandom | nbdcopy - '{srv.uri('vm1')}'"
+            script = "\n".join(f"{write}; {line}" if "snapshot vm1@" in line else line
+                               for line in block.splitlines())
+            script = (script.replace("/srv/pool/nbd.sock", srv.sock)
+                      .replace("/srv/pool", srv_pool).replace("/backup/pool", pools["backup"])
+                      .replace("/restore", pools["restore"])
+                      .replace("tools/", os.path.join(ROOT, "tools") + "/"))
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                                  env=run_env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (script, done.stderr)
+            want = exported(srv_pool, "vm1@tue", tmp_path / "want")
+            got = [lambda: exported(pools["backup"], "vm1@tue", tmp_path / "got"),
+                   lambda: exported(pools["restore"], "vm1@tue", tmp_path / "got"),
+                   lambda: (tmp_path / "vm1.img").read_bytes()][n]()
+            results.append(got == want)
+            if n == 2:
+                assert "copied 1048576 of 67108864 bytes" in done.stdout
+            ts(srv_pool, "destroy", "vm1@tue")
+            ts(srv_pool, "destroy", "vm1@mon", check=False)
+    finally:
+        srv.stop()
+    assert results == [True, True, True]
