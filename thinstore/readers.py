@@ -58,9 +58,9 @@ class Readers:
 
         Call with ``pool.lock`` held for as long as ``rows`` is used: page ids name
         pages that a write may shadow and a destroy may free. NoSuchDevice if `name`
-        is not a device; a receive's hidden workspace (``.receive.NAME``) is one.
+        is not a device; a receive's hidden workspace is one, by its hidden name.
         """
-        dm = self._hidden(name) if name.startswith(".") else None
+        dm = self._hidden(name)
         dm = dm if dm is not None else self._find(name)
         d = dm.directory.arr
         end = len(d) if nslots is None else min(len(d), first_slot + nslots)
