@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import NoSuchDevice
 from .format import BLOCK_SIZE, FANOUT, SUPERBLOCK_SLOTS
 
 
@@ -60,8 +61,12 @@ class Readers:
         pages that a write may shadow and a destroy may free. NoSuchDevice if `name`
         is not a device; a receive's hidden workspace is one, by its hidden name.
         """
-        dm = self._hidden(name)
-        dm = dm if dm is not None else self._find(name)
+        try:
+            dm = self._find(name)
+        except NoSuchDevice:
+            dm = self._hidden(name)
+            if dm is None:
+                raise
         d = dm.directory.arr
         end = len(d) if nslots is None else min(len(d), first_slot + nslots)
         first = min(first_slot, end)
