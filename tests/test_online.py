@@ -1,5 +1,8 @@
 """send, receive, diff, check, dump and scrub while `thinstore serve` holds the pool,
-with fio writing through the server: the output of each, and what the clients see."""
+with fio writing through the server: the output of each, and what the clients see.
+
+The tests that run a `thinstore serve` daemon are marked integration: CI runs them once,
+with the native kernels (the pure-Python run would repeat the same CLI round trips)."""
 
 from __future__ import annotations
 
@@ -89,6 +92,7 @@ def test_check_scrub_and_dump_of_a_served_pool_while_fio_writes(pools):
     assert error == 0 and written > 0 and slowest < STALL_NS
 
 
+@pytest.mark.integration
 def test_scrub_of_a_served_pool_names_a_damaged_chunk(pools):
     src, _ = pools
     doc = json.loads(ts(src, "dump", "--json").stdout)
@@ -113,6 +117,7 @@ def test_scrub_of_a_served_pool_names_a_damaged_chunk(pools):
                        if line.startswith("damaged:")]
 
 
+@pytest.mark.integration
 def test_online_output_and_exit_codes_are_the_offline_ones(pools, tmp_path):
     src, _ = pools
     ts(src, "snapshot", "vol@two")
@@ -136,6 +141,7 @@ def test_online_output_and_exit_codes_are_the_offline_ones(pools, tmp_path):
     assert [p.returncode for p in offline[7:]] == [3, 3, 2, 2]
 
 
+@pytest.mark.integration
 def test_a_snapshot_being_sent_cannot_be_destroyed(pools):
     """Its chunks must not be freed and reused under the stream, even with --force."""
     src, _ = pools
@@ -204,6 +210,7 @@ def _wait_for_workspace(pool: str) -> None:
     raise AssertionError("the receive never started")
 
 
+@pytest.mark.integration
 def test_receive_refuses_a_volume_with_nbd_clients(pools, tmp_path):
     """Publishing replaces the volume's content, as rollback would: not under clients."""
     src, dst = pools
@@ -269,6 +276,7 @@ def test_a_pinned_generation_stays_whole_while_commits_reuse_space(pool):
     assert report.info["generation"] == pool.md.generation
 
 
+@pytest.mark.integration
 def test_the_three_backup_walkthroughs_of_the_docs_run(tmp_path):
     """docs/replication.md's shell blocks, run as written on a served vm1 (paths moved,
     and the volume written just before each snapshot, as a served one is)."""
