@@ -10,6 +10,7 @@ import filecmp
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -323,3 +324,33 @@ def test_the_three_backup_walkthroughs_of_the_docs_run(tmp_path):
     finally:
         srv.stop()
     assert results == [True, True, True]
+
+
+@pytest.mark.integration
+def test_interrupting_an_online_receive_stops_it_in_the_server(pools, tmp_path):
+    """^C of the command stops the server's receive too (it notices at its next progress
+    event) and leaves it resumable, as offline."""
+    src, dst = pools
+    stream = tmp_path / "s"
+    ts(src, "send", "vol@base", "-o", str(stream))
+    data = stream.read_bytes()
+    srv = Server(dst)
+    try:
+        feeder = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", dst, "receive",
+                                   "copy"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=env())
+        feeder.stdin.write(data[:len(data) // 2])
+        feeder.stdin.flush()
+        _wait_for_workspace(dst)
+        feeder.send_signal(signal.SIGINT)
+        assert feeder.wait(30) == 130 and b"interrupted" in feeder.stderr.read()
+        with pytest.raises(BrokenPipeError):     # the server let go of the stream
+            for pos in range(len(data) // 2, len(data), 64 << 10):
+                feeder.stdin.write(data[pos:pos + (64 << 10)])
+                feeder.stdin.flush()
+        assert ts(dst, "list", "copy", check=False).returncode == 3
+        done = ts(dst, "receive", "--resume", "copy", "-i", str(stream), "-v")
+    finally:
+        srv.stop()
+    assert b"received copy@base" in done.stderr
+    assert exported(dst, "copy@base", tmp_path / "c") == exported(src, "vol@base", tmp_path / "v")

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 
@@ -165,8 +166,8 @@ class ControlServer:
                 line, fds = reader.readline(MAX_LINE + 1)
                 if not line:
                     break
-                emit = lambda event: conn.sendall(json.dumps({"event": event}).encode() + b"\n")
-                conn.sendall(json.dumps(self.handle_line(line, fds, emit)).encode() + b"\n")
+                answer = self.handle_line(line, fds, _Events(conn))
+                conn.sendall(json.dumps(answer).encode() + b"\n")
         except OSError as exc:
             log.debug("control client gone: %s", exc)
         finally:
@@ -264,6 +265,28 @@ class _Lines:
         line, self.buf = self.buf[:cut], self.buf[cut:]
         fds, self.fds = self.fds, []
         return line, fds
+
+
+class _Events:
+    """Event lines to a control client ahead of its answer, and whether it has gone."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+
+    def __call__(self, event: dict) -> None:
+        self.conn.sendall(json.dumps({"event": event}).encode() + b"\n")
+
+    def gone(self) -> bool:
+        """True once the client hung up (^C, killed): nobody waits for the answer.
+        (poll first: recv on a socket with a timeout would wait for data.)"""
+        try:
+            poller = select.poll()            # not select(): descriptors may pass 1023
+            poller.register(self.conn, select.POLLIN)
+            if not poller.poll(0):
+                return False
+            return self.conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
 
 def _take_fds(fds: list[int], request: dict) -> list[int]:

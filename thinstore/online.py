@@ -32,7 +32,11 @@ import time
 import numpy as np
 
 from . import replication as RP
-from .errors import DeviceBusy, ProtocolError
+from .errors import DeviceBusy, ProtocolError, ThinstoreError
+
+class ClientGone(ThinstoreError):
+    """The control client of a running online command hung up."""
+
 
 #: op -> parameter names
 OPS = {
@@ -76,8 +80,11 @@ class _Context:
         return os.fdopen(self.fds.pop(), mode)
 
     def progress(self, done: int, total: int, final: bool = False) -> None:
-        """Tell the client how far we are (at most every EVENT_INTERVAL); a client
-        that is gone stops the command here (the send fails with its error)."""
+        """Tell the client how far we are (at most every EVENT_INTERVAL). A client that
+        has gone (^C) stops the command here, as an interrupt stops it offline: a
+        receive keeps what it applied (resumable), a send ends its stream unfinished."""
+        if self.emit is not None and getattr(self.emit, "gone", lambda: False)():
+            raise ClientGone("the client went away (interrupted)")
         now = time.monotonic()
         if self.emit is not None and (final or now - self._last >= EVENT_INTERVAL):
             self._last = now
