@@ -6,7 +6,6 @@ with the native kernels (the pure-Python run would repeat the same CLI round tri
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
 import re

@@ -39,7 +39,7 @@ from .datasums import DataSums, open_intent
 from .datapath import DataPath
 from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
-from .readers import MapView, Readers  # noqa: F401 (MapView: public)
+from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import new_uuid, valid_chunk_size

@@ -22,7 +22,7 @@ from thinstore import replication as RP
 from thinstore.cli.context import open_local_pool, served_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell
-from thinstore.errors import PoolFull, UsageError
+from thinstore.errors import UsageError
 from thinstore.progress import Progress
 
 
