@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -353,3 +354,37 @@ def test_interrupting_an_online_receive_stops_it_in_the_server(pools, tmp_path):
         srv.stop()
     assert b"received copy@base" in done.stderr
     assert exported(dst, "copy@base", tmp_path / "c") == exported(src, "vol@base", tmp_path / "v")
+
+
+def test_bad_online_requests_get_clear_errors_and_the_server_carries_on(pool, tmp_path):
+    """Wrong descriptor counts, a descriptor that cannot be written, unknown arguments:
+    each gets its error; nothing is left open and the next request is answered."""
+    import socket as _socket
+    from thinstore.control import ControlServer
+    from thinstore.errors import ProtocolError
+    pool.create_volume("v", MiB)
+    pool.snapshot("v@a")
+    server = ControlServer(pool)
+    server.listen(str(tmp_path / "c.sock"))
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        with RemotePool.__new__(RemotePool) as remote:
+            remote.path = pool.path
+            remote._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            remote._sock.connect(str(tmp_path / "c.sock"))
+            remote._reader = remote._sock.makefile("rb")
+            remote._lock = threading.Lock()
+            with pytest.raises(ProtocolError, match="needs 1 descriptor"):
+                remote.stream("send", snapshot="v@a")
+            with open(tmp_path / "f", "w") as f, pytest.raises(ProtocolError, match="descriptor"):
+                remote.stream("diff", fds=[f.fileno()], a="v@a")
+            with open(os.devnull, "rb") as f, pytest.raises(OSError):
+                remote.stream("send", fds=[f.fileno()], snapshot="v@a")   # not writable
+            with pytest.raises(ProtocolError, match="takes"):
+                remote.stream("scrub", speed=1)
+            assert remote.stream("diff", a="v@a")["ranges"] == []
+            assert remote.ping()["pid"] == os.getpid()
+        wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before,
+                 what="every passed descriptor and the connection to be closed")
+    finally:
+        server.shutdown()

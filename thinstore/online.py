@@ -34,6 +34,7 @@ import numpy as np
 from . import replication as RP
 from .errors import DeviceBusy, ProtocolError, ThinstoreError
 
+
 class ClientGone(ThinstoreError):
     """The control client of a running online command hung up."""
 
