@@ -250,13 +250,13 @@ def test_a_pinned_generation_stays_whole_while_commits_reuse_space(pool):
     from thinstore.salvage import salvage
     from thinstore.storage import FileIO
 
-    def read_back(slots):
-        meta = PinnedMeta(FileIO(os.path.join(pool.path, "meta"), readonly=True), slots)
+    def read_back(slots):         # through a file of its own: what the pin keeps on disk
+        fio = FileIO(os.path.join(pool.path, "meta"), readonly=True)
         try:
-            sv = salvage(meta, pool.md.data_fio)
+            sv = salvage(PinnedMeta(fio, slots), pool.md.data_fio)
             return dump_metadata(sv.md), sv.problems + check_metadata(sv.md)
         finally:
-            meta.close()
+            fio.close()
 
     pool.create_volume("v", 8 * MiB)
     with pool.open_device("v") as dev:

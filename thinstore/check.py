@@ -164,23 +164,19 @@ def check_path(path: str, fileio=FileIO) -> Report:
         os.close(lockfd)
 
 
-def check_served(pool, fileio=FileIO) -> Report:
+def check_served(pool) -> Report:
     """Check the committed metadata of an open pool (a server's) while it keeps going.
 
-    Reads ``meta`` as check_path does, but the generation committed at the start is
-    pinned (Pool.pinned_generation): later commits cannot reuse its blocks, and the
-    superblock slots are those read at the pin, so no commit is seen half-written.
-    The write-intent count is 0: the regions a running server has marked are in use,
-    not left over from a crash.
+    Reads ``meta`` as check_path does, through the pool's own open file (whatever
+    backend holds it), but the generation committed at the start is pinned
+    (Pool.pinned_generation): later commits cannot reuse its blocks, and the superblock
+    slots are those read at the pin, so no commit is seen half-written. The
+    write-intent count is 0: the regions a running server has marked are in use, not
+    left over from a crash.
     """
     with pool.pinned_generation() as slots:
-        meta = PinnedMeta(fileio(os.path.join(pool.path, "meta"), readonly=True), slots)
-        data = fileio(os.path.join(pool.path, "data"), readonly=True)
-        try:
-            return _check_files(pool.path, meta, data, lambda md: 0)
-        finally:
-            meta.close()
-            data.close()
+        meta = PinnedMeta(pool.md.meta_fio, slots)
+        return _check_files(pool.path, meta, pool.md.data_fio, lambda md: 0)
 
 
 def _check_files(path: str, meta, data, intent_regions) -> Report:
@@ -195,14 +191,18 @@ def _check_files(path: str, meta, data, intent_regions) -> Report:
 
 
 class PinnedMeta:
-    """A read-only ``meta`` whose superblock slots read as they were at the pin.
+    """The pool's ``meta``, read-only, with the superblock slots as they were at the pin.
 
     The tree those slots name stays intact while pinned; the live slots may be
-    rewritten by a commit at any moment, so they are served from the copy.
+    rewritten by a commit at any moment, so they are served from the copy. Only
+    reads go through; the file stays the pool's (close does nothing).
     """
 
     def __init__(self, fio, slots: list[bytes]):
         self._fio, self._head = fio, b"".join(slots)
+
+    def close(self) -> None:
+        pass
 
     def pread(self, length: int, offset: int) -> bytes:
         if offset >= len(self._head):
@@ -212,8 +212,13 @@ class PinnedMeta:
             return head
         return head + self._fio.pread(length - len(head), offset + len(head))
 
+    def size(self) -> int:
+        return self._fio.size()
+
     def __getattr__(self, name):
-        return getattr(self._fio, name)
+        if name in ("path", "readonly"):
+            return getattr(self._fio, name)
+        raise AttributeError(f"{name}: the pinned meta file is read-only")
 
 
 def _intent_regions(path: str, fileio, md) -> int:

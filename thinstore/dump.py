@@ -111,21 +111,15 @@ def dump_path(path: str, fileio=FileIO) -> tuple[dict, list]:
         os.close(lockfd)
 
 
-def dump_served(pool, fileio=FileIO) -> tuple[dict, list]:
-    """dump_path for an open pool (a server's): its committed generation, pinned while
-    it is read (see check.check_served)."""
+def dump_served(pool) -> tuple[dict, list]:
+    """dump_path for an open pool (a server's): its committed generation, read through
+    the pool's own meta file and pinned while it is read (see check.check_served)."""
     from .check import PinnedMeta
     with pool.pinned_generation() as slots:
-        meta = PinnedMeta(fileio(os.path.join(pool.path, "meta"), readonly=True), slots)
-        data = fileio(os.path.join(pool.path, "data"), readonly=True)
-        try:
-            sv = salvage(meta, data)
-            if sv.md is None:
-                raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
-            return dump_metadata(sv.md), sv.problems
-        finally:
-            meta.close()
-            data.close()
+        sv = salvage(PinnedMeta(pool.md.meta_fio, slots), pool.md.data_fio)
+        if sv.md is None:
+            raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
+        return dump_metadata(sv.md), sv.problems
 
 
 def _need_pool(path: str) -> None:
