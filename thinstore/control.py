@@ -215,7 +215,7 @@ class ControlServer:
 
     def _op_destroy(self, name: str, force: bool = False):
         if self.readers.get(name):        # its chunks must not be reused under a reader
-            raise DeviceBusy(f"{name!r} is being read by an online send, diff or scrub: "
+            raise DeviceBusy(f"{name!r} is being read by an online send: "
                              "wait for it to finish (even --force waits)")
         busy = self.sessions.connections(name) if self.sessions else 0
         if busy and not force:
