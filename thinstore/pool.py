@@ -11,10 +11,12 @@ else: reads and extents queries of any devices run at once (the C kernels releas
 the GIL for their I/O), while writes, management operations and commits run alone.
 `with pool.lock:` is the exclusive side, re-entrant like the RLock it replaced, so
 one Pool may serve many threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
-resize) commit before they return; data writes commit on flush, on FUA, by the
-background timer while writes are pending, and on close. After a crash the pool
-opens at its last commit: every write acknowledged before the last completed flush
-reads back exactly.
+resize) commit before they return. Data writes become durable on flush() and on
+FUA through the intent log (thinstore/synclog.py: one record, one fdatasync), and
+reach the tree by the full commit: the background timer while writes are pending,
+close, or a flush the log cannot take. After a crash the pool opens at its last
+commit and replays the log: every write acknowledged before the last completed
+flush reads back exactly.
 
 Pool's methods live in three modules: this one (lifecycle, commit, management,
 queries, handles), thinstore/datapath.py (the request handlers Device calls) and
@@ -40,12 +42,13 @@ from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
-from .format import new_uuid, valid_chunk_size
+from .format import log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO
+from .synclog import SyncLog, open_log, replay
 from .rwlock import RWLock
 from .units import check_device_size
 
@@ -72,6 +75,7 @@ class Pool(DataPath, HiddenDevices):
                           "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
         self._sums: DataSums | None = None
+        self._log: SyncLog | None = None       # the intent log (synclog.py)
         self._stop = threading.Event()
         self._timer = None
         # native backend: a device's common read and write run whole in C (fastlane.py)
@@ -108,7 +112,7 @@ class Pool(DataPath, HiddenDevices):
             os.close(lockfd)
             raise
         pool = cls(path, md, lockfd, commit_interval=commit_interval)
-        pool._attach_sums(fileio)
+        pool._attach(fileio)
         return pool
 
     @classmethod
@@ -131,30 +135,45 @@ class Pool(DataPath, HiddenDevices):
                                       f"run 'thinstore --pool {path} check'") from None
             raise
         pool = cls(path, md, lockfd, commit_interval=commit_interval)
-        pool._attach_sums(fileio)
+        pool._attach(fileio)
         return pool
 
-    def _attach_sums(self, fileio) -> None:
-        """Data checksums (docs/integrity.md): hook them into commit, read and write, and
-        re-checksum what an unclean shutdown may have left half-written before any read."""
-        if not self.data_checksums:
-            return
+    def _attach(self, fileio) -> None:
+        """After an unclean shutdown, before anything reads: re-checksum what was written
+        in place (docs/integrity.md), replay the intent log (synclog.py), then commit
+        once -- in that order, as a commit before the replay would end the log's epoch."""
         try:
-            self._sums = DataSums(self.md, open_intent(self.path, fileio))
-            self._checksum_hook = self._sums.on_commit
-            changed = self._sums.recover()
-            if self._sums.intent.any:
-                log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
-                            "written in place since the last commit (%d chunk(s) changed)",
-                            self.path, changed)
+            recovered = self._attach_sums(fileio)
+            self._log = SyncLog(open_log(self.path, fileio), log_base(self.md.sb))
+            replayed = replay(self)
+            if replayed:
+                log.warning("pool %s was not shut down cleanly: replayed %d intent log "
+                            "record(s)", self.path, replayed)
+            if recovered or replayed:
                 self.commit()
         except BaseException:
             self._closed = True
             self._stop.set()
-            self.md.data_fio.close()
-            self.md.meta_fio.close()
+            for f in (self.md.data_fio, self.md.meta_fio, self._log and self._log.fio,
+                      self._sums and self._sums.intent.fio):
+                if f is not None:
+                    f.close()
             os.close(self._lockfd)
             raise
+
+    def _attach_sums(self, fileio) -> bool:
+        """Data checksums: hook them into commit, read and write; True when the intent
+        bitmap says regions were re-checksummed (the caller commits)."""
+        if not self.data_checksums:
+            return False
+        self._sums = DataSums(self.md, open_intent(self.path, fileio))
+        self._checksum_hook = self._sums.on_commit
+        changed = self._sums.recover()
+        if self._sums.intent.any:
+            log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
+                        "written in place since the last commit (%d chunk(s) changed)",
+                        self.path, changed)
+        return self._sums.intent.any
 
     def close(self) -> None:
         with self.lock:
@@ -172,6 +191,8 @@ class Pool(DataPath, HiddenDevices):
                 self.md.meta_fio.close()
                 if self._sums is not None:
                     self._sums.intent.fio.close()
+                if self._log is not None:
+                    self._log.fio.close()
                 os.close(self._lockfd)
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=5)
@@ -220,10 +241,13 @@ class Pool(DataPath, HiddenDevices):
 
     # ------------------------------------------------------------ commit
     def commit(self) -> None:
-        """Make every write so far durable (a new superblock generation)."""
+        """The full commit: a new superblock generation holding every write so far, which
+        also folds the intent log in (flush() is the cheap way to durability)."""
         with self.lock:
             self._check_open()
             self.md.commit(getattr(self, "_checksum_hook", None))
+            if self._log is not None:
+                self._log.committed(log_base(self.md.sb))
             if self._sums is not None:
                 self._sums.committed()
             self._dirty = False
