@@ -23,6 +23,7 @@ from workload import Model, run_op, snapshot_contents
 from thinstore import Pool
 from thinstore import format as fmt
 from thinstore import synclog
+from thinstore.check import check_path
 
 SEED = 7
 SIZE = 96 << 10
@@ -167,6 +168,8 @@ def test_flush_writes_one_record_and_syncs_only_the_log(tmp_path):
     disk.rng.random = lambda: 0.1              # the power fails: unsynced writes are lost
     crashkit._abandon(pool)
     disk.power_cut()
+    report = check_path(path)                   # the committed tree lacks the write...
+    assert report.clean and report.info["log_records"] == 1    # ...the log has it
     with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
         assert dev.pread(123 << 20, 4096) == b"x" * 4096
         assert pool.md.generation == gen + 1  # the replay was folded in by one commit

@@ -28,6 +28,7 @@ from .kernels import ST_WRITTEN
 from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
 from .salvage import DAMAGE_CODES, Problem, owners, salvage
 from .storage import FileIO
+from .synclog import log_records
 
 MAX_LISTED = 20            # problems of one class named one by one; the rest are counted
 
@@ -159,6 +160,7 @@ def check_path(path: str, fileio=FileIO) -> Report:
             problems += check_metadata(sv.md)
             info.update(_summary(sv.md))
             info["unclean_regions"] = _intent_regions(path, fileio, sv.md)
+            info["log_records"] = log_records(path, fileio, sv.md.sb)
         return Report(path, problems, info)
     finally:
         meta.close()

@@ -68,6 +68,19 @@ def open_log(path: str, fileio):
     return fio
 
 
+def log_records(path: str, fileio, sb) -> int:
+    """How many records the next open of the pool at `path` (committed superblock `sb`)
+    will replay: flushed writes the tree does not have yet (not damage)."""
+    full = os.path.join(path, LOG_NAME)
+    if not os.path.exists(full):
+        return 0
+    fio = fileio(full, readonly=True)
+    try:
+        return sum(1 for _ in SyncLog(fio, fmt.log_base(sb)).records())
+    finally:
+        fio.close()
+
+
 class SyncLog:
     """The log of one open pool: noted ranges, the epoch's tail, and group fdatasync."""
 
