@@ -649,9 +649,9 @@ static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
         pid = dir[d];
         if (pid == 0 || pid >= n_pages || page_ref[pid] != 1) return TS_SLOW;
         uint64_t c = pages[pid * TS_FANOUT + v % TS_FANOUT];
-        if (c == 0 || c >= n_chunks) return TS_SLOW;
-        if (chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
-        if (n_sums && (c >= n_sums || (chunk_sums[c] && !(chunk_state[c] & TS_ST_WRITTEN)))) {
+        if (c >= n_chunks) return TS_SLOW;
+        if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
+        if (c && n_sums && (c >= n_sums || (chunk_sums[c] && !(chunk_state[c] & TS_ST_WRITTEN)))) {
             uint64_t r = c >> intent_shift;
             if (c >= n_sums || r >= n_bits || !intent_bits[r]) return TS_SLOW;
             hot[n_hot++] = r;

@@ -256,8 +256,9 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
                offset, length, counters) -> int:
     """The common write whole: checks, allocation, write intent, write_range.
 
-    Returns the number of chunks allocated, or SLOW (nothing changed) when a chunk in
-    range is a hole, a page is missing or shared, the request spans more than
+    Returns the number of chunks allocated (holes and shared chunks in range: first
+    writes and copies on write), or SLOW (nothing changed) when a page is missing or
+    shared, the request spans more than
     FAST_MAX_CHUNKS chunks, buf is all zeros, free chunks run short within the scan,
     or a chunk needing write intent lies in an unmarked region. `cursor` is int64[3],
     SpaceMap's allocation cursor and preallocated range (prealloc); `chunk_sums` is
@@ -283,7 +284,7 @@ def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chu
         if c is None:
             return SLOW
         need += _needs_new(c, chunk_ref, chunk_state)
-        if len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
+        if c and len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
             r = c >> intent_shift
             if r >= len(intent_bits) or not intent_bits[r]:
                 return SLOW
@@ -322,7 +323,8 @@ def prealloc(fio, chunk_shift, n_chunks, cursor, ids) -> int:
 
 
 def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):
-    """Chunk id of virtual chunk v when it is mapped under an exclusive page, else None."""
+    """Chunk id of virtual chunk v (0: a hole) when its page exists and is exclusive,
+    else None."""
     d = v // FANOUT
     if d >= len(dirarr):
         return None
@@ -330,7 +332,7 @@ def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):
     if pid == 0 or pid >= len(pages) or page_ref[pid] != 1:
         return None
     c = int(pages[pid, v % FANOUT])
-    return c if 0 < c < n_chunks else None
+    return c if 0 <= c < n_chunks else None
 
 
 def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
