@@ -166,7 +166,8 @@ class Pool(DataPath, HiddenDevices):
         bitmap says regions were re-checksummed (the caller commits)."""
         if not self.data_checksums:
             return False
-        self._sums = DataSums(self.md, open_intent(self.path, fileio))
+        self._sums = DataSums(self.md, open_intent(self.path, fileio),
+                              track_fresh=self._lane is None)
         self._checksum_hook = self._sums.on_commit
         changed = self._sums.recover()
         if self._sums.intent.any:
