@@ -18,8 +18,9 @@ close, or a flush the log cannot take. After a crash the pool opens at its last
 commit and replays the log: every write acknowledged before the last completed
 flush reads back exactly.
 
-Pool's methods live in three modules: this one (lifecycle, commit, management,
-queries, handles), thinstore/datapath.py (the request handlers Device calls) and
+Pool's methods live in four modules: this one (lifecycle, commit, management,
+queries, handles), thinstore/datapath.py (the request handlers Device calls, flush),
+thinstore/recovery.py (what an open does after an unclean shutdown) and
 thinstore/hidden.py (the receive workspace), joined as mixins so callers keep
 calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 """
@@ -36,10 +37,10 @@ import time
 import numpy as np
 
 from . import names
-from .datasums import DataSums, open_intent
 from .datapath import DataPath
 from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
+from .recovery import Recovery
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import log_base, new_uuid, valid_chunk_size
@@ -48,7 +49,7 @@ from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO
-from .synclog import SyncLog, open_log, replay
+from .synclog import SyncLog
 from .rwlock import RWLock
 from .units import check_device_size
 
@@ -59,7 +60,7 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
-class Pool(DataPath, HiddenDevices):
+class Pool(DataPath, HiddenDevices, Recovery):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
     def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
@@ -74,7 +75,7 @@ class Pool(DataPath, HiddenDevices):
         self._counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                           "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
-        self._sums: DataSums | None = None
+        self._sums = None                      # DataSums when data checksums are on
         self._log: SyncLog | None = None       # the intent log (synclog.py)
         self._stop = threading.Event()
         self._timer = None
@@ -138,44 +139,6 @@ class Pool(DataPath, HiddenDevices):
         pool._attach(fileio)
         return pool
 
-    def _attach(self, fileio) -> None:
-        """After an unclean shutdown, before anything reads: re-checksum what was written
-        in place (docs/integrity.md), replay the intent log (synclog.py), then commit
-        once -- in that order, as a commit before the replay would end the log's epoch."""
-        try:
-            recovered = self._attach_sums(fileio)
-            self._log = SyncLog(open_log(self.path, fileio), log_base(self.md.sb))
-            replayed = replay(self)
-            if replayed:
-                log.warning("pool %s was not shut down cleanly: replayed %d intent log "
-                            "record(s)", self.path, replayed)
-            if recovered or replayed:
-                self.commit()
-        except BaseException:
-            self._closed = True
-            self._stop.set()
-            for f in (self.md.data_fio, self.md.meta_fio, self._log and self._log.fio,
-                      self._sums and self._sums.intent.fio):
-                if f is not None:
-                    f.close()
-            os.close(self._lockfd)
-            raise
-
-    def _attach_sums(self, fileio) -> bool:
-        """Data checksums: hook them into commit, read and write; True when the intent
-        bitmap says regions were re-checksummed (the caller commits)."""
-        if not self.data_checksums:
-            return False
-        self._sums = DataSums(self.md, open_intent(self.path, fileio),
-                              track_fresh=self._lane is None)
-        self._checksum_hook = self._sums.on_commit
-        changed = self._sums.recover()
-        if self._sums.intent.any:
-            log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
-                        "written in place since the last commit (%d chunk(s) changed)",
-                        self.path, changed)
-        return self._sums.intent.any
-
     def close(self) -> None:
         with self.lock:
             if self._closed:
@@ -206,6 +169,7 @@ class Pool(DataPath, HiddenDevices):
 
     def _commit_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
+            self._presync()
             with self.lock:
                 if self._closed:
                     return
@@ -214,6 +178,17 @@ class Pool(DataPath, HiddenDevices):
                         self.commit()
                     except (OSError, ThinstoreError) as e:
                         log.error("background commit failed: %s", e)
+
+    def _presync(self) -> None:
+        """Write the data file's dirty pages out before the commit takes the lock, so
+        the commit's own fsync, which every request waits behind, finds little left
+        (a copy on write dirties a whole chunk per small write). Durability still
+        comes from the fsync inside the commit; this only moves work out of the lock."""
+        if self._dirty and not self._closed:
+            try:
+                self.md.data_fio.datasync()
+            except (OSError, AttributeError):
+                pass          # closed meanwhile, or a file without datasync: the commit syncs
 
     # ------------------------------------------------------------ properties
     @property
