@@ -189,7 +189,7 @@ class DataSums:
         """
         space = self.md.space
         sums = space.sums
-        freed = np.flatnonzero(space.state & ST_PENDING_FREE)
+        freed = space.flagged(ST_PENDING_FREE)
         written = space.written()
         written = written[space.refs.arr[written] > 0]
         self.grow()
