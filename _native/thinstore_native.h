@@ -135,7 +135,8 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
  * the checksum bookkeeping the caller would otherwise do around it.
  *
  * It applies when every chunk of [offset, offset+length) lies under a map
- * page with page_ref == 1 (a hole in such a page is fine: a first write), the
+ * page with page_ref == 1 (a hole in such a page is fine: a first write; the
+ * caller has loaded the pages, since a row not yet read looks all holes), the
  * request spans at most TS_FAST_MAX_CHUNKS chunks and buf is not all zeros.
  * Then:
  *   - need = chunks that are holes (entry 0) or shared (chunk_ref > 1 or
@@ -297,7 +298,8 @@ typedef struct ts_dev_lane {
  * Write buf[length] at offset of the device through the lane: when the lane is
  * open for writes, the device writable, the range inside it and the gate empty,
  * take the gate and do ts_write_fast with the lane's arrays, taking TS_SLOW also
- * when the write would allocate more chunks than budget.  Returns what
+ * when the write would allocate more chunks than budget or a map page in range
+ * is not loaded (page_loaded[pid] == 0).  Returns what
  * ts_write_fast returns, or TS_SLOW with nothing changed; the caller then takes
  * the pool lock and the general path.
  */

@@ -126,6 +126,7 @@ class DataPath:
             return False
         md = self.md
         maps, space = md.maps, md.space
+        self._load_pages(dm, offset, length)      # a row not read yet looks all holes
         if sums is None:
             csums, bits, hot, ishift = _NO_SUMS, _NO_BITS, _NO_BITS, 0
         else:

@@ -271,8 +271,10 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
 
 def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
                 intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
-                offset, length, counters, max_need) -> int:
-    """write_fast, also SLOW when the write needs more than max_need (not None) chunks."""
+                offset, length, counters, max_need, page_loaded=None) -> int:
+    """write_fast, also SLOW when the write needs more than max_need (not None) chunks
+    or a page in range is not loaded (page_loaded given: a row not read yet looks all
+    holes)."""
     if length == 0:
         return SLOW
     first, last = _chunk_span(chunk_shift, offset, length)
@@ -281,7 +283,7 @@ def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chu
     need, hot = 0, []
     for v in range(first, last + 1):
         c = _fast_entry(dirarr, pages, page_ref, len(chunk_ref), v)
-        if c is None:
+        if c is None or (page_loaded is not None and not page_loaded[int(dirarr[v // FANOUT])]):
             return SLOW
         need += _needs_new(c, chunk_ref, chunk_state)
         if c and len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
@@ -393,7 +395,7 @@ def lane_write(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
     rc = _write_fast(dev.dirarr, lane.pages, lane.page_ref, lane.page_dirty, lane.chunk_ref,
                      lane.chunk_state, lane.chunk_sums, lane.intent_bits, lane.intent_hot,
                      lane.intent_shift, lane.cursor, lane.chunk_shift, lane.fio, buf, offset,
-                     length, lane.counters, max(lane.budget, 0))
+                     length, lane.counters, max(lane.budget, 0), lane.page_loaded)
     if rc != SLOW:
         lane.wrote = 1
         lane.budget -= rc
