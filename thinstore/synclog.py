@@ -94,6 +94,8 @@ class SyncLog:
         self.appended = 0               # bytes appended ever: a flush's ticket
         self.synced = 0                 # every byte appended before this is durable
         self._sync = threading.Lock()
+        # fdatasync where the storage backend has it, else its fsync
+        self._datasync = getattr(fio, "datasync", None) or fio.fsync
         self.counters = {"records": 0, "record_bytes": 0, "syncs": 0, "replayed": 0,
                          "commits_instead": 0}
 
@@ -152,7 +154,7 @@ class SyncLog:
             if self.synced >= ticket:
                 return              # a fdatasync that began after our append covered it
             target = self.appended
-            self.fio.datasync()
+            self._datasync()
             self.counters["syncs"] += 1
             self.synced = max(self.synced, target)
 
@@ -168,11 +170,10 @@ class SyncLog:
     # ------------------------------------------------------------ replay
     def records(self):
         """Yield the entries of each record the committed base has, in order (at open)."""
-        pos, seq = 0, 0
+        pos, seq, base = 0, 0, self.base    # the base at open, even if replay commits
         size = self.fio.size()
         while pos + fmt.LOG_HEADER.size <= size:
-            total = fmt.log_record_length(self.fio.pread(fmt.LOG_HEADER.size, pos),
-                                          self.base, seq)
+            total = fmt.log_record_length(self.fio.pread(fmt.LOG_HEADER.size, pos), base, seq)
             if not total or pos + total > size:
                 break
             entries = fmt.unpack_log_record(self._read(pos, total))
