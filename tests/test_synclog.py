@@ -215,3 +215,30 @@ def test_a_torn_record_ends_the_replay(tmp_path, keep):
     with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
         assert pool._log.counters["replayed"] == 1
         assert dev.pread(0, 4096) == b"1" * 4096
+
+
+def test_fua_goes_through_the_log_and_a_batch_too_large_commits(tmp_path, monkeypatch):
+    """A FUA write is one log record (no new generation); a flush whose batch is past
+    MAX_BATCH is a full commit instead, and both read back after a power cut."""
+    path = str(tmp_path / "pool")
+    Pool.create(path, 4 << 20, 4096, commit_interval=0).close()
+    disk = FaultDisk(4)
+    pool = Pool.open(path, commit_interval=0, fileio=disk.open)
+    pool.create_volume("v", SIZE)
+    gen = pool.md.generation
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"f" * 4096, 8192, fua=True)
+        assert pool.md.generation == gen and pool._log.counters["records"] == 1
+        monkeypatch.setattr(synclog, "MAX_BATCH", 8192)
+        dev.pwrite(b"g" * 12288, 40960)
+        dev.flush()
+        assert pool.md.generation == gen + 1 and pool._log.counters["commits_instead"] == 1
+        dev.pwrite(b"h" * 100, 0, fua=True)      # the first record of the new epoch
+    disk.rng.random = lambda: 0.1
+    crashkit._abandon(pool)
+    disk.power_cut()
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
+        assert pool._log.counters["replayed"] == 1
+        assert dev.pread(8192, 4096) == b"f" * 4096
+        assert dev.pread(40960, 12288) == b"g" * 12288
+        assert dev.pread(0, 100) == b"h" * 100
