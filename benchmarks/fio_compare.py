@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
-"""fio against thinstore, qemu-nbd and nbdkit-file, interleaved: four workloads in one go.
+"""fio against thinstore, qemu-nbd and nbdkit-file, interleaved in one run.
 
-A developer's wrapper around what users run as ``thinstore bench --compare``
-(thinstore/bench/): the same random data is served three ways,
+The same random data is served three ways (benchmarks/fio_targets.py):
 
-- thinstore: the pool's own server, exporting a fresh clone of a snapshot of a
-  volume holding the data (so writes copy on write, as on a VM cloned from a template);
-- qemu-nbd: a qcow2 overlay whose backing file is a raw copy (the same COW role);
-- nbdkit's file plugin: a raw copy (no COW: the speed of plain I/O),
+- thinstore: ``thinstore serve`` on a pool of 4 TiB capacity (a sparse file: the
+  FLUSH path must not cost anything that grows with capacity), exporting a clone of
+  a snapshot of a volume holding the data (writes copy on write, as on a VM cloned
+  from a template);
+- qemu-nbd: a qcow2 overlay whose backing file is the raw data (the same COW role);
+- nbdkit's file plugin: a raw copy of the data (no COW: the speed of plain I/O).
 
-and each workload (4K randread QD16, 4K randwrite QD16, 1M read QD4, 1M write QD4)
-runs ``--rounds`` interleaved rounds on the three, the order rotating between rounds.
-The table shows the median of the rounds and thinstore's ratio to each peer.
+Workloads, over unix sockets with fio's nbd engine unless said otherwise:
 
-    python benchmarks/fio_compare.py [--size 1G] [--runtime 10] [--rounds 3]
+- durability: 4K random writes with a FLUSH after every write at QD1 (``--fsync=1``),
+  with a FLUSH every 16 at QD16, and with FUA on every write at QD1 and QD16
+  (benchmarks/nbd_fua.py through libnbd: fio cannot send FUA);
+- allocation: sequential 1M writes through a fresh empty device (every write allocates);
+- the earlier targets: 4K random read and write at QD16, 1M sequential read and write;
+- ext4 on a fresh COW child (nbdfuse + a loop device, made with mkfs.ext4 each round):
+  fio's 4K random writes into a file with ``--fsync=1``, a database's pattern.
+
+Each round runs every workload on every server back to back, the order rotating
+between rounds so none always runs first; the table shows the median of the rounds
+and thinstore's ratio to each peer.
+
+    python benchmarks/fio_compare.py [--size 1G] [--runtime 10] [--rounds 3] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -22,70 +33,169 @@ import argparse
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from thinstore import Pool  # noqa: E402
-from thinstore.bench.session import Options, run_bench  # noqa: E402
-from thinstore.bench.workload import Workload  # noqa: E402
-from thinstore.units import parse_size  # noqa: E402
+from fio_targets import NbdkitFile, QemuNbd, Thinstore  # noqa: E402
 
 WORKLOADS = {
-    "4K randread QD16": dict(io_type="read", io_size=4096, io_pattern="rand", io_depth=16),
-    "4K randwrite QD16": dict(io_type="write", io_size=4096, io_pattern="rand", io_depth=16),
-    "1M read QD4": dict(io_type="read", io_size=1 << 20, io_pattern="seq", io_depth=4),
-    "1M write QD4": dict(io_type="write", io_size=1 << 20, io_pattern="seq", io_depth=4),
+    "4K randwrite QD1 flush/1": dict(rw="randwrite", bs="4k", iodepth=1, fsync=1, unit="IOPS"),
+    "4K randwrite QD16 flush/16": dict(rw="randwrite", bs="4k", iodepth=16, fsync=16,
+                                       unit="IOPS"),
+    "4K randwrite QD1 FUA": dict(kind="fua", iodepth=1, unit="IOPS"),
+    "4K randwrite QD16 FUA": dict(kind="fua", iodepth=16, unit="IOPS"),
+    "1M write fresh QD4": dict(kind="fresh", rw="write", bs="1m", iodepth=4, unit="MiB/s"),
+    "4K randread QD16": dict(rw="randread", bs="4k", iodepth=16, unit="IOPS"),
+    "4K randwrite QD16": dict(rw="randwrite", bs="4k", iodepth=16, unit="IOPS"),
+    "1M read QD4": dict(rw="read", bs="1m", iodepth=4, unit="MiB/s"),
+    "1M write QD4": dict(rw="write", bs="1m", iodepth=4, unit="MiB/s"),
+    "ext4 4K randwrite fsync=1": dict(kind="ext4", unit="IOPS"),
 }
-PEERS = ("qemu-nbd", "nbdkit")
+SERVERS = ("thinstore", "qemu-nbd", "nbdkit-file")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="1G", help="data size (default 1G)")
-    p.add_argument("--runtime", type=float, default=10, help="seconds per fio run (default 10)")
+    p.add_argument("--capacity", default="4T", help="thinstore pool capacity (default 4T)")
+    p.add_argument("--fresh-size", default="1G", help="fresh device for '1M write fresh'")
+    p.add_argument("--runtime", type=int, default=10, help="seconds per fio run (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--ramp", type=float, default=1, help="unmeasured seconds first (default 1)")
-    p.add_argument("--workdir", help="where the pool goes (default: a temp dir)")
+    p.add_argument("--workdir", help="where images and pool go (default: a temp dir)")
+    p.add_argument("--workers", type=int, default=4, help="thinstore serve --workers")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON too")
-    p.add_argument("--only", metavar="TEXT", help="run only workloads whose name contains TEXT")
+    p.add_argument("--only", metavar="TEXT", action="append",
+                   help="run only workloads whose name contains TEXT (repeatable)")
     return p.parse_args()
 
 
-def make_pool(pool_dir: str, size: int) -> None:
-    """Volume ``base`` full of random data (bench clones it for writes)."""
-    with Pool.create(pool_dir, 3 * size + (256 << 20)) as pool:
-        pool.create_volume("base", size)
-        with pool.open_device("base") as dev:
-            for offset in range(0, size, 8 << 20):
-                dev.pwrite(os.urandom(min(8 << 20, size - offset)), offset)
+def size_bytes(text: str) -> int:
+    units = {"K": 10, "M": 20, "G": 30, "T": 40}
+    return int(text[:-1]) << units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def make_base(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(size // (8 << 20)):
+            f.write(os.urandom(8 << 20))
+
+
+def fio_args(uri: str, w: dict, size: int, runtime: int) -> list:
+    timed = ["--time_based", f"--runtime={runtime}", "--ramp_time=1"] \
+        if w.get("kind") != "fresh" else []
+    return ["fio", "--output-format=json", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
+            f"--rw={w['rw']}", f"--bs={w['bs']}", f"--iodepth={w['iodepth']}",
+            f"--size={size}", *timed, "--randrepeat=0", "--norandommap",
+            *([f"--fsync={w['fsync']}"] if w.get("fsync") else [])]
+
+
+def fio_result(args: list, rw: str, unit: str) -> float:
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"] if unit == "IOPS" else side["bw"] / 1024
+
+
+def run_fua(uri: str, w: dict, size: int, runtime: int) -> float:
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_fua.py")
+    out = subprocess.run(["/usr/bin/python3", tool, uri, str(w["iodepth"]), str(runtime),
+                          str(size)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["iops"]
+
+
+def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
+    """mkfs.ext4 on the device through nbdfuse and a loop device, then fio's 4K random
+    writes into a 64 MiB file with an fsync after each (what a database does)."""
+    mnt, fs = os.path.join(work, f"fuse-{tag}"), os.path.join(work, f"fs-{tag}")
+    os.makedirs(mnt)
+    os.makedirs(fs)
+    fuse = subprocess.Popen(["nbdfuse", os.path.join(mnt, "disk"), uri])
+    loop = None
+    try:
+        for _ in range(200):
+            if os.path.exists(os.path.join(mnt, "disk")):
+                break
+            time.sleep(0.05)
+        loop = subprocess.run(["losetup", "-f", "--show", os.path.join(mnt, "disk")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E",
+                        "nodiscard,lazy_itable_init=0,lazy_journal_init=0", loop], check=True)
+        subprocess.run(["mount", loop, fs], check=True)
+        try:
+            return fio_result(["fio", "--output-format=json", "--name=sync", f"--directory={fs}",
+                               "--rw=randwrite", "--bs=4k", "--size=64M", "--fsync=1",
+                               "--ioengine=psync", "--time_based", f"--runtime={runtime}",
+                               "--ramp_time=1"], "randwrite", "IOPS")
+        finally:
+            subprocess.run(["umount", fs], check=True)
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        subprocess.run(["fusermount3", "-u", mnt], check=False)
+        fuse.wait(30)
+
+
+def run_workload(server, wname: str, w: dict, size: int, args, work: str, tag: str) -> float:
+    kind = w.get("kind", "fio")
+    if kind == "fua":
+        return run_fua(server.main, w, size, args.runtime)
+    if kind == "fio":
+        return fio_result(fio_args(server.main, w, size, args.runtime), w["rw"], w["unit"])
+    if kind == "fresh":
+        fresh = size_bytes(args.fresh_size)
+        uri, cleanup = server.fresh(f"fresh-{tag}", fresh)
+        try:
+            return fio_result(fio_args(uri, w, fresh, args.runtime), w["rw"], w["unit"])
+        finally:
+            cleanup()
+    uri, cleanup = server.child(f"child-{tag}")
+    try:
+        return run_ext4(uri, work, f"{server.name}-{tag}", args.runtime)
+    finally:
+        cleanup()
 
 
 def main() -> int:
     args = parse_args()
-    size = parse_size(args.size)
+    size = size_bytes(args.size)
     work = args.workdir or tempfile.mkdtemp(prefix="tsbench", dir="/var/tmp")
-    pool_dir = os.path.join(work, "pool")
-    print(f"preparing {size >> 20} MiB of random data in {pool_dir}", flush=True)
-    make_pool(pool_dir, size)
-    results = {}
+    os.makedirs(work, exist_ok=True)
+    base = os.path.join(work, "base.raw")
+    print(f"preparing {size >> 20} MiB of random data in {work}", flush=True)
+    make_base(base, size)
+    servers = {}
     try:
-        for name, spec in WORKLOADS.items():
-            if args.only and args.only not in name:
-                continue
-            workload = Workload(**spec, seconds=args.runtime, ramp=args.ramp)
-            opts = Options("base", workload, via="nbd", client="fio", compare=PEERS,
-                           rounds=args.rounds, progress=sys.stderr.isatty())
-            results[name] = run_bench(pool_dir, opts)["compare"]
-            print(f"{name:18} " + "  ".join(
-                f"{s} {v:.0f}" for s, v in results[name]["median_iops"].items()), flush=True)
+        servers["thinstore"] = Thinstore(work, base, size, size_bytes(args.capacity),
+                                         args.workers)
+        servers["qemu-nbd"] = QemuNbd(work, base)
+        servers["nbdkit-file"] = NbdkitFile(work, base)
+        chosen = {w: v for w, v in WORKLOADS.items()
+                  if not args.only or any(o in w for o in args.only)}
+        for wname, w in chosen.items():
+            if w.get("kind", "fio") == "fio":
+                print(f"{wname}: {' '.join(fio_args('URI', w, size, args.runtime))}")
+        results = {w: {s: [] for s in SERVERS} for w in chosen}
+        for round_no in range(args.rounds):
+            for wname, w in chosen.items():
+                order = SERVERS[round_no % 3:] + SERVERS[:round_no % 3]   # no one always first
+                for server in order:
+                    value = run_workload(servers[server], wname, w, size, args, work,
+                                         f"r{round_no}")
+                    results[wname][server].append(value)
+                    print(f"round {round_no + 1} {wname:27} {server:12} {value:10.0f} "
+                          f"{w['unit']}", flush=True)
         report(results)
         if args.json:
-            print(json.dumps({n: {"median_iops": r["median_iops"], "ratios": r["ratios"]}
-                              for n, r in results.items()}, indent=1))
+            print(json.dumps(results, indent=1))
     finally:
+        for server in servers.values():
+            server.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -93,16 +203,14 @@ def main() -> int:
 
 def report(results: dict) -> None:
     print()
-    print(f"{'workload':18} {'thinstore':>10} {'qemu-nbd':>10} {'nbdkit':>10} "
+    print(f"{'workload':27} {'thinstore':>10} {'qemu-nbd':>10} {'nbdkit':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}")
-    for name, cmp in results.items():
-        med, unit = cmp["median_iops"], "IOPS"
-        if WORKLOADS[name]["io_size"] >= 1 << 20:
-            med = {k: v * WORKLOADS[name]["io_size"] / 2**20 for k, v in med.items()}
-            unit = "MiB/s"
-        print(f"{name:18} {med['thinstore']:10.0f} {med['qemu-nbd']:10.0f} "
-              f"{med['nbdkit']:10.0f} {cmp['ratios']['qemu-nbd']:11.2f}x "
-              f"{cmp['ratios']['nbdkit']:9.2f}x  ({unit})")
+    for wname, per in results.items():
+        med = {s: statistics.median(v) for s, v in per.items()}
+        unit = WORKLOADS[wname]["unit"]
+        print(f"{wname:27} {med['thinstore']:10.0f} {med['qemu-nbd']:10.0f} "
+              f"{med['nbdkit-file']:10.0f} {med['thinstore'] / med['qemu-nbd']:11.2f}x "
+              f"{med['thinstore'] / med['nbdkit-file']:9.2f}x  ({unit})")
     print("targets: >= 1.5x qemu-nbd and >= 0.9x nbdkit-file on every workload")
 
 
