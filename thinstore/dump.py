@@ -27,14 +27,14 @@ import numpy as np
 
 from . import format as fmt
 from .blockmap import MapStore
-from .errors import CorruptMetadata, PoolNotFound, UsageError
+from .errors import CorruptMetadata, UsageError
 from .metadata import DeviceMeta, Metadata, dir_length
 from .metastore import MetaStore
 from .paged import PagedArray
 from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
 from .salvage import salvage
 from .spacemap import SpaceMap
-from .storage import FileIO
+from .storage import FileIO, is_rados, locked_store
 
 FORMAT = "thinstore-metadata"
 
@@ -96,24 +96,17 @@ def dump_text(doc: dict) -> str:
 
 def dump_path(path: str, fileio=FileIO) -> tuple[dict, list]:
     """(the dump, problems met while reading) of the committed metadata at `path`."""
-    _need_pool(path)
-    lockfd = _take_lock(path)
-    meta = fileio(os.path.join(path, "meta"), readonly=True)
-    data = fileio(os.path.join(path, "data"), readonly=True)
-    try:
-        sv = salvage(meta, data)
-        if sv.md is None:
-            raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
-        return dump_metadata(sv.md), sv.problems
-    finally:
-        meta.close()
-        data.close()
-        os.close(lockfd)
-
-
-def _need_pool(path: str) -> None:
-    if not os.path.isfile(os.path.join(path, "meta")):
-        raise PoolNotFound(f"no thinstore pool at {path}")
+    with locked_store(path, fileio) as store:
+        meta = store.open("meta", readonly=True)
+        data = store.open("data", readonly=True)
+        try:
+            sv = salvage(meta, data)
+            if sv.md is None:
+                raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
+            return dump_metadata(sv.md), sv.problems
+        finally:
+            meta.close()
+            data.close()
 
 
 # ---------------------------------------------------------------- restore
@@ -123,6 +116,9 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
         _validate(doc)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"restore: malformed dump ({type(e).__name__}: {e})") from None
+    if is_rados(path):
+        raise UsageError(f"restore into a rados:// pool ({path}) is not supported: restore "
+                         "into a directory pool and copy it across with send/receive")
     os.makedirs(path, exist_ok=True)
     lockfd = _take_lock(path)
     tmp = os.path.join(path, "meta.restore")
@@ -141,7 +137,7 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
         _swap_in(path, tmp)
         return gen
     finally:
-        os.close(lockfd)
+        lockfd.release()
 
 
 def _open_data(path: str, doc: dict, fileio):
