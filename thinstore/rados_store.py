@@ -51,6 +51,7 @@ BLOCKLIST_SECONDS = 7 * 24 * 3600       # long enough that a paused holder never
 _DEBIAN_DIR = "/usr/lib/python3/dist-packages"
 _U64 = struct.Struct("<Q")
 _REAP = 256
+_ZERO_SWAPPED: bool | None = None
 
 
 def load_rados():
@@ -208,6 +209,27 @@ class RadosStore:
         finally:
             self.ioctx.release_write_op(op)
 
+    def zero_swapped(self) -> bool:
+        """Whether this binding's WriteOp.zero passes (length, offset) to librados: Debian
+        12's python3-rados (16.2) does, later ones do not. Probed once per process on a
+        scratch object: 8 bytes, zero(2, 4), read back."""
+        global _ZERO_SWAPPED
+        if _ZERO_SWAPPED is None:
+            probe = f"{self.name}.zero-probe.{self.cookie}"
+            self.ioctx.write_full(probe, b"x" * 8)
+            op = self.ioctx.create_write_op()
+            try:
+                op.zero(2, 4)
+                self.ioctx.operate_write_op(op, probe)
+            finally:
+                self.ioctx.release_write_op(op)
+            got = self.ioctx.read(probe, 8, 0)
+            self.ioctx.remove_object(probe)
+            if got not in (b"xx\0\0\0\0xx", b"xxxx\0\0xx"):
+                raise StorageUnavailable(f"librados' zero operation gave {got!r}")
+            _ZERO_SWAPPED = got == b"xxxx\0\0xx"
+        return _ZERO_SWAPPED
+
     def object_names(self, file: str | None = None) -> list[str]:
         """Every object of this pool (or of one file), for tests and `destroy`."""
         prefix = f"{self.name}." + (f"{file}." if file else "")
@@ -340,7 +362,10 @@ class RadosFile:
     def _zero(self, obj: str, off: int, n: int) -> None:
         op = self.ioctx.create_write_op()
         try:
-            op.zero(off, n)
+            if self.store.zero_swapped():
+                op.zero(n, off)
+            else:
+                op.zero(off, n)
             self._track(obj, self.ioctx.operate_aio_write_op(op, obj), op)
         except BaseException:
             self.ioctx.release_write_op(op)
