@@ -148,6 +148,12 @@ class Pool(DataPath, HiddenDevices):
             raise
         pool = cls(path, md, owner, commit_interval=commit_interval, store=store)
         pool._attach_sums()
+        if getattr(store, "took_over", False):   # after any replay: it decides what is mapped
+            with pool.lock:
+                gone = store.collect_garbage(md.space.refs.arr, md.chunk_shift)
+            if gone:
+                log.warning("pool %s: removed %d object(s) the previous holder wrote but "
+                            "never committed", path, gone)
         return pool
 
     def _attach_sums(self) -> None:

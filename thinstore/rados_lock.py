@@ -205,3 +205,4 @@ def fence(store, locker: Locker) -> None:
                          "('osd blocklist')") from None
     store.cluster.wait_for_latest_osdmap()
     _break(store, locker)
+    store.took_over = True

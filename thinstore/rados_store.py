@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
+import re
 import struct
 import sys
 import threading
@@ -52,6 +52,7 @@ _DEBIAN_DIR = "/usr/lib/python3/dist-packages"
 _U64 = struct.Struct("<Q")
 _REAP = 256
 _ZERO_SWAPPED: bool | None = None
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # no dot: NAME. prefixes never overlap
 
 
 def load_rados():
@@ -87,9 +88,10 @@ def parse_uri(uri: str) -> tuple[str, str, str | None, str | None]:
     """``rados://CEPHPOOL/NAME[?conf=FILE&id=CLIENT]`` -> (cephpool, name, conf, id)."""
     u = urllib.parse.urlsplit(uri)
     name = u.path.lstrip("/")
-    if u.scheme != "rados" or not u.netloc or not name or "/" in name:
+    if u.scheme != "rados" or not u.netloc or not _NAME.fullmatch(name):
         raise UsageError(f"invalid pool {uri!r}: use rados://CEPHPOOL/NAME"
-                         "[?conf=FILE&id=CLIENT] or a directory")
+                         "[?conf=FILE&id=CLIENT] (NAME: letters, digits, _ and -, at most "
+                         "64) or a directory")
     q = urllib.parse.parse_qs(u.query)
     unknown = set(q) - {"conf", "id"}
     if unknown:
@@ -148,6 +150,7 @@ class RadosStore:
         self.files: list[RadosFile] = []
         self.cookie = uuid.uuid4().hex
         self.fenced = False
+        self.took_over = False       # the lock was taken from a dead or fenced holder
 
     # ------------------------------------------------------------ pool objects
     def exists(self) -> bool:
@@ -234,6 +237,29 @@ class RadosStore:
         """Every object of this pool (or of one file), for tests and `destroy`."""
         prefix = f"{self.name}." + (f"{file}." if file else "")
         return sorted(o.key for o in self.ioctx.list_objects() if o.key.startswith(prefix))
+
+    def collect_garbage(self, refs, chunk_shift: int) -> int:
+        """After taking over from a dead or fenced holder: remove the data objects in
+        which no chunk is referenced (written in a transaction that never committed) and
+        any object past its file's size. Returns how many were removed."""
+        unit = OBJECT_SIZE >> chunk_shift
+        removed = 0
+        for obj in self.object_names():
+            file, _, index = obj[len(self.name) + 1:].rpartition(".")
+            if not file or len(index) != 16:
+                continue
+            i = int(index, 16)
+            size = self.file_size(file)
+            stray = size is None or i * OBJECT_SIZE >= size
+            if file == "data" and not stray:
+                stray = not refs[i * unit:(i + 1) * unit].any()
+            if stray:
+                try:
+                    self.ioctx.remove_object(obj)
+                    removed += 1
+                except self._rados.ObjectNotFound:
+                    pass
+        return removed
 
     def runtime_dir(self) -> str:
         return local_runtime_dir(self.cephpool, self.name)

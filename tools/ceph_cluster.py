@@ -59,9 +59,7 @@ osd crush chooseleaf type = 0
 osd crush update on start = false
 osd class update on start = false
 run dir = {d}/run
-admin socket = {d}/run/$name.asok
 pid file = {d}/run/$name.pid
-log file = {d}/log/$name.log
 mon data = {d}/mon.$id
 osd data = {d}/osd.$id
 keyring = {d}/keyring
@@ -76,6 +74,20 @@ osd op num shards = 2
 osd op num threads per shard = 1
 mon osd down out interval = 0
 osd max object size = 134217728
+
+[mon]
+admin socket = {d}/run/$name.asok
+log file = {d}/log/$name.log
+
+[osd]
+admin socket = {d}/run/$name.asok
+log file = {d}/log/$name.log
+
+[client]
+# one admin socket per client process: a shared name makes every new client wait ~10 s
+# for an old one that is paused (SIGSTOP) to answer on it before giving up the socket
+admin socket = {d}/run/$name.$pid.asok
+log file = /dev/null
 """
 
 
