@@ -26,7 +26,6 @@ process start included for both sides).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics

@@ -18,7 +18,6 @@ Every mapped chunk of a pool created with data checksums has an mmh3 checksum in
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 

@@ -31,10 +31,10 @@ from .errors import CorruptMetadata, UsageError
 from .metadata import DeviceMeta, Metadata, dir_length
 from .metastore import MetaStore
 from .paged import PagedArray
-from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
+from .pool import POOL_FLAG_DATA_CHECKSUMS
 from .salvage import salvage
 from .spacemap import SpaceMap
-from .storage import FileIO, is_rados, locked_store
+from .storage import DirLock, FileIO, is_rados, locked_store
 
 FORMAT = "thinstore-metadata"
 
@@ -120,7 +120,7 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
         raise UsageError(f"restore into a rados:// pool ({path}) is not supported: restore "
                          "into a directory pool and copy it across with send/receive")
     os.makedirs(path, exist_ok=True)
-    lockfd = _take_lock(path)
+    lockfd = DirLock(path)
     tmp = os.path.join(path, "meta.restore")
     try:
         if os.path.exists(tmp):

@@ -39,14 +39,14 @@ from .datasums import DataSums, open_intent
 from .datapath import DataPath
 from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
-from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
+from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
-from .storage import FileIO, DirLock, open_store
+from .storage import FileIO, open_store
 from .rwlock import RWLock
 from .units import check_device_size
 
@@ -148,12 +148,8 @@ class Pool(DataPath, HiddenDevices):
             raise
         pool = cls(path, md, owner, commit_interval=commit_interval, store=store)
         pool._attach_sums()
-        if getattr(store, "took_over", False):   # after any replay: it decides what is mapped
-            with pool.lock:
-                gone = store.collect_garbage(md.space.refs.arr, md.chunk_shift)
-            if gone:
-                log.warning("pool %s: removed %d object(s) the previous holder wrote but "
-                            "never committed", path, gone)
+        with pool.lock:              # after any replay: it decides what is mapped
+            store.collect_unreferenced(md.space.refs.arr, md.chunk_shift)
         return pool
 
     def _attach_sums(self) -> None:
@@ -512,7 +508,3 @@ class Pool(DataPath, HiddenDevices):
         if self.md.devices.get(dm.dev_id) is not dm:
             raise NoSuchDevice(f"device {dm.name!r} was destroyed")
 
-    # ------------------------------------------------------------ data path
-def _take_lock(path: str) -> DirLock:
-    """The directory pool's exclusive lock (storage.DirLock); release() frees it."""
-    return DirLock(path)

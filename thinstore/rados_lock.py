@@ -28,6 +28,7 @@ from .errors import PoolLocked
 log = logging.getLogger("thinstore")
 
 LOCK_NAME = "thinstore"
+_OBJECT_SIZE = 4 << 20           # rados_store.OBJECT_SIZE
 _HDR = struct.Struct("<BBI")
 
 
@@ -206,3 +207,31 @@ def fence(store, locker: Locker) -> None:
     store.cluster.wait_for_latest_osdmap()
     _break(store, locker)
     store.took_over = True
+
+
+# ------------------------------------------------------------ after a takeover
+def collect_garbage(store, refs, chunk_shift: int) -> int:
+    """After taking over from a dead or fenced holder: remove the data objects in
+    which no chunk is referenced (written in a transaction that never committed) and
+    any object past its file's size. Returns how many were removed."""
+    unit = _OBJECT_SIZE >> chunk_shift
+    removed = 0
+    for obj in store.object_names():
+        file, _, index = obj[len(store.name) + 1:].rpartition(".")
+        if not file or len(index) != 16:
+            continue
+        i = int(index, 16)
+        size = store.file_size(file)
+        stray = size is None or i * _OBJECT_SIZE >= size
+        if file == "data" and not stray:
+            stray = not refs[i * unit:(i + 1) * unit].any()
+        if stray:
+            try:
+                store.ioctx.remove_object(obj)
+                removed += 1
+            except store._rados.ObjectNotFound:
+                pass
+    if removed:
+        log.warning("pool %s: removed %d object(s) the previous holder wrote but never "
+                    "committed", store.uri, removed)
+    return removed

@@ -41,7 +41,7 @@ import threading
 import urllib.parse
 import uuid
 
-from .errors import CorruptMetadata, Fenced, PoolLocked, PoolNotFound, StorageUnavailable, UsageError
+from .errors import Fenced, PoolNotFound, StorageUnavailable, UsageError
 
 OBJECT_SIZE = 4 << 20
 LOCK_NAME = "thinstore"
@@ -238,28 +238,12 @@ class RadosStore:
         prefix = f"{self.name}." + (f"{file}." if file else "")
         return sorted(o.key for o in self.ioctx.list_objects() if o.key.startswith(prefix))
 
-    def collect_garbage(self, refs, chunk_shift: int) -> int:
-        """After taking over from a dead or fenced holder: remove the data objects in
-        which no chunk is referenced (written in a transaction that never committed) and
-        any object past its file's size. Returns how many were removed."""
-        unit = OBJECT_SIZE >> chunk_shift
-        removed = 0
-        for obj in self.object_names():
-            file, _, index = obj[len(self.name) + 1:].rpartition(".")
-            if not file or len(index) != 16:
-                continue
-            i = int(index, 16)
-            size = self.file_size(file)
-            stray = size is None or i * OBJECT_SIZE >= size
-            if file == "data" and not stray:
-                stray = not refs[i * unit:(i + 1) * unit].any()
-            if stray:
-                try:
-                    self.ioctx.remove_object(obj)
-                    removed += 1
-                except self._rados.ObjectNotFound:
-                    pass
-        return removed
+    def collect_unreferenced(self, refs, chunk_shift: int) -> int:
+        """After a takeover: remove what the old holder wrote but never committed."""
+        if not self.took_over:
+            return 0
+        from . import rados_lock
+        return rados_lock.collect_garbage(self, refs, chunk_shift)
 
     def runtime_dir(self) -> str:
         return local_runtime_dir(self.cephpool, self.name)
@@ -273,7 +257,7 @@ class RadosStore:
             self.cluster.shutdown()
 
     # ------------------------------------------------------------ ownership
-    def lock(self, takeover: bool = False) -> "RadosLock":
+    def lock(self, takeover: bool = False):
         from . import rados_lock
         return rados_lock.acquire(self, takeover)
 

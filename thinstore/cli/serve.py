@@ -147,7 +147,8 @@ def cmd_serve(args) -> int:
                      for host, port in listens]
             _bind(control_socket_path(path), control.listen)
             server.start()
-            context = ServeContext(pool=pool, pool_dir=os.path.abspath(pool.local_dir), nbd_socket=sock,
+            context = ServeContext(pool=pool, pool_dir=os.path.abspath(pool.local_dir),
+                                   nbd_socket=sock,
                                    nbd_server=server, control=control)
             for name in dict.fromkeys(getattr(args, "frontend", None) or []):
                 frontend = frontends.load(name)(context, args)
