@@ -367,7 +367,10 @@ class RadosFile:
             else:
                 self._zero(obj, off, n)
 
-    write_zeros = punch
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Zeros, extending the file like a write (an intent log's preallocation)."""
+        self.punch(offset, length)
+        self._grow_to(offset + length)
 
     def _zero(self, obj: str, off: int, n: int) -> None:
         op = self.ioctx.create_write_op()
@@ -462,6 +465,8 @@ class RadosFile:
             self.store.raise_failure(f"write to {self.path}", self._error)
         if self._size_dirty:
             self._store_size()
+
+    datasync = fsync      # no times to skip: an object's data and size are one
 
     # ------------------------------------------------------------ size
     def size(self) -> int:
