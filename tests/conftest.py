@@ -23,8 +23,8 @@ def pytest_generate_tests(metafunc):
     if metafunc.module.__name__ in BACKEND_MODULES and "backend" in metafunc.fixturenames:
         # the rados cases drive a real cluster: 'integration', so CI runs them once (on a
         # rados pool the I/O kernels take their Python twins anyway: the file has no fd)
-        metafunc.parametrize("backend", ["dir", pytest.param("rados", marks=pytest.mark.integration)],
-                             indirect=True, scope="module")
+        rados = pytest.param("rados", marks=pytest.mark.integration)
+        metafunc.parametrize("backend", ["dir", rados], indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")

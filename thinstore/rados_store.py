@@ -50,7 +50,8 @@ EBLOCKLISTED = errno.ESHUTDOWN          # what librados returns to a blocklisted
 BLOCKLIST_SECONDS = 7 * 24 * 3600       # long enough that a paused holder never returns
 _DEBIAN_DIR = "/usr/lib/python3/dist-packages"
 _U64 = struct.Struct("<Q")
-_REAP = 256
+_REAP = 256                             # writes in flight before finished ones are dropped
+_MAX_IN_FLIGHT = 4096                   # ... and before the writer waits for them all
 _ZERO_SWAPPED: bool | None = None
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # no dot: NAME. prefixes never overlap
 
@@ -424,6 +425,8 @@ class RadosFile:
             self._count += 1
             if self._count >= _REAP:
                 self._reap(block=False)
+            if self._count >= _MAX_IN_FLIGHT:   # a slow cluster: wait rather than buffer
+                self._reap(block=True)
 
     def _reap(self, block: bool, only: str | None = None) -> None:
         """Drop finished writes (waiting for all with `block`), keeping the first error."""
