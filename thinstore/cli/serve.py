@@ -142,6 +142,7 @@ def cmd_serve(args) -> int:
         sock = _bind(where, server.listen_unix, where)
         control = ControlServer(pool, server, nbd_socket=sock)
         running = []
+        stop = stop_on_signal()
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
             bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
                      for host, port in listens]
@@ -160,7 +161,7 @@ def cmd_serve(args) -> int:
                 for line in frontend.describe():
                     print(line)
             sys.stdout.flush()
-            wait_for_signal()
+            wait_for_signal(stop)
         finally:
             for frontend in reversed(running):  # frontends unmount before NBD goes away
                 frontend.stop()
@@ -209,10 +210,18 @@ def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
     sys.stdout.flush()
 
 
-def wait_for_signal() -> None:
+def stop_on_signal() -> threading.Event:
+    """An event SIGINT and SIGTERM set: installed before the announce, so that a
+    supervisor's SIGTERM right after it stops the server cleanly (closing the pool),
+    not by the default action."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_signal(stop: threading.Event | None = None) -> None:
+    stop = stop or stop_on_signal()
     while not stop.wait(1.0):
         pass
 
