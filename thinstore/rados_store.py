@@ -215,20 +215,20 @@ class RadosStore:
 
     def zero_swapped(self) -> bool:
         """Whether this binding's WriteOp.zero passes (length, offset) to librados: Debian
-        12's python3-rados (16.2) does, later ones do not. Probed once per process on a
-        scratch object: 8 bytes, zero(2, 4), read back."""
+        12's python3-rados (16.2) does, later ones do not. Probed once per process in the
+        header's (otherwise unused) data: 8 bytes, zero(2, 4), read back, cut to 0 bytes;
+        a crash in between leaves only those 8 bytes, never an object of its own."""
         global _ZERO_SWAPPED
         if _ZERO_SWAPPED is None:
-            probe = f"{self.name}.zero-probe.{self.cookie}"
-            self.ioctx.write_full(probe, b"x" * 8)
             op = self.ioctx.create_write_op()
             try:
+                op.write(b"x" * 8, 0)
                 op.zero(2, 4)
-                self.ioctx.operate_write_op(op, probe)
+                self.ioctx.operate_write_op(op, self.header)
             finally:
                 self.ioctx.release_write_op(op)
-            got = self.ioctx.read(probe, 8, 0)
-            self.ioctx.remove_object(probe)
+            got = self.ioctx.read(self.header, 8, 0)
+            self.ioctx.trunc(self.header, 0)
             if got not in (b"xx\0\0\0\0xx", b"xxxx\0\0xx"):
                 raise StorageUnavailable(f"librados' zero operation gave {got!r}")
             _ZERO_SWAPPED = got == b"xxxx\0\0xx"
