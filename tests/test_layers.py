@@ -6,7 +6,7 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
-        "units", "rwlock", "rados_store", "rados_lock"]
+        "units", "rwlock", "readers", "rados_store", "rados_lock"]
 STORAGE = {"storage", "rados_store", "rados_lock"}   # the only modules that know where bytes live
 ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends")
 

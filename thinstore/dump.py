@@ -109,6 +109,17 @@ def dump_path(path: str, fileio=FileIO) -> tuple[dict, list]:
             data.close()
 
 
+def dump_served(pool) -> tuple[dict, list]:
+    """dump_path for an open pool (a server's): its committed generation, read through
+    the pool's own meta file and pinned while it is read (see check.check_served)."""
+    from .check import PinnedMeta
+    with pool.pinned_generation() as slots:
+        sv = salvage(PinnedMeta(pool.md.meta_fio, slots), pool.md.data_fio)
+        if sv.md is None:
+            raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
+        return dump_metadata(sv.md), sv.problems
+
+
 # ---------------------------------------------------------------- restore
 def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
     """Replace the metadata of the pool at `path` by `doc`; return the new generation."""
