@@ -154,6 +154,6 @@ def _abandon(pool) -> None:
     pool._closed = True
     pool._stop.set()
     try:
-        os.close(pool._lockfd)
+        pool._owner.release()
     except OSError:
         pass

@@ -52,10 +52,12 @@ def uri(sock: str, name: str = "") -> str:
 class Served:
     """A pool in a temp dir, served in-process on a unix socket."""
 
-    def __init__(self, capacity: int = 1 << 30, chunk_size: int = 64 << 10, **config):
+    def __init__(self, capacity: int = 1 << 30, chunk_size: int = 64 << 10,
+                 backend: str = "dir", **config):
+        import backends
         self.dir = short_tmpdir()
-        self.pool = Pool.create(os.path.join(self.dir, "pool"), capacity, chunk_size,
-                                commit_interval=0)
+        self.location = backends.location(backend, self.dir)
+        self.pool = Pool.create(self.location, capacity, chunk_size, commit_interval=0)
         self.server = NBDServer(self.pool, ServerConfig(**config))
         self.sock = self.server.listen_unix(os.path.join(self.dir, "nbd.sock"))
         self.server.start()
@@ -64,8 +66,10 @@ class Served:
         return uri(self.sock, name)
 
     def close(self) -> None:
+        import backends
         self.server.shutdown()
         self.pool.close()
+        backends.remove(self.location)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -85,7 +85,7 @@ def _open_and_read(work: str) -> str | None:
         pool._closed = True
         pool.md.meta_fio.close()
         pool.md.data_fio.close()
-        os.close(pool._lockfd)
+        pool._owner.release()
 
 
 @FUZZ

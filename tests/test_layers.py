@@ -6,7 +6,9 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
-        "units", "rwlock", "readers", "synclog", "recovery", "fastlane"]
+        "units", "rwlock", "readers", "synclog", "recovery", "fastlane", "rados_store",
+        "rados_lock"]
+STORAGE = {"storage", "rados_store", "rados_lock"}   # the only modules that know where bytes live
 ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends",
          "bench")
 
@@ -38,3 +40,12 @@ def test_storage_core_imports_nothing_above_it():
 def test_nbd_server_does_not_reach_into_the_cli():
     for path in (PKG / "nbd").glob("*.py"):
         assert "cli" not in imported(path), path.name
+
+
+def test_only_the_storage_layer_knows_a_pool_may_be_rados_objects():
+    """DESIGN §9: storage.py (and the backend it loads) alone know directory vs RADOS."""
+    for path in PKG.rglob("*.py"):
+        if path.stem in STORAGE:
+            continue
+        bad = imported(path) & (STORAGE - {"storage"})
+        assert not bad, f"{path.relative_to(PKG)} imports {sorted(bad)}"

@@ -16,9 +16,9 @@ SIZE = 64 * MiB
 
 
 @pytest.fixture(scope="module")
-def srv():
+def srv(backend):
     need("nbdinfo", "nbdcopy")
-    with served() as s:
+    with served(backend=backend) as s:
         yield s
 
 

@@ -12,9 +12,9 @@ SIZE = 64 * MiB
 
 
 @pytest.fixture(scope="module")
-def srv():
+def srv(backend):
     need("qemu-img", "qemu-io")
-    with served() as s:
+    with served(backend=backend) as s:
         yield s
 
 

@@ -101,7 +101,7 @@ def test_chunk_freed_in_open_transaction_is_not_reused_before_commit(pool_path):
             assert new and not new & used
         # simulate a crash here: drop the pool without committing
         pool._closed = True
-        pool.md.data_fio.close(); pool.md.meta_fio.close(); os.close(pool._lockfd)
+        pool.md.data_fio.close(); pool.md.meta_fio.close(); pool._owner.release()
     with Pool.open(pool_path, commit_interval=0) as pool:
         with pool.open_device("a") as a:
             assert a.pread(0, 2 * cs) == b"A" * (2 * cs)   # the committed map's data is intact

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import ROOT, pattern
 from thinstore import Pool, replication as RP, stream as S
+from thinstore.storage import runtime_dir
 from thinstore.errors import DeviceExists, StreamError, StreamTruncated, UsageError
 
 MiB = 1 << 20
@@ -71,22 +72,22 @@ def covered(ranges, offset, length):
 def state(pool, path):
     """What a user sees of a pool: devices, their contents' digests, pending tokens."""
     devs = {i.name: (i.kind, i.size, i.uuid, hash(content(pool, i.name))) for i in pool.list()}
-    tokens = sorted(os.listdir(os.path.join(path, "resume"))) if os.path.isdir(
-        os.path.join(path, "resume")) else []
+    tokens = sorted(os.listdir(os.path.join(pool.local_dir, "resume"))) if os.path.isdir(
+        os.path.join(pool.local_dir, "resume")) else []
     return devs, [t for t in tokens if t.endswith(".json")]
 
 
 @pytest.fixture
-def src(tmp_path):
-    pool = new_pool(tmp_path / "src")
+def src(pool_location):
+    pool = new_pool(pool_location("src"))
     random_history(pool)
     yield pool
     pool.close()
 
 
 @pytest.fixture
-def dst_path(tmp_path):
-    return str(tmp_path / "dst")
+def dst_path(pool_location):
+    return pool_location("dst")
 
 
 @pytest.fixture
@@ -157,11 +158,11 @@ def pipe(src_path, send_args, dst_path, recv_args):
     return receiver
 
 
-def test_send_pipes_into_receive(src, tmp_path):
+def test_send_pipes_into_receive(src, tmp_path, pool_location):
     src_path = src.path
     expect = {s: content(src, f"v@{s}") for s in ("s1", "s2", "s3")}
     src.close()
-    dst_path = str(tmp_path / "dst")
+    dst_path = pool_location("dst")
     assert cli("--pool", dst_path, "init", "--capacity", "512M").returncode == 0
     r = pipe(src_path, ["v@s1"], dst_path, ["w"])
     assert r.returncode == 0, r.stderr
@@ -344,10 +345,10 @@ def test_newer_format_version_is_refused(src, dst, dst_path):
 # --- the same through the CLI, across processes ----------------------------------------
 
 
-def test_cli_truncated_then_resume(src, tmp_path):
+def test_cli_truncated_then_resume(src, tmp_path, pool_location):
     full, inc = stream_of(src, "v@s1"), stream_of(src, "v@s2", "v@s1")
     expect = content(src, "v@s2")
-    dst_path = str(tmp_path / "dst")
+    dst_path = pool_location("dst")
     assert cli("--pool", dst_path, "init", "--capacity", "512M").returncode == 0
     (tmp_path / "full").write_bytes(full)
     (tmp_path / "cut").write_bytes(inc[:len(inc) // 2])
@@ -363,27 +364,27 @@ def test_cli_truncated_then_resume(src, tmp_path):
         assert content(dst, "w@s2") == expect
 
 
-def test_cli_corrupt_stream_exit_code(src, tmp_path):
+def test_cli_corrupt_stream_exit_code(src, tmp_path, pool_location):
     bad = flip(stream_of(src, "v@s1"), 5000)
-    dst_path = str(tmp_path / "dst")
+    dst_path = pool_location("dst")
     assert cli("--pool", dst_path, "init", "--capacity", "512M").returncode == 0
     r = cli("--pool", dst_path, "receive", "w", input=bad)
     assert r.returncode == 12 and b"checksum mismatch at record" in r.stderr
     assert cli("--pool", dst_path, "list", "-H").stdout == b""
 
 
-def test_killed_receive_shows_nothing_and_resumes(src, tmp_path):
+def test_killed_receive_shows_nothing_and_resumes(src, tmp_path, pool_location):
     """SIGKILL in the middle of a receive: no device appears; --resume finishes."""
     data = stream_of(src, "v@s5")
     expect = content(src, "v@s5")
-    dst_path = str(tmp_path / "dst")
+    dst_path = pool_location("dst")
     assert cli("--pool", dst_path, "init", "--capacity", "512M").returncode == 0
     env = cli_env()
     proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", dst_path,
                              "receive", "w"], stdin=subprocess.PIPE, env=env)
     proc.stdin.write(data[:len(data) // 2])
     proc.stdin.flush()
-    token = os.path.join(dst_path, "resume", "w.json")
+    token = os.path.join(runtime_dir(dst_path), "resume", "w.json")
     for _ in range(600):  # bounded: wait until the receive has begun (its first token)
         if os.path.exists(token) or proc.poll() is not None:
             break

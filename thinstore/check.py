@@ -18,16 +18,14 @@ devices, byte offsets, chunks and metadata blocks.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
 from .datasums import INTENT_NAME, IntentLog
-from .errors import PoolNotFound
 from .kernels import ST_WRITTEN
-from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
+from .pool import POOL_FLAG_DATA_CHECKSUMS
 from .salvage import DAMAGE_CODES, Problem, owners, salvage
-from .storage import FileIO
+from .storage import FileIO, locked_store
 from .synclog import log_records
 
 MAX_LISTED = 20            # problems of one class named one by one; the rest are counted
@@ -152,18 +150,19 @@ def check_pool(pool) -> list[Problem]:
 
 def check_path(path: str, fileio=FileIO) -> Report:
     """Check the committed metadata of the pool at `path`, read-only, under its lock."""
-    if not os.path.isfile(os.path.join(path, "meta")):
-        raise PoolNotFound(f"no thinstore pool at {path}")
-    lockfd = _take_lock(path)
-    meta = fileio(os.path.join(path, "meta"), readonly=True)
-    data = fileio(os.path.join(path, "data"), readonly=True)
+    with locked_store(path, fileio) as store:
+        return _check_store(path, store)
+
+
+def _check_store(path: str, store) -> Report:
+    meta = store.open("meta", readonly=True)
+    data = store.open("data", readonly=True)
     try:
-        return _check_files(path, meta, data, lambda md: _intent_regions(path, fileio, md),
-                            lambda md: log_records(path, fileio, md.sb))
+        return _check_files(path, meta, data, lambda md: _intent_regions(store, md),
+                            lambda md: log_records(store, md.sb))
     finally:
         meta.close()
         data.close()
-        os.close(lockfd)
 
 
 def check_served(pool) -> Report:
@@ -224,13 +223,12 @@ class PinnedMeta:
         raise AttributeError(f"{name}: the pinned meta file is read-only")
 
 
-def _intent_regions(path: str, fileio, md) -> int:
+def _intent_regions(store, md) -> int:
     """How many write-intent regions the next open will re-checksum (0 after a clean
     close): not damage, but what an unclean shutdown left to do."""
-    full = os.path.join(path, INTENT_NAME)
-    if not os.path.exists(full) or not md.flags & POOL_FLAG_DATA_CHECKSUMS:
+    if not store.has(INTENT_NAME) or not md.flags & POOL_FLAG_DATA_CHECKSUMS:
         return 0
-    fio = fileio(full, readonly=True)
+    fio = store.open(INTENT_NAME, readonly=True)
     try:
         return len(IntentLog(fio, len(md.space.refs), md.chunk_shift)
                    .read_marked(len(md.space.refs)))

@@ -59,8 +59,10 @@ OPS = {
 }
 
 
-def socket_path(pool_dir: str) -> str:
-    return os.path.join(pool_dir, SOCKET_NAME)
+def socket_path(pool: str) -> str:
+    """The control socket of the pool at `pool` (a directory or a rados:// URI)."""
+    from .storage import runtime_dir
+    return os.path.join(runtime_dir(pool), SOCKET_NAME)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ Every mapped chunk of a pool created with data checksums has an mmh3 checksum in
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 
@@ -151,12 +150,11 @@ class IntentLog:
         self.writes += 1
 
 
-def open_intent(path: str, fileio):
+def open_intent(store):
     """The pool's intent file, created empty when missing (pools made before it existed)."""
-    full = os.path.join(path, INTENT_NAME)
-    if os.path.exists(full):
-        return fileio(full)
-    fio = fileio(full, create=True)
+    if store.has(INTENT_NAME):
+        return store.open(INTENT_NAME)
+    fio = store.open(INTENT_NAME, create=True)
     fio.fsync()
     return fio
 

@@ -27,14 +27,14 @@ import numpy as np
 
 from . import format as fmt
 from .blockmap import MapStore
-from .errors import CorruptMetadata, PoolNotFound, UsageError
+from .errors import CorruptMetadata, UsageError
 from .metadata import DeviceMeta, Metadata, dir_length
 from .metastore import MetaStore
 from .paged import PagedArray
-from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
+from .pool import POOL_FLAG_DATA_CHECKSUMS
 from .salvage import salvage
 from .spacemap import SpaceMap
-from .storage import FileIO
+from .storage import DirLock, FileIO, is_rados, locked_store
 
 FORMAT = "thinstore-metadata"
 
@@ -96,19 +96,17 @@ def dump_text(doc: dict) -> str:
 
 def dump_path(path: str, fileio=FileIO) -> tuple[dict, list]:
     """(the dump, problems met while reading) of the committed metadata at `path`."""
-    _need_pool(path)
-    lockfd = _take_lock(path)
-    meta = fileio(os.path.join(path, "meta"), readonly=True)
-    data = fileio(os.path.join(path, "data"), readonly=True)
-    try:
-        sv = salvage(meta, data)
-        if sv.md is None:
-            raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
-        return dump_metadata(sv.md), sv.problems
-    finally:
-        meta.close()
-        data.close()
-        os.close(lockfd)
+    with locked_store(path, fileio) as store:
+        meta = store.open("meta", readonly=True)
+        data = store.open("data", readonly=True)
+        try:
+            sv = salvage(meta, data)
+            if sv.md is None:
+                raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
+            return dump_metadata(sv.md), sv.problems
+        finally:
+            meta.close()
+            data.close()
 
 
 def dump_served(pool) -> tuple[dict, list]:
@@ -122,11 +120,6 @@ def dump_served(pool) -> tuple[dict, list]:
         return dump_metadata(sv.md), sv.problems
 
 
-def _need_pool(path: str) -> None:
-    if not os.path.isfile(os.path.join(path, "meta")):
-        raise PoolNotFound(f"no thinstore pool at {path}")
-
-
 # ---------------------------------------------------------------- restore
 def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
     """Replace the metadata of the pool at `path` by `doc`; return the new generation."""
@@ -134,8 +127,11 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
         _validate(doc)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"restore: malformed dump ({type(e).__name__}: {e})") from None
+    if is_rados(path):
+        raise UsageError(f"restore into a rados:// pool ({path}) is not supported: restore "
+                         "into a directory pool and copy it across with send/receive")
     os.makedirs(path, exist_ok=True)
-    lockfd = _take_lock(path)
+    lockfd = DirLock(path)
     tmp = os.path.join(path, "meta.restore")
     try:
         if os.path.exists(tmp):
@@ -152,7 +148,7 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
         _swap_in(path, tmp)
         return gen
     finally:
-        os.close(lockfd)
+        lockfd.release()
 
 
 def _open_data(path: str, doc: dict, fileio):

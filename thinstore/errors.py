@@ -22,6 +22,8 @@ returns, so both mappings live here and nowhere else::
      |    +-- StreamTruncated                  a cut-off stream: resumable
      +-- NativeUnavailable          EIO     exit 13  THINSTORE_PURE_PYTHON=0 without C
      +-- ProtocolError              EINVAL  exit 14  NBD/control wire errors
+     +-- StorageUnavailable         EIO     exit 15  the pool's home cannot be reached
+     +-- Fenced                     EIO     exit 16  another host took the pool over
 
 The class docstring is the default message; callers pass a message that names the
 device and says what to do.
@@ -152,3 +154,15 @@ class ProtocolError(ThinstoreError):
 
 class StreamTruncated(StreamError):
     """The send/receive stream ends before its trailer (resume with 'receive --resume')."""
+
+
+class StorageUnavailable(ThinstoreError):
+    """The pool's storage cannot be reached (for rados:// pools: librados, the cluster)."""
+
+    exit_code = 15
+
+
+class Fenced(ThinstoreError):
+    """This process no longer owns the pool: another one took it over and fenced it."""
+
+    exit_code = 16

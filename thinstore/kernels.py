@@ -213,13 +213,27 @@ def read_range(dirarr, pages, chunk_shift, fio, buf, offset, length) -> None:
         return
     out = np.empty(((length >> chunk_shift) + 2, 3), dtype=np.int64)
     n = translate(dirarr, pages, chunk_shift, offset, length, out)
+    read_extents(fio, buf, offset, out[:n].tolist())
+
+
+def read_extents(fio, buf, offset, extents) -> None:
+    """Fill buf from translated extents (virtual offset, length, data offset or -1).
+    A file that reads many ranges at once (``preadinto_many``: RADOS, all in flight
+    together) gets them in one call."""
     view = memoryview(buf).cast("B")
-    for voff, ln, doff in out[:n].tolist():
+    parts = []
+    for voff, ln, doff in extents:
         part = view[voff - offset:voff - offset + ln]
         if doff < 0:
             part[:] = bytes(ln)
         else:
-            fio.preadinto(part, doff)
+            parts.append((part, doff))
+    many = getattr(fio, "preadinto_many", None)
+    if many is not None:
+        many(parts)
+        return
+    for part, doff in parts:
+        fio.preadinto(part, doff)
 
 
 def cow_copy(fio, src_off, dst_off, length) -> None:

@@ -6,6 +6,9 @@ A pool is a directory::
     POOL/meta   two superblock slots, then 4096-byte metadata blocks (docs/format.md)
     POOL/lock   fcntl lock: one process at a time; it holds the holder's pid
 
+or the same files as RADOS objects, ``rados://CEPHPOOL/NAME`` (docs/rados.md); only
+thinstore/storage.py knows which (`Pool.store`).
+
 `self.lock` (thinstore/rwlock.py) is shared for reads and exclusive for everything
 else: reads and extents queries of any devices run at once (the C kernels release
 the GIL for their I/O), while writes, management operations and commits run alone.
@@ -28,8 +31,6 @@ calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import threading
@@ -43,14 +44,14 @@ from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
 from .recovery import Recovery
 from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
-from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
+from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
-from .storage import FileIO
+from .storage import FileIO, open_store
 from .synclog import SyncLog
 from .rwlock import RWLock
 from .units import check_device_size
@@ -65,11 +66,12 @@ COMMIT_INTERVAL = 5.0
 class Pool(DataPath, HiddenDevices, Readers, Recovery):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
-    def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
+    def __init__(self, path: str, md: Metadata, owner, *, commit_interval: float, store):
         self.path = path
         self.md = md
+        self.store = store
         self.lock = RWLock()
-        self._lockfd = lockfd
+        self._owner = owner
         self._dirty = False
         self._closed = False
         self._low_water_crossed = False
@@ -94,51 +96,67 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
     def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                low_water: float = 0.9, data_checksums: bool = True,
                commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
+        """Make a pool at `path`: a directory, or ``rados://CEPHPOOL/NAME`` (docs/rados.md)."""
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
         nchunks = capacity // chunk_size
         if nchunks < 1:
             raise UsageError(f"capacity {capacity} is smaller than one chunk ({chunk_size})")
-        os.makedirs(path, exist_ok=True)
-        if os.path.exists(os.path.join(path, "meta")):
-            raise UsageError(f"{path} already holds a pool")
-        lockfd = _take_lock(path)
+        store = open_store(path, fileio)
         try:
-            data = fileio(os.path.join(path, "data"), create=True)
+            store.make()
+            owner = store.lock()
+        except BaseException:
+            store.close()
+            raise
+        try:
+            data = store.open("data", create=True)
             data.truncate((nchunks + 1) * chunk_size)
-            meta = fileio(os.path.join(path, "meta"), create=True)
+            meta = store.open("meta", create=True)
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
             md = Metadata.format_new(meta, data, chunk_size, nchunks + 1, flags,
                                      int(round(low_water * 100)))
         except BaseException:
-            os.close(lockfd)
+            owner.release()
+            store.close()
             raise
-        pool = cls(path, md, lockfd, commit_interval=commit_interval)
-        pool._attach(fileio)
+        pool = cls(path, md, owner, commit_interval=commit_interval, store=store)
+        pool._attach()
         return pool
 
     @classmethod
-    def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
-        if not os.path.isfile(os.path.join(path, "meta")):
-            raise PoolNotFound(f"no thinstore pool at {path} (run 'thinstore init' first)")
-        lockfd = _take_lock(path)
+    def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO,
+             takeover: bool = False) -> "Pool":
+        """Open the pool at `path` (a directory or a rados:// URI) and hold it.
+
+        PoolLocked while another process holds it; with `takeover` (rados:// only) a
+        holder that is alive but hung is fenced and the pool taken from it."""
+        store = open_store(path, fileio)
         opened = []
+        owner = None
         try:
-            opened.append(fileio(os.path.join(path, "data")))
-            opened.append(fileio(os.path.join(path, "meta")))
+            if not store.exists():
+                raise PoolNotFound(f"no thinstore pool at {path} (run 'thinstore init' first)")
+            owner = store.lock(takeover=takeover)
+            opened.append(store.open("data"))
+            opened.append(store.open("meta"))
             md = Metadata(opened[1], opened[0])
             md.load()
         except BaseException as e:
             for f in opened:          # a pool that fails to open keeps no descriptor
                 f.close()
-            os.close(lockfd)
+            if owner is not None:
+                owner.release()
+            store.close()
             if isinstance(e, CorruptMetadata):
                 raise CorruptMetadata(f"pool {path}: {e}; "
                                       f"run 'thinstore --pool {path} check'") from None
             raise
-        pool = cls(path, md, lockfd, commit_interval=commit_interval)
-        pool._attach(fileio)
+        pool = cls(path, md, owner, commit_interval=commit_interval, store=store)
+        pool._attach()
+        with pool.lock:              # after any replay: it decides what is mapped
+            store.collect_unreferenced(md.space.refs.arr, md.chunk_shift)
         return pool
 
     def close(self) -> None:
@@ -159,7 +177,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                     self._sums.intent.fio.close()
                 if self._log is not None:
                     self._log.fio.close()
-                os.close(self._lockfd)
+                self._owner.release()
+                self.store.close()
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=5)
 
@@ -212,6 +231,12 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
     @property
     def uuid(self) -> str:
         return self.md.sb.pool_uuid.hex()
+
+    @property
+    def local_dir(self) -> str:
+        """A directory on this host for the pool's sockets and local state: the pool's
+        own directory, or a runtime directory for a rados:// pool."""
+        return self.store.runtime_dir()
 
     @property
     def data_checksums(self) -> bool:
@@ -452,7 +477,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             space = self.md.space
             cs = self.md.chunk_size
             used = space.used()
-            return {"path": os.path.abspath(self.path), "uuid": self.uuid,
+            where = self.path if self.store.kind != "dir" else os.path.abspath(self.path)
+            return {"path": where, "uuid": self.uuid, "storage": self.store.kind,
                     "capacity": space.capacity * cs, "used": used * cs,
                     "free": (space.capacity - used) * cs, "chunk_size": cs,
                     "devices": sum(1 for d in self.md.devices.values()
@@ -483,20 +509,3 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
         if self.md.devices.get(dm.dev_id) is not dm:
             raise NoSuchDevice(f"device {dm.name!r} was destroyed")
 
-    # ------------------------------------------------------------ data path
-def _take_lock(path: str) -> int:
-    """The pool's exclusive lock; a second opener learns the holder's pid."""
-    lockpath = os.path.join(path, "lock")
-    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise PoolLocked(f"pool {path} is in use by process {holder}; stop it or "
-                             "use its control socket") from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

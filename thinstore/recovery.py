@@ -12,7 +12,6 @@ before the replay would end the intent log's epoch (synclog.py):
 from __future__ import annotations
 
 import logging
-import os
 
 from .datasums import DataSums, open_intent
 from .format import log_base
@@ -24,13 +23,13 @@ log = logging.getLogger("thinstore")
 class Recovery:
     """Pool's open-time recovery (see the module docstring)."""
 
-    def _attach(self, fileio) -> None:
+    def _attach(self) -> None:
         """After an unclean shutdown, before anything reads: re-checksum what was written
         in place (docs/integrity.md), replay the intent log (synclog.py), then commit
         once -- in that order, as a commit before the replay would end the log's epoch."""
         try:
-            recovered = self._attach_sums(fileio)
-            self._log = SyncLog(open_log(self.path, fileio), log_base(self.md.sb))
+            recovered = self._attach_sums()
+            self._log = SyncLog(open_log(self.store), log_base(self.md.sb))
             replayed = replay(self)
             if replayed:
                 log.warning("pool %s was not shut down cleanly: replayed %d intent log "
@@ -44,15 +43,16 @@ class Recovery:
                       self._sums and self._sums.intent.fio):
                 if f is not None:
                     f.close()
-            os.close(self._lockfd)
+            self._owner.release()
+            self.store.close()
             raise
 
-    def _attach_sums(self, fileio) -> bool:
+    def _attach_sums(self) -> bool:
         """Data checksums: hook them into commit, read and write; True when the intent
         bitmap says regions were re-checksummed (the caller commits)."""
         if not self.data_checksums:
             return False
-        self._sums = DataSums(self.md, open_intent(self.path, fileio),
+        self._sums = DataSums(self.md, open_intent(self.store),
                               track_fresh=self._lane is None)
         self._checksum_hook = self._sums.on_commit
         changed = self._sums.recover()

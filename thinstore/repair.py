@@ -19,17 +19,15 @@ repairable here; `scrub` names them and the devices that use them.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
 from .check import check_metadata, expected_refcounts
 from .datasums import chunk_sum
-from .errors import PoolNotFound
 from .format import FANOUT
-from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
+from .pool import POOL_FLAG_DATA_CHECKSUMS
 from .salvage import salvage
-from .storage import FileIO
+from .storage import FileIO, locked_store
 
 
 @dataclasses.dataclass
@@ -45,11 +43,13 @@ class RepairReport:
 
 def repair_path(path: str, fileio=FileIO, dry_run: bool = False) -> RepairReport:
     """Repair the pool at `path`; refuses (PoolLocked) while another process holds it."""
-    if not os.path.isfile(os.path.join(path, "meta")):
-        raise PoolNotFound(f"no thinstore pool at {path}")
-    lockfd = _take_lock(path)
-    meta = fileio(os.path.join(path, "meta"))
-    data = fileio(os.path.join(path, "data"), readonly=True)
+    with locked_store(path, fileio) as store:
+        return _repair_store(path, store, dry_run)
+
+
+def _repair_store(path: str, store, dry_run: bool) -> RepairReport:
+    meta = store.open("meta")
+    data = store.open("data", readonly=True)
     try:
         sv = salvage(meta, data)
         if sv.md is None:
@@ -67,7 +67,6 @@ def repair_path(path: str, fileio=FileIO, dry_run: bool = False) -> RepairReport
     finally:
         meta.close()
         data.close()
-        os.close(lockfd)
 
 
 def _fix(md, report: RepairReport) -> None:

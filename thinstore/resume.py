@@ -85,7 +85,7 @@ def _header_from_json(d: dict) -> S.Header:
 
 
 def _path(pool, name: str) -> str:
-    return os.path.join(pool.path, "resume", name + ".json")
+    return os.path.join(pool.local_dir, "resume", name + ".json")
 
 
 def load(pool, name: str) -> Token | None:

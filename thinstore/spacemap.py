@@ -96,10 +96,26 @@ class SpaceMap:
         """After the commit is durable: free pending chunks (punching them) and clear state."""
         touched = self.flagged(0xFF)
         freed = touched[(self.state[touched] & ST_PENDING_FREE) != 0]
+        freed = self._punch_whole_units(freed, data_fio, chunk_shift)
         for start, count in _runs(freed):
             data_fio.punch(start << chunk_shift, count << chunk_shift)
         self.state[touched] = 0
         return len(freed)
+
+    def _punch_whole_units(self, freed, data_fio, chunk_shift: int):
+        """Where the file frees space in units of several chunks (a RADOS object:
+        ``punch_unit`` bytes), punch each unit the freed chunks leave wholly free as one
+        (the object is removed rather than zeroed piecemeal and kept). Returns the freed
+        chunks still to punch."""
+        unit = getattr(data_fio, "punch_unit", 0) >> chunk_shift
+        if unit <= 1 or not len(freed):
+            return freed
+        refs = self.refs.arr
+        whole = [int(u) for u in np.unique(freed // unit)
+                 if not refs[u * unit:(u + 1) * unit].any()]
+        for u in whole:
+            data_fio.punch((u * unit) << chunk_shift, unit << chunk_shift)
+        return freed[~np.isin(freed // unit, whole)]
 
     def written(self) -> np.ndarray:
         return self.flagged(ST_WRITTEN)

@@ -163,3 +163,144 @@ class FileIO:
         if self.fd is not None and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def append(self, data) -> int:
+        """Write `data` at the end of the file; returns the offset it starts at."""
+        at = self.size()
+        self.pwrite(data, at)
+        return at
+
+    def write_superblock(self, data, offset: int, generation: int) -> None:
+        """The commit point (metadata.py step 6): a plain write here; the slot's checksum
+        and the other slot make a torn one harmless. RADOS asserts the generation too."""
+        self.pwrite(data, offset)
+
+
+# ---------------------------------------------------------------- where a pool lives
+def is_rados(location: str) -> bool:
+    return str(location).startswith("rados://")
+
+
+def open_store(location: str, fileio=FileIO):
+    """The store of the pool at `location`: a directory (`DirStore`), or a
+    ``rados://CEPHPOOL/NAME[?conf=FILE&id=CLIENT]`` URI (thinstore/rados_store.py).
+    Both give the same interface: exists, make, has, open(name) -> a file with FileIO's
+    methods, lock(takeover) -> an object with release(), holder, runtime_dir, close."""
+    if is_rados(location):
+        if fileio is not FileIO:
+            raise ValueError("a rados:// pool takes no fileio double")
+        from .rados_store import RadosStore
+        return RadosStore(location)
+    return DirStore(location, fileio)
+
+
+def runtime_dir(location: str) -> str:
+    """The local directory for a pool's sockets (control, NBD) without opening the pool:
+    the pool directory itself, or a per-user runtime directory for a rados:// pool."""
+    if not is_rados(location):
+        return location
+    from .rados_store import local_runtime_dir, parse_uri
+    cephpool, name, _, _ = parse_uri(location)
+    return local_runtime_dir(cephpool, name)
+
+
+class DirStore:
+    """A pool in a directory (DESIGN §1): ``data``, ``meta``, ``intent`` and ``lock``."""
+
+    kind = "dir"
+
+    def __init__(self, path: str, fileio=FileIO):
+        self.path = path
+        self.fileio = fileio
+
+    def exists(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, "meta"))
+
+    def make(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        if self.exists():
+            from .errors import UsageError
+            raise UsageError(f"{self.path} already holds a pool")
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.path, name))
+
+    def open(self, name: str, *, create: bool = False, readonly: bool = False):
+        return self.fileio(os.path.join(self.path, name), create=create, readonly=readonly)
+
+    def lock(self, takeover: bool = False) -> "DirLock":
+        """The fcntl lock on ``lock``; the kernel drops it when its holder dies, so there
+        is never a dead holder to take over (`takeover` changes nothing here)."""
+        return DirLock(self.path)
+
+    def holder(self) -> str | None:
+        try:
+            with open(os.path.join(self.path, "lock")) as f:
+                pid = f.read().strip()
+        except OSError:
+            return None
+        return f"process {pid}" if pid else None
+
+    def runtime_dir(self) -> str:
+        return self.path
+
+    def collect_unreferenced(self, refs, chunk_shift: int) -> int:
+        """Space a dead holder wrote but never committed: nothing to do in a file (the
+        bytes are overwritten when the chunk is next allocated)."""
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class DirLock:
+    """The pool directory's exclusive lock; a second opener learns the holder's pid."""
+
+    def __init__(self, path: str):
+        import fcntl
+        from .errors import PoolLocked
+        lockpath = os.path.join(path, "lock")
+        fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise PoolLocked(f"pool {path} is in use by process {holder}; stop it or "
+                                 "use its control socket") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class locked_store:
+    """``with locked_store(location) as store:`` the pool's store, held under its lock
+    for a command that works on the files themselves (check, repair, dump)."""
+
+    def __init__(self, location: str, fileio=FileIO):
+        self.location, self.fileio = location, fileio
+
+    def __enter__(self):
+        from .errors import PoolNotFound
+        self.store = open_store(self.location, self.fileio)
+        try:
+            if not self.store.exists():
+                raise PoolNotFound(f"no thinstore pool at {self.location}")
+            self.owner = self.store.lock()
+        except BaseException:
+            self.store.close()
+            raise
+        return self.store
+
+    def __exit__(self, *exc):
+        try:
+            self.owner.release()
+        finally:
+            self.store.close()

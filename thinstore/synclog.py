@@ -43,7 +43,6 @@ All log I/O goes through the pool's file factory (storage.py), like ``data``/``m
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 from . import format as fmt
@@ -58,23 +57,22 @@ GROW_STEP = 4 << 20         # the log is written with zeros ahead of its tail in
 _READ_STEP = 1 << 20
 
 
-def open_log(path: str, fileio):
-    """The pool's log file, created empty when missing (pools made before it existed)."""
-    full = os.path.join(path, LOG_NAME)
-    if os.path.exists(full):
-        return fileio(full)
-    fio = fileio(full, create=True)
+def open_log(store):
+    """The pool's log file in `store` (storage.py), created empty when missing (pools made
+    before it existed)."""
+    if store.has(LOG_NAME):
+        return store.open(LOG_NAME)
+    fio = store.open(LOG_NAME, create=True)
     fio.fsync()
     return fio
 
 
-def log_records(path: str, fileio, sb) -> int:
-    """How many records the next open of the pool at `path` (committed superblock `sb`)
+def log_records(store, sb) -> int:
+    """How many records the next open of the pool in `store` (committed superblock `sb`)
     will replay: flushed writes the tree does not have yet (not damage)."""
-    full = os.path.join(path, LOG_NAME)
-    if not os.path.exists(full):
+    if not store.has(LOG_NAME):
         return 0
-    fio = fileio(full, readonly=True)
+    fio = store.open(LOG_NAME, readonly=True)
     try:
         return sum(1 for _ in SyncLog(fio, fmt.log_base(sb)).records())
     finally:

@@ -83,6 +83,10 @@ def needs_pool_itself(args, command: str):
         yield
     except PoolLocked as err:
         path = pool_path(args)
+        from thinstore.storage import is_rados
+        if is_rados(path):
+            raise PoolLocked(f"{err}; '{command}' needs the pool itself, not a server's "
+                             "control socket") from err
         try:
             with open(os.path.join(path, "lock")) as f:
                 holder = f.read().strip() or "another process"
@@ -108,5 +112,6 @@ def _opening(path: str):
 def pool_path(args) -> str:
     """The pool directory from ``--pool`` or THINSTORE_POOL; a usage error when neither."""
     if not getattr(args, "pool", None):
-        raise UsageError("no pool given: pass --pool DIR or set THINSTORE_POOL")
+        raise UsageError("no pool given: pass --pool DIR (or rados://CEPHPOOL/NAME) "
+                         "or set THINSTORE_POOL")
     return args.pool

@@ -89,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
         return _report(err, 1, _os_message(err))
     except KeyboardInterrupt:
         return _report(None, 130, "interrupted")
-    except Exception as err:  # a bug: say so in one line, the traceback with THINSTORE_DEBUG=1
+    except Exception as err:  # librados' own errors: the cluster, not a bug of ours
+        if type(err).__module__ == "rados":
+            from thinstore.errors import StorageUnavailable
+            return _report(err, StorageUnavailable.exit_code,
+                           f"Ceph: {err} (is the cluster up, and the RADOS pool not full? "
+                           "'ceph -s', 'ceph df')")
         return _report(err, EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err} "
                        "(rerun with THINSTORE_DEBUG=1 for a traceback and report it)")
 

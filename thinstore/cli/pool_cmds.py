@@ -67,6 +67,10 @@ def _undone_on_failure(path: str):
     Without this, a capacity larger than the file system's largest file (EFBIG: 100T on
     ext4) left ``data`` and ``lock`` behind, and the next init said 'File exists'.
     """
+    from thinstore.storage import is_rados
+    if is_rados(path):
+        yield
+        return
     existed = os.path.isdir(path)
     before = set(os.listdir(path)) if existed else set()
     try:

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
 
 def add_serve_arguments(p) -> None:
     """serve's own options, shared by every frontend's command."""
-    p.add_argument("--socket", metavar="PATH", help="unix socket path (default POOL/nbd.sock)")
+    p.add_argument("--socket", metavar="PATH", help="unix socket path (default POOL/nbd.sock; for a "
+                   "rados:// pool, in a runtime directory: see docs/rados.md)")
     p.add_argument("--listen", metavar="[HOST:]PORT", action="append", default=[],
                    help="also listen on TCP; a bare port binds 127.0.0.1 (repeatable)")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
@@ -66,6 +67,9 @@ def add_serve_arguments(p) -> None:
                    metavar="SECONDS", help="for the whole handshake (default 10)")
     p.add_argument("--workers", type=_positive(int), default=4, metavar="N",
                    help="I/O threads per connection (default 4)")
+    p.add_argument("--takeover", action="store_true",
+                   help="rados:// pools: if another process holds the pool, fence it (OSD "
+                   "blocklist) and take the pool over; for a holder that is dead or hung")
     p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
 
 
@@ -132,18 +136,20 @@ def cmd_serve(args) -> int:
     path = pool_path(args)
     listens = [parse_listen(text) for text in args.listen]
     config = server_config(args)
-    with Pool.open(path) as pool:
+    with Pool.open(path, takeover=getattr(args, "takeover", False)) as pool:
         server = NBDServer(pool, config)
-        where = os.path.abspath(args.socket or os.path.join(path, DEFAULT_SOCKET))
+        where = os.path.abspath(args.socket or os.path.join(pool.local_dir, DEFAULT_SOCKET))
         sock = _bind(where, server.listen_unix, where)
         control = ControlServer(pool, server, nbd_socket=sock)
         running = []
+        stop = stop_on_signal()
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
             bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
                      for host, port in listens]
             _bind(control_socket_path(path), control.listen)
             server.start()
-            context = ServeContext(pool=pool, pool_dir=os.path.abspath(path), nbd_socket=sock,
+            context = ServeContext(pool=pool, pool_dir=os.path.abspath(pool.local_dir),
+                                   nbd_socket=sock,
                                    nbd_server=server, control=control)
             for name in dict.fromkeys(getattr(args, "frontend", None) or []):
                 frontend = frontends.load(name)(context, args)
@@ -155,7 +161,7 @@ def cmd_serve(args) -> int:
                 for line in frontend.describe():
                     print(line)
             sys.stdout.flush()
-            wait_for_signal()
+            wait_for_signal(stop)
         finally:
             for frontend in reversed(running):  # frontends unmount before NBD goes away
                 frontend.stop()
@@ -204,10 +210,18 @@ def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
     sys.stdout.flush()
 
 
-def wait_for_signal() -> None:
+def stop_on_signal() -> threading.Event:
+    """An event SIGINT and SIGTERM set: installed before the announce, so that a
+    supervisor's SIGTERM right after it stops the server cleanly (closing the pool),
+    not by the default action."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_signal(stop: threading.Event | None = None) -> None:
+    stop = stop or stop_on_signal()
     while not stop.wait(1.0):
         pass
 

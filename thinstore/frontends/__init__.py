@@ -37,7 +37,8 @@ class ServeContext:
     """What a running ``serve`` gives its frontends.
 
     pool         the open :class:`thinstore.Pool` (this process holds its lock)
-    pool_dir     the pool's directory (a frontend's own state may live under it)
+    pool_dir     the pool's directory (a frontend's own state may live under it); for a
+                 rados:// pool, its local runtime directory (Pool.local_dir, docs/rados.md)
     nbd_socket   absolute path of the NBD server's unix socket; export names are device names
     nbd_server   the :class:`thinstore.nbd.server.NBDServer`
     control      the :class:`thinstore.control.ControlServer`
