@@ -93,7 +93,13 @@ log file = /dev/null
 
 def _ceph(d: str, *args: str, check: bool = True) -> str:
     cmd = ["ceph", "-c", os.path.join(d, "ceph.conf"), "--connect-timeout", "15", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    for attempt in range(10):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        # a monitor that has just formed its quorum can answer EPERM "problem getting
+        # command descriptions" for a moment (seen on a loaded 2-core machine): try again
+        if res.returncode == 0 or "command descriptions" not in res.stderr:
+            break
+        time.sleep(0.5)
     if check and res.returncode:
         raise SystemExit(f"ceph_cluster: {' '.join(args)} failed: {res.stderr.strip()}")
     return res.stdout
