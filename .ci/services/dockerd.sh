@@ -75,7 +75,7 @@ stop_daemon() {
         kill -KILL "$pid" 2>/dev/null || true
     fi
     # mounts dockerd left below DIR (container roots, netns files), deepest first
-    grep -F " $dir/" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do
+    { grep -F " $dir/" /proc/mounts || true; } | awk '{print $2}' | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null || true
     done
 }
