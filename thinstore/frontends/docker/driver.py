@@ -183,6 +183,7 @@ class VolumeDriver:
             except DeviceBusy as exc:
                 raise DriverError(f"volume {name!r} is busy: {exc}") from None
             self.registry.drop(name)
+            self.attacher.forget(name)
         return {}
 
     def _refuse_if_snapshots(self, name: str) -> None:
