@@ -68,6 +68,9 @@ class DockerVolumeFrontend(Frontend):
         from .registry import Registry
         from .server import PluginServer
 
+        if getattr(self.args, "verbose", False):       # -v: every request and privileged step
+            for name in ("thinstore.docker", "thinstore.attach"):
+                logging.getLogger(name).setLevel(logging.INFO)
         size = parse_size(getattr(self.args, "docker_default_size", None) or DEFAULT_SIZE)
         registry = Registry(os.path.join(self.state_dir, "volumes.json"))
         self.attacher = Attacher(os.path.join(self.state_dir, "attach.json"),

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from thinstore.control import short_socket_path
@@ -163,5 +164,5 @@ class Handler(BaseHTTPRequestHandler):
         return "docker"                     # AF_UNIX peers have no address
 
     def log_message(self, format: str, *args) -> None:
-        log.info("plugin: " + format, *args)
+        log.info("%.3f plugin: " + format, time.time(), *args)
 
