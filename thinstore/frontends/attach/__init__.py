@@ -8,8 +8,13 @@ privileged step behind one helper that logs and checks it (:mod:`.privileged`).
 Transports (chosen once per Attacher by :func:`.connectors.choose`)::
 
     kernel-nbd     /dev/nbdN via nbd-client -u     when /sys/module/nbd or /dev/nbd0 exists
+                                                   and nbd-client is installed
     nbdfuse-loop   nbdfuse DIR/disk URI, then       otherwise (needs /dev/fuse, loop devices)
                    losetup --find --show --direct-io=on DIR/disk
+
+``THINSTORE_ATTACH_TRANSPORT=nbdfuse-loop|kernel-nbd`` forces one.  The kernel-nbd
+connector has not run on the machine this was written on (no nbd module there): its
+test skips with that reason.
 
 API (all methods thread-safe; one export's steps are serialised, different exports run
 in parallel)::
