@@ -242,6 +242,8 @@ BAD_REQUESTS = [
     ("/VolumeDriver.Create", {"Name": "v", "Opts": {"colour": "red"}}, 200,
      r"unknown option 'colour'"),
     ("/VolumeDriver.Create", {"Name": "v", "Opts": {"fs": "ntfs"}}, 200, r"fs='ntfs'"),
+    ("/VolumeDriver.Create", {"Name": "v", "Opts": {"fs": "xfs", "size": "64M"}}, 200,
+     r"xfs needs at least 300M"),
     ("/VolumeDriver.Create", {"Opts": {}}, 200, r"names no volume"),
     ("/VolumeDriver.Create", {"Name": "a@b"}, 200, r"snapshot name"),
     ("/VolumeDriver.Remove", {"Name": "ghost"}, 200, r"no volume 'ghost'"),
@@ -264,3 +266,23 @@ def test_bad_requests_get_an_err_and_the_plugin_keeps_serving(docker, plugin):
     assert plugin.call("/VolumeDriver.Capabilities", {})[1]["Capabilities"] == {"Scope": "local"}
     docker("volume", "create", "-d", plugin.name, "fine")
     assert "fine" in docker("volume", "ls", "-q").stdout.split()
+
+
+def test_a_create_cut_short_is_settled_at_the_next_start(docker, plugin):
+    """A Create records the volume's options before the pool makes it: killed in between,
+    the next start keeps a volume that was made (with its options) and forgets one that
+    was not."""
+    from thinstore.frontends.docker.registry import Registry
+
+    plugin.kill9()
+    plugin.cli("create", "made", "--size", "512M")       # the pool step happened ...
+    registry = Registry(f"{plugin.pool}/docker/volumes.json")
+    registry.put("made", fs="xfs", state="creating", **{"from": None})
+    registry.put("never", fs="ext4", state="creating", **{"from": None})   # ... or did not
+    plugin.start()
+    registry = Registry(f"{plugin.pool}/docker/volumes.json")
+    assert registry.get("made")["state"] == "ready" and registry.get("never") is None
+    assert plugin.call("/VolumeDriver.Get", {"Name": "never"})[1]["Err"]
+    out = docker.run(["-v", "made:/data", "--volume-driver", plugin.name],
+                     "grep ' /data ' /proc/mounts").stdout
+    assert " xfs " in out, "the option recorded before the crash was lost"

@@ -33,6 +33,7 @@ from thinstore.units import format_size, parse_size
 
 OPTIONS = ("size", "fs", "from")
 FSTYPES = ("ext4", "xfs")
+XFS_MIN = 300 << 20             # mkfs.xfs refuses smaller file systems
 
 
 class DriverError(Exception):
@@ -138,6 +139,9 @@ class VolumeDriver:
             out["fs"] = opts["fs"]
         if "from" in opts:
             out["from"] = self._snapshot(opts["from"])
+        if out.get("fs") == "xfs" and out.get("size", self.default_size) < XFS_MIN:
+            raise DriverError(f"option fs=xfs: xfs needs at least {format_size(XFS_MIN)} "
+                              "(set a larger size, or use ext4)")
         return out
 
     def _snapshot(self, text: str) -> str:
