@@ -103,12 +103,16 @@ class Attacher:
             raise
 
     def detach(self, export: str, owner: str) -> None:
-        """Drop ``owner``'s hold; the last hold unmounts (if mounted) and detaches.
-        An owner that holds nothing is not an error (a retried request)."""
+        """Drop ``owner``'s hold of any kind: the last mount owner's release unmounts, the
+        last owner's detaches.  An owner that holds nothing is not an error (a retry)."""
         with self._export_lock(export):
             rec = self.records.get(export)
             if rec is None or rec.owners.pop(owner, None) is None:
                 return
+            if rec.mount and not rec.mount_owners():
+                filesystem.unmount(rec.mount["target"])
+                rec.mount = None
+                self._save()
             if not rec.owners:
                 self._teardown(rec, dead=False)
             self._save()
@@ -203,22 +207,8 @@ class Attacher:
         self._save()
 
     def unmount(self, export: str, owner: str) -> None:
-        """Drop ``owner``'s mount; the last mount owner unmounts; the last owner of any
-        kind also detaches.  An unknown owner is not an error (a retried Unmount)."""
-        self.detach_mount(export, owner)
-
-    def detach_mount(self, export: str, owner: str) -> None:
-        with self._export_lock(export):
-            rec = self.records.get(export)
-            if rec is None or rec.owners.pop(owner, None) is None:
-                return
-            if rec.mount and not rec.mount_owners():
-                filesystem.unmount(rec.mount["target"])
-                rec.mount = None
-                self._save()
-            if not rec.owners:
-                self._teardown(rec, dead=False)
-            self._save()
+        """Drop ``owner``'s mount (the same as :meth:`detach`: an owner holds once)."""
+        self.detach(export, owner)
 
     # ------------------------------------------------------------------ snapshots / resize
     @contextlib.contextmanager
