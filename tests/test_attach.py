@@ -130,8 +130,12 @@ def test_mount_refcount_per_owner(rig):
     assert host.mount_at(target) is not None
     with pytest.raises(Exception, match="mounted on"):
         rig.attacher.mount("shared", rig.target("elsewhere"), "c3")
+    device = rig.attacher.attach("shared", "backup")         # a bare-device owner too
     rig.attacher.unmount("shared", "c1")
-    assert host.mount_at(target) is None and not rig.leftovers()
+    assert host.mount_at(target) is None, "mounted after its last mount owner left"
+    assert rig.attacher.attached()["shared"]["device"] == device
+    rig.attacher.detach("shared", "backup")
+    assert not rig.leftovers()
 
 
 def test_state_file_is_versioned_and_checked(rig):
