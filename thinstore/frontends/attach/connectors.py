@@ -39,7 +39,7 @@ import urllib.parse
 from . import host
 from .privileged import AttachError, attempt, log, run
 
-READY_POLLS = 300           # x 0.1 s: how long nbdfuse may take to show its file
+READY_POLLS = 1500          # x 0.02 s: how long nbdfuse may take to show its file
 BUSY_POLLS = 50             # x 0.1 s: how long a FUSE unmount waits for the loop to let go
 
 
@@ -125,7 +125,7 @@ class FuseLoopConnector(Connector):
                     return proc.pid
                 if proc.poll() is not None:
                     break
-                time.sleep(0.1)
+                time.sleep(0.02)
         proc.kill()
         proc.wait()
         raise AttachError(f"nbdfuse could not show export {rec.export!r} on {rec.workdir}: "
