@@ -197,6 +197,15 @@ class Plugin:
         found += [f"nbdfuse pid {p}" for p in host.processes_mentioning(self.dir, "nbdfuse")]
         return found
 
+    def settled_leftovers(self) -> list[str]:
+        """leftovers() once a volume's last unmount has had its linger (2 s) and a bit."""
+        for _ in range(100):                 # bounded: 10 s
+            found = self.leftovers()
+            if not found:
+                return found
+            time.sleep(0.1)
+        return found
+
     def close(self) -> None:
         self.stop()
         with contextlib.suppress(FileNotFoundError):

@@ -47,7 +47,7 @@ def plugin(docker, plugin_process):
         yield p
     finally:
         _remove_everything(docker, p)
-    assert not p.leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
+    assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
 
 
 def _remove_everything(docker, p: Plugin) -> None:
@@ -209,7 +209,7 @@ def test_plugin_killed_while_mounted_restarts_clean(docker, plugin):
     docker("rm", "-f", f"{plugin.name}-holder")          # its Unmount reaches the new plugin
     assert plugin.call("/VolumeDriver.Get", {"Name": "killme"})[1]["Volume"]["Status"]["mounts"] == 0
     assert docker.run(["-v", "killme:/data"], "cat /data/f").stdout.strip() == "survived"
-    assert not plugin.leftovers(), "a stale loop device, FUSE mount or nbdfuse is left"
+    assert not plugin.settled_leftovers(), "a stale loop device, FUSE mount or nbdfuse is left"
 
 
 def test_dockerd_restart_keeps_the_volume():

@@ -52,7 +52,7 @@ class DockerVolumeFrontend(Frontend):
 
     def __init__(self, ctx, args):
         super().__init__(ctx, args)
-        self.server = self.attacher = None
+        self.server = self.attacher = self.driver = None
         self.state_dir = os.path.abspath(getattr(args, "docker_state_dir", None)
                                          or os.path.join(ctx.pool_dir, "docker"))
         self.mount_root = os.path.abspath(getattr(args, "docker_mount_root", None)
@@ -82,6 +82,7 @@ class DockerVolumeFrontend(Frontend):
         if self.ctx.control is not None:
             self.ctx.control.snapshot_hooks.append(self.attacher.snapshot_hook)
         driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size)
+        self.driver = driver
         self.server = PluginServer(self.socket_path, driver)
         self.server.start()
 
@@ -89,6 +90,9 @@ class DockerVolumeFrontend(Frontend):
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = None
         if self.attacher is not None:
             hooks = getattr(self.ctx.control, "snapshot_hooks", [])
             if self.attacher.snapshot_hook in hooks:

@@ -16,13 +16,15 @@ shows every writable device of the pool.  Options of Create (``docker volume cre
 Opts is null on auto-create (``docker run -v NAME:/path --volume-driver thinstore``).
 Unknown options are refused by name.  Mount attaches the device (kernel NBD or nbdfuse +
 loop), makes a file system only on a blank device, and mounts it at MOUNT_ROOT/NAME; it is
-counted per mount ID (the container), and the last Unmount unmounts and detaches.  Remove
+counted per mount ID (the container), and the last Unmount unmounts and detaches, after
+LINGER_SECONDS in case the next Mount follows (Docker mounts twice per container).  Remove
 refuses a mounted volume, a volume with snapshots (naming any clones made from them), and
 one with other open NBD clients; nothing is changed by a refused request.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -31,7 +33,11 @@ from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
 from thinstore.units import format_size, parse_size
 
+log = logging.getLogger("thinstore.docker")
+
 OPTIONS = ("size", "fs", "from")
+LINGER_OWNER = "thinstore-docker-linger"
+LINGER_SECONDS = 2.0
 FSTYPES = ("ext4", "xfs")
 XFS_MIN = 300 << 20             # mkfs.xfs refuses smaller file systems
 
@@ -48,6 +54,9 @@ class VolumeDriver:
         self.mount_root, self.default_size = os.path.abspath(mount_root), default_size
         self._lock = threading.Lock()
         self._names: dict[str, threading.Lock] = {}
+        self._lingers: dict[str, threading.Timer] = {}
+        for name in attacher.attached():          # a linger a crash cut short holds nothing
+            attacher.detach(name, LINGER_OWNER)
 
     def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -176,6 +185,7 @@ class VolumeDriver:
         name = self._name(request)
         with self._name_lock(name):
             self._writable(name)
+            self._end_linger(name)
             owners = self.attacher.owners(name)
             if owners:
                 raise DriverError(f"volume {name!r} is in use by {len(owners)} mount(s) "
@@ -210,6 +220,7 @@ class VolumeDriver:
             fs = (self.registry.get(name) or {}).get("fs", "ext4")
             try:
                 target = self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
+                self._end_linger(name)            # the new owner holds the mount now
             except ThinstoreError as exc:
                 raise DriverError(f"cannot mount {name!r}: {exc}") from None
         return {"Mountpoint": target}
@@ -227,10 +238,57 @@ class VolumeDriver:
         name, owner = self._name(request), self._owner(request)
         with self._name_lock(name):
             try:
+                if self._last_mount_owner(name, owner) and LINGER_SECONDS > 0:
+                    self.attacher.mount(name, self.mountpoint(name), LINGER_OWNER)
+                    self._start_linger(name)
                 self.attacher.unmount(name, owner)
             except ThinstoreError as exc:
                 raise DriverError(f"cannot unmount {name!r}: {exc}") from None
         return {}
+
+    # Docker mounts a volume, unmounts it and mounts it again for every container (the
+    # first mount looks for image content to copy in): a mount whose last owner leaves
+    # is kept for LINGER_SECONDS, held by LINGER_OWNER, so the next Mount finds it ready.
+    def _last_mount_owner(self, name: str, owner: str) -> bool:
+        owners = self.attacher.owners(name)
+        return owner in owners and not set(owners) - {owner, LINGER_OWNER} \
+            and bool(self._mounted(name))
+
+    def _start_linger(self, name: str) -> None:
+        timer = threading.Timer(LINGER_SECONDS, self._linger_over, (name,))
+        timer.daemon = True
+        with self._lock:
+            old, self._lingers[name] = self._lingers.get(name), timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def _linger_over(self, name: str) -> None:
+        with self._name_lock(name):
+            with self._lock:
+                if self._lingers.get(name) is not threading.current_thread():
+                    return                        # a Mount or Remove ended it meanwhile
+                del self._lingers[name]
+            try:
+                self.attacher.unmount(name, LINGER_OWNER)
+            except ThinstoreError as exc:
+                log.warning("docker plugin: unmounting %s after its last container: %s",
+                            name, exc)
+
+    def _end_linger(self, name: str) -> None:
+        """Release the linger hold now (the caller holds the name's lock)."""
+        with self._lock:
+            timer = self._lingers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self.attacher.unmount(name, LINGER_OWNER)     # nothing when not held
+
+    def close(self) -> None:
+        """Stop the linger timers (the frontend then closes the attacher)."""
+        with self._lock:
+            timers, self._lingers = list(self._lingers.values()), {}
+        for timer in timers:
+            timer.cancel()
 
     def path(self, request: dict) -> dict:
         name = self._name(request)
@@ -259,7 +317,8 @@ class VolumeDriver:
         return {"size": info.size, "used": info.used, "exclusive": info.exclusive,
                 "shared": info.shared, "kind": info.kind, "origin": info.origin,
                 "fs": mount.get("fstype") or entry.get("fs") or "ext4",
-                "device": attached.get("device"), "mounts": len(attached.get("owners") or {}),
+                "device": attached.get("device"),
+                "mounts": len(set(attached.get("owners") or {}) - {LINGER_OWNER}),
                 "snapshots": [d.name for d in self.pool.list()
                               if d.kind == "snapshot" and d.name.startswith(info.name + "@")]}
 
