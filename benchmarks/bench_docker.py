@@ -37,7 +37,7 @@ from docker_helpers import Plugin, docker_daemon  # noqa: E402
 
 GiB = 1 << 30
 FILE_MIB = 64
-REPEAT = 3
+REPEAT = 5
 FILL = ("dd if=/dev/urandom of=/data/seed bs=1M count={mib} 2>/dev/null; "
         "for i in $(seq 2 {n}); do cp /data/seed /data/f.$i; done; sync")
 
