@@ -257,6 +257,15 @@ def test_bad_requests_get_an_err_and_the_plugin_keeps_serving(docker, plugin):
         assert status == code and re.search(message, answer.get("Err", "")), (path, answer)
         assert plugin.call("/Plugin.Activate", {}) == (200, {"Implements": ["VolumeDriver"],
                                                               "Err": ""})
+    for raw, code in ((b"GARBAGE\r\n\r\n", 400),
+                      (b"POST /VolumeDriver.Get HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+                       413),
+                      (b"POST /VolumeDriver.Get HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\n", 400),
+                      (b"POST /VolumeDriver.Get HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"11\r\n{\"Name\": \"ghost\"}\r\n0\r\n\r\n", 200)):
+        status, answer = raw_request(plugin.socket, raw)
+        assert status == code and answer["Err"], (raw, status, answer)
     assert plugin.call("/VolumeDriver.List", {})[1] == {"Volumes": [], "Err": ""}
     refused = docker("volume", "create", "-d", plugin.name, "-o", "size=lots", "vol", check=False)
     assert refused.returncode and "invalid size 'lots'" in refused.stderr
@@ -286,3 +295,21 @@ def test_a_create_cut_short_is_settled_at_the_next_start(docker, plugin):
     out = docker.run(["-v", "made:/data", "--volume-driver", plugin.name],
                      "grep ' /data ' /proc/mounts").stdout
     assert " xfs " in out, "the option recorded before the crash was lost"
+
+
+def raw_request(path: str, data: bytes) -> tuple[int, dict]:
+    """Send bytes as they are; the status and the JSON answer."""
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < \
+                int(re.search(rb"Content-Length: (\d+)", reply).group(1)):
+            part = sock.recv(65536)
+            if not part:
+                break
+            reply += part
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)

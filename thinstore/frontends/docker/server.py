@@ -133,17 +133,48 @@ class Handler(BaseHTTPRequestHandler):
             return {"Err": f"internal error in {self.path}: {exc}"}
 
     def _body(self) -> bytes | None:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._chunked_body()
         length = self.headers.get("Content-Length")
         try:
             n = int(length) if length is not None else 0
         except ValueError:
             n = -1
         if n < 0 or n > MAX_BODY:
-            self.close_connection = True
-            self._answer(400 if n < 0 else 413,
-                         {"Err": f"bad Content-Length {length!r}: at most {MAX_BODY} bytes"})
-            return None
+            return self._refuse(400 if n < 0 else 413,
+                                f"bad Content-Length {length!r}: at most {MAX_BODY} bytes")
         return self.rfile.read(n)
+
+    def _chunked_body(self) -> bytes | None:
+        """A body sent with Transfer-Encoding: chunked (RFC 9112 §7.1), at most MAX_BODY."""
+        body = b""
+        while True:
+            line = self.rfile.readline(256)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                return self._refuse(400, f"bad chunk size line {line[:40]!r}")
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass                            # trailer fields, ignored
+                return body
+            if len(body) + size > MAX_BODY:
+                return self._refuse(413, f"a body of over {MAX_BODY} bytes")
+            body += self.rfile.read(size)
+            self.rfile.readline(8)
+
+    def _refuse(self, status: int, what: str) -> None:
+        self.close_connection = True
+        self._answer(status, {"Err": f"{self.path}: {what}"})
+        return None
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """http.server's own refusals (a bad request line, headers too long) in JSON too."""
+        self.close_connection = True
+        self.command = getattr(self, "command", None) or "POST"
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"       # else http.server sends no status line
+        self._answer(code, {"Err": f"bad HTTP request: {message or code}"})
 
     def do_GET(self) -> None:
         self._answer(405, {"Err": f"{self.command} is not part of the plugin protocol: "
