@@ -6,8 +6,9 @@ application/vnd.docker.plugins.v1.2+json`` and often no Content-Type; the answer
 object with that media type.  Every answer carries ``Err``: empty on success, else what
 went wrong.  Status codes: 200 for every answer of a known verb (success or refusal:
 Docker reads Err), 400 for a body that is not a JSON object, 404 for an unknown path, 405
-for another HTTP method, 413 for a body over :data:`MAX_BODY`.  No request, however
-malformed, stops the server.
+for another HTTP method, 413 for a body over :data:`MAX_BODY` (sent with Content-Length
+or chunked); http.server's own refusals (a bad request line) come as JSON too.  No
+request, however malformed, stops the server.
 
 Built on the standard library's :class:`http.server.ThreadingHTTPServer` (one thread per
 connection), bound to an AF_UNIX socket.
