@@ -29,6 +29,7 @@ in parallel)::
     a.unmount(export, owner)               # drop owner's mount
     a.detach(export, owner)                # drop owner's hold of any kind
     with a.frozen(export): ...             # fsfreeze for a consistent snapshot
+    a.flush(export)                        # syncfs: dirty data through to the pool
     a.snapshot_hook                        # for ControlServer.snapshot_hooks
     a.extend(export) -> device             # after Pool.resize; only while not mounted
     a.grow_filesystem(export)              # resize2fs / xfs_growfs, online

@@ -229,6 +229,13 @@ class Attacher:
             finally:
                 filesystem.thaw(target)
 
+    def flush(self, export: str) -> None:
+        """Write the mounted file system's dirty data through to the pool (syncfs)."""
+        with self._export_lock(export):
+            rec = self.records.get(export)
+            if rec is not None and rec.mounted:
+                filesystem.sync(rec.mount["target"])
+
     def snapshot_hook(self, snapshot: str):
         """For ControlServer.snapshot_hooks: ``VOL@SNAP`` -> ``frozen(VOL)``."""
         if not isinstance(snapshot, str) or "@" not in snapshot:

@@ -239,6 +239,7 @@ class VolumeDriver:
         with self._name_lock(name):
             try:
                 if self._last_mount_owner(name, owner) and LINGER_SECONDS > 0:
+                    self.attacher.flush(name)      # written through, as an unmount would
                     self.attacher.mount(name, self.mountpoint(name), LINGER_OWNER)
                     self._start_linger(name)
                 self.attacher.unmount(name, owner)
