@@ -28,6 +28,7 @@ from .kernels import ST_WRITTEN
 from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
 from .salvage import DAMAGE_CODES, Problem, owners, salvage
 from .storage import FileIO
+from .synclog import log_records
 
 MAX_LISTED = 20            # problems of one class named one by one; the rest are counted
 
@@ -157,7 +158,8 @@ def check_path(path: str, fileio=FileIO) -> Report:
     meta = fileio(os.path.join(path, "meta"), readonly=True)
     data = fileio(os.path.join(path, "data"), readonly=True)
     try:
-        return _check_files(path, meta, data, lambda md: _intent_regions(path, fileio, md))
+        return _check_files(path, meta, data, lambda md: _intent_regions(path, fileio, md),
+                            lambda md: log_records(path, fileio, md.sb))
     finally:
         meta.close()
         data.close()
@@ -171,15 +173,15 @@ def check_served(pool) -> Report:
     backend holds it), but the generation committed at the start is pinned
     (Pool.pinned_generation): later commits cannot reuse its blocks, and the superblock
     slots are those read at the pin, so no commit is seen half-written. The
-    write-intent count is 0: the regions a running server has marked are in use, not
-    left over from a crash.
+    write-intent count and the intent log's record count are 0: the regions a running
+    server has marked and the log it appends to are in use, not left over from a crash.
     """
     with pool.pinned_generation() as slots:
         meta = PinnedMeta(pool.md.meta_fio, slots)
-        return _check_files(pool.path, meta, pool.md.data_fio, lambda md: 0)
+        return _check_files(pool.path, meta, pool.md.data_fio, lambda md: 0, lambda md: 0)
 
 
-def _check_files(path: str, meta, data, intent_regions) -> Report:
+def _check_files(path: str, meta, data, intent_regions, log_count) -> Report:
     sv = salvage(meta, data)
     problems = list(sv.problems)
     info = {"slots": sv.slots}
@@ -187,6 +189,7 @@ def _check_files(path: str, meta, data, intent_regions) -> Report:
         problems += check_metadata(sv.md)
         info.update(_summary(sv.md))
         info["unclean_regions"] = intent_regions(sv.md)
+        info["log_records"] = log_count(sv.md)      # intent log records the next open replays
     return Report(path, problems, info)
 
 

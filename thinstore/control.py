@@ -56,6 +56,7 @@ OPS = {
     "connections": ((), None),
     "ping": ((), None),
     "counters": ((), None),
+    "iostat": ((), None),
 }
 
 
@@ -253,7 +254,17 @@ class ControlServer:
 
     def _op_counters(self):
         """The pool's data-path totals (chunks allocated and copied, bytes written)."""
-        return dict(self.pool.counters)
+        counters = self.pool.counters
+        return dict(counters() if callable(counters) else counters)
+
+    def _op_iostat(self):
+        """Per-export I/O counters of the NBD server (thinstore.nbd.stats) and the
+        pool's data-path counters, both cumulative: ``{"uptime_s", "devices", "pool"}``."""
+        result = self.sessions.iostat() if self.sessions and hasattr(self.sessions, "iostat") \
+            else {"uptime_s": None, "devices": {}}
+        counters = self.pool.counters
+        result["pool"] = dict(counters() if callable(counters) else counters)
+        return result
 
     def _op_ping(self):
         return {"pid": os.getpid(), "nbd_socket": self.nbd_socket}
@@ -448,6 +459,13 @@ class RemotePool:
 
     def ping(self):
         return self.request("ping")
+
+    def iostat(self):
+        return self.request("iostat")
+
+    def counters(self) -> dict:
+        """The serving pool's data-path counters (as :attr:`thinstore.Pool.counters`)."""
+        return self.request("iostat")["pool"]
 
     def open_device(self, name):
         """A Device-like NBD connection to the server's export ``name``."""

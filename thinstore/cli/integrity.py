@@ -94,6 +94,9 @@ def _print_check(report) -> None:
     if info.get("unclean_regions"):
         print(f"not shut down cleanly: the next open re-checksums {info['unclean_regions']} "
               "write-intent region(s)")
+    if info.get("log_records"):
+        print(f"not shut down cleanly: the next open replays {info['log_records']} intent "
+              "log record(s) of flushed writes")
     for p in report.problems:
         print(p)
     print("clean" if report.clean else f"damaged: {len(report.problems)} problem(s) "

@@ -161,7 +161,7 @@ _ERRNO_MAP = {_errno.EDQUOT: ENOSPC, _errno.EFBIG: ENOSPC, _errno.EROFS: EPERM,
 
 # -- limits -----------------------------------------------------------------
 MAX_STRING = 4096                 # the spec's bound on names and queries
-MAX_PAYLOAD = 32 << 20            # largest READ/WRITE payload we accept
+MAX_PAYLOAD = 64 << 20            # largest READ/WRITE payload we accept (nbdkit's limit)
 
 
 def wire_errno(value: int | None) -> int:
