@@ -55,6 +55,7 @@ OPS = {
     "commit": ((), None),
     "connections": ((), None),
     "ping": ((), None),
+    "counters": ((), None),
     "iostat": ((), None),
 }
 
@@ -252,6 +253,11 @@ class ControlServer:
         if self.sessions is None:
             return {}
         return {info.name: self.sessions.connections(info.name) for info in self.pool.list()}
+
+    def _op_counters(self):
+        """The pool's data-path totals (chunks allocated and copied, bytes written)."""
+        counters = self.pool.counters
+        return dict(counters() if callable(counters) else counters)
 
     def _op_iostat(self):
         """Per-export I/O counters of the NBD server (thinstore.nbd.stats) and the

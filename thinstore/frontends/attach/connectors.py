@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -38,7 +39,7 @@ import urllib.parse
 from . import host
 from .privileged import AttachError, attempt, log, run
 
-READY_POLLS = 300           # x 0.1 s: how long nbdfuse may take to show its file
+READY_POLLS = 1500          # x 0.02 s: how long nbdfuse may take to show its file
 BUSY_POLLS = 50             # x 0.1 s: how long a FUSE unmount waits for the loop to let go
 
 
@@ -124,7 +125,7 @@ class FuseLoopConnector(Connector):
                     return proc.pid
                 if proc.poll() is not None:
                     break
-                time.sleep(0.1)
+                time.sleep(0.02)
         proc.kill()
         proc.wait()
         raise AttachError(f"nbdfuse could not show export {rec.export!r} on {rec.workdir}: "
@@ -235,9 +236,16 @@ class KernelNBDConnector(Connector):
 
 
 def choose(nbd_socket: str, root: str) -> Connector:
-    """The kernel NBD client where the host has it, else nbdfuse + loop."""
-    cls = KernelNBDConnector if host.kernel_nbd_available() else FuseLoopConnector
-    return cls(nbd_socket, root)
+    """The kernel NBD client where the host has it (the nbd module and nbd-client), else
+    nbdfuse + loop.  ``THINSTORE_ATTACH_TRANSPORT=nbdfuse-loop|kernel-nbd`` overrides."""
+    forced = os.environ.get("THINSTORE_ATTACH_TRANSPORT")
+    if forced:
+        if forced not in CONNECTORS:
+            raise AttachError(f"THINSTORE_ATTACH_TRANSPORT={forced!r}: use "
+                              f"{' or '.join(sorted(CONNECTORS))}")
+        return CONNECTORS[forced](nbd_socket, root)
+    kernel = host.kernel_nbd_available() and shutil.which("nbd-client") is not None
+    return (KernelNBDConnector if kernel else FuseLoopConnector)(nbd_socket, root)
 
 
 CONNECTORS = {c.transport: c for c in (FuseLoopConnector, KernelNBDConnector)}

@@ -106,6 +106,11 @@ def unmount_dead(target: str) -> None:
         run(["umount", "-l", target], what=f"lazily unmount {target}")
 
 
+def sync(target: str) -> None:
+    """Write the file system's dirty data out to its device (``sync -f``: syncfs(2))."""
+    run(["sync", "-f", target], what=f"sync {target}", timeout=300)
+
+
 def freeze(target: str) -> None:
     run(["fsfreeze", "-f", target], what=f"freeze {target}", timeout=120)
 

@@ -27,7 +27,7 @@ PACKAGES = {
     "nbdfuse": "nbdfuse", "fusermount3": "fuse3", "losetup": "util-linux",
     "mount": "mount", "umount": "mount", "fsfreeze": "util-linux", "blkid": "util-linux",
     "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs",
-    "xfs_growfs": "xfsprogs", "nbd-client": "nbd-client",
+    "xfs_growfs": "xfsprogs", "nbd-client": "nbd-client", "sync": "coreutils",
 }
 
 STDERR_TAIL = 600          # characters of a failed command's stderr kept in the error
