@@ -1,0 +1,77 @@
+"""containerd proxy snapshotter: image and container layers as thin snapshots.
+
+``thinstore --pool DIR snapshotter --address SOCK`` serves containerd's snapshot API
+(containerd.services.snapshots.v1.Snapshots) on unix socket SOCK; containerd loads it with::
+
+    [proxy_plugins.thinstore]
+      type = "snapshot"
+      address = "SOCK"
+
+Layout: service.py (gRPC), snapshotter.py (the API's semantics on the pool), store.py (keys
+and records, transactions), filters.py (List's filters), snapshots.proto and its generated
+snapshots_pb2.py.  Block devices come from the shared attach module
+(thinstore.frontends.attach).  docs/containerd.md describes the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from thinstore.frontends import Frontend
+from thinstore.units import parse_size
+
+STATE_DIR = "containerd"            # under the pool directory
+DEFAULT_SOCKET = "snapshotter.sock"
+
+
+class SnapshotterFrontend(Frontend):
+    """containerd proxy snapshotter: layers as thin snapshots over gRPC (docs/containerd.md)."""
+
+    name = "snapshotter"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("containerd snapshotter")
+        g.add_argument("--address", metavar="SOCK",
+                       help=f"gRPC unix socket (default POOL/{STATE_DIR}/{DEFAULT_SOCKET})")
+        g.add_argument("--fs-type", choices=("ext4", "xfs"), default="ext4",
+                       help="file system of the base volume (default ext4)")
+        g.add_argument("--base-size", type=parse_size, default=10 << 30, metavar="SIZE",
+                       help="size of the base volume, so of every layer (default 10G; "
+                       "fixed when the base is first made)")
+
+    def __init__(self, ctx, args):
+        super().__init__(ctx, args)
+        self.state_dir = os.path.join(ctx.pool_dir, STATE_DIR)
+        self.address = os.path.abspath(args.address or os.path.join(self.state_dir,
+                                                                   DEFAULT_SOCKET))
+        self.server = None
+        self.attacher = None
+
+    def start(self) -> None:
+        from .attacher import Attacher
+        from .service import serve
+        from .snapshotter import Snapshotter
+        from .store import Store
+
+        store = Store(self.state_dir)
+        self.attacher = Attacher(self.ctx, os.path.join(self.state_dir, "attach"))
+        snapshotter = Snapshotter(self.ctx.pool, store, self.attacher,
+                                  fs_type=self.args.fs_type, base_size=self.args.base_size)
+        snapshotter.start()
+        self.server = serve(snapshotter, self.address)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=2).wait()
+            self.server = None
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
+        if self.attacher is not None:
+            self.attacher.close()
+
+    def describe(self) -> list[str]:
+        return [f"containerd snapshotter: {self.address}"]
