@@ -56,7 +56,7 @@ class SnapshotterFrontend(Frontend):
         from .store import Store
 
         store = Store(self.state_dir)
-        self.attacher = Attacher(self.ctx, os.path.join(self.state_dir, "attach"))
+        self.attacher = Attacher(self.ctx.nbd_socket, self.state_dir)
         snapshotter = Snapshotter(self.ctx.pool, store, self.attacher,
                                   fs_type=self.args.fs_type, base_size=self.args.base_size)
         snapshotter.start()

@@ -24,6 +24,8 @@ Errors are the package's own: NoSuchDevice (containerd's NotFound), DeviceExists
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 from thinstore.errors import DeviceBusy, DeviceExists, NoSuchDevice, UsageError
@@ -41,6 +43,18 @@ FS_TYPES = ("ext4", "xfs")
 MAX_LABEL_BYTES = 4096      # containerd's limit on one label's key + value
 
 
+#: named points where THINSTORE_SNAPSHOTTER_CRASH=POINT kills the process (SIGKILL), for
+#: the crash tests: each sits between two steps of intent, act, record
+CRASH_POINTS = ("prepare-intent", "prepare-clone", "prepare-attach",
+                "commit-intent", "commit-snapshot", "commit-record")
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get("THINSTORE_SNAPSHOTTER_CRASH") == name:
+        log.warning("crash point %s: killing the process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def active_device(sid: int) -> str:
     return f"{PREFIX}{sid}"
 
@@ -54,10 +68,8 @@ class Snapshotter:
 
     pool      an open :class:`thinstore.Pool` (this process holds it)
     store     the :class:`~.store.Store` of keys and records
-    attacher  turns a pool device into a kernel block device: ``attach(name, read_only,
-              fs_type) -> "/dev/loopN"`` (making the file system only on a blank device),
-              ``detach(name)`` (flushes; DeviceBusy while mounted; nothing if not
-              attached), ``attached() -> {name: path}``
+    attacher  an :class:`~.attacher.Attacher`: pool device -> kernel block device
+              (``attach``, ``detach``, ``attached``, ``make_filesystem``, ``recover``)
     fs_type   "ext4" or "xfs" (xfs mounts with nouuid: every clone has the base's UUID)
     """
 
@@ -76,6 +88,7 @@ class Snapshotter:
     def start(self) -> None:
         """Recover from a crash, then make the base file system if there is none."""
         with self.lock:
+            self.attacher.recover()
             self.recover()
             self._ensure_base()
             self._reattach()
@@ -118,17 +131,15 @@ class Snapshotter:
         if BASE in names:       # a crash while the file system was being made
             self._destroy(BASE)
         self.pool.create_volume(BASE, self.base_size)
-        self.attacher.attach(BASE, read_only=False, fs_type=self.fs_type)
-        self.attacher.detach(BASE)
+        self.attacher.make_filesystem(BASE, self.fs_type)
         self.pool.snapshot(BASE_SNAPSHOT)
-        self.pool.destroy(BASE)
+        self._destroy(BASE)     # its NBD client may still be hanging up: forced
 
     def _reattach(self) -> None:
         """Active snapshots and views have a block device while they exist."""
         for rec in self.store.body["snapshots"].values():
             if rec["kind"] != "committed":
-                self.attacher.attach(rec["device"], read_only=rec["kind"] == "view",
-                                     fs_type=None)
+                self.attacher.attach(rec["device"], read_only=rec["kind"] == "view")
 
     # ------------------------------------------------------------ create
     def prepare(self, key: str, parent: str, labels: dict) -> list[dict]:
@@ -150,13 +161,16 @@ class Snapshotter:
                 sid = body["next_id"]
                 body["next_id"] += 1
                 body["intents"].append({"op": "prepare", "key": key, "id": sid})
+            crash_point("prepare-intent")
             device = active_device(sid)
             try:
                 self.pool.clone(source, device)
-                path = self.attacher.attach(device, read_only=kind == "view", fs_type=None)
+                crash_point("prepare-clone")
+                path = self.attacher.attach(device, read_only=kind == "view")
             except BaseException:
                 self._abandon(sid, device)
                 raise
+            crash_point("prepare-attach")
             now = time.time_ns()
             with self.store.transaction() as body:
                 body["intents"] = [i for i in body["intents"] if i["id"] != sid]
@@ -183,9 +197,10 @@ class Snapshotter:
         return rec["device"]
 
     def _mounts(self, kind: str, path: str) -> list[dict]:
-        options = []
         if kind == "view":
-            options += ["ro", "noload"] if self.fs_type == "ext4" else ["ro", "norecovery"]
+            options = ["ro", "noload"] if self.fs_type == "ext4" else ["ro", "norecovery"]
+        else:
+            options = ["rw"]
         if self.fs_type == "xfs":
             options.append("nouuid")
         return [{"type": self.fs_type, "source": path, "target": "", "options": options}]
@@ -198,8 +213,7 @@ class Snapshotter:
                                  "views have mounts (make a view of it)")
             path = self.attacher.attached().get(rec["device"])
             if path is None:
-                path = self.attacher.attach(rec["device"], read_only=rec["kind"] == "view",
-                                            fs_type=None)
+                path = self.attacher.attach(rec["device"], read_only=rec["kind"] == "view")
             return self._mounts(rec["kind"], path)
 
     # ------------------------------------------------------------ commit, remove
@@ -218,12 +232,14 @@ class Snapshotter:
             sid = rec["id"]
             with self.store.transaction() as body:
                 body["intents"].append({"op": "commit", "key": key, "name": name, "id": sid})
+            crash_point("commit-intent")
             try:
                 self.pool.snapshot(committed_device(sid))
             except BaseException:
                 self._abandon(sid, committed_device(sid))
-                self.attacher.attach(rec["device"], read_only=False, fs_type=None)
+                self.attacher.attach(rec["device"], read_only=False)
                 raise
+            crash_point("commit-snapshot")
             now = time.time_ns()
             with self.store.transaction() as body:
                 body["intents"] = [i for i in body["intents"] if i["id"] != sid]
@@ -232,6 +248,7 @@ class Snapshotter:
                     "id": sid, "kind": "committed", "parent": rec["parent"],
                     "device": committed_device(sid), "labels": dict(labels),
                     "created": now, "updated": now}
+            crash_point("commit-record")
             self._destroy(rec["device"])
 
     def remove(self, key: str) -> None:
