@@ -106,8 +106,7 @@ class Snapshotter:
             env["THINSTORE_SNAPSHOTTER_CRASH"] = crash
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinstore", "--pool", self.pool, "snapshotter",
-             "--address", self.address, "--base-size", self.base_size,
-             "--max-connections", "1024"],      # 4 per attached snapshot (nbdfuse)
+             "--address", self.address, "--base-size", self.base_size],
             stdout=subprocess.PIPE, stderr=open(self.log, "a"), text=True, env=env)
         for line in self.proc.stdout:           # serve prints this line once serving
             if line.startswith("containerd snapshotter:"):
@@ -191,6 +190,15 @@ class Backend:
             for i in resp.info:
                 out[i.name] = (self.pb.Kind.Name(i.kind), i.parent, dict(i.labels))
         return out
+
+    def call(self, method: str, request, response_class, raw: bytes | None = None):
+        """One unary call; ``raw`` sends those bytes instead of the request."""
+        stub = self.channel.unary_unary(
+            "/containerd.services.snapshots.v1.Snapshots/" + method,
+            request_serializer=(lambda m: raw) if raw is not None else
+            (lambda m: m.SerializeToString()),
+            response_deserializer=response_class.FromString)
+        return stub(request, timeout=60)
 
     def usage(self, key: str) -> int:
         return self._usage(self.pb.UsageRequest(key=key), timeout=30).size

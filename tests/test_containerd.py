@@ -108,6 +108,71 @@ def run(containerd, ns, cid, script, rm=True):
     return containerd.ctr(ns, *args).stdout
 
 
+# ---------------------------------------------------------------- the service itself
+def test_bad_requests_get_their_status_code_and_the_service_keeps_serving(snap):
+    """Straight to the snapshotter's socket, as containerd's proxy would call it (first in
+    the module: no containerd garbage collection is pending that would remove these keys)."""
+    import grpc
+    from google.protobuf import empty_pb2
+
+    b = Backend(snap.address)
+    pb = b.pb
+
+    def code(method, request, response=empty_pb2.Empty, raw=None):
+        with pytest.raises(grpc.RpcError) as err:
+            b.call(method, request, response, raw)
+        return err.value.code()
+
+    C = grpc.StatusCode
+    try:
+        assert code("Stat", pb.StatSnapshotRequest(key="no/such key")) == C.NOT_FOUND
+        assert code("Prepare", pb.PrepareSnapshotRequest(key="bad/a", parent="gone"),
+                    pb.PrepareSnapshotResponse) == C.NOT_FOUND
+        assert code("Prepare", pb.PrepareSnapshotRequest(key=""),
+                    pb.PrepareSnapshotResponse) == C.INVALID_ARGUMENT
+        mounts = b.call("Prepare", pb.PrepareSnapshotRequest(key="bad/a", labels={"l": "1"}),
+                        pb.PrepareSnapshotResponse).mounts
+        assert [(m.type, m.options[:]) for m in mounts] == [("ext4", ["rw"])]
+        assert mounts[0].source.startswith("/dev/")
+        assert code("Prepare", pb.PrepareSnapshotRequest(key="bad/a"),
+                    pb.PrepareSnapshotResponse) == C.ALREADY_EXISTS
+        assert code("Prepare", pb.PrepareSnapshotRequest(key="bad/b", parent="bad/a"),
+                    pb.PrepareSnapshotResponse) == C.INVALID_ARGUMENT   # parent not committed
+        b.call("Commit", pb.CommitSnapshotRequest(name="bad/c", key="bad/a"), empty_pb2.Empty)
+        assert code("Mounts", pb.MountsRequest(key="bad/c"),
+                    pb.MountsResponse) == C.INVALID_ARGUMENT
+        view = b.call("View", pb.ViewSnapshotRequest(key="bad/v", parent="bad/c"),
+                      pb.ViewSnapshotResponse).mounts
+        assert "ro" in view[0].options
+        assert code("Remove", pb.RemoveSnapshotRequest(key="bad/c")) == C.FAILED_PRECONDITION
+        assert code("Commit", pb.CommitSnapshotRequest(name="bad/d", key="bad/v")) \
+            == C.INVALID_ARGUMENT                                       # a view
+        with pytest.raises(grpc.RpcError) as err:
+            b.list("bogus==1")
+        assert err.value.code() == C.INVALID_ARGUMENT
+        assert code("Prepare", None, pb.PrepareSnapshotResponse, raw=b"\xff\xff\xff") \
+            != C.OK                                                     # not a message
+        # Update: labels only, by mask
+        info = pb.Info(name="bad/c", labels={"x": "1", "y": "2"})
+        got = b.call("Update", pb.UpdateSnapshotRequest(info=info), pb.UpdateSnapshotResponse)
+        assert dict(got.info.labels) == {"x": "1", "y": "2"}
+        req = pb.UpdateSnapshotRequest(info=pb.Info(name="bad/c", labels={"y": "3"}))
+        req.update_mask.paths.append("labels.y")
+        got = b.call("Update", req, pb.UpdateSnapshotResponse)
+        assert dict(got.info.labels) == {"x": "1", "y": "3"}
+        assert set(b.list("name~=^bad/")) == {"bad/c", "bad/v"}
+
+        # Cleanup releases what nothing references, and only that
+        snap.thinstore("create", "ctd-99999", "--size", "1M")
+        b.call("Cleanup", pb.CleanupRequest(), empty_pb2.Empty)
+        assert "ctd-99999" not in snap.devices()
+        for key in ("bad/v", "bad/c"):
+            b.call("Remove", pb.RemoveSnapshotRequest(key=key), empty_pb2.Empty)
+        assert not b.list("name~=^bad/")
+    finally:
+        b.close()
+
+
 # ---------------------------------------------------------------- 1
 def test_import_makes_one_committed_thin_snapshot_per_layer(containerd, snap, image, ns):
     before = set(layer_devices(snap))

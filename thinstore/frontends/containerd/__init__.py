@@ -23,6 +23,10 @@ from thinstore.units import parse_size
 
 STATE_DIR = "containerd"            # under the pool directory
 DEFAULT_SOCKET = "snapshotter.sock"
+#: the ``snapshotter`` command's NBD connection limit: every active snapshot and view is
+#: an attached device, and nbdfuse opens up to 4 connections for each (serve's own default,
+#: 64, would stop at 16 containers)
+SNAPSHOTTER_MAX_CONNECTIONS = 4096
 
 
 class SnapshotterFrontend(Frontend):
@@ -40,6 +44,8 @@ class SnapshotterFrontend(Frontend):
         g.add_argument("--base-size", type=parse_size, default=10 << 30, metavar="SIZE",
                        help="size of the base volume, so of every layer (default 10G; "
                        "fixed when the base is first made)")
+        if parser.prog.split()[-1] == "snapshotter":    # the command of its own, not serve
+            parser.set_defaults(max_connections=SNAPSHOTTER_MAX_CONNECTIONS)
 
     def __init__(self, ctx, args):
         super().__init__(ctx, args)
@@ -74,4 +80,6 @@ class SnapshotterFrontend(Frontend):
             self.attacher.close()
 
     def describe(self) -> list[str]:
-        return [f"containerd snapshotter: {self.address}"]
+        limit = getattr(self.args, "max_connections", None)
+        room = f" (room for about {limit // 4} attached snapshots)" if limit else ""
+        return [f"containerd snapshotter: {self.address}{room}"]
