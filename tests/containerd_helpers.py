@@ -94,8 +94,9 @@ class Containerd:
 class Snapshotter:
     """``thinstore --pool POOL snapshotter --address SOCK`` as a child process."""
 
-    def __init__(self, pool: str, address: str, base_size: str = "256M"):
+    def __init__(self, pool: str, address: str, base_size: str = "256M", *extra: str):
         self.pool, self.address, self.base_size = pool, address, base_size
+        self.extra = list(extra)
         self.log = pool.rstrip("/") + ".log"
         self.proc = None
 
@@ -106,7 +107,7 @@ class Snapshotter:
             env["THINSTORE_SNAPSHOTTER_CRASH"] = crash
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinstore", "--pool", self.pool, "snapshotter",
-             "--address", self.address, "--base-size", self.base_size],
+             "--address", self.address, "--base-size", self.base_size, *self.extra],
             stdout=subprocess.PIPE, stderr=open(self.log, "a"), text=True, env=env)
         for line in self.proc.stdout:           # serve prints this line once serving
             if line.startswith("containerd snapshotter:"):

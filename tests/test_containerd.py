@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -24,6 +25,7 @@ from oci_image import make_image
 pytestmark = pytest.mark.integration
 
 REF = "thinstore.test/busybox:layers"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILLER = 8 << 20        # the image's third layer: 8 MiB of non-zero bytes
 
 
@@ -52,10 +54,8 @@ def image(workdir):
 @pytest.fixture(scope="module")
 def snap(containerd, workdir):
     pool = os.path.join(workdir, "pool")
-    subprocess.run(["python3", "-m", "thinstore", "--pool", pool, "init", "--capacity", "8G"],
-                   check=True, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-                       os.path.abspath(__file__)))))
+    subprocess.run([sys.executable, "-m", "thinstore", "--pool", pool, "init", "--capacity", "8G"],
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
     s = Snapshotter(pool, containerd.snapshotter_socket)
     s.start()
     assert containerd.reaches_snapshotter()
@@ -341,3 +341,46 @@ def test_kill9_in_prepare_or_commit_leaves_a_consistent_snapshotter(
 def _loop_files() -> list[str]:
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     return out.splitlines()
+
+
+# ---------------------------------------------------------------- xfs
+def test_xfs_layers_and_views_mount_with_nouuid(containerd, snap, image, workdir):
+    """Every layer's xfs is a copy of the base's, UUID included: nouuid lets them mount
+    side by side.  A second pool, served on the same socket for this test only."""
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed (xfsprogs)")
+    pool = os.path.join(workdir, "xfs-pool")
+    subprocess.run([sys.executable, "-m", "thinstore", "--pool", pool, "init", "--capacity", "4G"],
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    snap.stop()
+    xfs = Snapshotter(pool, containerd.snapshotter_socket, "512M", "--fs-type", "xfs")
+    xfs.start()
+    ns, sn = "xfs", ["snapshots", "--snapshotter", SNAPSHOTTER]
+    try:
+        assert containerd.reaches_snapshotter()
+        import_image(containerd, ns, image)
+        assert run(containerd, ns, "x1", "cat /etc/hostname").strip() == "thinstore-image"
+        top = next(k for k, i in containerd.snapshots(ns).items()
+                   if k not in {j.get("Parent") for j in containerd.snapshots(ns).values()})
+        containerd.ctr(ns, *sn, "view", "v1", top)
+        containerd.ctr(ns, *sn, "prepare", "p1", top)
+        targets = [os.path.join(workdir, t) for t in ("xv", "xp")]
+        for key, target in zip(("v1", "p1"), targets):
+            os.makedirs(target, exist_ok=True)
+            mount = containerd.ctr(ns, *sn, "mounts", target, key).stdout.split()
+            assert mount[:3] == ["mount", "-t", "xfs"] and "nouuid" in mount[-1]
+            subprocess.run(mount, check=True)
+        try:                    # both mounted at once: same UUID, accepted
+            for target in targets:
+                with open(os.path.join(target, "etc", "hostname")) as f:
+                    assert f.read().strip() == "thinstore-image"
+        finally:
+            for target in targets:
+                subprocess.run(["umount", target], check=False)
+        for key in ("v1", "p1"):
+            containerd.ctr(ns, *sn, "rm", key)
+        containerd.ctr(ns, "images", "rm", "--sync", REF)
+    finally:
+        xfs.stop()
+        snap.start()
+        containerd.reaches_snapshotter()
