@@ -382,5 +382,11 @@ def test_xfs_layers_and_views_mount_with_nouuid(containerd, snap, image, workdir
         containerd.ctr(ns, "images", "rm", "--sync", REF)
     finally:
         xfs.stop()
+    ext4 = Snapshotter(pool, containerd.snapshotter_socket, "512M")
+    try:                        # the pool's layers are xfs: another type is refused
+        with pytest.raises(AssertionError, match="--fs-type xfs"):
+            ext4.start()
+    finally:
+        ext4.stop()
         snap.start()
         containerd.reaches_snapshotter()

@@ -125,6 +125,10 @@ class Snapshotter:
             pass
 
     def _ensure_base(self) -> None:
+        made = self.store.body.get("fs_type")
+        if made and made != self.fs_type:
+            raise UsageError(f"this pool's layers are {made}, not {self.fs_type}: start the "
+                             f"snapshotter with --fs-type {made} (or use another pool)")
         names = self._pool_names()
         if BASE_SNAPSHOT in names:
             return
@@ -134,12 +138,18 @@ class Snapshotter:
         self.attacher.make_filesystem(BASE, self.fs_type)
         self.pool.snapshot(BASE_SNAPSHOT)
         self._destroy(BASE)     # its NBD client may still be hanging up: forced
+        with self.store.transaction() as body:
+            body["fs_type"] = self.fs_type
 
     def _reattach(self) -> None:
-        """Active snapshots and views have a block device while they exist."""
-        for rec in self.store.body["snapshots"].values():
+        """Active snapshots and views have a block device while they exist.  One that
+        cannot be attached now (no free loop device) is logged: Mounts tries again."""
+        for key, rec in self.store.body["snapshots"].items():
             if rec["kind"] != "committed":
-                self.attacher.attach(rec["device"], read_only=rec["kind"] == "view")
+                try:
+                    self.attacher.attach(rec["device"], read_only=rec["kind"] == "view")
+                except Exception as err:    # noqa: BLE001 - one snapshot; serve the rest
+                    log.error("cannot attach %r (%s) again: %s", key, rec["device"], err)
 
     # ------------------------------------------------------------ create
     def prepare(self, key: str, parent: str, labels: dict) -> list[dict]:

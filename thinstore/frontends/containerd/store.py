@@ -12,6 +12,7 @@ One file beside the pool, ``POOL/containerd/snapshots.json`` (docs/containerd.md
     {"magic": "thinstore-containerd-snapshots", "version": 1,
      "checksum": "<mmh3 x64 128 of body, hex>", "body": {
         "generation": 7,              # +1 per transaction
+        "fs_type": "ext4",            # the base's file system, once made
         "next_id": 13,                # never reused, even after a crash
         "snapshots": {KEY: {"id": 5, "kind": "committed" | "active" | "view",
                             "parent": KEY or "", "device": "ctd-5@c",
