@@ -303,7 +303,7 @@ def _foreign_layers(containerd, snap) -> bool:
 
 
 # ---------------------------------------------------------------- 5
-@pytest.mark.parametrize("point", ["prepare-clone", "prepare-attach",
+@pytest.mark.parametrize("point", ["prepare-clone", "prepare-attach", "commit-intent",
                                    "commit-snapshot", "commit-record"])
 def test_kill9_in_prepare_or_commit_leaves_a_consistent_snapshotter(
         containerd, snap, image, ns, point):
