@@ -306,3 +306,33 @@ def test_kernel_nbd_transport():
             assert read(os.path.join(target, "f")) == b"through /dev/nbd"
         finally:
             a.close()
+
+
+def test_mkfs_cut_short_by_a_crash_is_made_again(rig, monkeypatch):
+    """A crash inside mkfs leaves a partial file system, which a blank check alone would
+    refuse as data forever; the recorded intent lets the next mount make it again."""
+    from thinstore.frontends.attach import filesystem
+
+    class Crash(BaseException):
+        pass
+
+    def half_mkfs(device, fstype):
+        with open(device, "r+b") as f:            # some of what mkfs writes, then death
+            f.seek(1 << 20)
+            f.write(os.urandom(64 << 10))
+            os.fsync(f.fileno())
+        raise Crash()
+    rig.pool.create_volume("cut", 128 * MiB)
+    monkeypatch.setattr(filesystem, "make", half_mkfs)
+    with pytest.raises(Crash):
+        rig.attacher.mount("cut", rig.target("cut"), "c1")
+    monkeypatch.undo()
+    with open(rig.state_path) as f:
+        assert json.load(f)["attachments"]["cut"]["unfinished_mkfs"] == "ext4"
+
+    rig.attacher = rig.new_attacher()              # the next start
+    rig.attacher.recover()
+    target = rig.attacher.mount("cut", rig.target("cut"), "c2")
+    assert host.mount_at(target).fstype == "ext4"
+    rig.attacher.unmount("cut", "c2")
+    assert rig.attacher.attached() == {}, "the finished mkfs is still remembered"

@@ -48,6 +48,7 @@ OPS = {
     "commit": ((), None),
     "connections": ((), None),
     "ping": ((), None),
+    "counters": ((), None),
 }
 
 
@@ -226,6 +227,10 @@ class ControlServer:
         if self.sessions is None:
             return {}
         return {info.name: self.sessions.connections(info.name) for info in self.pool.list()}
+
+    def _op_counters(self):
+        """The pool's data-path totals (chunks allocated and copied, bytes written)."""
+        return dict(self.pool.counters)
 
     def _op_ping(self):
         return {"pid": os.getpid(), "nbd_socket": self.nbd_socket}

@@ -8,8 +8,13 @@ privileged step behind one helper that logs and checks it (:mod:`.privileged`).
 Transports (chosen once per Attacher by :func:`.connectors.choose`)::
 
     kernel-nbd     /dev/nbdN via nbd-client -u     when /sys/module/nbd or /dev/nbd0 exists
+                                                   and nbd-client is installed
     nbdfuse-loop   nbdfuse DIR/disk URI, then       otherwise (needs /dev/fuse, loop devices)
                    losetup --find --show --direct-io=on DIR/disk
+
+``THINSTORE_ATTACH_TRANSPORT=nbdfuse-loop|kernel-nbd`` forces one.  The kernel-nbd
+connector has not run on the machine this was written on (no nbd module there): its
+test skips with that reason.
 
 API (all methods thread-safe; one export's steps are serialised, different exports run
 in parallel)::
@@ -29,6 +34,7 @@ in parallel)::
     a.grow_filesystem(export)              # resize2fs / xfs_growfs, online
     a.attached() -> {export: {"device", "transport", "read_only", "owners", "mount"}}
     a.owners(export) -> {owner: "device"|"mount"}
+    a.forget(export)                       # the export is being destroyed: drop its record
     a.close()                              # frontend stop: unmount and detach all
 
 Owners and the mount refcount.  Holds are counted per (export, owner id) as a set: an
@@ -54,7 +60,9 @@ kernel then frees at their last close; kills the orphaned nbdfuse so any remaini
 gets I/O errors, never stale data; lazily unmounts the FUSE mount) and sweeps work dirs
 and loop devices a crash left before recording them.  Owners survive: after a restart
 their unmount succeeds, and the next mount attaches afresh (ext4/xfs replay their
-journal).  Attachments this very process still serves are adopted.
+journal).  Attachments this very process still serves are adopted.  A mkfs cut short by a crash
+(recorded before it starts, on a device found blank) is made again at the next mount
+rather than its partial output being refused as data.
 
 Locks and deadlocks.  The NBD server that answers the loop device's I/O runs in this
 process, and mkfs, mount, fsfreeze, umount are subprocesses whose I/O goes through it:

@@ -40,7 +40,8 @@ class Attacher:
 
     def _save(self) -> None:
         with self._lock:
-            live = {k: r for k, r in self.records.items() if r.owners or r.device or r.workdir}
+            live = {k: r for k, r in self.records.items()
+                    if r.owners or r.device or r.workdir or r.unfinished_mkfs}
             self.records = live
             self.state.save(live)
 
@@ -150,7 +151,12 @@ class Attacher:
             return target
 
     def _mount(self, rec, device, target, fstype, options, read_only, mkfs) -> None:
-        found = filesystem.existing_fstype(device)
+        if rec.unfinished_mkfs:                        # a crash cut mkfs short: it wrote
+            found, fstype = None, rec.unfinished_mkfs  # all there is; make it again
+            log.warning("attach: %s: making the file system a crash interrupted again",
+                        rec.export)
+        else:
+            found = filesystem.existing_fstype(device)
         if found is None:
             if read_only or not mkfs:
                 raise AttachError(f"{rec.export!r} has no file system (and may not get one "
@@ -162,10 +168,27 @@ class Attacher:
                      "read_only": read_only, "state": "mounting"}
         self._save()                                   # the intent, before mkfs and mount
         if found is None:
+            rec.unfinished_mkfs = fstype
+            self._save()
             filesystem.make(device, fstype)
+            rec.unfinished_mkfs = None
+            self._save()
         filesystem.mount(device, target, rec.mount["fstype"], options, read_only)
         rec.mount["state"] = "mounted"
         self._save()
+
+    def forget(self, export: str) -> None:
+        """Drop what is remembered of an export that holds nothing (its device is being
+        destroyed): a later export of the same name starts afresh.  DeviceBusy if held."""
+        with self._export_lock(export):
+            rec = self.records.get(export)
+            if rec is None:
+                return
+            if rec.owners or rec.device or rec.mount:
+                raise DeviceBusy(f"{export!r} is attached or mounted here")
+            with self._lock:
+                self.records.pop(export, None)
+            self._save()
 
     def _undo_owner(self, export: str, owner: str) -> None:
         rec = self.records.get(export)

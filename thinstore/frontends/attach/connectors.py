@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -235,9 +236,16 @@ class KernelNBDConnector(Connector):
 
 
 def choose(nbd_socket: str, root: str) -> Connector:
-    """The kernel NBD client where the host has it, else nbdfuse + loop."""
-    cls = KernelNBDConnector if host.kernel_nbd_available() else FuseLoopConnector
-    return cls(nbd_socket, root)
+    """The kernel NBD client where the host has it (the nbd module and nbd-client), else
+    nbdfuse + loop.  ``THINSTORE_ATTACH_TRANSPORT=nbdfuse-loop|kernel-nbd`` overrides."""
+    forced = os.environ.get("THINSTORE_ATTACH_TRANSPORT")
+    if forced:
+        if forced not in CONNECTORS:
+            raise AttachError(f"THINSTORE_ATTACH_TRANSPORT={forced!r}: use "
+                              f"{' or '.join(sorted(CONNECTORS))}")
+        return CONNECTORS[forced](nbd_socket, root)
+    kernel = host.kernel_nbd_available() and shutil.which("nbd-client") is not None
+    return (KernelNBDConnector if kernel else FuseLoopConnector)(nbd_socket, root)
 
 
 CONNECTORS = {c.transport: c for c in (FuseLoopConnector, KernelNBDConnector)}

@@ -47,6 +47,9 @@ class Attachment:
                 a repeated attach or mount by one owner counts once)
     mount       None, or {"target", "fstype", "options", "read_only", "state"} where
                 state is "mounting" (intent written, mount maybe made) or "mounted"
+    unfinished_mkfs  the file system type whose mkfs began on this (blank) device and has
+                not finished; a crash leaves it set, and the next mount makes it again
+                rather than refusing the partial file system as "data"
     """
 
     export: str
@@ -58,6 +61,7 @@ class Attachment:
     server: str | None = None
     owners: dict = dataclasses.field(default_factory=dict)
     mount: dict | None = None
+    unfinished_mkfs: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

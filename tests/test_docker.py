@@ -1,0 +1,266 @@
+"""The Docker volume plugin against a real dockerd (issue 13's must-show items 1-5).
+
+Containers run with --network none on a busybox image imported offline (see
+.ci/services/dockerd.sh).  Skips with the reason where there is no dockerd, no root or no
+/dev/fuse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from docker_helpers import MiB, Plugin, docker_daemon, private_dockerd, require_docker_host
+
+pytestmark = pytest.mark.integration
+
+EXT4_INCOMPAT = 1024 + 0x60     # s_feature_incompat in the superblock at byte 1024
+EXT4_NEEDS_RECOVERY = 0x4
+
+
+@pytest.fixture(scope="module")
+def docker():
+    with docker_daemon() as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def plugin_process(docker):
+    """One plugin (one driver name) for the module: dockerd keeps every volume driver it
+    has met until it restarts, and a gone one makes each 'docker volume ls' wait for it."""
+    p = Plugin()
+    try:
+        p.start()
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def plugin(docker, plugin_process):
+    p = plugin_process
+    if p.proc.poll() is not None:
+        p.start()
+    try:
+        yield p
+    finally:
+        _remove_everything(docker, p)
+    assert not p.leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
+
+
+def _remove_everything(docker, p: Plugin) -> None:
+    """Every container and volume of the test, and every device left in the pool
+    (snapshots first: the plugin rightly refuses to remove a volume that has some)."""
+    volumes = docker("volume", "ls", "-q", "--filter", f"driver={p.name}",
+                     check=False).stdout.split()
+    for volume in volumes:
+        users = docker("ps", "-aq", "--filter", f"volume={volume}", check=False).stdout.split()
+        if users:
+            docker("rm", "-f", *users, check=False)
+    with p.remote() as remote:
+        for device in remote.list():
+            if device.kind == "snapshot":
+                remote.destroy(device.name, force=True)
+    for volume in volumes:
+        docker("volume", "rm", "-f", volume, check=False)
+    with p.remote() as remote:
+        for device in remote.list():
+            remote.destroy(device.name, force=True)
+
+
+def inspect(docker, name: str) -> dict:
+    return json.loads(docker("volume", "inspect", name).stdout)[0]
+
+
+# 1 -----------------------------------------------------------------------------------
+def test_data_outlives_the_container_and_inspect_shows_size_and_used(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "size=1G", "db")
+    docker.run(["-v", "db:/data"], "echo hello > /data/greeting && "
+               "dd if=/dev/urandom of=/data/blob bs=1M count=8 2>/dev/null")
+    seen = docker.run(["-v", "db:/data"], "cat /data/greeting; wc -c < /data/blob").stdout
+    assert seen.split() == ["hello", str(8 * MiB)]
+
+    listed = docker("volume", "ls", "--format", "{{.Driver}} {{.Name}}").stdout.splitlines()
+    assert f"{plugin.name} db" in listed
+    status = inspect(docker, "db")["Status"]
+    assert status["size"] == 1 << 30
+    assert 8 * MiB <= status["used"] < 200 * MiB, status
+    assert status["fs"] == "ext4" and status["mounts"] == 0
+
+
+def test_auto_created_volume_gets_the_defaults(docker, plugin):
+    docker.run(["-v", "auto:/data", "--volume-driver", plugin.name], "echo x > /data/x")
+    status = inspect(docker, "auto")["Status"]
+    assert status["size"] == 10 << 30 and status["fs"] == "ext4"
+
+
+def test_xfs_volume(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=512M", "xfsvol")
+    out = docker.run(["-v", "xfsvol:/data"], "grep ' /data ' /proc/mounts").stdout
+    assert " xfs " in out
+
+
+# 2 -----------------------------------------------------------------------------------
+WRITER = ("i=0; while :; do i=$((i+1)); echo $i > /data/t.$i; mv /data/t.$i /data/n.$i; "
+          "sleep 0.01; done")
+
+
+def until(condition: str) -> str:
+    """A shell loop waiting (at most 60 s) for a test expression to hold."""
+    return f"for i in $(seq 600); do if {condition}; then exit 0; fi; sleep 0.1; done; exit 1"
+
+
+def test_snapshot_while_writing_then_clone(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "size=1G", "db")
+    docker.run(["-v", "db:/data"], "echo base > /data/base")
+    docker.run(["-v", "db:/data"], WRITER, detach=True, name=f"{plugin.name}-writer")
+    docker.run(["-v", "db:/data"], until("[ -e /data/n.200 ]"))
+    plugin.cli("snapshot", "db@s1")             # through the control socket, mid-write
+    with plugin.remote() as remote, remote.open_device("db@s1") as snap:
+        incompat = int.from_bytes(snap.pread(EXT4_INCOMPAT, 4), "little")
+    assert not incompat & EXT4_NEEDS_RECOVERY, "the snapshot was not frozen: journal dirty"
+
+    docker("volume", "create", "-d", plugin.name, "-o", "from=db@s1", "db-test")
+    listing = docker.run(["-v", "db-test:/data"], "cd /data; grep '' n.* t.* 2>/dev/null; "
+                         "echo clone > /data/clone-only").stdout.split("\n")
+    files = dict(line.split(":", 1) for line in listing if line)
+    numbered = sorted(int(f[2:]) for f in files if f.startswith("n."))
+    assert numbered == list(range(1, len(numbered) + 1)), "a file is missing in the middle"
+    assert len(numbered) >= 200
+    assert all(files[f"n.{k}"] == str(k) for k in numbered), "a file is torn"
+    partial = [f for f in files if f.startswith("t.")]
+    assert partial in ([], [f"t.{len(numbered) + 1}"])
+
+    docker("rm", "-f", f"{plugin.name}-writer")
+    after = docker.run(["-v", "db:/data"], "cat /data/base; ls /data | grep -c '^n\\.'; "
+                       "ls /data/clone-only 2>&1 || true").stdout.split("\n")
+    assert after[0] == "base" and int(after[1]) >= len(numbered)
+    assert "No such file" in after[2], "the clone's write reached db"
+
+
+def test_clone_of_a_full_volume_costs_what_an_empty_one_does(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "size=2G", "full")
+    docker("volume", "create", "-d", plugin.name, "-o", "size=2G", "empty")
+    docker.run(["-v", "full:/data"], "dd if=/dev/urandom of=/data/seed bs=1M count=64 "
+               "2>/dev/null; for i in $(seq 15); do cp /data/seed /data/copy.$i; done; sync")
+    assert inspect(docker, "full")["Status"]["used"] >= 1 << 30
+    plugin.cli("snapshot", "full@s")
+    plugin.cli("snapshot", "empty@s")
+
+    def clone_cost(source: str, name: str) -> dict:
+        with plugin.remote() as remote:
+            before, used = remote.request("counters"), remote.status()["used"]
+            docker("volume", "create", "-d", plugin.name, "-o", f"from={source}", name)
+            after, used_after = remote.request("counters"), remote.status()["used"]
+        cost = {k: after[k] - before[k] for k in
+                ("chunks_allocated", "chunks_copied", "bytes_copied", "bytes_written")}
+        return {**cost, "pool_used": used_after - used}
+    full, empty = clone_cost("full@s", "full-clone"), clone_cost("empty@s", "empty-clone")
+    assert full == empty == {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
+                             "bytes_written": 0, "pool_used": 0}
+    assert inspect(docker, "full-clone")["Status"]["shared"] >= 1 << 30
+
+
+# 3 -----------------------------------------------------------------------------------
+def test_remove_refused_while_mounted_then_space_comes_back(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "size=1G", "vol")
+    docker.run(["-v", "vol:/data"], "dd if=/dev/urandom of=/data/blob bs=1M count=64 2>/dev/null;"
+               " sync; touch /data/done; sleep 600", detach=True, name=f"{plugin.name}-user")
+    docker.run(["-v", "vol:/data"], until("[ -e /data/done ]"))
+    refused = docker("volume", "rm", "vol", check=False)
+    assert refused.returncode and "in use" in refused.stderr
+    status, answer = plugin.call("/VolumeDriver.Remove", {"Name": "vol"})
+    assert "in use by 1 mount" in answer["Err"], answer
+    with plugin.remote() as remote:
+        used_before = remote.status()["used"]
+        assert "vol" in [d.name for d in remote.list()], "a refused Remove lost the volume"
+    docker("rm", "-f", f"{plugin.name}-user")
+    docker("volume", "rm", "vol")
+    with plugin.remote() as remote:
+        assert used_before - remote.status()["used"] >= 64 * MiB
+        assert "vol" not in [d.name for d in remote.list()]
+
+
+def test_remove_refused_for_a_volume_with_snapshots_and_clones(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "size=256M", "origin")
+    plugin.cli("snapshot", "origin@s")
+    docker("volume", "create", "-d", plugin.name, "-o", "from=origin@s", "copy")
+    refused = docker("volume", "rm", "origin", check=False)
+    assert refused.returncode and "cloned from: copy (from origin@s)" in refused.stderr
+    docker("volume", "rm", "copy")
+    refused = docker("volume", "rm", "origin", check=False)
+    assert refused.returncode and "has snapshots origin@s" in refused.stderr
+    plugin.cli("destroy", "origin@s")
+    docker("volume", "rm", "origin")
+
+
+# 4 -----------------------------------------------------------------------------------
+def test_plugin_killed_while_mounted_restarts_clean(docker, plugin):
+    docker("volume", "create", "-d", plugin.name, "-o", "size=512M", "killme")
+    docker.run(["-v", "killme:/data"], "echo survived > /data/f; sync; sleep 600", detach=True,
+               name=f"{plugin.name}-holder")
+    docker.run(["-v", "killme:/data"], until("[ -s /data/f ]"))
+    plugin.kill9()
+    plugin.start()
+    answer = plugin.call("/VolumeDriver.Get", {"Name": "killme"})[1]
+    assert answer["Volume"]["Status"]["mounts"] == 1, "the restart lost the mount count"
+    docker("rm", "-f", f"{plugin.name}-holder")          # its Unmount reaches the new plugin
+    assert plugin.call("/VolumeDriver.Get", {"Name": "killme"})[1]["Volume"]["Status"]["mounts"] == 0
+    assert docker.run(["-v", "killme:/data"], "cat /data/f").stdout.strip() == "survived"
+    assert not plugin.leftovers(), "a stale loop device, FUSE mount or nbdfuse is left"
+
+
+def test_dockerd_restart_keeps_the_volume():
+    require_docker_host()
+    docker = private_dockerd()                  # one this test may restart
+    p = Plugin()
+    try:
+        p.start()
+        docker("volume", "create", "-d", p.name, "-o", "size=256M", "keep")
+        docker.run(["-v", "keep:/data"], "echo kept > /data/f")
+        docker.restart()
+        assert "keep" in docker("volume", "ls", "-q").stdout.split()
+        assert docker.run(["-v", "keep:/data"], "cat /data/f").stdout.strip() == "kept"
+        _remove_everything(docker, p)
+    finally:
+        p.close()
+        docker.stop()
+
+
+# 5 -----------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("/VolumeDriver.Explode", {"Name": "x"}, 404, r"unknown plugin call '/VolumeDriver.Explode'"),
+    ("/VolumeDriver.Create", b"{\"Name\": ", 400, r"malformed JSON"),
+    ("/VolumeDriver.Create", b"[1, 2]", 400, r"must be a JSON object"),
+    ("/VolumeDriver.Mount", {"Name": "ghost", "ID": "c1"}, 200, r"no volume 'ghost'"),
+    ("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "lots"}}, 200,
+     r"invalid size 'lots'"),
+    ("/VolumeDriver.Create", {"Name": "v", "Opts": {"from": "db@never"}}, 200,
+     r"no snapshot 'db@never'"),
+    ("/VolumeDriver.Create", {"Name": "v", "Opts": {"colour": "red"}}, 200,
+     r"unknown option 'colour'"),
+    ("/VolumeDriver.Create", {"Name": "v", "Opts": {"fs": "ntfs"}}, 200, r"fs='ntfs'"),
+    ("/VolumeDriver.Create", {"Opts": {}}, 200, r"names no volume"),
+    ("/VolumeDriver.Create", {"Name": "a@b"}, 200, r"snapshot name"),
+    ("/VolumeDriver.Remove", {"Name": "ghost"}, 200, r"no volume 'ghost'"),
+    ("/VolumeDriver.Unmount", {"Name": "v", "ID": 7}, 200, r"ID"),
+]
+
+
+def test_bad_requests_get_an_err_and_the_plugin_keeps_serving(docker, plugin):
+    for path, body, code, message in BAD_REQUESTS:
+        status, answer = plugin.call(path, body)
+        assert status == code and re.search(message, answer.get("Err", "")), (path, answer)
+        assert plugin.call("/Plugin.Activate", {}) == (200, {"Implements": ["VolumeDriver"],
+                                                              "Err": ""})
+    assert plugin.call("/VolumeDriver.List", {})[1] == {"Volumes": [], "Err": ""}
+    refused = docker("volume", "create", "-d", plugin.name, "-o", "size=lots", "vol", check=False)
+    assert refused.returncode and "invalid size 'lots'" in refused.stderr
+    refused = docker("volume", "create", "-d", plugin.name, "-o", "from=nope@s", "vol",
+                     check=False)
+    assert refused.returncode and "no snapshot 'nope@s'" in refused.stderr
+    assert plugin.call("/VolumeDriver.Capabilities", {})[1]["Capabilities"] == {"Scope": "local"}
+    docker("volume", "create", "-d", plugin.name, "fine")
+    assert "fine" in docker("volume", "ls", "-q").stdout.split()

@@ -1,0 +1,101 @@
+"""The Docker volume plugin: thin volumes with O(1) clones as Docker volumes (docs/docker.md).
+
+``thinstore --pool DIR docker-plugin`` (= ``serve --frontend docker``) serves the pool
+over NBD and answers Docker's volume plugin protocol on a unix socket (default
+/run/docker/plugins/thinstore.sock, where dockerd discovers a plugin named "thinstore").
+It runs in the serve process: the NBD server that the mounted volumes' block devices read
+through is the same process's.
+
+    driver.py     the verbs (Create, Remove, Mount, Unmount, Path, Get, List, Capabilities)
+    server.py     HTTP over the unix socket (the standard library's http.server)
+    registry.py   the options the pool does not keep (file system type, origin)
+
+State, under POOL/docker/ (``--docker-state-dir``): ``volumes.json`` (the registry),
+``attach.json`` (mounts and their owners, :mod:`thinstore.frontends.attach`), ``dev/``
+(FUSE work dirs), and by default ``mnt/NAME`` (mount points, ``--docker-mount-root``).
+At start, :meth:`Attacher.recover` and :meth:`Registry.settle` clean or adopt whatever a
+killed plugin left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from thinstore.frontends import Frontend
+
+log = logging.getLogger("thinstore.docker")
+
+DEFAULT_SOCKET = "/run/docker/plugins/thinstore.sock"
+DEFAULT_SIZE = "10G"
+
+
+class DockerVolumeFrontend(Frontend):
+    """Docker volume plugin: thin volumes, snapshots and O(1) clones as Docker volumes."""
+
+    name = "docker"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("docker volume plugin")
+        group.add_argument("--plugin-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                           help=f"the plugin's unix socket (default {DEFAULT_SOCKET}; "
+                           "dockerd names the plugin after the file)")
+        group.add_argument("--docker-state-dir", metavar="DIR",
+                           help="the plugin's state (default POOL/docker)")
+        group.add_argument("--docker-mount-root", metavar="DIR",
+                           help="where volumes are mounted (default STATE_DIR/mnt)")
+        group.add_argument("--docker-default-size", metavar="SIZE", default=DEFAULT_SIZE,
+                           help=f"size of a volume created without -o size (default "
+                           f"{DEFAULT_SIZE}; thin: space is taken as it is written)")
+
+    def __init__(self, ctx, args):
+        super().__init__(ctx, args)
+        self.server = self.attacher = None
+        self.state_dir = os.path.abspath(getattr(args, "docker_state_dir", None)
+                                         or os.path.join(ctx.pool_dir, "docker"))
+        self.mount_root = os.path.abspath(getattr(args, "docker_mount_root", None)
+                                          or os.path.join(self.state_dir, "mnt"))
+        self.socket_path = os.path.abspath(getattr(args, "plugin_socket", None)
+                                           or DEFAULT_SOCKET)
+
+    def start(self) -> None:
+        from thinstore.frontends.attach import Attacher
+        from thinstore.units import parse_size
+
+        from .driver import VolumeDriver
+        from .registry import Registry
+        from .server import PluginServer
+
+        if getattr(self.args, "verbose", False):       # -v: every request and privileged step
+            for name in ("thinstore.docker", "thinstore.attach"):
+                logging.getLogger(name).setLevel(logging.INFO)
+        size = parse_size(getattr(self.args, "docker_default_size", None) or DEFAULT_SIZE)
+        registry = Registry(os.path.join(self.state_dir, "volumes.json"))
+        self.attacher = Attacher(os.path.join(self.state_dir, "attach.json"),
+                                 self.ctx.nbd_socket)
+        for export, outcome in self.attacher.recover().items():
+            log.warning("docker plugin: %s: %s what the previous run left", export, outcome)
+        names = {d.name for d in self.ctx.pool.list()}
+        registry.settle(lambda name: name in names)
+        if self.ctx.control is not None:
+            self.ctx.control.snapshot_hooks.append(self.attacher.snapshot_hook)
+        driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size)
+        self.server = PluginServer(self.socket_path, driver)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.attacher is not None:
+            hooks = getattr(self.ctx.control, "snapshot_hooks", [])
+            if self.attacher.snapshot_hook in hooks:
+                hooks.remove(self.attacher.snapshot_hook)
+            self.attacher.close()
+            self.attacher = None
+
+    def describe(self) -> list[str]:
+        return [f"docker volume plugin: unix://{self.socket_path} (dockerd names the driver "
+                "after the socket in /run/docker/plugins or a .spec file in /etc/docker/plugins)"]

@@ -1,0 +1,273 @@
+"""Docker's volume driver verbs over a thinstore pool (no HTTP here: see :mod:`.server`).
+
+Follows Docker's volume plugin protocol (docs.docker.com/engine/extend/plugins_volume/):
+each method takes the request's JSON object and returns the response's, without "Err";
+a refusal raises :class:`DriverError`, whose message the server sends as a non-empty Err.
+
+Volumes.  A Docker volume NAME is the pool's writable device NAME (a volume or a clone),
+so ``thinstore snapshot NAME@SNAP`` and ``thinstore clone`` work on it directly; List
+shows every writable device of the pool.  Options of Create (``docker volume create -o``):
+
+    size=SIZE     virtual size (binary suffixes: 512M, 10G); default --docker-default-size
+    fs=ext4|xfs   the file system made at the first mount (default ext4)
+    from=VOL@SNAP a writable O(1) clone of that snapshot (its file system comes along);
+                  with size, the clone is grown to it
+
+Opts is null on auto-create (``docker run -v NAME:/path --volume-driver thinstore``).
+Unknown options are refused by name.  Mount attaches the device (kernel NBD or nbdfuse +
+loop), makes a file system only on a blank device, and mounts it at MOUNT_ROOT/NAME; it is
+counted per mount ID (the container), and the last Unmount unmounts and detaches.  Remove
+refuses a mounted volume, a volume with snapshots (naming any clones made from them), and
+one with other open NBD clients; nothing is changed by a refused request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from thinstore import names
+from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
+from thinstore.units import format_size, parse_size
+
+OPTIONS = ("size", "fs", "from")
+FSTYPES = ("ext4", "xfs")
+
+
+class DriverError(Exception):
+    """A request the driver refuses; the message is the protocol's Err."""
+
+
+class VolumeDriver:
+    """The verbs; ``pool`` is the served Pool, ``attacher`` an Attacher over its server."""
+
+    def __init__(self, pool, attacher, registry, mount_root: str, default_size: int):
+        self.pool, self.attacher, self.registry = pool, attacher, registry
+        self.mount_root, self.default_size = os.path.abspath(mount_root), default_size
+        self._lock = threading.Lock()
+        self._names: dict[str, threading.Lock] = {}
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._names.setdefault(name, threading.Lock())
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _name(request: dict) -> str:
+        name = request.get("Name")
+        if not isinstance(name, str) or not name:
+            raise DriverError("the request names no volume (a \"Name\" string is required)")
+        try:
+            return names.check_name(name, snapshot=False)
+        except UsageError as exc:
+            raise DriverError(str(exc)) from None
+
+    def _writable(self, name: str):
+        try:
+            info = self.pool.info(name)
+        except NoSuchDevice:
+            raise DriverError(f"no volume {name!r} (create it with "
+                              f"'docker volume create -d thinstore {name}')") from None
+        if info.read_only:
+            raise DriverError(f"{name!r} is a snapshot, not a volume")
+        return info
+
+    def mountpoint(self, name: str) -> str:
+        return os.path.join(self.mount_root, name)
+
+    def _mounted(self, name: str) -> str:
+        mount = (self.attacher.attached().get(name) or {}).get("mount")
+        return mount["target"] if mount and mount.get("state") == "mounted" else ""
+
+    # ------------------------------------------------------------------ verbs
+    def activate(self, request: dict) -> dict:
+        return {"Implements": ["VolumeDriver"]}
+
+    def capabilities(self, request: dict) -> dict:
+        return {"Capabilities": {"Scope": "local"}}
+
+    def create(self, request: dict) -> dict:
+        name = self._name(request)
+        opts = self._options(request.get("Opts"))
+        with self._name_lock(name):
+            if any(d.name == name for d in self.pool.list()):
+                if opts:
+                    raise DriverError(f"volume {name!r} exists already; its options cannot "
+                                      "change (remove it first, or choose another name)")
+                self._writable(name)
+                return {}
+            self.registry.put(name, fs=opts.get("fs", "ext4"), state="creating",
+                              **{"from": opts.get("from")})
+            try:
+                self._make(name, opts)
+            except (ThinstoreError, DriverError) as exc:
+                self.registry.drop(name)
+                raise DriverError(str(exc)) from None
+            self.registry.put(name, fs=opts.get("fs", "ext4"), state="ready",
+                              **{"from": opts.get("from")})
+        return {}
+
+    def _options(self, opts) -> dict:
+        if opts is None:
+            return {}
+        if not isinstance(opts, dict):
+            raise DriverError("Opts must be an object of option=value strings")
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            raise DriverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}: thinstore takes "
+                              f"{', '.join(OPTIONS)}")
+        out = {}
+        for key, value in opts.items():
+            if not isinstance(value, str):
+                raise DriverError(f"option {key!r} must be a string")
+        if "size" in opts:
+            try:
+                out["size"] = parse_size(opts["size"])
+            except UsageError as exc:
+                raise DriverError(f"option size: {exc}") from None
+            if out["size"] <= 0:
+                raise DriverError("option size: a volume needs a size above 0")
+        if "fs" in opts:
+            if opts["fs"] not in FSTYPES:
+                raise DriverError(f"option fs={opts['fs']!r}: use {' or '.join(FSTYPES)}")
+            if "from" in opts:
+                raise DriverError("options fs and from exclude each other: a clone has its "
+                                  "snapshot's file system")
+            out["fs"] = opts["fs"]
+        if "from" in opts:
+            out["from"] = self._snapshot(opts["from"])
+        return out
+
+    def _snapshot(self, text: str) -> str:
+        try:
+            names.check_name(text, snapshot=True)
+            info = self.pool.info(text)
+        except UsageError:
+            raise DriverError(f"option from={text!r}: name a snapshot as VOLUME@SNAPSHOT") \
+                from None
+        except NoSuchDevice:
+            raise DriverError(f"option from={text!r}: there is no snapshot {text!r} "
+                              "(take one with 'thinstore snapshot VOLUME@SNAPSHOT')") from None
+        if info.kind != "snapshot":
+            raise DriverError(f"option from={text!r} is not a snapshot")
+        return text
+
+    def _make(self, name: str, opts: dict) -> None:
+        if "from" not in opts:
+            self.pool.create_volume(name, opts.get("size", self.default_size))
+            return
+        info = self.pool.clone(opts["from"], name)
+        size = opts.get("size")
+        if size is not None and size < info.size:
+            self.pool.destroy(name)
+            raise DriverError(f"option size={format_size(size)} is smaller than snapshot "
+                              f"{opts['from']} ({format_size(info.size)}): a clone can "
+                              "only grow")
+        if size is not None and size > info.size:
+            self.pool.resize(name, size)
+
+    def remove(self, request: dict) -> dict:
+        name = self._name(request)
+        with self._name_lock(name):
+            self._writable(name)
+            owners = self.attacher.owners(name)
+            if owners:
+                raise DriverError(f"volume {name!r} is in use by {len(owners)} mount(s) "
+                                  f"({', '.join(sorted(o[:12] for o in owners))}): stop "
+                                  "those containers first")
+            self._refuse_if_snapshots(name)
+            try:
+                self.pool.destroy(name)
+            except DeviceBusy as exc:
+                raise DriverError(f"volume {name!r} is busy: {exc}") from None
+            self.registry.drop(name)
+            self.attacher.forget(name)
+        return {}
+
+    def _refuse_if_snapshots(self, name: str) -> None:
+        devices = self.pool.list()
+        snaps = [d.name for d in devices if d.kind == "snapshot" and d.name.startswith(name + "@")]
+        if not snaps:
+            return
+        clones = [f"{d.name} (from {d.origin})" for d in devices
+                  if d.kind == "clone" and d.origin in snaps]
+        if clones:
+            raise DriverError(f"volume {name!r} is cloned from: {', '.join(clones)}; remove "
+                              f"the clones first, then its snapshots ({', '.join(snaps)})")
+        raise DriverError(f"volume {name!r} has snapshots {', '.join(snaps)}; destroy them "
+                          f"first ('thinstore destroy {snaps[0]}') so none is lost unseen")
+
+    def mount(self, request: dict) -> dict:
+        name, owner = self._name(request), self._owner(request)
+        with self._name_lock(name):
+            self._writable(name)
+            fs = (self.registry.get(name) or {}).get("fs", "ext4")
+            try:
+                target = self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
+            except ThinstoreError as exc:
+                raise DriverError(f"cannot mount {name!r}: {exc}") from None
+        return {"Mountpoint": target}
+
+    @staticmethod
+    def _owner(request: dict) -> str:
+        owner = request.get("ID")
+        if owner is None:
+            return "docker"            # before Docker 1.12 Mount carried no ID
+        if not isinstance(owner, str) or not owner:
+            raise DriverError("\"ID\" must be a non-empty string (the mount's caller)")
+        return owner
+
+    def unmount(self, request: dict) -> dict:
+        name, owner = self._name(request), self._owner(request)
+        with self._name_lock(name):
+            try:
+                self.attacher.unmount(name, owner)
+            except ThinstoreError as exc:
+                raise DriverError(f"cannot unmount {name!r}: {exc}") from None
+        return {}
+
+    def path(self, request: dict) -> dict:
+        name = self._name(request)
+        self._writable(name)
+        return {"Mountpoint": self._mounted(name)}
+
+    def get(self, request: dict) -> dict:
+        name = self._name(request)
+        return {"Volume": self._describe(self._writable(name), status=True)}
+
+    def list(self, request: dict) -> dict:
+        return {"Volumes": [self._describe(d, status=False) for d in self.pool.list()
+                            if not d.read_only]}
+
+    def _describe(self, info, status: bool) -> dict:
+        out = {"Name": info.name, "Mountpoint": self._mounted(info.name)}
+        if status:
+            out["CreatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created))
+            out["Status"] = self._status(info)
+        return out
+
+    def _status(self, info) -> dict:
+        entry = self.registry.get(info.name) or {}
+        attached = self.attacher.attached().get(info.name) or {}
+        mount = attached.get("mount") or {}
+        return {"size": info.size, "used": info.used, "exclusive": info.exclusive,
+                "shared": info.shared, "kind": info.kind, "origin": info.origin,
+                "fs": mount.get("fstype") or entry.get("fs") or "ext4",
+                "device": attached.get("device"), "mounts": len(attached.get("owners") or {}),
+                "snapshots": [d.name for d in self.pool.list()
+                              if d.kind == "snapshot" and d.name.startswith(info.name + "@")]}
+
+    #: protocol path -> method
+    ROUTES = {
+        "/Plugin.Activate": "activate",
+        "/VolumeDriver.Create": "create",
+        "/VolumeDriver.Remove": "remove",
+        "/VolumeDriver.Mount": "mount",
+        "/VolumeDriver.Unmount": "unmount",
+        "/VolumeDriver.Path": "path",
+        "/VolumeDriver.Get": "get",
+        "/VolumeDriver.List": "list",
+        "/VolumeDriver.Capabilities": "capabilities",
+    }
