@@ -167,7 +167,7 @@ class Snapshotter:
             if self.store.get(key) is not None:
                 raise DeviceExists(f"snapshot {key!r} already exists")
             source = self._committed_source(parent)
-            with self.store.transaction() as body:
+            with self.store.transaction() as body:      # the intent takes the id
                 sid = body["next_id"]
                 body["next_id"] += 1
                 body["intents"].append({"op": "prepare", "key": key, "id": sid})
@@ -181,13 +181,24 @@ class Snapshotter:
                 self._abandon(sid, device)
                 raise
             crash_point("prepare-attach")
-            now = time.time_ns()
-            with self.store.transaction() as body:
-                body["intents"] = [i for i in body["intents"] if i["id"] != sid]
-                body["snapshots"][key] = {"id": sid, "kind": kind, "parent": parent,
-                                          "device": device, "labels": dict(labels),
-                                          "created": now, "updated": now}
+            self._record(sid, key, kind, parent, device, labels)
             return self._mounts(kind, path)
+
+    def _intend(self, **intent) -> None:
+        with self.store.transaction() as body:
+            body["intents"].append(intent)
+
+    def _record(self, sid: int, key: str, kind: str, parent: str, device: str, labels: dict,
+                replaces: str | None = None) -> None:
+        """The act is done: record ``key`` (instead of ``replaces``), drop the intent."""
+        now = time.time_ns()
+        with self.store.transaction() as body:
+            body["intents"] = [i for i in body["intents"] if i["id"] != sid]
+            if replaces is not None:
+                del body["snapshots"][replaces]
+            body["snapshots"][key] = {"id": sid, "kind": kind, "parent": parent,
+                                      "device": device, "labels": dict(labels),
+                                      "created": now, "updated": now}
 
     def _abandon(self, sid: int, *devices: str) -> None:
         """Undo an intent whose act failed (the same as recovery does after a crash)."""
@@ -239,25 +250,17 @@ class Snapshotter:
             if self.store.get(name) is not None:
                 raise DeviceExists(f"snapshot {name!r} already exists")
             self.attacher.detach(rec["device"])       # flushed; DeviceBusy while mounted
-            sid = rec["id"]
-            with self.store.transaction() as body:
-                body["intents"].append({"op": "commit", "key": key, "name": name, "id": sid})
+            sid, device = rec["id"], committed_device(rec["id"])
+            self._intend(op="commit", key=key, name=name, id=sid)
             crash_point("commit-intent")
             try:
-                self.pool.snapshot(committed_device(sid))
+                self.pool.snapshot(device)
             except BaseException:
-                self._abandon(sid, committed_device(sid))
+                self._abandon(sid, device)
                 self.attacher.attach(rec["device"], read_only=False)
                 raise
             crash_point("commit-snapshot")
-            now = time.time_ns()
-            with self.store.transaction() as body:
-                body["intents"] = [i for i in body["intents"] if i["id"] != sid]
-                del body["snapshots"][key]
-                body["snapshots"][name] = {
-                    "id": sid, "kind": "committed", "parent": rec["parent"],
-                    "device": committed_device(sid), "labels": dict(labels),
-                    "created": now, "updated": now}
+            self._record(sid, name, "committed", rec["parent"], device, labels, replaces=key)
             crash_point("commit-record")
             self._destroy(rec["device"])
 
