@@ -303,8 +303,10 @@ def _foreign_layers(containerd, snap) -> bool:
 
 
 # ---------------------------------------------------------------- 5
-@pytest.mark.parametrize("point", ["prepare-clone", "prepare-attach", "commit-intent",
-                                   "commit-snapshot", "commit-record"])
+# prepare-clone is left out: prepare-attach leaves the same unrecorded clone, and an
+# attachment too (the suite's time is budgeted)
+@pytest.mark.parametrize("point", ["prepare-attach", "commit-intent", "commit-snapshot",
+                                   "commit-record"])
 def test_kill9_in_prepare_or_commit_leaves_a_consistent_snapshotter(
         containerd, snap, image, ns, point):
     snap.stop()
