@@ -130,6 +130,8 @@ def test_bad_requests_get_their_status_code_and_the_service_keeps_serving(snap):
                     pb.PrepareSnapshotResponse) == C.NOT_FOUND
         assert code("Prepare", pb.PrepareSnapshotRequest(key=""),
                     pb.PrepareSnapshotResponse) == C.INVALID_ARGUMENT
+        assert code("Prepare", pb.PrepareSnapshotRequest(key="bad/l", labels={"l": "x" * 4096}),
+                    pb.PrepareSnapshotResponse) == C.INVALID_ARGUMENT   # containerd's limit
         mounts = b.call("Prepare", pb.PrepareSnapshotRequest(key="bad/a", labels={"l": "1"}),
                         pb.PrepareSnapshotResponse).mounts
         assert [(m.type, m.options[:]) for m in mounts] == [("ext4", ["rw"])]
