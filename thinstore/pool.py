@@ -16,9 +16,10 @@ background timer while writes are pending, and on close. After a crash the pool
 opens at its last commit: every write acknowledged before the last completed flush
 reads back exactly.
 
-Pool's methods live in three modules: this one (lifecycle, commit, management,
-queries, handles), thinstore/datapath.py (the request handlers Device calls) and
-thinstore/hidden.py (the receive workspace), joined as mixins so callers keep
+Pool's methods live in four modules: this one (lifecycle, commit, management,
+queries, handles), thinstore/datapath.py (the request handlers Device calls),
+thinstore/hidden.py (the receive workspace) and thinstore/readers.py (a pinned
+generation and map views for online readers), joined as mixins so callers keep
 calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 """
 
@@ -38,6 +39,7 @@ from .datasums import DataSums, open_intent
 from .datapath import DataPath
 from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
+from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import new_uuid, valid_chunk_size
@@ -56,7 +58,7 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
-class Pool(DataPath, HiddenDevices):
+class Pool(DataPath, HiddenDevices, Readers):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
     def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
