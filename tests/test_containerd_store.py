@@ -1,0 +1,131 @@
+"""The containerd snapshotter's parts that need no daemon: its .proto and generated module,
+the metadata store's transactions and format, List's filter syntax."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from thinstore.errors import CorruptMetadata, UsageError
+from thinstore.frontends.containerd import snapshots_pb2 as pb
+from thinstore.frontends.containerd.filters import compile_filters
+from thinstore.frontends.containerd.store import Store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------ wire
+def test_generated_module_matches_the_proto():
+    pytest.importorskip("grpc_tools", reason="grpcio-tools is not installed (test extra)")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gen_containerd_proto.py"),
+                        "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# containerd 1.6's published numbers (api/services/snapshots/v1/snapshots.proto,
+# api/types/mount.proto): a renumbered field would silently mangle every call
+UPSTREAM = {
+    "Mount": {"type": 1, "source": 2, "target": 3, "options": 4},
+    "PrepareSnapshotRequest": {"snapshotter": 1, "key": 2, "parent": 3, "labels": 4},
+    "ViewSnapshotRequest": {"snapshotter": 1, "key": 2, "parent": 3, "labels": 4},
+    "CommitSnapshotRequest": {"snapshotter": 1, "name": 2, "key": 3, "labels": 4},
+    "Info": {"name": 1, "parent": 2, "kind": 3, "created_at": 4, "updated_at": 5, "labels": 6},
+    "UpdateSnapshotRequest": {"snapshotter": 1, "info": 2, "update_mask": 3},
+    "ListSnapshotsRequest": {"snapshotter": 1, "filters": 2},
+    "ListSnapshotsResponse": {"info": 1},
+    "UsageResponse": {"size": 1, "inodes": 2},
+}
+
+
+@pytest.mark.parametrize("message", sorted(UPSTREAM))
+def test_field_numbers_are_containerds(message):
+    fields = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name
+    assert {name: f.number for name, f in fields.items()} == UPSTREAM[message]
+
+
+def test_service_and_kinds_are_containerds():
+    svc = pb.DESCRIPTOR.services_by_name["Snapshots"]
+    assert svc.full_name == "containerd.services.snapshots.v1.Snapshots"
+    assert [m.name for m in svc.methods] == ["Prepare", "View", "Mounts", "Commit", "Remove",
+                                            "Stat", "Update", "List", "Usage", "Cleanup"]
+    assert svc.methods_by_name["List"].server_streaming
+    assert (pb.UNKNOWN, pb.VIEW, pb.ACTIVE, pb.COMMITTED) == (0, 1, 2, 3)
+
+
+# ------------------------------------------------------------ store
+def test_store_survives_reopen_and_keeps_arbitrary_keys(tmp_path):
+    store = Store(str(tmp_path))
+    key = "default/7/extract-12 sha256:ab/cd\n\u00e9"
+    with store.transaction() as body:
+        body["snapshots"][key] = {"id": 3, "kind": "active", "parent": "", "device": "ctd-3",
+                                  "labels": {"a": "b"}, "created": 1, "updated": 2}
+    again = Store(str(tmp_path))
+    assert again.get(key)["device"] == "ctd-3"
+    assert again.body["generation"] == 1 and again.devices() == {"ctd-3"}
+
+
+def test_a_failed_transaction_changes_nothing(tmp_path):
+    store = Store(str(tmp_path))
+    with store.transaction() as body:
+        body["next_id"] = 5
+    with pytest.raises(RuntimeError):
+        with store.transaction() as body:
+            body["next_id"] = 9
+            raise RuntimeError("act failed")
+    assert store.body["next_id"] == 5 and Store(str(tmp_path)).body["next_id"] == 5
+    assert not os.path.exists(os.path.join(tmp_path, "snapshots.json.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "magic", "version", "truncate"])
+def test_a_damaged_store_is_refused_not_guessed(tmp_path, damage):
+    store = Store(str(tmp_path))
+    with store.transaction() as body:
+        body["snapshots"]["k"] = {"id": 1, "kind": "committed", "parent": "",
+                                  "device": "ctd-1@c", "labels": {}, "created": 1,
+                                  "updated": 1}
+    with open(store.path) as f:
+        doc = json.load(f)
+    if damage == "flip":
+        doc["body"]["snapshots"]["k"]["device"] = "ctd-2@c"
+    elif damage == "magic":
+        doc["magic"] = "something-else"
+    elif damage == "version":
+        doc["version"] = 99
+    text = json.dumps(doc)
+    if damage == "truncate":
+        text = text[:len(text) // 2]
+    with open(store.path, "w") as f:
+        f.write(text)
+    with pytest.raises(CorruptMetadata, match="snapshots.json"):
+        Store(str(tmp_path))
+
+
+# ------------------------------------------------------------ filters
+INFO = {"name": "sha256:abc", "parent": "", "kind": "committed",
+        "labels": {"containerd.io/gc.root": "x", "foo": "bar"}}
+
+
+@pytest.mark.parametrize("filters,expected", [
+    ([], True),
+    (["name==sha256:abc"], True),
+    (["kind==active"], False),
+    (["kind==active", "name~=^sha"], True),                 # any one filter
+    (['labels."containerd.io/gc.root"'], True),            # present
+    (["labels.missing"], False),
+    (["labels.foo~=^ba", "kind==view"], True),
+    (["kind==committed,labels.foo==baz"], False),          # all selectors
+    (['parent!=""'], False),
+    (['name=="sha256:abc"'], True),
+])
+def test_filters_follow_containerds_syntax(filters, expected):
+    assert compile_filters(filters)(INFO) is expected
+
+
+@pytest.mark.parametrize("bad", ["bogus==1", "name==a,", 'labels."x', "labels.foo~=(", "==x"])
+def test_a_bad_filter_is_a_usage_error(bad):
+    with pytest.raises(UsageError):
+        compile_filters([bad])
