@@ -15,15 +15,15 @@ the same :mod:`thinstore.errors` class, so the CLI reports them unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 
-from thinstore import errors
+from thinstore import errors, sockets
 from thinstore.errors import DeviceBusy, ProtocolError, ThinstoreError
+from thinstore.sockets import short_socket_path  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,6 @@ OPS = {
 
 def socket_path(pool_dir: str) -> str:
     return os.path.join(pool_dir, SOCKET_NAME)
-
-
-@contextlib.contextmanager
-def short_socket_path(path: str):
-    """A name for `path` that fits a sockaddr_un (107 bytes): a pool may live deep.
-
-    Linux resolves /proc/self/fd/N/NAME through the open directory N, so binding or
-    connecting there reaches the same socket file whatever the directory's length.
-    """
-    if len(os.fsencode(path)) < 100:
-        yield path
-        return
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
-    finally:
-        os.close(fd)
 
 
 def _to_wire(value, shape):
@@ -107,18 +90,11 @@ class ControlServer:
         self._stopping = threading.Event()
         self._clients = threading.Semaphore(MAX_CLIENTS)
         self._thread: threading.Thread | None = None
+        self._identity = None
 
     def listen(self, path: str | None = None) -> str:
         path = path or socket_path(self.pool.path)
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with short_socket_path(path) as short:
-                sock.bind(short)
-        finally:
-            os.umask(old)
+        sock, self._identity = sockets.bind_private(path, "control socket")
         sock.listen(16)
         sock.settimeout(0.2)
         self._listener, self.path = sock, path
@@ -130,10 +106,8 @@ class ControlServer:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(5)
-        try:
-            os.unlink(self.path)
-        except (OSError, AttributeError):
-            pass
+        if getattr(self, "path", None):
+            sockets.release(self.path, self._identity)
 
     def _accept_loop(self) -> None:
         try:
@@ -149,8 +123,27 @@ class ControlServer:
         finally:
             self._listener.close()
 
+    def _trusted(self, conn: socket.socket) -> bool:
+        """Answer only root, the pool's owner and the server's own user (SO_PEERCRED): a
+        socket left readable by mistake must not hand the pool to any local user."""
+        _pid, uid, _gid = sockets.peer_credentials(conn)
+        if uid in sockets.trusted_uids(self.pool.path):
+            return True
+        log.warning("control socket: refused a client running as %s", sockets.user_name(uid))
+        error = errors.UntrustedPeer(f"this server answers only root and the owner of pool "
+                                      f"{self.pool.path}, not {sockets.user_name(uid)}")
+        try:  # read its request first, so the refusal is its answer, not a broken pipe
+            conn.settimeout(1.0)
+            conn.makefile("rb").readline(MAX_LINE + 1)
+            conn.sendall(json.dumps({"ok": False, "error": _error_dict(error)}).encode() + b"\n")
+        except OSError:
+            pass
+        return False
+
     def _serve_client(self, conn: socket.socket) -> None:
         try:
+            if not self._trusted(conn):
+                return
             conn.settimeout(IDLE_TIMEOUT)
             reader = conn.makefile("rb")
             while not self._stopping.is_set():
@@ -248,8 +241,21 @@ class RemotePool:
         self._sock.settimeout(timeout)
         with short_socket_path(socket_path(path)) as short:
             self._sock.connect(short)
+        self._check_server()
         self._reader = self._sock.makefile("rb")
         self._lock = threading.Lock()
+
+    def _check_server(self) -> None:
+        """Trust the answers only of a server run by root or the pool's owner (SO_PEERCRED):
+        in a directory others could write to, anyone could have planted this socket."""
+        _pid, uid, _gid = sockets.peer_credentials(self._sock)
+        if uid not in sockets.trusted_uids(self.path):
+            self._sock.close()
+            where = socket_path(self.path)
+            raise errors.UntrustedPeer(
+                f"{where} is served by {sockets.user_name(uid)}, neither root nor the owner "
+                f"of pool {self.path}: not trusting it; remove that socket and make the pool "
+                f"directory writable by its owner only (chmod 700 {self.path})")
 
     @classmethod
     def connect(cls, path: str) -> "RemotePool | None":
@@ -259,6 +265,8 @@ class RemotePool:
         try:
             remote = cls(path, timeout=5.0)
             remote.ping()
+        except errors.UntrustedPeer:
+            raise                       # a planted or refusing socket: say so, do not fall back
         except (OSError, ThinstoreError):
             return None
         remote._sock.settimeout(None)

@@ -22,6 +22,8 @@ returns, so both mappings live here and nowhere else::
      |    +-- StreamTruncated                  a cut-off stream: resumable
      +-- NativeUnavailable          EIO     exit 13  THINSTORE_PURE_PYTHON=0 without C
      +-- ProtocolError              EINVAL  exit 14  NBD/control wire errors
+     +-- SocketInUse                EADDRINUSE exit 1 a socket path is a file or live
+     +-- UntrustedPeer              EACCES  exit 1   a socket's peer is not root/owner
 
 The class docstring is the default message; callers pass a message that names the
 device and says what to do.
@@ -152,3 +154,17 @@ class ProtocolError(ThinstoreError):
 
 class StreamTruncated(StreamError):
     """The send/receive stream ends before its trailer (resume with 'receive --resume')."""
+
+
+class SocketInUse(ThinstoreError):
+    """A server's socket path holds a non-socket or another server's live socket."""
+
+    errno = _errno.EADDRINUSE
+    exit_code = 1
+
+
+class UntrustedPeer(ThinstoreError):
+    """The process on the other end of a pool's socket is neither root nor the pool's owner."""
+
+    errno = _errno.EACCES
+    exit_code = 1

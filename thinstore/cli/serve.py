@@ -20,6 +20,7 @@ import threading
 from thinstore.errors import UsageError
 
 DEFAULT_SOCKET = "nbd.sock"
+log = logging.getLogger("thinstore.serve")
 
 
 def register(subparsers) -> None:
@@ -141,6 +142,7 @@ def cmd_serve(args) -> int:
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
             bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
                      for host, port in listens]
+            warn_if_exposed(bound, config.tls_context is not None)
             _bind(control_socket_path(path), control.listen)
             server.start()
             context = ServeContext(pool=pool, pool_dir=os.path.abspath(path), nbd_socket=sock,
@@ -161,7 +163,7 @@ def cmd_serve(args) -> int:
                 frontend.stop()
             control.shutdown()
             server.shutdown()
-            _unlink(sock)
+            server.release_unix()
     return 0
 
 
@@ -175,6 +177,29 @@ def _bind(where: str, listen, *args):
         if "too long" in reason:
             reason += " (a unix socket path has at most 107 bytes: serve a pool with a shorter path)"
         raise OSError(err.errno, reason, where) from err
+
+
+def warn_if_exposed(bound, tls: bool) -> None:
+    """Without TLS, a TCP listener beyond loopback hands every volume, read-write, to
+    anyone who can reach the port (NBD has no other authentication); say so, as the
+    nbdkit and qemu-nbd manuals do, and name the fix."""
+    if tls:
+        return
+    for host, port in bound:
+        if not _loopback(host):
+            shown = f"[{host}]" if ":" in host else host
+            log.warning("warning: listening on %s:%d without TLS: anyone who can reach this "
+                        "port can read and write every volume; give --tls-cert and --tls-key "
+                        "(and --tls-ca to demand client certificates), or listen on 127.0.0.1",
+                        shown, port)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def server_config(args):
@@ -209,11 +234,4 @@ def wait_for_signal() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
-        pass
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
         pass

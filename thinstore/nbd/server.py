@@ -13,12 +13,12 @@ forced, and a forced destroy drops that device's clients.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 import threading
 from dataclasses import dataclass
 
+from thinstore import sockets
 from thinstore.nbd.exports import Catalog
 from thinstore.nbd.handshake import HardDisconnect, Negotiation
 from thinstore.nbd.transmission import Transmission
@@ -61,21 +61,25 @@ class NBDServer:
         self._sessions: dict[int, Transmission] = {}
         self._next_id = 0
         self._stopping = threading.Event()
+        self.unix_sockets: dict[str, tuple[int, int]] = {}
 
     # -- listening ---------------------------------------------------------------
     def listen_unix(self, path: str) -> str:
-        """Bind a unix socket readable and writable by the owner only (0600)."""
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+        """Bind a unix socket readable and writable by the owner only (0600).
+
+        Replaces only a stale socket: a file at ``path``, or a socket where another server
+        answers, raises SocketInUse (thinstore/sockets.py).  :meth:`release_unix` removes
+        the socket later only if it is still this one.
+        """
+        sock, identity = sockets.bind_private(path, "NBD socket")
+        self.unix_sockets[path] = identity
         self._add_listener(sock)
         return path
+
+    def release_unix(self) -> None:
+        """Remove the unix sockets this server bound (those still its own)."""
+        for path, identity in self.unix_sockets.items():
+            sockets.release(path, identity)
 
     def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Bind TCP; returns the bound (host, port) (port 0 picks a free one)."""
