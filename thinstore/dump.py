@@ -34,7 +34,7 @@ from .paged import PagedArray
 from .pool import POOL_FLAG_DATA_CHECKSUMS, _take_lock
 from .salvage import salvage
 from .spacemap import SpaceMap
-from .storage import FileIO
+from .storage import FileIO, private_dir
 
 FORMAT = "thinstore-metadata"
 
@@ -123,7 +123,7 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
         _validate(doc)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"restore: malformed dump ({type(e).__name__}: {e})") from None
-    os.makedirs(path, exist_ok=True)
+    private_dir(path)
     lockfd = _take_lock(path)
     tmp = os.path.join(path, "meta.restore")
     try:

@@ -45,7 +45,7 @@ from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
-from .storage import FileIO
+from .storage import FileIO, check_private_dir, private_dir
 from .rwlock import RWLock
 from .units import check_device_size
 
@@ -93,7 +93,7 @@ class Pool(DataPath, HiddenDevices):
         nchunks = capacity // chunk_size
         if nchunks < 1:
             raise UsageError(f"capacity {capacity} is smaller than one chunk ({chunk_size})")
-        os.makedirs(path, exist_ok=True)
+        private_dir(path)
         if os.path.exists(os.path.join(path, "meta")):
             raise UsageError(f"{path} already holds a pool")
         lockfd = _take_lock(path)
@@ -483,9 +483,13 @@ class Pool(DataPath, HiddenDevices):
 
     # ------------------------------------------------------------ data path
 def _take_lock(path: str) -> int:
-    """The pool's exclusive lock; a second opener learns the holder's pid."""
+    """The pool's exclusive lock; a second opener learns the holder's pid.
+
+    Every opener (Pool, check, repair, dump, restore) comes here first, so a pool
+    directory others can write to is refused here, with the fix (storage.py)."""
+    check_private_dir(path)
     lockpath = os.path.join(path, "lock")
-    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -54,6 +54,33 @@ def _libc():
     return _LIBC or None
 
 
+def private_dir(path: str) -> None:
+    """Create directory `path` (and its parents) readable and writable by its owner only,
+    whatever the umask, or accept an existing one that no one else can write to.
+
+    A pool's directory decides who can swap its ``meta`` or plant a ``control.sock``;
+    like ZFS's and LVM's state it belongs to root or its owner alone (0700).
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    check_private_dir(path)
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse a directory that group or others may write to: anyone could replace the
+    pool's files or plant a fake control socket there. The message gives the fix."""
+    from .errors import ThinstoreError
+    mode = os.stat(path).st_mode
+    if mode & 0o022:
+        raise ThinstoreError(f"pool directory {path} is writable by {_who(mode)} (mode "
+                             f"{mode & 0o7777:04o}): any local user could replace its files "
+                             f"or plant a fake control socket; make it private with "
+                             f"'chmod 700 {path}' (check who owns it)")
+
+
+def _who(mode: int) -> str:
+    return " and ".join(w for w, bit in (("its group", 0o020), ("others", 0o002)) if mode & bit)
+
+
 class FileIO:
     """One open file with positional I/O. Short reads past EOF read as zeros."""
 
