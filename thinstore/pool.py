@@ -307,6 +307,7 @@ class Pool(DataPath, HiddenDevices):
         with self.lock:
             self._check_open()
             dm = self._find(name)
+            self._refuse_pending_receive(name, "destroy")
             if dm.opens and not force:
                 raise DeviceBusy(f"device {name!r} is in use ({dm.opens} open handle(s)); "
                                  "disconnect its clients or force")
@@ -326,6 +327,7 @@ class Pool(DataPath, HiddenDevices):
         with self.lock:
             self._check_open()
             dm = self._find(old)
+            self._refuse_pending_receive(old, "rename")
             obase, osnap = names.split(old)
             nbase, nsnap = names.split(new)
             if (osnap is None) != (nsnap is None) or (osnap and obase != nbase):
@@ -459,7 +461,8 @@ class Pool(DataPath, HiddenDevices):
                     "low_water_crossed": used >= space.capacity * self.md.low_water_pct / 100,
                     "backend": BACKEND, "generation": self.md.generation,
                     "data_checksums": self.data_checksums,
-                    "metadata_bytes": self.md.meta_fio.size()}
+                    "metadata_bytes": self.md.meta_fio.size(),
+                    "pending_receives": self.pending_receives()}
 
     # ------------------------------------------------------------ handles
     def open_device(self, name: str) -> Device:

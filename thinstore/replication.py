@@ -213,9 +213,10 @@ def receive(pool, name: str, inp: BinaryIO, *, resume: bool = False, force: bool
 def abort_receive(pool, name: str) -> bool:
     """Drop an interrupted receive into NAME (workspace and token); False if none."""
     token = R.load(pool, name)
-    hidden = R.hidden_name(name)
-    had = token is not None or pool.hidden_exists(hidden)
-    pool.destroy_hidden(hidden)
+    hidden = {R.hidden_name(name), ".receive." + name} | ({token.hidden} if token else set())
+    had = token is not None or any(pool.hidden_exists(h) for h in hidden)
+    for h in hidden:        # the token's own name, and one from before the namespace
+        pool.destroy_hidden(h)
     R.remove(pool, name)
     return had
 

@@ -23,14 +23,14 @@ from typing import BinaryIO
 
 from . import stream as S
 from .errors import StreamError
+from .hidden import workspace_name
 
 TOKEN_FORMAT = 1
-HIDDEN_PREFIX = ".receive."
 
 
 def hidden_name(name: str) -> str:
-    """The hidden workspace of a receive into volume NAME."""
-    return HIDDEN_PREFIX + name
+    """The hidden workspace of a receive into volume NAME (a name no user name can be)."""
+    return workspace_name(name)
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ the core does the work and raises the error that says what went wrong.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from thinstore.cli.context import open_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
@@ -121,6 +122,8 @@ LIST_SIZES = ("size", "used", "exclusive", "shared")
 def cmd_list(args) -> int:
     with open_pool(args) as pool:
         infos = [pool.info(name) for name in args.names] if args.names else pool.list()
+        pending = pool.status().get("pending_receives") if not args.names else None
+    _note_pending(pending)
     devices = [device_dict(info) for info in infos]
     if args.type:
         devices = [d for d in devices if d["kind"] in args.type]
@@ -135,6 +138,16 @@ def cmd_list(args) -> int:
                 right={n for n, i in enumerate(picked) if i in (2, 3, 4, 5)},
                 header=args.headers)
     return 0
+
+
+def _note_pending(pending) -> None:
+    """Space held by interrupted receives is in no listed device: say where it went (on
+    stderr, so a script reading the table or the JSON sees no change)."""
+    if pending:
+        from thinstore.cli.pool_cmds import pending_text
+        print(f"thinstore: note: not listed: interrupted receives into {pending_text(pending)}; "
+              "finish with 'thinstore receive --resume NAME' or drop with '--abort NAME'",
+              file=sys.stderr)
 
 
 LIST_COLUMNS = ("name", "kind", "size", "used", "exclusive", "shared", "origin", "created")
