@@ -9,13 +9,16 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import uuid
 
 import pytest
 
 from thinstore import Pool
-from thinstore import replication as RP
+from thinstore import dump, replication as RP
 from thinstore.errors import StreamTruncated
-from hardening_helpers import M, fails, out, short_dir, ts
+from hardening_helpers import M, Serve, fails, out, short_dir, ts
+from nbd_helpers import need
 
 
 @pytest.fixture
@@ -101,3 +104,26 @@ def test_resume_after_the_refused_destroy_finishes_the_receive(pending):
     out("receive", "--resume", "vol", "-i", f"{d}/inc", pool=pending)
     assert json.loads(out("status", "--json", pool=pending))["pending_receives"] == {}
     out("destroy", "vol", pool=pending)
+
+
+def test_nbdinfo_lists_five_thousand_devices(pool):
+    """The options cap (4,096 per connection) stopped 'nbdinfo --list' at 2,048 devices.
+    The devices come from a metadata dump restored in one step (5,000 creates would
+    commit 5,000 times)."""
+    need("nbdinfo")
+    doc, _problems = dump.dump_path(pool)
+    template = {"created_ns": 0, "directory": [], "flags": 0, "kind": "volume",
+                "origin_uuid": "0" * 32, "size": M}
+    doc["devices"] = [dict(template, id=i + 1, name=f"vol{i:04d}", uuid=uuid.uuid4().hex)
+                      for i in range(5000)]
+    doc["pool"]["next_dev_id"] = 5001
+    dump.restore_path(pool, doc)
+    server = Serve(pool)
+    try:
+        listed = subprocess.run(["nbdinfo", "--list", f"nbd+unix:///?socket={pool}/nbd.sock"],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert listed.returncode == 0, listed.stderr[-500:]
+    names = [line for line in listed.stdout.splitlines() if line.startswith("export=")]
+    assert len(names) == 5000 and names[-1] == 'export="vol4999":'

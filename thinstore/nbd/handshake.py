@@ -41,6 +41,12 @@ class Agreement:
     tls: bool = False
 
 
+#: Options a client may send per listed export on top of ServerConfig.max_options.
+OPTIONS_PER_EXPORT = 4
+#: Handshake time granted per listed export on top of ServerConfig.handshake_timeout.
+SECONDS_PER_EXPORT = 0.005
+
+
 class Negotiation:
     """Option haggling for one connection; :meth:`run` drives it."""
 
@@ -49,6 +55,7 @@ class Negotiation:
         self.deadline = time.monotonic() + config.handshake_timeout
         self.tls = False
         self.no_zeroes = False
+        self.allowance = 0      # options granted beyond max_options (see _list)
         self._forget()
 
     def _forget(self) -> None:
@@ -80,7 +87,9 @@ class Negotiation:
         self.no_zeroes = bool(flags & P.CLIENT_FLAG_NO_ZEROES)
         if self.config.tls_require and not flags & P.CLIENT_FLAG_FIXED_NEWSTYLE:
             raise HardDisconnect("TLS required but the client is not fixed newstyle")
-        for _ in range(self.config.max_options):
+        handled = 0
+        while handled < self.config.max_options + self.allowance:
+            handled += 1
             outcome = self._one_option()
             if outcome is not None:
                 return outcome or None
@@ -185,9 +194,17 @@ class Negotiation:
     def _list(self, option: int, data: bytes):
         if data:
             raise P.OptionError(P.Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
-        for info in self.catalog.list():
+        listed = self.catalog.list()
+        for info in listed:
             self._reply(option, P.Rep.SERVER, P.rep_server(info.name, self.catalog.description(info)))
         self._reply(option, P.Rep.ACK)
+        # 'nbdinfo --list' follows LIST with INFO and meta-context queries for every export:
+        # the option cap grows with what was listed, so a pool of 10,000 snapshots lists
+        # (once per connection: a client repeating LIST gains nothing more)
+        extra = OPTIONS_PER_EXPORT * len(listed)
+        if extra > self.allowance:      # ... and so does the time the handshake may take
+            self.deadline += (extra - self.allowance) / OPTIONS_PER_EXPORT * SECONDS_PER_EXPORT
+            self.allowance = extra
 
     def _structured_reply(self, option: int, data: bytes):
         if data:
