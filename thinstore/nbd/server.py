@@ -16,9 +16,11 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 
 from thinstore import sockets
+from thinstore.units import format_size
 from thinstore.nbd.exports import Catalog
 from thinstore.nbd.handshake import HardDisconnect, Negotiation
 from thinstore.nbd.transmission import Transmission
@@ -142,6 +144,9 @@ class NBDServer:
 
     # -- one connection ----------------------------------------------------------
     def _serve(self, conn_id: int, sock: socket.socket) -> None:
+        """One connection; with ``serve -v`` (INFO) one line when it opens an export and
+        one when it closes: peer, export, duration and bytes read and written."""
+        peer, started, session, why = _peer(sock), time.monotonic(), None, "no export chosen"
         try:
             agreement = Negotiation(sock, self.catalog, self.config).run()
             if agreement is None or self._stopping.is_set():
@@ -153,9 +158,11 @@ class NBDServer:
             with self._lock:
                 self._sockets[conn_id] = agreement.sock
                 self._sessions[conn_id] = session
+            log.info("connection %d from %s: opened %r%s", conn_id, peer, session.dev.name,
+                     " (read-only)" if session.read_only else "")
             session.run()
         except (HardDisconnect, OSError, ssl.SSLError, ValueError) as exc:
-            log.info("connection %d closed: %s", conn_id, exc)
+            why = str(exc)
         except Exception:
             log.exception("connection %d failed", conn_id)
         finally:
@@ -163,6 +170,7 @@ class NBDServer:
                 live = self._sockets.pop(conn_id, sock)
                 self._sessions.pop(conn_id, None)
             close_quietly(live)
+            _log_close(conn_id, peer, started, session, why)
 
     # -- management ----------------------------------------------------------------
     def connections(self, name: str | None = None) -> int:
@@ -189,3 +197,26 @@ class NBDServer:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+
+
+def _peer(sock: socket.socket) -> str:
+    """Who connected: ``pid N uid N`` on a unix socket (SO_PEERCRED), ``HOST:PORT`` on TCP."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, _gid = sockets.peer_credentials(sock)
+            return f"pid {pid} uid {uid}"
+        host, port = sock.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except OSError:
+        return "an unknown peer"
+
+
+def _log_close(conn_id: int, peer: str, started: float, session, why: str) -> None:
+    took = time.monotonic() - started
+    if session is None:
+        log.info("connection %d from %s: closed in the handshake after %.1f s (%s)",
+                 conn_id, peer, took, why)
+        return
+    read, written = session.moved
+    log.info("connection %d from %s: closed %r after %.1f s, read %s, wrote %s",
+             conn_id, peer, session.dev.name, took, format_size(read), format_size(written))
