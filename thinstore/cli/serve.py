@@ -110,7 +110,10 @@ def tls_context(args) -> tuple[ssl.SSLContext | None, bool]:
         raise UsageError("give both --tls-cert and --tls-key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    from thinstore.cli.files import check_input
     for name in (args.tls_cert, args.tls_key, args.tls_ca):
+        if name:
+            check_input(name)                  # a directory: "Is a directory"
         if name and not os.path.isfile(name):  # ssl's own error names no file
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     ctx.load_cert_chain(args.tls_cert, args.tls_key)
