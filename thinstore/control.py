@@ -190,7 +190,7 @@ class ControlServer:
         busy = self.sessions.connections(name) if self.sessions else 0
         if busy and not force:
             raise DeviceBusy(f"{name!r} has {busy} open NBD connection(s): disconnect the "
-                             "clients first, or destroy with --force to drop them")
+                             "clients first, or destroy with force=True to drop them")
         if busy:
             self.sessions.disconnect(name)
         return self.pool.destroy(name, force=force)

@@ -47,7 +47,7 @@ from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO, check_private_dir, private_dir
 from .rwlock import RWLock
-from .units import check_device_size
+from .units import check_device_size, format_size
 
 log = logging.getLogger("thinstore")
 
@@ -92,7 +92,8 @@ class Pool(DataPath, HiddenDevices):
                              "from 4K to 1M")
         nchunks = capacity // chunk_size
         if nchunks < 1:
-            raise UsageError(f"capacity {capacity} is smaller than one chunk ({chunk_size})")
+            raise UsageError(f"capacity {format_size(capacity)} is smaller than one chunk "
+                             f"({format_size(chunk_size)})")
         private_dir(path)
         if os.path.exists(os.path.join(path, "meta")):
             raise UsageError(f"{path} already holds a pool")
@@ -373,8 +374,9 @@ class Pool(DataPath, HiddenDevices):
             if dm.read_only:
                 raise ReadOnlyDevice(f"{name!r} is a snapshot; snapshots cannot be resized")
             if size < dm.size and not shrink:
-                raise UsageError(f"{name!r} is {dm.size} bytes; shrinking to {size} loses data: "
-                                 "pass --shrink to do it")
+                raise UsageError(f"{name!r} is {format_size(dm.size)}; shrinking it to "
+                                 f"{format_size(size)} discards the data past that: pass "
+                                 "shrink=True to do it")
             self._set_size(dm, size)
             self.commit()
             return self._info(dm)
@@ -403,7 +405,7 @@ class Pool(DataPath, HiddenDevices):
             md = self.md
             nchunks = capacity // md.chunk_size + 1
             if nchunks < len(md.space.refs):
-                raise UsageError(f"pool {self.path} holds {self.capacity} bytes; "
+                raise UsageError(f"pool {self.path} holds {format_size(self.capacity)}; "
                                  "a pool can grow but not shrink")
             md.data_fio.truncate(nchunks * md.chunk_size)
             md.space.resize(nchunks)

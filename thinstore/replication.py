@@ -30,6 +30,7 @@ from . import stream as S
 from .diff import DeviceMap, DiffCounters, DiffRange, diff_maps
 from .errors import DeviceExists, NoSuchDevice, StreamError, StreamTruncated, UsageError
 from .native import K
+from .units import format_size
 
 Progress = Callable[[int, int], None]  # called with (bytes done since last call, total)
 CHECKPOINT_BYTES = 64 << 20  # stream bytes between resume checkpoints
@@ -278,8 +279,8 @@ def _find_base(pool, name: str, header: S.Header, force: bool) -> str:
                           f"snapshots ({have}) is it; send from a snapshot the receiver has")
     changed = diff(pool, name, base).changed_bytes
     if changed and not force:
-        raise UsageError(f"volume {name!r} has changed since {base!r} ({changed} bytes "
-                         f"differ): roll it back, or pass --force to discard those changes")
+        raise UsageError(f"volume {name!r} has changed since {base!r} ({format_size(changed)} "
+                         f"differ): roll it back, or pass force=True to discard those changes")
     return base
 
 
