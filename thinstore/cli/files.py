@@ -81,6 +81,12 @@ def replacing(path: str):
             yield f
         os.chmod(tmp, _mode_of(path))
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if err.filename == tmp:     # 'FILE: File too large' names the file the user gave
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
