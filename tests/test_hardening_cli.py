@@ -73,6 +73,27 @@ def test_every_command_taking_a_path_says_is_a_directory(pool):
     assert "new" not in out("list", "-H", "-o", "name", pool=pool).split()
 
 
+def test_unreadable_inputs_and_unwritable_outputs_are_named(pool):
+    """Root reads anything; without CAP_DAC_OVERRIDE/READ_SEARCH (dropped from the
+    bounding set, so the exec'd CLI lacks them) it meets modes as any user does."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop the capabilities that bypass modes")
+    secret, closed = here(pool, "secret"), here(pool, "closed")
+    with open(secret, "w") as f:
+        f.write("{}")
+    os.chmod(secret, 0)
+    os.mkdir(closed, 0o500)
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    for args, named in ((("import", "new", secret), secret), (("restore", secret), secret),
+                        (("receive", "w", "-i", secret), secret),
+                        (("export", "v", f"{closed}/out"), f"{closed}/out"),
+                        (("send", "v@a", "-o", f"{closed}/s"), f"{closed}/s")):
+        r = subprocess.run([*drop, sys.executable, "-m", "thinstore", "--pool", pool, *args],
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+        assert (r.returncode, r.stderr) == (1, f"thinstore: {named}: Permission denied\n"), args
+
+
 def test_a_fifo_or_character_device_is_a_stream_that_needs_a_size(pool):
     fifo = here(pool, "fifo")
     os.mkfifo(fifo)

@@ -172,3 +172,12 @@ def test_listening_on_every_address_without_tls_warns(pool):
 def test_status_json_of_a_trusted_server_still_works(pool):
     with Serve(pool):
         assert json.loads(out("status", "--json", pool=pool))["capacity"] == 64 << 20
+
+
+def test_optional_tls_on_an_open_address_warns_too(caplog):
+    from thinstore.cli.serve import warn_if_exposed
+    warn_if_exposed([("::", 10809)], tls=True, required=False)
+    warn_if_exposed([("10.1.2.3", 10809)], tls=True, required=True)
+    warn_if_exposed([("::1", 10809)], tls=False)
+    assert [r.getMessage()[:61] for r in caplog.records] == [
+        "warning: listening on [::]:10809 with TLS optional (--tls on)"]

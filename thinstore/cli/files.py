@@ -75,7 +75,10 @@ def replacing(path: str):
     The new file takes the old one's mode, or 0666 less the umask for a new name.
     """
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
+    except OSError as err:      # EACCES, EROFS: creating FILE itself would fail the same way
+        raise OSError(err.errno, err.strerror, path) from err
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             yield f

@@ -145,7 +145,7 @@ def cmd_serve(args) -> int:
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
             bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
                      for host, port in listens]
-            warn_if_exposed(bound, config.tls_context is not None)
+            warn_if_exposed(bound, config.tls_context is not None, config.tls_require)
             _bind(control_socket_path(path), control.listen)
             server.start()
             context = ServeContext(pool=pool, pool_dir=os.path.abspath(path), nbd_socket=sock,
@@ -182,19 +182,22 @@ def _bind(where: str, listen, *args):
         raise OSError(err.errno, reason, where) from err
 
 
-def warn_if_exposed(bound, tls: bool) -> None:
+def warn_if_exposed(bound, tls: bool, required: bool = True) -> None:
     """Without TLS, a TCP listener beyond loopback hands every volume, read-write, to
     anyone who can reach the port (NBD has no other authentication); say so, as the
-    nbdkit and qemu-nbd manuals do, and name the fix."""
-    if tls:
+    nbdkit and qemu-nbd manuals do, and name the fix.  ``--tls on`` leaves plaintext to
+    the client's choice, which is the same exposure."""
+    if tls and required:
         return
+    how = "with TLS optional (--tls on)" if tls else "without TLS"
+    fix = ("use --tls require" if tls else "give --tls-cert and --tls-key (and --tls-ca to "
+           "demand client certificates)")
     for host, port in bound:
         if not _loopback(host):
             shown = f"[{host}]" if ":" in host else host
-            log.warning("warning: listening on %s:%d without TLS: anyone who can reach this "
-                        "port can read and write every volume; give --tls-cert and --tls-key "
-                        "(and --tls-ca to demand client certificates), or listen on 127.0.0.1",
-                        shown, port)
+            log.warning("warning: listening on %s:%d %s: anyone who can reach this port can "
+                        "read and write every volume; %s, or listen on 127.0.0.1",
+                        shown, port, how, fix)
 
 
 def _loopback(host: str) -> bool:
