@@ -222,7 +222,8 @@ def test_import_larger_than_the_free_space_is_refused_before_writing(pool):
         f.write(b"\x01" * (64 * M))
     before = json.loads(out("status", "--json", pool=pool))["used"]
     err = fails(8, "import", "big", image, pool=pool)
-    assert "holds up to 64M of data but the pool has" in err and "thinstore grow" in err
+    assert "cannot import" in err and "into 'big'" in err and "thinstore grow" in err
+    assert "holds up to 64M of data but the pool has" in err and "nothing was written" in err
     assert json.loads(out("status", "--json", pool=pool))["used"] == before
     assert "big" not in out("list", "-H", "-o", "name", pool=pool).split()
 

@@ -38,9 +38,8 @@ def check_output(path: str) -> None:
         return
     if os.path.isdir(path):
         raise _is_a_directory(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), parent)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):   # as cp says it
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
 
 def refuse_terminal(stream, what: str, fix: str) -> None:

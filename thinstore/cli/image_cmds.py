@@ -53,7 +53,7 @@ def cmd_import(args) -> int:
             return _import_stream(args, fd)
         size = _volume_size(args.size, file_size, args.file)
         with open_pool(args) as pool:
-            _fits(pool, fd, file_size, args.file)
+            _fits(pool, fd, file_size, args.file, args.name)
             _import_into_new_volume(pool, args.name, size, fd, file_size)
     finally:
         os.close(fd)
@@ -100,7 +100,7 @@ def _volume_size(requested: int | None, file_size: int, path: str) -> int:
     return requested
 
 
-def _fits(pool, fd: int, file_size: int, path: str) -> None:
+def _fits(pool, fd: int, file_size: int, path: str, name: str) -> None:
     """Refuse, before writing anything, an image whose data (its allocated extents, to
     whole chunks) cannot fit the pool's free space: 100M into a 64M pool wrote 64M and
     only then failed.  All-zero chunks inside the extents are not written, so an image
@@ -113,9 +113,11 @@ def _fits(pool, fd: int, file_size: int, path: str) -> None:
                rawcopy.align_segments(rawcopy.data_segments(fd, file_size), chunk, file_size))
     need = -(-need // chunk) * chunk
     if need > free:
-        raise PoolFull(f"{path} holds up to {format_size(need)} of data but the pool has "
-                       f"{format_size(free)} free: grow the pool first ('thinstore grow "
-                       f"+{format_size(need - free)}' or more) or free space")
+        raise PoolFull(f"cannot import {path} into {name!r}: it holds up to "
+                       f"{format_size(need)} of data but the pool has {format_size(free)} "
+                       f"free, so it would be full: grow the pool first ('thinstore grow "
+                       f"+{format_size(need - free)}' or more) or free space; nothing was "
+                       "written")
 
 
 def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int | None) -> None:

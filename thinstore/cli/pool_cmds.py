@@ -121,9 +121,10 @@ def print_status(status: dict, parsable: bool) -> None:
 
     Keys the core adds later are printed after the known ones, so nothing is hidden.
     """
-    lines = {key: _status_value(status, key, parsable) for key in STATUS_ORDER if key in status}
+    lines = {key: _status_value(status, key, parsable) for key in STATUS_ORDER
+             if key in status and (key != "pending_receives" or status[key])}
     lines.update((key, _plain(value)) for key, value in status.items()
-                 if key not in lines and key != "low_water_crossed")
+                 if key not in lines and key not in ("low_water_crossed", "pending_receives"))
     width = max(len(key) for key in lines) + 2
     for key, value in lines.items():
         print(f"{(key.replace('_', ' ') + ':').ljust(width)}{value}")
