@@ -2,7 +2,8 @@
 
 A running ``thinstore serve`` holds the pool's exclusive lock, so the CLI cannot
 open the pool itself.  Instead the server listens on ``POOL/control.sock``
-(mode 0600) and runs management calls for it; :class:`RemotePool` is the client,
+(mode 0600; each side checks the other's SO_PEERCRED: root, the pool directory's
+owner or its own user, see thinstore/sockets.py) and runs management calls for it; :class:`RemotePool` is the client,
 with the same management methods as :class:`thinstore.Pool`.  Both sides share
 the pool lock discipline of the core, so a snapshot taken here holds every
 write the NBD server acknowledged before it.
