@@ -61,6 +61,8 @@ def private_dir(path: str) -> None:
     A pool's directory decides who can swap its ``meta`` or plant a ``control.sock``;
     like ZFS's and LVM's state it belongs to root or its owner alone (0700).
     """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     os.makedirs(path, mode=0o700, exist_ok=True)
     check_private_dir(path)
 
