@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, pattern
-from thinstore import Pool, replication as RP, stream as S
+from thinstore import Pool, replication as RP, resume as R, stream as S
 from thinstore.errors import DeviceExists, StreamError, StreamTruncated, UsageError
 
 MiB = 1 << 20
@@ -330,7 +330,7 @@ def test_flipped_byte_is_refused_and_the_pool_is_left_as_it_was(src, dst, dst_pa
         RP.receive(dst, "w", io.BytesIO(flip(data, pos)))
     assert not isinstance(err.value, StreamTruncated)
     assert state(dst, dst_path) == before
-    assert not dst.hidden_exists(".receive.w")
+    assert not dst.hidden_exists(R.hidden_name("w"))
 
 
 def test_newer_format_version_is_refused(src, dst, dst_path):

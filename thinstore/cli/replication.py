@@ -99,7 +99,7 @@ def cmd_receive(args) -> int:
 def _full_hint(pool, name: str):
     """A receive stopped by a full pool is kept (a resume token); say so and how to finish.
 
-    The core's message names the hidden workspace ('.receive.NAME') and suggests destroying
+    The core's message names the hidden workspace ('%receive/NAME') and suggests destroying
     a device; growing the pool and resuming is the way that loses nothing.
     """
     try:
