@@ -135,12 +135,16 @@ def test_serve_v_logs_each_connection_open_and_close(pool):
             dev.pwrite(b"y" * 8192, 0)
             dev.pread(0, 4096)
             dev.flush()
+        with pytest.raises(Exception):
+            NBDDevice(os.path.join(pool, "nbd.sock"), "nope")
     finally:
         log = server.stop()
     pid = r"pid \d+ uid %d" % os.getuid()
     assert re.search(rf"connection 0 from {pid}: opened 'v'\n", log), log
     assert re.search(rf"connection 0 from {pid}: closed 'v' after [\d.]+ s, read 4K, "
                      r"wrote 8K\n", log), log
+    assert re.search(rf"connection 1 from {pid}: closed in the handshake after [\d.]+ s "
+                     r"\(the client hung up; last refusal: no export 'nope'", log), log
 
 
 # 10 -----------------------------------------------------------------------------------

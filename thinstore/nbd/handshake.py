@@ -56,6 +56,8 @@ class Negotiation:
         self.tls = False
         self.no_zeroes = False
         self.allowance = 0      # options granted beyond max_options (see _list)
+        self.listed: int | None = None      # exports LIST returned, for 'serve -v'
+        self.refused: str | None = None     # the last option refused, for 'serve -v'
         self._forget()
 
     def _forget(self) -> None:
@@ -75,6 +77,7 @@ class Negotiation:
         self.sock.sendall(P.option_reply(option, reply, data))
 
     def _error(self, option: int, reply: int, message: str) -> None:
+        self.refused = message
         self._reply(option, reply, message.encode()[:P.MAX_STRING])
 
     # -- phases --------------------------------------------------------------
@@ -195,6 +198,7 @@ class Negotiation:
         if data:
             raise P.OptionError(P.Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
         listed = self.catalog.list()
+        self.listed = len(listed)
         for info in listed:
             self._reply(option, P.Rep.SERVER, P.rep_server(info.name, self.catalog.description(info)))
         self._reply(option, P.Rep.ACK)

@@ -24,7 +24,7 @@ from thinstore.units import format_size
 from thinstore.nbd.exports import Catalog
 from thinstore.nbd.handshake import HardDisconnect, Negotiation
 from thinstore.nbd.transmission import Transmission
-from thinstore.nbd.wire import close_quietly, hang_up
+from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,9 @@ class NBDServer:
         """One connection; with ``serve -v`` (INFO) one line when it opens an export and
         one when it closes: peer, export, duration and bytes read and written."""
         peer, started, session, why = _peer(sock), time.monotonic(), None, "no export chosen"
+        negotiation = Negotiation(sock, self.catalog, self.config)
         try:
-            agreement = Negotiation(sock, self.catalog, self.config).run()
+            agreement = negotiation.run()
             if agreement is None or self._stopping.is_set():
                 close_quietly(agreement.sock if agreement else sock)
                 if agreement:
@@ -162,7 +163,7 @@ class NBDServer:
                      " (read-only)" if session.read_only else "")
             session.run()
         except (HardDisconnect, OSError, ssl.SSLError, ValueError) as exc:
-            why = str(exc)
+            why = _why(exc, negotiation if session is None else None)
         except Exception:
             log.exception("connection %d failed", conn_id)
         finally:
@@ -209,6 +210,18 @@ def _peer(sock: socket.socket) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except OSError:
         return "an unknown peer"
+
+
+def _why(exc: BaseException, negotiation) -> str:
+    """Why a connection ended, as a reader of 'serve -v' wants it: a client that lists
+    the exports and hangs up, or asks for a missing one, is not a broken pipe."""
+    hung_up = isinstance(exc, (PeerClosed, BrokenPipeError, ConnectionResetError))
+    why = "the client hung up" if hung_up else str(exc)
+    if negotiation is not None and negotiation.listed is not None:
+        why += f" after listing {negotiation.listed} export(s)"
+    if negotiation is not None and negotiation.refused:
+        why += f"; last refusal: {negotiation.refused}"
+    return why
 
 
 def _log_close(conn_id: int, peer: str, started: float, session, why: str) -> None:
