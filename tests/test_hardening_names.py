@@ -82,6 +82,13 @@ def test_user_names_never_meet_a_workspace(pending):
     out("destroy", ".receive.vol", pool=pending)
     fails(2, "create", "%receive/vol", "--size", "1M", pool=pending)
     fails(2, "destroy", "%receive/vol", pool=pending)
+    with Pool.open(pending) as p:                   # a full receive into a new name, cut
+        full = io.BytesIO()
+        RP.send(p, "src@a", full)
+        with pytest.raises(StreamTruncated):
+            RP.receive(p, "fresh", io.BytesIO(full.getvalue()[:len(full.getvalue()) // 2]))
+    for args in (("create", "fresh", "--size", "1M"), ("clone", "src@a", "fresh")):
+        assert "receive into 'fresh' is pending" in fails(5, *args, pool=pending)
 
 
 def test_status_and_list_account_for_what_a_pending_receive_holds(pending):

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, pattern
 from thinstore import Pool, replication as RP, resume as R, stream as S
-from thinstore.errors import DeviceExists, StreamError, StreamTruncated, UsageError
+from thinstore.errors import DeviceBusy, DeviceExists, StreamError, StreamTruncated, UsageError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -412,15 +412,16 @@ def test_send_refuses_volumes_and_terminals(src):
     assert r.returncode == 2 and b"terminal" in r.stderr
 
 
-def test_resume_rechecks_the_target_before_publishing(src, dst):
-    """A volume created while a full receive was interrupted is not overwritten."""
+def test_a_pending_receive_reserves_its_volume_name(src, dst):
+    """A volume created while a full receive was interrupted would make the resume fail
+    only after reading the whole stream: the name is refused until the receive ends."""
     data = stream_of(src, "v@s1")
     with pytest.raises(StreamTruncated):
         RP.receive(dst, "w", io.BytesIO(data[:len(data) // 2]))
-    dst.create_volume("w", MiB)
-    with pytest.raises(DeviceExists, match="volume 'w' exists"):
-        RP.receive(dst, "w", io.BytesIO(data), resume=True)
-    assert dst.info("w").size == MiB and RP.abort_receive(dst, "w")
+    with pytest.raises(DeviceBusy, match="receive into 'w' is pending"):
+        dst.create_volume("w", MiB)
+    RP.receive(dst, "w", io.BytesIO(data), resume=True)
+    assert dst.info("w@s1").kind == "snapshot"
 
 
 def test_progress_bar_on_a_terminal_only(src, tmp_path):

@@ -71,7 +71,9 @@ class HiddenDevices:
 
     def _refuse_pending_receive(self, volume: str, action: str) -> None:
         """Destroy and rename of a volume with a pending receive would strand the receive
-        (it publishes into VOL) and hide the space its workspace holds; refuse, with the fix."""
+        (it publishes into VOL) and hide the space its workspace holds, and a new device
+        taking the name would make it fail only after its whole stream was read; refuse,
+        with the fix."""
         dm = self._workspace_of(volume)
         if dm is None:
             return

@@ -259,6 +259,8 @@ class Pool(DataPath, HiddenDevices):
         if self._exists(name):
             raise DeviceExists(f"device {name!r} exists already; choose another name "
                                "or destroy it first")
+        if "@" not in name:     # a pending receive will publish a volume of this name
+            self._refuse_pending_receive(name, "use the name")
 
     # ------------------------------------------------------------ management
     def create_volume(self, name: str, size: int) -> DeviceInfo:

@@ -292,6 +292,7 @@ def _resume(pool, token: R.Token, inp: BinaryIO, progress) -> ReceiveStats:
             return ReceiveStats(target, 0, 0, 0, True)
         raise StreamError(f"the interrupted receive into {token.name!r} lost its workspace; "
                           f"drop it with 'receive --abort {token.name}' and start again")
+    _check_target(pool, token.name, token.header, token.force)  # before reading, not after
     if token.complete:
         return _Receiver(pool, token, None, fresh=False, progress=progress).run()
     return _Receiver(pool, token, _resume_reader(token, inp), fresh=False,
