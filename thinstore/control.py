@@ -16,6 +16,7 @@ the same :mod:`thinstore.errors` class, so the CLI reports them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
