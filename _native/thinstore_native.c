@@ -637,7 +637,7 @@ static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
                                  uint64_t n_bits, int64_t *cursor, int64_t *counters, int fd,
                                  unsigned intent_shift, unsigned chunk_shift,
                                  const uint8_t *buf, uint64_t offset, uint64_t length,
-                                 uint64_t max_need)
+                                 uint64_t max_need, const uint8_t *page_loaded)
 {
     if (chunk_shift > 40 || length == 0) return TS_SLOW;
     uint64_t first = offset >> chunk_shift, last = (offset + length - 1) >> chunk_shift;
@@ -648,10 +648,12 @@ static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
         if (d >= n_dir) return TS_SLOW;
         pid = dir[d];
         if (pid == 0 || pid >= n_pages || page_ref[pid] != 1) return TS_SLOW;
+        /* a row not read from meta yet looks all holes: never write into it */
+        if (page_loaded && !page_loaded[pid]) return TS_SLOW;
         uint64_t c = pages[pid * TS_FANOUT + v % TS_FANOUT];
-        if (c == 0 || c >= n_chunks) return TS_SLOW;
-        if (chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
-        if (n_sums && (c >= n_sums || (chunk_sums[c] && !(chunk_state[c] & TS_ST_WRITTEN)))) {
+        if (c >= n_chunks) return TS_SLOW;
+        if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
+        if (c && n_sums && (c >= n_sums || (chunk_sums[c] && !(chunk_state[c] & TS_ST_WRITTEN)))) {
             uint64_t r = c >> intent_shift;
             if (c >= n_sums || r >= n_bits || !intent_bits[r]) return TS_SLOW;
             hot[n_hot++] = r;
@@ -681,7 +683,7 @@ int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
     return write_fast_capped(dir, n_dir, pages, n_pages, page_ref, page_dirty, chunk_ref,
                              chunk_state, n_chunks, chunk_sums, n_sums, intent_bits,
                              intent_hot, n_bits, cursor, counters, fd, intent_shift,
-                             chunk_shift, buf, offset, length, UINT64_MAX);
+                             chunk_shift, buf, offset, length, UINT64_MAX, NULL);
 }
 
 /* ---- the lane ------------------------------------------------------------ */
@@ -720,7 +722,7 @@ int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
                                l->chunk_sums, l->n_sums, l->intent_bits, l->intent_hot,
                                l->n_bits, l->cursor, l->counters, l->fd, l->intent_shift,
                                l->chunk_shift, buf, offset, length,
-                               l->budget > 0 ? (uint64_t)l->budget : 0);
+                               l->budget > 0 ? (uint64_t)l->budget : 0, l->page_loaded);
         if (rc != TS_SLOW) {
             l->wrote = 1;
             if (rc > 0) l->budget -= rc;

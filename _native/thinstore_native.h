@@ -38,7 +38,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 5
+#define TS_API_VERSION 6
 
 #define TS_FANOUT 508
 
@@ -134,10 +134,13 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
  * The common write, whole, in one call: ts_write_range plus the allocation and
  * the checksum bookkeeping the caller would otherwise do around it.
  *
- * It applies only when every chunk of [offset, offset+length) is mapped
- * (entry != 0) under a page with page_ref == 1, the request spans at most
- * TS_FAST_MAX_CHUNKS chunks and buf is not all zeros.  Then:
- *   - need = chunks that are shared (chunk_ref > 1 or PINNED);
+ * It applies when every chunk of [offset, offset+length) lies under a map
+ * page with page_ref == 1 (a hole in such a page is fine: a first write; the
+ * caller has loaded the pages, since a row not yet read looks all holes), the
+ * request spans at most TS_FAST_MAX_CHUNKS chunks and buf is not all zeros.
+ * Then:
+ *   - need = chunks that are holes (entry 0) or shared (chunk_ref > 1 or
+ *     PINNED): each gets a new chunk, as in ts_write_range;
  *   - need free chunks (chunk_ref == 0, not PENDING_FREE) are found scanning up
  *     from *cursor to n_chunks, then from 1 (at most 65536 ids are looked at);
  *     *cursor becomes the last id taken + 1 (1 past the end) -- the order and
@@ -150,10 +153,12 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
  *     outcome when no intent I/O is needed;
  *   - then ts_write_range with the chunks found.
  * Returns need (>= 0) when written; TS_SLOW, with nothing changed, when any
- * condition fails (a hole, a shared or missing page, too few free chunks within
+ * condition fails (a shared or missing page, too few free chunks within
  * the scan, an unmarked intent region, an all-zero buffer, an id out of range):
  * the caller then takes the general path, which does the same write.  After
- * the checks the errors are those of ts_write_range.
+ * the checks the errors are those of ts_write_range.  A new chunk it maps is
+ * not recorded as written-in-part (DataSums.fresh): the commit hashes it from a
+ * full read, as it does any chunk Python cannot vouch for.
  */
 int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
                       uint64_t *pages, uint64_t n_pages,
@@ -293,7 +298,8 @@ typedef struct ts_dev_lane {
  * Write buf[length] at offset of the device through the lane: when the lane is
  * open for writes, the device writable, the range inside it and the gate empty,
  * take the gate and do ts_write_fast with the lane's arrays, taking TS_SLOW also
- * when the write would allocate more chunks than budget.  Returns what
+ * when the write would allocate more chunks than budget or a map page in range
+ * is not loaded (page_loaded[pid] == 0).  Returns what
  * ts_write_fast returns, or TS_SLOW with nothing changed; the caller then takes
  * the pool lock and the general path.
  */

@@ -1,20 +1,30 @@
 #!/usr/bin/env python3
 """fio against thinstore, qemu-nbd and nbdkit-file, interleaved in one run.
 
-The same 1 GiB of random data is served three ways:
+The same random data is served three ways (benchmarks/fio_targets.py):
 
-- thinstore: ``thinstore serve``, exporting a clone of a snapshot of a volume
-  holding the data (so writes copy on write, as on a VM cloned from a template);
+- thinstore: ``thinstore serve`` on a pool of 4 TiB capacity (a sparse file: the
+  FLUSH path must not cost anything that grows with capacity), exporting a clone of
+  a snapshot of a volume holding the data (writes copy on write, as on a VM cloned
+  from a template);
 - qemu-nbd: a qcow2 overlay whose backing file is the raw data (the same COW role);
 - nbdkit's file plugin: a raw copy of the data (no COW: the speed of plain I/O).
 
-Workloads: 4K randread QD16, 4K randwrite QD16, 1M read, 1M write, over unix
-sockets with fio's nbd engine.  Each round runs every workload on every server
-back to back (the order rotating between rounds, so none always runs first, right
-after the previous workload's writeback), so all three see the same history; the
-table shows the median of the rounds and thinstore's ratio to each peer.
+Workloads, over unix sockets with fio's nbd engine unless said otherwise:
 
-    python benchmarks/fio_compare.py [--size 1G] [--runtime 10] [--rounds 3]
+- durability: 4K random writes with a FLUSH after every write at QD1 (``--fsync=1``),
+  with a FLUSH every 16 at QD16, and with FUA on every write at QD1 and QD16
+  (benchmarks/nbd_fua.py through libnbd: fio cannot send FUA);
+- allocation: sequential 1M writes through a fresh empty device (every write allocates);
+- the earlier targets: 4K random read and write at QD16, 1M sequential read and write;
+- ext4 on a fresh COW child (nbdfuse + a loop device, made with mkfs.ext4 each round):
+  fio's 4K random writes into a file with ``--fsync=1``, a database's pattern.
+
+Each round runs every workload on every server back to back, the order rotating
+between rounds so none always runs first; the table shows the median of the rounds
+and thinstore's ratio to each peer.
+
+    python benchmarks/fio_compare.py [--size 1G] [--runtime 10] [--rounds 3] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -30,13 +40,22 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+from fio_targets import NbdkitFile, QemuNbd, Thinstore  # noqa: E402
 
 WORKLOADS = {
+    "4K randwrite QD1 flush/1": dict(rw="randwrite", bs="4k", iodepth=1, fsync=1, unit="IOPS"),
+    "4K randwrite QD16 flush/16": dict(rw="randwrite", bs="4k", iodepth=16, fsync=16,
+                                       unit="IOPS"),
+    "4K randwrite QD1 FUA": dict(kind="fua", iodepth=1, unit="IOPS"),
+    "4K randwrite QD16 FUA": dict(kind="fua", iodepth=16, unit="IOPS"),
+    "1M write fresh QD4": dict(kind="fresh", rw="write", bs="1m", iodepth=4, unit="MiB/s"),
     "4K randread QD16": dict(rw="randread", bs="4k", iodepth=16, unit="IOPS"),
     "4K randwrite QD16": dict(rw="randwrite", bs="4k", iodepth=16, unit="IOPS"),
     "1M read QD4": dict(rw="read", bs="1m", iodepth=4, unit="MiB/s"),
     "1M write QD4": dict(rw="write", bs="1m", iodepth=4, unit="MiB/s"),
+    "ext4 4K randwrite fsync=1": dict(kind="ext4", unit="IOPS"),
 }
 SERVERS = ("thinstore", "qemu-nbd", "nbdkit-file")
 
@@ -44,17 +63,20 @@ SERVERS = ("thinstore", "qemu-nbd", "nbdkit-file")
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="1G", help="data size (default 1G)")
+    p.add_argument("--capacity", default="4T", help="thinstore pool capacity (default 4T)")
+    p.add_argument("--fresh-size", default="1G", help="fresh device for '1M write fresh'")
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio run (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--workdir", help="where images and pool go (default: a temp dir)")
     p.add_argument("--workers", type=int, default=4, help="thinstore serve --workers")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON too")
-    p.add_argument("--only", metavar="TEXT", help="run only workloads whose name contains TEXT")
+    p.add_argument("--only", metavar="TEXT", action="append",
+                   help="run only workloads whose name contains TEXT (repeatable)")
     return p.parse_args()
 
 
 def size_bytes(text: str) -> int:
-    units = {"K": 10, "M": 20, "G": 30}
+    units = {"K": 10, "M": 20, "G": 30, "T": 40}
     return int(text[:-1]) << units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
@@ -64,62 +86,79 @@ def make_base(path: str, size: int) -> None:
             f.write(os.urandom(8 << 20))
 
 
-def setup_thinstore(work: str, base: str, size: int, workers: int):
-    from thinstore import Pool
-    pool_dir = os.path.join(work, "pool")
-    with Pool.create(pool_dir, 2 * size + (256 << 20)) as pool:
-        pool.create_volume("base", size)
-        with pool.open_device("base") as dev, open(base, "rb") as f:
-            for offset in range(0, size, 8 << 20):
-                dev.pwrite(f.read(8 << 20), offset)
-        pool.snapshot("base@golden")
-        pool.clone("base@golden", "bench")
-    sock = os.path.join(work, "thinstore.sock")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", pool_dir, "serve",
-                             "--socket", sock, "--workers", str(workers)],
-                            stdout=subprocess.PIPE, env=env, text=True)
-    proc.stdout.readline()
-    return proc, f"nbd+unix:///bench?socket={sock}"
+def fio_args(uri: str, w: dict, size: int, runtime: int) -> list:
+    timed = ["--time_based", f"--runtime={runtime}", "--ramp_time=1"] \
+        if w.get("kind") != "fresh" else []
+    return ["fio", "--output-format=json", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
+            f"--rw={w['rw']}", f"--bs={w['bs']}", f"--iodepth={w['iodepth']}",
+            f"--size={size}", *timed, "--randrepeat=0", "--norandommap",
+            *([f"--fsync={w['fsync']}"] if w.get("fsync") else [])]
 
 
-def setup_qemu_nbd(work: str, base: str):
-    overlay = os.path.join(work, "overlay.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay],
-                   check=True)
-    sock = os.path.join(work, "qemu.sock")
-    proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--socket", sock, "-x", "bench",
-                             "--persistent", "--shared=8", "--cache=writeback", overlay])
-    wait_for_socket(sock)
-    return proc, f"nbd+unix:///bench?socket={sock}"
-
-
-def setup_nbdkit(work: str, base: str):
-    raw = os.path.join(work, "nbdkit.raw")
-    subprocess.run(["cp", "--reflink=auto", "--sparse=never", base, raw], check=True)
-    sock = os.path.join(work, "nbdkit.sock")
-    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", raw])
-    wait_for_socket(sock)
-    return proc, f"nbd+unix:///?socket={sock}"
-
-
-def wait_for_socket(path: str) -> None:
-    for _ in range(200):
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"server socket {path} did not appear")
-
-
-def run_fio(uri: str, workload: dict, size: int, runtime: int) -> float:
-    args = ["fio", "--output-format=json", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
-            f"--rw={workload['rw']}", f"--bs={workload['bs']}",
-            f"--iodepth={workload['iodepth']}", f"--size={size}", "--time_based",
-            f"--runtime={runtime}", "--ramp_time=1", "--randrepeat=0", "--norandommap"]
+def fio_result(args: list, rw: str, unit: str) -> float:
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["read"] if "read" in workload["rw"] else job["write"]
-    return side["iops"] if workload["unit"] == "IOPS" else side["bw"] / 1024
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"] if unit == "IOPS" else side["bw"] / 1024
+
+
+def run_fua(uri: str, w: dict, size: int, runtime: int) -> float:
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_fua.py")
+    out = subprocess.run(["/usr/bin/python3", tool, uri, str(w["iodepth"]), str(runtime),
+                          str(size)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["iops"]
+
+
+def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
+    """mkfs.ext4 on the device through nbdfuse and a loop device, then fio's 4K random
+    writes into a 64 MiB file with an fsync after each (what a database does)."""
+    mnt, fs = os.path.join(work, f"fuse-{tag}"), os.path.join(work, f"fs-{tag}")
+    os.makedirs(mnt)
+    os.makedirs(fs)
+    fuse = subprocess.Popen(["nbdfuse", os.path.join(mnt, "disk"), uri])
+    loop = None
+    try:
+        for _ in range(200):
+            if os.path.exists(os.path.join(mnt, "disk")):
+                break
+            time.sleep(0.05)
+        loop = subprocess.run(["losetup", "-f", "--show", os.path.join(mnt, "disk")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E",
+                        "nodiscard,lazy_itable_init=0,lazy_journal_init=0", loop], check=True)
+        subprocess.run(["mount", loop, fs], check=True)
+        try:
+            return fio_result(["fio", "--output-format=json", "--name=sync", f"--directory={fs}",
+                               "--rw=randwrite", "--bs=4k", "--size=64M", "--fsync=1",
+                               "--ioengine=psync", "--time_based", f"--runtime={runtime}",
+                               "--ramp_time=1"], "randwrite", "IOPS")
+        finally:
+            subprocess.run(["umount", fs], check=True)
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        subprocess.run(["fusermount3", "-u", mnt], check=False)
+        fuse.wait(30)
+
+
+def run_workload(server, wname: str, w: dict, size: int, args, work: str, tag: str) -> float:
+    kind = w.get("kind", "fio")
+    if kind == "fua":
+        return run_fua(server.main, w, size, args.runtime)
+    if kind == "fio":
+        return fio_result(fio_args(server.main, w, size, args.runtime), w["rw"], w["unit"])
+    if kind == "fresh":
+        fresh = size_bytes(args.fresh_size)
+        uri, cleanup = server.fresh(f"fresh-{tag}", fresh)
+        try:
+            return fio_result(fio_args(uri, w, fresh, args.runtime), w["rw"], w["unit"])
+        finally:
+            cleanup()
+    uri, cleanup = server.child(f"child-{tag}")
+    try:
+        return run_ext4(uri, work, f"{server.name}-{tag}", args.runtime)
+    finally:
+        cleanup()
 
 
 def main() -> int:
@@ -130,30 +169,33 @@ def main() -> int:
     base = os.path.join(work, "base.raw")
     print(f"preparing {size >> 20} MiB of random data in {work}", flush=True)
     make_base(base, size)
-    procs, uris = [], {}
+    servers = {}
     try:
-        for name, setup in (("thinstore", lambda: setup_thinstore(work, base, size, args.workers)),
-                            ("qemu-nbd", lambda: setup_qemu_nbd(work, base)),
-                            ("nbdkit-file", lambda: setup_nbdkit(work, base))):
-            proc, uris[name] = setup()
-            procs.append(proc)
-        chosen = {w: v for w, v in WORKLOADS.items() if not args.only or args.only in w}
+        servers["thinstore"] = Thinstore(work, base, size, size_bytes(args.capacity),
+                                         args.workers)
+        servers["qemu-nbd"] = QemuNbd(work, base)
+        servers["nbdkit-file"] = NbdkitFile(work, base)
+        chosen = {w: v for w, v in WORKLOADS.items()
+                  if not args.only or any(o in w for o in args.only)}
+        for wname, w in chosen.items():
+            if w.get("kind", "fio") == "fio":
+                print(f"{wname}: {' '.join(fio_args('URI', w, size, args.runtime))}")
         results = {w: {s: [] for s in SERVERS} for w in chosen}
         for round_no in range(args.rounds):
-            for wname, workload in chosen.items():
+            for wname, w in chosen.items():
                 order = SERVERS[round_no % 3:] + SERVERS[:round_no % 3]   # no one always first
                 for server in order:
-                    value = run_fio(uris[server], workload, size, args.runtime)
+                    value = run_workload(servers[server], wname, w, size, args, work,
+                                         f"r{round_no}")
                     results[wname][server].append(value)
-                    print(f"round {round_no + 1} {wname:18} {server:12} {value:10.0f} "
-                          f"{workload['unit']}", flush=True)
+                    print(f"round {round_no + 1} {wname:27} {server:12} {value:10.0f} "
+                          f"{w['unit']}", flush=True)
         report(results)
         if args.json:
             print(json.dumps(results, indent=1))
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
+        for server in servers.values():
+            server.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -161,12 +203,12 @@ def main() -> int:
 
 def report(results: dict) -> None:
     print()
-    print(f"{'workload':18} {'thinstore':>10} {'qemu-nbd':>10} {'nbdkit':>10} "
+    print(f"{'workload':27} {'thinstore':>10} {'qemu-nbd':>10} {'nbdkit':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}")
     for wname, per in results.items():
         med = {s: statistics.median(v) for s, v in per.items()}
         unit = WORKLOADS[wname]["unit"]
-        print(f"{wname:18} {med['thinstore']:10.0f} {med['qemu-nbd']:10.0f} "
+        print(f"{wname:27} {med['thinstore']:10.0f} {med['qemu-nbd']:10.0f} "
               f"{med['nbdkit-file']:10.0f} {med['thinstore'] / med['qemu-nbd']:11.2f}x "
               f"{med['thinstore'] / med['nbdkit-file']:9.2f}x  ({unit})")
     print("targets: >= 1.5x qemu-nbd and >= 0.9x nbdkit-file on every workload")

@@ -7,7 +7,8 @@ acknowledged before the last completed flush.
 
 `cut_round`: the same in one process through the power-cut double (faultfs): the
 pool's files lose a random part of their unsynced writes, some torn, at a random
-I/O call, so crashes land inside commit too.
+I/O call, so crashes land inside commit and the intent log's appends too; one round
+in three then cuts power again inside the reopen (the log's replay and its fold).
 """
 
 from __future__ import annotations
@@ -127,9 +128,25 @@ def cut_round(path: str, seed: int, n_ops: int = 400) -> dict:
         if pool is not None:
             _abandon(pool)
     disk.power_cut()
+    reopen_cut = _cut_reopen(path, rng) if seed % 3 == 0 else False
     errors = verify(path, model, in_progress)
     return {"cut": cut, "errors": errors, "seed": seed, "torn": disk.torn,
-            "dropped": disk.dropped}
+            "dropped": disk.dropped, "reopen_cut": reopen_cut}
+
+
+def _cut_reopen(path: str, rng: random.Random) -> bool:
+    """Reopen through a fresh double that cuts power within the open's first I/O calls:
+    in the intent log's replay or the commit that folds it (or the re-checksumming
+    before them). True when the cut landed inside the open."""
+    disk = FaultDisk(rng.randrange(1 << 30), crash_after=rng.randint(1, 40))
+    try:
+        pool = Pool.open(path, commit_interval=0, fileio=disk.open)
+    except PowerCut:
+        disk.power_cut()
+        return True
+    _abandon(pool)
+    disk.power_cut()
+    return False
 
 
 def _abandon(pool) -> None:

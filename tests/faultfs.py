@@ -109,6 +109,9 @@ class FaultFile:
             os.pwrite(self._fd, data, off)
         self.pending.clear()
 
+    def datasync(self) -> None:
+        self.fsync()
+
     def size(self) -> int:
         end = max((off + len(d) for off, d in self.pending), default=0)
         return max(os.fstat(self._fd).st_size, end)

@@ -65,3 +65,25 @@ def test_fast_path_matches_general_path(tmp_path, seed, monkeypatch):
     assert fast.keys() == slow.keys()
     for key in fast:
         assert fast[key] == slow[key], key
+
+
+def test_a_first_write_after_reopen_keeps_the_page_it_lands_in(tmp_path):
+    """After an open, map pages are read on first use; an unread page's row looks all
+    holes in memory. A first write into a hole of such a page (the fast path now maps
+    holes) must read the page first, not map its chunk into the empty row and so lose
+    every other entry of the page at the next commit. A resumed receive did that."""
+    path = str(tmp_path / "pool")
+    rng = np.random.default_rng(5)
+    old = rng.integers(0, 256, 4 * MiB, np.uint8).tobytes()
+    new = rng.integers(0, 256, MiB, np.uint8).tobytes()
+    with Pool.create(path, 64 * MiB, CS) as pool:
+        pool.create_volume("v", 8 * MiB)
+        with pool.open_device("v") as dev:
+            dev.pwrite(old, 0)
+    with Pool.open(path) as pool, pool.open_device("v") as dev:
+        dev.pwrite(new, 6 * MiB)                 # holes under the page that maps `old`
+        dev.pwrite(new[:4096], 5 * MiB + 4096)
+    with Pool.open(path) as pool, pool.open_device("v") as dev:
+        assert dev.pread(0, 4 * MiB) == old
+        assert dev.pread(6 * MiB, MiB) == new
+        assert dev.pread(5 * MiB + 4096, 4096) == new[:4096]

@@ -186,7 +186,7 @@ def test_readme_says_exactly_which_commands_work_while_serving(pool):
     out("dump", "--json", "-o", here(pool, "d.json"), pool=pool)
     working = re.search(r"While `serve` runs, these commands work through its control "
                         r"socket: (.*?)\. These", readme, re.S).group(1)
-    refusing = re.search(r"stop with exit 5 until\s+the server is stopped: (.*?)\.", readme,
+    refusing = re.search(r"stop with exit 5 until the server is stopped: (.*?)\.", readme,
                          re.S).group(1)
     say = lambda text: re.findall(r"`(\w+)`", text)  # noqa: E731
     image = here(pool, "img")
@@ -199,7 +199,7 @@ def test_readme_says_exactly_which_commands_work_while_serving(pool):
                "export": ["export", "v@a", here(pool, "o")], "diff": ["diff", "v@a"],
                "send": ["send", "v@a", "-o", here(pool, "s")],
                "receive": ["receive", "r", "-i", here(pool, "s")], "check": ["check"],
-               "repair": ["repair", "--dry-run"], "scrub": ["scrub"], "dump": ["dump"],
+               "repair": ["repair", "--dry-run"], "scrub": ["scrub", "--rate", "0"], "dump": ["dump"],
                "restore": ["restore", here(pool, "d.json")]}
     assert set(say(working)) | set(say(refusing)) == set(example)
     with Serve(pool):

@@ -6,8 +6,9 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
-        "units", "rwlock"]
-ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends")
+        "units", "rwlock", "readers", "synclog", "recovery", "fastlane"]
+ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends",
+         "bench")
 
 
 def imported(path: pathlib.Path) -> set[str]:

@@ -81,8 +81,32 @@ class DataPath:
                     self._zero_range(dm, offset, length, no_hole=False)
                 else:
                     self._write_data(dm, data, offset, length)
-            if fua:
-                self.commit()
+        if fua:
+            self.flush()
+
+    def flush(self) -> None:
+        """NBD FLUSH, and FUA: every write that returned before this call is durable
+        when it returns -- one intent-log record and one fdatasync of the log, shared
+        with concurrent flushes (synclog.py), or a full commit when the log cannot
+        take the batch. Costs what was written since the last flush, not the pool's
+        size. A flush with nothing new waits only for a sync already under way."""
+        slog = self._log
+        with self.lock:
+            self._check_open()
+            if not slog.pending:
+                ticket = slog.appended
+            else:
+                record, noted = slog.capture(self)
+                if record is None:
+                    slog.counters["commits_instead"] += 1
+                    self.commit()
+                    return
+                ticket = slog.append(record, noted)
+        try:
+            slog.sync(ticket)
+        except OSError:
+            if not self._closed:      # close() committed: everything is durable
+                raise
 
     def _write_fast(self, dm: DeviceMeta, data, offset: int, length: int) -> bool:
         """The common write in one kernel call (K.write_fast): every chunk in range
@@ -102,6 +126,7 @@ class DataPath:
             return False
         md = self.md
         maps, space = md.maps, md.space
+        self._load_pages(dm, offset, length)      # a row not read yet looks all holes
         if sums is None:
             csums, bits, hot, ishift = _NO_SUMS, _NO_BITS, _NO_BITS, 0
         else:
@@ -113,6 +138,7 @@ class DataPath:
         if n < 0:
             return False
         self._dirty = True
+        self._log.note(dm.dev_id, offset, length)
         if n:
             self._note_allocated(n)
         return True
@@ -133,6 +159,7 @@ class DataPath:
         if self._sums is not None:
             self._sums.after_write(d, maps.pages)
         self._dirty = True
+        self._log.note(dm.dev_id, offset, length)
 
     def _allocate(self, n: int, dm: DeviceMeta) -> np.ndarray:
         space = self.md.space
@@ -234,6 +261,8 @@ class DataPath:
         K.unmap_range(dm.directory.arr, maps.pages, maps.dirty, space.refs.arr, space.state,
                       first, n)
         self._dirty = True
+        cs = self.md.chunk_size
+        self._log.note(dm.dev_id, first * cs, min(n * cs, dm.size - first * cs))
 
     def _extents(self, dm: DeviceMeta, offset: int, length: int) -> list[tuple[int, int, bool]]:
         with self.lock.shared:

@@ -164,8 +164,12 @@ def open_intent(path: str, fileio):
 class DataSums:
     """Checksum upkeep of one open pool (only when the pool has data checksums on)."""
 
-    def __init__(self, md, intent_fio):
+    def __init__(self, md, intent_fio, track_fresh: bool = True):
         self.md = md
+        # With the native lane, `fresh` stays empty: while it holds anything the lane
+        # stands aside, and a lane write maps new chunks it does not record anyway;
+        # an unrecorded new chunk is hashed from a full read (its holes read zeros).
+        self.track_fresh = track_fresh
         self.intent = IntentLog(intent_fio, len(md.space.refs), md.chunk_shift)
         self.verified = np.zeros(len(md.space.refs), dtype=bool)
         self._buf = bytearray(0)
@@ -185,7 +189,7 @@ class DataSums:
         """
         space = self.md.space
         sums = space.sums
-        freed = np.flatnonzero(space.state & ST_PENDING_FREE)
+        freed = space.flagged(ST_PENDING_FREE)
         written = space.written()
         written = written[space.refs.arr[written] > 0]
         self.grow()
@@ -303,6 +307,9 @@ class DataSums:
         it holds copied bytes and is hashed from a full read. A write that fails between
         before_write and here leaves its chunks unrecorded, which is also safe.
         """
+        if not self.track_fresh:
+            self._pending = None
+            return
         for v, old, lo, hi, ranges in self._pending or ():
             pid = int(dirarr[v // FANOUT])
             c = int(pages[pid, v % FANOUT]) if pid else 0

@@ -36,6 +36,8 @@ class Device:
         lane = pool._lane
         self._fast = lane.writer(meta) if lane is not None else None
         self._fast_read = lane.reader(meta) if lane is not None else None
+        # a lane write notes its range for the intent log here, before it returns
+        self._notes, self._dev_id = pool._log.notes, meta.dev_id
 
     name = property(lambda self: self._meta.name)
     size = property(lambda self: self._meta.size)
@@ -57,6 +59,8 @@ class Device:
         fast = self._fast
         if fast is None or fua or not fast(data, offset):
             self._pool._write(self._meta, data, offset, fua)
+        else:
+            self._notes.append((self._dev_id, offset, memoryview(data).nbytes))
 
     def discard(self, offset: int, length: int) -> None:
         self._pool._discard(self._meta, offset, length)
@@ -65,7 +69,8 @@ class Device:
         self._pool._write_zeroes(self._meta, offset, length, no_hole)
 
     def flush(self) -> None:
-        self._pool.commit()
+        """Make every write so far durable (Pool.flush: the intent log, not a commit)."""
+        self._pool.flush()
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self._pool._extents(self._meta, offset, length)

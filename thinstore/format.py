@@ -234,3 +234,95 @@ def unpack_chain_payload(payload: memoryview) -> tuple[int, bytes]:
 
 def new_uuid() -> bytes:
     return _uuid.uuid4().bytes
+
+
+# ---------------------------------------------------------------- intent log records
+# The intent log (``POOL/log``, thinstore/synclog.py) holds what FLUSH and FUA made
+# durable since the last commit. One record per flush:
+#   header (LOG_HEADER), n_entries x LOG_ENTRY, the bytes of each DATA entry in order,
+#   zeros up to a multiple of LOG_ALIGN.
+# The checksum covers everything from byte 8 to the record's end. A record applies only
+# to the tree it was written on top of (generation, commit time and pool uuid of the
+# committed superblock) and only as the next in sequence, so records of an earlier
+# epoch, torn records and stale bytes past the tail all end the replay.
+LOG_MAGIC = 0x474C5354       # b"TSLG"
+LOG_ALIGN = 512              # records start on a sector boundary
+LOG_DATA, LOG_ZERO = 1, 2    # entry kinds: bytes follow / the range reads as zeros
+
+LOG_HEADER = struct.Struct("<IIHHIQQQQ16s")
+# magic, checksum, version, flags, n_entries, record length, sequence, base generation,
+# base commit time (ns), pool uuid                                             (64 bytes)
+LOG_ENTRY = struct.Struct("<QQQII")   # device id, offset, length, kind, reserved (32 bytes)
+
+
+class LogBase(NamedTuple):
+    """The committed tree a log record builds on."""
+    generation: int
+    commit_time_ns: int
+    pool_uuid: bytes
+
+
+class LogEntry(NamedTuple):
+    dev_id: int
+    offset: int
+    length: int
+    kind: int                 # LOG_DATA or LOG_ZERO
+    data: bytes | None        # LOG_DATA: `length` bytes
+
+
+def log_base(sb: Superblock) -> LogBase:
+    return LogBase(sb.generation, sb.commit_time_ns, sb.pool_uuid)
+
+
+def pack_log_record(base: LogBase, sequence: int, entries: list) -> bytes:
+    """One record: `entries` are LogEntry; returns bytes padded to LOG_ALIGN."""
+    table = b"".join(LOG_ENTRY.pack(e.dev_id, e.offset, e.length, e.kind, 0) for e in entries)
+    body = [table] + [e.data for e in entries if e.kind == LOG_DATA]
+    size = LOG_HEADER.size + sum(len(b) for b in body)
+    total = -(-size // LOG_ALIGN) * LOG_ALIGN
+    out = bytearray(total)
+    LOG_HEADER.pack_into(out, 0, LOG_MAGIC, 0, VERSION, 0, len(entries), total, sequence,
+                         base.generation, base.commit_time_ns, base.pool_uuid)
+    pos = LOG_HEADER.size
+    for b in body:
+        out[pos:pos + len(b)] = b
+        pos += len(b)
+    struct.pack_into("<I", out, 4, checksum(memoryview(out)[8:]))
+    return bytes(out)
+
+
+def log_record_length(header: bytes, base: LogBase, sequence: int) -> int:
+    """The length of the record whose first LOG_HEADER.size bytes are `header`, or 0
+    when it cannot be the next record on `base` (wrong magic, version, epoch or
+    sequence: the end of the log)."""
+    if len(header) < LOG_HEADER.size:
+        return 0
+    magic, _, ver, _, n, total, seq, gen, ctime, puuid = LOG_HEADER.unpack_from(header, 0)
+    if magic != LOG_MAGIC or ver != VERSION or seq != sequence or \
+            LogBase(gen, ctime, puuid) != base:
+        return 0
+    if total % LOG_ALIGN or total < LOG_HEADER.size + n * LOG_ENTRY.size:
+        return 0
+    return total
+
+
+def unpack_log_record(record: bytes) -> list | None:
+    """The entries of a whole record, or None when its checksum or layout is wrong."""
+    buf = memoryview(record)
+    _, csum, _, _, n, total, *_ = LOG_HEADER.unpack_from(buf, 0)
+    if total != len(buf) or csum != checksum(buf[8:]):
+        return None
+    pos, entries = LOG_HEADER.size, []
+    data_pos = pos + n * LOG_ENTRY.size
+    for i in range(n):
+        dev_id, off, ln, kind, _ = LOG_ENTRY.unpack_from(buf, pos + i * LOG_ENTRY.size)
+        if kind == LOG_DATA:
+            if data_pos + ln > total:
+                return None
+            entries.append(LogEntry(dev_id, off, ln, kind, bytes(buf[data_pos:data_pos + ln])))
+            data_pos += ln
+        elif kind == LOG_ZERO:
+            entries.append(LogEntry(dev_id, off, ln, kind, None))
+        else:
+            return None
+    return entries

@@ -256,8 +256,9 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
                offset, length, counters) -> int:
     """The common write whole: checks, allocation, write intent, write_range.
 
-    Returns the number of chunks allocated, or SLOW (nothing changed) when a chunk in
-    range is a hole, a page is missing or shared, the request spans more than
+    Returns the number of chunks allocated (holes and shared chunks in range: first
+    writes and copies on write), or SLOW (nothing changed) when a page is missing or
+    shared, the request spans more than
     FAST_MAX_CHUNKS chunks, buf is all zeros, free chunks run short within the scan,
     or a chunk needing write intent lies in an unmarked region. `cursor` is int64[3],
     SpaceMap's allocation cursor and preallocated range (prealloc); `chunk_sums` is
@@ -270,8 +271,10 @@ def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chun
 
 def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
                 intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
-                offset, length, counters, max_need) -> int:
-    """write_fast, also SLOW when the write needs more than max_need (not None) chunks."""
+                offset, length, counters, max_need, page_loaded=None) -> int:
+    """write_fast, also SLOW when the write needs more than max_need (not None) chunks
+    or a page in range is not loaded (page_loaded given: a row not read yet looks all
+    holes)."""
     if length == 0:
         return SLOW
     first, last = _chunk_span(chunk_shift, offset, length)
@@ -280,10 +283,10 @@ def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chu
     need, hot = 0, []
     for v in range(first, last + 1):
         c = _fast_entry(dirarr, pages, page_ref, len(chunk_ref), v)
-        if c is None:
+        if c is None or (page_loaded is not None and not page_loaded[int(dirarr[v // FANOUT])]):
             return SLOW
         need += _needs_new(c, chunk_ref, chunk_state)
-        if len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
+        if c and len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
             r = c >> intent_shift
             if r >= len(intent_bits) or not intent_bits[r]:
                 return SLOW
@@ -322,7 +325,8 @@ def prealloc(fio, chunk_shift, n_chunks, cursor, ids) -> int:
 
 
 def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):
-    """Chunk id of virtual chunk v when it is mapped under an exclusive page, else None."""
+    """Chunk id of virtual chunk v (0: a hole) when its page exists and is exclusive,
+    else None."""
     d = v // FANOUT
     if d >= len(dirarr):
         return None
@@ -330,7 +334,7 @@ def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):
     if pid == 0 or pid >= len(pages) or page_ref[pid] != 1:
         return None
     c = int(pages[pid, v % FANOUT])
-    return c if 0 < c < n_chunks else None
+    return c if 0 <= c < n_chunks else None
 
 
 def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
@@ -391,7 +395,7 @@ def lane_write(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
     rc = _write_fast(dev.dirarr, lane.pages, lane.page_ref, lane.page_dirty, lane.chunk_ref,
                      lane.chunk_state, lane.chunk_sums, lane.intent_bits, lane.intent_hot,
                      lane.intent_shift, lane.cursor, lane.chunk_shift, lane.fio, buf, offset,
-                     length, lane.counters, max(lane.budget, 0))
+                     length, lane.counters, max(lane.budget, 0), lane.page_loaded)
     if rc != SLOW:
         lane.wrote = 1
         lane.budget -= rc

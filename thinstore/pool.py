@@ -11,14 +11,18 @@ else: reads and extents queries of any devices run at once (the C kernels releas
 the GIL for their I/O), while writes, management operations and commits run alone.
 `with pool.lock:` is the exclusive side, re-entrant like the RLock it replaced, so
 one Pool may serve many threads. Management operations (create, snapshot, clone, destroy, rename, rollback,
-resize) commit before they return; data writes commit on flush, on FUA, by the
-background timer while writes are pending, and on close. After a crash the pool
-opens at its last commit: every write acknowledged before the last completed flush
-reads back exactly.
+resize) commit before they return. Data writes become durable on flush() and on
+FUA through the intent log (thinstore/synclog.py: one record, one fdatasync), and
+reach the tree by the full commit: the background timer while writes are pending,
+close, or a flush the log cannot take. After a crash the pool opens at its last
+commit and replays the log: every write acknowledged before the last completed
+flush reads back exactly.
 
-Pool's methods live in three modules: this one (lifecycle, commit, management,
-queries, handles), thinstore/datapath.py (the request handlers Device calls) and
-thinstore/hidden.py (the receive workspace), joined as mixins so callers keep
+Pool's methods live in five modules: this one (lifecycle, commit, management,
+queries, handles), thinstore/datapath.py (the request handlers Device calls, flush),
+thinstore/recovery.py (what an open does after an unclean shutdown),
+thinstore/hidden.py (the receive workspace) and thinstore/readers.py (a pinned
+generation and map views for online readers), joined as mixins so callers keep
 calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 """
 
@@ -34,18 +38,20 @@ import time
 import numpy as np
 
 from . import names
-from .datasums import DataSums, open_intent
 from .datapath import DataPath
 from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
+from .recovery import Recovery
+from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
-from .format import new_uuid, valid_chunk_size
+from .format import log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO, check_private_dir, private_dir
+from .synclog import SyncLog
 from .rwlock import RWLock
 from .units import check_device_size, format_size
 
@@ -56,7 +62,7 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
-class Pool(DataPath, HiddenDevices):
+class Pool(DataPath, HiddenDevices, Readers, Recovery):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
     def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float):
@@ -71,7 +77,8 @@ class Pool(DataPath, HiddenDevices):
         self._counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
                           "bytes_written": 0, "commits": 0}
         self._kc = np.zeros(4, dtype=np.int64)
-        self._sums: DataSums | None = None
+        self._sums = None                      # DataSums when data checksums are on
+        self._log: SyncLog | None = None       # the intent log (synclog.py)
         self._stop = threading.Event()
         self._timer = None
         # native backend: a device's common read and write run whole in C (fastlane.py)
@@ -109,7 +116,7 @@ class Pool(DataPath, HiddenDevices):
             os.close(lockfd)
             raise
         pool = cls(path, md, lockfd, commit_interval=commit_interval)
-        pool._attach_sums(fileio)
+        pool._attach(fileio)
         return pool
 
     @classmethod
@@ -132,30 +139,8 @@ class Pool(DataPath, HiddenDevices):
                                       f"run 'thinstore --pool {path} check'") from None
             raise
         pool = cls(path, md, lockfd, commit_interval=commit_interval)
-        pool._attach_sums(fileio)
+        pool._attach(fileio)
         return pool
-
-    def _attach_sums(self, fileio) -> None:
-        """Data checksums (docs/integrity.md): hook them into commit, read and write, and
-        re-checksum what an unclean shutdown may have left half-written before any read."""
-        if not self.data_checksums:
-            return
-        try:
-            self._sums = DataSums(self.md, open_intent(self.path, fileio))
-            self._checksum_hook = self._sums.on_commit
-            changed = self._sums.recover()
-            if self._sums.intent.any:
-                log.warning("pool %s was not shut down cleanly: re-checksummed the regions "
-                            "written in place since the last commit (%d chunk(s) changed)",
-                            self.path, changed)
-                self.commit()
-        except BaseException:
-            self._closed = True
-            self._stop.set()
-            self.md.data_fio.close()
-            self.md.meta_fio.close()
-            os.close(self._lockfd)
-            raise
 
     def close(self) -> None:
         with self.lock:
@@ -173,6 +158,8 @@ class Pool(DataPath, HiddenDevices):
                 self.md.meta_fio.close()
                 if self._sums is not None:
                     self._sums.intent.fio.close()
+                if self._log is not None:
+                    self._log.fio.close()
                 os.close(self._lockfd)
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=5)
@@ -185,6 +172,7 @@ class Pool(DataPath, HiddenDevices):
 
     def _commit_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
+            self._presync()
             with self.lock:
                 if self._closed:
                     return
@@ -193,6 +181,17 @@ class Pool(DataPath, HiddenDevices):
                         self.commit()
                     except (OSError, ThinstoreError) as e:
                         log.error("background commit failed: %s", e)
+
+    def _presync(self) -> None:
+        """Write the data file's dirty pages out before the commit takes the lock, so
+        the commit's own fsync, which every request waits behind, finds little left
+        (a copy on write dirties a whole chunk per small write). Durability still
+        comes from the fsync inside the commit; this only moves work out of the lock."""
+        if self._dirty and not self._closed:
+            try:
+                self.md.data_fio.datasync()
+            except (OSError, AttributeError):
+                pass          # closed meanwhile, or a file without datasync: the commit syncs
 
     # ------------------------------------------------------------ properties
     @property
@@ -221,10 +220,13 @@ class Pool(DataPath, HiddenDevices):
 
     # ------------------------------------------------------------ commit
     def commit(self) -> None:
-        """Make every write so far durable (a new superblock generation)."""
+        """The full commit: a new superblock generation holding every write so far, which
+        also folds the intent log in (flush() is the cheap way to durability)."""
         with self.lock:
             self._check_open()
             self.md.commit(getattr(self, "_checksum_hook", None))
+            if self._log is not None:
+                self._log.committed(log_base(self.md.sb))
             if self._sums is not None:
                 self._sums.committed()
             self._dirty = False

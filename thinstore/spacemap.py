@@ -50,7 +50,18 @@ class SpaceMap:
         return int(np.count_nonzero(self.refs.arr[1:]))
 
     def pending(self) -> int:
-        return int(np.count_nonzero(self.state & ST_PENDING_FREE))
+        return len(self.flagged(ST_PENDING_FREE))
+
+    def flagged(self, flag: int) -> np.ndarray:
+        """Chunk ids whose state has `flag`, sorted. The state array is scanned as
+        64-bit words (a transaction touches few chunks, and a scan byte by byte with a
+        temporary of the pool's size cost 80 ms per call on a 4 TiB pool)."""
+        state = self.state
+        n8 = len(state) // 8 * 8
+        words = np.flatnonzero(state[:n8].view(np.uint64))
+        ids = (words[:, None] * 8 + np.arange(8)).ravel()
+        ids = np.concatenate([ids, np.arange(n8, len(state))])
+        return ids[(state[ids] & flag) != 0]
 
     def free(self) -> int:
         return self.capacity - self.used() - self.pending()
@@ -79,18 +90,19 @@ class SpaceMap:
 
     def commit_prepare(self) -> None:
         """Mark the refcount leaves that changed in this transaction dirty."""
-        self.refs.mark(np.flatnonzero(self.state & ST_REF_CHANGED))
+        self.refs.mark(self.flagged(ST_REF_CHANGED))
 
     def commit_done(self, data_fio, chunk_shift: int) -> int:
         """After the commit is durable: free pending chunks (punching them) and clear state."""
-        freed = np.flatnonzero(self.state & ST_PENDING_FREE)
+        touched = self.flagged(0xFF)
+        freed = touched[(self.state[touched] & ST_PENDING_FREE) != 0]
         for start, count in _runs(freed):
             data_fio.punch(start << chunk_shift, count << chunk_shift)
-        self.state[:] = 0
+        self.state[touched] = 0
         return len(freed)
 
     def written(self) -> np.ndarray:
-        return np.flatnonzero(self.state & ST_WRITTEN)
+        return self.flagged(ST_WRITTEN)
 
     def resize(self, nchunks: int) -> None:
         self.refs.resize(nchunks)

@@ -8,7 +8,10 @@ snapshots, clones, destroys, rollbacks, resizes) on the pool and logs every comp
 SIGKILLed at a random moment; the pool is reopened, checked (`check` must be clean)
 and every byte acknowledged before the last completed flush must read back, on every
 device that existed then. Each cut round does the same in-process through the
-power-cut FileIO double (tests/faultfs.py), tearing and dropping unsynced writes.
+power-cut FileIO double (tests/faultfs.py), tearing and dropping unsynced writes;
+flushes go through the intent log (one in four is a full commit), so cuts land
+before, inside and after log appends and in the commits that fold the log, and one
+round in three cuts power again inside the reopen (the replay and its fold).
 The pool is kept across rounds, so later rounds crash a pool that has crashed before.
 Exit status 0 when every round passed; the report gives the counts.
 """
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.getLogger("thinstore").setLevel(logging.ERROR)   # recovery notes are expected
     work = args.dir or tempfile.mkdtemp(prefix="thinstore-soak-")
-    report = {"kills": 0, "kill_rounds": 0, "cuts": 0, "cut_rounds": 0, "torn_writes": 0,
+    report = {"kills": 0, "kill_rounds": 0, "cuts": 0, "cut_rounds": 0, "reopen_cuts": 0,
+              "torn_writes": 0,
               "dropped_writes": 0, "failures": [], "dir": work}
     t0 = time.monotonic()
     _kills(os.path.join(work, "kill"), args, report)
@@ -51,6 +55,7 @@ def main(argv=None) -> int:
     else:
         print(f"SIGKILL rounds: {report['kill_rounds']}, kills delivered: {report['kills']}")
         print(f"power cuts: {report['cut_rounds']} rounds, {report['cuts']} mid-workload, "
+              f"{report['reopen_cuts']} inside the reopen (log replay, fold), "
               f"{report['torn_writes']} torn and {report['dropped_writes']} dropped writes")
         print(f"failures: {len(report['failures'])}  ({report['seconds']} s, pools in {work})")
         for f in report["failures"][:20]:
@@ -77,6 +82,7 @@ def _cuts(path: str, args, report: dict) -> None:
         r = crashkit.cut_round(path, seed)
         report["cut_rounds"] += 1
         report["cuts"] += r["cut"]
+        report["reopen_cuts"] += r["reopen_cut"]
         report["torn_writes"] += r["torn"]
         report["dropped_writes"] += r["dropped"]
         report["failures"] += [f"cut seed {seed}: {e}" for e in r["errors"]]

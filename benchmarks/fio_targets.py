@@ -1,0 +1,146 @@
+"""The three servers fio_compare.py measures, each able to give three kinds of target.
+
+- ``main``: the long-lived export of the base's copy-on-write child (thinstore: a
+  clone of a snapshot of a volume holding the data; qemu-nbd: a qcow2 overlay on the
+  raw data; nbdkit's file plugin: a raw copy, no COW, the speed of plain I/O);
+- ``fresh(tag)``: an empty device where every write allocates (thinstore: a new
+  thin volume; qemu-nbd: a new qcow2 with no backing file; nbdkit: a new sparse file);
+- ``child(tag)``: another COW child of the base, for a file system to be made on.
+
+Each target is (uri, cleanup); cleanup stops whatever was started for it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_for_socket(path: str) -> None:
+    for _ in range(400):
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"server socket {path} did not appear")
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Thinstore:
+    name = "thinstore"
+
+    def __init__(self, work: str, base: str, size: int, capacity: int, workers: int):
+        from thinstore import Pool
+        self.pool_dir = os.path.join(work, "pool")
+        self.size = size
+        with Pool.create(self.pool_dir, capacity) as pool:
+            pool.create_volume("base", size)
+            with pool.open_device("base") as dev, open(base, "rb") as f:
+                for offset in range(0, size, 8 << 20):
+                    dev.pwrite(f.read(8 << 20), offset)
+            pool.snapshot("base@golden")
+            pool.clone("base@golden", "bench")
+        self.sock = os.path.join(work, "thinstore.sock")
+        self.env = dict(os.environ, PYTHONPATH=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "thinstore", "--pool", self.pool_dir, "serve", "--socket",
+             self.sock, "--workers", str(workers)], stdout=subprocess.PIPE, env=self.env, text=True)
+        self.proc.stdout.readline()
+        self.main = self.uri("bench")
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def _cli(self, *args) -> None:
+        subprocess.run([sys.executable, "-m", "thinstore", "--pool", self.pool_dir, *args],
+                       check=True, env=self.env, stdout=subprocess.DEVNULL)
+
+    def fresh(self, tag: str, size: int):
+        self._cli("create", "--size", str(size), tag)
+        return self.uri(tag), lambda: self._cli("destroy", "--force", tag)
+
+    def child(self, tag: str):
+        self._cli("clone", "base@golden", tag)
+        return self.uri(tag), lambda: self._cli("destroy", "--force", tag)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class QemuNbd:
+    name = "qemu-nbd"
+
+    def __init__(self, work: str, base: str):
+        self.work, self.base = work, base
+        self.main, self._main_stop = self._serve("overlay", ["-b", base, "-F", "raw"])
+
+    def _serve(self, tag: str, create_args: list, size: int | None = None):
+        image = os.path.join(self.work, f"{tag}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *create_args, image,
+                        *([str(size)] if size else [])], check=True)
+        sock = os.path.join(self.work, f"qemu-{tag}.sock")
+        proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--socket", sock, "-x", "bench",
+                                 "--persistent", "--shared=8", "--cache=writeback", image])
+        wait_for_socket(sock)
+
+        def cleanup():
+            _stop(proc)
+            for f in (image, sock):
+                if os.path.exists(f):
+                    os.unlink(f)
+        return f"nbd+unix:///bench?socket={sock}", cleanup
+
+    def fresh(self, tag: str, size: int):
+        return self._serve(tag, [], size)
+
+    def child(self, tag: str):
+        return self._serve(tag, ["-b", self.base, "-F", "raw"])
+
+    def stop(self) -> None:
+        self._main_stop()
+
+
+class NbdkitFile:
+    name = "nbdkit-file"
+
+    def __init__(self, work: str, base: str):
+        self.work, self.base = work, base
+        self.main, self._main_stop = self._serve("main", copy=True)
+
+    def _serve(self, tag: str, copy: bool, size: int = 0):
+        raw = os.path.join(self.work, f"nbdkit-{tag}.raw")
+        if copy:
+            subprocess.run(["cp", "--reflink=auto", "--sparse=never", self.base, raw], check=True)
+        else:
+            with open(raw, "wb") as f:
+                f.truncate(size)
+        sock = os.path.join(self.work, f"nbdkit-{tag}.sock")
+        proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", raw])
+        wait_for_socket(sock)
+
+        def cleanup():
+            _stop(proc)
+            for f in (raw, sock):
+                if os.path.exists(f):
+                    os.unlink(f)
+        return f"nbd+unix:///?socket={sock}", cleanup
+
+    def fresh(self, tag: str, size: int):
+        return self._serve(tag, False, size)
+
+    def child(self, tag: str):
+        return self._serve(tag, True)
+
+    def stop(self) -> None:
+        self._main_stop()
