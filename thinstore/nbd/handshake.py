@@ -58,6 +58,7 @@ class Negotiation:
         self.no_zeroes = False
         self.allowance = 0      # options granted beyond max_options (see _list)
         self.listed: int | None = None      # exports LIST returned, for 'serve -v'
+        self._bases: dict[str, list[str]] | None = None   # volume -> snapshots, from LIST
         self.refused: str | None = None     # the last option refused, for 'serve -v'
         self._forget()
 
@@ -200,6 +201,10 @@ class Negotiation:
             raise P.OptionError(P.Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
         listed = self.catalog.list()
         self.listed = len(listed)
+        self._bases = {}    # the meta-context queries after LIST reuse it: not one list each
+        for info in listed:
+            if info.kind == "snapshot":
+                self._bases.setdefault(info.name.split("@", 1)[0], []).append(info.name)
         for info in listed:
             self._reply(option, P.Rep.SERVER, P.rep_server(info.name, self.catalog.description(info)))
         self._reply(option, P.Rep.ACK)
@@ -226,7 +231,7 @@ class Negotiation:
         except ThinstoreError as exc:
             raise P.OptionError(P.Rep.ERR_UNKNOWN, f"no export {request.name!r}: {exc}") from None
         listing = option == P.Opt.LIST_META_CONTEXT
-        bases = self.catalog.diff_bases(request.name) if listing else ()
+        bases = self._diff_bases(request.name) if listing else ()
         chosen = P.match_meta_contexts(request.queries, listing, bases,
                                        self.catalog.is_diff_base)
         if not listing:
@@ -256,6 +261,13 @@ class Negotiation:
     def _clear_contexts_unless(self, name: str) -> None:
         if self.meta_export != name:
             self.meta_contexts = []
+
+    def _diff_bases(self, export: str) -> list[str]:
+        """The other snapshots of `export`'s volume: from LIST's answer when there was one
+        (nbdinfo --list asks this of every export: a pool listing each time was O(N^2))."""
+        if self._bases is None:
+            return self.catalog.diff_bases(export)
+        return [n for n in self._bases.get(export.split("@", 1)[0], []) if n != export]
 
     def _agree(self, device) -> Agreement:
         chosen = self.meta_contexts if self.structured else []
