@@ -231,7 +231,8 @@ def test_init_with_small_chunks(tmp_path):
 # ---------------------------------------------------------------- device commands
 
 def test_create_snapshot_clone_list_json(pool):
-    ok("create", "vm1", "--size", "10G", pool=pool)
+    over = cli("create", "vm1", "--size", "10G", pool=pool)   # 10G in a 1G pool: noted
+    assert over.returncode == 0 and over.stderr.startswith(b"thinstore: note: 'vm1' (10G)")
     ok("snapshot", "vm1@monday", pool=pool)
     ok("clone", "vm1@monday", "vm1-test", pool=pool)
     devs = {d["name"]: d for d in json.loads(ok("list", "--json", pool=pool))["devices"]}

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, pattern
-from thinstore import Pool, replication as RP, stream as S
+from thinstore import Pool, replication as RP, resume as R, stream as S
 from thinstore.storage import runtime_dir
-from thinstore.errors import DeviceExists, StreamError, StreamTruncated, UsageError
+from thinstore.errors import DeviceBusy, DeviceExists, StreamError, StreamTruncated, UsageError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -331,7 +331,7 @@ def test_flipped_byte_is_refused_and_the_pool_is_left_as_it_was(src, dst, dst_pa
         RP.receive(dst, "w", io.BytesIO(flip(data, pos)))
     assert not isinstance(err.value, StreamTruncated)
     assert state(dst, dst_path) == before
-    assert not dst.hidden_exists(".receive.w")
+    assert not dst.hidden_exists(R.hidden_name("w"))
 
 
 def test_newer_format_version_is_refused(src, dst, dst_path):
@@ -413,15 +413,16 @@ def test_send_refuses_volumes_and_terminals(src):
     assert r.returncode == 2 and b"terminal" in r.stderr
 
 
-def test_resume_rechecks_the_target_before_publishing(src, dst):
-    """A volume created while a full receive was interrupted is not overwritten."""
+def test_a_pending_receive_reserves_its_volume_name(src, dst):
+    """A volume created while a full receive was interrupted would make the resume fail
+    only after reading the whole stream: the name is refused until the receive ends."""
     data = stream_of(src, "v@s1")
     with pytest.raises(StreamTruncated):
         RP.receive(dst, "w", io.BytesIO(data[:len(data) // 2]))
-    dst.create_volume("w", MiB)
-    with pytest.raises(DeviceExists, match="volume 'w' exists"):
-        RP.receive(dst, "w", io.BytesIO(data), resume=True)
-    assert dst.info("w").size == MiB and RP.abort_receive(dst, "w")
+    with pytest.raises(DeviceBusy, match="receive into 'w' is pending"):
+        dst.create_volume("w", MiB)
+    RP.receive(dst, "w", io.BytesIO(data), resume=True)
+    assert dst.info("w@s1").kind == "snapshot"
 
 
 def test_progress_bar_on_a_terminal_only(src, tmp_path):

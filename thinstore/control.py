@@ -2,7 +2,8 @@
 
 A running ``thinstore serve`` holds the pool's exclusive lock, so the CLI cannot
 open the pool itself.  Instead the server listens on ``POOL/control.sock``
-(mode 0600) and runs management calls for it; :class:`RemotePool` is the client,
+(mode 0600; each side checks the other's SO_PEERCRED: root, the pool directory's
+owner or its own user, see thinstore/sockets.py) and runs management calls for it; :class:`RemotePool` is the client,
 with the same management methods as :class:`thinstore.Pool`.  Both sides share
 the pool lock discipline of the core, so a snapshot taken here holds every
 write the NBD server acknowledged before it.
@@ -28,8 +29,9 @@ import select
 import socket
 import threading
 
-from thinstore import errors
+from thinstore import errors, sockets
 from thinstore.errors import DeviceBusy, ProtocolError, ThinstoreError
+from thinstore.sockets import short_socket_path  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +66,6 @@ def socket_path(pool: str) -> str:
     """The control socket of the pool at `pool` (a directory or a rados:// URI)."""
     from .storage import runtime_dir
     return os.path.join(runtime_dir(pool), SOCKET_NAME)
-
-
-@contextlib.contextmanager
-def short_socket_path(path: str):
-    """A name for `path` that fits a sockaddr_un (107 bytes): a pool may live deep.
-
-    Linux resolves /proc/self/fd/N/NAME through the open directory N, so binding or
-    connecting there reaches the same socket file whatever the directory's length.
-    """
-    if len(os.fsencode(path)) < 100:
-        yield path
-        return
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
-    finally:
-        os.close(fd)
 
 
 def _to_wire(value, shape):
@@ -118,6 +103,7 @@ class ControlServer:
         self._stopping = threading.Event()
         self._clients = threading.Semaphore(MAX_CLIENTS)
         self._thread: threading.Thread | None = None
+        self._identity = None
         self.readers: dict[str, int] = {}     # device -> online readers (online.py)
         self.readers_lock = threading.Lock()
         #: callables NAME@SNAP -> context manager, entered around each snapshot (a frontend
@@ -126,15 +112,7 @@ class ControlServer:
 
     def listen(self, path: str | None = None) -> str:
         path = path or socket_path(self.pool.path)
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with short_socket_path(path) as short:
-                sock.bind(short)
-        finally:
-            os.umask(old)
+        sock, self._identity = sockets.bind_private(path, "control socket")
         sock.listen(16)
         sock.settimeout(0.2)
         self._listener, self.path = sock, path
@@ -146,10 +124,8 @@ class ControlServer:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(5)
-        try:
-            os.unlink(self.path)
-        except (OSError, AttributeError):
-            pass
+        if getattr(self, "path", None):
+            sockets.release(self.path, self._identity)
 
     def _accept_loop(self) -> None:
         try:
@@ -165,8 +141,27 @@ class ControlServer:
         finally:
             self._listener.close()
 
+    def _trusted(self, conn: socket.socket) -> bool:
+        """Answer only root, the pool's owner and the server's own user (SO_PEERCRED): a
+        socket left readable by mistake must not hand the pool to any local user."""
+        _pid, uid, _gid = sockets.peer_credentials(conn)
+        if uid in sockets.trusted_uids(self.pool.path):
+            return True
+        log.warning("control socket: refused a client running as %s", sockets.user_name(uid))
+        error = errors.UntrustedPeer(f"this server answers only root and the owner of pool "
+                                      f"{self.pool.path}, not {sockets.user_name(uid)}")
+        try:  # read its request first, so the refusal is its answer, not a broken pipe
+            conn.settimeout(1.0)
+            conn.makefile("rb").readline(MAX_LINE + 1)
+            conn.sendall(json.dumps({"ok": False, "error": _error_dict(error)}).encode() + b"\n")
+        except OSError:
+            pass
+        return False
+
     def _serve_client(self, conn: socket.socket) -> None:
         try:
+            if not self._trusted(conn):
+                return
             conn.settimeout(IDLE_TIMEOUT)
             reader = _Lines(conn)
             while not self._stopping.is_set():
@@ -227,7 +222,7 @@ class ControlServer:
         busy = self.sessions.connections(name) if self.sessions else 0
         if busy and not force:
             raise DeviceBusy(f"{name!r} has {busy} open NBD connection(s): disconnect the "
-                             "clients first, or destroy with --force to drop them")
+                             "clients first, or destroy with force=True to drop them")
         if busy:
             self.sessions.disconnect(name)
         return self.pool.destroy(name, force=force)
@@ -355,8 +350,21 @@ class RemotePool:
         self._sock.settimeout(timeout)
         with short_socket_path(socket_path(path)) as short:
             self._sock.connect(short)
+        self._check_server()
         self._reader = self._sock.makefile("rb")
         self._lock = threading.Lock()
+
+    def _check_server(self) -> None:
+        """Trust the answers only of a server run by root or the pool's owner (SO_PEERCRED):
+        in a directory others could write to, anyone could have planted this socket."""
+        _pid, uid, _gid = sockets.peer_credentials(self._sock)
+        if uid not in sockets.trusted_uids(self.path):
+            self._sock.close()
+            where = socket_path(self.path)
+            raise errors.UntrustedPeer(
+                f"{where} is served by {sockets.user_name(uid)}, neither root nor the owner "
+                f"of pool {self.path}: not trusting it; remove that socket and make the pool "
+                f"directory writable by its owner only (chmod 700 {self.path})")
 
     @classmethod
     def connect(cls, path: str) -> "RemotePool | None":
@@ -366,6 +374,8 @@ class RemotePool:
         try:
             remote = cls(path, timeout=5.0)
             remote.ping()
+        except errors.UntrustedPeer:
+            raise                       # a planted or refusing socket: say so, do not fall back
         except (OSError, ThinstoreError):
             return None
         remote._sock.settimeout(None)

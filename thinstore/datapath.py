@@ -169,7 +169,7 @@ class DataPath:
             fresh = space.allocate(n)
         if fresh is None:
             raise PoolFull(f"pool {self.path} is full: writing to {dm.name!r} needs {n} "
-                           f"chunk(s), {space.free()} free; destroy a device or discard data")
+                           f"chunk(s), {space.free()} free; grow the pool, destroy a device or discard data")
         self._note_allocated(n)
         K.prealloc(self.md.data_fio, self.md.chunk_shift, len(space.refs.arr), space.cursor_arr,
                    fresh)

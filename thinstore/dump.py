@@ -34,7 +34,7 @@ from .paged import PagedArray
 from .pool import POOL_FLAG_DATA_CHECKSUMS
 from .salvage import salvage
 from .spacemap import SpaceMap
-from .storage import DirLock, FileIO, is_rados, locked_store
+from .storage import DirLock, FileIO, is_rados, locked_store, private_dir
 
 FORMAT = "thinstore-metadata"
 
@@ -130,7 +130,7 @@ def restore_path(path: str, doc: dict, fileio=FileIO) -> int:
     if is_rados(path):
         raise UsageError(f"restore into a rados:// pool ({path}) is not supported: restore "
                          "into a directory pool and copy it across with send/receive")
-    os.makedirs(path, exist_ok=True)
+    private_dir(path)
     lockfd = DirLock(path)
     tmp = os.path.join(path, "meta.restore")
     try:
@@ -161,18 +161,37 @@ def _open_data(path: str, doc: dict, fileio):
 
 
 def _swap_in(path: str, tmp: str) -> None:
+    """The new meta replaces the old, which is kept under the first free name of meta.old,
+    meta.old.1, meta.old.2, ...: a second restore must not delete the only copy of the
+    original metadata that the first one kept."""
     meta = os.path.join(path, "meta")
-    old = os.path.join(path, "meta.old")
     if os.path.exists(meta):
-        if os.path.exists(old):
-            os.unlink(old)
-        os.link(meta, old)
+        os.link(meta, os.path.join(path, _free_old_name(path)))
     os.replace(tmp, meta)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _free_old_name(path: str) -> str:
+    n = 0
+    while os.path.lexists(os.path.join(path, _old_name(n))):
+        n += 1
+    return _old_name(n)
+
+
+def _old_name(n: int) -> str:
+    return "meta.old" if n == 0 else f"meta.old.{n}"
+
+
+def newest_kept_metadata(path: str) -> str | None:
+    """The name of the meta file the last restore kept (meta.old, meta.old.1, ...)."""
+    n = 0
+    while os.path.lexists(os.path.join(path, _old_name(n))):
+        n += 1
+    return _old_name(n - 1) if n else None
 
 
 def _build(meta_fio, data_fio, doc: dict) -> int:

@@ -24,6 +24,8 @@ returns, so both mappings live here and nowhere else::
      +-- ProtocolError              EINVAL  exit 14  NBD/control wire errors
      +-- StorageUnavailable         EIO     exit 15  the pool's home cannot be reached
      +-- Fenced                     EIO     exit 16  another host took the pool over
+     +-- SocketInUse                EADDRINUSE exit 1 a socket path is a file or live
+     +-- UntrustedPeer              EACCES  exit 1   a socket's peer is not root/owner
 
 The class docstring is the default message; callers pass a message that names the
 device and says what to do.
@@ -166,3 +168,17 @@ class Fenced(ThinstoreError):
     """This process no longer owns the pool: another one took it over and fenced it."""
 
     exit_code = 16
+
+
+class SocketInUse(ThinstoreError):
+    """A server's socket path holds a non-socket or another server's live socket."""
+
+    errno = _errno.EADDRINUSE
+    exit_code = 1
+
+
+class UntrustedPeer(ThinstoreError):
+    """The process on the other end of a pool's socket is neither root nor the pool's owner."""
+
+    errno = _errno.EACCES
+    exit_code = 1

@@ -2,7 +2,11 @@
 
 A hidden device is persisted like any other (an interrupted receive resumes into it)
 but list() omits it and no lookup by name finds it, so a half-received stream is
-never visible. `publish_hidden` turns it into `vol@snap` (and `vol`) in ONE commit,
+never visible. Its name, ``%receive/VOL``, holds characters no device name may
+contain, so no user name can meet it: ``create``, ``destroy`` and ``receive`` of any
+valid name never collide with a workspace. While one exists, VOL cannot be destroyed
+or renamed (the receive would publish into a volume that is gone), and status()
+reports the space it holds. `publish_hidden` turns it into `vol@snap` (and `vol`) in ONE commit,
 which is what makes a receive atomic. These are methods of Pool (a mixin): they use
 its lock, `_find`, `_share_device`, `_drop_device`, `_replace_map` and `_info`.
 """
@@ -16,7 +20,22 @@ from .device import Device, DeviceInfo
 from .errors import DeviceBusy, InvalidName, NoSuchDevice
 from .metadata import FLAG_HIDDEN, DeviceMeta, dir_length
 from .paged import PagedArray
-from .units import check_device_size
+from .units import check_device_size, format_size
+
+#: Workspace names start with this; '%' and '/' are in no device name (names.py).
+WORKSPACE_PREFIX = "%receive/"
+_LEGACY_PREFIX = ".receive."   # pools written before the namespace: in the user's names
+
+
+def workspace_name(volume: str) -> str:
+    """The hidden workspace of a receive into `volume`."""
+    return WORKSPACE_PREFIX + volume
+
+
+def _check_workspace_name(name: str) -> None:
+    if not (isinstance(name, str) and name.startswith(WORKSPACE_PREFIX)):
+        raise InvalidName(f"hidden device names start with {WORKSPACE_PREFIX!r}, not {name!r}")
+    names.check_name(name[len(WORKSPACE_PREFIX):], snapshot=False)
 
 
 class HiddenDevices:
@@ -29,7 +48,7 @@ class HiddenDevices:
         receive resumes into it) yet never visible half-made. It starts empty, or
         sharing every map page of snapshot `like` (as a clone), then takes `size`.
         """
-        names.check_name(name, snapshot=False)
+        _check_workspace_name(name)
         check_device_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
@@ -46,6 +65,34 @@ class HiddenDevices:
     def _hidden(self, name: str) -> DeviceMeta | None:
         return next((dm for dm in self.md.devices.values()
                      if dm.name == name and dm.flags & FLAG_HIDDEN), None)
+
+    def _workspace_of(self, volume: str) -> DeviceMeta | None:
+        return self._hidden(workspace_name(volume)) or self._hidden(_LEGACY_PREFIX + volume)
+
+    def _refuse_pending_receive(self, volume: str, action: str) -> None:
+        """Destroy and rename of a volume with a pending receive would strand the receive
+        (it publishes into VOL) and hide the space its workspace holds, and a new device
+        taking the name would make it fail only after its whole stream was read; refuse,
+        with the fix."""
+        dm = self._workspace_of(volume)
+        if dm is None:
+            return
+        held = format_size(self._info(dm).exclusive)
+        raise DeviceBusy(f"a receive into {volume!r} is pending (its workspace holds {held}): "
+                         f"finish it or drop it before you {action} {volume!r} "
+                         f"('thinstore receive --resume {volume}' or '--abort {volume}'; "
+                         "replication.receive(resume=True) or abort_receive)")
+
+    def pending_receives(self) -> dict[str, int]:
+        """{volume: bytes its receive workspace alone holds} for every pending receive."""
+        with self.lock:
+            self._check_open()
+            found = {}
+            for dm in self.md.devices.values():
+                if dm.flags & FLAG_HIDDEN:
+                    volume = dm.name.removeprefix(WORKSPACE_PREFIX).removeprefix(_LEGACY_PREFIX)
+                    found[volume] = self._info(dm).exclusive
+            return found
 
     def hidden_exists(self, name: str) -> bool:
         with self.lock:

@@ -54,7 +54,7 @@ from .paged import PagedArray
 from .storage import FileIO, open_store
 from .synclog import SyncLog
 from .rwlock import RWLock
-from .units import check_device_size
+from .units import check_device_size, format_size
 
 log = logging.getLogger("thinstore")
 
@@ -102,7 +102,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                              "from 4K to 1M")
         nchunks = capacity // chunk_size
         if nchunks < 1:
-            raise UsageError(f"capacity {capacity} is smaller than one chunk ({chunk_size})")
+            raise UsageError(f"capacity {format_size(capacity)} is smaller than one chunk "
+                             f"({format_size(chunk_size)})")
         store = open_store(path, fileio)
         try:
             store.make()
@@ -285,6 +286,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
         if self._exists(name):
             raise DeviceExists(f"device {name!r} exists already; choose another name "
                                "or destroy it first")
+        if "@" not in name:     # a pending receive will publish a volume of this name
+            self._refuse_pending_receive(name, "use the name")
 
     # ------------------------------------------------------------ management
     def create_volume(self, name: str, size: int) -> DeviceInfo:
@@ -334,6 +337,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
         with self.lock:
             self._check_open()
             dm = self._find(name)
+            self._refuse_pending_receive(name, "destroy")
             if dm.opens and not force:
                 raise DeviceBusy(f"device {name!r} is in use ({dm.opens} open handle(s)); "
                                  "disconnect its clients or force")
@@ -353,6 +357,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
         with self.lock:
             self._check_open()
             dm = self._find(old)
+            self._refuse_pending_receive(old, "rename")
             obase, osnap = names.split(old)
             nbase, nsnap = names.split(new)
             if (osnap is None) != (nsnap is None) or (osnap and obase != nbase):
@@ -398,8 +403,9 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             if dm.read_only:
                 raise ReadOnlyDevice(f"{name!r} is a snapshot; snapshots cannot be resized")
             if size < dm.size and not shrink:
-                raise UsageError(f"{name!r} is {dm.size} bytes; shrinking to {size} loses data: "
-                                 "pass --shrink to do it")
+                raise UsageError(f"{name!r} is {format_size(dm.size)}; shrinking it to "
+                                 f"{format_size(size)} discards the data past that: pass "
+                                 "shrink=True to do it")
             self._set_size(dm, size)
             self.commit()
             return self._info(dm)
@@ -428,7 +434,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             md = self.md
             nchunks = capacity // md.chunk_size + 1
             if nchunks < len(md.space.refs):
-                raise UsageError(f"pool {self.path} holds {self.capacity} bytes; "
+                raise UsageError(f"pool {self.path} holds {format_size(self.capacity)}; "
                                  "a pool can grow but not shrink")
             md.data_fio.truncate(nchunks * md.chunk_size)
             md.space.resize(nchunks)
@@ -487,7 +493,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                     "low_water_crossed": used >= space.capacity * self.md.low_water_pct / 100,
                     "backend": BACKEND, "generation": self.md.generation,
                     "data_checksums": self.data_checksums,
-                    "metadata_bytes": self.md.meta_fio.size()}
+                    "metadata_bytes": self.md.meta_fio.size(),
+                    "pending_receives": self.pending_receives()}
 
     # ------------------------------------------------------------ handles
     def open_device(self, name: str) -> Device:

@@ -31,6 +31,7 @@ from . import stream as S
 from .diff import DeviceMap, DiffCounters, DiffRange, diff_maps
 from .errors import DeviceExists, NoSuchDevice, PoolFull, StreamError, StreamTruncated, UsageError
 from .native import K
+from .units import format_size
 
 Progress = Callable[[int, int], None]  # called with (bytes done since last call, total)
 CHECKPOINT_BYTES = 64 << 20  # stream bytes between resume checkpoints
@@ -211,9 +212,10 @@ def receive(pool, name: str, inp: BinaryIO, *, resume: bool = False, force: bool
 def abort_receive(pool, name: str) -> bool:
     """Drop an interrupted receive into NAME (workspace and token); False if none."""
     token = R.load(pool, name)
-    hidden = R.hidden_name(name)
-    had = token is not None or pool.hidden_exists(hidden)
-    pool.destroy_hidden(hidden)
+    hidden = {R.hidden_name(name), ".receive." + name} | ({token.hidden} if token else set())
+    had = token is not None or any(pool.hidden_exists(h) for h in hidden)
+    for h in hidden:        # the token's own name, and one from before the namespace
+        pool.destroy_hidden(h)
     R.remove(pool, name)
     return had
 
@@ -292,8 +294,8 @@ def _find_base(pool, name: str, header: S.Header, force: bool) -> str:
                           f"snapshots ({have}) is it; send from a snapshot the receiver has")
     changed = diff(pool, name, base).changed_bytes
     if changed and not force:
-        raise UsageError(f"volume {name!r} has changed since {base!r} ({changed} bytes "
-                         f"differ): roll it back, or pass --force to discard those changes")
+        raise UsageError(f"volume {name!r} has changed since {base!r} ({format_size(changed)} "
+                         f"differ): roll it back, or pass force=True to discard those changes")
     return base
 
 
@@ -305,6 +307,7 @@ def _resume(pool, token: R.Token, inp: BinaryIO, progress) -> ReceiveStats:
             return ReceiveStats(target, 0, 0, 0, True)
         raise StreamError(f"the interrupted receive into {token.name!r} lost its workspace; "
                           f"drop it with 'receive --abort {token.name}' and start again")
+    _check_target(pool, token.name, token.header, token.force)  # before reading, not after
     if token.complete:
         return _Receiver(pool, token, None, fresh=False, progress=progress).run()
     return _Receiver(pool, token, _resume_reader(token, inp), fresh=False,

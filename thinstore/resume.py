@@ -23,14 +23,14 @@ from typing import BinaryIO
 
 from . import stream as S
 from .errors import StreamError
+from .hidden import workspace_name
 
 TOKEN_FORMAT = 1
-HIDDEN_PREFIX = ".receive."
 
 
 def hidden_name(name: str) -> str:
-    """The hidden workspace of a receive into volume NAME."""
-    return HIDDEN_PREFIX + name
+    """The hidden workspace of a receive into volume NAME (a name no user name can be)."""
+    return workspace_name(name)
 
 
 @dataclasses.dataclass
@@ -101,9 +101,10 @@ def load(pool, name: str) -> Token | None:
 
 def save(pool, token: Token) -> None:
     path = _path(pool, token.name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
         json.dump(token.to_json(), f, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())

@@ -54,6 +54,35 @@ def _libc():
     return _LIBC or None
 
 
+def private_dir(path: str) -> None:
+    """Create directory `path` (and its parents) readable and writable by its owner only,
+    whatever the umask, or accept an existing one that no one else can write to.
+
+    A pool's directory decides who can swap its ``meta`` or plant a ``control.sock``;
+    like ZFS's and LVM's state it belongs to root or its owner alone (0700).
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    check_private_dir(path)
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse a directory that group or others may write to: anyone could replace the
+    pool's files or plant a fake control socket there. The message gives the fix."""
+    from .errors import ThinstoreError
+    mode = os.stat(path).st_mode
+    if mode & 0o022:
+        raise ThinstoreError(f"pool directory {path} is writable by {_who(mode)} (mode "
+                             f"{mode & 0o7777:04o}): any local user could replace its files "
+                             f"or plant a fake control socket; make it private with "
+                             f"'chmod 700 {path}' (check who owns it)")
+
+
+def _who(mode: int) -> str:
+    return " and ".join(w for w, bit in (("its group", 0o020), ("others", 0o002)) if mode & bit)
+
+
 class FileIO:
     """One open file with positional I/O. Short reads past EOF read as zeros."""
 
@@ -217,7 +246,7 @@ class DirStore:
         return os.path.isfile(os.path.join(self.path, "meta"))
 
     def make(self) -> None:
-        os.makedirs(self.path, exist_ok=True)
+        private_dir(self.path)
         if self.exists():
             from .errors import UsageError
             raise UsageError(f"{self.path} already holds a pool")
@@ -254,13 +283,17 @@ class DirStore:
 
 
 class DirLock:
-    """The pool directory's exclusive lock; a second opener learns the holder's pid."""
+    """The pool directory's exclusive lock; a second opener learns the holder's pid.
+
+    Every opener of a directory pool (Pool, check, repair, dump, restore) comes here
+    first, so a pool directory others can write to is refused here, with the fix."""
 
     def __init__(self, path: str):
         import fcntl
         from .errors import PoolLocked
+        check_private_dir(path)
         lockpath = os.path.join(path, "lock")
-        fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

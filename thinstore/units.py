@@ -21,6 +21,8 @@ def parse_size(text: str | int) -> int:
     """Return the byte count ``text`` names; raise UsageError saying what is accepted."""
     if isinstance(text, int):
         return _check_non_negative(text, str(text))
+    if text.strip().startswith("-"):
+        raise UsageError(f"invalid size {text!r}: size must be positive")
     match = _SIZE_RE.match(text)
     if match is None or (match.group(3) and match.group(3).lower() == "ib" and not match.group(2)):
         raise UsageError(f"invalid size {text!r}: use bytes or a K/M/G/T suffix, "
@@ -34,7 +36,7 @@ def parse_size(text: str | int) -> int:
 
 def _check_non_negative(value: int, text: str) -> int:
     if value < 0:
-        raise UsageError(f"invalid size {text!r}: must not be negative")
+        raise UsageError(f"invalid size {text!r}: size must be positive")
     return value
 
 

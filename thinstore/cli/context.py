@@ -9,6 +9,7 @@ running server holds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 from thinstore.errors import CorruptMetadata, PoolLocked, UsageError
@@ -114,4 +115,6 @@ def pool_path(args) -> str:
     if not getattr(args, "pool", None):
         raise UsageError("no pool given: pass --pool DIR (or rados://CEPHPOOL/NAME) "
                          "or set THINSTORE_POOL")
+    if os.path.exists(args.pool) and not os.path.isdir(args.pool):   # a file, FIFO, device
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), args.pool)
     return args.pool

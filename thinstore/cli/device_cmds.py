@@ -7,11 +7,12 @@ the core does the work and raises the error that says what went wrong.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from thinstore.cli.context import open_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell, time_cell
-from thinstore.units import parse_size
+from thinstore.units import format_size, parse_size
 
 
 def register(subparsers) -> None:
@@ -73,7 +74,17 @@ def _register_list(subparsers) -> None:
 def cmd_create(args) -> int:
     with open_pool(args) as pool:
         pool.create_volume(args.name, args.size)
+        free = pool.status()["free"]
+    if args.size > free:
+        note(f"{args.name!r} ({format_size(args.size)}) is larger than the pool's free "
+             f"space ({format_size(free)}): it is thin, so this is allowed, but writes fail "
+             "once the pool is full; grow it first ('thinstore grow +SIZE') if it will fill")
     return 0
+
+
+def note(text: str) -> None:
+    """A remark that is not an error: on stderr, so stdout stays what scripts parse."""
+    print(f"thinstore: note: {text}", file=sys.stderr)
 
 
 def cmd_snapshot(args) -> int:
@@ -91,6 +102,13 @@ def cmd_clone(args) -> int:
 def cmd_destroy(args) -> int:
     with open_pool(args) as pool:
         pool.destroy(args.name, force=args.force)
+        kept = [] if "@" in args.name else \
+            [i.name for i in pool.list() if i.name.startswith(args.name + "@")]
+    if kept:
+        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        note(f"{len(kept)} snapshot{'s' if len(kept) > 1 else ''} of {args.name!r} remain "
+             f"({shown}); they are whole on their own: destroy them with "
+             f"'thinstore destroy {kept[0]}'" + (" and so on" if len(kept) > 1 else ""))
     return 0
 
 
@@ -108,7 +126,7 @@ def cmd_rollback(args) -> int:
 
 def cmd_resize(args) -> int:
     with open_pool(args) as pool:
-        pool.resize(args.name, args.size, shrink=args.shrink)
+        pool.resize(args.name, args.size, shrink=args.shrink)   # its error names --shrink
     return 0
 
 
@@ -121,6 +139,8 @@ LIST_SIZES = ("size", "used", "exclusive", "shared")
 def cmd_list(args) -> int:
     with open_pool(args) as pool:
         infos = [pool.info(name) for name in args.names] if args.names else pool.list()
+        pending = pool.status().get("pending_receives") if not args.names else None
+    _note_pending(pending)
     devices = [device_dict(info) for info in infos]
     if args.type:
         devices = [d for d in devices if d["kind"] in args.type]
@@ -135,6 +155,15 @@ def cmd_list(args) -> int:
                 right={n for n, i in enumerate(picked) if i in (2, 3, 4, 5)},
                 header=args.headers)
     return 0
+
+
+def _note_pending(pending) -> None:
+    """Space held by interrupted receives is in no listed device: say where it went (on
+    stderr, so a script reading the table or the JSON sees no change)."""
+    if pending:
+        from thinstore.cli.pool_cmds import pending_text
+        note(f"not listed: interrupted receives into {pending_text(pending)}; finish with "
+             "'thinstore receive --resume NAME' or drop with '--abort NAME'")
 
 
 LIST_COLUMNS = ("name", "kind", "size", "used", "exclusive", "shared", "origin", "created")
@@ -152,16 +181,32 @@ def _columns(text: str) -> list[str]:
     return columns
 
 
+_KIND_WORDS = {"volume": "volume", "volumes": "volume", "vol": "volume", "vols": "volume",
+               "snapshot": "snapshot", "snapshots": "snapshot", "snap": "snapshot",
+               "snaps": "snapshot", "clone": "clone", "clones": "clone"}
+
+
 def _kinds(text: str) -> set[str]:
-    """``-t snapshot`` or ``-t volume,clone``; ``all`` means every kind."""
-    kinds = {k.rstrip("s") if k != "all" else k for k in text.lower().split(",") if k}
-    if "all" in kinds:
+    """``-t snapshot`` or ``-t vols,clones`` (singular, plural or short); ``all`` is every
+    kind.  An unknown word is quoted as typed ('vols' once came back as 'vol')."""
+    words = [w for w in text.lower().split(",") if w]
+    if "all" in words:
         return set(_KINDS)
-    bad = kinds - set(_KINDS)
-    if bad or not kinds:
+    bad = [w for w in words if w not in _KIND_WORDS]
+    if bad or not words:
         raise argparse.ArgumentTypeError(
-            f"unknown kind {', '.join(sorted(bad)) or text!r}: use {','.join(_KINDS)} or all")
-    return kinds
+            f"unknown kind {', '.join(map(repr, bad)) or repr(text)}: use "
+            f"{','.join(_KINDS)} or all")
+    return {_KIND_WORDS[w] for w in words}
+
+
+def _origin_cell(device: dict) -> str:
+    """A snapshot whose volume was destroyed still names it, marked gone: 'vm1 (gone)'."""
+    if device["origin"]:
+        return device["origin"]
+    if device["kind"] == "snapshot":
+        return device["name"].partition("@")[0] + " (gone)"
+    return "-"
 
 
 def _volume_then_snapshot(device: dict) -> tuple[str, str]:
@@ -177,5 +222,5 @@ def device_dict(info) -> dict:
 
 def _list_row(device: dict, parsable: bool) -> list[str]:
     sizes = [size_cell(device[key], parsable) for key in LIST_SIZES]
-    return [device["name"], device["kind"], *sizes, device["origin"] or "-",
+    return [device["name"], device["kind"], *sizes, _origin_cell(device),
             time_cell(device["created"], parsable)]

@@ -6,12 +6,13 @@ Both keep sparseness (see rawcopy.py) and show a progress bar only on a terminal
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
-from thinstore.cli import rawcopy
+from thinstore.cli import files, rawcopy
 from thinstore.cli.context import open_pool
 from thinstore.cli.names import device_name, volume_name
-from thinstore.errors import ReadOnlyDevice, UsageError
+from thinstore.errors import PoolFull, ReadOnlyDevice, UsageError
 from thinstore.progress import Progress
 from thinstore.units import format_size, parse_size
 
@@ -41,6 +42,10 @@ def _import_target(text: str) -> str:
 
 
 def cmd_import(args) -> int:
+    files.check_input(args.file)
+    if args.size is None and args.file != "-" and _is_stream(args.file):
+        raise UsageError(f"{args.file}: a pipe or character device has no size: give the "
+                         "volume's --size (e.g. the source's 'thinstore list -Hp -o size NAME')")
     fd = os.dup(sys.stdin.fileno()) if args.file == "-" else os.open(args.file, os.O_RDONLY)
     try:
         file_size = _seekable_size(fd)
@@ -48,14 +53,25 @@ def cmd_import(args) -> int:
             return _import_stream(args, fd)
         size = _volume_size(args.size, file_size, args.file)
         with open_pool(args) as pool:
+            _fits(pool, fd, file_size, args.file, args.name)
             _import_into_new_volume(pool, args.name, size, fd, file_size)
     finally:
         os.close(fd)
     return 0
 
 
+def _is_stream(path: str) -> bool:
+    """A FIFO, socket or character device: read as a stream (opening a FIFO would wait
+    for a writer, so this is asked of the path before it is opened)."""
+    mode = os.stat(path).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+
+
 def _seekable_size(fd: int) -> int | None:
-    """The size of a file or block device; None for a pipe, socket or terminal."""
+    """The size of a file or block device; None for a pipe, socket, terminal or character
+    device (/dev/zero seeks, to 0: it would make an empty volume)."""
+    if stat.S_ISCHR(os.fstat(fd).st_mode):
+        return None
     try:
         return os.lseek(fd, 0, os.SEEK_END)
     except OSError:
@@ -80,8 +96,28 @@ def _volume_size(requested: int | None, file_size: int, path: str) -> int:
         return file_size
     if requested < file_size:
         raise UsageError(f"--size {format_size(requested)} is smaller than {path} "
-                         f"({file_size} bytes): data would be cut off")
+                         f"({format_size(file_size)}): data would be cut off")
     return requested
+
+
+def _fits(pool, fd: int, file_size: int, path: str, name: str) -> None:
+    """Refuse, before writing anything, an image whose data (its allocated extents, to
+    whole chunks) cannot fit the pool's free space: 100M into a 64M pool wrote 64M and
+    only then failed.  All-zero chunks inside the extents are not written, so an image
+    may need less than this; it never needs more."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):   # a block device: no extents to count
+        return
+    status = pool.status()
+    chunk, free = status["chunk_size"], status["free"]
+    need = sum(end - start for start, end in
+               rawcopy.align_segments(rawcopy.data_segments(fd, file_size), chunk, file_size))
+    need = -(-need // chunk) * chunk
+    if need > free:
+        raise PoolFull(f"cannot import {path} into {name!r}: it holds up to "
+                       f"{format_size(need)} of data but the pool has {format_size(free)} "
+                       f"free, so it would be full: grow the pool first ('thinstore grow "
+                       f"+{format_size(need - free)}' or more) or free space; nothing was "
+                       "written")
 
 
 def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int | None) -> None:
@@ -104,19 +140,18 @@ def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int 
 
 
 def cmd_export(args) -> int:
+    """A regular FILE is written beside and renamed only when complete (files.py): a failed
+    export leaves the old file as it was, never a full-size image of holes."""
+    if args.file == "-":
+        files.refuse_terminal(sys.stdout, "a raw image", "redirect it (> FILE) or pipe it")
+    files.check_output(args.file)
     with open_pool(args) as pool:
         dev = pool.open_device(args.name)
         try:
             progress = Progress(dev.size, f"export {args.name}")
-            with _open_output(args.file) as out, progress:
+            with files.output(args.file, "a raw image", "redirect it or pipe it") as out, \
+                    progress:
                 rawcopy.export_device(dev, out.fileno(), progress)
         finally:
             dev.close()
     return 0
-
-
-def _open_output(path: str):
-    """The output file, created or truncated; ``-`` is stdout (left open afterwards)."""
-    if path == "-":
-        return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb", buffering=0)

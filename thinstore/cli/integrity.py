@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     restore = subparsers.add_parser(
         "restore", help="replace the metadata from a JSON dump (like thin_restore)",
         description="Write new metadata from a JSON dump; the old meta file is kept as "
-        "meta.old. Data chunks are never written.")
+        "meta.old (meta.old.1, ... after later restores). Data chunks are never written.")
     restore.add_argument("input", metavar="FILE", help="the dump ('-' for stdin)")
     restore.add_argument("-f", "--force", action="store_true",
                          help="restore even a dump of another pool (its maps then name "
@@ -133,15 +133,18 @@ def cmd_dump(args) -> int:
         print(f"thinstore: warning: {p}", file=sys.stderr)
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n" if args.json else dump_text(doc)
     if args.output and args.output != "-":  # '-' is stdout, as for export and restore
-        with open(args.output, "w") as f:
-            f.write(text)
+        from thinstore.cli import files
+        with files.output(args.output, "a dump", "use -o FILE") as f:  # whole or not at all
+            f.write(text.encode())
     else:
         sys.stdout.write(text)
     return 0
 
 
 def cmd_restore(args) -> int:
-    from thinstore.dump import load_dump, restore_path
+    from thinstore.dump import load_dump, newest_kept_metadata, restore_path
+    from thinstore.cli import files
+    files.check_input(args.input)
     if args.input == "-":
         text = sys.stdin.read()
     else:
@@ -155,7 +158,9 @@ def cmd_restore(args) -> int:
         _refuse_another_pools_dump(pool_path(args), doc)
     with needs_pool_itself(args, "restore"):
         gen = restore_path(pool_path(args), doc)
-    print(f"restored metadata at generation {gen}; the previous meta file is meta.old")
+    kept = newest_kept_metadata(pool_path(args))
+    print(f"restored metadata at generation {gen}"
+          + (f"; the previous meta file is {kept}" if kept else ""))
     return 0
 
 

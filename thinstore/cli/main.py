@@ -17,6 +17,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from thinstore.errors import ThinstoreError
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Call the handler, mapping failures to one line on stderr and an exit code."""
-    if args.command != "serve":  # serve configures its own log lines
+    if getattr(args.func, "__name__", "") != "cmd_serve":  # serve (and each frontend's
+        # command, which is serve) configures its own log lines
         _log_like_errors()
     try:
         return args.func(args) or 0
@@ -120,8 +122,17 @@ def _report(err: BaseException | None, code: int, message: str | None = None) ->
         import traceback
 
         traceback.print_exception(err)
-    print(f"{PROG}: {message or err}", file=sys.stderr)
+    print(f"{PROG}: {_cli_words(message or str(err))}", file=sys.stderr)
     return code
+
+
+_API_ARGUMENT = re.compile(r"\b(shrink|force)=True\b")
+
+
+def _cli_words(message: str) -> str:
+    """The core's errors name its API's arguments ('pass shrink=True'); on the command
+    line the same advice is the option ('pass --shrink')."""
+    return _API_ARGUMENT.sub(lambda m: f"--{m.group(1)}", message)
 
 
 def _os_message(err: OSError) -> str:

@@ -116,8 +116,8 @@ def cmd_status(args) -> int:
 
 
 STATUS_SIZES = {"capacity", "used", "free", "chunk_size", "metadata_bytes"}
-STATUS_ORDER = ("path", "capacity", "used", "free", "chunk_size", "devices", "low_water",
-                "backend", "data_checksums", "metadata_bytes", "generation", "uuid")
+STATUS_ORDER = ("path", "capacity", "used", "free", "chunk_size", "devices", "pending_receives",
+                "low_water", "backend", "data_checksums", "metadata_bytes", "generation", "uuid")
 
 
 def print_status(status: dict, parsable: bool) -> None:
@@ -125,9 +125,10 @@ def print_status(status: dict, parsable: bool) -> None:
 
     Keys the core adds later are printed after the known ones, so nothing is hidden.
     """
-    lines = {key: _status_value(status, key, parsable) for key in STATUS_ORDER if key in status}
+    lines = {key: _status_value(status, key, parsable) for key in STATUS_ORDER
+             if key in status and (key != "pending_receives" or status[key])}
     lines.update((key, _plain(value)) for key, value in status.items()
-                 if key not in lines and key != "low_water_crossed")
+                 if key not in lines and key not in ("low_water_crossed", "pending_receives"))
     width = max(len(key) for key in lines) + 2
     for key, value in lines.items():
         print(f"{(key.replace('_', ' ') + ':').ljust(width)}{value}")
@@ -142,7 +143,16 @@ def _status_value(status: dict, key: str, parsable: bool) -> str:
         return text
     if key == "low_water":
         return _low_water(value, status.get("low_water_crossed"))
+    if key == "pending_receives":
+        return pending_text(value, parsable) or "none"
     return _plain(value)
+
+
+def pending_text(pending: dict, parsable: bool = False) -> str:
+    """``vol (9M held)``: interrupted receives, which list leaves out but which hold space
+    until 'receive --resume' finishes them or 'receive --abort' drops them."""
+    return ", ".join(f"{name} ({size_cell(held, parsable)} held)"
+                     for name, held in sorted((pending or {}).items()))
 
 
 def _low_water(mark, crossed) -> str:

@@ -20,6 +20,7 @@ import stat
 from collections.abc import Iterator
 
 from thinstore.errors import UsageError
+from thinstore.units import format_size
 
 BLOCK_SIZE = 4 << 20
 EXTENT_WINDOW = 1 << 30
@@ -134,7 +135,7 @@ def import_stream(fd: int, dev, progress) -> None:
         if got == 0:
             return
         if offset + got > dev.size:
-            raise UsageError(f"the input is longer than the volume ({dev.size} bytes): "
+            raise UsageError(f"the input is longer than the volume ({format_size(dev.size)}): "
                              "give a larger --size")
         for start, run in nonzero_runs(buf, got, dev.chunk_size):
             dev.pwrite(view[start:start + run], offset + start)

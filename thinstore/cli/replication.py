@@ -15,10 +15,10 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 from types import SimpleNamespace
 
 from thinstore import replication as RP
+from thinstore.cli import files
 from thinstore.cli.context import open_local_pool, served_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell
@@ -137,52 +137,15 @@ def _base_name(snapshot: str, base: str | None) -> str | None:
     return snapshot_name(f"{volume}@{base.lstrip('@')}")
 
 
-@contextlib.contextmanager
 def _output(path):
-    if path is not None:
-        with _replacing(path) as f:
-            yield f
-        return
-    if sys.stdout.isatty():
-        raise UsageError("refusing to write a binary stream to a terminal: "
-                         "pipe it (| ssh host thinstore receive ...) or use -o FILE")
-    sys.stdout.flush()
-    yield sys.stdout.buffer
-    sys.stdout.buffer.flush()
-
-
-@contextlib.contextmanager
-def _replacing(path: str):
-    """Write a regular ``-o FILE`` beside it and rename it into place only when the send
-    succeeded: a mistyped snapshot or a failed send must not truncate the stream that FILE
-    held, nor leave a partial stream under FILE's name.  A FIFO or device is written as is.
-    """
-    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        with open(path, "wb") as f:
-            yield f
-        return
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return files.output(path if path is not None else "-", "a binary stream",
+                        "pipe it (| ssh host thinstore receive ...) or use -o FILE")
 
 
 @contextlib.contextmanager
 def _input(path):
     if path is not None:
+        files.check_input(path)
         with open(path, "rb") as f:
             yield f
         return

@@ -20,6 +20,7 @@ import threading
 from thinstore.errors import UsageError
 
 DEFAULT_SOCKET = "nbd.sock"
+log = logging.getLogger("thinstore.serve")
 
 
 def register(subparsers) -> None:
@@ -113,7 +114,10 @@ def tls_context(args) -> tuple[ssl.SSLContext | None, bool]:
         raise UsageError("give both --tls-cert and --tls-key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    from thinstore.cli.files import check_input
     for name in (args.tls_cert, args.tls_key, args.tls_ca):
+        if name:
+            check_input(name)                  # a directory: "Is a directory"
         if name and not os.path.isfile(name):  # ssl's own error names no file
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     ctx.load_cert_chain(args.tls_cert, args.tls_key)
@@ -146,6 +150,7 @@ def cmd_serve(args) -> int:
         try:  # a failed start (a TCP port in use) must not leave the unix socket behind
             bound = [_bind(f"{host}:{port}", server.listen_tcp, host, port)
                      for host, port in listens]
+            warn_if_exposed(bound, config.tls_context is not None, config.tls_require)
             _bind(control_socket_path(path), control.listen)
             server.start()
             context = ServeContext(pool=pool, pool_dir=os.path.abspath(pool.local_dir),
@@ -167,7 +172,7 @@ def cmd_serve(args) -> int:
                 frontend.stop()
             control.shutdown()
             server.shutdown()
-            _unlink(sock)
+            server.release_unix()
     return 0
 
 
@@ -181,6 +186,32 @@ def _bind(where: str, listen, *args):
         if "too long" in reason:
             reason += " (a unix socket path has at most 107 bytes: serve a pool with a shorter path)"
         raise OSError(err.errno, reason, where) from err
+
+
+def warn_if_exposed(bound, tls: bool, required: bool = True) -> None:
+    """Without TLS, a TCP listener beyond loopback hands every volume, read-write, to
+    anyone who can reach the port (NBD has no other authentication); say so, as the
+    nbdkit and qemu-nbd manuals do, and name the fix.  ``--tls on`` leaves plaintext to
+    the client's choice, which is the same exposure."""
+    if tls and required:
+        return
+    how = "with TLS optional (--tls on)" if tls else "without TLS"
+    fix = ("use --tls require" if tls else "give --tls-cert and --tls-key (and --tls-ca to "
+           "demand client certificates)")
+    for host, port in bound:
+        if not _loopback(host):
+            shown = f"[{host}]" if ":" in host else host
+            log.warning("warning: listening on %s:%d %s: anyone who can reach this port can "
+                        "read and write every volume; %s, or listen on 127.0.0.1",
+                        shown, port, how, fix)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def server_config(args):
@@ -223,11 +254,4 @@ def stop_on_signal() -> threading.Event:
 def wait_for_signal(stop: threading.Event | None = None) -> None:
     stop = stop or stop_on_signal()
     while not stop.wait(1.0):
-        pass
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
         pass

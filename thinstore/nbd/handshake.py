@@ -42,6 +42,12 @@ class Agreement:
     catalog: object = None
 
 
+#: Options a client may send per listed export on top of ServerConfig.max_options.
+OPTIONS_PER_EXPORT = 4
+#: Handshake time granted per listed export on top of ServerConfig.handshake_timeout.
+SECONDS_PER_EXPORT = 0.005
+
+
 class Negotiation:
     """Option haggling for one connection; :meth:`run` drives it."""
 
@@ -50,6 +56,10 @@ class Negotiation:
         self.deadline = time.monotonic() + config.handshake_timeout
         self.tls = False
         self.no_zeroes = False
+        self.allowance = 0      # options granted beyond max_options (see _list)
+        self.listed: int | None = None      # exports LIST returned, for 'serve -v'
+        self._bases: dict[str, list[str]] | None = None   # volume -> snapshots, from LIST
+        self.refused: str | None = None     # the last option refused, for 'serve -v'
         self._forget()
 
     def _forget(self) -> None:
@@ -69,6 +79,7 @@ class Negotiation:
         self.sock.sendall(P.option_reply(option, reply, data))
 
     def _error(self, option: int, reply: int, message: str) -> None:
+        self.refused = message
         self._reply(option, reply, message.encode()[:P.MAX_STRING])
 
     # -- phases --------------------------------------------------------------
@@ -81,7 +92,9 @@ class Negotiation:
         self.no_zeroes = bool(flags & P.CLIENT_FLAG_NO_ZEROES)
         if self.config.tls_require and not flags & P.CLIENT_FLAG_FIXED_NEWSTYLE:
             raise HardDisconnect("TLS required but the client is not fixed newstyle")
-        for _ in range(self.config.max_options):
+        handled = 0
+        while handled < self.config.max_options + self.allowance:
+            handled += 1
             outcome = self._one_option()
             if outcome is not None:
                 return outcome or None
@@ -186,9 +199,22 @@ class Negotiation:
     def _list(self, option: int, data: bytes):
         if data:
             raise P.OptionError(P.Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
-        for info in self.catalog.list():
+        listed = self.catalog.list()
+        self.listed = len(listed)
+        self._bases = {}    # the meta-context queries after LIST reuse it: not one list each
+        for info in listed:
+            if info.kind == "snapshot":
+                self._bases.setdefault(info.name.split("@", 1)[0], []).append(info.name)
+        for info in listed:
             self._reply(option, P.Rep.SERVER, P.rep_server(info.name, self.catalog.description(info)))
         self._reply(option, P.Rep.ACK)
+        # 'nbdinfo --list' follows LIST with INFO and meta-context queries for every export:
+        # the option cap grows with what was listed, so a pool of 10,000 snapshots lists
+        # (once per connection: a client repeating LIST gains nothing more)
+        extra = OPTIONS_PER_EXPORT * len(listed)
+        if extra > self.allowance:      # ... and so does the time the handshake may take
+            self.deadline += (extra - self.allowance) / OPTIONS_PER_EXPORT * SECONDS_PER_EXPORT
+            self.allowance = extra
 
     def _structured_reply(self, option: int, data: bytes):
         if data:
@@ -205,7 +231,7 @@ class Negotiation:
         except ThinstoreError as exc:
             raise P.OptionError(P.Rep.ERR_UNKNOWN, f"no export {request.name!r}: {exc}") from None
         listing = option == P.Opt.LIST_META_CONTEXT
-        bases = self.catalog.diff_bases(request.name) if listing else ()
+        bases = self._diff_bases(request.name) if listing else ()
         chosen = P.match_meta_contexts(request.queries, listing, bases,
                                        self.catalog.is_diff_base)
         if not listing:
@@ -235,6 +261,13 @@ class Negotiation:
     def _clear_contexts_unless(self, name: str) -> None:
         if self.meta_export != name:
             self.meta_contexts = []
+
+    def _diff_bases(self, export: str) -> list[str]:
+        """The other snapshots of `export`'s volume: from LIST's answer when there was one
+        (nbdinfo --list asks this of every export: a pool listing each time was O(N^2))."""
+        if self._bases is None:
+            return self.catalog.diff_bases(export)
+        return [n for n in self._bases.get(export.split("@", 1)[0], []) if n != export]
 
     def _agree(self, device) -> Agreement:
         chosen = self.meta_contexts if self.structured else []

@@ -13,18 +13,19 @@ forced, and a forced destroy drops that device's clients.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass
 
+from thinstore import sockets
+from thinstore.units import format_size
 from thinstore.nbd.exports import Catalog
 from thinstore.nbd.handshake import HardDisconnect, Negotiation
 from thinstore.nbd.stats import ExportStats
 from thinstore.nbd.transmission import Transmission
-from thinstore.nbd.wire import close_quietly, hang_up
+from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,27 @@ class NBDServer:
         self._sessions: dict[int, Transmission] = {}
         self._next_id = 0
         self._stopping = threading.Event()
+        self.unix_sockets: dict[str, tuple[int, int]] = {}
         self._stats = ExportStats()
         self._started = time.monotonic()
 
     # -- listening ---------------------------------------------------------------
     def listen_unix(self, path: str) -> str:
-        """Bind a unix socket readable and writable by the owner only (0600)."""
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+        """Bind a unix socket readable and writable by the owner only (0600).
+
+        Replaces only a stale socket: a file at ``path``, or a socket where another server
+        answers, raises SocketInUse (thinstore/sockets.py).  :meth:`release_unix` removes
+        the socket later only if it is still this one.
+        """
+        sock, identity = sockets.bind_private(path, "NBD socket")
+        self.unix_sockets[path] = identity
         self._add_listener(sock)
         return path
+
+    def release_unix(self) -> None:
+        """Remove the unix sockets this server bound (those still its own)."""
+        for path, identity in self.unix_sockets.items():
+            sockets.release(path, identity)
 
     def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Bind TCP; returns the bound (host, port) (port 0 picks a free one)."""
@@ -142,8 +147,12 @@ class NBDServer:
 
     # -- one connection ----------------------------------------------------------
     def _serve(self, conn_id: int, sock: socket.socket) -> None:
+        """One connection; with ``serve -v`` (INFO) one line when it opens an export and
+        one when it closes: peer, export, duration and bytes read and written."""
+        peer, started, session, why = _peer(sock), time.monotonic(), None, "no export chosen"
+        negotiation = Negotiation(sock, self.catalog, self.config)
         try:
-            agreement = Negotiation(sock, self.catalog, self.config).run()
+            agreement = negotiation.run()
             if agreement is None or self._stopping.is_set():
                 close_quietly(agreement.sock if agreement else sock)
                 if agreement:
@@ -153,9 +162,11 @@ class NBDServer:
             with self._lock:
                 self._sockets[conn_id] = agreement.sock
                 self._sessions[conn_id] = session
+            log.info("connection %d from %s: opened %r%s", conn_id, peer, session.dev.name,
+                     " (read-only)" if session.read_only else "")
             session.run()
         except (HardDisconnect, OSError, ssl.SSLError, ValueError) as exc:
-            log.info("connection %d closed: %s", conn_id, exc)
+            why = _why(exc, negotiation if session is None else None)
         except Exception:
             log.exception("connection %d failed", conn_id)
         finally:
@@ -165,6 +176,7 @@ class NBDServer:
                 if session is not None:     # under the lock: iostat sees it once, not 0 or 2 times
                     self._stats.retire(session.dev.name, session.stats)
             close_quietly(live)
+            _log_close(conn_id, peer, started, session, why)
 
     # -- management ----------------------------------------------------------------
     def connections(self, name: str | None = None) -> int:
@@ -204,3 +216,38 @@ class NBDServer:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+
+
+def _peer(sock: socket.socket) -> str:
+    """Who connected: ``pid N uid N`` on a unix socket (SO_PEERCRED), ``HOST:PORT`` on TCP."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, _gid = sockets.peer_credentials(sock)
+            return f"pid {pid} uid {uid}"
+        host, port = sock.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except OSError:
+        return "an unknown peer"
+
+
+def _why(exc: BaseException, negotiation) -> str:
+    """Why a connection ended, as a reader of 'serve -v' wants it: a client that lists
+    the exports and hangs up, or asks for a missing one, is not a broken pipe."""
+    hung_up = isinstance(exc, (PeerClosed, BrokenPipeError, ConnectionResetError))
+    why = "the client hung up" if hung_up else str(exc)
+    if negotiation is not None and negotiation.listed is not None:
+        why += f" after listing {negotiation.listed} export(s)"
+    if negotiation is not None and negotiation.refused:
+        why += f"; last refusal: {negotiation.refused}"
+    return why
+
+
+def _log_close(conn_id: int, peer: str, started: float, session, why: str) -> None:
+    took = time.monotonic() - started
+    if session is None:
+        log.info("connection %d from %s: closed in the handshake after %.1f s (%s)",
+                 conn_id, peer, took, why)
+        return
+    read, written = session.moved
+    log.info("connection %d from %s: closed %r after %.1f s, read %s, wrote %s",
+             conn_id, peer, session.dev.name, took, format_size(read), format_size(written))

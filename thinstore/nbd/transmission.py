@@ -97,6 +97,7 @@ class Transmission:
         self._inbox, self._outbox = Inbox(self.sock), Outbox(self.sock)
         self.stats = S.ConnectionStats()    # read by iostat; see thinstore.nbd.stats
         self._reader = threading.get_ident()
+        self.moved = [0, 0]     # bytes asked to READ, to WRITE (counted by the reader thread)
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
@@ -135,6 +136,8 @@ class Transmission:
         if self._outbox.dead:
             raise PeerClosed("the peer stopped taking replies")   # no one to answer
         fields = self._inbox.unpack(P.REQUEST)
+        if fields[2] <= P.Cmd.WRITE:    # READ 0, WRITE 1: for 'serve -v' and its close line
+            self.moved[fields[2]] += fields[5]
         if self._fast_path(*fields):
             return True
         req = P.Request._make(fields)

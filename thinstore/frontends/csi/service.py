@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from concurrent import futures
 
 import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from thinstore import __version__
+from thinstore import __version__, sockets
 from thinstore.errors import NoSuchDevice, UsageError
 
 from . import csi_pb2 as pb
@@ -168,16 +167,9 @@ def socket_path(endpoint: str) -> str:
 
 
 def _remove_stale(path: str) -> None:
-    """Remove a socket a dead plugin left; refuse to steal one a live plugin answers on."""
+    """Remove a socket a dead plugin left; refuse to steal one a live plugin answers on,
+    and never remove a file that is not a socket (thinstore/sockets.py)."""
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise UsageError(f"{path}: another process is serving there")
+    sockets.clear_stale(path, "CSI socket")
