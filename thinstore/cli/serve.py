@@ -223,11 +223,18 @@ def server_config(args):
                         max_connections=args.max_connections, workers=args.workers)
 
 
+ANNOUNCED_DEVICES = 50   # a pool of 10,000 snapshots must not print 10,000 lines at start
+
+
 def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
-    """Print the URIs clients use (NAME stands for a device name), then one per device.
+    """Print the URIs clients use (NAME stands for a device name), then one per device,
+    the first ANNOUNCED_DEVICES of them and a count of the rest (``thinstore list`` and
+    ``nbdinfo --list`` name them all).
 
     Socket paths are printed absolute: the URI is pasted into another terminal, whose
     working directory is not the server's (``--pool demo-pool`` gave a relative socket).
+    A pool of thousands of devices printed hundreds of KiB here, which blocked a server
+    whose stdout is a pipe no one drains, and a SIGTERM could not stop it meanwhile.
     """
     scheme = "nbds" if tls else "nbd"
     sock, control = os.path.abspath(sock), os.path.abspath(control)
@@ -236,8 +243,12 @@ def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
         shown = f"[{host}]" if ":" in host else host
         print(f"{scheme}://{shown}:{port}/NAME")
     print(f"control socket: {control}")
-    for name in devices:
+    devices = list(devices)
+    for name in devices[:ANNOUNCED_DEVICES]:
         print(f"  {name}: {scheme}+unix:///{name}?socket={sock}")
+    if len(devices) > ANNOUNCED_DEVICES:
+        print(f"  ... and {len(devices) - ANNOUNCED_DEVICES} more devices "
+              "('thinstore list' names them all)")
     sys.stdout.flush()
 
 
