@@ -44,8 +44,7 @@ class HiddenDevices:
             self.commit()
 
     def _hidden(self, name: str) -> DeviceMeta | None:
-        return next((dm for dm in self.md.devices.values()
-                     if dm.name == name and dm.flags & FLAG_HIDDEN), None)
+        return next((dm for dm in self.md.devices.named(name) if dm.flags & FLAG_HIDDEN), None)
 
     def hidden_exists(self, name: str) -> bool:
         with self.lock:

@@ -92,13 +92,18 @@ class SpaceMap:
         """Mark the refcount leaves that changed in this transaction dirty."""
         self.refs.mark(self.flagged(ST_REF_CHANGED))
 
-    def commit_done(self, data_fio, chunk_shift: int) -> int:
-        """After the commit is durable: free pending chunks (punching them) and clear state."""
+    def commit_done(self, data_fio, chunk_shift: int, defer=None) -> int:
+        """After the commit is durable: free pending chunks and clear state. The freed
+        chunks' bytes go back to the file system by a hole punch: handed to `defer`
+        (the pool's background reclaim, reclaim.py) when given, else punched here."""
         touched = self.flagged(0xFF)
         freed = touched[(self.state[touched] & ST_PENDING_FREE) != 0]
+        self.state[touched] = 0
+        if defer is not None:
+            defer(freed)
+            return len(freed)
         for start, count in _runs(freed):
             data_fio.punch(start << chunk_shift, count << chunk_shift)
-        self.state[touched] = 0
         return len(freed)
 
     def written(self) -> np.ndarray:

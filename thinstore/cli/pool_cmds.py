@@ -111,8 +111,8 @@ def cmd_status(args) -> int:
     return 0
 
 
-STATUS_SIZES = {"capacity", "used", "free", "chunk_size", "metadata_bytes"}
-STATUS_ORDER = ("path", "capacity", "used", "free", "chunk_size", "devices", "low_water",
+STATUS_SIZES = {"capacity", "used", "free", "freeing", "chunk_size", "metadata_bytes"}
+STATUS_ORDER = ("path", "capacity", "used", "free", "freeing", "chunk_size", "devices", "low_water",
                 "backend", "data_checksums", "metadata_bytes", "generation", "uuid")
 
 
