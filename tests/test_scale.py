@@ -164,3 +164,50 @@ def test_a_crash_with_punches_queued_loses_and_leaks_nothing(pool_path, monkeypa
         assert dev.pread(0, 4 * MiB) == keep
     assert check_pool(pool) == []
     pool.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A 256 MiB loop device over a sparse file (root and losetup needed)."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup (util-linux)")
+    backing = tmp_path / "backing"
+    with open(backing, "wb") as f:
+        f.truncate(256 * MiB)
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_data_on_a_raw_block_device(tmp_path, loop_device):
+    dev, backing = loop_device
+    path = str(tmp_path / "pool")
+    pool = Pool.create(path, None, 64 << 10, commit_interval=0, data_device=dev)
+    assert pool.capacity == 256 * MiB - (64 << 10)          # the whole device, less chunk 0
+    pool.create_volume("vol", 64 * MiB)
+    data = _filled(pool, "vol", 32 * MiB, 7)
+    pool.snapshot("vol@a")
+    with pool.open_device("vol") as d:
+        d.pwrite(pattern(8, 4096), 4096)
+    pool.close()
+    with Pool.open(path, commit_interval=0) as pool:
+        with pool.open_device("vol@a") as d:
+            assert d.pread(0, 32 * MiB) == data
+        with pool.open_device("vol") as d:
+            assert d.pread(4096, 4096) == pattern(8, 4096)
+        with pytest.raises(OSError, match="block device holds"):
+            pool.grow(512 * MiB)
+        pool.destroy("vol@a")
+        pool.destroy("vol")
+        assert pool.wait_freed(timeout=60)
+        assert pool.status()["used"] == 0
+    assert check_path(path).problems == []
+    assert os.stat(backing).st_blocks * 512 < 4 * MiB     # punched through to the loop file

@@ -51,7 +51,7 @@ from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import BACKEND, NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
-from .storage import FileIO
+from .storage import FileIO, device_capacity
 from .synclog import SyncLog
 from .reclaim import Reclaimer
 from .rwlock import RWLock
@@ -100,7 +100,14 @@ class Pool(DataPath, HiddenDevices, Recovery, Queries):
     @classmethod
     def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                low_water: float = 0.9, data_checksums: bool = True,
-               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
+               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO,
+               data_device: str | None = None) -> "Pool":
+        """A new pool in directory `path` (capacity in bytes). With `data_device` (a
+        raw block device, DESIGN §1) the data lives there, named by the symlink
+        POOL/data, instead of in a sparse file; the device must hold the capacity plus
+        one chunk (capacity None: as much as the device holds)."""
+        if data_device is not None:
+            capacity = device_capacity(data_device, capacity, chunk_size)
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
@@ -112,7 +119,9 @@ class Pool(DataPath, HiddenDevices, Recovery, Queries):
             raise UsageError(f"{path} already holds a pool")
         lockfd = _take_lock(path)
         try:
-            data = fileio(os.path.join(path, "data"), create=True)
+            if data_device is not None:
+                os.symlink(os.path.abspath(data_device), os.path.join(path, "data"))
+            data = fileio(os.path.join(path, "data"), create=data_device is None)
             data.truncate((nchunks + 1) * chunk_size)
             meta = fileio(os.path.join(path, "meta"), create=True)
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
