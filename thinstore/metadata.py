@@ -51,6 +51,8 @@ class DeviceMeta:
     opens: int = 0          # open Device handles (memory only)
 
     def __setattr__(self, key, value):
+        if key != "opens":
+            self.__dict__["_packed"] = None      # its root-record bytes change with it
         if key not in _INDEXED:
             object.__setattr__(self, key, value)
             return
@@ -64,6 +66,15 @@ class DeviceMeta:
     @property
     def read_only(self) -> bool:
         return self.kind == "snapshot"
+
+    def packed(self) -> bytes:
+        """This device's root-record bytes, kept until a field or its directory's root
+        changes (a commit with 10,000 devices re-packed all of them every time)."""
+        data = self.__dict__.get("_packed")
+        if data is None:
+            data = fmt.pack_device(self.record())
+            self.__dict__["_packed"] = data
+        return data
 
     def record(self) -> fmt.DeviceRecord:
         return fmt.DeviceRecord(self.dev_id, self.uuid, self.kind, self.size, self.created_ns,
@@ -268,10 +279,11 @@ class Metadata:
         for arr in (self.space.refs, self.space.sums, self.maps.locations):
             arr.flush(store, gen)
         for dev in self.devices.values():
-            dev.directory.flush(store, gen)
+            if dev.directory.flush(store, gen):
+                dev.__dict__["_packed"] = None
         root = fmt.RootRecord(self.space.refs.root(), self.space.sums.root(),
                               self.maps.locations.root(), self.next_dev_id,
-                              [d.record() for d in self.devices.values()],
+                              [d.packed() for d in self.devices.values()],
                               self.low_water_pct, self.flags)
         data = fmt.pack_root(root)
         for loc in self.root_blocks:
