@@ -107,6 +107,9 @@ class ControlServer:
         self._stopping = threading.Event()
         self._clients = threading.Semaphore(MAX_CLIENTS)
         self._thread: threading.Thread | None = None
+        #: callables NAME@SNAP -> context manager, entered around each snapshot (a frontend
+        #: freezes the file system it has mounted from the volume; never holding the pool lock)
+        self.snapshot_hooks: list = []
 
     def listen(self, path: str | None = None) -> str:
         path = path or socket_path(self.pool.path)
@@ -201,6 +204,13 @@ class ControlServer:
         if busy:
             self.sessions.disconnect(name)
         return self.pool.destroy(name, force=force)
+
+    def _op_snapshot(self, name: str):
+        """The snapshot inside every hook of ``snapshot_hooks`` (outermost first)."""
+        with contextlib.ExitStack() as hooks:
+            for hook in list(self.snapshot_hooks):
+                hooks.enter_context(hook(name))
+            return self.pool.snapshot(name)
 
     def _op_rollback(self, snapshot: str):
         """Refused while clients use the volume: its content would change under them."""

@@ -1,0 +1,308 @@
+"""The attach module with the real tools: nbdfuse + loop devices, mkfs, mount, fsfreeze.
+
+Needs root, /dev/fuse, free loop devices (skips with the reason otherwise).  The kernel
+NBD transport is tested only where the host has the nbd module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from nbd_helpers import MiB, need, served
+from thinstore.control import ControlServer, RemotePool
+from thinstore.frontends.attach import Attacher, AttachError, connectors, host
+from thinstore.frontends.attach.state import MAGIC
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXT4_SUPERBLOCK = 1024
+EXT4_INCOMPAT = 0x60            # s_feature_incompat, from the superblock's start
+EXT4_NEEDS_RECOVERY = 0x4       # INCOMPAT_RECOVER: the journal must be replayed
+
+
+def require_fuse_loop() -> None:
+    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "fsfreeze",
+         "blkid")
+    if os.geteuid() != 0:
+        pytest.skip("loop devices and mounts need root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is not available")
+    if subprocess.run(["losetup", "-f"], capture_output=True).returncode:
+        pytest.skip("no free loop device")
+
+
+class Rig:
+    """A served pool with a control socket, and an Attacher over nbdfuse + loop."""
+
+    def __init__(self, s):
+        self.s, self.pool = s, s.pool
+        self.control = ControlServer(s.pool, s.server, nbd_socket=s.sock)
+        self.control.listen(os.path.join(s.dir, "control.sock"))
+        self.state_path = os.path.join(s.dir, "attach", "state.json")
+        self.attacher = self.new_attacher()
+        self.control.snapshot_hooks.append(self.attacher.snapshot_hook)
+        self.mnt = os.path.join(s.dir, "mnt")
+
+    def new_attacher(self) -> Attacher:
+        root = os.path.join(os.path.dirname(self.state_path), "dev")
+        return Attacher(self.state_path, self.s.sock,
+                        connector=connectors.FuseLoopConnector(self.s.sock, root))
+
+    def target(self, name: str) -> str:
+        return os.path.join(self.mnt, name)
+
+    def leftovers(self) -> list:
+        root = os.path.join(os.path.dirname(self.state_path), "dev")
+        fuse = [m for m in host.mounts() if m.target.startswith(self.s.dir)]
+        return fuse + list(host.loops_backed_by(root))
+
+    def close(self) -> None:
+        self.attacher.close()
+        self.control.shutdown()
+
+
+@pytest.fixture
+def rig():
+    require_fuse_loop()
+    with served(capacity=2 << 30) as s:
+        r = Rig(s)
+        try:
+            yield r
+        finally:
+            r.close()
+            assert not r.leftovers(), "a mount or loop device outlived the test"
+
+
+def write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_mount_makes_a_file_system_once_and_keeps_the_data(rig):
+    rig.pool.create_volume("db", 256 * MiB)
+    target = rig.attacher.mount("db", rig.target("db"), "c1")
+    assert host.mount_at(target).fstype == "ext4"
+    write(os.path.join(target, "hello"), b"kept")
+    rig.attacher.unmount("db", "c1")
+    assert host.mount_at(target) is None and not rig.leftovers()
+    assert rig.attacher.attached() == {}
+    target = rig.attacher.mount("db", rig.target("db"), "c2", fstype="xfs")
+    assert read(os.path.join(target, "hello")) == b"kept", "mount formatted a used volume"
+    assert host.mount_at(target).fstype == "ext4", "the file system found wins over fstype"
+
+
+def test_data_without_a_signature_is_never_formatted(rig):
+    rig.pool.create_volume("raw", 64 * MiB)
+    payload = os.urandom(4096)
+    with rig.pool.open_device("raw") as dev:
+        dev.pwrite(payload, 3 * MiB)
+    with pytest.raises(AttachError, match="holds data but no file system"):
+        rig.attacher.mount("raw", rig.target("raw"), "c1")
+    with rig.pool.open_device("raw") as dev:
+        assert dev.pread(3 * MiB, 4096) == payload
+    assert rig.attacher.attached() == {} and not rig.leftovers()
+
+
+def test_mount_refcount_per_owner(rig):
+    rig.pool.create_volume("shared", 128 * MiB)
+    target = rig.target("shared")
+    rig.attacher.mount("shared", target, "c1")
+    rig.attacher.mount("shared", target, "c2")
+    rig.attacher.mount("shared", target, "c2")          # one owner counts once
+    assert sorted(rig.attacher.owners("shared")) == ["c1", "c2"]
+    rig.attacher.unmount("shared", "c2")
+    assert host.mount_at(target) is not None, "unmounted while c1 still uses it"
+    rig.attacher.unmount("shared", "c2")                # a retried Unmount: no error
+    assert host.mount_at(target) is not None
+    with pytest.raises(Exception, match="mounted on"):
+        rig.attacher.mount("shared", rig.target("elsewhere"), "c3")
+    rig.attacher.unmount("shared", "c1")
+    assert host.mount_at(target) is None and not rig.leftovers()
+
+
+def test_state_file_is_versioned_and_checked(rig):
+    rig.pool.create_volume("v", 64 * MiB)
+    device = rig.attacher.attach("v", "owner-1")
+    with open(rig.state_path) as f:
+        doc = json.load(f)
+    assert doc["magic"] == MAGIC and doc["version"] == 1
+    assert doc["attachments"]["v"]["device"] == device
+    assert doc["attachments"]["v"]["owners"] == {"owner-1": "device"}
+    doc["attachments"]["v"]["device"] = "/dev/loop999"
+    with open(rig.state_path, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(AttachError, match="checksum"):
+        rig.new_attacher()
+    rig.attacher._save()          # put the real state back for the fixture's clean-up
+
+
+def test_snapshot_through_control_freezes_the_mounted_file_system(rig):
+    rig.pool.create_volume("db", 256 * MiB)
+    target = rig.attacher.mount("db", rig.target("db"), "c1")
+    write(os.path.join(target, "before"), b"x" * 100_000)
+    with RemotePool(rig.s.dir) as remote:
+        remote.snapshot("db@frozen")
+    rig.control.snapshot_hooks.clear()                  # the same, without the freeze
+    write(os.path.join(target, "after"), b"y" * 100_000)
+    with RemotePool(rig.s.dir) as remote:
+        remote.snapshot("db@unfrozen")
+
+    def needs_recovery(name: str) -> bool:
+        with rig.pool.open_device(name) as dev:
+            sb = dev.pread(EXT4_SUPERBLOCK, 1024)
+        return bool(int.from_bytes(sb[EXT4_INCOMPAT:EXT4_INCOMPAT + 4], "little")
+                    & EXT4_NEEDS_RECOVERY)
+    assert not needs_recovery("db@frozen"), "the frozen snapshot still needs a journal replay"
+    assert needs_recovery("db@unfrozen"), "a mounted ext4 snapshotted live needs replay"
+    rig.pool.clone("db@frozen", "db-test")
+    clone = rig.attacher.mount("db-test", rig.target("db-test"), "c2", options=("noload",))
+    assert read(os.path.join(clone, "before")) == b"x" * 100_000
+    assert not os.path.exists(os.path.join(clone, "after"))
+
+
+def test_xfs_clone_mounts_beside_its_origin(rig):
+    need("mkfs.xfs")
+    rig.pool.create_volume("x", 512 * MiB)
+    origin = rig.attacher.mount("x", rig.target("x"), "c1", fstype="xfs")
+    assert host.mount_at(origin).fstype == "xfs"
+    write(os.path.join(origin, "f"), b"xfs data")
+    with RemotePool(rig.s.dir) as remote:
+        remote.snapshot("x@s")
+        remote.clone("x@s", "x2")
+    clone = rig.attacher.mount("x2", rig.target("x2"), "c1")     # same UUID: needs nouuid
+    assert read(os.path.join(clone, "f")) == b"xfs data"
+    write(os.path.join(clone, "g"), b"clone only")
+    assert not os.path.exists(os.path.join(origin, "g"))
+
+
+def has_capability(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        caps = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(caps.split()[1], 16) >> bit & 1)
+
+
+CAP_SYS_RESOURCE = 24
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_extend_then_grow_the_file_system(rig, fstype):
+    need(f"mkfs.{fstype}")
+    if fstype == "ext4" and not has_capability(CAP_SYS_RESOURCE):
+        pytest.skip("growing a mounted ext4 needs CAP_SYS_RESOURCE, which this process lacks")
+    rig.pool.create_volume("g", 320 * MiB)
+    target = rig.attacher.mount("g", rig.target("g"), "c1", fstype=fstype)
+    small = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    rig.pool.resize("g", 1024 * MiB)
+    with pytest.raises(Exception, match="unmount it first"):
+        rig.attacher.extend("g")
+    rig.attacher.unmount("g", "c1")
+    rig.attacher.attach("g", "admin")
+    rig.attacher.extend("g")
+    rig.attacher.mount("g", target, "c1")
+    rig.attacher.grow_filesystem("g")
+    big = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    assert big > 2 * small
+    rig.attacher.detach("g", "admin")
+    rig.attacher.unmount("g", "c1")
+
+
+CRASHER = r"""
+import os, sys, time
+from thinstore import Pool
+from thinstore.nbd.server import NBDServer, ServerConfig
+from thinstore.frontends.attach import Attacher, connectors
+pool_dir, sock, state, target = sys.argv[1:5]
+pool = Pool.open(pool_dir, commit_interval=0)
+server = NBDServer(pool, ServerConfig())
+server.listen_unix(sock)
+server.start()
+root = os.path.join(os.path.dirname(state), "dev")
+a = Attacher(state, sock, connector=connectors.FuseLoopConnector(sock, root))
+a.mount("db", target, "container-1")
+with open(os.path.join(target, "data"), "wb") as f:
+    f.write(b"synced before the crash")
+    f.flush(); os.fsync(f.fileno())
+print("mounted", flush=True)
+time.sleep(600)
+"""
+
+
+def test_recover_after_kill_9_cleans_up_and_keeps_owners():
+    require_fuse_loop()
+    work = tempfile.mkdtemp(prefix="tsatt", dir="/tmp")
+    pool_dir, sock = os.path.join(work, "pool"), os.path.join(work, "nbd.sock")
+    state, target = os.path.join(work, "attach", "state.json"), os.path.join(work, "mnt")
+    from thinstore import Pool
+    with Pool.create(pool_dir, 1 << 30, 64 << 10, commit_interval=0) as pool:
+        pool.create_volume("db", 256 * MiB)
+    child = subprocess.Popen([sys.executable, "-c", CRASHER, pool_dir, sock, state, target],
+                             stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert child.stdout.readline() == b"mounted\n"
+        holder = subprocess.Popen(["sleep", "600"], cwd=target)    # a user of the mount
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        from thinstore.nbd.server import NBDServer, ServerConfig
+        with Pool.open(pool_dir, commit_interval=0) as pool:
+            server = NBDServer(pool, ServerConfig())
+            server.listen_unix(sock)
+            server.start()
+            try:
+                root = os.path.join(work, "attach", "dev")
+                a = Attacher(state, sock, connector=connectors.FuseLoopConnector(sock, root))
+                assert a.recover() == {"db": "cleaned"}
+                assert a.owners("db") == {"container-1": "mount"}, "the refcount was lost"
+                assert host.mount_at(target) is None
+                assert not [m for m in host.mounts() if m.target.startswith(work + "/attach")]
+                assert not host.processes_mentioning(root, "nbdfuse")
+                a.mount("db", target, "container-2")
+                assert read(os.path.join(target, "data")) == b"synced before the crash"
+                a.unmount("db", "container-1")                 # the old container's unmount
+                assert host.mount_at(target) is not None
+                a.unmount("db", "container-2")
+                assert host.mount_at(target) is None
+                holder.kill()
+                holder.wait()
+                assert not host.loops_backed_by(root), "a loop device outlived its users"
+            finally:
+                server.shutdown()
+    finally:
+        child.kill()
+        child.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_kernel_nbd_transport():
+    if not host.kernel_nbd_available():
+        pytest.skip("this host has no kernel NBD client (/sys/module/nbd, /dev/nbd0): "
+                    "the nbdfuse + loop transport serves instead")
+    need("nbd-client", "mkfs.ext4")
+    if os.geteuid() != 0:
+        pytest.skip("NBD devices and mounts need root")
+    with served(capacity=1 << 30) as s:
+        s.pool.create_volume("k", 128 * MiB)
+        a = Attacher(os.path.join(s.dir, "attach", "state.json"), s.sock,
+                     connector=connectors.KernelNBDConnector(s.sock, os.path.join(s.dir, "dev")))
+        try:
+            target = a.mount("k", os.path.join(s.dir, "mnt"), "c1")
+            write(os.path.join(target, "f"), b"through /dev/nbd")
+            assert a.attached()["k"]["device"].startswith("/dev/nbd")
+            a.unmount("k", "c1")
+            target = a.mount("k", os.path.join(s.dir, "mnt"), "c1")
+            assert read(os.path.join(target, "f")) == b"through /dev/nbd"
+        finally:
+            a.close()
