@@ -262,11 +262,15 @@ class Metadata:
     # ------------------------------------------------------------ commit
     def commit(self, checksum_hook=None) -> None:
         """Steps 1-7 of the module docstring, in that order."""
-        sb = self.write_tree(checksum_hook)
-        self.sync()
-        self.write_superblock(sb)
-        self.meta_fio.fsync()
-        self.release(sb)
+        self.space.freeze()
+        try:
+            sb = self.write_tree(checksum_hook)
+            self.sync()
+            self.write_superblock(sb)
+            self.meta_fio.fsync()
+            self.release(sb)
+        finally:
+            self.space.thaw()
 
     def write_tree(self, checksum_hook=None) -> fmt.Superblock:
         """Steps 1-4: the new tree in free blocks; returns the superblock naming it."""

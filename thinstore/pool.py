@@ -266,6 +266,8 @@ class Pool(DataPath, HiddenDevices, Recovery, Queries):
         cost one commit, not N. Crash safety is that of any transaction: a crash before the
         end commits none of them, after it all of them (docs/integrity.md). An operation
         that raises changed nothing; those before it are committed at the end as usual.
+        A commit() or device flush the caller makes inside the block commits what is
+        done so far (the lock keeps every other thread out).
         """
         with self.lock:
             self._check_open()
