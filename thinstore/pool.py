@@ -29,8 +29,6 @@ calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import threading
@@ -44,14 +42,14 @@ from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
 from .recovery import Recovery
 from .queries import Queries
-from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice, PoolLocked,
+from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
-from .native import BACKEND, NATIVE, K
+from .native import NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
-from .storage import FileIO, device_capacity
+from .storage import FileIO, device_capacity, take_pool_lock as _take_lock
 from .synclog import SyncLog
 from .reclaim import Reclaimer
 from .rwlock import RWLock
@@ -494,19 +492,3 @@ class Pool(DataPath, HiddenDevices, Recovery, Queries):
             raise NoSuchDevice(f"device {dm.name!r} was destroyed")
 
     # ------------------------------------------------------------ data path
-def _take_lock(path: str) -> int:
-    """The pool's exclusive lock; a second opener learns the holder's pid."""
-    lockpath = os.path.join(path, "lock")
-    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise PoolLocked(f"pool {path} is in use by process {holder}; stop it or "
-                             "use its control socket") from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

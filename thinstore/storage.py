@@ -10,11 +10,12 @@ the kernels fall back to their Python twins, which call these methods.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import struct
 
-from .errors import UsageError
+from .errors import PoolLocked, UsageError
 
 _ZEROS = bytes(1 << 20)
 _CLONE_ALIGN = 4096                      # the file-system block a reflink shares
@@ -201,3 +202,21 @@ def device_capacity(device: str, capacity: int | None, chunk_size: int) -> int:
         raise UsageError(f"{device} holds {have} bytes: a pool on it with {chunk_size}-byte "
                          f"chunks has at most {most} bytes of capacity")
     return capacity
+
+
+def take_pool_lock(path: str) -> int:
+    """The pool's exclusive lock; a second opener learns the holder's pid."""
+    lockpath = os.path.join(path, "lock")
+    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise PoolLocked(f"pool {path} is in use by process {holder}; stop it or "
+                             "use its control socket") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
