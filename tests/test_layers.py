@@ -6,7 +6,7 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
-        "units", "rwlock", "synclog", "recovery", "fastlane", "queries", "reclaim"]
+        "units", "rwlock", "readers", "synclog", "recovery", "fastlane", "queries", "reclaim"]
 ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends")
 
 

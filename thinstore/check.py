@@ -49,6 +49,11 @@ class Report:
         kinds = {p.kind for p in self.problems}
         return next((code for kind, code in DAMAGE_CODES.items() if kind in kinds), 0)
 
+    @classmethod
+    def from_dict(cls, d: dict, path: str | None = None) -> "Report":
+        """The inverse of to_dict (an online check's answer); `path` as the user gave it."""
+        return cls(path or d["path"], [Problem(**p) for p in d["problems"]], d["info"])
+
     def to_dict(self) -> dict:
         return {"path": self.path, "clean": self.clean, "exit_code": self.exit_code,
                 "info": self.info, "problems": [p.to_dict() for p in self.problems]}
@@ -153,19 +158,70 @@ def check_path(path: str, fileio=FileIO) -> Report:
     meta = fileio(os.path.join(path, "meta"), readonly=True)
     data = fileio(os.path.join(path, "data"), readonly=True)
     try:
-        sv = salvage(meta, data)
-        problems = list(sv.problems)
-        info = {"slots": sv.slots}
-        if sv.md is not None:
-            problems += check_metadata(sv.md)
-            info.update(_summary(sv.md))
-            info["unclean_regions"] = _intent_regions(path, fileio, sv.md)
-            info["log_records"] = log_records(path, fileio, sv.md.sb)
-        return Report(path, problems, info)
+        return _check_files(path, meta, data, lambda md: _intent_regions(path, fileio, md),
+                            lambda md: log_records(path, fileio, md.sb))
     finally:
         meta.close()
         data.close()
         os.close(lockfd)
+
+
+def check_served(pool) -> Report:
+    """Check the committed metadata of an open pool (a server's) while it keeps going.
+
+    Reads ``meta`` as check_path does, through the pool's own open file (whatever
+    backend holds it), but the generation committed at the start is pinned
+    (Pool.pinned_generation): later commits cannot reuse its blocks, and the superblock
+    slots are those read at the pin, so no commit is seen half-written. The
+    write-intent count and the intent log's record count are 0: the regions a running
+    server has marked and the log it appends to are in use, not left over from a crash.
+    """
+    with pool.pinned_generation() as slots:
+        meta = PinnedMeta(pool.md.meta_fio, slots)
+        return _check_files(pool.path, meta, pool.md.data_fio, lambda md: 0, lambda md: 0)
+
+
+def _check_files(path: str, meta, data, intent_regions, log_count) -> Report:
+    sv = salvage(meta, data)
+    problems = list(sv.problems)
+    info = {"slots": sv.slots}
+    if sv.md is not None:
+        problems += check_metadata(sv.md)
+        info.update(_summary(sv.md))
+        info["unclean_regions"] = intent_regions(sv.md)
+        info["log_records"] = log_count(sv.md)      # intent log records the next open replays
+    return Report(path, problems, info)
+
+
+class PinnedMeta:
+    """The pool's ``meta``, read-only, with the superblock slots as they were at the pin.
+
+    The tree those slots name stays intact while pinned; the live slots may be
+    rewritten by a commit at any moment, so they are served from the copy. Only
+    reads go through; the file stays the pool's (close does nothing).
+    """
+
+    def __init__(self, fio, slots: list[bytes]):
+        self._fio, self._head = fio, b"".join(slots)
+
+    def close(self) -> None:
+        pass
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset >= len(self._head):
+            return self._fio.pread(length, offset)
+        head = self._head[offset:offset + length]
+        if len(head) == length:
+            return head
+        return head + self._fio.pread(length - len(head), offset + len(head))
+
+    def size(self) -> int:
+        return self._fio.size()
+
+    def __getattr__(self, name):
+        if name in ("path", "readonly"):
+            return getattr(self._fio, name)
+        raise AttributeError(f"{name}: the pinned meta file is read-only")
 
 
 def _intent_regions(path: str, fileio, md) -> int:

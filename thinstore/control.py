@@ -11,6 +11,11 @@ Wire format: JSON lines.  A request is ``{"op": NAME, "args": {...}}``; the
 answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"type":
 CLASS, "message": TEXT, "errno": N, "exit_code": N}}``.  Errors come back as
 the same :mod:`thinstore.errors` class, so the CLI reports them unchanged.
+
+The read-only commands and receive (thinstore/online.py) are ops too: their
+request line may carry file descriptors (SCM_RIGHTS: the client's stdout for a
+send, its stdin for a receive) and ``"fds": N`` says how many; before the answer
+the server may send ``{"event": {...}}`` lines (progress).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_LINE = 64 << 10
 MAX_CLIENTS = 128
+MAX_FDS = 4               # descriptors one request may pass (SCM_RIGHTS)
 IDLE_TIMEOUT = 60.0       # a control client silent this long is dropped
 
 #: op -> (parameter names, whether the result is a DeviceInfo / list of them)
@@ -107,6 +114,8 @@ class ControlServer:
         self._stopping = threading.Event()
         self._clients = threading.Semaphore(MAX_CLIENTS)
         self._thread: threading.Thread | None = None
+        self.readers: dict[str, int] = {}     # device -> online readers (online.py)
+        self.readers_lock = threading.Lock()
         #: callables NAME@SNAP -> context manager, entered around each snapshot (a frontend
         #: freezes the file system it has mounted from the volume; never holding the pool lock)
         self.snapshot_hooks: list = []
@@ -155,25 +164,33 @@ class ControlServer:
     def _serve_client(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(IDLE_TIMEOUT)
-            reader = conn.makefile("rb")
+            reader = _Lines(conn)
             while not self._stopping.is_set():
-                line = reader.readline(MAX_LINE + 1)
+                line, fds = reader.readline(MAX_LINE + 1)
                 if not line:
                     break
-                conn.sendall(json.dumps(self.handle_line(line)).encode() + b"\n")
+                answer = self.handle_line(line, fds, _Events(conn))
+                conn.sendall(json.dumps(answer).encode() + b"\n")
         except OSError as exc:
             log.debug("control client gone: %s", exc)
         finally:
             conn.close()
             self._clients.release()
 
-    def handle_line(self, line: bytes) -> dict:
-        """One request line -> one answer dict; never raises."""
+    def handle_line(self, line: bytes, fds=(), emit=None) -> dict:
+        """One request line (and the descriptors it carried) -> one answer dict; never
+        raises. `emit(event)` sends an event line ahead of the answer (online ops)."""
+        from thinstore import online
+        fds = list(fds)
         try:
             if len(line) > MAX_LINE:
                 raise ProtocolError("control request too long")
             request = json.loads(line)
-            if not isinstance(request, dict) or request.get("op") not in OPS:
+            op = request.get("op") if isinstance(request, dict) else None
+            if op in online.OPS:
+                return {"ok": True, "result": online.run(self, op, request.get("args") or {},
+                                                         _take_fds(fds, request), emit)}
+            if op not in OPS:
                 raise ProtocolError(f"unknown control request {str(request)[:80]!r}")
             return {"ok": True, "result": self.call(request["op"], request.get("args") or {})}
         except ThinstoreError as exc:
@@ -187,6 +204,9 @@ class ControlServer:
         except Exception as exc:        # a bug: report it, keep serving
             log.exception("control request failed")
             return {"ok": False, "error": _error_dict(ThinstoreError(f"internal error: {exc}"))}
+        finally:
+            for fd in fds:               # whatever the op did not take
+                os.close(fd)
 
     def call(self, op: str, args: dict):
         names, shape = OPS[op]
@@ -197,6 +217,9 @@ class ControlServer:
         return _to_wire(result, shape)
 
     def _op_destroy(self, name: str, force: bool = False):
+        if self.readers.get(name):        # its chunks must not be reused under a reader
+            raise DeviceBusy(f"{name!r} is being read by an online send: "
+                             "wait for it to finish (even --force waits)")
         busy = self.sessions.connections(name) if self.sessions else 0
         if busy and not force:
             raise DeviceBusy(f"{name!r} has {busy} open NBD connection(s): disconnect the "
@@ -229,6 +252,62 @@ class ControlServer:
 
     def _op_ping(self):
         return {"pid": os.getpid(), "nbd_socket": self.nbd_socket}
+
+
+class _Lines:
+    """Request lines from a control connection, with the descriptors that came along.
+
+    A request carrying descriptors is sent in one sendmsg, so they arrive with its
+    bytes; recvmsg (not a buffered reader, which would drop them) collects both.
+    """
+
+    def __init__(self, conn: socket.socket):
+        self.conn, self.buf, self.fds = conn, b"", []
+
+    def readline(self, limit: int) -> tuple[bytes, list[int]]:
+        while b"\n" not in self.buf and len(self.buf) < limit:
+            data, fds, _, _ = socket.recv_fds(self.conn, 65536, MAX_FDS)
+            self.fds += fds
+            if not data:
+                break
+            self.buf += data
+        cut = self.buf.find(b"\n") + 1 or min(len(self.buf), limit)
+        line, self.buf = self.buf[:cut], self.buf[cut:]
+        fds, self.fds = self.fds, []
+        return line, fds
+
+
+class _Events:
+    """Event lines to a control client ahead of its answer, and whether it has gone."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+
+    def __call__(self, event: dict) -> None:
+        self.conn.sendall(json.dumps({"event": event}).encode() + b"\n")
+
+    def gone(self) -> bool:
+        """True once the client hung up (^C, killed): nobody waits for the answer.
+        (poll first: recv on a socket with a timeout would wait for data.)"""
+        try:
+            poller = select.poll()            # not select(): descriptors may pass 1023
+            poller.register(self.conn, select.POLLIN)
+            if not poller.poll(0):
+                return False
+            return self.conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+def _take_fds(fds: list[int], request: dict) -> list[int]:
+    """The descriptors a request declares (``"fds": N``); they are the op's to close."""
+    want = request.get("fds", 0)
+    if not isinstance(want, int) or want != len(fds):
+        raise ProtocolError(f"the request declares {want!r} descriptor(s) but "
+                            f"{len(fds)} came with it")
+    taken = fds[:]
+    fds.clear()
+    return taken
 
 
 def _error_dict(exc: ThinstoreError) -> dict:
@@ -285,12 +364,31 @@ class RemotePool:
         self.close()
 
     def request(self, op: str, **args):
+        return self.stream(op, **args)
+
+    def stream(self, op: str, fds=(), on_event=None, **args):
+        """Run `op` with `args`, passing descriptors `fds` (the server uses them, the
+        caller keeps its own); each event line before the answer goes to on_event."""
+        message = {"op": op, "args": args}
+        if fds:
+            message["fds"] = len(fds)
         with self._lock:
-            self._sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-            line = self._reader.readline(1 << 24)
-        if not line:
-            raise ProtocolError("the server closed the control connection")
-        answer = json.loads(line)
+            data = json.dumps(message).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(self._sock, [data], list(fds))
+                self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
+            while True:
+                line = self._reader.readline()
+                if not line:
+                    raise ProtocolError("the server closed the control connection "
+                                        f"during {op!r} (did it stop?)")
+                answer = json.loads(line)
+                if "event" not in answer:
+                    break
+                if on_event is not None:
+                    on_event(answer["event"])
         if not answer.get("ok"):
             raise _error_from_dict(answer.get("error") or {})
         return answer.get("result")

@@ -111,6 +111,17 @@ def dump_path(path: str, fileio=FileIO) -> tuple[dict, list]:
         os.close(lockfd)
 
 
+def dump_served(pool) -> tuple[dict, list]:
+    """dump_path for an open pool (a server's): its committed generation, read through
+    the pool's own meta file and pinned while it is read (see check.check_served)."""
+    from .check import PinnedMeta
+    with pool.pinned_generation() as slots:
+        sv = salvage(PinnedMeta(pool.md.meta_fio, slots), pool.md.data_fio)
+        if sv.md is None:
+            raise CorruptMetadata("; ".join(str(p) for p in sv.problems))
+        return dump_metadata(sv.md), sv.problems
+
+
 def _need_pool(path: str) -> None:
     if not os.path.isfile(os.path.join(path, "meta")):
         raise PoolNotFound(f"no thinstore pool at {path}")

@@ -25,6 +25,8 @@ class MetaStore:
         self.pending: list[int] = []
         self.cursor = SUPERBLOCK_SLOTS
         self.blocks_written = 0
+        self.pins = 0              # readers of a committed generation (Pool.pinned_generation)
+        self.held: list[int] = []  # blocks freed while pinned: free again at the last unpin
 
     def mark_used(self, locations) -> None:
         locs = np.asarray(locations, dtype=np.int64)
@@ -73,11 +75,22 @@ class MetaStore:
         self.pending.append(location)
 
     def release_pending(self) -> None:
-        """After a commit is durable: blocks the old tree used become free."""
-        if self.pending:
+        """After a commit is durable: blocks the old tree used become free, unless a
+        reader has pinned a generation: then they wait in `held` for the last unpin."""
+        if self.pins:
+            self.held += self.pending
+            self.pending.clear()
+        elif self.pending:
             self.used[np.asarray(self.pending, dtype=np.int64)] = False
             self.pending.clear()
         self.cursor = SUPERBLOCK_SLOTS
+
+    def unpin(self) -> None:
+        """One reader of a pinned generation is done; the last one frees what was held."""
+        self.pins -= 1
+        if not self.pins and self.held:
+            self.used[np.asarray(self.held, dtype=np.int64)] = False
+            self.held.clear()
 
     def free_count(self) -> int:
         return int(np.count_nonzero(~self.used))

@@ -18,11 +18,12 @@ close, or a flush the log cannot take. After a crash the pool opens at its last
 commit and replays the log: every write acknowledged before the last completed
 flush reads back exactly.
 
-Pool's methods live in five modules: this one (lifecycle, commit, management,
+Pool's methods live in six modules: this one (lifecycle, commit, management,
 handles), thinstore/datapath.py (the request handlers Device calls, flush),
 thinstore/recovery.py (what an open does after an unclean shutdown),
-thinstore/queries.py (list, info, status) and thinstore/hidden.py (the receive
-workspace), joined as mixins so callers keep
+thinstore/queries.py (list, info, status), thinstore/hidden.py (the receive
+workspace) and thinstore/readers.py (a pinned generation and map views for online
+readers), joined as mixins so callers keep
 calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 """
 
@@ -42,6 +43,7 @@ from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
 from .recovery import Recovery
 from .queries import Queries
+from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import log_base, new_uuid, valid_chunk_size
@@ -62,7 +64,7 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
-class Pool(DataPath, HiddenDevices, Recovery, Queries):
+class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
     def __init__(self, path: str, md: Metadata, lockfd: int, *, commit_interval: float,

@@ -19,6 +19,7 @@ What must hold, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid as _uuid
@@ -28,7 +29,7 @@ from . import names
 from . import resume as R
 from . import stream as S
 from .diff import DeviceMap, DiffCounters, DiffRange, diff_maps
-from .errors import DeviceExists, NoSuchDevice, StreamError, StreamTruncated, UsageError
+from .errors import DeviceExists, NoSuchDevice, PoolFull, StreamError, StreamTruncated, UsageError
 from .native import K
 
 Progress = Callable[[int, int], None]  # called with (bytes done since last call, total)
@@ -40,19 +41,8 @@ CHECKPOINT_SECONDS = 5.0
 
 
 def device_map(pool, name: str) -> DeviceMap:
-    """Read-only view of a device's map for the diff; call with pool.lock held.
-
-    The core has no public accessor for maps; this reads its attributes
-    (DeviceMeta.directory, MapStore.pages) without changing anything.
-    """
-    dm = pool._find(name)
-    maps = pool.md.maps
-
-    def rows(ids):
-        maps.ensure_loaded(ids)
-        return maps.pages[ids.astype("int64")]
-
-    return DeviceMap(dm.size, pool.chunk_size, dm.directory.arr.copy(), rows)
+    """Read-only view of a device's map for the diff; call with pool.lock held."""
+    return DeviceMap(*pool.map_view(name))
 
 
 @dataclasses.dataclass
@@ -68,6 +58,14 @@ class DiffResult:
     @property
     def changed_bytes(self) -> int:
         return sum(r.length for r in self.ranges)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiffResult":
+        """The inverse of to_dict (an online diff's answer, thinstore/online.py)."""
+        ranges = [DiffRange(r["offset"], r["length"], r["a"] == "data", r["b"] == "data")
+                  for r in d["ranges"]]
+        return cls(d["a"], d["b"], d["size_a"], d["size_b"], d["chunk_size"], ranges,
+                   DiffCounters(**d["counters"]))
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "size_a": self.size_a, "size_b": self.size_b,
@@ -223,6 +221,23 @@ def abort_receive(pool, name: str) -> bool:
 def pending_receive(pool, name: str) -> R.Token | None:
     """The resume token of an interrupted receive into NAME, if any."""
     return R.load(pool, name)
+
+
+@contextlib.contextmanager
+def full_pool_hint(pool, name: str):
+    """A receive stopped by a full pool is kept (a resume token); say so and how to finish.
+
+    The core's message names the hidden workspace ('.receive.NAME') and suggests destroying
+    a device; growing the pool and resuming is the way that loses nothing.
+    """
+    try:
+        yield
+    except PoolFull as err:
+        if pending_receive(pool, name) is None:
+            raise
+        raise PoolFull(f"{err}; the receive into {name!r} is kept: grow the pool "
+                       f"('thinstore grow +SIZE') or free space, then run 'thinstore receive "
+                       f"--resume {name}' with the same stream") from err
 
 
 def _prepare(pool, name: str, header: S.Header, force: bool) -> R.Token:

@@ -45,6 +45,13 @@ class ScrubReport:
     seconds: float = 0.0
     damaged: list = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScrubReport":
+        """The inverse of to_dict (an online scrub's answer)."""
+        damaged = [Damaged(**dict(x, users=[tuple(u) for u in x["users"]]))
+                   for x in d["damaged"]]
+        return cls(**dict(d, damaged=damaged))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["damaged"] = [dict(dataclasses.asdict(x), users=[list(u) for u in x.users])
@@ -74,8 +81,14 @@ class Progress:
         self.stream.flush()
 
 
-def scrub_pool(pool, progress=None) -> ScrubReport:
-    """Verify every mapped chunk of an open pool (holding its lock per batch)."""
+def scrub_pool(pool, progress=None, rate: int | None = None) -> ScrubReport:
+    """Verify every mapped chunk of an open pool (holding its lock per batch).
+
+    `rate` (bytes per second, None or 0: as fast as the disk goes) paces the reads so
+    a scrub of a served pool leaves clients their share of the disk: batches shrink to
+    a tenth of a second's worth (the lock is held for one batch at a time) and the
+    scrub sleeps whenever it is ahead of the rate.
+    """
     t0 = time.monotonic()
     rep = ScrubReport()
     md = pool.md
@@ -85,12 +98,17 @@ def scrub_pool(pool, progress=None) -> ScrubReport:
         rep.chunks = len(mapped)
     bad: dict = {}
     done = 0
-    for run in _batches(mapped, max(1, _BATCH // md.chunk_size)):
+    batch = min(_BATCH, rate // 10) if rate else _BATCH
+    for run in _batches(mapped, max(1, batch // md.chunk_size)):
         with pool.lock:
             _scrub_run(md, run, rep, bad)
         done += len(run)
         if progress:
             progress(done)
+        if rate:
+            ahead = rep.bytes_read / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
     with pool.lock:
         users = owners(md, list(bad))
     rep.damaged = [Damaged(c, c * md.chunk_size, e, f, users.get(c, []))

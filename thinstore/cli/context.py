@@ -36,6 +36,23 @@ def open_pool(args):
 
 
 @contextlib.contextmanager
+def served_pool(args):
+    """Yield the RemotePool of the server holding ``args.pool``, or None if none does.
+
+    send, receive, diff, check, dump and scrub run inside that server when there is
+    one (thinstore/online.py); otherwise they open the pool themselves.
+    """
+    from thinstore.control import RemotePool
+
+    remote = RemotePool.connect(pool_path(args))
+    if remote is None:
+        yield None
+        return
+    with remote:
+        yield remote
+
+
+@contextlib.contextmanager
 def open_local_pool(args, command: str):
     """Yield the pool itself, for commands the control socket does not carry.
 

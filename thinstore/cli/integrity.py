@@ -4,8 +4,9 @@ Exit codes (docs/integrity.md): check returns 0 when clean, else the code of the
 severe class of damage found (20 unreadable, 21 metadata, 22 range, 23 refcount,
 24 leak, 25 superblock, 26 checksum); scrub returns 0, or 11 (DataChecksumError) when
 a chunk is damaged; repair returns 0, or 10 (CorruptMetadata) when something was left
-unfixed. All but scrub work on a pool no process holds; repair and restore refuse
-while a server holds it (exit 5, PoolLocked).
+unfixed. While a server holds the pool, check, dump and scrub run inside it
+(thinstore/online.py) with the same output and exit codes; repair and restore refuse
+(exit 5, PoolLocked).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import os
 import sys
 
-from thinstore.cli.context import needs_pool_itself, pool_path
+from thinstore.cli.context import needs_pool_itself, pool_path, served_pool
 from thinstore.cli.output import print_json
 from thinstore.errors import CorruptMetadata, DataChecksumError, ThinstoreError, UsageError
+from thinstore.units import parse_size
 
 
 def register(subparsers) -> None:
@@ -61,13 +63,20 @@ def register(subparsers) -> None:
     scrub.add_argument("--json", action="store_true", help="machine-readable report")
     scrub.add_argument("--progress", action="store_true",
                        help="draw the progress bar even when stderr is not a terminal")
+    scrub.add_argument("--rate", type=parse_size, metavar="SIZE", default=None,
+                       help="read at most SIZE bytes per second (e.g. 50M; 0: no limit); "
+                       "default: no limit on a pool no one serves, 64M through a server")
     scrub.set_defaults(func=cmd_scrub)
 
 
 def cmd_check(args) -> int:
-    from thinstore.check import check_path
-    with needs_pool_itself(args, "check"):
-        report = check_path(pool_path(args))
+    from thinstore.check import Report, check_path
+    with served_pool(args) as remote:
+        if remote is not None:       # the server checks its committed generation, pinned
+            report = Report.from_dict(remote.stream("check"), pool_path(args))
+        else:
+            with needs_pool_itself(args, "check"):
+                report = check_path(pool_path(args))
     if args.json:
         print_json(report.to_dict())
     else:
@@ -113,8 +122,13 @@ def cmd_repair(args) -> int:
 
 def cmd_dump(args) -> int:
     from thinstore.dump import dump_path, dump_text
-    with needs_pool_itself(args, "dump"):
-        doc, problems = dump_path(pool_path(args))
+    with served_pool(args) as remote:
+        if remote is not None:
+            answer = remote.stream("dump")
+            doc, problems = answer["doc"], answer["problems"]
+        else:
+            with needs_pool_itself(args, "dump"):
+                doc, problems = dump_path(pool_path(args))
     for p in problems:
         print(f"thinstore: warning: {p}", file=sys.stderr)
     text = json.dumps(doc, indent=1, sort_keys=True) + "\n" if args.json else dump_text(doc)
@@ -170,12 +184,13 @@ def _refuse_another_pools_dump(path: str, doc: dict) -> None:
 
 
 def cmd_scrub(args) -> int:
-    from thinstore import Pool
-    from thinstore.scrub import Progress, scrub_pool
-    with needs_pool_itself(args, "scrub"), Pool.open(pool_path(args)) as pool:
-        with pool.lock:
-            total = int((pool.md.space.refs.arr != 0).sum())
-        report = scrub_pool(pool, Progress(total, force=args.progress))
+    from thinstore.scrub import ScrubReport
+    with served_pool(args) as remote:
+        if remote is not None:       # the server scrubs beside its clients, paced
+            bar = _ScrubBar(args.progress)
+            report = ScrubReport.from_dict(remote.stream("scrub", on_event=bar, rate=args.rate))
+        else:
+            report = _scrub_local(args)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -187,3 +202,26 @@ def cmd_scrub(args) -> int:
               f"{len(report.damaged)} damaged chunk(s): restore the devices named above "
               "from a replica or backup")
     return DataChecksumError.exit_code if report.damaged else 0
+
+
+def _scrub_local(args):
+    from thinstore import Pool
+    from thinstore.scrub import Progress, scrub_pool
+    with needs_pool_itself(args, "scrub"), Pool.open(pool_path(args)) as pool:
+        with pool.lock:
+            total = int((pool.md.space.refs.arr != 0).sum())
+        return scrub_pool(pool, Progress(total, force=args.progress), rate=args.rate or None)
+
+
+class _ScrubBar:
+    """Draws an online scrub's progress events as the offline bar does."""
+
+    def __init__(self, force: bool):
+        self.force, self.bar = force, None
+
+    def __call__(self, event: dict) -> None:
+        from thinstore.scrub import Progress
+        done, total = event.get("progress", (0, 0))
+        if self.bar is None:
+            self.bar = Progress(total, force=self.force)
+        self.bar(done)

@@ -16,12 +16,13 @@ import os
 import stat
 import sys
 import tempfile
+from types import SimpleNamespace
 
 from thinstore import replication as RP
-from thinstore.cli.context import open_local_pool
+from thinstore.cli.context import open_local_pool, served_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell
-from thinstore.errors import PoolFull, UsageError
+from thinstore.errors import UsageError
 from thinstore.progress import Progress
 
 
@@ -57,8 +58,12 @@ def register(subparsers) -> None:
 
 
 def cmd_diff(args) -> int:
-    with open_local_pool(args, "diff") as pool:
-        result = RP.diff(pool, args.a, args.b)
+    with served_pool(args) as remote:
+        if remote is not None:
+            result = RP.DiffResult.from_dict(remote.stream("diff", a=args.a, b=args.b))
+        else:
+            with open_local_pool(args, "diff") as pool:
+                result = RP.diff(pool, args.a, args.b)
     if args.json:
         print_json(result.to_dict())
         return 0
@@ -71,8 +76,16 @@ def cmd_diff(args) -> int:
 
 def cmd_send(args) -> int:
     base = _base_name(args.snapshot, args.base)
-    with open_local_pool(args, "send") as pool, _output(args.output) as out, Bar(f"send {args.snapshot}") as bar:
-        stats = RP.send(pool, args.snapshot, out, base, progress=bar)
+    with served_pool(args) as remote, Bar(f"send {args.snapshot}") as bar:
+        if remote is not None:       # the server writes the stream to our output itself
+            with _output(args.output) as out:
+                out.flush()
+                stats = SimpleNamespace(**remote.stream(
+                    "send", fds=[out.fileno()], on_event=bar.event,
+                    snapshot=args.snapshot, base=base))
+        else:
+            with open_local_pool(args, "send") as pool, _output(args.output) as out:
+                stats = RP.send(pool, args.snapshot, out, base, progress=bar)
     if args.verbose:
         print(f"sent {args.snapshot}: {stats.changed_bytes} bytes changed, "
               f"{stats.stream_bytes} stream bytes, {stats.records} records", file=sys.stderr)
@@ -80,36 +93,40 @@ def cmd_send(args) -> int:
 
 
 def cmd_receive(args) -> int:
-    with open_local_pool(args, "receive") as pool:
-        if args.abort:
-            if not RP.abort_receive(pool, args.name):
-                raise UsageError(f"no interrupted receive into {args.name!r}")
-            return 0
-        with _input(args.input) as inp, Bar(f"receive {args.name}") as bar, \
-                _full_hint(pool, args.name):
-            stats = RP.receive(pool, args.name, inp, resume=args.resume, force=args.force,
-                               progress=bar, stream_size=_regular_size(inp))
-    if args.verbose:
-        print(f"received {stats.snapshot}: {stats.records} records applied, "
-              f"{stats.skipped} skipped, {stats.stream_bytes} stream bytes", file=sys.stderr)
+    with served_pool(args) as remote:
+        if remote is not None:
+            return _receive_served(remote, args)
+        with open_local_pool(args, "receive") as pool:
+            if args.abort:
+                if not RP.abort_receive(pool, args.name):
+                    raise UsageError(f"no interrupted receive into {args.name!r}")
+                return 0
+            with _input(args.input) as inp, Bar(f"receive {args.name}") as bar, \
+                    RP.full_pool_hint(pool, args.name):
+                stats = RP.receive(pool, args.name, inp, resume=args.resume, force=args.force,
+                                   progress=bar, stream_size=_regular_size(inp))
+    _received(args, stats)
     return 0
 
 
-@contextlib.contextmanager
-def _full_hint(pool, name: str):
-    """A receive stopped by a full pool is kept (a resume token); say so and how to finish.
+def _receive_served(remote, args) -> int:
+    """The server reads the stream from our input itself and publishes into its pool."""
+    if args.abort:
+        if not remote.stream("abort_receive", name=args.name):
+            raise UsageError(f"no interrupted receive into {args.name!r}")
+        return 0
+    with _input(args.input) as inp, Bar(f"receive {args.name}") as bar:
+        stats = SimpleNamespace(**remote.stream(
+            "receive", fds=[inp.fileno()], on_event=bar.event, name=args.name,
+            resume=args.resume, force=args.force, stream_size=_regular_size(inp)))
+    _received(args, stats)
+    return 0
 
-    The core's message names the hidden workspace ('.receive.NAME') and suggests destroying
-    a device; growing the pool and resuming is the way that loses nothing.
-    """
-    try:
-        yield
-    except PoolFull as err:
-        if RP.pending_receive(pool, name) is None:
-            raise
-        raise PoolFull(f"{err}; the receive into {name!r} is kept: grow the pool "
-                       f"('thinstore grow +SIZE') or free space, then run 'thinstore receive "
-                       f"--resume {name}' with the same stream") from err
+
+def _received(args, stats) -> None:
+    if args.verbose:
+        print(f"received {stats.snapshot}: {stats.records} records applied, "
+              f"{stats.skipped} skipped, {stats.stream_bytes} stream bytes", file=sys.stderr)
 
 
 def _base_name(snapshot: str, base: str | None) -> str | None:
@@ -193,6 +210,13 @@ class Bar:
         if self.bar is None:
             self.bar = Progress(total, self.label)
         self.bar.advance(delta)
+
+    def event(self, event: dict) -> None:
+        """A progress event of an online command: {"progress": [done, total]}."""
+        done, total = event.get("progress", (0, 0))
+        seen = self.bar.done if self.bar is not None else 0
+        if total and done > seen:
+            self(done - seen, total)
 
     def __enter__(self) -> "Bar":
         return self

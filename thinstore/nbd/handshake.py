@@ -39,6 +39,7 @@ class Agreement:
     structured: bool
     contexts: dict[int, str] = field(default_factory=dict)
     tls: bool = False
+    catalog: object = None
 
 
 class Negotiation:
@@ -204,12 +205,14 @@ class Negotiation:
         except ThinstoreError as exc:
             raise P.OptionError(P.Rep.ERR_UNKNOWN, f"no export {request.name!r}: {exc}") from None
         listing = option == P.Opt.LIST_META_CONTEXT
-        chosen = P.match_meta_contexts(request.queries, listing)
+        bases = self.catalog.diff_bases(request.name) if listing else ()
+        chosen = P.match_meta_contexts(request.queries, listing, bases,
+                                       self.catalog.is_diff_base)
         if not listing:
             self.meta_export, self.meta_contexts = request.name, chosen
-        for name in chosen:
+        for i, name in enumerate(chosen):
             self._reply(option, P.Rep.META_CONTEXT,
-                        P.rep_meta_context(0 if listing else P.BASE_ALLOCATION_ID, name))
+                        P.rep_meta_context(0 if listing else _context_id(chosen, i), name))
         self._reply(option, P.Rep.ACK)
 
     def _starttls(self, data: bytes):
@@ -234,9 +237,17 @@ class Negotiation:
             self.meta_contexts = []
 
     def _agree(self, device) -> Agreement:
-        contexts = {P.BASE_ALLOCATION_ID: c for c in self.meta_contexts} if self.structured else {}
+        chosen = self.meta_contexts if self.structured else []
+        contexts = {_context_id(chosen, i): c for i, c in enumerate(chosen)}
         self.sock.settimeout(None)
-        return Agreement(self.sock, device, self.structured, contexts, self.tls)
+        return Agreement(self.sock, device, self.structured, contexts, self.tls, self.catalog)
+
+
+def _context_id(chosen: list[str], i: int) -> int:
+    """base:allocation is id 1 (always); the other contexts take 2, 3, ... in order."""
+    if chosen[i] == P.BASE_ALLOCATION:
+        return P.BASE_ALLOCATION_ID
+    return 2 + sum(1 for c in chosen[:i] if c != P.BASE_ALLOCATION)
 
 
 _HANDLERS = {

@@ -141,6 +141,8 @@ REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
 # -- base:allocation ------------------------------------------------------
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
+DIFF_PREFIX = "thinstore:diff:"       # + snapshot name: changed (1) / unchanged (0)
+STATE_CHANGED = 1 << 0
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 
@@ -311,16 +313,33 @@ def decode_meta_context_request(data: bytes) -> MetaContextRequest:
     return MetaContextRequest(name, queries)
 
 
-def match_meta_contexts(queries: tuple[str, ...], listing: bool) -> list[str]:
-    """The contexts a query list selects; we serve only ``base:allocation``.
+def match_meta_contexts(queries: tuple[str, ...], listing: bool, bases=(),
+                        known=lambda base: False) -> list[str]:
+    """The contexts a query list selects, in query order, each once.
 
-    An empty list selects every context when listing and none when setting
-    (as the spec says); ``base:`` alone names the whole base namespace.
+    Served: ``base:allocation``, and ``thinstore:diff:BASE`` (ranges that differ from
+    snapshot BASE, docs/nbd.md). `bases` are the diff bases listed for this export
+    (its volume's snapshots); `known(BASE)` says whether any other name is a base.
+    An empty list selects every listed context when listing and none when setting (as
+    the spec says); when listing, a namespace alone (``base:``, ``thinstore:``,
+    ``thinstore:diff:``) selects every listed context in it.
     """
+    every = [BASE_ALLOCATION] + [DIFF_PREFIX + b for b in bases]
     if not queries:
-        return [BASE_ALLOCATION] if listing else []
-    hit = any(q == BASE_ALLOCATION or (listing and q == "base:") for q in queries)
-    return [BASE_ALLOCATION] if hit else []
+        return every if listing else []
+    chosen: list[str] = []
+    for q in queries:
+        if listing and q in ("base:", "thinstore:", DIFF_PREFIX):
+            hits = [c for c in every if c.startswith(q)]
+        elif q == BASE_ALLOCATION:
+            hits = [q]
+        elif q.startswith(DIFF_PREFIX) and (q[len(DIFF_PREFIX):] in bases
+                                            or known(q[len(DIFF_PREFIX):])):
+            hits = [q]
+        else:
+            hits = []
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
 
 
 # == transmission messages ===================================================

@@ -84,6 +84,7 @@ class Transmission:
     def __init__(self, agreement: Agreement, config):
         self.sock, self.dev = agreement.sock, agreement.device
         self.structured, self.contexts = agreement.structured, agreement.contexts
+        self.catalog = agreement.catalog
         self.read_only = bool(self.dev.read_only or config.read_only)
         self._budget = Budget(config.queue_depth, config.inflight_bytes)
         self._inbox, self._outbox = Inbox(self.sock), Outbox(self.sock)
@@ -336,16 +337,25 @@ class Transmission:
         self._send_ok(req)        # reads are served from the page cache already
 
     def _block_status(self, req: P.Request, _payload) -> None:
+        """One BLOCK_STATUS chunk per negotiated context, the last one flagged DONE."""
         if not self.contexts:
             raise RequestError(P.EINVAL, "no metadata context was negotiated")
         if not req.length:
             raise RequestError(P.EINVAL, "BLOCK_STATUS of zero length")
-        runs = _merge_runs(self.dev.extents(req.offset, req.length))
-        if req.flags & P.CMD_FLAG_REQ_ONE:
-            runs = runs[:1]
-        descriptors = [(n, 0 if mapped else P.STATE_HOLE | P.STATE_ZERO)
-                       for _, n, mapped in runs[:_MAX_DESCRIPTORS]]
-        self._send(P.chunk_block_status(req.cookie, P.BASE_ALLOCATION_ID, descriptors))
+        chunks = [(cid, self._descriptors(name, req)) for cid, name in self.contexts.items()]
+        self._send(*[P.chunk_block_status(req.cookie, cid, d, i == len(chunks) - 1)
+                     for i, (cid, d) in enumerate(chunks)])
+
+    def _descriptors(self, context: str, req: P.Request) -> list[tuple[int, int]]:
+        if context == P.BASE_ALLOCATION:
+            runs = [(n, 0 if mapped else P.STATE_HOLE | P.STATE_ZERO)
+                    for _, n, mapped in _merge_runs(self.dev.extents(req.offset, req.length))]
+        else:
+            base = context[len(P.DIFF_PREFIX):]
+            runs = [(n, P.STATE_CHANGED if changed else 0) for n, changed in
+                    self.catalog.changed_extents(self.dev, base, req.offset, req.length)]
+        runs = _merge_flags(runs)
+        return runs[:1] if req.flags & P.CMD_FLAG_REQ_ONE else runs[:_MAX_DESCRIPTORS]
 
     def _commit_if_fua(self, req: P.Request) -> None:
         if req.flags & P.CMD_FLAG_FUA:
@@ -384,6 +394,18 @@ _COMMANDS = {
     P.Cmd.WRITE_ZEROES: Transmission._write_zeroes,
     P.Cmd.BLOCK_STATUS: Transmission._block_status,
 }
+
+
+def _merge_flags(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Coalesce neighbouring descriptors with the same flags (a request's length is
+    32 bits, so a descriptor's is too)."""
+    out: list[list[int]] = []
+    for n, flags in runs:
+        if out and out[-1][1] == flags:
+            out[-1][0] += n
+        else:
+            out.append([n, flags])
+    return [(n, f) for n, f in out]
 
 
 def _merge_runs(extents) -> list[tuple[int, int, bool]]:
