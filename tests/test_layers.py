@@ -7,7 +7,8 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
         "units", "rwlock", "readers", "synclog", "recovery", "fastlane", "queries", "reclaim"]
-ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends")
+ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends",
+         "bench")
 
 
 def imported(path: pathlib.Path) -> set[str]:

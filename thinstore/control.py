@@ -55,6 +55,7 @@ OPS = {
     "commit": ((), None),
     "connections": ((), None),
     "ping": ((), None),
+    "iostat": ((), None),
 }
 
 
@@ -250,6 +251,15 @@ class ControlServer:
             return {}
         return {info.name: self.sessions.connections(info.name) for info in self.pool.list()}
 
+    def _op_iostat(self):
+        """Per-export I/O counters of the NBD server (thinstore.nbd.stats) and the
+        pool's data-path counters, both cumulative: ``{"uptime_s", "devices", "pool"}``."""
+        result = self.sessions.iostat() if self.sessions and hasattr(self.sessions, "iostat") \
+            else {"uptime_s": None, "devices": {}}
+        counters = self.pool.counters
+        result["pool"] = dict(counters() if callable(counters) else counters)
+        return result
+
     def _op_ping(self):
         return {"pid": os.getpid(), "nbd_socket": self.nbd_socket}
 
@@ -443,6 +453,13 @@ class RemotePool:
 
     def ping(self):
         return self.request("ping")
+
+    def iostat(self):
+        return self.request("iostat")
+
+    def counters(self) -> dict:
+        """The serving pool's data-path counters (as :attr:`thinstore.Pool.counters`)."""
+        return self.request("iostat")["pool"]
 
     def open_device(self, name):
         """A Device-like NBD connection to the server's export ``name``."""

@@ -17,10 +17,12 @@ import os
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 
 from thinstore.nbd.exports import Catalog
 from thinstore.nbd.handshake import HardDisconnect, Negotiation
+from thinstore.nbd.stats import ExportStats
 from thinstore.nbd.transmission import Transmission
 from thinstore.nbd.wire import close_quietly, hang_up
 
@@ -61,6 +63,8 @@ class NBDServer:
         self._sessions: dict[int, Transmission] = {}
         self._next_id = 0
         self._stopping = threading.Event()
+        self._stats = ExportStats()
+        self._started = time.monotonic()
 
     # -- listening ---------------------------------------------------------------
     def listen_unix(self, path: str) -> str:
@@ -157,7 +161,9 @@ class NBDServer:
         finally:
             with self._lock:
                 live = self._sockets.pop(conn_id, sock)
-                self._sessions.pop(conn_id, None)
+                session = self._sessions.pop(conn_id, None)
+                if session is not None:     # under the lock: iostat sees it once, not 0 or 2 times
+                    self._stats.retire(session.dev.name, session.stats)
             close_quietly(live)
 
     # -- management ----------------------------------------------------------------
@@ -165,6 +171,19 @@ class NBDServer:
         """Connections in transmission (on export ``name`` if given)."""
         with self._lock:
             return sum(1 for s in self._sessions.values() if name is None or s.dev.name == name)
+
+    def iostat(self) -> dict:
+        """Cumulative I/O counters per export since the server started (fields in
+        :mod:`thinstore.nbd.stats`), each with ``connections`` open now, and
+        ``uptime_s``: ``{"uptime_s": float, "devices": {name: {field: int}}}``."""
+        with self._lock:
+            live = [(s.dev.name, s.stats) for s in self._sessions.values()]
+            devices = self._stats.snapshot(live)
+        for name, _ in live:
+            devices[name]["connections"] = devices[name].get("connections", 0) + 1
+        for counts in devices.values():
+            counts.setdefault("connections", 0)
+        return {"uptime_s": time.monotonic() - self._started, "devices": devices}
 
     def disconnect(self, name: str) -> int:
         """Drop every client of export ``name`` (after a forced destroy)."""

@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter_ns
 
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
 from thinstore.nbd.handshake import Agreement
 from thinstore.nbd.channel import Inbox, Outbox
+from thinstore.nbd import stats as S
 from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,11 @@ MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and r
 FAST_MAX = 128 << 10            # READ/WRITE up to this take the fast path
 INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
 _ZEROS = memoryview(bytes(FAST_MAX))
+# Plain ints for the hot path: an IntEnum member lookup (P.Cmd.WRITE) costs ~90 ns, as much
+# as the rest of the request counting; READ (0) and WRITE (1) shifted by 2 are where their
+# counters start (thinstore.nbd.stats).
+_WRITE = int(P.Cmd.WRITE)
+assert (int(P.Cmd.READ) << 2, _WRITE << 2, 7) == (S.READ, S.WRITE, S.SAMPLE_MASK)
 _WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
 _RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
            P.Cmd.BLOCK_STATUS)
@@ -88,6 +95,7 @@ class Transmission:
         self.read_only = bool(self.dev.read_only or config.read_only)
         self._budget = Budget(config.queue_depth, config.inflight_bytes)
         self._inbox, self._outbox = Inbox(self.sock), Outbox(self.sock)
+        self.stats = S.ConnectionStats()    # read by iostat; see thinstore.nbd.stats
         self._reader = threading.get_ident()
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
@@ -151,15 +159,18 @@ class Transmission:
         condition; any other request returns False for the general path.
         """
         if flags or not 0 < length <= FAST_MAX or offset + length > self.dev.size \
-                or magic != P.REQUEST_MAGIC or kind > P.Cmd.WRITE:
+                or magic != P.REQUEST_MAGIC or kind > _WRITE:
             return False
-        if kind == P.Cmd.WRITE:
+        if kind == _WRITE:
             if self.read_only:
                 return False
             payload = bytearray(length)
             self._inbox.readinto(memoryview(payload))
+        counts = self.stats.inline           # this thread's own: no lock (nbd/stats.py)
+        at = kind << 2                       # S.READ or S.WRITE
+        start = 0 if counts[at] & 7 else perf_counter_ns()     # S.SAMPLE_MASK: 1 in 8
         try:
-            if kind == P.Cmd.WRITE:
+            if at:                          # WRITE (READ is 0)
                 self.dev.pwrite(payload, offset)
                 self._send(P.simple_reply(cookie))
             elif self.structured:
@@ -168,6 +179,12 @@ class Transmission:
                 self._read_simple(cookie, offset, length)
         except Exception as exc:           # a failed request must not end the session
             self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
+            return True
+        counts[at] += 1
+        counts[at + 1] += length
+        if start:
+            counts[at + 2] += perf_counter_ns() - start
+            counts[at + 3] += 1
         return True
 
     def _dispatch(self, req: P.Request) -> None:
@@ -214,10 +231,13 @@ class Transmission:
     # -- execution ---------------------------------------------------------------
     def _execute(self, req: P.Request, payload, nbytes: int | None) -> None:
         """Run one request and reply; ``nbytes`` is its budget share (None inline)."""
+        start = perf_counter_ns()
         try:
             self._check(req)
             _COMMANDS[req.type](self, req, payload)
+            self._count(req, perf_counter_ns() - start, nbytes is None)
         except RequestError as exc:
+            self._count_error()
             self._send_error(req, exc.error, str(exc))
         except Exception as exc:           # a failed request must not end the session
             self._fail(req, exc)
@@ -225,8 +245,26 @@ class Transmission:
             if nbytes is not None:
                 self._budget.release(nbytes)
 
+    def _count(self, req: P.Request, elapsed_ns: int, inline: bool) -> None:
+        """Add a completed request to the connection's counters (inline: the reader's own
+        list, no lock; a worker's: under the connection's stats lock)."""
+        slot = _COUNTED.get(req.type)
+        if inline:
+            _add(self.stats.inline, slot, req.length, elapsed_ns)
+        else:
+            with self.stats.lock:
+                _add(self.stats.pooled, slot, req.length, elapsed_ns)
+
+    def _count_error(self) -> None:
+        if threading.get_ident() == self._reader:
+            self.stats.inline[S.ERRORS] += 1
+        else:
+            with self.stats.lock:
+                self.stats.pooled[S.ERRORS] += 1
+
     def _fail(self, req: P.Request, exc: Exception) -> None:
         """Reply with the NBD errno of a storage or OS error; anything else is a bug: EIO."""
+        self._count_error()
         if isinstance(exc, ThinstoreError):
             self._send_error(req, P.wire_errno(exc.errno), str(exc))
         elif isinstance(exc, OSError):
@@ -394,6 +432,23 @@ _COMMANDS = {
     P.Cmd.WRITE_ZEROES: Transmission._write_zeroes,
     P.Cmd.BLOCK_STATUS: Transmission._block_status,
 }
+
+
+#: command -> where its figures start in the counters; others count as "other"
+_COUNTED = {P.Cmd.READ: S.READ, P.Cmd.WRITE: S.WRITE, P.Cmd.FLUSH: S.FLUSH_OPS}
+
+
+def _add(counts: list, at, length: int, elapsed_ns: int) -> None:
+    if at is None:
+        counts[S.OTHER_OPS] += 1
+    elif at == S.FLUSH_OPS:
+        counts[S.FLUSH_OPS] += 1
+        counts[S.FLUSH_NS] += elapsed_ns
+    else:
+        counts[at] += 1
+        counts[at + 1] += length
+        counts[at + 2] += elapsed_ns
+        counts[at + 3] += 1
 
 
 def _merge_flags(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
