@@ -241,6 +241,7 @@ def test_a_failed_init_leaves_nothing_behind(tmp_path):
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
     assert big.returncode == 1
     assert str(pool / "data") in one_error_line(big) and "--capacity" in big.stderr.decode()
+    assert "--data-device" in big.stderr.decode()     # the fix for a pool past ext4's 16T
     assert not pool.exists()
     assert ts("--pool", str(pool), "init", "--capacity", "64M").returncode == 0
     stranger = tmp_path / "other"

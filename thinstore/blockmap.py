@@ -83,12 +83,15 @@ class MapStore:
     def derive_refs(self, directories) -> None:
         """Recompute page refcounts from every directory (done at open)."""
         self.ref[:] = 0
-        for d in directories:
-            pids = d.arr[d.arr != 0].astype(np.int64)
-            if len(pids) and pids.max() >= self.capacity:
-                from .errors import CorruptMetadata
-                raise CorruptMetadata(f"a directory names page {pids.max()}, beyond the page table")
-            np.add.at(self.ref, pids, 1)
+        arrs = [d.arr for d in directories]
+        if not arrs:
+            return
+        allp = np.concatenate(arrs)             # one pass, not one per device
+        pids = allp[allp != 0].astype(np.int64)
+        if len(pids) and pids.max() >= self.capacity:
+            from .errors import CorruptMetadata
+            raise CorruptMetadata(f"a directory names page {pids.max()}, beyond the page table")
+        self.ref += np.bincount(pids, minlength=self.capacity).astype(self.ref.dtype)
 
     # -- directory operations (Python: per page, never per chunk)
     def prepare(self, directory: PagedArray, p0: int, p1: int, spacemap, allocate: bool) -> None:

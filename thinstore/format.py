@@ -181,11 +181,17 @@ def pack_root(root: RootRecord) -> bytes:
     for arr in (root.refcounts, root.checksums, root.page_locations):
         _pack_array(out, arr)
     for d in root.devices:
-        name = d.name.encode()
-        out.append(_DEV_HEAD.pack(d.dev_id, d.uuid, DEVICE_KINDS.index(d.kind), d.flags,
-                                  len(name), d.size, d.created_ns, d.origin_uuid))
-        out.append(name)
-        _pack_array(out, d.directory)
+        out.append(d if isinstance(d, bytes) else pack_device(d))
+    return b"".join(out)
+
+
+def pack_device(d: DeviceRecord) -> bytes:
+    """One device's part of the root record (a RootRecord's `devices` may hold these
+    bytes in place of DeviceRecords: a commit re-packs only the devices that changed)."""
+    name = d.name.encode()
+    out = [_DEV_HEAD.pack(d.dev_id, d.uuid, DEVICE_KINDS.index(d.kind), d.flags,
+                          len(name), d.size, d.created_ns, d.origin_uuid), name]
+    _pack_array(out, d.directory)
     return b"".join(out)
 
 

@@ -63,8 +63,7 @@ class HiddenDevices:
             self.commit()
 
     def _hidden(self, name: str) -> DeviceMeta | None:
-        return next((dm for dm in self.md.devices.values()
-                     if dm.name == name and dm.flags & FLAG_HIDDEN), None)
+        return next((dm for dm in self.md.devices.named(name) if dm.flags & FLAG_HIDDEN), None)
 
     def _workspace_of(self, volume: str) -> DeviceMeta | None:
         return self._hidden(workspace_name(volume)) or self._hidden(_LEGACY_PREFIX + volume)

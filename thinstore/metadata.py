@@ -50,13 +50,92 @@ class DeviceMeta:
     flags: int = 0
     opens: int = 0          # open Device handles (memory only)
 
+    def __setattr__(self, key, value):
+        if key != "opens":
+            self.__dict__["_packed"] = None      # its root-record bytes change with it
+        if key not in _INDEXED:
+            object.__setattr__(self, key, value)
+            return
+        table = self.__dict__.get("_table")
+        if table is not None:
+            table._unindex(self)
+        object.__setattr__(self, key, value)
+        if table is not None:
+            table._index(self)
+
     @property
     def read_only(self) -> bool:
         return self.kind == "snapshot"
 
+    def packed(self) -> bytes:
+        """This device's root-record bytes, kept until a field or its directory's root
+        changes (a commit with 10,000 devices re-packed all of them every time)."""
+        data = self.__dict__.get("_packed")
+        if data is None:
+            data = fmt.pack_device(self.record())
+            self.__dict__["_packed"] = data
+        return data
+
     def record(self) -> fmt.DeviceRecord:
         return fmt.DeviceRecord(self.dev_id, self.uuid, self.kind, self.size, self.created_ns,
                                 self.origin_uuid, self.name, self.directory.root(), self.flags)
+
+
+_INDEXED = ("name", "uuid", "flags")
+
+
+class DeviceTable(dict):
+    """dev_id -> DeviceMeta, with indexes by name and by uuid kept in step with every
+    insertion, removal, rename or uuid change, so that a lookup costs the same with 10
+    or 10,000 devices (a scan of the table per lookup made list and snapshot quadratic).
+
+    Names and uuids are unique in a healthy pool, but a damaged one (dump, salvage) may
+    repeat them: each index maps a key to {dev_id: DeviceMeta}, in insertion order.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._by_name: dict[str, dict[int, "DeviceMeta"]] = {}
+        self._by_uuid: dict[bytes, dict[int, "DeviceMeta"]] = {}
+        self._hidden: set[int] = set()
+
+    def __setitem__(self, dev_id, dm) -> None:
+        if dev_id in self:
+            del self[dev_id]
+        super().__setitem__(dev_id, dm)
+        object.__setattr__(dm, "_table", self)
+        self._index(dm)
+
+    def __delitem__(self, dev_id) -> None:
+        dm = self[dev_id]
+        self._unindex(dm)
+        object.__setattr__(dm, "_table", None)
+        super().__delitem__(dev_id)
+
+    def named(self, name: str) -> list["DeviceMeta"]:
+        """Every device called `name` (hidden ones included)."""
+        return list(self._by_name.get(name, {}).values())
+
+    def with_uuid(self, uuid: bytes) -> list["DeviceMeta"]:
+        return list(self._by_uuid.get(uuid, {}).values())
+
+    def hidden_count(self) -> int:
+        return len(self._hidden)
+
+    def _index(self, dm) -> None:
+        if dm.flags & 1:        # FLAG_HIDDEN
+            self._hidden.add(dm.dev_id)
+        self._by_name.setdefault(dm.name, {})[dm.dev_id] = dm
+        self._by_uuid.setdefault(dm.uuid, {})[dm.dev_id] = dm
+
+    def _unindex(self, dm) -> None:
+        self._hidden.discard(dm.dev_id)
+        for index, key in ((self._by_name, dm.name), (self._by_uuid, dm.uuid)):
+            group = index.get(key)
+            if group is not None and group.get(dm.dev_id) is dm:
+                del group[dm.dev_id]
+                if not group:
+                    del index[key]
 
 
 def dir_length(size: int, chunk_shift: int) -> int:
@@ -74,11 +153,12 @@ class Metadata:
         self.sb: fmt.Superblock | None = None
         self.slot_warning: str | None = None
         self.root_blocks: list[int] = []
-        self.devices: dict[int, DeviceMeta] = {}
+        self.devices: DeviceTable = DeviceTable()
         self.next_dev_id = 1
         self.low_water_pct = 90
         self.flags = 0
         self.commits = 0
+        self.reclaim = None      # called with the chunk ids a commit freed (reclaim.py)
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -126,13 +206,17 @@ class Metadata:
         locs = self._load_array(np.uint64, root.page_locations)
         self.maps = MapStore(locs, store)
         store.mark_used(locs.arr[locs.arr != 0])
+        dir_blocks = []          # marked once for all: a per-device check cost O(n) each
         for rec in root.devices:
-            d = self._load_array(np.uint64, rec.directory)
+            d = PagedArray.load(np.uint64, rec.directory, store)
+            dir_blocks.append(d.block_locations())
             if len(d) != dir_length(rec.size, self.chunk_shift):
                 raise CorruptMetadata(f"device {rec.name}: directory does not match its size")
             self.devices[rec.dev_id] = DeviceMeta(rec.dev_id, rec.uuid, rec.kind, rec.size,
                                                   rec.created_ns, rec.origin_uuid, rec.name, d,
                                                   rec.flags)
+        if dir_blocks:
+            store.mark_used(np.concatenate(dir_blocks))
         self.maps.derive_refs([d.directory for d in self.devices.values()])
         orphans = np.flatnonzero((self.maps.ref > 0) & (self.maps.locations.arr == 0))
         if len(orphans):
@@ -178,11 +262,15 @@ class Metadata:
     # ------------------------------------------------------------ commit
     def commit(self, checksum_hook=None) -> None:
         """Steps 1-7 of the module docstring, in that order."""
-        sb = self.write_tree(checksum_hook)
-        self.sync()
-        self.write_superblock(sb)
-        self.meta_fio.fsync()
-        self.release(sb)
+        self.space.freeze()
+        try:
+            sb = self.write_tree(checksum_hook)
+            self.sync()
+            self.write_superblock(sb)
+            self.meta_fio.fsync()
+            self.release(sb)
+        finally:
+            self.space.thaw()
 
     def write_tree(self, checksum_hook=None) -> fmt.Superblock:
         """Steps 1-4: the new tree in free blocks; returns the superblock naming it."""
@@ -195,10 +283,11 @@ class Metadata:
         for arr in (self.space.refs, self.space.sums, self.maps.locations):
             arr.flush(store, gen)
         for dev in self.devices.values():
-            dev.directory.flush(store, gen)
+            if dev.directory.flush(store, gen):
+                dev.__dict__["_packed"] = None
         root = fmt.RootRecord(self.space.refs.root(), self.space.sums.root(),
                               self.maps.locations.root(), self.next_dev_id,
-                              [d.record() for d in self.devices.values()],
+                              [d.packed() for d in self.devices.values()],
                               self.low_water_pct, self.flags)
         data = fmt.pack_root(root)
         for loc in self.root_blocks:
@@ -227,7 +316,7 @@ class Metadata:
         """Step 7, once `sb` is durable: what the old tree used becomes free."""
         self.sb = sb
         self.store.release_pending()
-        self.space.commit_done(self.data_fio, self.chunk_shift)
+        self.space.commit_done(self.data_fio, self.chunk_shift, self.reclaim)
         self.commits += 1
 
     def _write_root_chain(self, data: bytes, gen: int) -> list[int]:

@@ -87,8 +87,11 @@ class PagedArray:
             self.dirty[keep - 1] = True   # a shrunk or grown last leaf changes
         self.dirty[keep:] = True
 
-    def flush(self, store, generation: int) -> None:
-        """Write dirty leaves to fresh blocks; old blocks are freed after commit."""
+    def flush(self, store, generation: int) -> bool:
+        """Write dirty leaves to fresh blocks; old blocks are freed after commit.
+        Returns whether any leaf location changed (the array's root with it)."""
+        if not len(self._dropped) and not self.dirty.any():
+            return False
         for loc in self._dropped:
             if loc:
                 store.free_later(int(loc))
@@ -105,6 +108,7 @@ class PagedArray:
             payload = chunk.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
             self.leaves[i] = store.write_new(BT_LEAF, payload, generation)
         self.dirty[:] = False
+        return True
 
     def release(self, store) -> None:
         """Free every block of this array after commit (the array is being dropped)."""

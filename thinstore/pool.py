@@ -21,16 +21,18 @@ close, or a flush the log cannot take. After a crash the pool opens at its last
 commit and replays the log: every write acknowledged before the last completed
 flush reads back exactly.
 
-Pool's methods live in five modules: this one (lifecycle, commit, management,
-queries, handles), thinstore/datapath.py (the request handlers Device calls, flush),
+Pool's methods live in six modules: this one (lifecycle, commit, management,
+handles), thinstore/datapath.py (the request handlers Device calls, flush),
 thinstore/recovery.py (what an open does after an unclean shutdown),
-thinstore/hidden.py (the receive workspace) and thinstore/readers.py (a pinned
-generation and map views for online readers), joined as mixins so callers keep
+thinstore/queries.py (list, info, status), thinstore/hidden.py (the receive
+workspace) and thinstore/readers.py (a pinned generation and map views for online
+readers), joined as mixins so callers keep
 calling `pool._read`, `pool.create_hidden` and the rest on the Pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -43,16 +45,18 @@ from .datapath import DataPath
 from .device import Device, DeviceInfo
 from .hidden import HiddenDevices
 from .recovery import Recovery
+from .queries import Queries
 from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
                      PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
 from .format import log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
-from .native import BACKEND, NATIVE, K
+from .native import NATIVE, K
 from .fastlane import Lane
 from .paged import PagedArray
-from .storage import FileIO, open_store
+from .storage import FileIO, device_capacity, is_rados, open_store
 from .synclog import SyncLog
+from .reclaim import Reclaimer
 from .rwlock import RWLock
 from .units import check_device_size, format_size
 
@@ -63,16 +67,18 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
-class Pool(DataPath, HiddenDevices, Readers, Recovery):
+class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
-    def __init__(self, path: str, md: Metadata, owner, *, commit_interval: float, store):
+    def __init__(self, path: str, md: Metadata, owner, *, commit_interval: float, store,
+                 scan_free: bool = False):
         self.path = path
         self.md = md
         self.store = store
         self.lock = RWLock()
         self._owner = owner
         self._dirty = False
+        self._batch_depth = 0          # > 0 inside batch(): management ops defer their commit
         self._closed = False
         self._low_water_crossed = False
         self._since_low_water_check = 0
@@ -83,6 +89,9 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
         self._log: SyncLog | None = None       # the intent log (synclog.py)
         self._stop = threading.Event()
         self._timer = None
+        # freed chunks are punched in the background, throttled (reclaim.py)
+        self._reclaim = Reclaimer(self, scan=scan_free)
+        md.reclaim = self._reclaim.add
         # native backend: a device's common read and write run whole in C (fastlane.py)
         self._lane = Lane(self) if NATIVE is not None and K is NATIVE else None
         self.lock.hooks = self._lane
@@ -95,8 +104,18 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
     @classmethod
     def create(cls, path: str, capacity: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                low_water: float = 0.9, data_checksums: bool = True,
-               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO) -> "Pool":
-        """Make a pool at `path`: a directory, or ``rados://CEPHPOOL/NAME`` (docs/rados.md)."""
+               commit_interval: float = COMMIT_INTERVAL, fileio=FileIO,
+               data_device: str | None = None) -> "Pool":
+        """A new pool at `path`: a directory, or ``rados://CEPHPOOL/NAME`` (docs/rados.md);
+        capacity in bytes. With `data_device` (a raw block device, DESIGN §1; directory
+        pools only) the data lives there, named by the symlink POOL/data, instead of in a
+        sparse file; the device must hold the capacity plus one chunk (capacity None: as
+        much as the device holds)."""
+        if data_device is not None:
+            if is_rados(path):
+                raise UsageError("--data-device is for a directory pool; a rados:// pool "
+                                 "keeps its data in RADOS objects")
+            capacity = device_capacity(data_device, capacity, chunk_size)
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
@@ -112,7 +131,9 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             store.close()
             raise
         try:
-            data = store.open("data", create=True)
+            if data_device is not None:
+                os.symlink(os.path.abspath(data_device), os.path.join(path, "data"))
+            data = store.open("data", create=data_device is None)
             data.truncate((nchunks + 1) * chunk_size)
             meta = store.open("meta", create=True)
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
@@ -154,7 +175,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                 raise CorruptMetadata(f"pool {path}: {e}; "
                                       f"run 'thinstore --pool {path} check'") from None
             raise
-        pool = cls(path, md, owner, commit_interval=commit_interval, store=store)
+        pool = cls(path, md, owner, commit_interval=commit_interval, store=store,
+                   scan_free=True)
         pool._attach()
         with pool.lock:              # after any replay: it decides what is mapped
             store.collect_unreferenced(md.space.refs.arr, md.chunk_shift)
@@ -168,9 +190,11 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             try:
                 if self._dirty:        # a read-only session leaves the pool untouched
                     self.commit()
+                self._reclaim.stop(drain=True)   # what is still queued, punched now
                 if self._sums is not None:
                     self._sums.shutdown()   # clean: the next open re-checksums nothing
             finally:
+                self._reclaim.stop(drain=False)
                 self._closed = True
                 self.md.data_fio.close()
                 self.md.meta_fio.close()
@@ -258,20 +282,54 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             self._check_low_water()
             self.counters["commits"] += 1
 
+    def _commit_op(self) -> None:
+        """A management operation's commit; inside batch() the batch commits once at its end."""
+        if self._batch_depth:
+            self._dirty = True
+        else:
+            self.commit()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Group management operations (snapshot, clone, create, destroy) into ONE commit.
+
+        Holds the pool lock exclusively for the block. Each operation inside changes the
+        open transaction only; the batch commits once when the block ends, so N snapshots
+        cost one commit, not N. Crash safety is that of any transaction: a crash before the
+        end commits none of them, after it all of them (docs/integrity.md). An operation
+        that raises changed nothing; those before it are committed at the end as usual.
+        A commit() or device flush the caller makes inside the block commits what is
+        done so far (the lock keeps every other thread out).
+        """
+        with self.lock:
+            self._check_open()
+            self._batch_depth += 1
+            try:
+                yield self
+            finally:
+                self._batch_depth -= 1
+                if not self._batch_depth and self._dirty and not self._closed:
+                    self.commit()
+
+    def wait_freed(self, timeout: float | None = None) -> bool:
+        """Wait until the background reclaim has punched every chunk freed so far
+        (status()["freeing"] is 0); False if `timeout` seconds pass first."""
+        return self._reclaim.wait(timeout)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ThinstoreError(f"pool {self.path} is closed")
 
     # ------------------------------------------------------------ lookup
     def _find(self, name: str) -> DeviceMeta:
-        for dm in self.md.devices.values():
-            if dm.name == name and not dm.flags & FLAG_HIDDEN:
+        for dm in self.md.devices.named(name):
+            if not dm.flags & FLAG_HIDDEN:
                 return dm
         raise NoSuchDevice(f"no device {name!r} in pool {self.path} "
                            "(see 'thinstore list')")
 
     def _exists(self, name: str) -> bool:
-        return any(dm.name == name for dm in self.md.devices.values())
+        return bool(self.md.devices.named(name))
 
     def _new_device(self, name: str, kind: str, size: int, directory: PagedArray,
                     origin_uuid: bytes, flags: int = 0) -> DeviceMeta:
@@ -299,7 +357,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
             d.dirty[:] = True
             dm = self._new_device(name, "volume", size, d, bytes(16))
-            self.commit()
+            self._commit_op()
             return self._info(dm)
 
     def snapshot(self, name: str) -> DeviceInfo:
@@ -311,7 +369,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             parent = self._find(base)
             self._need_free_name(name)
             dm = self._share_device(parent, name, "snapshot")
-            self.commit()
+            self._commit_op()
             return self._info(dm)
 
     def clone(self, snapshot: str, name: str) -> DeviceInfo:
@@ -323,7 +381,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
             snap = self._find(snapshot)
             self._need_free_name(name)
             dm = self._share_device(snap, name, "clone")
-            self.commit()
+            self._commit_op()
             return self._info(dm)
 
     def _share_device(self, src: DeviceMeta, name: str, kind: str, flags: int = 0) -> DeviceMeta:
@@ -342,7 +400,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                 raise DeviceBusy(f"device {name!r} is in use ({dm.opens} open handle(s)); "
                                  "disconnect its clients or force")
             self._drop_device(dm)
-            self.commit()
+            self._commit_op()
 
     def _drop_device(self, dm: DeviceMeta) -> None:
         self.md.maps.drop(dm.directory, self.md.space)
@@ -375,7 +433,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                     self._need_free_name(target)
             for d, target in moves:
                 d.name = target
-            self.commit()
+            self._commit_op()
 
     def rollback(self, snapshot: str) -> None:
         """Bring volume `vol` back to `vol@snap` (newer snapshots are kept)."""
@@ -392,7 +450,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                                   f"not of this one; clone it instead "
                                   f"('thinstore clone {snapshot} NEWNAME')")
             self._replace_map(vol, snap)
-            self.commit()
+            self._commit_op()
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
         names.check_name(name)
@@ -407,7 +465,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
                                  f"{format_size(size)} discards the data past that: pass "
                                  "shrink=True to do it")
             self._set_size(dm, size)
-            self.commit()
+            self._commit_op()
             return self._info(dm)
 
     def _set_size(self, dm: DeviceMeta, size: int) -> None:
@@ -451,50 +509,6 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery):
         vol.directory.release(self.md.store)
         vol.directory = directory
         vol.size = src.size
-
-    # ------------------------------------------------------------ queries
-    def list(self) -> list[DeviceInfo]:
-        with self.lock:
-            self._check_open()
-            devs = [d for d in self.md.devices.values() if not d.flags & FLAG_HIDDEN]
-            return [self._info(d) for d in sorted(devs, key=lambda d: d.name)]
-
-    def info(self, name: str) -> DeviceInfo:
-        with self.lock:
-            self._check_open()
-            return self._info(self._find(name))
-
-    def _info(self, dm: DeviceMeta) -> DeviceInfo:
-        maps, space = self.md.maps, self.md.space
-        d = dm.directory.arr
-        maps.ensure_loaded(d[d != 0])
-        used, excl = K.count_mapped(d, maps.pages, space.refs.arr, maps.ref)
-        cs = self.md.chunk_size
-        origin = None
-        if dm.origin_uuid != bytes(16):
-            origin = next((o.name for o in self.md.devices.values()
-                           if o.uuid == dm.origin_uuid), None)
-        return DeviceInfo(dm.name, dm.kind, dm.size, dm.read_only, dm.uuid.hex(), origin,
-                          dm.created_ns / 1e9, used * cs, excl * cs, (used - excl) * cs)
-
-    def status(self) -> dict:
-        with self.lock:
-            self._check_open()
-            space = self.md.space
-            cs = self.md.chunk_size
-            used = space.used()
-            where = self.path if self.store.kind != "dir" else os.path.abspath(self.path)
-            return {"path": where, "uuid": self.uuid, "storage": self.store.kind,
-                    "capacity": space.capacity * cs, "used": used * cs,
-                    "free": (space.capacity - used) * cs, "chunk_size": cs,
-                    "devices": sum(1 for d in self.md.devices.values()
-                                   if not d.flags & FLAG_HIDDEN),
-                    "low_water": self.md.low_water_pct / 100,
-                    "low_water_crossed": used >= space.capacity * self.md.low_water_pct / 100,
-                    "backend": BACKEND, "generation": self.md.generation,
-                    "data_checksums": self.data_checksums,
-                    "metadata_bytes": self.md.meta_fio.size(),
-                    "pending_receives": self.pending_receives()}
 
     # ------------------------------------------------------------ handles
     def open_device(self, name: str) -> Device:

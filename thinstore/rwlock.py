@@ -25,6 +25,7 @@ and must run alone.
 from __future__ import annotations
 
 import threading
+import time
 
 _ident = threading.get_ident
 
@@ -128,27 +129,39 @@ class RWLock:
             self._can_read.notify_all()
 
     # ---- shared side
-    def acquire_shared(self) -> None:
+    def acquire_shared(self, timeout: float | None = None) -> bool:
+        """Take the shared side; with `timeout` (seconds), give up then and return False."""
         if self._owner == _ident():
             self._depth += 1
-            return
+            return True
         local = self._local
         n = getattr(local, "n", 0)
         if n:
             local.n = n + 1
-            return
+            return True
         hooks = self.hooks
         if hooks is not None:
             hooks.announce(False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        got = False
         try:
             with self._mutex:
                 while self._owner is not None or self._writers_waiting:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
                     self._readers_waiting += 1
                     try:
-                        self._can_read.wait()
+                        self._can_read.wait(left)
                     finally:
                         self._readers_waiting -= 1
-                self._readers += 1
+                else:
+                    self._readers += 1
+                    got = True
+            if not got:
+                if hooks is not None:
+                    hooks.withdraw(False)
+                return False
         except BaseException:
             if hooks is not None:
                 hooks.withdraw(False)
@@ -160,6 +173,7 @@ class RWLock:
             except BaseException:
                 self.release_shared()
                 raise
+        return True
 
     def release_shared(self) -> None:
         if self._owner == _ident():

@@ -31,6 +31,18 @@ class SpaceMap:
         # [cursor, preallocated lo, hi): an array, as the fast write kernel moves it too
         # (kernels.prealloc: the data file is kept allocated a little ahead)
         self.cursor_arr = np.array([1, -1, -1], dtype=np.int64)
+        self._touched: np.ndarray | None = None
+
+    def freeze(self) -> None:
+        """Scan the state array once for a whole commit: every flagged() until thaw()
+        filters that list (a commit asked four times, each a pass over a state array
+        of the pool's capacity: 256 MiB at 16 TiB). Only while nothing else changes
+        the state, i.e. under the pool's exclusive lock."""
+        self._touched = None
+        self._touched = self.flagged(0xFF)
+
+    def thaw(self) -> None:
+        self._touched = None
 
     @property
     def cursor(self) -> int:
@@ -57,6 +69,9 @@ class SpaceMap:
         64-bit words (a transaction touches few chunks, and a scan byte by byte with a
         temporary of the pool's size cost 80 ms per call on a 4 TiB pool)."""
         state = self.state
+        if self._touched is not None:       # inside a commit: scanned once (freeze)
+            ids = self._touched
+            return ids[(state[ids] & flag) != 0]
         n8 = len(state) // 8 * 8
         words = np.flatnonzero(state[:n8].view(np.uint64))
         ids = (words[:, None] * 8 + np.arange(8)).ravel()
@@ -92,14 +107,20 @@ class SpaceMap:
         """Mark the refcount leaves that changed in this transaction dirty."""
         self.refs.mark(self.flagged(ST_REF_CHANGED))
 
-    def commit_done(self, data_fio, chunk_shift: int) -> int:
-        """After the commit is durable: free pending chunks (punching them) and clear state."""
+    def commit_done(self, data_fio, chunk_shift: int, defer=None) -> int:
+        """After the commit is durable: free pending chunks and clear state. The freed
+        chunks' bytes go back to the file system by a hole punch: handed to `defer`
+        (the pool's background reclaim, reclaim.py) when given, else punched here."""
         touched = self.flagged(0xFF)
         freed = touched[(self.state[touched] & ST_PENDING_FREE) != 0]
+        self.state[touched] = 0
+        if defer is not None and getattr(data_fio, "punch_unit", 0) <= (1 << chunk_shift):
+            defer(freed)
+            return len(freed)
+        # a store that frees whole objects (RADOS) punches here: its objects go at once
         freed = self._punch_whole_units(freed, data_fio, chunk_shift)
         for start, count in _runs(freed):
             data_fio.punch(start << chunk_shift, count << chunk_shift)
-        self.state[touched] = 0
         return len(freed)
 
     def _punch_whole_units(self, freed, data_fio, chunk_shift: int):

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
+
+from .errors import UsageError
 
 _ZEROS = bytes(1 << 20)
 _CLONE_ALIGN = 4096                      # the file-system block a reflink shares
@@ -93,6 +96,8 @@ class FileIO:
         self.path = path
         self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
         self._can_punch = True
+        # a raw block device (DESIGN §1): fixed size, no truncate; punch is BLKDISCARD-like
+        self.block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -180,9 +185,19 @@ class FileIO:
         os.fdatasync(self.fd)
 
     def size(self) -> int:
+        if self.block:
+            return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
 
     def truncate(self, size: int) -> None:
+        """Set the file's size. A block device's size is fixed: a size it holds is
+        accepted as is, a larger one is ENOSPC naming the device's size."""
+        if self.block:
+            have = self.size()
+            if size > have:
+                raise OSError(errno.ENOSPC, f"the block device holds {have} bytes, "
+                              f"{size} are needed", self.path)
+            return
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:       # EFBIG, ENOSPC: say which file
@@ -337,3 +352,27 @@ class locked_store:
             self.owner.release()
         finally:
             self.store.close()
+
+
+def device_capacity(device: str, capacity: int | None, chunk_size: int) -> int:
+    """The capacity a pool on block device `device` can have (chunk 0 is reserved)."""
+    try:
+        st = os.stat(device)
+    except OSError as e:
+        raise UsageError(f"cannot use {device} for data: {e.strerror}") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise UsageError(f"{device} is not a block device (--data-device takes one, "
+                         "e.g. /dev/sdb or a loop device)")
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        have = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    most = (have // chunk_size - 1) * chunk_size
+    if capacity is None:
+        capacity = most
+    if capacity > most:
+        raise UsageError(f"{device} holds {have} bytes: a pool on it with {chunk_size}-byte "
+                         f"chunks has at most {most} bytes of capacity")
+    return capacity
+

@@ -9,6 +9,7 @@ than silently rounded, because a size that is not what was typed is worse than a
 from __future__ import annotations
 
 import re
+import functools
 from fractions import Fraction
 
 from thinstore.errors import UsageError
@@ -61,6 +62,7 @@ def check_device_size(size, chunk_size: int | None = None) -> None:
                          "larger chunks")
 
 
+@functools.lru_cache(maxsize=4096)     # a list of 10,000 snapshots repeats its sizes
 def format_size(nbytes: int) -> str:
     """Return ``nbytes`` in the largest binary unit that keeps it >= 1, about 3 digits.
 

@@ -26,15 +26,16 @@ def print_table(headers: list[str], rows: list[list[str]], right: set[int], head
     Without a header (``-H``) the cells are tab-separated and unpadded, for ``cut`` and
     ``while read``.
     """
+    out = sys.stdout
     if not header:
         for row in rows:
-            print("\t".join(row))
+            out.write("\t".join(row) + "\n")
         return
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-    for row in [headers, *rows]:
+    for row in [headers, *rows]:     # one write per row, no print() machinery
         cells = [cell.rjust(w) if i in right else cell.ljust(w)
                  for i, (cell, w) in enumerate(zip(row, widths))]
-        print("  ".join(cells).rstrip())
+        out.write("  ".join(cells).rstrip() + "\n")
 
 
 def size_cell(nbytes, parsable: bool) -> str:

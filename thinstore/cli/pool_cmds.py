@@ -19,14 +19,18 @@ MIN_CHUNK, MAX_CHUNK = 4 << 10, 1 << 20
 def register(subparsers) -> None:
     init = subparsers.add_parser("init", help="create a pool in DIR",
                                  description="Create a new pool in the --pool directory.")
-    init.add_argument("--capacity", type=parse_size, default=DEFAULT_CAPACITY, metavar="SIZE",
-                      help=f"data capacity (default {DEFAULT_CAPACITY}); volumes may exceed it "
-                      "in sum")
+    init.add_argument("--capacity", type=parse_size, default=None, metavar="SIZE",
+                      help=f"data capacity (default {DEFAULT_CAPACITY}, or the whole "
+                      "--data-device); volumes may exceed it in sum")
     init.add_argument("--chunk-size", type=chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                       help=f"allocation unit, a power of two 4K..1M (default {DEFAULT_CHUNK_SIZE})")
     init.add_argument("--no-data-checksums", dest="data_checksums", action="store_false",
                       help="keep no per-chunk checksums (reads are then not verified; "
                       "scrub finds nothing); fixed for the pool's life")
+    init.add_argument("--data-device", metavar="DEV",
+                      help="keep the data on this raw block device instead of a file in DIR "
+                      "(capacity defaults to the whole device); for pools larger than a "
+                      "file system's largest file (16T on ext4)")
     init.set_defaults(func=cmd_init)
 
     grow = subparsers.add_parser("grow", help="enlarge the pool's capacity",
@@ -54,8 +58,11 @@ def cmd_init(args) -> int:
 
     path = pool_path(args)
     with _undone_on_failure(path):
-        Pool.create(path, capacity=args.capacity, chunk_size=args.chunk_size,
-                    data_checksums=args.data_checksums).close()
+        capacity = args.capacity
+        if capacity is None and not args.data_device:
+            capacity = parse_size(DEFAULT_CAPACITY)
+        Pool.create(path, capacity=capacity, chunk_size=args.chunk_size,
+                    data_checksums=args.data_checksums, data_device=args.data_device).close()
     return 0
 
 
@@ -85,7 +92,10 @@ def _undone_on_failure(path: str):
                 os.rmdir(path)
         if isinstance(err, OSError) and err.errno == errno.EFBIG:
             raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data file "
-                          "that large; use a smaller --capacity (grow it later)",
+                          "that large (ext4's limit is 16T with 4K blocks); keep the data on "
+                          "a raw block device (--data-device DEV), or use a smaller "
+                          "--capacity (grow it later), or put the pool on a file system "
+                          "with larger files (XFS, btrfs)",
                           err.filename or os.path.join(path, "data")) from err
         raise
 
@@ -115,9 +125,10 @@ def cmd_status(args) -> int:
     return 0
 
 
-STATUS_SIZES = {"capacity", "used", "free", "chunk_size", "metadata_bytes"}
-STATUS_ORDER = ("path", "capacity", "used", "free", "chunk_size", "devices", "pending_receives",
-                "low_water", "backend", "data_checksums", "metadata_bytes", "generation", "uuid")
+STATUS_SIZES = {"capacity", "used", "free", "freeing", "chunk_size", "metadata_bytes"}
+STATUS_ORDER = ("path", "capacity", "used", "free", "freeing", "chunk_size", "devices",
+                "pending_receives", "low_water", "backend", "data_checksums", "metadata_bytes",
+                "generation", "uuid")
 
 
 def print_status(status: dict, parsable: bool) -> None:
