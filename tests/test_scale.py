@@ -31,7 +31,7 @@ def _abandon(pool) -> None:
     """Drop a pool without closing it: the machine went off."""
     pool._closed = True
     pool._stop.set()
-    os.close(pool._lockfd)
+    pool._owner.release()
 
 
 def test_ten_thousand_snapshots_open_list_check_and_destroy_to_zero(pool_path):
