@@ -315,8 +315,9 @@ class DirLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise PoolLocked(f"pool {path} is in use by process {holder}; stop it or "
-                                 "use its control socket") from None
+                raise PoolLocked(f"pool {path} is in use by process {holder} (a running "
+                                 "'thinstore serve' or another opener): stop it, or let "
+                                 "the commands reach the pool through the server") from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
