@@ -88,17 +88,17 @@ def test_readme_walk_through_on_a_rados_pool(rpool, work):
         f.write(image)
     p = ("--pool", rpool)
     ts(*p, "init", "--capacity", "1G", "--chunk-size", "64K")
-    ts(*p, "create", "vm1", "--size", "64M")
-    ts(*p, "import", "vm1-base", disk)
-    ts(*p, "snapshot", "vm1-base@monday")
-    ts(*p, "clone", "vm1-base@monday", "vm1-test")
+    ts(*p, "create", "scratch", "--size", "64M")
+    ts(*p, "import", "vm1", disk)
+    ts(*p, "snapshot", "vm1@monday")
+    ts(*p, "clone", "vm1@monday", "vm1-test")
     listing = ts(*p, "list").stdout.decode()
-    assert "vm1-base@monday" in listing and "vm1-test" in listing
+    assert "vm1@monday" in listing and "vm1-test" in listing
     sock = os.path.join(work, "nbd.sock")
     server = ServeProcess(rpool, "--socket", sock)
     try:
         info = run(["qemu-img", "info", "--output=json",
-                    f"nbd+unix:///vm1-base@monday?socket={sock}"]).stdout
+                    f"nbd+unix:///vm1@monday?socket={sock}"]).stdout
         assert '"virtual-size": 8388608' in info
         with NBDDevice(sock, "vm1-test") as dev:
             dev.pwrite(b"T" * 4096, 0)
@@ -106,16 +106,16 @@ def test_readme_walk_through_on_a_rados_pool(rpool, work):
         assert "vm1-test" in ts(*p, "list").stdout.decode()   # the CLI works while served
     finally:
         assert server.stop() == 0
-    ts(*p, "rollback", "vm1-base@monday")
+    ts(*p, "rollback", "vm1@monday")
     out = os.path.join(work, "out.raw")
-    ts(*p, "export", "vm1-base@monday", out)
+    ts(*p, "export", "vm1@monday", out)
     assert open(out, "rb").read() == image
     ts(*p, "export", "vm1-test", out)
     assert open(out, "rb").read() == b"T" * 4096 + image[4096:]
     assert b"storage:        rados" in ts(*p, "status").stdout
     backup = os.path.join(work, "backup")          # send a rados pool into a directory pool
     ts("--pool", backup, "init", "--capacity", "1G")
-    stream = ts(*p, "send", "vm1-base@monday").stdout
+    stream = ts(*p, "send", "vm1@monday").stdout
     ts("--pool", backup, "receive", "vm1", stdin=stream)
     ts("--pool", backup, "export", "vm1", out)
     assert open(out, "rb").read() == image
