@@ -112,7 +112,9 @@ class ControlServer:
 
     def listen(self, path: str | None = None) -> str:
         path = path or socket_path(self.pool.path)
-        sock, self._identity = sockets.bind_private(path, "control socket")
+        # the control socket of the pool this process holds: a server still answering
+        # there lost the pool (taken over), so its socket is replaced (sockets.py)
+        sock, self._identity = sockets.bind_private(path, "control socket", owned=True)
         sock.listen(16)
         sock.settimeout(0.2)
         self._listener, self.path = sock, path

@@ -45,11 +45,14 @@ def short_socket_path(path: str):
         os.close(fd)
 
 
-def clear_stale(path: str, what: str = "socket") -> None:
+def clear_stale(path: str, what: str = "socket", owned: bool = False) -> None:
     """Make `path` free for bind(): remove it only if it is a socket nobody listens on.
 
     Raises SocketInUse for a path that is not a socket (never removed) or a socket
-    where a server answers (another server is live there).
+    where a server answers (another server is live there) -- unless `owned`: a socket in
+    the pool's own directory, bound by the process that now holds the pool's lock, whose
+    answering server is a holder that lost the pool (a rados:// pool taken over from a
+    paused or fenced process) and may no longer serve it.
     """
     try:
         st = os.lstat(path)
@@ -59,7 +62,7 @@ def clear_stale(path: str, what: str = "socket") -> None:
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
         raise SocketInUse(f"{path} exists and is {kind}: refusing to replace it with the "
                           f"{what}; remove it yourself or choose another path")
-    if _answers(path):
+    if not owned and _answers(path):
         raise SocketInUse(f"{path}: another server is listening on this socket: stop it "
                           f"first, or give this {what} another path")
     with contextlib.suppress(FileNotFoundError):
@@ -81,12 +84,13 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
-def bind_private(path: str, what: str = "socket") -> tuple[socket.socket, tuple[int, int]]:
+def bind_private(path: str, what: str = "socket",
+                 owned: bool = False) -> tuple[socket.socket, tuple[int, int]]:
     """A listening-ready AF_UNIX socket at `path`, mode 0600 whatever the umask.
 
     Returns the socket and the (st_dev, st_ino) of the file it made, for :func:`release`.
     """
-    clear_stale(path, what)
+    clear_stale(path, what, owned)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

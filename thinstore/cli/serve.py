@@ -143,7 +143,7 @@ def cmd_serve(args) -> int:
     with Pool.open(path, takeover=getattr(args, "takeover", False)) as pool:
         server = NBDServer(pool, config)
         where = os.path.abspath(args.socket or os.path.join(pool.local_dir, DEFAULT_SOCKET))
-        sock = _bind(where, server.listen_unix, where)
+        sock = _bind(where, server.listen_unix, where, args.socket is None)
         control = ControlServer(pool, server, nbd_socket=sock)
         running = []
         stop = stop_on_signal()

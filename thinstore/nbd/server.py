@@ -69,14 +69,16 @@ class NBDServer:
         self._started = time.monotonic()
 
     # -- listening ---------------------------------------------------------------
-    def listen_unix(self, path: str) -> str:
+    def listen_unix(self, path: str, owned: bool = False) -> str:
         """Bind a unix socket readable and writable by the owner only (0600).
 
         Replaces only a stale socket: a file at ``path``, or a socket where another server
         answers, raises SocketInUse (thinstore/sockets.py).  :meth:`release_unix` removes
-        the socket later only if it is still this one.
+        the socket later only if it is still this one.  `owned`: the pool's own default
+        socket, bound after taking the pool's lock, where an answering server is a holder
+        that lost the pool and is replaced.
         """
-        sock, identity = sockets.bind_private(path, "NBD socket")
+        sock, identity = sockets.bind_private(path, "NBD socket", owned)
         self.unix_sockets[path] = identity
         self._add_listener(sock)
         return path
