@@ -28,7 +28,7 @@ def why_no_containerd() -> str | None:
         return None
     for tool in ("containerd", "ctr", "runc", "nbdfuse", "losetup", "mkfs.ext4"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (CI installs it: .ci/packages)"
+            return f"{tool} is not installed (CI installs it: .ci/run)"
     if os.geteuid() != 0:
         return "containerd, loop devices and mounts need root"
     if not os.path.exists("/dev/fuse"):
