@@ -217,7 +217,7 @@ def _build(meta_fio, data_fio, doc: dict) -> int:
     for c, s in doc.get("checksums", []):
         if 0 < int(c) < cap:
             md.space.sums.arr[int(c)] = int(s)
-    md.space.sums.dirty[:] = True
+    md.space.sums.mark_all()
     md.commit()
     md.commit()       # both slots valid, as for a new pool
     return md.generation
@@ -247,7 +247,7 @@ def _add_device(md, dev: dict, known: set) -> None:
             raise UsageError(f"restore: device {dev['name']!r} directory entry {[slot, pid]} "
                              "is outside its directory or names no page")
         d.arr[slot] = pid
-    d.dirty[:] = True
+    d.mark_all()
     if dev["kind"] not in fmt.DEVICE_KINDS:
         raise UsageError(f"restore: device {dev['name']!r} has unknown kind {dev['kind']!r}")
     dm = DeviceMeta(int(dev["id"]), bytes.fromhex(dev["uuid"]), dev["kind"], size,
@@ -268,7 +268,7 @@ def _derive_counts(md) -> None:
     ents = ents[ents != 0].astype(np.int64)
     refs = md.space.refs
     np.add.at(refs.arr, ents, 1)
-    refs.dirty[:] = True
+    refs.mark_all()
 
 
 def _validate(doc: dict) -> None:

@@ -355,7 +355,6 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             self._check_open()
             self._need_free_name(name)
             d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
-            d.dirty[:] = True
             dm = self._new_device(name, "volume", size, d, bytes(16))
             self._commit_op()
             return self._info(dm)
@@ -482,8 +481,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         first = -(-size // cs)
         self._unmap_chunks(dm, first, -(-dm.size // cs) - first)
         keep = dir_length(size, self.md.chunk_shift)
-        self.md.maps.drop(dm.directory, self.md.space, keep)
-        dm.directory.arr[keep:] = 0
+        self.md.maps.drop(dm.directory, self.md.space, keep)   # the resize cuts the slots
 
     def grow(self, capacity: int) -> None:
         """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""

@@ -124,6 +124,4 @@ def _rewrite_all(md) -> None:
     maps = md.maps
     live = np.flatnonzero(maps.ref > 0)
     maps.dirty[live] = 1
-    for arr in [md.space.refs, md.space.sums, maps.locations] + \
-               [d.directory for d in md.devices.values()]:
-        arr.dirty[:] = True
+    md.mark_all()
