@@ -37,6 +37,7 @@ from .spacemap import SpaceMap
 from .storage import DirLock, FileIO, is_rados, locked_store, private_dir
 
 FORMAT = "thinstore-metadata"
+DUMP_VERSION = 1      # the JSON document's layout (not the pool's on-disk format)
 
 
 def _runs(row: np.ndarray) -> list:
@@ -56,7 +57,7 @@ def dump_metadata(md) -> dict:
     devices, pages = [], {}
     for dev in sorted(md.devices.values(), key=lambda d: d.dev_id):
         d = dev.directory.arr
-        slots = np.flatnonzero(d)
+        slots = dev.directory.nonzero_slots()
         for pid in d[slots].astype(np.int64).tolist():
             if str(pid) not in pages:
                 maps.ensure_loaded([pid])
@@ -67,7 +68,7 @@ def dump_metadata(md) -> dict:
                         "directory": [[int(s), int(d[s])] for s in slots.tolist()]})
     sums = md.space.sums.arr
     mapped = np.flatnonzero((md.space.refs.arr != 0) & (sums != 0))
-    return {"format": FORMAT, "version": fmt.VERSION,
+    return {"format": FORMAT, "version": DUMP_VERSION,
             "pool": {"uuid": md.sb.pool_uuid.hex(), "chunk_size": md.chunk_size,
                      "capacity_chunks": int(md.sb.capacity_chunks),
                      "generation": md.generation,
@@ -274,8 +275,8 @@ def _derive_counts(md) -> None:
 def _validate(doc: dict) -> None:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UsageError(f"restore: not a thinstore metadata dump (format must be {FORMAT!r})")
-    if int(doc.get("version", 0)) > fmt.VERSION:
-        raise UsageError(f"restore: dump version {doc['version']} is newer than {fmt.VERSION}")
+    if int(doc.get("version", 0)) > DUMP_VERSION:
+        raise UsageError(f"restore: dump version {doc['version']} is newer than {DUMP_VERSION}")
     p = doc.get("pool", {})
     geometry_ok = fmt.valid_chunk_size(int(p.get("chunk_size", 0)))
     if not geometry_ok or int(p.get("capacity_chunks", 0)) < 2:

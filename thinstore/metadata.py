@@ -222,9 +222,8 @@ class Metadata:
         root = fmt.unpack_root(self._read_root_chain())
         self.loaded_version = root.version
         if root.version != fmt.VERSION and not upgrade:
-            raise OldFormat(f"the pool is in format {root.version}; this thinstore writes "
-                            f"format {fmt.VERSION}: run 'thinstore upgrade' once (it rewrites "
-                            "the metadata tree; the data stays where it is)")
+            raise OldFormat(f"its metadata is in format {root.version}; this thinstore "
+                            f"reads format {fmt.VERSION}")
         store = self.store
         store.mark_used(self.root_blocks)
         self.flags = root.flags

@@ -106,7 +106,7 @@ def _drop_outside(md, report: RepairReport) -> None:
     maps, nchunks = md.maps, len(md.space.refs)
     for dev in md.devices.values():
         d = dev.directory.arr
-        for pi in np.flatnonzero(d).tolist():
+        for pi in dev.directory.nonzero_slots().tolist():
             pid = int(d[pi])
             row = maps.pages[pid]
             bad = np.flatnonzero((row >= nchunks))
