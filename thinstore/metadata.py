@@ -6,8 +6,10 @@ that the committed tree does not reach:
 
 1. map pages changed in this transaction, each to a fresh block;
 2. data checksums of chunks written since the last commit (when enabled);
-3. dirty leaves of the paged arrays (refcounts, checksums, page locations, directories);
-4. the root record (device table and array roots) as a chain of fresh blocks;
+3. dirty leaves of the paged arrays (refcounts, checksums, page locations, the
+   directories of the devices changed), then the tree nodes on their paths;
+4. the device table leaves of the devices changed and their nodes; the root record
+   (five tree roots and counters, docs/format.md) in a fresh block;
 5. fsync ``data`` then ``meta``: everything the new superblock names is durable;
 6. the superblock into the *other* slot (generation + 1, mmh3 checksum); fsync ``meta``;
 7. only now: blocks and chunks the old tree used become free.

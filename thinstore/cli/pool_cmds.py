@@ -130,10 +130,10 @@ def cmd_upgrade(args) -> int:
 
     path = pool_path(args)
     remote = RemotePool.connect(path)
-    if remote is not None:
+    if remote is not None:           # a server opened it: it is in this format already
         remote.close()
-        raise UsageError(f"pool {path} is served (its server runs format {VERSION} already); "
-                         "nothing to upgrade")
+        print(f"pool {path} is in format {VERSION} already (it is being served)")
+        return 0
     with _opening(path), Pool.open(path, upgrade=True) as pool:
         before = pool.md.loaded_version
     if before == VERSION:
