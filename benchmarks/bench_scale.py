@@ -8,6 +8,8 @@
   10,000 snapshots vs 10 (target <= 2 each);
 - CLI `thinstore list` of 10,000 devices (target < 1 s), and the RSS of a process
   holding that pool open after list() (target < 256 MiB);
+- snapshot of a 100 TiB sparse volume (one 4 KiB write) vs a 1 GiB volume: time ratio
+  (target <= 2) and RSS growth per snapshot (target < 64 KiB);
 - the longest stall of a client's 4 KiB reads while a device holding
   THINSTORE_BENCH_DESTROY_GIB (default 8) GiB of its own chunks is destroyed, against
   their median latency: hole punch inside the commit (as before) vs background reclaim.
@@ -78,7 +80,7 @@ def _commit_after_write(pool, name: str, rounds: int = 15) -> float:
 
 
 def _snapshot_cost(pool, base: str, rounds: int = 15) -> float:
-    names = iter(range(10**9))
+    names = iter(range(len(pool.md.devices), 10**9))
     return _median(lambda: pool.snapshot(f"{base}@bench{next(names)}"), rounds)
 
 
@@ -107,6 +109,30 @@ def test_capacity_independence(tmp_path):
     report(f"capacity {big[2] / TiB:.2f} TiB vs 64 GiB (64 MiB mapped): commit after 4 KiB "
            f"write {big[0]} / {small[0]} = {big[0] / small[0]} (target <= 2); snapshot "
            f"{big[1]} / {small[1]} = {big[1] / small[1]} (target <= 2)")
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+def test_virtual_size_independence(tmp_path):
+    pool = Pool.create(str(tmp_path / "p"), 64 * GiB, 64 * KiB, commit_interval=0)
+    out = {}
+    for label, size in (("1G", GiB), ("100T", 100 * TiB)):
+        pool.create_volume(label, size)
+        with pool.open_device(label) as dev:
+            dev.pwrite(BUF, size // 2)
+        pool.commit()
+        _snapshot_cost(pool, label, 5)                 # warm
+        rss = _rss_kib()
+        cost = _snapshot_cost(pool, label, 40)
+        out[label] = (cost, (_rss_kib() - rss) / 40)
+    pool.close()
+    (small, srss), (big, brss) = out["1G"], out["100T"]
+    report(f"snapshot of a 100 TiB sparse volume vs 1 GiB: {big} / {small} = {big / small} "
+           f"(target <= 2); RSS growth per snapshot {brss:.1f} KiB vs {srss:.1f} KiB "
+           "(target < 64 KiB)")
 
 
 def _snapshots(path: str, n: int) -> None:

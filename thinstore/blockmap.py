@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from .format import BT_MAP, FANOUT
-from .paged import PagedArray
+from .paged import PagedArray, zeros
 
 
 class MapStore:
@@ -27,7 +27,7 @@ class MapStore:
         self.store = store
         cap = max(len(locations), 64)
         try:
-            self.pages = np.zeros((cap, FANOUT), dtype=np.uint64)
+            self.pages = zeros((cap, FANOUT), np.uint64)     # resident where loaded
         except MemoryError:
             from .errors import CorruptMetadata
             raise CorruptMetadata(f"the page table claims {cap} pages, more than memory "
@@ -50,7 +50,10 @@ class MapStore:
     def _grow(self) -> None:
         old = self.capacity
         new = old * 2
-        self.pages = np.concatenate([self.pages, np.zeros((new - old, FANOUT), dtype=np.uint64)])
+        pages = zeros((new, FANOUT), np.uint64)
+        rows = np.flatnonzero(self.loaded)           # a row not loaded stays untouched
+        pages[rows] = self.pages[rows]
+        self.pages = pages
         for name in ("ref", "dirty", "loaded"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.zeros(new - old, dtype=arr.dtype)]))

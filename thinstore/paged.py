@@ -17,6 +17,8 @@ allocated zero by the operating system and become resident only where written.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .errors import CorruptMetadata
@@ -25,6 +27,29 @@ from .format import BT_LEAF, BT_NODE, FANOUT, PAYLOAD_SIZE, ArrayRoot, TreeRoot,
 #: the most entries a stored array may claim: a damaged length must not ask for
 #: terabytes of address space before it is found out (2**34 u64 = 128 GiB virtual).
 MAX_ENTRIES = 1 << 34
+
+
+_MAPPED = 1 << 20
+
+
+def zeros(shape, dtype) -> np.ndarray:
+    """A zero array whose memory becomes resident only where it is written.
+
+    Large ones are anonymous mappings of their own: numpy's allocator asks the kernel for
+    transparent huge pages on arrays over 4 MiB, which makes the first write anywhere in
+    a 2 MiB span resident whole (a snapshot of a 100 TiB sparse volume cost 2 MiB of RSS
+    and 7 ms of page zeroing for one written directory leaf)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = count * dtype.itemsize
+    if nbytes < _MAPPED:
+        return np.zeros(shape, dtype=dtype)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                        | getattr(mmap, "MAP_NORESERVE", 0))
+    except OSError as e:
+        raise MemoryError(f"cannot map {nbytes} bytes: {e}") from None
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 def _shape(nleaves: int) -> list[int]:
@@ -53,7 +78,7 @@ class Tree:
     """
 
     def __init__(self, nleaves: int):
-        self.levels = [np.zeros(n, dtype=np.uint64) for n in _shape(nleaves)]
+        self.levels = [zeros(n, np.uint64) for n in _shape(nleaves)]
         self.stale = [set() for _ in self.levels]      # node indices to rewrite, per level
         self.rebuild = False      # every node is rewritten (after a resize or an upgrade)
         self._old_nodes: list[np.ndarray] = []    # blocks of nodes a resize replaced
@@ -171,7 +196,7 @@ class PagedArray:
     def __init__(self, dtype, length: int):
         self.dtype = np.dtype(dtype)
         self.per_leaf = PAYLOAD_SIZE // self.dtype.itemsize
-        self.arr = np.zeros(length, dtype=self.dtype)
+        self.arr = zeros(length, self.dtype)
         self.tree = Tree(self.nleaves_for(length))
         self.dirty: set[int] = set()       # leaves to rewrite at the next flush
         self._dropped: list[int] = []      # leaf blocks cut off by a shrink
@@ -281,7 +306,7 @@ class PagedArray:
 
     def resize(self, length: int) -> None:
         old = len(self.arr)
-        arr = np.zeros(length, dtype=self.dtype)
+        arr = zeros(length, self.dtype)
         keep_entries = min(old, length)
         if not self.exact_marks:
             arr[:keep_entries] = self.arr[:keep_entries]
