@@ -40,7 +40,7 @@ def zeros(shape, dtype) -> np.ndarray:
     a 2 MiB span resident whole (a snapshot of a 100 TiB sparse volume cost 2 MiB of RSS
     and 7 ms of page zeroing for one written directory leaf)."""
     dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = shape if isinstance(shape, int) else shape[0] * shape[1]
     nbytes = count * dtype.itemsize
     if nbytes < _MAPPED:
         return np.zeros(shape, dtype=dtype)
@@ -201,6 +201,7 @@ class PagedArray:
         self.dirty: set[int] = set()       # leaves to rewrite at the next flush
         self._dropped: list[int] = []      # leaf blocks cut off by a shrink
         self.watch = None                  # called when a clean array is first marked
+        self._nz = None                    # nonzero_slots(), until the next mark
         # whether every change is marked when made (directories); the space map's arrays
         # are changed by the kernels and marked only at commit (SpaceMap.commit_prepare)
         self.exact_marks = True
@@ -266,7 +267,18 @@ class PagedArray:
         return np.union1d(stored, np.fromiter(self.dirty, dtype=np.int64, count=len(self.dirty)))
 
     def nonzero_slots(self) -> np.ndarray:
-        """Indices of the nonzero entries, sorted; costs the stored leaves, not the length."""
+        """Indices of the nonzero entries, sorted; costs the stored leaves, not the length.
+        Kept until the array is next marked (valid for arrays with exact marks)."""
+        nz = self._nz
+        if nz is None:
+            if len(self.arr) <= self.per_leaf * 8:
+                nz = np.flatnonzero(self.arr)
+            else:
+                nz = self._nonzero_slots()
+            self._nz = nz if self.exact_marks else None
+        return nz
+
+    def _nonzero_slots(self) -> np.ndarray:
         out = []
         for i in self.populated().tolist():
             lo = i * self.per_leaf
@@ -287,6 +299,7 @@ class PagedArray:
         return pa
 
     def _touch(self, leaves) -> None:
+        self._nz = None
         if not self.dirty and self.watch is not None:
             self.watch()
         self.dirty.update(leaves)
@@ -305,6 +318,7 @@ class PagedArray:
             self._touch(range(lo // self.per_leaf, (hi - 1) // self.per_leaf + 1))
 
     def resize(self, length: int) -> None:
+        self._nz = None
         old = len(self.arr)
         arr = zeros(length, self.dtype)
         keep_entries = min(old, length)
