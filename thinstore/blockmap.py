@@ -88,6 +88,16 @@ class MapStore:
                 self.loaded[pid] = True
                 self.counters["pages_read"] += 1
 
+    def peek(self, pids) -> np.ndarray:
+        """The rows of pages `pids` (int64 array), read from ``meta`` where not loaded
+        without keeping them: a query over every page (list) does not make the whole
+        page table resident."""
+        rows = self.pages[pids]
+        for i in np.flatnonzero(~self.loaded[pids]).tolist():
+            payload = self.store.read_block(int(self.locations.arr[pids[i]]), BT_MAP)
+            rows[i] = np.frombuffer(payload, dtype="<u8", count=FANOUT)
+        return rows
+
     def derive_refs(self, directories) -> None:
         """Recompute page refcounts from every directory (done at open); costs the
         directories' populated leaves, not their virtual sizes."""

@@ -45,18 +45,16 @@ class Queries:
         dirs = [d.directory.arr[d.directory.nonzero_slots()] for d in devs]
         allp = np.concatenate(dirs) if dirs else np.zeros(0, np.uint64)
         pids = np.unique(allp).astype(np.int64)
-        maps.ensure_loaded(pids)
         used = np.zeros(maps.capacity, dtype=np.int64)
         excl = np.zeros(maps.capacity, dtype=np.int64)
-        for lo in range(0, len(pids), 4096):      # bounded temporaries
+        for lo in range(0, len(pids), 4096):      # bounded temporaries, pages not kept
             part = pids[lo:lo + 4096]
-            rows = maps.pages[part]
-            mask = rows != 0
-            used[part] = np.count_nonzero(mask, axis=1)
-            solo = part[maps.ref[part] == 1]
-            if len(solo):
-                srows = maps.pages[solo].astype(np.int64)
-                excl[solo] = np.count_nonzero((refs[srows] == 1) & (srows != 0), axis=1)
+            rows = maps.peek(part)
+            used[part] = np.count_nonzero(rows, axis=1)
+            solo = maps.ref[part] == 1
+            if solo.any():
+                srows = rows[solo].astype(np.int64)
+                excl[part[solo]] = np.count_nonzero((refs[srows] == 1) & (srows != 0), axis=1)
         return used, excl
 
     def info(self, name: str) -> DeviceInfo:
