@@ -85,6 +85,7 @@ def _fix(md, report: RepairReport) -> None:
     if len(bad) > 50:
         report.changes.append(f"... {len(bad) - 50} more refcounts rebuilt")
     refs[:] = expect.astype(refs.dtype)
+    md.space.recount()          # set whole, not through the kernels
     sums = md.space.sums.arr
     if md.flags & POOL_FLAG_DATA_CHECKSUMS:
         _rehash_missing(md, np.flatnonzero((expect > 0) & (sums == 0)), report)
