@@ -109,13 +109,15 @@ class SpaceMap:
             counts = np.zeros(kernels.summary_len(n), dtype=np.int64)
             for w in range(len(counts)):          # window by window: no temporary of n
                 counts[w] = np.count_nonzero(refs[w * _SUM_W:(w + 1) * _SUM_W])
-            if n:
-                counts[0] -= refs[0] != 0         # chunk 0 is never a data chunk
+            if n and refs[0]:
+                counts[0] -= 1                    # chunk 0 is never a data chunk
             self._wcount, self._used, self._counted = counts, int(counts.sum()), refs
             return
         wcount = self._wcount
         for w in windows.tolist():
-            k = int(np.count_nonzero(refs[w * _SUM_W:(w + 1) * _SUM_W])) - (w == 0 and refs[0] != 0)
+            k = int(np.count_nonzero(refs[w * _SUM_W:(w + 1) * _SUM_W]))
+            if w == 0 and refs[0]:
+                k -= 1
             self._used += k - int(wcount[w])
             wcount[w] = k
 
