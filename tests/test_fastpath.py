@@ -1,4 +1,4 @@
-"""The fast write path (Pool._write_fast, kernel write_fast) changes nothing a user
+"""The fast write path (Pool._write_fast: K.write in mode REQ_LOCKED) changes nothing a user
 or the next open could see: the same workload with it switched off leaves the same
 bytes, refcounts, chunk choices, checksums, intent marks and counters."""
 

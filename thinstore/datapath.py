@@ -131,7 +131,8 @@ class DataPath:
         d = dm.directory.arr
         hit = cache.get(id(dm))
         if hit is None or hit[0] is not dm or hit[1].dirarr is not d or \
-                hit[1].size != dm.size or (bound and hit[1].c is None):
+                hit[1].size != dm.size or hit[1].writable == dm.read_only or \
+                (bound and hit[1].c is None):
             if len(cache) >= _DEV_CACHE_MAX:
                 cache.clear()
             dev = kernels.Dev(d, dm.size, not dm.read_only)

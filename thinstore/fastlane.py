@@ -4,7 +4,7 @@ With the native backend, a write that finds every chunk it touches mapped under
 exclusive pages (the steady state of a volume in use), or a read whose map pages
 are in memory and whose chunks' checksums have been checked, needs none of the
 Python around the kernels: the pool lock, bounds checks, argument marshalling.
-The lane (``ts_lane_write``, ``ts_lane_read`` in _native/thinstore_native.h) does
+The lane (``ts_write`` in mode TS_REQ_LANE, ``ts_read``; _native/thinstore_native.h) does
 such a request whole in C, and stands aside (TS_SLOW, nothing changed) whenever
 anything else is going on; the caller then takes the pool lock and the general
 path, which does the same request.

@@ -66,7 +66,7 @@ if _built:
     _E = {lib.TS_E_CORRUPT: (CorruptMetadata, "a map or chunk id lies outside its array"),
           # ValueError, as the twin raises: callers must not depend on the backend
           lib.TS_E_UNDERFLOW: (ValueError, "reference count would drop below zero"),
-          lib.TS_E_NOCHUNK: (ThinstoreError, "write_range ran out of preallocated chunks"),
+          lib.TS_E_NOCHUNK: (ThinstoreError, "write ran out of the new chunks given"),
           lib.TS_E_SPACE: (UsageError, "translate: the output array is too small"),
           lib.TS_E_ARG: (UsageError, "invalid kernel argument")}
 
