@@ -664,7 +664,7 @@ static int64_t write_checked(ts_pool *p, const ts_dev *dev, const uint8_t *buf,
     if (need > max_need) return TS_SLOW;
     int64_t fresh[TS_FAST_MAX_CHUNKS];
     if (!fast_allocate(chunk_ref, chunk_state, n_chunks, p->cursor, need, fresh)) return TS_SLOW;
-    ts_prealloc(p->fd, chunk_shift, n_chunks, p->cursor, fresh, need);
+    if (need) ts_prealloc(p->fd, chunk_shift, n_chunks, p->cursor, fresh, need);
     for (uint64_t i = 0; i < n_hot; i++) p->intent_hot[hot[i]] = 1;
     int rc = write_given(p, dev, fresh, need, buf, offset, length);
     return rc ? rc : (int64_t)need;

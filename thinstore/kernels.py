@@ -334,9 +334,9 @@ def _write_checked(ps, dev, buf, offset, length, max_need) -> int:
         if c is None:
             return SLOW
         need += _needs_new(c, ps.chunk_ref, ps.chunk_state)
-        if c and len(sums) and sums[c] and not ps.chunk_state[c] & ST_WRITTEN:
+        if c and len(sums) and (c >= len(sums) or sums[c] and not ps.chunk_state[c] & ST_WRITTEN):
             r = c >> ps.intent_shift
-            if r >= len(bits) or not bits[r]:
+            if c >= len(sums) or r >= len(bits) or not bits[r]:
                 return SLOW
             hot.append(r)
     if max_need is not None and need > max_need:
