@@ -107,8 +107,13 @@ class SpaceMap:
         if self._counted is not refs:             # new or replaced array: count it all
             n = len(refs)
             counts = np.zeros(kernels.summary_len(n), dtype=np.int64)
-            for w in range(len(counts)):          # window by window: no temporary of n
-                counts[w] = np.count_nonzero(refs[w * _SUM_W:(w + 1) * _SUM_W])
+            whole, step = n // _SUM_W, 256            # 256 windows at a time: small temporaries
+            for w in range(0, whole, step):
+                hi = min(w + step, whole)
+                counts[w:hi] = np.count_nonzero(
+                    refs[w * _SUM_W:hi * _SUM_W].reshape(-1, _SUM_W), axis=1)
+            if whole < len(counts):
+                counts[whole] = np.count_nonzero(refs[whole * _SUM_W:])
             if n and refs[0]:
                 counts[0] -= 1                    # chunk 0 is never a data chunk
             self._wcount, self._used, self._counted = counts, int(counts.sum()), refs
