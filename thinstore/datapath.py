@@ -18,12 +18,11 @@ import logging
 
 import numpy as np
 
-from . import kernels
+from . import kernels, native
 from .errors import OutOfRange, PoolFull, ReadOnlyDevice, WritePastEnd
 from .fastlane import KernelState
 from .format import FANOUT
 from .metadata import DeviceMeta
-from . import native
 from .native import K, NATIVE
 
 log = logging.getLogger("thinstore")
