@@ -41,6 +41,8 @@ native ones to.
 
 from __future__ import annotations
 
+from operator import is_
+
 import numpy as np
 
 from . import kernels, native
@@ -75,8 +77,7 @@ class KernelState:
             (space.sums.arr, sums.verified, sums.intent.bits, sums.intent.hot)
         arrays = (maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
                   space.summary, space.cursor_arr, pool._kc, md.data_fio, *tail)
-        if len(arrays) != len(self._arrays) or \
-                any(a is not b for a, b in zip(arrays, self._arrays)):
+        if len(arrays) != len(self._arrays) or not all(map(is_, arrays, self._arrays)):
             self._point(arrays, sums.intent.shift if sums is not None else 0, md.chunk_shift)
         return self.ps, (native.NATIVE if self.native_ok else kernels)
 
