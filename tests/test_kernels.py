@@ -125,10 +125,17 @@ pools = st.builds(Pool, seed=st.integers(0, 2**32 - 1), n_dir=st.integers(1, 3),
                   density=st.floats(0, 1))
 
 
+# pools whose space map spans several summary windows (4096 chunks each), with
+# 512-byte chunks so that the data file stays small
+wide_pools = st.builds(Pool, seed=st.integers(0, 2**32 - 1), n_dir=st.integers(1, 3),
+                       n_chunks=st.integers(4097, 13000), shift=st.just(9),
+                       density=st.floats(0, 1))
+
+
 @st.composite
-def pool_and_range(draw, max_chunks=None):
+def pool_and_range(draw, max_chunks=None, source=None):
     """A pool and a byte range inside its device: unaligned, empty, or at the end."""
-    pool = draw(pools)
+    pool = draw(pools if source is None else source)
     size, cs = pool.size, 1 << pool.shift
     kind = draw(st.sampled_from(["any", "empty", "tail", "aligned"]))
     limit = size if max_chunks is None else min(size, max_chunks * cs)
@@ -664,3 +671,27 @@ def test_write_locked_slow_leaves_everything(k, tmp_path):
     cursor = ps.cursor
     assert all(np.array_equal(x, y) for x, y in zip(before, pool.arrays()))
     assert _read_all(f.fio) == data and cursor[0] == 1
+
+
+@needs_native
+@settings(SETTINGS, max_examples=30)
+@given(pool_and_range(max_chunks=70, source=wide_pools), st.integers(0, 2**32 - 1),
+       st.sampled_from([0, 4096, 8192, 12000]))
+def test_write_locked_agrees_across_summary_windows(tmp_path, args, seed, cursor):
+    """Chunks found and flagged in every window of a wider space map: the same
+    summary bytes as the twin's (SpaceMap.flagged() finds flags through them)."""
+    pool, off, length = args
+    rng = np.random.default_rng(seed)
+    _map_everything(pool, rng, spare=0.5)
+    ex = FastExtras(pool, rng, False)
+    ex.cursor[0] = min(cursor, pool.n_chunks - 1)
+    f = DataFile(tmp_path / "data", pool, seed)
+    buf = rng.integers(1, 256, max(length, 1), np.uint8).tobytes()[:length]
+    results = []
+    for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
+        rc = kern.write(*p.state(fio, None, e), buf, off, length, TWIN.REQ_LOCKED)
+        results.append((rc, p, e.cursor.tolist(), _read_all(fio)))
+    (ra, a, ca, da), (rb, b, cb, db) = results
+    event("slow" if ra == TWIN.SLOW else "fast")
+    assert (ra, ca) == (rb, cb) and da == db
+    _same_arrays(a, b)
