@@ -746,8 +746,9 @@ static int lane_readable(const ts_pool *l, const ts_dev *dev, uint64_t first,
     return 1;
 }
 
-int64_t ts_read(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t offset,
-                uint64_t length)
+/* TS_REQ_LANE: ts_read_range beside other readers, when the lane may. */
+static int64_t read_lane(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                         uint64_t length)
 {
     if (length == 0 || offset > dev->size || length > dev->size - offset || l->chunk_shift > 40)
         return TS_SLOW;
@@ -765,6 +766,20 @@ int64_t ts_read(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t offset,
                            buf, offset, length);
     lane_leave(l, TS_GATE_READER);
     return rc;
+}
+
+int64_t ts_read(ts_pool *p, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                uint64_t length, int mode)
+{
+    switch (mode) {
+    case TS_REQ_LOCKED:
+        return ts_read_range(dev->dir, dev->n_dir, p->pages, p->n_pages, p->chunk_shift, p->fd,
+                             buf, offset, length);
+    case TS_REQ_LANE:
+        return read_lane(p, dev, buf, offset, length);
+    default:
+        return TS_E_ARG;
+    }
 }
 
 void ts_gate_announce(ts_pool *l, int exclusive)

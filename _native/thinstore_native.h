@@ -190,7 +190,7 @@ int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
  *   wake    bumped by a lane request leaving while someone closes: closers
  *           sleep on it (futex) instead of spinning while a request they wait
  *           for is off the CPU.
- * ts_dev (one per open device, and one per request of the locked path): its
+ * ts_dev (one per open device for the lane, one per device for the locked path): its
  * directory, size and writability; writable = 0 for a snapshot; size = 0 and
  * writable = 0 for a device destroyed since.
  */
@@ -296,18 +296,18 @@ int64_t ts_write(ts_pool *pool, const ts_dev *dev, const uint8_t *buf, uint64_t 
                  uint64_t length, int mode, const int64_t *new_chunks, uint64_t n_new);
 
 /*
- * Read [offset, offset+length) of dev into buf[length] through the lane
- * (ts_read_range), beside other readers, when the lane is open, the range
- * inside the device and spanning at most TS_FAST_MAX_CHUNKS chunks, every map
- * page it needs in memory, and no chunk in it waits for its checksum to be
- * checked (n_sums > 0, chunk_sums[c] != 0, not chunk_verified[c], not WRITTEN):
- * that is Python's to do.  Returns 0, -errno, TS_E_CORRUPT, or TS_SLOW with buf
- * untouched.  (Python's own reads, under the shared side of the pool lock, use
- * ts_read_range on the arrays: a shared holder must not re-point the struct
- * that lane reads beside it are using.)
+ * The one read entry: [offset, offset+length) of dev into buf[length].
+ * TS_REQ_LOCKED: under the pool lock (its shared side will do): ts_read_range
+ *   over dev's directory and the pool's pages.  Returns 0, -errno or TS_E_CORRUPT.
+ * TS_REQ_LANE: the same beside other readers without the lock, when the lane is
+ *   open, the range inside the device and spanning at most TS_FAST_MAX_CHUNKS
+ *   chunks, every map page it needs in memory, and no chunk in it waits for its
+ *   checksum to be checked (n_sums > 0, chunk_sums[c] != 0, not chunk_verified[c],
+ *   not WRITTEN): that is Python's to do.  Otherwise TS_SLOW with buf untouched.
+ * (TS_REQ_GIVEN is not a read mode: TS_E_ARG.)
  */
 int64_t ts_read(ts_pool *pool, const ts_dev *dev, uint8_t *buf, uint64_t offset,
-                uint64_t length);
+                uint64_t length, int mode);
 
 /*
  * Unmap whole virtual chunks [first, first+count) of dev: each nonzero entry

@@ -272,13 +272,17 @@ def test_unmap_range_agrees(pool, data):
 @needs_native
 @SETTINGS
 @given(pool_and_range(max_chunks=64), st.integers(0, 2**32 - 1))
-def test_read_range_agrees(tmp_path, args, seed):
+def test_read_locked_agrees(tmp_path, args, seed):
+    """The read entry under the lock (REQ_LOCKED), and read_range beneath it."""
     pool, off, length = args
     f = DataFile(tmp_path / "data", pool, seed)
-    bufs = [bytearray(length), np.full(length, 0xAA, np.uint8)]
+    bufs = [bytearray(length), np.full(length, 0xAA, np.uint8), bytearray(b"\xa5" * length),
+            bytearray(b"\x5a" * length)]
     TWIN.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, bufs[0], off, length)
     NAT.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, bufs[1], off, length)
-    assert bytes(bufs[0]) == bufs[1].tobytes()
+    assert TWIN.read(*pool.state(f.fio), bufs[2], off, length, TWIN.REQ_LOCKED) == 0
+    assert NAT.read(*pool.state(f.fio), bufs[3], off, length, TWIN.REQ_LOCKED) == 0
+    assert bytes(bufs[0]) == bufs[1].tobytes() == bytes(bufs[2]) == bytes(bufs[3])
 
 
 @needs_native
@@ -639,7 +643,7 @@ def test_read_lane_agrees(tmp_path, args, seed, checksums, lane_state):
     for kern in (TWIN, NAT):
         lane, dev = _lane(TWIN, pool, ex, f.fio, np.zeros(4, np.int64), lane_state, 0, seed)
         buf = bytearray(b"\xa5" * length)
-        rc = kern.read(lane, dev, buf, off, length)
+        rc = kern.read(lane, dev, buf, off, length, TWIN.REQ_LANE)
         results.append((rc, bytes(buf)))
     (ra, da), (rb, db) = results
     event("slow" if ra == TWIN.SLOW else "fast")

@@ -58,9 +58,10 @@ class DataPath:
             self._bounds(dm, offset, length, write=False)
             if not length:
                 return
-            md = self.md
-            d = self._load_pages(dm, offset, length)
-            K.read_range(d, md.maps.pages, md.chunk_shift, md.data_fio, buf, offset, length)
+            self._load_pages(dm, offset, length)
+            ps, k = self._kernel_state(repoint=False)
+            k.read(ps, self._kernel_dev(dm, k is NATIVE), buf, offset,
+                   length, kernels.REQ_LOCKED)
             if self._sums is not None:
                 self._sums.verify(dm, buf, offset, length)
 
@@ -114,15 +115,16 @@ class DataPath:
             if not self._closed:      # close() committed: everything is durable
                 raise
 
-    def _kernel_state(self):
+    def _kernel_state(self, repoint: bool = True):
         """(PoolState, kernels) pointed at the pool's current arrays; with the pool
-        lock's exclusive side held (fastlane.KernelState.current)."""
+        lock's exclusive side held, or its shared side and repoint False
+        (fastlane.KernelState.current)."""
         ks = self.__dict__.get("_kstate")
         if ks is None:
             lane = self._lane
             ks = self._kstate = lane.state if lane is not None else \
                 KernelState(bound=False)
-        return ks.current(self)
+        return ks.current(self, repoint)
 
     def _kernel_dev(self, dm: DeviceMeta, bound: bool) -> kernels.Dev:
         """dm as the kernels take it (kept per device while its directory stays)."""

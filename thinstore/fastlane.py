@@ -33,10 +33,10 @@ How it stays safe without the lock:
 The lane is not a separate code path: a lane write is the one write entry
 (``ts_write``) in mode TS_REQ_LANE, over the one ts_pool struct the pool owns
 (``KernelState`` below), the struct the locked path uses as well (modes
-TS_REQ_LOCKED and TS_REQ_GIVEN, from datapath.py). The pure-Python backend has no
-lane: its requests take the pool lock, so the twins ``kernels.write`` (mode
-REQ_LANE) and ``kernels.read`` serve as the oracle the agreement tests hold the
-native ones to.
+TS_REQ_LOCKED and TS_REQ_GIVEN, from datapath.py); a lane read is ``ts_read`` in
+mode TS_REQ_LANE. The pure-Python backend has no lane: its requests take the pool
+lock, so the twins ``kernels.write`` and ``kernels.read`` (mode REQ_LANE) serve as
+the oracle the agreement tests hold the native ones to.
 """
 
 from __future__ import annotations
@@ -66,37 +66,57 @@ class KernelState:
         self.c = native.bind_pool(self.ps) if bound else None
         self._arrays: tuple = ()
         self.native_ok = False      # the struct points at the current arrays
+        self.kernels = kernels      # what current() answers with
 
-    def current(self, pool):
-        """(PoolState, kernels to call it with): the native kernels when the struct
-        could be pointed at the arrays, else the twins (no descriptor: a test double
-        or RADOS; checksums not yet grown with the pool)."""
+    def current(self, pool, repoint: bool = True):
+        """(PoolState, kernels to call it with), pointed at the pool's current arrays.
+        The kernels are the native ones when the struct points at them (or the file
+        has no descriptor: their wrappers then route each call without the struct),
+        else the twins (checksums not yet grown with the pool, no native backend).
+        With repoint False (the shared side of the lock: lane reads may be using
+        the struct) a stale struct is left alone and the call gets a PoolState of
+        its own, for the twins: rare, as every exclusive section (opening a device
+        is one) ends with the struct re-pointed."""
         md, sums = pool.md, pool._sums
         maps, space = md.maps, md.space
         tail = (_NONE, _NONE_BOOL, _NONE_BOOL, _NONE_BOOL) if sums is None else \
             (space.sums.arr, sums.verified, sums.intent.bits, sums.intent.hot)
         arrays = (maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
                   space.summary, space.cursor_arr, pool._kc, md.data_fio, *tail)
-        if len(arrays) != len(self._arrays) or not all(map(is_, arrays, self._arrays)):
-            self._point(arrays, sums.intent.shift if sums is not None else 0, md.chunk_shift)
-        return self.ps, (native.NATIVE if self.native_ok else kernels)
+        if len(arrays) == len(self._arrays) and all(map(is_, arrays, self._arrays)):
+            return self.ps, self.kernels
+        shifts = (sums.intent.shift if sums is not None else 0, md.chunk_shift)
+        if not repoint and self.c is not None:
+            ps = kernels.PoolState()
+            _assign(ps, arrays, *shifts)
+            bare = self.c is not None and native._fd(md.data_fio) is None
+            return ps, (native.NATIVE if bare else kernels)
+        self._point(arrays, *shifts)
+        return self.ps, self.kernels
 
     def _point(self, arrays, intent_shift: int, chunk_shift: int) -> None:
         ps = self.ps
-        (ps.pages, ps.page_ref, ps.page_dirty, ps.page_loaded, ps.chunk_ref, ps.chunk_state,
-         ps.chunk_summary, ps.cursor, ps.counters, ps.fio, ps.chunk_sums, ps.chunk_verified,
-         ps.intent_bits, ps.intent_hot) = arrays
-        ps.intent_shift, ps.chunk_shift = intent_shift, chunk_shift
-        self._arrays, self.native_ok = arrays, False
+        _assign(ps, arrays, intent_shift, chunk_shift)
+        self._arrays, self.native_ok, self.kernels = arrays, False, kernels
         if self.c is None:
             return
         self.c.open = 0
+        if native._fd(ps.fio) is None:          # the wrappers never use the struct then
+            self.kernels = native.NATIVE
+            return
         try:
             native.fill_pool(self.c, ps)            # checks types and shapes
         except ValueError:
             self._arrays = ()                       # try again next time
             return
-        self.native_ok = True
+        self.native_ok, self.kernels = True, native.NATIVE
+
+
+def _assign(ps, arrays, intent_shift: int, chunk_shift: int) -> None:
+    (ps.pages, ps.page_ref, ps.page_dirty, ps.page_loaded, ps.chunk_ref, ps.chunk_state,
+     ps.chunk_summary, ps.cursor, ps.counters, ps.fio, ps.chunk_sums, ps.chunk_verified,
+     ps.intent_bits, ps.intent_hot) = arrays
+    ps.intent_shift, ps.chunk_shift = intent_shift, chunk_shift
 
 
 class Lane:
@@ -173,7 +193,7 @@ class Lane:
         def call(buf, offset: int) -> bool:
             try:
                 cbuf = from_buffer("uint8_t[]", buf, require_writable=True)
-                rc = read(lane, dl, cbuf, offset, len(cbuf))
+                rc = read(lane, dl, cbuf, offset, len(cbuf), _LANE)
             except (TypeError, ValueError, OverflowError):
                 return False
             if rc >= 0:

@@ -438,11 +438,18 @@ class Dev:
         self.c = None
 
 
-def read(ps: PoolState, dev: Dev, buf, offset: int, length: int) -> int:
-    """The lane's read (ts_read): 0 when read; SLOW (buf untouched) unless the lane
-    is open with no lane writer or exclusive lock holder inside or closing, the
-    range inside the device and spanning at most FAST_MAX_CHUNKS chunks, its map
-    pages in memory, and no chunk in it waiting for its checksum to be checked."""
+def read(ps: PoolState, dev: Dev, buf, offset: int, length: int, mode: int) -> int:
+    """The one read entry (ts_read): the range of dev into buf; 0 when read.
+    REQ_LOCKED (under the pool lock): read_range over dev's directory.
+    REQ_LANE: the same, but SLOW (buf untouched) unless the lane is open with no
+    lane writer or exclusive lock holder inside or closing, the range inside the
+    device and spanning at most FAST_MAX_CHUNKS chunks, its map pages in memory,
+    and no chunk in it waiting for its checksum to be checked."""
+    if mode == REQ_LOCKED:
+        read_range(dev.dirarr, ps.pages, ps.chunk_shift, ps.fio, buf, offset, length)
+        return 0
+    if mode != REQ_LANE:
+        raise ValueError(f"read: unknown mode {mode}")
     if length <= 0 or offset < 0 or offset + length > dev.size:
         return SLOW
     first, last = _chunk_span(ps.chunk_shift, offset, length)

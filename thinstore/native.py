@@ -267,14 +267,20 @@ class NativeKernels:
         return -1 if rc == lib.TS_SLOW else _check(rc, "write")
 
     @staticmethod
-    def read(ps, dev, buf, offset, length):
-        """The lane's read (kernels.read): ts_read on ps's struct."""
-        if offset < 0 or _fd(ps.fio) is None:
-            return -1
+    def read(ps, dev, buf, offset, length, mode):
+        """The one read entry (kernels.read): ts_read on ps's struct."""
+        if _fd(ps.fio) is None:     # no descriptor: C translates, the file reads (RADOS)
+            if mode != lib.TS_REQ_LOCKED:
+                return -1
+            NativeKernels.read_range(dev.dirarr, ps.pages, ps.chunk_shift, ps.fio, buf,
+                                     offset, length)
+            return 0
+        if offset < 0:
+            return -1 if mode == lib.TS_REQ_LANE else _check(lib.TS_E_ARG, "read")
         out = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         if len(out) != length:
             raise ValueError(f"read: buffer holds {len(out)} bytes, not {length}")
-        rc = lib.ts_read(_pool_struct(ps)[0], _dev_struct(dev), out, offset, length)
+        rc = lib.ts_read(_pool_struct(ps)[0], _dev_struct(dev), out, offset, length, mode)
         return -1 if rc == lib.TS_SLOW else _check(rc, "read")
 
     @staticmethod
