@@ -28,9 +28,6 @@ from .native import K, NATIVE
 log = logging.getLogger("thinstore")
 
 
-_DEV_CACHE_MAX = 64
-
-
 class DataPath:
     """Pool's request handlers (see the module docstring)."""
 
@@ -126,22 +123,20 @@ class DataPath:
                 KernelState(bound=False)
         return ks.current(self, repoint)
 
-    def _kernel_dev(self, dm: DeviceMeta, bound: bool) -> kernels.Dev:
-        """dm as the kernels take it (kept per device while its directory stays)."""
-        cache = self.__dict__.setdefault("_kdevs", {})
+    @staticmethod
+    def _kernel_dev(dm: DeviceMeta, bound: bool) -> kernels.Dev:
+        """dm as the kernels take it, kept on dm while its directory, size and
+        writability stay (the locked path's; the lane keeps its own)."""
+        dev = dm.__dict__.get("_kdev")
         d = dm.directory.arr
-        hit = cache.get(id(dm))
-        if hit is None or hit[0] is not dm or hit[1].dirarr is not d or \
-                hit[1].size != dm.size or hit[1].writable == dm.read_only or \
-                (bound and hit[1].c is None):
-            if len(cache) >= _DEV_CACHE_MAX:
-                cache.clear()
+        if dev is None or dev.dirarr is not d or dev.size != dm.size or \
+                dev.writable == dm.read_only or (bound and dev.c is None):
             dev = kernels.Dev(d, dm.size, not dm.read_only)
             if bound:
                 dev.c = native.ffi.new("ts_dev *")
                 native.fill_dev(dev.c, dev)
-            hit = cache[id(dm)] = (dm, dev)
-        return hit[1]
+            dm.__dict__["_kdev"] = dev
+        return dev
 
     def _write_fast(self, dm: DeviceMeta, data, offset: int, length: int) -> bool:
         """The common write in one kernel call (K.write, REQ_LOCKED): every chunk in

@@ -79,11 +79,19 @@ class KernelState:
         is one) ends with the struct re-pointed."""
         md, sums = pool.md, pool._sums
         maps, space = md.maps, md.space
+        a = self._arrays
+        if a and a[0] is maps.pages and a[1] is maps.ref and a[2] is maps.dirty and \
+                a[3] is maps.loaded and a[4] is space.refs.arr and a[5] is space.state and \
+                a[6] is space.summary and a[7] is space.cursor_arr and a[8] is pool._kc and \
+                a[9] is md.data_fio and (a[10] is _NONE if sums is None else (
+                    a[10] is space.sums.arr and a[11] is sums.verified and
+                    a[12] is sums.intent.bits and a[13] is sums.intent.hot)):
+            return self.ps, self.kernels            # the common case: nothing replaced
         tail = (_NONE, _NONE_BOOL, _NONE_BOOL, _NONE_BOOL) if sums is None else \
             (space.sums.arr, sums.verified, sums.intent.bits, sums.intent.hot)
         arrays = (maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
                   space.summary, space.cursor_arr, pool._kc, md.data_fio, *tail)
-        if len(arrays) == len(self._arrays) and all(map(is_, arrays, self._arrays)):
+        if len(arrays) == len(a) and all(map(is_, arrays, a)):
             return self.ps, self.kernels
         shifts = (sums.intent.shift if sums is not None else 0, md.chunk_shift)
         if not repoint and self.c is not None:
