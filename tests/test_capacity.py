@@ -68,7 +68,7 @@ def test_used_is_exact_after_a_resize_and_a_rebuild():
     space.ref_batch(np.array([19_999, 12_000]), +1)
     _agrees_with_a_full_scan(space)
     space.refs.arr[[5, 6, 7]] = 3                # repair sets refcounts whole
-    space.recount()
+    space.recount([5, 6, 7])
     assert space.used() == 9
 
 

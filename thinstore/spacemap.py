@@ -35,6 +35,7 @@ class SpaceMap:
     def __init__(self, refcounts: PagedArray, checksums: PagedArray):
         self.refs = refcounts
         self.sums = checksums
+        refcounts.exact_marks = checksums.exact_marks = False   # marked at commit_prepare
         self._new_state(len(refcounts))
         # [cursor, preallocated lo, hi): an array, as the fast write kernel moves it too
         # (kernels.prealloc: the data file is kept allocated a little ahead)
@@ -97,26 +98,18 @@ class SpaceMap:
         self._recount(np.flatnonzero(self.summary))
         return self._used
 
-    def recount(self) -> None:
-        """Count every window again: after refcounts were set other than through the
-        kernels (repair rebuilds them whole)."""
-        self._counted = None
+    def recount(self, ids=None) -> None:
+        """Count the windows of chunk ids again (every window: ids None) after their
+        refcounts were set other than through the kernels (repair)."""
+        if ids is None:
+            self._counted = None
+        elif self._counted is self.refs.arr:
+            self._recount(np.unique(np.asarray(ids, dtype=np.int64) >> SUMMARY_SHIFT))
 
     def _recount(self, windows: np.ndarray) -> None:
         refs = self.refs.arr
         if self._counted is not refs:             # new or replaced array: count it all
-            n = len(refs)
-            counts = np.zeros(kernels.summary_len(n), dtype=np.int64)
-            whole, step = n // _SUM_W, 256            # 256 windows at a time: small temporaries
-            for w in range(0, whole, step):
-                hi = min(w + step, whole)
-                counts[w:hi] = np.count_nonzero(
-                    refs[w * _SUM_W:hi * _SUM_W].reshape(-1, _SUM_W), axis=1)
-            if whole < len(counts):
-                counts[whole] = np.count_nonzero(refs[whole * _SUM_W:])
-            if n and refs[0]:
-                counts[0] -= 1                    # chunk 0 is never a data chunk
-            self._wcount, self._used, self._counted = counts, int(counts.sum()), refs
+            self._count_all()
             return
         wcount = self._wcount
         for w in windows.tolist():
@@ -125,6 +118,20 @@ class SpaceMap:
                 k -= 1
             self._used += k - int(wcount[w])
             wcount[w] = k
+
+    def _count_all(self) -> None:
+        """Per-window counts from the chunks with a nonzero refcount: those of the
+        refcount leaves that hold any (PagedArray.nonzero_slots: costs what is
+        mapped, not the capacity) and those this transaction changed (not marked
+        in their leaves before the commit)."""
+        refs = self.refs.arr
+        ids = self.refs.nonzero_slots()
+        changed = self.flagged(ST_REF_CHANGED)
+        if len(changed):
+            ids = np.union1d(ids, changed[refs[changed] != 0])
+        ids = ids[ids != 0]                       # chunk 0 is never a data chunk
+        counts = np.bincount(ids >> SUMMARY_SHIFT, minlength=kernels.summary_len(len(refs)))
+        self._wcount, self._used, self._counted = counts.astype(np.int64), len(ids), refs
 
     def pending(self) -> int:
         return len(self.flagged(ST_PENDING_FREE))

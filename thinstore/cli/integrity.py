@@ -18,6 +18,7 @@ import sys
 from thinstore.cli.context import needs_pool_itself, pool_path, served_pool
 from thinstore.cli.output import print_json
 from thinstore.errors import CorruptMetadata, DataChecksumError, ThinstoreError, UsageError
+from thinstore.format import VERSION as FORMAT_VERSION
 from thinstore.units import parse_size
 
 
@@ -91,6 +92,9 @@ def _print_check(report) -> None:
         print(f"generation {info['generation']}: {len(info['devices'])} device(s), "
               f"{info['mapped_chunks']} mapped chunk(s), {info['map_pages']} map page(s), "
               f"{info['metadata_blocks']} metadata block(s)")
+    if info.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        print(f"on-disk format {info['format']}: this thinstore opens it after "
+              f"'thinstore --pool {report.path} upgrade' (format {FORMAT_VERSION})")
     if info.get("unclean_regions"):
         print(f"not shut down cleanly: the next open re-checksums {info['unclean_regions']} "
               "write-intent region(s)")
