@@ -62,12 +62,19 @@ static inline uint64_t *entry_ptr(uint64_t *dir, uint64_t n_dir, uint64_t *pages
     return &pages[*pid * TS_FANOUT + v % TS_FANOUT];
 }
 
+/* Set flags on chunk c, and its window's summary byte (the only way flags are set). */
+static inline void mark(uint8_t *state, uint8_t *summary, uint64_t c, uint8_t flags)
+{
+    state[c] |= flags;
+    summary[c >> TS_SUMMARY_SHIFT] = 1;
+}
+
 /* One reference less on chunk c, with the ref_batch(-1) flag rules. */
-static inline int ref_dec(uint32_t *ref, uint8_t *state, uint64_t c)
+static inline int ref_dec(uint32_t *ref, uint8_t *state, uint8_t *summary, uint64_t c)
 {
     if (ref[c] == 0) return TS_E_UNDERFLOW;
     ref[c] -= 1;
-    state[c] |= TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED);
+    mark(state, summary, c, TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED));
     return 0;
 }
 
@@ -236,22 +243,19 @@ int64_t ts_translate(const uint64_t *dir, uint64_t n_dir,
     return rows;
 }
 
-int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
-                              const uint64_t *pages, uint64_t n_pages,
-                              const uint32_t *chunk_ref, const uint8_t *chunk_state,
-                              uint64_t n_chunks, unsigned chunk_shift,
+int64_t ts_count_write_allocs(const ts_pool *p, const ts_dev *dev,
                               uint64_t offset, uint64_t length)
 {
     if (length == 0) return 0;
-    if (chunk_shift > 40) return TS_E_ARG;
-    uint64_t first = offset >> chunk_shift, last = (offset + length - 1) >> chunk_shift;
+    if (p->chunk_shift > 40) return TS_E_ARG;
+    uint64_t first = offset >> p->chunk_shift, last = (offset + length - 1) >> p->chunk_shift;
     int64_t need = 0;
     for (uint64_t v = first; v <= last; v++) {
         int err = 0;
-        uint64_t c = lookup(dir, n_dir, pages, n_pages, v, &err);
+        uint64_t c = lookup(dev->dir, dev->n_dir, p->pages, p->n_pages, v, &err);
         if (err) return err;
-        if (c >= n_chunks) return TS_E_CORRUPT;
-        if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
+        if (c >= p->n_chunks) return TS_E_CORRUPT;
+        if (c == 0 || p->chunk_ref[c] > 1 || (p->chunk_state[c] & TS_ST_PINNED)) need++;
     }
     return need;
 }
@@ -259,7 +263,8 @@ int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
 /* ---- reference counts -------------------------------------------------- */
 
 int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst,
-                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks)
+                   uint32_t *chunk_ref, uint8_t *chunk_state, uint8_t *chunk_summary,
+                   uint64_t n_chunks)
 {
     if (src >= n_pages || dst >= n_pages) return TS_E_CORRUPT;
     const uint64_t *s = pages + src * TS_FANOUT;
@@ -268,7 +273,7 @@ int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst
     memmove(pages + dst * TS_FANOUT, s, TS_FANOUT * sizeof(uint64_t));
     for (int i = 0; i < TS_FANOUT; i++) {
         uint64_t c = s[i];
-        if (c) { chunk_ref[c] += 1; chunk_state[c] |= TS_ST_REF_CHANGED; }
+        if (c) { chunk_ref[c] += 1; mark(chunk_state, chunk_summary, c, TS_ST_REF_CHANGED); }
     }
     return 0;
 }
@@ -292,13 +297,13 @@ static int dec_all(uint32_t *ref, const uint64_t *ids, uint64_t k)
 
 /* The flags a decrement leaves, from the count after the whole batch (as the
  * twin does): PENDING_FREE when it reached zero, PINNED otherwise. */
-static inline void dec_flags(const uint32_t *ref, uint8_t *state, uint64_t c)
+static inline void dec_flags(const uint32_t *ref, uint8_t *state, uint8_t *summary, uint64_t c)
 {
-    state[c] |= TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED);
+    mark(state, summary, c, TS_ST_REF_CHANGED | (ref[c] == 0 ? TS_ST_PENDING_FREE : TS_ST_PINNED));
 }
 
-int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                 const uint64_t *ids, uint64_t k, int delta)
+int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint8_t *chunk_summary,
+                 uint64_t n_chunks, const uint64_t *ids, uint64_t k, int delta)
 {
     if (delta != 1 && delta != -1) return TS_E_ARG;
     for (uint64_t i = 0; i < k; i++)
@@ -307,12 +312,12 @@ int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
         int rc = dec_all(chunk_ref, ids, k);
         if (rc) return rc;
         for (uint64_t i = 0; i < k; i++)
-            if (ids[i]) dec_flags(chunk_ref, chunk_state, ids[i]);
+            if (ids[i]) dec_flags(chunk_ref, chunk_state, chunk_summary, ids[i]);
         return 0;
     }
     for (uint64_t i = 0; i < k; i++) {
         uint64_t c = ids[i];
-        if (c) { chunk_ref[c] += 1; chunk_state[c] |= TS_ST_REF_CHANGED; }
+        if (c) { chunk_ref[c] += 1; mark(chunk_state, chunk_summary, c, TS_ST_REF_CHANGED); }
     }
     return 0;
 }
@@ -332,11 +337,11 @@ static inline uint64_t *unmap_entry(uint64_t *dir, uint64_t n_dir, uint64_t *pag
     return e;
 }
 
-int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
-                       uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
-                       uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                       uint64_t first, uint64_t count)
+int64_t ts_unmap_range(ts_pool *p, const ts_dev *dev, uint64_t first, uint64_t count)
 {
+    uint64_t *dir = dev->dir, n_dir = dev->n_dir, *pages = p->pages, n_pages = p->n_pages;
+    uint64_t n_chunks = p->n_chunks;
+    uint32_t *chunk_ref = p->chunk_ref;
     /* Pass 1 checks ids and drops the references (undone on underflow), pass 2
      * sets the flags from the final counts and clears the entries: all or
      * nothing, like the twin's single batched ref_batch. */
@@ -360,9 +365,9 @@ int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
     for (v = first; v < first + count; v++) {
         uint64_t *e = unmap_entry(dir, n_dir, pages, n_pages, n_chunks, v, &pid, &err);
         if (!e || !*e) continue;
-        dec_flags(chunk_ref, chunk_state, *e);
+        dec_flags(chunk_ref, p->chunk_state, p->chunk_summary, *e);
         *e = 0;
-        page_dirty[pid] = 1;
+        p->page_dirty[pid] = 1;
         done++;
     }
     return done;
@@ -437,7 +442,7 @@ int ts_read_range(const uint64_t *dir, uint64_t n_dir,
     return 0;
 }
 
-/* The batch of data writes of one ts_write_range: pieces contiguous in the
+/* The batch of data writes of one ts_write: pieces contiguous in the
  * file join the pending run; anything else flushes it first. */
 struct run { int fd; const uint8_t *buf; uint64_t off, len; };
 
@@ -490,12 +495,15 @@ static __attribute__((noinline)) int cow_merged(int fd, uint64_t obase, uint64_t
  * parts [0, lo) and [hi, csize) the write leaves alone: zeros for a new
  * mapping, the old chunk's bytes for a copy on write.  *written = 1 when the
  * write's own bytes (data, for [lo, hi)) went out with them. */
-static int take_new_chunk(uint64_t *e, uint64_t old, uint32_t *ref, uint8_t *state,
-                          uint64_t n_chunks, const int64_t *new_chunks, uint64_t n_new,
-                          uint64_t *next_new, unsigned shift, int fd,
-                          uint64_t lo, uint64_t hi, const uint8_t *data, int *written,
-                          int64_t *counters)
+static int take_new_chunk(ts_pool *p, uint64_t *e, uint64_t old,
+                          const int64_t *new_chunks, uint64_t n_new, uint64_t *next_new,
+                          uint64_t lo, uint64_t hi, const uint8_t *data, int *written)
 {
+    unsigned shift = p->chunk_shift;
+    int fd = p->fd;
+    uint64_t n_chunks = p->n_chunks;
+    uint32_t *ref = p->chunk_ref;
+    int64_t *counters = p->counters;
     if (*next_new >= n_new) return TS_E_NOCHUNK;
     int64_t n = new_chunks[(*next_new)++];
     if (n <= 0 || (uint64_t)n >= n_chunks) return TS_E_CORRUPT;
@@ -527,45 +535,42 @@ static int take_new_chunk(uint64_t *e, uint64_t old, uint32_t *ref, uint8_t *sta
                 *written = rc == 0;
             }
         }
-        if (rc == 0) rc = ref_dec(ref, state, old);
+        if (rc == 0) rc = ref_dec(ref, p->chunk_state, p->chunk_summary, old);
         counters[0] += 1;
         counters[1] += 1;
         counters[2] += (int64_t)(lo + csize - hi);
     }
     if (rc) return rc;
     ref[n] = 1;
-    state[n] = TS_ST_REF_CHANGED | TS_ST_WRITTEN;  /* a fresh chunk: no stale flags */
+    p->chunk_state[n] = 0;                         /* a fresh chunk: no stale flags */
+    mark(p->chunk_state, p->chunk_summary, (uint64_t)n, TS_ST_REF_CHANGED | TS_ST_WRITTEN);
     *e = (uint64_t)n;
     return 0;
 }
 
-int ts_write_range(uint64_t *dir, uint64_t n_dir,
-                   uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
-                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                   const int64_t *new_chunks, uint64_t n_new,
-                   unsigned chunk_shift, int fd,
-                   const uint8_t *buf, uint64_t offset, uint64_t length,
-                   int64_t *counters)
+/* TS_REQ_GIVEN: the write itself, with the new chunks given. */
+static int write_given(ts_pool *p, const ts_dev *dev, const int64_t *new_chunks, uint64_t n_new,
+                       const uint8_t *buf, uint64_t offset, uint64_t length)
 {
+    unsigned chunk_shift = p->chunk_shift;
     if (chunk_shift > 40) return TS_E_ARG;
     uint64_t end = offset + length, csize = 1ull << chunk_shift, next_new = 0;
-    struct run run = { fd, buf, 0, 0 };
+    struct run run = { p->fd, buf, 0, 0 };
     for (uint64_t pos = offset; pos < end;) {
         uint64_t v = pos >> chunk_shift, cstart = v << chunk_shift, pid;
         uint64_t lo = pos - cstart, hi = (cstart + csize < end ? cstart + csize : end) - cstart;
-        uint64_t *e = entry_ptr(dir, n_dir, pages, n_pages, v, &pid);
-        if (!e || *e >= n_chunks) return TS_E_CORRUPT;
+        uint64_t *e = entry_ptr(dev->dir, dev->n_dir, p->pages, p->n_pages, v, &pid);
+        if (!e || *e >= p->n_chunks) return TS_E_CORRUPT;
         uint64_t c = *e;
         const uint8_t *piece = buf + (pos - offset);
         int written = 0;
-        if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) {
-            int rc = take_new_chunk(e, c, chunk_ref, chunk_state, n_chunks, new_chunks, n_new,
-                                    &next_new, chunk_shift, fd, lo, hi, piece, &written,
-                                    counters);
+        if (c == 0 || p->chunk_ref[c] > 1 || (p->chunk_state[c] & TS_ST_PINNED)) {
+            int rc = take_new_chunk(p, e, c, new_chunks, n_new, &next_new, lo, hi, piece,
+                                    &written);
             if (rc) return rc;
-            page_dirty[pid] = 1;
+            p->page_dirty[pid] = 1;
         } else {
-            chunk_state[c] |= TS_ST_WRITTEN;
+            mark(p->chunk_state, p->chunk_summary, c, TS_ST_WRITTEN);
         }
         if (!written) {
             int rc = run_add(&run, piece, (*e << chunk_shift) + lo, hi - lo);
@@ -574,7 +579,7 @@ int ts_write_range(uint64_t *dir, uint64_t n_dir,
         pos = cstart + hi;
     }
     int rc = run_flush(&run);
-    if (rc == 0) counters[3] += (int64_t)length;
+    if (rc == 0) p->counters[3] += (int64_t)length;
     return rc;
 }
 
@@ -627,63 +632,42 @@ int ts_prealloc(int fd, unsigned chunk_shift, uint64_t n_chunks, int64_t *cursor
     return calls;
 }
 
-/* ts_write_fast, taking TS_SLOW also when the write needs more than max_need chunks. */
-static int64_t write_fast_capped(uint64_t *dir, uint64_t n_dir,
-                                 uint64_t *pages, uint64_t n_pages,
-                                 const uint32_t *page_ref, uint8_t *page_dirty,
-                                 uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                                 const uint32_t *chunk_sums, uint64_t n_sums,
-                                 const uint8_t *intent_bits, uint8_t *intent_hot,
-                                 uint64_t n_bits, int64_t *cursor, int64_t *counters, int fd,
-                                 unsigned intent_shift, unsigned chunk_shift,
-                                 const uint8_t *buf, uint64_t offset, uint64_t length,
-                                 uint64_t max_need, const uint8_t *page_loaded)
+/* TS_REQ_LOCKED: the checks, the allocation and the write intent, then the
+ * write; TS_SLOW also when the write needs more than max_need chunks. */
+static int64_t write_checked(ts_pool *p, const ts_dev *dev, const uint8_t *buf,
+                             uint64_t offset, uint64_t length, uint64_t max_need)
 {
+    unsigned chunk_shift = p->chunk_shift;
     if (chunk_shift > 40 || length == 0) return TS_SLOW;
     uint64_t first = offset >> chunk_shift, last = (offset + length - 1) >> chunk_shift;
     if (last - first >= TS_FAST_MAX_CHUNKS || ts_is_zero(buf, length)) return TS_SLOW;
     uint64_t need = 0, n_hot = 0, hot[TS_FAST_MAX_CHUNKS];
+    const uint32_t *chunk_ref = p->chunk_ref, *chunk_sums = p->chunk_sums;
+    const uint8_t *chunk_state = p->chunk_state;
+    uint64_t n_chunks = p->n_chunks, n_sums = p->n_sums;
     for (uint64_t v = first; v <= last; v++) {
         uint64_t d = v / TS_FANOUT, pid;
-        if (d >= n_dir) return TS_SLOW;
-        pid = dir[d];
-        if (pid == 0 || pid >= n_pages || page_ref[pid] != 1) return TS_SLOW;
+        if (d >= dev->n_dir) return TS_SLOW;
+        pid = dev->dir[d];
+        if (pid == 0 || pid >= p->n_pages || p->page_ref[pid] != 1) return TS_SLOW;
         /* a row not read from meta yet looks all holes: never write into it */
-        if (page_loaded && !page_loaded[pid]) return TS_SLOW;
-        uint64_t c = pages[pid * TS_FANOUT + v % TS_FANOUT];
+        if (!p->page_loaded[pid]) return TS_SLOW;
+        uint64_t c = p->pages[pid * TS_FANOUT + v % TS_FANOUT];
         if (c >= n_chunks) return TS_SLOW;
         if (c == 0 || chunk_ref[c] > 1 || (chunk_state[c] & TS_ST_PINNED)) need++;
         if (c && n_sums && (c >= n_sums || (chunk_sums[c] && !(chunk_state[c] & TS_ST_WRITTEN)))) {
-            uint64_t r = c >> intent_shift;
-            if (c >= n_sums || r >= n_bits || !intent_bits[r]) return TS_SLOW;
+            uint64_t r = c >> p->intent_shift;
+            if (c >= n_sums || r >= p->n_bits || !p->intent_bits[r]) return TS_SLOW;
             hot[n_hot++] = r;
         }
     }
     if (need > max_need) return TS_SLOW;
     int64_t fresh[TS_FAST_MAX_CHUNKS];
-    if (!fast_allocate(chunk_ref, chunk_state, n_chunks, cursor, need, fresh)) return TS_SLOW;
-    ts_prealloc(fd, chunk_shift, n_chunks, cursor, fresh, need);
-    for (uint64_t i = 0; i < n_hot; i++) intent_hot[hot[i]] = 1;
-    int rc = ts_write_range(dir, n_dir, pages, n_pages, page_dirty, chunk_ref, chunk_state,
-                            n_chunks, fresh, need, chunk_shift, fd, buf, offset, length,
-                            counters);
+    if (!fast_allocate(chunk_ref, chunk_state, n_chunks, p->cursor, need, fresh)) return TS_SLOW;
+    if (need) ts_prealloc(p->fd, chunk_shift, n_chunks, p->cursor, fresh, need);
+    for (uint64_t i = 0; i < n_hot; i++) p->intent_hot[hot[i]] = 1;
+    int rc = write_given(p, dev, fresh, need, buf, offset, length);
     return rc ? rc : (int64_t)need;
-}
-
-int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
-                      uint64_t *pages, uint64_t n_pages,
-                      const uint32_t *page_ref, uint8_t *page_dirty,
-                      uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                      const uint32_t *chunk_sums, uint64_t n_sums,
-                      const uint8_t *intent_bits, uint8_t *intent_hot, uint64_t n_bits,
-                      int64_t *cursor, int64_t *counters, int fd,
-                      unsigned intent_shift, unsigned chunk_shift,
-                      const uint8_t *buf, uint64_t offset, uint64_t length)
-{
-    return write_fast_capped(dir, n_dir, pages, n_pages, page_ref, page_dirty, chunk_ref,
-                             chunk_state, n_chunks, chunk_sums, n_sums, intent_bits,
-                             intent_hot, n_bits, cursor, counters, fd, intent_shift,
-                             chunk_shift, buf, offset, length, UINT64_MAX, NULL);
 }
 
 /* ---- the lane ------------------------------------------------------------ */
@@ -696,7 +680,7 @@ static inline int closing(const int *counter)
 }
 
 /* Leave the gate (give back `unit`); wake closers waiting for lane requests. */
-static void lane_leave(ts_lane *l, int64_t unit)
+static void lane_leave(ts_pool *l, int64_t unit)
 {
     __atomic_sub_fetch(&l->gate, unit, __ATOMIC_SEQ_CST);
     if (closing(&l->closers)) {
@@ -705,8 +689,9 @@ static void lane_leave(ts_lane *l, int64_t unit)
     }
 }
 
-int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
-                      const uint8_t *buf, uint64_t offset, uint64_t length)
+/* TS_REQ_LANE: TS_REQ_LOCKED behind the gate, within the budget. */
+static int64_t write_lane(ts_pool *l, const ts_dev *dev, const uint8_t *buf,
+                          uint64_t offset, uint64_t length)
 {
     if (!dev->writable || length == 0 || offset > dev->size || length > dev->size - offset)
         return TS_SLOW;
@@ -717,12 +702,7 @@ int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
         return TS_SLOW;
     int64_t rc = TS_SLOW;
     if (l->open && l->writes) {
-        rc = write_fast_capped(dev->dir, dev->n_dir, l->pages, l->n_pages, l->page_ref,
-                               l->page_dirty, l->chunk_ref, l->chunk_state, l->n_chunks,
-                               l->chunk_sums, l->n_sums, l->intent_bits, l->intent_hot,
-                               l->n_bits, l->cursor, l->counters, l->fd, l->intent_shift,
-                               l->chunk_shift, buf, offset, length,
-                               l->budget > 0 ? (uint64_t)l->budget : 0, l->page_loaded);
+        rc = write_checked(l, dev, buf, offset, length, l->budget > 0 ? (uint64_t)l->budget : 0);
         if (rc != TS_SLOW) {
             l->wrote = 1;
             if (rc > 0) l->budget -= rc;
@@ -732,8 +712,23 @@ int64_t ts_lane_write(ts_lane *l, const ts_dev_lane *dev,
     return rc;
 }
 
+int64_t ts_write(ts_pool *p, const ts_dev *dev, const uint8_t *buf, uint64_t offset,
+                 uint64_t length, int mode, const int64_t *new_chunks, uint64_t n_new)
+{
+    switch (mode) {
+    case TS_REQ_GIVEN:
+        return write_given(p, dev, new_chunks, n_new, buf, offset, length);
+    case TS_REQ_LOCKED:
+        return write_checked(p, dev, buf, offset, length, UINT64_MAX);
+    case TS_REQ_LANE:
+        return write_lane(p, dev, buf, offset, length);
+    default:
+        return TS_E_ARG;
+    }
+}
+
 /* 1 when every chunk of [first, last] can be read by the lane (see the header). */
-static int lane_readable(const ts_lane *l, const ts_dev_lane *dev, uint64_t first,
+static int lane_readable(const ts_pool *l, const ts_dev *dev, uint64_t first,
                          uint64_t last)
 {
     for (uint64_t v = first; v <= last; v++) {
@@ -751,8 +746,9 @@ static int lane_readable(const ts_lane *l, const ts_dev_lane *dev, uint64_t firs
     return 1;
 }
 
-int64_t ts_lane_read(ts_lane *l, const ts_dev_lane *dev,
-                     uint8_t *buf, uint64_t offset, uint64_t length)
+/* TS_REQ_LANE: ts_read_range beside other readers, when the lane may. */
+static int64_t read_lane(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                         uint64_t length)
 {
     if (length == 0 || offset > dev->size || length > dev->size - offset || l->chunk_shift > 40)
         return TS_SLOW;
@@ -772,19 +768,33 @@ int64_t ts_lane_read(ts_lane *l, const ts_dev_lane *dev,
     return rc;
 }
 
-void ts_gate_announce(ts_lane *l, int exclusive)
+int64_t ts_read(ts_pool *p, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                uint64_t length, int mode)
+{
+    switch (mode) {
+    case TS_REQ_LOCKED:
+        return ts_read_range(dev->dir, dev->n_dir, p->pages, p->n_pages, p->chunk_shift, p->fd,
+                             buf, offset, length);
+    case TS_REQ_LANE:
+        return read_lane(p, dev, buf, offset, length);
+    default:
+        return TS_E_ARG;
+    }
+}
+
+void ts_gate_announce(ts_pool *l, int exclusive)
 {
     __atomic_add_fetch(&l->closers, 1, __ATOMIC_SEQ_CST);
     if (exclusive) __atomic_add_fetch(&l->excl_closers, 1, __ATOMIC_SEQ_CST);
 }
 
-void ts_gate_withdraw(ts_lane *l, int exclusive)
+void ts_gate_withdraw(ts_pool *l, int exclusive)
 {
     if (exclusive) __atomic_sub_fetch(&l->excl_closers, 1, __ATOMIC_SEQ_CST);
     __atomic_sub_fetch(&l->closers, 1, __ATOMIC_SEQ_CST);
 }
 
-void ts_gate_close(ts_lane *l, int exclusive)
+void ts_gate_close(ts_pool *l, int exclusive)
 {
     /* a shared holder waits for a lane write; the exclusive one for lane reads too */
     int64_t busy = exclusive ? (TS_GATE_WRITER | GATE_READERS) : TS_GATE_WRITER;
@@ -806,7 +816,7 @@ void ts_gate_close(ts_lane *l, int exclusive)
     ts_gate_withdraw(l, exclusive);
 }
 
-void ts_gate_open(ts_lane *l, int exclusive)
+void ts_gate_open(ts_pool *l, int exclusive)
 {
     __atomic_sub_fetch(&l->gate, exclusive ? TS_GATE_EXCLUSIVE : TS_GATE_SHARED,
                        __ATOMIC_SEQ_CST);

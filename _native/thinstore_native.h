@@ -13,6 +13,11 @@
  *   page_dirty[n_pages]   uint8   set to 1 when a page's entries change
  *   chunk_ref[n_chunks]   uint32  map entries referencing the chunk
  *   chunk_state[n_chunks] uint8   TS_ST_* flags
+ *   chunk_summary[(n_chunks + 4095) >> 12]  uint8  1 when some chunk of that window
+ *                                 of 1 << TS_SUMMARY_SHIFT chunks has a state flag:
+ *                                 every kernel that sets a flag sets its window's byte
+ *                                 too, so SpaceMap.flagged() scans the summary and the
+ *                                 flagged windows, never the whole state array
  *   Virtual chunk v lives in dir[v / FANOUT], slot v % FANOUT; data chunk c sits at
  *   byte c << chunk_shift of the data file.
  *
@@ -26,7 +31,7 @@
  *     the same arrays (the pool lock).
  *   - Return: >= 0 is the result; < 0 is -errno for an I/O failure (the wrapper
  *     raises OSError) or one of the TS_E_* codes below (all below -TS_E_BASE).
- *     After an I/O error in ts_write_range the map may be partially updated, as
+ *     After an I/O error in ts_write the map may be partially updated, as
  *     with the twin; the open transaction is then abandoned by the caller.
  */
 #ifndef THINSTORE_NATIVE_H
@@ -38,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 6
+#define TS_API_VERSION 7
 
 #define TS_FANOUT 508
 
@@ -46,15 +51,16 @@
 #define TS_ST_PINNED 2        /* ref fell but is nonzero in the open txn: copy on write  */
 #define TS_ST_WRITTEN 4       /* data written since the last commit                      */
 #define TS_ST_REF_CHANGED 8   /* refcount changed since the last commit                  */
+#define TS_SUMMARY_SHIFT 12   /* chunk_summary: one byte per 4096 chunks                  */
 
 #define TS_E_BASE 100000
 #define TS_E_CORRUPT -100001    /* an id points outside its array, or a write hits a missing page */
 #define TS_E_UNDERFLOW -100002  /* a reference count would drop below zero                 */
-#define TS_E_NOCHUNK -100003    /* write_range ran out of preallocated new chunks          */
+#define TS_E_NOCHUNK -100003    /* ts_write (TS_REQ_GIVEN) ran out of the new chunks given */
 #define TS_E_SPACE -100004      /* the output array is too small                           */
 #define TS_E_ARG -100005        /* bad argument: delta not +-1, shift out of range         */
-#define TS_SLOW -100006         /* ts_write_fast: not the common case; nothing was changed  */
-#define TS_FAST_MAX_CHUNKS 64   /* ts_write_fast takes requests spanning at most this many */
+#define TS_SLOW -100006         /* ts_write: not the common case; nothing was changed       */
+#define TS_FAST_MAX_CHUNKS 64   /* checked ts_write requests span at most this many chunks  */
 
 /* The API version this library was compiled with (TS_API_VERSION). */
 int ts_api_version(void);
@@ -78,7 +84,8 @@ int64_t ts_translate(const uint64_t *dir, uint64_t n_dir,
  * before anything changes.  Returns 0 or TS_E_CORRUPT.
  */
 int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst,
-                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks);
+                   uint32_t *chunk_ref, uint8_t *chunk_state, uint8_t *chunk_summary,
+                   uint64_t n_chunks);
 
 /*
  * Apply delta (+1 or -1) to the reference count of each id in ids[k] (ids may
@@ -88,87 +95,8 @@ int ts_shadow_page(uint64_t *pages, uint64_t n_pages, uint64_t src, uint64_t dst
  * would drop below 0 (TS_E_UNDERFLOW) or an id is out of range (TS_E_CORRUPT)
  * nothing changes.  Returns 0 or the error.
  */
-int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                 const uint64_t *ids, uint64_t k, int delta);
-
-/*
- * Count the chunks of [offset, offset+length) a write would have to allocate:
- * entry 0 (or no page), or chunk_ref > 1, or state & PINNED.  Returns the count
- * or TS_E_CORRUPT.
- */
-int64_t ts_count_write_allocs(const uint64_t *dir, uint64_t n_dir,
-                              const uint64_t *pages, uint64_t n_pages,
-                              const uint32_t *chunk_ref, const uint8_t *chunk_state,
-                              uint64_t n_chunks, unsigned chunk_shift,
-                              uint64_t offset, uint64_t length);
-
-/*
- * Write buf[length] at byte offset of the device through its map, on file fd.
- * Each chunk touched, with [lo, hi) the part the write covers:
- *   entry 0   -> take the next of new_chunks; ref = 1, state = REF_CHANGED|WRITTEN; punch
- *                the uncovered parts (fallocate PUNCH_HOLE|KEEP_SIZE, zeros written
- *                where unsupported) so they read zero; entry = new; page dirty.
- *   shared    -> (ref > 1 or PINNED) take the next new chunk; fill the uncovered
- *                parts from the old chunk: its whole 4 KiB blocks shared with
- *                FICLONERANGE where the file system can (then ts_cow_copy for the
- *                rest), else the new chunk written whole in one pwrite -- the old
- *                bytes read around this write's piece; drop one reference from
- *                the old chunk (ref_batch -1 rules); new ref = 1,
- *                state = REF_CHANGED|WRITTEN; entry = new; page dirty.
- *   otherwise -> written in place; WRITTEN.
- * Data landing contiguously in the file goes out in one pwrite.  counters[4] +=
- * (chunks allocated (both cases above), chunks copied on write, bytes copied,
- * bytes written).
- * The page of every chunk in range must exist and be exclusive (caller shadows).
- * Returns 0, -errno on I/O error, TS_E_NOCHUNK, TS_E_CORRUPT or TS_E_UNDERFLOW.
- */
-int ts_write_range(uint64_t *dir, uint64_t n_dir,
-                   uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
-                   uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                   const int64_t *new_chunks, uint64_t n_new,
-                   unsigned chunk_shift, int fd,
-                   const uint8_t *buf, uint64_t offset, uint64_t length,
-                   int64_t *counters);
-
-/*
- * The common write, whole, in one call: ts_write_range plus the allocation and
- * the checksum bookkeeping the caller would otherwise do around it.
- *
- * It applies when every chunk of [offset, offset+length) lies under a map
- * page with page_ref == 1 (a hole in such a page is fine: a first write; the
- * caller has loaded the pages, since a row not yet read looks all holes), the
- * request spans at most TS_FAST_MAX_CHUNKS chunks and buf is not all zeros.
- * Then:
- *   - need = chunks that are holes (entry 0) or shared (chunk_ref > 1 or
- *     PINNED): each gets a new chunk, as in ts_write_range;
- *   - need free chunks (chunk_ref == 0, not PENDING_FREE) are found scanning up
- *     from *cursor to n_chunks, then from 1 (at most 65536 ids are looked at);
- *     *cursor becomes the last id taken + 1 (1 past the end) -- the order and
- *     cursor rule of SpaceMap.allocate, so both pick the same chunks; then
- *     ts_prealloc for them (cursor is SpaceMap.cursor_arr, int64[3]);
- *   - write intent (n_sums > 0: data checksums on): a chunk with a committed
- *     checksum (chunk_sums[c] != 0) not WRITTEN since the commit gets
- *     intent_hot[c >> intent_shift] = 1; its region must already be marked
- *     durable (intent_bits[r] != 0, r < n_bits) -- DataSums.before_write's
- *     outcome when no intent I/O is needed;
- *   - then ts_write_range with the chunks found.
- * Returns need (>= 0) when written; TS_SLOW, with nothing changed, when any
- * condition fails (a shared or missing page, too few free chunks within
- * the scan, an unmarked intent region, an all-zero buffer, an id out of range):
- * the caller then takes the general path, which does the same write.  After
- * the checks the errors are those of ts_write_range.  A new chunk it maps is
- * not recorded as written-in-part (DataSums.fresh): the commit hashes it from a
- * full read, as it does any chunk Python cannot vouch for.
- */
-int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
-                      uint64_t *pages, uint64_t n_pages,
-                      const uint32_t *page_ref, uint8_t *page_dirty,
-                      uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                      const uint32_t *chunk_sums, uint64_t n_sums,
-                      const uint8_t *intent_bits, uint8_t *intent_hot, uint64_t n_bits,
-                      int64_t *cursor, int64_t *counters, int fd,
-                      unsigned intent_shift, unsigned chunk_shift,
-                      const uint8_t *buf, uint64_t offset, uint64_t length);
+int ts_ref_batch(uint32_t *chunk_ref, uint8_t *chunk_state, uint8_t *chunk_summary,
+                 uint64_t n_chunks, const uint64_t *ids, uint64_t k, int delta);
 
 /*
  * Keep the data file allocated a little ahead of the allocator, so that a new
@@ -186,18 +114,6 @@ int64_t ts_write_fast(uint64_t *dir, uint64_t n_dir,
 #define TS_PREALLOC_BYTES 4194304
 int ts_prealloc(int fd, unsigned chunk_shift, uint64_t n_chunks, int64_t *cursor,
                 const int64_t *ids, uint64_t k);
-
-/*
- * Unmap whole virtual chunks [first, first+count): each nonzero entry becomes 0,
- * its chunk loses one reference with ref_batch -1 rules (one batch for the whole
- * range) and its page is marked dirty; chunks under a missing page are skipped.
- * Pages with nonzero entries must be exclusive.  All or nothing.  Returns the
- * number of entries unmapped, TS_E_CORRUPT or TS_E_UNDERFLOW.
- */
-int64_t ts_unmap_range(uint64_t *dir, uint64_t n_dir,
-                       uint64_t *pages, uint64_t n_pages, uint8_t *page_dirty,
-                       uint32_t *chunk_ref, uint8_t *chunk_state, uint64_t n_chunks,
-                       uint64_t first, uint64_t count);
 
 /*
  * Read [offset, offset+length) of the device into buf[length]: holes become zeros,
@@ -231,16 +147,29 @@ int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
                     const uint32_t *chunk_ref, uint64_t n_chunks, int64_t *out);
 
 /*
- * The lane: a device's common read or write in one call from Device.readinto or
- * Device.pwrite, with no Python around it.  ts_write_fast still needs its caller
- * to hold the pool lock and to pass the pool's arrays; the lane holds those
- * arrays itself and takes a gate instead of the lock, so a request that finds
- * the pool idle runs whole in C.
+ * The pool's state, as every request kernel takes it: one struct per open pool,
+ * owned by the pool (thinstore/fastlane.py: PoolKernelState), pointing into the
+ * arrays Python owns.  Python re-points it whenever it replaces an array (the
+ * map store grows, the space map or checksums resize) and only while no kernel
+ * runs on it: under the pool lock's exclusive side, which closes the gate below.
  *
- * ts_lane (one per open pool): the pool's arrays as ts_write_fast takes them,
- * plus page_loaded (a map page's row is in memory) and chunk_verified (a chunk
- * whose checksum a read has checked since it was last written), set by Python
- * (thinstore/fastlane.py) only while the gate is closed, and:
+ *   pages[n_pages*FANOUT], page_ref[n_pages], page_dirty[n_pages],
+ *   page_loaded[n_pages]       the map store (page_loaded: the row is in memory;
+ *                              a row not read yet looks all holes)
+ *   chunk_ref, chunk_state, chunk_summary, n_chunks   the space map
+ *   chunk_sums[n_sums]         committed data checksums, n_sums = 0 when off
+ *   chunk_verified[n_sums]     a read checked the chunk's checksum since it was
+ *                              last written (NULL when checksums are off)
+ *   intent_bits, intent_hot [n_bits], intent_shift   the write-intent bitmap:
+ *                              region r = chunk >> intent_shift is durable-marked
+ *                              (bits), and written in this transaction (hot)
+ *   cursor[3]                  SpaceMap.cursor_arr: allocation cursor, and the
+ *                              preallocated chunk range [cursor[1], cursor[2])
+ *   counters[4]                chunks allocated, chunks copied on write, bytes
+ *                              copied, bytes written (added to; Python folds them)
+ *   fd, chunk_shift            the data file
+ * and the lane's scalars, used only by TS_REQ_LANE requests (the locked modes
+ * ignore them):
  *   open    0 makes every lane request return TS_SLOW (pool closed);
  *   writes  0 makes lane writes return TS_SLOW (fast writes switched off, or
  *           checksums tracking chunks allocated in this transaction);
@@ -261,8 +190,8 @@ int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
  *   wake    bumped by a lane request leaving while someone closes: closers
  *           sleep on it (futex) instead of spinning while a request they wait
  *           for is off the CPU.
- * ts_dev_lane (one per open device): its directory, size and writability, also
- * set by Python with the gate closed; writable = 0 for a snapshot; size = 0 and
+ * ts_dev (one per open device for the lane, one per device for the locked path): its
+ * directory, size and writability; writable = 0 for a snapshot; size = 0 and
  * writable = 0 for a device destroyed since.
  */
 #define TS_GATE_READER 1LL
@@ -270,10 +199,10 @@ int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
 #define TS_GATE_SHARED 0x100000000LL        /* 1 << 32 */
 #define TS_GATE_EXCLUSIVE 0x1000000000000LL /* 1 << 48 */
 
-typedef struct ts_lane {
+typedef struct ts_pool {
     uint64_t *pages; uint64_t n_pages;
     const uint32_t *page_ref; uint8_t *page_dirty; const uint8_t *page_loaded;
-    uint32_t *chunk_ref; uint8_t *chunk_state; uint64_t n_chunks;
+    uint32_t *chunk_ref; uint8_t *chunk_state; uint8_t *chunk_summary; uint64_t n_chunks;
     const uint32_t *chunk_sums; uint64_t n_sums; const uint8_t *chunk_verified;
     const uint8_t *intent_bits; uint8_t *intent_hot; uint64_t n_bits;
     int64_t *cursor; int64_t *counters;
@@ -286,52 +215,123 @@ typedef struct ts_lane {
     int closers;
     int excl_closers;
     uint32_t wake;
-} ts_lane;
+} ts_pool;
 
-typedef struct ts_dev_lane {
+typedef struct ts_dev {
     uint64_t *dir; uint64_t n_dir;
     uint64_t size;
     int writable;
-} ts_dev_lane;
+} ts_dev;
 
 /*
- * Write buf[length] at offset of the device through the lane: when the lane is
- * open for writes, the device writable, the range inside it and the gate empty,
- * take the gate and do ts_write_fast with the lane's arrays, taking TS_SLOW also
- * when the write would allocate more chunks than budget or a map page in range
- * is not loaded (page_loaded[pid] == 0).  Returns what
- * ts_write_fast returns, or TS_SLOW with nothing changed; the caller then takes
- * the pool lock and the general path.
+ * Count the chunks of [offset, offset+length) of dev a write would have to
+ * allocate: entry 0 (or no page), or chunk_ref > 1, or state & PINNED.
+ * Returns the count or TS_E_CORRUPT.
  */
-int64_t ts_lane_write(ts_lane *lane, const ts_dev_lane *dev,
-                      const uint8_t *buf, uint64_t offset, uint64_t length);
+int64_t ts_count_write_allocs(const ts_pool *pool, const ts_dev *dev,
+                              uint64_t offset, uint64_t length);
+
+/* How ts_write is called (mode): */
+#define TS_REQ_GIVEN 0   /* the general path, under the pool lock: the caller made the
+                          * pages exclusive and passes the new chunks; no checks      */
+#define TS_REQ_LOCKED 1  /* the common case, under the pool lock: checked, allocating */
+#define TS_REQ_LANE 2    /* the common case without the lock: TS_REQ_LOCKED behind the
+                          * gate and the lane's scalars                              */
 
 /*
- * Read [offset, offset+length) of the device into buf[length] through the lane
- * (ts_read_range), beside other readers, when the lane is open, the range
- * inside the device and spanning at most TS_FAST_MAX_CHUNKS chunks, every map
- * page it needs in memory, and no chunk in it waits for its checksum to be
- * checked (n_sums > 0, chunk_sums[c] != 0, not chunk_verified[c], not WRITTEN):
- * that is Python's to do.  Returns 0, -errno, TS_E_CORRUPT, or TS_SLOW with buf
- * untouched.
+ * The one write entry: buf[length] at byte offset of dev.
+ *
+ * Every mode ends in the same write.  Each chunk touched, with [lo, hi) the
+ * part the write covers:
+ *   entry 0   -> take the next new chunk; ref = 1, state = REF_CHANGED|WRITTEN; punch
+ *                the uncovered parts (fallocate PUNCH_HOLE|KEEP_SIZE, zeros written
+ *                where unsupported) so they read zero; entry = new; page dirty.
+ *   shared    -> (ref > 1 or PINNED) take the next new chunk; fill the uncovered
+ *                parts from the old chunk: its whole 4 KiB blocks shared with
+ *                FICLONERANGE where the file system can (then ts_cow_copy for the
+ *                rest), else the new chunk written whole in one pwrite -- the old
+ *                bytes read around this write's piece; drop one reference from
+ *                the old chunk (ref_batch -1 rules); new ref = 1,
+ *                state = REF_CHANGED|WRITTEN; entry = new; page dirty.
+ *   otherwise -> written in place; WRITTEN.
+ * Every flag set also sets the chunk's chunk_summary byte.  Data landing
+ * contiguously in the file goes out in one pwrite.  counters[4] += (chunks
+ * allocated (both cases above), chunks copied on write, bytes copied, bytes
+ * written).
+ *
+ * TS_REQ_GIVEN: new_chunks[n_new] are the new chunks, in order; the page of
+ *   every chunk in range must exist and be exclusive (the caller shadows).
+ *   Returns 0, -errno on I/O error, TS_E_NOCHUNK, TS_E_CORRUPT or TS_E_UNDERFLOW.
+ * TS_REQ_LOCKED (new_chunks ignored): the write applies when every chunk of the
+ *   range lies under a loaded map page with page_ref == 1 (a hole in such a page
+ *   is fine: a first write), the request spans at most TS_FAST_MAX_CHUNKS chunks
+ *   and buf is not all zeros.  Then:
+ *   - need = chunks that are holes or shared: each gets a new chunk;
+ *   - need free chunks (chunk_ref == 0, not PENDING_FREE) are found scanning up
+ *     from cursor[0] to n_chunks, then from 1 (at most 65536 ids are looked at);
+ *     cursor[0] becomes the last id taken + 1 (1 past the end) -- the order and
+ *     cursor rule of SpaceMap.allocate, so both pick the same chunks; then
+ *     ts_prealloc for them;
+ *   - write intent (n_sums > 0): a chunk with a committed checksum
+ *     (chunk_sums[c] != 0) not WRITTEN since the commit gets
+ *     intent_hot[c >> intent_shift] = 1; its region must already be marked
+ *     durable (intent_bits[r] != 0, r < n_bits) -- DataSums.before_write's
+ *     outcome when no intent I/O is needed;
+ *   - then the write with the chunks found.
+ *   Returns need (>= 0) when written; TS_SLOW, with nothing changed, when any
+ *   condition fails (a shared, missing or unloaded page, too few free chunks
+ *   within the scan, an unmarked intent region, an all-zero buffer, an id out of
+ *   range): the caller then takes the general path, which does the same write.
+ *   After the checks the errors are those of TS_REQ_GIVEN.  A new chunk it maps
+ *   is not recorded as written-in-part (DataSums.fresh): the commit hashes it
+ *   from a full read, as it does any chunk Python cannot vouch for.
+ * TS_REQ_LANE: when the lane is open for writes, dev writable, the range inside
+ *   it and the gate empty with no closer waiting, take the gate and do
+ *   TS_REQ_LOCKED, taking TS_SLOW also when the write would allocate more chunks
+ *   than budget; a result other than TS_SLOW sets wrote and takes the chunks
+ *   allocated off budget.  Otherwise TS_SLOW with nothing changed; the caller
+ *   then takes the pool lock and the general path.
  */
-int64_t ts_lane_read(ts_lane *lane, const ts_dev_lane *dev,
-                     uint8_t *buf, uint64_t offset, uint64_t length);
+int64_t ts_write(ts_pool *pool, const ts_dev *dev, const uint8_t *buf, uint64_t offset,
+                 uint64_t length, int mode, const int64_t *new_chunks, uint64_t n_new);
+
+/*
+ * The one read entry: [offset, offset+length) of dev into buf[length].
+ * TS_REQ_LOCKED: under the pool lock (its shared side will do): ts_read_range
+ *   over dev's directory and the pool's pages.  Returns 0, -errno or TS_E_CORRUPT.
+ * TS_REQ_LANE: the same beside other readers without the lock, when the lane is
+ *   open, the range inside the device and spanning at most TS_FAST_MAX_CHUNKS
+ *   chunks, every map page it needs in memory, and no chunk in it waits for its
+ *   checksum to be checked (n_sums > 0, chunk_sums[c] != 0, not chunk_verified[c],
+ *   not WRITTEN): that is Python's to do.  Otherwise TS_SLOW with buf untouched.
+ * (TS_REQ_GIVEN is not a read mode: TS_E_ARG.)
+ */
+int64_t ts_read(ts_pool *pool, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                uint64_t length, int mode);
+
+/*
+ * Unmap whole virtual chunks [first, first+count) of dev: each nonzero entry
+ * becomes 0, its chunk loses one reference with ref_batch -1 rules (one batch
+ * for the whole range) and its page is marked dirty; chunks under a missing page
+ * are skipped.  Pages with nonzero entries must be exclusive.  All or nothing.
+ * Returns the number of entries unmapped, TS_E_CORRUPT or TS_E_UNDERFLOW.
+ */
+int64_t ts_unmap_range(ts_pool *pool, const ts_dev *dev, uint64_t first, uint64_t count);
 
 /* A thread is about to take the pool lock's shared (exclusive = 0) or exclusive
  * side: from now on new lane writes (and, for the exclusive side, new lane
  * reads) stand aside, so that a thread waiting for the lock is not starved by
  * lane requests that never wait.  Each announce ends in ts_gate_close, or in
  * ts_gate_withdraw when the lock was not taken after all. */
-void ts_gate_announce(ts_lane *lane, int exclusive);
-void ts_gate_withdraw(ts_lane *lane, int exclusive);
+void ts_gate_announce(ts_pool *pool, int exclusive);
+void ts_gate_withdraw(ts_pool *pool, int exclusive);
 
 /* The lock is taken: wait for the lane requests inside that this side excludes
  * to finish (each is one request), then count in; ends the announce. */
-void ts_gate_close(ts_lane *lane, int exclusive);
+void ts_gate_close(ts_pool *pool, int exclusive);
 
 /* Count that holder out again. */
-void ts_gate_open(ts_lane *lane, int exclusive);
+void ts_gate_open(ts_pool *pool, int exclusive);
 
 /* cdef-end */
 

@@ -223,7 +223,8 @@ def test_random_4k_writes_kernel_floor(benchmark, shared, volume):
 
 class KernelState:
     """One map page of 508 chunks (64 KiB) over a data file on tmpfs, so that the
-    write_range call itself is measured without the core around it."""
+    write call (REQ_GIVEN: the general path's kernel) is measured without the core
+    around it."""
 
     def __init__(self, path: str):
         self.dirarr = np.array([1], np.uint64)
@@ -233,6 +234,7 @@ class KernelState:
         self.ref = np.zeros(n, np.uint32)
         self.ref[1:FANOUT + 1] = 1
         self.state = np.zeros(n, np.uint8)
+        self.summary = np.zeros(TWIN.summary_len(n), np.uint8)
         self.dirty = np.zeros(2, np.uint8)
         self.counters = np.zeros(4, np.int64)
         self.pristine = [a.copy() for a in (self.pages, self.ref, self.state)]
@@ -243,6 +245,7 @@ class KernelState:
     def reset(self, shared: bool) -> None:
         for a, b in zip((self.pages, self.ref, self.state), self.pristine):
             a[:] = b
+        self.summary[:] = 0
         if shared:
             self.ref[1:FANOUT + 1] = 2
 
@@ -260,20 +263,28 @@ def kernel_state():
 
 @pytest.mark.parametrize("shared", [False, True], ids=["exclusive", "shared-cow"])
 @pytest.mark.parametrize("k", BACKENDS)
-def test_write_range_kernel_4k(benchmark, k, shared, kernel_state):
+def test_write_kernel_4k(benchmark, k, shared, kernel_state):
     """Only the kernel: 200 writes of 4 KiB into distinct chunks, one call each."""
     ks = kernel_state
     chunks = np.random.default_rng(8).permutation(FANOUT)[:WRITES_PER_ROUND]
     data = os.urandom(4096)
     free = np.arange(FANOUT + 1, 2 * FANOUT + 1, dtype=np.int64)
+    ps = TWIN.PoolState(fio=ks.fio, chunk_shift=SHIFT, pages=ks.pages,
+                           page_ref=np.ones(2, np.uint32), page_dirty=ks.dirty,
+                           page_loaded=np.ones(2, bool), chunk_ref=ks.ref, chunk_state=ks.state,
+                           chunk_summary=ks.summary, chunk_sums=np.zeros(0, np.uint32),
+                           chunk_verified=np.zeros(0, bool), intent_bits=np.zeros(0, bool),
+                           intent_hot=np.zeros(0, bool), cursor=np.array([1, -1, -1], np.int64),
+                           counters=ks.counters)
+    dev = TWIN.Dev(ks.dirarr, FANOUT << SHIFT, True)
+
     def run():
         for i, v in enumerate(chunks.tolist()):
             new = free[i:i + 1] if shared else free[:0]
-            k.write_range(ks.dirarr, ks.pages, ks.dirty, ks.ref, ks.state, new, SHIFT, ks.fio,
-                          data, (v << SHIFT) + 8192, 4096, ks.counters)
+            k.write(ps, dev, data, (v << SHIFT) + 8192, 4096, TWIN.REQ_GIVEN, new)
     benchmark.pedantic(run, setup=lambda: ks.reset(shared), rounds=ROUNDS * 2, iterations=1)
     kind = "shared (COW)" if shared else "exclusive"
-    RESULTS[(f"write_range kernel only, {kind}", _name(k))] = \
+    RESULTS[(f"write kernel only (REQ_GIVEN), {kind}", _name(k))] = \
         benchmark.stats.stats.min / WRITES_PER_ROUND
 
 

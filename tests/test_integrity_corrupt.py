@@ -101,10 +101,10 @@ def test_refcount_damage_is_named_and_rebuilt(pool_dir):
     c_under = chunk_of(path, "vol", 0)     # on two map pages: vol's and the snap+clone one
 
     def damage(pool):
-        refs, state = pool.md.space.refs.arr, pool.md.space.state
+        refs = pool.md.space.refs.arr
         refs[c_leak] += 2
         refs[c_under] -= 2
-        state[[c_leak, c_under]] |= ST_REF_CHANGED
+        pool.md.space.mark([c_leak, c_under], ST_REF_CHANGED)   # so the commit writes them
     tamper(path, damage)
     report = check_path(path)
     kinds = {p.kind for p in report.problems}

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -57,13 +58,37 @@ class Pool:
         self.chunk_ref += (rng.random(n_chunks) < 0.2).astype(np.uint32) * (self.chunk_ref > 0)
         self.chunk_state = (rng.random(n_chunks) < 0.1).astype(np.uint8) * PINNED
         self.chunk_state[self.chunk_ref == 0] = 0
+        self.chunk_summary = np.zeros(TWIN.summary_len(n_chunks), np.uint8)
+        self.chunk_summary[np.flatnonzero(self.chunk_state) >> TWIN.SUMMARY_SHIFT] = 1
+        self.page_loaded = np.ones(cap, bool)
 
     @property
     def size(self) -> int:
         return len(self.dirarr) * F << self.shift
 
     def arrays(self):
-        return [self.dirarr, self.pages, self.page_dirty, self.chunk_ref, self.chunk_state]
+        return [self.dirarr, self.pages, self.page_dirty, self.chunk_ref, self.chunk_state,
+                self.chunk_summary]
+
+    def space(self):
+        return self.chunk_ref, self.chunk_state, self.chunk_summary
+
+    def state(self, fio=None, counters=None, ex=None, loaded=None, verified=None):
+        """(kernels.PoolState, kernels.Dev) over these arrays; `ex`: FastExtras."""
+        sums = ex.sums if ex is not None else np.zeros(0, np.uint32)
+        ps = TWIN.PoolState(
+            fio=NOFILE if fio is None else fio, chunk_shift=self.shift,
+            intent_shift=ex.ishift if ex is not None else 0, pages=self.pages,
+            page_ref=self.page_ref, page_dirty=self.page_dirty,
+            page_loaded=self.page_loaded if loaded is None else loaded,
+            chunk_ref=self.chunk_ref, chunk_state=self.chunk_state,
+            chunk_summary=self.chunk_summary, chunk_sums=sums,
+            chunk_verified=np.zeros(len(sums), bool) if verified is None else verified,
+            intent_bits=ex.bits if ex is not None else np.zeros(0, bool),
+            intent_hot=ex.hot if ex is not None else np.zeros(0, bool),
+            cursor=ex.cursor if ex is not None else np.array([1, -1, -1], np.int64),
+            counters=np.zeros(4, np.int64) if counters is None else counters)
+        return ps, TWIN.Dev(self.dirarr, self.size, True)
 
     def copy(self) -> "Pool":
         other = object.__new__(Pool)
@@ -74,6 +99,11 @@ class Pool:
     def free_chunks(self, k: int) -> np.ndarray:
         free = np.flatnonzero(self.chunk_ref == 0)
         return free[free > 0][:k].astype(np.int64)
+
+
+# the kernels that do no I/O still take a pool state with a descriptor (else the
+# native wrapper hands the call to the twin)
+NOFILE = types.SimpleNamespace(fd=os.open(os.devnull, os.O_RDONLY))
 
 
 def _entries(rng, n_chunks, density):
@@ -95,10 +125,17 @@ pools = st.builds(Pool, seed=st.integers(0, 2**32 - 1), n_dir=st.integers(1, 3),
                   density=st.floats(0, 1))
 
 
+# pools whose space map spans several summary windows (4096 chunks each), with
+# 512-byte chunks so that the data file stays small
+wide_pools = st.builds(Pool, seed=st.integers(0, 2**32 - 1), n_dir=st.integers(1, 3),
+                       n_chunks=st.integers(4097, 13000), shift=st.just(9),
+                       density=st.floats(0, 1))
+
+
 @st.composite
-def pool_and_range(draw, max_chunks=None):
+def pool_and_range(draw, max_chunks=None, source=None):
     """A pool and a byte range inside its device: unaligned, empty, or at the end."""
-    pool = draw(pools)
+    pool = draw(pools if source is None else source)
     size, cs = pool.size, 1 << pool.shift
     kind = draw(st.sampled_from(["any", "empty", "tail", "aligned"]))
     limit = size if max_chunks is None else min(size, max_chunks * cs)
@@ -160,8 +197,8 @@ def test_shadow_page_agrees(pool, data):
     src = data.draw(st.integers(0, len(pool.pages) - 1))
     dst = data.draw(st.integers(1, len(pool.pages) - 1).filter(lambda d: d != src))
     a, b = pool, pool.copy()
-    TWIN.shadow_page(a.pages, src, dst, a.chunk_ref, a.chunk_state)
-    NAT.shadow_page(b.pages, src, dst, b.chunk_ref, b.chunk_state)
+    TWIN.shadow_page(a.pages, src, dst, *a.space())
+    NAT.shadow_page(b.pages, src, dst, *b.space())
     _same_arrays(a, b)
 
 
@@ -173,7 +210,7 @@ def test_ref_batch_agrees(pool, data, delta):
     ids = data.draw(st.lists(st.one_of(st.sampled_from(mapped), st.just(0)), max_size=200))
     ids = np.array(ids, np.uint64)
     a, b = pool, pool.copy()
-    errs = [_outcome(k.ref_batch, p.chunk_ref, p.chunk_state, ids, delta)
+    errs = [_outcome(k.ref_batch, *p.space(), ids, delta)
             for k, p in ((TWIN, a), (NAT, b))]
     assert errs[0] == errs[1]
     if errs[0] is None:  # after an underflow the twin's partial state is unspecified
@@ -186,21 +223,19 @@ def test_ref_batch_agrees(pool, data, delta):
 def test_count_write_allocs_agrees(args):
     pool, off, length = args
     _give_every_slot_a_page(pool)
-    got = [k.count_write_allocs(pool.dirarr, pool.pages, pool.chunk_ref, pool.chunk_state,
-                                pool.shift, off, length) for k in (TWIN, NAT)]
+    got = [k.count_write_allocs(*pool.state(), off, length) for k in (TWIN, NAT)]
     assert got[0] == got[1]
 
 
 @needs_native
 @SETTINGS
 @given(pool_and_range(max_chunks=24), st.integers(0, 2**32 - 1))
-def test_write_range_agrees(tmp_path, args, seed):
+def test_write_given_agrees(tmp_path, args, seed):
     pool, off, length = args
     _give_every_slot_a_page(pool)
     f = DataFile(tmp_path / "data", pool, seed)
     buf = np.random.default_rng(seed + 1).integers(0, 256, length, np.uint8).tobytes()
-    k = TWIN.count_write_allocs(pool.dirarr, pool.pages, pool.chunk_ref, pool.chunk_state,
-                                pool.shift, off, length)
+    k = TWIN.count_write_allocs(*pool.state(), off, length)
     new = pool.free_chunks(k)
     if len(new) < k:
         event("pool full")  # the caller raises PoolFull before calling the kernel
@@ -208,8 +243,8 @@ def test_write_range_agrees(tmp_path, args, seed):
     results = []
     for kern, p, fio in ((TWIN, pool, f.twin(".twin")), (NAT, pool.copy(), f.fio)):
         counters = np.zeros(4, np.int64)
-        kern.write_range(p.dirarr, p.pages, p.page_dirty, p.chunk_ref, p.chunk_state, new,
-                         p.shift, fio, buf, off, length, counters)
+        rc = kern.write(*p.state(fio, counters), buf, off, length, TWIN.REQ_GIVEN, new)
+        assert rc == 0
         results.append((p, counters.tolist(), _read_all(fio)))
     (a, ca, da), (b, cb, db) = results
     _same_arrays(a, b)
@@ -228,7 +263,7 @@ def test_unmap_range_agrees(pool, data):
     first = data.draw(st.integers(0, total))
     count = data.draw(st.integers(0, total - first))
     a, b = pool, pool.copy()
-    got = [k.unmap_range(p.dirarr, p.pages, p.page_dirty, p.chunk_ref, p.chunk_state, first, count)
+    got = [k.unmap_range(*p.state(), first, count)
            for k, p in ((TWIN, a), (NAT, b))]
     assert got[0] == got[1]
     _same_arrays(a, b)
@@ -237,13 +272,17 @@ def test_unmap_range_agrees(pool, data):
 @needs_native
 @SETTINGS
 @given(pool_and_range(max_chunks=64), st.integers(0, 2**32 - 1))
-def test_read_range_agrees(tmp_path, args, seed):
+def test_read_locked_agrees(tmp_path, args, seed):
+    """The read entry under the lock (REQ_LOCKED), and read_range beneath it."""
     pool, off, length = args
     f = DataFile(tmp_path / "data", pool, seed)
-    bufs = [bytearray(length), np.full(length, 0xAA, np.uint8)]
+    bufs = [bytearray(length), np.full(length, 0xAA, np.uint8), bytearray(b"\xa5" * length),
+            bytearray(b"\x5a" * length)]
     TWIN.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, bufs[0], off, length)
     NAT.read_range(pool.dirarr, pool.pages, pool.shift, f.fio, bufs[1], off, length)
-    assert bytes(bufs[0]) == bufs[1].tobytes()
+    assert TWIN.read(*pool.state(f.fio), bufs[2], off, length, TWIN.REQ_LOCKED) == 0
+    assert NAT.read(*pool.state(f.fio), bufs[3], off, length, TWIN.REQ_LOCKED) == 0
+    assert bytes(bufs[0]) == bufs[1].tobytes() == bytes(bufs[2]) == bytes(bufs[3])
 
 
 @needs_native
@@ -305,7 +344,7 @@ class TestBothBackends:
     def test_ref_batch_repeats_and_flags(self, k):
         pool = self._pool()
         pool.chunk_ref[5] = 3
-        k.ref_batch(pool.chunk_ref, pool.chunk_state, np.array([5, 0, 5, 6], np.uint64), -1)
+        k.ref_batch(*pool.space(), np.array([5, 0, 5, 6], np.uint64), -1)
         assert pool.chunk_ref[[5, 6]].tolist() == [1, 0]
         assert pool.chunk_state[5] & 8 and pool.chunk_state[5] & PINNED
         assert pool.chunk_state[6] & 1  # pending free
@@ -313,7 +352,7 @@ class TestBothBackends:
     def test_ref_batch_underflow_raises(self, k):
         pool = self._pool()
         with pytest.raises((ThinstoreError, ValueError)):
-            k.ref_batch(pool.chunk_ref, pool.chunk_state, np.array([5, 5], np.uint64), -1)
+            k.ref_batch(*pool.space(), np.array([5, 5], np.uint64), -1)
 
     def test_write_then_read_through_a_shared_chunk(self, k, tmp_path):
         pool = self._pool()
@@ -322,8 +361,7 @@ class TestBothBackends:
         before = f.fio.pread(4096, 6 * 4096)
         new = np.array([20], np.int64)
         counters = np.zeros(4, np.int64)
-        k.write_range(pool.dirarr, pool.pages, pool.page_dirty, pool.chunk_ref, pool.chunk_state,
-                      new, 12, f.fio, b"x" * 100, 4096 + 10, 100, counters)
+        k.write(*pool.state(f.fio, counters), b"x" * 100, 4096 + 10, 100, TWIN.REQ_GIVEN, new)
         assert pool.pages[1, 1] == 20 and pool.chunk_ref[6] == 1 and pool.page_dirty[1] == 1
         assert counters.tolist() == [1, 1, 4096 - 100, 100]  # a COW allocates too
         assert f.fio.pread(4096, 6 * 4096) == before
@@ -388,8 +426,7 @@ def test_io_error_raises_oserror(k, tmp_path):
     DataFile(tmp_path / "data", pool, 1)
     ro = FileIO(str(tmp_path / "data"), readonly=True)
     with pytest.raises(OSError) as err:
-        k.write_range(pool.dirarr, pool.pages, pool.page_dirty, pool.chunk_ref, pool.chunk_state,
-                      np.array([3], np.int64), 12, ro, b"x" * 4096, 0, 4096, np.zeros(4, np.int64))
+        k.write(*pool.state(ro), b"x" * 4096, 0, 4096, TWIN.REQ_GIVEN, np.array([3], np.int64))
     assert err.value.errno == errno.EBADF
 
 
@@ -411,8 +448,11 @@ def _give_every_slot_a_page(pool):
 
 def _same_arrays(a, b):
     for x, y, name in zip(a.arrays(), b.arrays(), ["dirarr", "pages", "page_dirty",
-                                                   "chunk_ref", "chunk_state"]):
+                                                   "chunk_ref", "chunk_state", "chunk_summary"]):
         assert np.array_equal(x, y), name
+    # every flag set is in the summary (SpaceMap.flagged() reads only flagged windows)
+    for p in (a, b):
+        assert p.chunk_summary[np.flatnonzero(p.chunk_state) >> TWIN.SUMMARY_SHIFT].all()
 
 
 def _outcome(fn, *args):
@@ -428,10 +468,11 @@ def _dup(path, suffix):
     return str(path) + suffix
 
 
-# ---- the fast write ---------------------------------------------------------
+# ---- the checked write (REQ_LOCKED) -----------------------------------------
 
 class FastExtras:
-    """What write_fast takes beyond write_range: checksums, intent bitmap, cursor."""
+    """What a checked write (REQ_LOCKED, REQ_LANE) uses beyond REQ_GIVEN: checksums,
+    intent bitmap, cursor."""
 
     def __init__(self, pool, rng, checksums: bool):
         n = pool.n_chunks
@@ -455,11 +496,12 @@ class FastExtras:
 @needs_native
 @SETTINGS
 @given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
-def test_write_fast_agrees(tmp_path, args, seed, checksums, zeros):
+def test_write_locked_agrees(tmp_path, args, seed, checksums, zeros):
     """Same answer (allocated count or SLOW), arrays, cursor, intent marks and file bytes."""
     pool, off, length = args
     rng = np.random.default_rng(seed)
     pool.chunk_state |= (rng.random(pool.n_chunks) < 0.3).astype(np.uint8) * TWIN.ST_WRITTEN
+    pool.chunk_summary[np.flatnonzero(pool.chunk_state) >> TWIN.SUMMARY_SHIFT] = 1
     if rng.random() < 0.7:     # mostly the common case: every chunk in range mapped
         _map_everything(pool, rng)
     ex = FastExtras(pool, rng, checksums)
@@ -468,9 +510,7 @@ def test_write_fast_agrees(tmp_path, args, seed, checksums, zeros):
     results = []
     for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
         counters = np.zeros(4, np.int64)
-        rc = kern.write_fast(p.dirarr, p.pages, p.page_ref, p.page_dirty, p.chunk_ref,
-                             p.chunk_state, e.sums, e.bits, e.hot, e.ishift, e.cursor, p.shift,
-                             fio, buf, off, length, counters)
+        rc = kern.write(*p.state(fio, counters, e), buf, off, length, TWIN.REQ_LOCKED)
         results.append((rc, p, e, counters.tolist(), _read_all(fio)))
     (ra, a, ea, ca, da), (rb, b, eb, cb, db) = results
     event("slow" if ra == TWIN.SLOW else "fast")
@@ -535,13 +575,11 @@ LANE_STATES = ["open"] * 5 + ["closed", "no-writes", "read-only", "short", "busy
 
 
 def _lane(kern_twin, p, e, fio, counters, lane_state, budget, rng_seed):
-    """A kernels.Lane and DevLane over test arrays, in the state named."""
+    """A kernels.PoolState and Dev over test arrays, the lane in the state named."""
     rng = np.random.default_rng(rng_seed)
     loaded = rng.random(len(p.pages)) < 0.9
     verified = (rng.random(p.n_chunks) < 0.7) if len(e.sums) else np.zeros(0, bool)
-    lane = kern_twin.Lane(p.pages, p.page_ref, p.page_dirty, loaded, p.chunk_ref,
-                          p.chunk_state, e.sums, verified, e.bits, e.hot, e.ishift, e.cursor,
-                          counters, fio, p.shift)
+    lane, _ = p.state(fio, counters, e, loaded, verified)
     lane.open, lane.writes, lane.budget = int(lane_state != "closed"), \
         int(lane_state != "no-writes"), budget
     lane.gate = {"busy-writer": TWIN.GATE_WRITER, "busy-shared": 2 * TWIN.GATE_SHARED,
@@ -550,15 +588,15 @@ def _lane(kern_twin, p, e, fio, counters, lane_state, budget, rng_seed):
     lane.closers = int(lane_state.startswith("closing"))
     lane.excl_closers = int(lane_state == "closing-exclusive")
     size = p.size - (1 << p.shift) * (lane_state == "short")
-    return lane, kern_twin.DevLane(p.dirarr, size, lane_state != "read-only")
+    return lane, kern_twin.Dev(p.dirarr, size, lane_state != "read-only")
 
 
 @needs_native
 @SETTINGS
 @given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(),
        st.sampled_from(LANE_STATES), st.one_of(st.just(1 << 20), st.integers(-1, 3)))
-def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
-    """The lane's write: write_fast's result when the lane is open for writes and
+def test_write_lane_agrees(tmp_path, args, seed, checksums, lane_state, budget):
+    """The lane's write (REQ_LANE): REQ_LOCKED's result when the lane is open for writes and
     empty, the device writable and the range inside it and the allocation within
     budget; SLOW with nothing changed otherwise. Same budget and `wrote` left behind."""
     pool, off, length = args
@@ -566,7 +604,7 @@ def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
     if rng.random() < 0.8:
         _map_everything(pool, rng, spare=0.5)     # half the chunks left free to allocate
     ex = FastExtras(pool, rng, checksums)
-    ex.bits[:] = True                     # write_fast's own refusals: test_write_fast_agrees
+    ex.bits[:] = True                     # REQ_LOCKED's own refusals: test_write_locked_agrees
     f = DataFile(tmp_path / "data", pool, seed)
     buf = rng.integers(0, 256, length, np.uint8).tobytes()
     before = _read_all(f.fio)
@@ -574,7 +612,7 @@ def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
     for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
         counters = np.zeros(4, np.int64)
         lane, dev = _lane(TWIN, p, e, fio, counters, lane_state, budget, seed)
-        rc = kern.lane_write(lane, dev, buf, off, length)
+        rc = kern.write(lane, dev, buf, off, length, TWIN.REQ_LANE)
         results.append((rc, p, e, counters.tolist(), lane.budget, lane.wrote, _read_all(fio)))
     (ra, a, ea, ca, ba, wa, da), (rb, b, eb, cb, bb, wb, db) = results
     event("slow" if ra == TWIN.SLOW else "fast")
@@ -593,7 +631,7 @@ def test_lane_write_agrees(tmp_path, args, seed, checksums, lane_state, budget):
 @SETTINGS
 @given(pool_and_range(max_chunks=70), st.integers(0, 2**32 - 1), st.booleans(),
        st.sampled_from(LANE_STATES))
-def test_lane_read_agrees(tmp_path, args, seed, checksums, lane_state):
+def test_read_lane_agrees(tmp_path, args, seed, checksums, lane_state):
     """The lane's read: read_range's bytes when the lane is open with no writer or
     lock holder inside, the pages loaded and no chunk awaiting its checksum check;
     SLOW with the buffer untouched otherwise. Other lane readers do not matter."""
@@ -605,7 +643,7 @@ def test_lane_read_agrees(tmp_path, args, seed, checksums, lane_state):
     for kern in (TWIN, NAT):
         lane, dev = _lane(TWIN, pool, ex, f.fio, np.zeros(4, np.int64), lane_state, 0, seed)
         buf = bytearray(b"\xa5" * length)
-        rc = kern.lane_read(lane, dev, buf, off, length)
+        rc = kern.read(lane, dev, buf, off, length, TWIN.REQ_LANE)
         results.append((rc, bytes(buf)))
     (ra, da), (rb, db) = results
     event("slow" if ra == TWIN.SLOW else "fast")
@@ -621,7 +659,7 @@ def test_lane_read_agrees(tmp_path, args, seed, checksums, lane_state):
 
 
 @pytest.mark.parametrize("k", BACKENDS)
-def test_write_fast_slow_leaves_everything(k, tmp_path):
+def test_write_locked_slow_leaves_everything(k, tmp_path):
     """A shared map page in range (it must be shadowed first): SLOW, and not one
     array or byte changed."""
     pool = Pool(5, 1, 200, 12, 0.5)
@@ -630,11 +668,34 @@ def test_write_fast_slow_leaves_everything(k, tmp_path):
     before = [a.copy() for a in pool.arrays()]
     f = DataFile(tmp_path / "data", pool, 1)
     data = _read_all(f.fio)
-    cursor = np.array([1, -1, -1], np.int64)
-    rc = k.write_fast(pool.dirarr, pool.pages, pool.page_ref, pool.page_dirty, pool.chunk_ref,
-                      pool.chunk_state, np.zeros(0, np.uint32), np.zeros(1, bool),
-                      np.zeros(1, bool), 0, cursor, 12, f.fio, b"x" * 8192, 2 << 12, 8192,
-                      np.zeros(4, np.int64))
+    ps, dev = pool.state(f.fio)
+    ps.intent_bits, ps.intent_hot = np.zeros(1, bool), np.zeros(1, bool)
+    rc = k.write(ps, dev, b"x" * 8192, 2 << 12, 8192, TWIN.REQ_LOCKED)
     assert rc == TWIN.SLOW
+    cursor = ps.cursor
     assert all(np.array_equal(x, y) for x, y in zip(before, pool.arrays()))
     assert _read_all(f.fio) == data and cursor[0] == 1
+
+
+@needs_native
+@settings(SETTINGS, max_examples=30)
+@given(pool_and_range(max_chunks=70, source=wide_pools), st.integers(0, 2**32 - 1),
+       st.sampled_from([0, 4096, 8192, 12000]))
+def test_write_locked_agrees_across_summary_windows(tmp_path, args, seed, cursor):
+    """Chunks found and flagged in every window of a wider space map: the same
+    summary bytes as the twin's (SpaceMap.flagged() finds flags through them)."""
+    pool, off, length = args
+    rng = np.random.default_rng(seed)
+    _map_everything(pool, rng, spare=0.5)
+    ex = FastExtras(pool, rng, False)
+    ex.cursor[0] = min(cursor, pool.n_chunks - 1)
+    f = DataFile(tmp_path / "data", pool, seed)
+    buf = rng.integers(1, 256, max(length, 1), np.uint8).tobytes()[:length]
+    results = []
+    for kern, p, e, fio in ((TWIN, pool, ex, f.twin(".twin")), (NAT, pool.copy(), ex.copy(), f.fio)):
+        rc = kern.write(*p.state(fio, None, e), buf, off, length, TWIN.REQ_LOCKED)
+        results.append((rc, p, e.cursor.tolist(), _read_all(fio)))
+    (ra, a, ca, da), (rb, b, cb, db) = results
+    event("slow" if ra == TWIN.SLOW else "fast")
+    assert (ra, ca) == (rb, cb) and da == db
+    _same_arrays(a, b)

@@ -178,13 +178,8 @@ class MapStore:
 
 
 def _k_shadow(pages, old, new, spacemap):
-    from .native import K
-    K.shadow_page(pages, old, new, spacemap.refs.arr, spacemap.state)
+    spacemap.shadow_page(pages, old, new)
 
 
 def _k_ref(spacemap, ids, delta):
-    from .native import K
-    K.ref_batch(spacemap.refs.arr, spacemap.state, np.asarray(ids, dtype=np.uint64), delta)
-
-
-
+    spacemap.ref_batch(ids, delta)

@@ -5,6 +5,11 @@ lock and touches its metadata (`self.md`), checksums (`self._sums`) and counters
 A request is bounds-checked, its map pages are loaded (reads) or made exclusive
 (writes), and then one kernel call per request does the translation and the I/O
 (DESIGN.md section 4). An all-zero write unmaps the whole chunks it covers.
+
+Writes go through the one write entry, ``K.write``, over the pool's kernel state
+(fastlane.KernelState: one struct the pool owns, also the native lane's): mode
+REQ_LOCKED for the common case whole, REQ_GIVEN for the general path once Python
+has made the pages exclusive and allocated.
 """
 
 from __future__ import annotations
@@ -13,16 +18,14 @@ import logging
 
 import numpy as np
 
+from . import kernels, native
 from .errors import OutOfRange, PoolFull, ReadOnlyDevice, WritePastEnd
+from .fastlane import KernelState
 from .format import FANOUT
 from .metadata import DeviceMeta
-from .native import K
+from .native import K, NATIVE
 
 log = logging.getLogger("thinstore")
-
-
-_NO_SUMS = np.zeros(0, dtype=np.uint32)     # write_fast without data checksums
-_NO_BITS = np.zeros(0, dtype=bool)
 
 
 class DataPath:
@@ -52,9 +55,10 @@ class DataPath:
             self._bounds(dm, offset, length, write=False)
             if not length:
                 return
-            md = self.md
-            d = self._load_pages(dm, offset, length)
-            K.read_range(d, md.maps.pages, md.chunk_shift, md.data_fio, buf, offset, length)
+            self._load_pages(dm, offset, length)
+            ps, k = self._kernel_state(repoint=False)
+            k.read(ps, self._kernel_dev(dm, k is NATIVE), buf, offset,
+                   length, kernels.REQ_LOCKED)
             if self._sums is not None:
                 self._sums.verify(dm, buf, offset, length)
 
@@ -108,33 +112,51 @@ class DataPath:
             if not self._closed:      # close() committed: everything is durable
                 raise
 
+    def _kernel_state(self, repoint: bool = True):
+        """(PoolState, kernels) pointed at the pool's current arrays; with the pool
+        lock's exclusive side held, or its shared side and repoint False
+        (fastlane.KernelState.current)."""
+        ks = self.__dict__.get("_kstate")
+        if ks is None:
+            lane = self._lane
+            ks = self._kstate = lane.state if lane is not None else \
+                KernelState(bound=False)
+        return ks.current(self, repoint)
+
+    @staticmethod
+    def _kernel_dev(dm: DeviceMeta, bound: bool) -> kernels.Dev:
+        """dm as the kernels take it, kept on dm while its directory, size and
+        writability stay (the locked path's; the lane keeps its own)."""
+        dev = dm.__dict__.get("_kdev")
+        d = dm.directory.arr
+        if dev is None or dev.dirarr is not d or dev.size != dm.size or \
+                dev.writable == dm.read_only or (bound and dev.c is None):
+            dev = kernels.Dev(d, dm.size, not dm.read_only)
+            if bound:
+                dev.c = native.ffi.new("ts_dev *")
+                native.fill_dev(dev.c, dev)
+            dm.__dict__["_kdev"] = dev
+        return dev
+
     def _write_fast(self, dm: DeviceMeta, data, offset: int, length: int) -> bool:
-        """The common write in one kernel call (K.write_fast): every chunk in range
-        mapped under exclusive pages, free chunks near the cursor for the copies on
-        write, intent regions already marked. False (nothing done) otherwise, and the
-        general path below does the same write.
+        """The common write in one kernel call (K.write, REQ_LOCKED): every chunk in
+        range under exclusive pages (holes are first writes), free chunks near the
+        cursor for the new chunks, intent regions already marked. False (nothing
+        done) otherwise, and the general path below does the same write.
 
         It gives exactly the general path's result: the same chunks allocated (same
         scan order and cursor), the same intent marks (DataSums.before_write sets only
-        `hot` when the region is marked), and nothing for after_write to record, as no
-        chunk in range is a hole. Chunks allocated this transaction whose written
-        ranges DataSums tracks (`fresh`) are known only to Python, so while any exist
-        the fast path stands aside.
+        `hot` when the region is marked). Chunks allocated this transaction whose
+        written ranges DataSums tracks (`fresh`) are known only to Python, so while
+        any exist the fast path stands aside.
         """
         sums = self._sums
         if not self.FAST_WRITES or (sums is not None and sums.fresh):
             return False
-        md = self.md
-        maps, space = md.maps, md.space
         self._load_pages(dm, offset, length)      # a row not read yet looks all holes
-        if sums is None:
-            csums, bits, hot, ishift = _NO_SUMS, _NO_BITS, _NO_BITS, 0
-        else:
-            intent = sums.intent
-            csums, bits, hot, ishift = space.sums.arr, intent.bits, intent.hot, intent.shift
-        n = K.write_fast(dm.directory.arr, maps.pages, maps.ref, maps.dirty, space.refs.arr,
-                         space.state, csums, bits, hot, ishift, space.cursor_arr,
-                         md.chunk_shift, md.data_fio, data, offset, length, self._kc)
+        ps, k = self._kernel_state()
+        n = k.write(ps, self._kernel_dev(dm, k is NATIVE), data, offset, length,
+                    kernels.REQ_LOCKED)
         if n < 0:
             return False
         self._dirty = True
@@ -145,17 +167,18 @@ class DataPath:
 
     def _write_data(self, dm: DeviceMeta, data, offset: int, length: int) -> None:
         md = self.md
-        maps, space, shift = md.maps, md.space, md.chunk_shift
+        maps, space = md.maps, md.space
         p0, p1 = self._pages_of(offset, length)
         maps.prepare(dm.directory, p0, p1, space, allocate=True)
         d = dm.directory.arr
-        need = K.count_write_allocs(d, maps.pages, space.refs.arr, space.state, shift,
-                                    offset, length)
+        ps, k = self._kernel_state()
+        need = k.count_write_allocs(ps, self._kernel_dev(dm, k is NATIVE), offset, length)
         fresh = self._allocate(need, dm)        # may commit: checksum upkeep comes after
         if self._sums is not None:
             self._sums.before_write(d, maps.pages, offset, length)
-        K.write_range(d, maps.pages, maps.dirty, space.refs.arr, space.state, fresh, shift,
-                      md.data_fio, data, offset, length, self._kc)
+        ps, k = self._kernel_state()            # the commit may have grown arrays
+        k.write(ps, self._kernel_dev(dm, k is NATIVE), data, offset, length,
+                kernels.REQ_GIVEN, fresh)
         if self._sums is not None:
             self._sums.after_write(d, maps.pages)
         self._dirty = True
@@ -258,8 +281,8 @@ class DataPath:
         maps, space = self.md.maps, self.md.space
         p0, p1 = first // FANOUT, (first + n - 1) // FANOUT
         maps.prepare(dm.directory, p0, p1, space, allocate=False)
-        K.unmap_range(dm.directory.arr, maps.pages, maps.dirty, space.refs.arr, space.state,
-                      first, n)
+        ps, k = self._kernel_state()
+        k.unmap_range(ps, self._kernel_dev(dm, k is NATIVE), first, n)
         self._dirty = True
         cs = self.md.chunk_size
         self._log.note(dm.dev_id, first * cs, min(n * cs, dm.size - first * cs))

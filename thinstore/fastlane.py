@@ -4,7 +4,7 @@ With the native backend, a write that finds every chunk it touches mapped under
 exclusive pages (the steady state of a volume in use), or a read whose map pages
 are in memory and whose chunks' checksums have been checked, needs none of the
 Python around the kernels: the pool lock, bounds checks, argument marshalling.
-The lane (``ts_lane_write``, ``ts_lane_read`` in _native/thinstore_native.h) does
+The lane (``ts_write`` in mode TS_REQ_LANE, ``ts_read``; _native/thinstore_native.h) does
 such a request whole in C, and stands aside (TS_SLOW, nothing changed) whenever
 anything else is going on; the caller then takes the pool lock and the general
 path, which does the same request.
@@ -30,32 +30,113 @@ How it stays safe without the lock:
   every exclusive section: that a transaction is open (``wrote``), and how many
   chunks they allocated (``budget``), which feeds the low-water warning.
 
-The pure-Python backend has no lane: its requests take the pool lock, so the twins
-of the lane's entries, ``kernels.lane_write`` and ``kernels.lane_read``, serve as
+The lane is not a separate code path: a lane write is the one write entry
+(``ts_write``) in mode TS_REQ_LANE, over the one ts_pool struct the pool owns
+(``KernelState`` below), the struct the locked path uses as well (modes
+TS_REQ_LOCKED and TS_REQ_GIVEN, from datapath.py); a lane read is ``ts_read`` in
+mode TS_REQ_LANE. The pure-Python backend has no lane: its requests take the pool
+lock, so the twins ``kernels.write`` and ``kernels.read`` (mode REQ_LANE) serve as
 the oracle the agreement tests hold the native ones to.
 """
 
 from __future__ import annotations
+
+from operator import is_
 
 import numpy as np
 
 from . import kernels, native
 
 _SLOW = native.lib.TS_SLOW if native.NATIVE else None
+_LANE = native.lib.TS_REQ_LANE if native.NATIVE else None
 _NONE = np.zeros(0, np.uint32)          # checksums off: no sums, no intent bitmap
 _NONE_BOOL = np.zeros(0, bool)
 
 
+class KernelState:
+    """The pool's state as the kernels take it: one kernels.PoolState, bound (native
+    backend) to the pool's one ts_pool struct, kept pointed at the pool's current
+    arrays. The map store grows by replacing its arrays, a resize replaces the space
+    map's and the checksums'; every user calls current() first, with the pool lock's
+    exclusive side held (the gate closed: no lane request is inside), so the struct
+    never points at an array Python has let go of."""
+
+    def __init__(self, bound: bool):
+        self.ps = kernels.PoolState()
+        self.c = native.bind_pool(self.ps) if bound else None
+        self._arrays: tuple = ()
+        self.native_ok = False      # the struct points at the current arrays
+        self.kernels = kernels      # what current() answers with
+
+    def current(self, pool, repoint: bool = True):
+        """(PoolState, kernels to call it with), pointed at the pool's current arrays.
+        The kernels are the native ones when the struct points at them (or the file
+        has no descriptor: their wrappers then route each call without the struct),
+        else the twins (checksums not yet grown with the pool, no native backend).
+        With repoint False (the shared side of the lock: lane reads may be using
+        the struct) a stale struct is left alone and the call gets a PoolState of
+        its own, for the twins: rare, as every exclusive section (opening a device
+        is one) ends with the struct re-pointed."""
+        md, sums = pool.md, pool._sums
+        maps, space = md.maps, md.space
+        a = self._arrays
+        if a and a[0] is maps.pages and a[1] is maps.ref and a[2] is maps.dirty and \
+                a[3] is maps.loaded and a[4] is space.refs.arr and a[5] is space.state and \
+                a[6] is space.summary and a[7] is space.cursor_arr and a[8] is pool._kc and \
+                a[9] is md.data_fio and (a[10] is _NONE if sums is None else (
+                    a[10] is space.sums.arr and a[11] is sums.verified and
+                    a[12] is sums.intent.bits and a[13] is sums.intent.hot)):
+            return self.ps, self.kernels            # the common case: nothing replaced
+        tail = (_NONE, _NONE_BOOL, _NONE_BOOL, _NONE_BOOL) if sums is None else \
+            (space.sums.arr, sums.verified, sums.intent.bits, sums.intent.hot)
+        arrays = (maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
+                  space.summary, space.cursor_arr, pool._kc, md.data_fio, *tail)
+        if len(arrays) == len(a) and all(map(is_, arrays, a)):
+            return self.ps, self.kernels
+        shifts = (sums.intent.shift if sums is not None else 0, md.chunk_shift)
+        if not repoint and self.c is not None:
+            ps = kernels.PoolState()
+            _assign(ps, arrays, *shifts)
+            bare = self.c is not None and native._fd(md.data_fio) is None
+            return ps, (native.NATIVE if bare else kernels)
+        self._point(arrays, *shifts)
+        return self.ps, self.kernels
+
+    def _point(self, arrays, intent_shift: int, chunk_shift: int) -> None:
+        ps = self.ps
+        _assign(ps, arrays, intent_shift, chunk_shift)
+        self._arrays, self.native_ok, self.kernels = arrays, False, kernels
+        if self.c is None:
+            return
+        self.c.open = 0
+        if native._fd(ps.fio) is None:          # the wrappers never use the struct then
+            self.kernels = native.NATIVE
+            return
+        try:
+            native.fill_pool(self.c, ps)            # checks types and shapes
+        except ValueError:
+            self._arrays = ()                       # try again next time
+            return
+        self.native_ok, self.kernels = True, native.NATIVE
+
+
+def _assign(ps, arrays, intent_shift: int, chunk_shift: int) -> None:
+    (ps.pages, ps.page_ref, ps.page_dirty, ps.page_loaded, ps.chunk_ref, ps.chunk_state,
+     ps.chunk_summary, ps.cursor, ps.counters, ps.fio, ps.chunk_sums, ps.chunk_verified,
+     ps.intent_bits, ps.intent_hot) = arrays
+    ps.intent_shift, ps.chunk_shift = intent_shift, chunk_shift
+
+
 class Lane:
-    """One per open pool (native backend): the C lane and the RWLock hooks that keep it."""
+    """One per open pool (native backend): the pool's KernelState, whose struct is
+    the lane's, and the RWLock hooks that keep it."""
 
     def __init__(self, pool):
         self._pool = pool
-        self.c = native.ffi.new("ts_lane *")
-        self._arrays: tuple = ()      # what the lane points into (kept alive here)
-        self._record = None           # the same, as a kernels.Lane
+        self.state = KernelState(bound=True)
+        self.c = self.state.c
         self._given = 0               # budget handed to the lane at the last sync
-        self._devs: dict[int, tuple] = {}   # id(dm) -> (dm, ts_dev_lane, directory array)
+        self._devs: dict[int, tuple] = {}   # id(dm) -> (dm, kernels.Dev, directory array)
 
     # ---- RWLock hooks (see rwlock.py): called by the outermost holder only
     def announce(self, exclusive: bool) -> None:
@@ -83,42 +164,58 @@ class Lane:
     def _dev(self, dm):
         key = id(dm)
         if key not in self._devs:
-            self._devs[key] = (dm, native.ffi.new("ts_dev_lane *"), None)
-        return self._devs[key][1]
+            dev = kernels.Dev(np.zeros(0, np.uint64), 0, False)
+            dev.c = native.ffi.new("ts_dev *")       # size 0: every request is SLOW
+            self._devs[key] = (dm, dev, None)
+        return self._devs[key][1].c
 
     def writer(self, dm):
         """A function (data, offset) -> bool for a handle on dm: True when the lane
         wrote it, False when the caller must take the general path. Called under the
         pool lock; the lane learns the device when that section ends."""
-        return self._entry(dm, native.lib.ts_lane_write, False, "write")
-
-    def reader(self, dm):
-        """A function (buf, offset) -> bool for a handle on dm: True when the lane
-        filled the writable buffer, False (buf untouched) for the general path."""
-        return self._entry(dm, native.lib.ts_lane_read, True, "read")
-
-    def _entry(self, dm, c_entry, fills: bool, what: str):
         dl = self._dev(dm)
-        lane, from_buffer, check = self.c, native.ffi.from_buffer, native._check
+        lane, from_buffer, check, write = self.c, native.ffi.from_buffer, native._check, \
+            native.lib.ts_write
+        null = native.ffi.NULL
 
         def call(buf, offset: int) -> bool:
             try:
-                cbuf = from_buffer("uint8_t[]", buf, require_writable=fills)
-                rc = c_entry(lane, dl, cbuf, offset, len(cbuf))
+                cbuf = from_buffer("uint8_t[]", buf)
+                rc = write(lane, dl, cbuf, offset, len(cbuf), _LANE, null, 0)
             except (TypeError, ValueError, OverflowError):
                 return False      # not a flat buffer, or a negative offset: the general path says why
             if rc >= 0:
                 return True
             if rc == _SLOW:
                 return False
-            check(rc, what)
+            check(rc, "write")
+        return call
+
+    def reader(self, dm):
+        """A function (buf, offset) -> bool for a handle on dm: True when the lane
+        filled the writable buffer, False (buf untouched) for the general path."""
+        dl = self._dev(dm)
+        lane, from_buffer, check, read = self.c, native.ffi.from_buffer, native._check, \
+            native.lib.ts_read
+
+        def call(buf, offset: int) -> bool:
+            try:
+                cbuf = from_buffer("uint8_t[]", buf, require_writable=True)
+                rc = read(lane, dl, cbuf, offset, len(cbuf), _LANE)
+            except (TypeError, ValueError, OverflowError):
+                return False
+            if rc >= 0:
+                return True
+            if rc == _SLOW:
+                return False
+            check(rc, "read")
         return call
 
     def forget(self, dm) -> None:
         """The last handle on dm closed (under the pool lock)."""
         entry = self._devs.pop(id(dm), None)
         if entry is not None:
-            entry[1].writable = entry[1].size = 0
+            entry[1].c.writable = entry[1].c.size = 0
 
     # ---- keeping the lane in step (gate closed)
     def _fold(self) -> None:
@@ -138,32 +235,22 @@ class Lane:
         if pool._closed or native._fd(md.data_fio) is None:
             c.open = 0
             return
-        maps, space = md.maps, md.space
-        tail = (_NONE, _NONE_BOOL, _NONE_BOOL, _NONE_BOOL) if sums is None else \
-            (space.sums.arr, sums.verified, sums.intent.bits, sums.intent.hot)
-        arrays = (maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
-                  space.cursor_arr, pool._kc, md.data_fio, *tail)
-        if any(a is not b for a, b in zip(arrays, self._arrays)) or not self._arrays:
-            self._record = kernels.Lane(
-                maps.pages, maps.ref, maps.dirty, maps.loaded, space.refs.arr, space.state,
-                tail[0], tail[1], tail[2], tail[3], sums.intent.shift if sums is not None else 0,
-                space.cursor_arr, pool._kc, md.data_fio, md.chunk_shift)
-            try:
-                native.fill_lane(c, self._record)   # checks types and shapes
-            except ValueError:      # e.g. checksums not yet grown with the pool: next time
-                c.open, self._arrays = 0, ()
-                return
-            self._arrays = arrays
+        self.state.current(pool)
+        if not self.state.native_ok:     # e.g. checksums not yet grown with the pool
+            c.open = 0
+            return
         c.writes = int(pool.FAST_WRITES and not (sums is not None and sums.fresh))
-        c.budget = self._given = max(0, space.capacity // 200 - pool._since_low_water_check)
-        for key, (dm, dl, arr) in list(self._devs.items()):
+        c.budget = self._given = max(0, md.space.capacity // 200 - pool._since_low_water_check)
+        for key, (dm, dev, arr) in list(self._devs.items()):
+            dl = dev.c
             if md.devices.get(dm.dev_id) is not dm:
                 dl.writable = dl.size = 0
                 continue
             d = dm.directory.arr
             if d is not arr:
-                native.fill_dev_lane(dl, kernels.DevLane(d, dm.size, False))
-                self._devs[key] = (dm, dl, d)
+                dev.dirarr = d
+                native.fill_dev(dl, dev)
+                self._devs[key] = (dm, dev, d)
             dl.size = dm.size
             dl.writable = 0 if dm.read_only else 1
         c.open = 1

@@ -8,10 +8,15 @@ C-contiguous:
 - ``pages``    uint64[cap, FANOUT]: row = page id; entry = data chunk id (0 = unmapped)
 - ``chunk_ref`` uint32[n_chunks]: how many map-page entries name the chunk
 - ``chunk_state`` uint8[n_chunks]: ST_* flags below
+- ``chunk_summary`` uint8[summary_len(n_chunks)]: 1 for a window of 1 << SUMMARY_SHIFT
+  chunks in which some chunk has a flag (set with every flag; SpaceMap clears it)
 - ``page_dirty`` uint8[cap]: set when a page's entries change
 
-Invariants the callers keep: pages a write or unmap touches are loaded and exclusive
-(page refcount 1), and ``new_chunks`` holds exactly the free chunks the call needs.
+The request kernels (``write``, ``read``, ``unmap_range``, ``count_write_allocs``)
+take the pool's state as one object, ``PoolState`` (C: ts_pool), and the device's
+as ``Dev`` (C: ts_dev). Invariants the callers keep: pages a general write or unmap
+touches are loaded and exclusive (page refcount 1), and ``new_chunks`` holds exactly
+the free chunks the call needs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,19 @@ ST_WRITTEN = 4        # data written since the last commit
 ST_REF_CHANGED = 8    # refcount changed since the last commit
 
 _SHARED = ST_PINNED
+SUMMARY_SHIFT = 12    # chunk_summary: one byte per 4096 chunks (TS_SUMMARY_SHIFT)
+
+
+def summary_len(n_chunks: int) -> int:
+    """Bytes of chunk_summary for a space map of n_chunks chunks."""
+    return (n_chunks + (1 << SUMMARY_SHIFT) - 1) >> SUMMARY_SHIFT
+
+
+def mark(chunk_state, chunk_summary, ids, flags: int) -> None:
+    """Set flags on chunks ids (an int or an id array) and their summary bytes: the
+    only way a flag is set, so a scan of the summary finds every flagged chunk."""
+    chunk_state[ids] |= flags
+    chunk_summary[np.right_shift(ids, SUMMARY_SHIFT)] = 1
 
 
 def _chunk_span(chunk_shift: int, offset: int, length: int) -> tuple[int, int]:
@@ -71,14 +89,14 @@ def _joins(prev, lo: int, doff: int) -> bool:
     return prev[2] + prev[1] == doff
 
 
-def shadow_page(pages, src, dst, chunk_ref, chunk_state) -> None:
+def shadow_page(pages, src, dst, chunk_ref, chunk_state, chunk_summary) -> None:
     """Copy page src to dst and give every chunk it names one more reference."""
     pages[dst] = pages[src]
     ids = pages[dst][pages[dst] != 0]
-    ref_batch(chunk_ref, chunk_state, ids, +1)
+    ref_batch(chunk_ref, chunk_state, chunk_summary, ids, +1)
 
 
-def ref_batch(chunk_ref, chunk_state, ids, delta) -> None:
+def ref_batch(chunk_ref, chunk_state, chunk_summary, ids, delta) -> None:
     """Add delta (+1/-1) to the refcount of every id (repeats count; zeros ignored)."""
     ids = np.asarray(ids, dtype=np.int64)
     ids = ids[ids != 0]
@@ -87,36 +105,37 @@ def ref_batch(chunk_ref, chunk_state, ids, delta) -> None:
     uniq, counts = np.unique(ids, return_counts=True)
     if delta > 0:
         chunk_ref[uniq] += counts.astype(chunk_ref.dtype)
-        chunk_state[uniq] |= ST_REF_CHANGED
+        mark(chunk_state, chunk_summary, uniq, ST_REF_CHANGED)
         return
     if np.any(chunk_ref[uniq] < counts):
         raise ValueError("reference count would drop below zero")
     chunk_ref[uniq] -= counts.astype(chunk_ref.dtype)
     zero = chunk_ref[uniq] == 0
-    chunk_state[uniq[zero]] |= ST_PENDING_FREE | ST_REF_CHANGED
-    chunk_state[uniq[~zero]] |= ST_PINNED | ST_REF_CHANGED
+    mark(chunk_state, chunk_summary, uniq[zero], ST_PENDING_FREE | ST_REF_CHANGED)
+    mark(chunk_state, chunk_summary, uniq[~zero], ST_PINNED | ST_REF_CHANGED)
 
 
 def _needs_new(c: int, chunk_ref, chunk_state) -> bool:
     return c == 0 or chunk_ref[c] > 1 or bool(chunk_state[c] & _SHARED)
 
 
-def count_write_allocs(dirarr, pages, chunk_ref, chunk_state, chunk_shift, offset, length) -> int:
+def count_write_allocs(ps, dev, offset, length) -> int:
     """How many new chunks a write of the range needs (unmapped or shared chunks)."""
     if length <= 0:
         return 0
-    first, last = _chunk_span(chunk_shift, offset, length)
-    ents = _entries(dirarr, pages, first, last)
+    first, last = _chunk_span(ps.chunk_shift, offset, length)
+    ents = _entries(dev.dirarr, ps.pages, first, last)
     mapped = ents[ents != 0].astype(np.int64)
-    shared = (chunk_ref[mapped] > 1) | ((chunk_state[mapped] & _SHARED) != 0)
+    shared = (ps.chunk_ref[mapped] > 1) | ((ps.chunk_state[mapped] & _SHARED) != 0)
     return int(np.count_nonzero(ents == 0) + np.count_nonzero(shared))
 
 
-def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
-                chunk_shift, fio, buf, offset, length, counters) -> None:
-    """Write buf to the byte range, allocating or copying-on-write chunks as needed."""
+def _write_given(ps, dirarr, new_chunks, buf, offset, length) -> None:
+    """REQ_GIVEN: write buf to the byte range, allocating or copying-on-write chunks
+    from new_chunks as needed."""
     if length <= 0:
         return
+    chunk_shift, fio = ps.chunk_shift, ps.fio
     cs = 1 << chunk_shift
     data = memoryview(buf).cast("B")
     first, last = _chunk_span(chunk_shift, offset, length)
@@ -127,11 +146,10 @@ def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
         base = v << chunk_shift
         lo, hi = max(pos, base) - base, min(end, base + cs) - base
         pid, slot = int(dirarr[v // FANOUT]), v % FANOUT
-        c = int(pages[pid, slot])
+        c = int(ps.pages[pid, slot])
         bstart = base + lo - offset
-        if _needs_new(c, chunk_ref, chunk_state):
-            c, written = _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, c,
-                                      next(fresh), chunk_shift, lo, hi, fio, counters,
+        if _needs_new(c, ps.chunk_ref, ps.chunk_state):
+            c, written = _place_chunk(ps, pid, slot, c, next(fresh), lo, hi,
                                       data[bstart:bstart + hi - lo])
             if written:                 # the piece went out with the copied bytes
                 if run_off is not None:
@@ -139,7 +157,7 @@ def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
                     run_off = None
                 pos = base + hi
                 continue
-        chunk_state[c] |= ST_WRITTEN
+        mark(ps.chunk_state, ps.chunk_summary, c, ST_WRITTEN)
         doff = (c << chunk_shift) + lo
         if run_off is not None and run_off + (bstart - run_start) != doff:
             fio.pwrite(data[run_start:bstart], run_off)
@@ -149,23 +167,23 @@ def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
         pos = base + hi
     if run_off is not None:
         fio.pwrite(data[run_start:length], run_off)
-    counters[3] += length
+    ps.counters[3] += length
 
 
-def _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, old, new,
-                 chunk_shift, lo, hi, fio, counters, piece) -> tuple[int, bool]:
+def _place_chunk(ps, pid, slot, old, new, lo, hi, piece) -> tuple[int, bool]:
     """Map a new chunk at (pid, slot) whose uncovered parts hold the old bytes or zeros.
     Returns (new, written): written when the write's piece for [lo, hi) went out too
     (a copy on write where blocks cannot be shared writes the new chunk whole)."""
-    cs = 1 << chunk_shift
-    dst = new << chunk_shift
+    fio, counters = ps.fio, ps.counters
+    cs = 1 << ps.chunk_shift
+    dst = new << ps.chunk_shift
     written = False
     if old == 0:
         fio.punch(dst, lo)
         fio.punch(dst + hi, cs - hi)
         counters[0] += 1
     else:
-        src = old << chunk_shift
+        src = old << ps.chunk_shift
         if lo > 0 or hi < cs:        # the first part with a whole block tells a reflink fs
             if fio.copy_shared(src, dst, lo):
                 fio.copy(src + hi, dst + hi, cs - hi)
@@ -177,21 +195,23 @@ def _place_chunk(pages, page_dirty, chunk_ref, chunk_state, pid, slot, old, new,
                 whole[lo:hi] = piece
                 fio.pwrite(whole, dst)
                 written = True
-        ref_batch(chunk_ref, chunk_state, [old], -1)
+        ref_batch(ps.chunk_ref, ps.chunk_state, ps.chunk_summary, [old], -1)
         counters[0] += 1
         counters[1] += 1
         counters[2] += lo + cs - hi
-    chunk_ref[new] = 1
-    chunk_state[new] = ST_REF_CHANGED | (ST_WRITTEN if written else 0)
-    pages[pid, slot] = new
-    page_dirty[pid] = 1
+    ps.chunk_ref[new] = 1
+    ps.chunk_state[new] = 0
+    mark(ps.chunk_state, ps.chunk_summary, new, ST_REF_CHANGED | (ST_WRITTEN if written else 0))
+    ps.pages[pid, slot] = new
+    ps.page_dirty[pid] = 1
     return new, written
 
 
-def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks) -> int:
-    """Unmap whole virtual chunks; their data chunks lose one reference each."""
+def unmap_range(ps, dev, first_chunk, n_chunks) -> int:
+    """Unmap whole virtual chunks of dev; their data chunks lose one reference each."""
     if n_chunks <= 0:
         return 0
+    dirarr, pages = dev.dirarr, ps.pages
     v = np.arange(first_chunk, first_chunk + n_chunks, dtype=np.int64)
     pids = dirarr[v // FANOUT].astype(np.int64)
     keep = pids != 0
@@ -201,9 +221,9 @@ def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, 
     hit = ents != 0
     if not hit.any():
         return 0
-    ref_batch(chunk_ref, chunk_state, ents[hit], -1)
+    ref_batch(ps.chunk_ref, ps.chunk_state, ps.chunk_summary, ents[hit], -1)
     pages[pids[hit], slots[hit]] = 0
-    page_dirty[np.unique(pids[hit])] = 1
+    ps.page_dirty[np.unique(pids[hit])] = 1
     return int(np.count_nonzero(hit))
 
 
@@ -260,60 +280,73 @@ def count_mapped(dirarr, pages, chunk_ref, page_ref) -> tuple[int, int]:
     return used, excl
 
 
-SLOW = -1                 # write_fast: "take the general path"; nothing was changed
+SLOW = -1                 # write: "take the general path"; nothing was changed
 FAST_MAX_CHUNKS = 64
 _FAST_SCAN_MAX = 65536
+REQ_GIVEN, REQ_LOCKED, REQ_LANE = 0, 1, 2     # write's modes (TS_REQ_*)
 
 
-def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
-               intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
-               offset, length, counters) -> int:
-    """The common write whole: checks, allocation, write intent, write_range.
+def write(ps, dev, buf, offset: int, length: int, mode: int, new_chunks=None) -> int:
+    """The one write entry (ts_write): buf at offset of dev.
 
+    REQ_GIVEN: the general path; the caller made the pages exclusive and passes the
+    new chunks the write needs (``new_chunks``, in order). Returns 0.
+    REQ_LOCKED: the common case whole: checks, allocation, write intent, the write.
     Returns the number of chunks allocated (holes and shared chunks in range: first
-    writes and copies on write), or SLOW (nothing changed) when a page is missing or
-    shared, the request spans more than
-    FAST_MAX_CHUNKS chunks, buf is all zeros, free chunks run short within the scan,
-    or a chunk needing write intent lies in an unmarked region. `cursor` is int64[3],
-    SpaceMap's allocation cursor and preallocated range (prealloc); `chunk_sums` is
-    empty when checksums are off.
+    writes and copies on write), or SLOW (nothing changed) when a page is missing,
+    unloaded or shared, the request spans more than FAST_MAX_CHUNKS chunks, buf is
+    all zeros, free chunks run short within the scan, or a chunk needing write
+    intent lies in an unmarked region.
+    REQ_LANE: REQ_LOCKED as the lane does it without the lock: SLOW also unless the
+    lane is open for writes and empty, dev writable, the range inside it and the
+    chunks to allocate within ps.budget; otherwise REQ_LOCKED's result, with
+    ps.wrote set and the chunks allocated taken off ps.budget.
     """
-    return _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
-                       intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
-                       offset, length, counters, None)
+    if mode == REQ_GIVEN:
+        _write_given(ps, dev.dirarr, np.zeros(0, np.int64) if new_chunks is None else new_chunks,
+                     buf, offset, length)
+        return 0
+    if mode == REQ_LOCKED:
+        return _write_checked(ps, dev, buf, offset, length, None)
+    if mode != REQ_LANE:
+        raise ValueError(f"write: unknown mode {mode}")
+    if (not dev.writable or length <= 0 or offset < 0 or offset + length > dev.size
+            or ps.closers or ps.gate or not (ps.open and ps.writes)):
+        return SLOW
+    rc = _write_checked(ps, dev, buf, offset, length, max(ps.budget, 0))
+    if rc != SLOW:
+        ps.wrote = 1
+        ps.budget -= rc
+    return rc
 
 
-def _write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
-                intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
-                offset, length, counters, max_need, page_loaded=None) -> int:
-    """write_fast, also SLOW when the write needs more than max_need (not None) chunks
-    or a page in range is not loaded (page_loaded given: a row not read yet looks all
-    holes)."""
+def _write_checked(ps, dev, buf, offset, length, max_need) -> int:
+    """REQ_LOCKED, also SLOW when the write needs more than max_need (not None) chunks."""
     if length == 0:
         return SLOW
-    first, last = _chunk_span(chunk_shift, offset, length)
+    first, last = _chunk_span(ps.chunk_shift, offset, length)
     if last - first >= FAST_MAX_CHUNKS or is_zero(memoryview(buf)[:length]):
         return SLOW
     need, hot = 0, []
+    sums, bits = ps.chunk_sums, ps.intent_bits
     for v in range(first, last + 1):
-        c = _fast_entry(dirarr, pages, page_ref, len(chunk_ref), v)
-        if c is None or (page_loaded is not None and not page_loaded[int(dirarr[v // FANOUT])]):
+        c = _fast_entry(ps, dev.dirarr, v)
+        if c is None:
             return SLOW
-        need += _needs_new(c, chunk_ref, chunk_state)
-        if c and len(chunk_sums) and chunk_sums[c] and not chunk_state[c] & ST_WRITTEN:
-            r = c >> intent_shift
-            if r >= len(intent_bits) or not intent_bits[r]:
+        need += _needs_new(c, ps.chunk_ref, ps.chunk_state)
+        if c and len(sums) and (c >= len(sums) or sums[c] and not ps.chunk_state[c] & ST_WRITTEN):
+            r = c >> ps.intent_shift
+            if c >= len(sums) or r >= len(bits) or not bits[r]:
                 return SLOW
             hot.append(r)
     if max_need is not None and need > max_need:
         return SLOW
-    fresh = _fast_allocate(chunk_ref, chunk_state, cursor, need)
+    fresh = _fast_allocate(ps.chunk_ref, ps.chunk_state, ps.cursor, need)
     if fresh is None:
         return SLOW
-    prealloc(fio, chunk_shift, len(chunk_ref), cursor, fresh)
-    intent_hot[hot] = True
-    write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, fresh, chunk_shift, fio,
-                buf, offset, length, counters)
+    prealloc(ps.fio, ps.chunk_shift, len(ps.chunk_ref), ps.cursor, fresh)
+    ps.intent_hot[hot] = True
+    _write_given(ps, dev.dirarr, fresh, buf, offset, length)
     return need
 
 
@@ -338,17 +371,17 @@ def prealloc(fio, chunk_shift, n_chunks, cursor, ids) -> int:
     return calls
 
 
-def _fast_entry(dirarr, pages, page_ref, n_chunks: int, v: int):
-    """Chunk id of virtual chunk v (0: a hole) when its page exists and is exclusive,
-    else None."""
+def _fast_entry(ps, dirarr, v: int):
+    """Chunk id of virtual chunk v (0: a hole) when its page exists, is loaded and
+    exclusive, else None."""
     d = v // FANOUT
     if d >= len(dirarr):
         return None
     pid = int(dirarr[d])
-    if pid == 0 or pid >= len(pages) or page_ref[pid] != 1:
+    if pid == 0 or pid >= len(ps.pages) or ps.page_ref[pid] != 1 or not ps.page_loaded[pid]:
         return None
-    c = int(pages[pid, v % FANOUT])
-    return c if 0 <= c < n_chunks else None
+    c = int(ps.pages[pid, v % FANOUT])
+    return c if 0 <= c < len(ps.chunk_ref) else None
 
 
 def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
@@ -367,73 +400,69 @@ def _fast_allocate(chunk_ref, chunk_state, cursor, need: int):
     return free.astype(np.int64)
 
 
-# ---- the write lane (fastlane.py; ts_lane and ts_dev_lane in the header) -----
+# ---- the pool's state (ts_pool, ts_dev in the header) ------------------------
 
 GATE_READER, GATE_WRITER, GATE_SHARED, GATE_EXCLUSIVE = 1, 1 << 24, 1 << 32, 1 << 48
 
 
-class Lane:
-    """A pool's half of the lane: the arrays write_fast takes, page_loaded and
-    chunk_verified (bool arrays; chunk_verified empty when checksums are off), and
-    the lane's scalars, named as in ts_lane (``fio`` stands where C has ``fd``).
-    ``gate``, ``closers`` and ``excl_closers`` are the C side's synchronisation;
-    the twin only reads them."""
+class PoolState:
+    """The pool's state as the request kernels take it (C: ts_pool): the arrays,
+    named as in ts_pool (``fio`` stands where C has ``fd``; page_loaded and
+    chunk_verified are bool arrays, chunk_verified, chunk_sums, intent_bits and
+    intent_hot empty when checksums are off), and the lane's scalars. ``gate``,
+    ``closers`` and ``excl_closers`` are the C side's synchronisation; the twin
+    only reads them. ``c`` is the native struct bound to this object (native.py),
+    or None: a bound object's scalars live in C."""
 
-    def __init__(self, pages, page_ref, page_dirty, page_loaded, chunk_ref, chunk_state,
-                 chunk_sums, chunk_verified, intent_bits, intent_hot, intent_shift, cursor,
-                 counters, fio, chunk_shift):
-        self.pages, self.page_ref, self.page_dirty = pages, page_ref, page_dirty
-        self.page_loaded, self.chunk_verified = page_loaded, chunk_verified
-        self.chunk_ref, self.chunk_state, self.chunk_sums = chunk_ref, chunk_state, chunk_sums
-        self.intent_bits, self.intent_hot, self.intent_shift = intent_bits, intent_hot, intent_shift
-        self.cursor, self.counters, self.fio, self.chunk_shift = cursor, counters, fio, chunk_shift
+    ARRAYS = ("pages", "page_ref", "page_dirty", "page_loaded", "chunk_ref", "chunk_state",
+              "chunk_summary", "chunk_sums", "chunk_verified", "intent_bits", "intent_hot",
+              "cursor", "counters")
+
+    def __init__(self, fio=None, chunk_shift: int = 0, intent_shift: int = 0, **arrays):
+        for name in self.ARRAYS:
+            setattr(self, name, arrays.pop(name, None))
+        if arrays:
+            raise TypeError(f"PoolState: unknown arrays {sorted(arrays)}")
+        self.fio, self.chunk_shift, self.intent_shift = fio, chunk_shift, intent_shift
         self.open = self.writes = self.budget = self.wrote = self.gate = 0
         self.closers = self.excl_closers = 0
+        self.c = None
 
 
-class DevLane:
-    """A device's half: its directory, size and whether the lane may write it."""
+class Dev:
+    """A device as the request kernels take it (C: ts_dev): its directory, size and
+    whether a lane write may write it."""
 
     def __init__(self, dirarr, size: int, writable: bool):
         self.dirarr, self.size, self.writable = dirarr, size, int(writable)
+        self.c = None
 
 
-def lane_write(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
-    """write_fast through a lane: SLOW (nothing changed) unless the lane is open for
-    writes and empty, the device writable, the range inside it and the chunks to
-    allocate within lane.budget; otherwise write_fast's result, with lane.wrote set
-    and the chunks allocated taken off lane.budget."""
-    if (not dev.writable or length <= 0 or offset < 0 or offset + length > dev.size
-            or lane.closers or lane.gate or not (lane.open and lane.writes)):
-        return SLOW
-    rc = _write_fast(dev.dirarr, lane.pages, lane.page_ref, lane.page_dirty, lane.chunk_ref,
-                     lane.chunk_state, lane.chunk_sums, lane.intent_bits, lane.intent_hot,
-                     lane.intent_shift, lane.cursor, lane.chunk_shift, lane.fio, buf, offset,
-                     length, lane.counters, max(lane.budget, 0), lane.page_loaded)
-    if rc != SLOW:
-        lane.wrote = 1
-        lane.budget -= rc
-    return rc
-
-
-def lane_read(lane: Lane, dev: DevLane, buf, offset: int, length: int) -> int:
-    """read_range through a lane: 0 when read; SLOW (buf untouched) unless the lane
-    is open with no lane writer or exclusive lock holder inside or closing, the range inside the device and
-    spanning at most FAST_MAX_CHUNKS chunks, its map pages in memory, and no chunk
-    in it waiting for its checksum to be checked."""
+def read(ps: PoolState, dev: Dev, buf, offset: int, length: int, mode: int) -> int:
+    """The one read entry (ts_read): the range of dev into buf; 0 when read.
+    REQ_LOCKED (under the pool lock): read_range over dev's directory.
+    REQ_LANE: the same, but SLOW (buf untouched) unless the lane is open with no
+    lane writer or exclusive lock holder inside or closing, the range inside the
+    device and spanning at most FAST_MAX_CHUNKS chunks, its map pages in memory,
+    and no chunk in it waiting for its checksum to be checked."""
+    if mode == REQ_LOCKED:
+        read_range(dev.dirarr, ps.pages, ps.chunk_shift, ps.fio, buf, offset, length)
+        return 0
+    if mode != REQ_LANE:
+        raise ValueError(f"read: unknown mode {mode}")
     if length <= 0 or offset < 0 or offset + length > dev.size:
         return SLOW
-    first, last = _chunk_span(lane.chunk_shift, offset, length)
-    if (last - first >= FAST_MAX_CHUNKS or lane.excl_closers
-            or lane.gate & (GATE_WRITER | GATE_EXCLUSIVE)
-            or not lane.open or not _lane_readable(lane, dev, first, last)):
+    first, last = _chunk_span(ps.chunk_shift, offset, length)
+    if (last - first >= FAST_MAX_CHUNKS or ps.excl_closers
+            or ps.gate & (GATE_WRITER | GATE_EXCLUSIVE)
+            or not ps.open or not _lane_readable(ps, dev, first, last)):
         return SLOW
-    read_range(dev.dirarr, lane.pages, lane.chunk_shift, lane.fio, buf, offset, length)
+    read_range(dev.dirarr, ps.pages, ps.chunk_shift, ps.fio, buf, offset, length)
     return 0
 
 
-def _lane_readable(lane: Lane, dev: DevLane, first: int, last: int) -> bool:
-    n_sums = len(lane.chunk_sums)
+def _lane_readable(ps: PoolState, dev: Dev, first: int, last: int) -> bool:
+    n_sums = len(ps.chunk_sums)
     for v in range(first, last + 1):
         d = v // FANOUT
         if d >= len(dev.dirarr):
@@ -441,14 +470,14 @@ def _lane_readable(lane: Lane, dev: DevLane, first: int, last: int) -> bool:
         pid = int(dev.dirarr[d])
         if pid == 0:
             continue
-        if pid >= len(lane.pages) or not lane.page_loaded[pid]:
+        if pid >= len(ps.pages) or not ps.page_loaded[pid]:
             return False
-        c = int(lane.pages[pid, v % FANOUT])
+        c = int(ps.pages[pid, v % FANOUT])
         if c == 0 or n_sums == 0:
             continue
-        if c >= n_sums or c >= len(lane.chunk_ref):
+        if c >= n_sums or c >= len(ps.chunk_ref):
             return False
-        if lane.chunk_sums[c] and not lane.chunk_verified[c] \
-                and not lane.chunk_state[c] & ST_WRITTEN:
+        if ps.chunk_sums[c] and not ps.chunk_verified[c] \
+                and not ps.chunk_state[c] & ST_WRITTEN:
             return False
     return True

@@ -16,7 +16,13 @@ The wrappers in ``NativeKernels`` have the twins' signatures. They check dtypes,
 shapes and contiguity (what the C side cannot see), pass buffers with
 ``ffi.from_buffer`` (no copies, no per-chunk objects), make one C call per request,
 and turn its return code into an exception in one place, ``_check``. A file object
-whose ``fd`` is None (a test double) gets the twin for that call.
+whose ``fd`` is None (a test double, RADOS) gets the twin for that call.
+
+The request kernels take the pool's state as one ``kernels.PoolState`` (C: ts_pool)
+and a ``kernels.Dev`` (ts_dev). The pool binds its PoolState to one long-lived
+ts_pool (``bind_pool``; fastlane.py keeps it pointed at the current arrays); an
+unbound PoolState (the agreement tests) gets a struct for the call, its scalars
+copied in and the ones C changes copied back.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 6  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 7  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -60,7 +66,7 @@ if _built:
     _E = {lib.TS_E_CORRUPT: (CorruptMetadata, "a map or chunk id lies outside its array"),
           # ValueError, as the twin raises: callers must not depend on the backend
           lib.TS_E_UNDERFLOW: (ValueError, "reference count would drop below zero"),
-          lib.TS_E_NOCHUNK: (ThinstoreError, "write_range ran out of preallocated chunks"),
+          lib.TS_E_NOCHUNK: (ThinstoreError, "write ran out of the new chunks given"),
           lib.TS_E_SPACE: (UsageError, "translate: the output array is too small"),
           lib.TS_E_ARG: (UsageError, "invalid kernel argument")}
 
@@ -116,49 +122,61 @@ def _map_args(dirarr, pages, writable=False):
             _arr(pages, _U64, "pages", writable), n_pages)
 
 
-def _space_args(chunk_ref, chunk_state):
-    """(chunk_ref, chunk_state, n_chunks): the space map as C sees it."""
+def _space_args(chunk_ref, chunk_state, chunk_summary):
+    """(chunk_ref, chunk_state, chunk_summary, n_chunks): the space map as C sees it."""
     if len(chunk_state) != len(chunk_ref):
         raise ValueError("chunk_ref and chunk_state must have the same length")
+    if len(chunk_summary) != _twins().summary_len(len(chunk_ref)):
+        raise ValueError("chunk_summary must have one byte per 4096 chunks")
     return (_arr(chunk_ref, _U32, "chunk_ref", True),
-            _arr(chunk_state, _U8, "chunk_state", True), len(chunk_ref))
+            _arr(chunk_state, _U8, "chunk_state", True),
+            _arr(chunk_summary, _U8, "chunk_summary", True), len(chunk_ref))
 
 
-def _state_args(dirarr, pages, page_dirty, chunk_ref, chunk_state):
-    """Map, page_dirty and space map: the arguments of the kernels that write."""
-    d, n_dir, p, n_pages = _map_args(dirarr, pages, True)
-    if len(page_dirty) != n_pages:
-        raise ValueError("page_dirty must have one entry per page row")
-    return (d, n_dir, p, n_pages, _arr(page_dirty, _U8, "page_dirty", True),
-            *_space_args(chunk_ref, chunk_state))
+def _bytes(a, name: str, writable: bool = False):
+    """A bool or uint8 array as uint8_t[] (the cdata keeps its view alive)."""
+    return _arr(a.view(np.uint8) if a.dtype == np.bool_ else a, _U8, name, writable)
 
 
-def _counters_arg(counters):
-    if len(counters) != 4:
-        raise ValueError("counters must have 4 entries")
-    return _arr(counters, _I64, "counters", True)
-
-
-def _fast_args(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
-               intent_bits, intent_hot, cursor, counters, fio):
-    """The array arguments of ts_write_fast in C's order, then the file descriptor
-    (all before the per-request scalars); None when the file has no descriptor."""
-    fd = _fd(fio)
+def fill_pool(c, ps) -> None:
+    """Point ts_pool `c` at the arrays of `ps` (a kernels.PoolState) after checking
+    what C assumes of them; the scalars are left alone. The caller keeps `ps` (and so
+    the arrays) alive as long as `c` is used, and calls this only while no kernel
+    runs on `c` (for the pool's struct: the gate closed by the exclusive side)."""
+    fd = _fd(ps.fio)
     if fd is None:
-        return None
-    d, n_dir, p, n_pages, dirty, ref, state, n_chunks = _state_args(
-        dirarr, pages, page_dirty, chunk_ref, chunk_state)
-    if len(page_ref) != n_pages or len(intent_hot) != len(intent_bits):
-        raise ValueError("page_ref must match pages; intent_hot must match intent_bits")
-    if len(chunk_sums) not in (0, n_chunks) or len(cursor) != 3:
-        raise ValueError("chunk_sums must be empty or match chunk_ref; cursor is int64[3]")
-    sums = _arr(chunk_sums, _U32, "chunk_sums") if len(chunk_sums) else ffi.NULL
-    # bool arrays as bytes; the cdata keeps its view (and so the array) alive
-    bits = _arr(intent_bits.view(np.uint8), _U8, "intent_bits")
-    hot = _arr(intent_hot.view(np.uint8), _U8, "intent_hot", True)
-    return (d, n_dir, p, n_pages, _arr(page_ref, _U32, "page_ref"), dirty, ref, state, n_chunks,
-            sums, len(chunk_sums), bits, hot, len(intent_bits), _arr(cursor, _I64, "cursor", True),
-            _counters_arg(counters), fd)
+        raise ValueError("the native kernels need a data file with a descriptor")
+    n_pages = _check_pages(ps.pages)
+    ref, state, summary, n_chunks = _space_args(ps.chunk_ref, ps.chunk_state, ps.chunk_summary)
+    if not len(ps.page_ref) == len(ps.page_dirty) == len(ps.page_loaded) == n_pages:
+        raise ValueError("page_ref, page_dirty and page_loaded must match pages")
+    n_sums = len(ps.chunk_sums)
+    if n_sums not in (0, n_chunks) or len(ps.chunk_verified) != n_sums:
+        raise ValueError("chunk_sums and chunk_verified must be empty or match chunk_ref")
+    if len(ps.intent_hot) != len(ps.intent_bits) or len(ps.cursor) != 3:
+        raise ValueError("intent_hot must match intent_bits; cursor is int64[3]")
+    if len(ps.counters) != 4:
+        raise ValueError("counters must have 4 entries")
+    c.pages, c.n_pages = _arr(ps.pages, _U64, "pages", True), n_pages
+    c.page_ref = _arr(ps.page_ref, _U32, "page_ref")
+    c.page_dirty = _arr(ps.page_dirty, _U8, "page_dirty", True)
+    c.page_loaded = _bytes(ps.page_loaded, "page_loaded")
+    c.chunk_ref, c.chunk_state, c.chunk_summary, c.n_chunks = ref, state, summary, n_chunks
+    c.chunk_sums = _arr(ps.chunk_sums, _U32, "chunk_sums") if n_sums else ffi.NULL
+    c.chunk_verified = _bytes(ps.chunk_verified, "chunk_verified") if n_sums else ffi.NULL
+    c.n_sums = n_sums
+    c.intent_bits, c.n_bits = _bytes(ps.intent_bits, "intent_bits"), len(ps.intent_bits)
+    c.intent_hot = _bytes(ps.intent_hot, "intent_hot", True)
+    c.cursor = _arr(ps.cursor, _I64, "cursor", True)
+    c.counters = _arr(ps.counters, _I64, "counters", True)
+    c.fd, c.intent_shift, c.chunk_shift = fd, ps.intent_shift, ps.chunk_shift
+
+
+def bind_pool(ps):
+    """A new ts_pool bound to `ps` (ps.c): the pool's one struct. Its scalars are
+    then C's (Python sets them through ps.c); point it with fill_pool."""
+    ps.c = ffi.new("ts_pool *")
+    return ps.c
 
 
 def _fd(fio):
@@ -166,43 +184,33 @@ def _fd(fio):
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
-def fill_lane(c, lane) -> None:
-    """Point ts_lane `c` at the arrays of `lane` (a kernels.Lane) and copy its scalars,
-    after checking what C assumes of them. The caller keeps `lane` (and so the
-    arrays) alive as long as `c` is used, and sets it only with the gate closed."""
-    fd = _fd(lane.fio)
-    if fd is None:
-        raise ValueError("a write lane needs a data file with a descriptor")
-    d = np.zeros(1, np.uint64)      # fast_args checks everything but the directory
-    (_, _, c.pages, c.n_pages, c.page_ref, c.page_dirty, c.chunk_ref, c.chunk_state,
-     c.n_chunks, c.chunk_sums, c.n_sums, c.intent_bits, c.intent_hot, c.n_bits, c.cursor,
-     c.counters, c.fd) = _fast_args(d, lane.pages, lane.page_ref, lane.page_dirty,
-                                    lane.chunk_ref, lane.chunk_state, lane.chunk_sums,
-                                    lane.intent_bits, lane.intent_hot, lane.cursor,
-                                    lane.counters, lane.fio)
-    loaded, verified = lane.page_loaded, lane.chunk_verified
-    if len(loaded) != c.n_pages or len(verified) != (c.n_chunks if c.n_sums else 0):
-        raise ValueError("page_loaded must match pages; chunk_verified must match chunk_sums")
-    c.page_loaded = _arr(loaded.view(np.uint8), _U8, "page_loaded")
-    c.chunk_verified = _arr(verified.view(np.uint8), _U8, "chunk_verified") if len(verified) \
-        else ffi.NULL
-    c.intent_shift, c.chunk_shift = lane.intent_shift, lane.chunk_shift
-    c.open, c.writes, c.budget, c.wrote = lane.open, lane.writes, lane.budget, lane.wrote
-
-
-def fill_dev_lane(c, dev) -> None:
-    """Point ts_dev_lane `c` at `dev` (a kernels.DevLane); the same rules as fill_lane."""
+def fill_dev(c, dev) -> None:
+    """Point ts_dev `c` at `dev` (a kernels.Dev); the same rules as fill_pool."""
     c.dir, c.n_dir = _arr(dev.dirarr, _U64, "dirarr", True), len(dev.dirarr)
     c.size, c.writable = dev.size, dev.writable
 
 
-def _lane_structs(lane, dev):
-    """(ts_lane, ts_dev_lane) for a kernels.Lane and DevLane, gate state included."""
-    c, dc = ffi.new("ts_lane *"), ffi.new("ts_dev_lane *")
-    fill_lane(c, lane)
-    fill_dev_lane(dc, dev)
-    c.gate, c.closers, c.excl_closers = lane.gate, lane.closers, lane.excl_closers
-    return c, dc
+_SCALARS = ("open", "writes", "budget", "wrote", "gate", "closers", "excl_closers")
+
+
+def _pool_struct(ps):
+    """(ts_pool for ps, whether it was made for this call): the bound struct, or a
+    new one with ps's arrays and scalars."""
+    if ps.c is not None:
+        return ps.c, False
+    c = ffi.new("ts_pool *")
+    fill_pool(c, ps)
+    for name in _SCALARS:
+        setattr(c, name, getattr(ps, name))
+    return c, True
+
+
+def _dev_struct(dev):
+    if dev.c is not None:
+        return dev.c
+    c = ffi.new("ts_dev *")
+    fill_dev(c, dev)
+    return c
 
 
 class NativeKernels:
@@ -219,83 +227,61 @@ class NativeKernels:
             _arr(out, _I64, "out", True), out.shape[0]), "translate")
 
     @staticmethod
-    def shadow_page(pages, src, dst, chunk_ref, chunk_state):
+    def shadow_page(pages, src, dst, chunk_ref, chunk_state, chunk_summary):
         n_pages = _check_pages(pages)
         _check(lib.ts_shadow_page(
             _memo("pages", (pages,), lambda p: _arr(p, _U64, "pages", True)), n_pages, src, dst,
-            *_memo("space", (chunk_ref, chunk_state), _space_args)), "shadow_page")
+            *_memo("space", (chunk_ref, chunk_state, chunk_summary), _space_args)),
+            "shadow_page")
 
     @staticmethod
-    def ref_batch(chunk_ref, chunk_state, ids, delta):
-        _check(lib.ts_ref_batch(*_memo("space", (chunk_ref, chunk_state), _space_args),
-                                _arr(ids, _U64, "ids"), len(ids), delta), "ref_batch")
+    def ref_batch(chunk_ref, chunk_state, chunk_summary, ids, delta):
+        _check(lib.ts_ref_batch(
+            *_memo("space", (chunk_ref, chunk_state, chunk_summary), _space_args),
+            _arr(ids, _U64, "ids"), len(ids), delta), "ref_batch")
 
     @staticmethod
-    def count_write_allocs(dirarr, pages, chunk_ref, chunk_state, chunk_shift, offset, length):
-        return _check(lib.ts_count_write_allocs(
-            *_memo("map", (dirarr, pages), _map_args),
-            *_memo("space", (chunk_ref, chunk_state), _space_args),
-            chunk_shift, offset, length), "count_write_allocs")
+    def count_write_allocs(ps, dev, offset, length):
+        if _fd(ps.fio) is None:
+            return _twins().count_write_allocs(ps, dev, offset, length)
+        return _check(lib.ts_count_write_allocs(_pool_struct(ps)[0], _dev_struct(dev),
+                                                offset, length), "count_write_allocs")
 
     @staticmethod
-    def write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, new_chunks,
-                    chunk_shift, fio, buf, offset, length, counters):
-        fd = _fd(fio)
-        if fd is None:
-            return _twins().write_range(dirarr, pages, page_dirty, chunk_ref, chunk_state,
-                                        new_chunks, chunk_shift, fio, buf, offset, length,
-                                        counters)
-        data = ffi.from_buffer("uint8_t[]", buf)
-        if len(data) < length:
-            raise ValueError(f"write_range: buffer holds {len(data)} bytes, not {length}")
-        new = _arr(new_chunks, _I64, "new_chunks") if len(new_chunks) else ffi.NULL
-        _check(lib.ts_write_range(
-            *_memo("state", (dirarr, pages, page_dirty, chunk_ref, chunk_state), _state_args),
-            new, len(new_chunks), chunk_shift, fd, data, offset, length,
-            _memo("counters", (counters,), _counters_arg)), "write_range")
-
-    @staticmethod
-    def write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state, chunk_sums,
-                   intent_bits, intent_hot, intent_shift, cursor, chunk_shift, fio, buf,
-                   offset, length, counters):
-        args = _memo("fast", (dirarr, pages, page_ref, page_dirty, chunk_ref, chunk_state,
-                              chunk_sums, intent_bits, intent_hot, cursor, counters, fio),
-                     _fast_args)
-        if args is None:        # a file without a descriptor (a test double)
-            return _twins().write_fast(dirarr, pages, page_ref, page_dirty, chunk_ref,
-                                       chunk_state, chunk_sums, intent_bits, intent_hot,
-                                       intent_shift, cursor, chunk_shift, fio, buf, offset,
-                                       length, counters)
-        data = ffi.from_buffer("uint8_t[]", buf)
-        if len(data) < length:
-            raise ValueError(f"write_fast: buffer holds {len(data)} bytes, not {length}")
-        rc = lib.ts_write_fast(*args, intent_shift, chunk_shift, data, offset, length)
-        return -1 if rc == lib.TS_SLOW else _check(rc, "write_fast")
-
-    @staticmethod
-    def lane_write(lane, dev, buf, offset, length):
-        """The lane's C entries on a kernels.Lane (the pool keeps its own ts_lane:
-        fastlane.py); the scalars the C side changes are copied back."""
+    def write(ps, dev, buf, offset, length, mode, new_chunks=None):
+        """The one write entry (kernels.write): ts_write on ps's struct."""
+        if _fd(ps.fio) is None:         # a file without a descriptor (a test double, RADOS)
+            return _twins().write(ps, dev, buf, offset, length, mode, new_chunks)
         if offset < 0:
-            return -1
-        c, dc = _lane_structs(lane, dev)
+            return -1 if mode == lib.TS_REQ_LANE else _check(lib.TS_E_ARG, "write")
+        c, own = _pool_struct(ps)
         data = ffi.from_buffer("uint8_t[]", buf)
         if len(data) < length:
-            raise ValueError(f"lane_write: buffer holds {len(data)} bytes, not {length}")
-        rc = lib.ts_lane_write(c, dc, data, offset, length)
-        lane.budget, lane.wrote = c.budget, c.wrote
-        return -1 if rc == lib.TS_SLOW else _check(rc, "lane_write")
+            raise ValueError(f"write: buffer holds {len(data)} bytes, not {length}")
+        new = ffi.NULL if new_chunks is None or not len(new_chunks) else \
+            _arr(new_chunks, _I64, "new_chunks")
+        rc = lib.ts_write(c, _dev_struct(dev), data, offset, length, mode, new,
+                          0 if new_chunks is None else len(new_chunks))
+        if own:
+            ps.budget, ps.wrote = c.budget, c.wrote
+        return -1 if rc == lib.TS_SLOW else _check(rc, "write")
 
     @staticmethod
-    def lane_read(lane, dev, buf, offset, length):
+    def read(ps, dev, buf, offset, length, mode):
+        """The one read entry (kernels.read): ts_read on ps's struct."""
+        if _fd(ps.fio) is None:     # no descriptor: C translates, the file reads (RADOS)
+            if mode != lib.TS_REQ_LOCKED:
+                return -1
+            NativeKernels.read_range(dev.dirarr, ps.pages, ps.chunk_shift, ps.fio, buf,
+                                     offset, length)
+            return 0
         if offset < 0:
-            return -1
-        c, dc = _lane_structs(lane, dev)
+            return -1 if mode == lib.TS_REQ_LANE else _check(lib.TS_E_ARG, "read")
         out = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         if len(out) != length:
-            raise ValueError(f"lane_read: buffer holds {len(out)} bytes, not {length}")
-        rc = lib.ts_lane_read(c, dc, out, offset, length)
-        return -1 if rc == lib.TS_SLOW else _check(rc, "lane_read")
+            raise ValueError(f"read: buffer holds {len(out)} bytes, not {length}")
+        rc = lib.ts_read(_pool_struct(ps)[0], _dev_struct(dev), out, offset, length, mode)
+        return -1 if rc == lib.TS_SLOW else _check(rc, "read")
 
     @staticmethod
     def prealloc(fio, chunk_shift, n_chunks, cursor, ids):
@@ -308,10 +294,11 @@ class NativeKernels:
                                _arr(ids, _I64, "ids"), len(ids))
 
     @staticmethod
-    def unmap_range(dirarr, pages, page_dirty, chunk_ref, chunk_state, first_chunk, n_chunks):
-        return _check(lib.ts_unmap_range(
-            *_memo("state", (dirarr, pages, page_dirty, chunk_ref, chunk_state), _state_args),
-            first_chunk, n_chunks), "unmap_range")
+    def unmap_range(ps, dev, first_chunk, n_chunks):
+        if _fd(ps.fio) is None:
+            return _twins().unmap_range(ps, dev, first_chunk, n_chunks)
+        return _check(lib.ts_unmap_range(_pool_struct(ps)[0], _dev_struct(dev), first_chunk,
+                                         n_chunks), "unmap_range")
 
     @staticmethod
     def read_range(dirarr, pages, chunk_shift, fio, buf, offset, length):

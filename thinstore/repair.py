@@ -85,6 +85,7 @@ def _fix(md, report: RepairReport) -> None:
     refs = md.space.refs
     refs.arr[bad] = expect.astype(refs.dtype)
     refs.mark(bad)
+    md.space.recount(bad)       # set directly, not through the kernels
     sums = md.space.sums.arr
     if md.flags & POOL_FLAG_DATA_CHECKSUMS:
         mapped = mapped[(mapped != 0) & (mapped < len(sums))]
