@@ -2,10 +2,18 @@
 
 One reader thread parses requests (and WRITE payloads) in order.  READs and
 WRITEs up to 4 MiB run right there (a thread hand-off would cost more than the work) and
-their replies are corked until the reader would block; TRIM, WRITE_ZEROES, large
-requests, and FLUSH or FUA with other requests waiting behind them go to a small
-per-connection worker pool so they overlap, and reply as soon as they complete.  One send lock per connection keeps
-every reply whole on the wire (see :mod:`thinstore.nbd.channel`).
+their replies are corked until the reader would block; TRIM, WRITE_ZEROES and large
+requests go to a small per-connection worker pool so they overlap, and reply as soon
+as they complete.  One send lock per connection keeps every reply whole on the wire
+(see :mod:`thinstore.nbd.channel`).
+
+FLUSH and FUA writes run in the reader too (DESIGN §8, docs/nbd.md): the write part at
+once, and the reply is *held* until the reader is about to block (or HOLD_MAX are held);
+then one Pool.flush (one intent-log record, one fdatasync) answers every held request
+of the burst, a group commit with no thread hand-off. And when a client has been
+sending a FLUSH after every N writes, the reader, about to block after the N-th write
+whose reply it has just sent, flushes before it blocks: the fdatasync then overlaps
+the client's round trip, and the FLUSH that follows finds nothing left to sync.
 
 What must hold:
 - a payload is never allocated from a client-declared length above
@@ -18,6 +26,10 @@ What must hold:
   closes; a peer that is gone makes sends no-ops, never a server failure;
 - FLUSH makes every write acknowledged on any connection durable (Pool.flush:
   the intent log, or a commit): that is the promise behind NBD_FLAG_CAN_MULTI_CONN.
+  A held reply is sent only after a Pool.flush that began after its request was
+  read (and, for a FUA write, after its data was written) has returned;
+- held replies never wait on the client: the reader settles them before any read
+  that could block on a request header (a payload it has begun to read is owed).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
 FAST_MAX = 128 << 10            # READ/WRITE up to this take the fast path
 INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
+HOLD_MAX = 64                   # held FLUSH/FUA replies that make the reader settle at once
 _ZEROS = memoryview(bytes(FAST_MAX))
 # Plain ints for the hot path: an IntEnum member lookup (P.Cmd.WRITE) costs ~90 ns, as much
 # as the rest of the request counting; READ (0) and WRITE (1) shifted by 2 are where their
@@ -98,6 +111,9 @@ class Transmission:
         self.stats = S.ConnectionStats()    # read by iostat; see thinstore.nbd.stats
         self._reader = threading.get_ident()
         self.moved = [0, 0]     # bytes asked to READ, to WRITE (counted by the reader thread)
+        self._held: list = []   # FLUSH / FUA requests run in the reader, awaiting one sync
+        self._since_flush = 0   # writes the reader ran since the last FLUSH or FUA
+        self._flush_gap = 0     # ... and between the two before (0: no pattern seen)
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
@@ -115,6 +131,7 @@ class Transmission:
         except _Violation as exc:
             log.info("dropping client: %s", exc)
         finally:
+            self._settle_held()
             self._outbox.flush()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -132,7 +149,7 @@ class Transmission:
         reader would block, so a burst of requests gets one burst of replies.
         """
         if not self._inbox.has(P.REQUEST.size):
-            self._outbox.flush()
+            self._settle()
         if self._outbox.dead:
             raise PeerClosed("the peer stopped taking replies")   # no one to answer
         fields = self._inbox.unpack(P.REQUEST)
@@ -148,8 +165,6 @@ class Transmission:
         if req.type == P.Cmd.WRITE and req.length > P.MAX_PAYLOAD:
             self._refuse_oversized_write(req)
         elif self._pool is None or self._inline(req):
-            if req.type == P.Cmd.FLUSH or req.flags & P.CMD_FLAG_FUA:
-                self._outbox.flush()      # corked replies must not wait for the sync
             self._execute(req, self._read_payload(req), None)
         else:
             self._dispatch(req)
@@ -169,6 +184,7 @@ class Transmission:
                 return False
             payload = bytearray(length)
             self._inbox.readinto(memoryview(payload))
+            self._since_flush += 1
         counts = self.stats.inline           # this thread's own: no lock (nbd/stats.py)
         at = kind << 2                       # S.READ or S.WRITE
         start = 0 if counts[at] & 7 else perf_counter_ns()     # S.SAMPLE_MASK: 1 in 8
@@ -206,15 +222,10 @@ class Transmission:
         """Reads and writes served from the page cache cost less than a hand-off to a
         worker thread (measured: 4K IOPS halved, 1M reads 10% slower with the hand-off);
         TRIM/WRITE_ZEROES (unbounded work) and very large requests go to the workers
-        so they overlap with what follows. A FLUSH or a small FUA write costs one
-        fdatasync of the intent log: it runs here when no other request is waiting
-        behind it (a client at queue depth 1 waits for it alone, and the hand-off
-        would add to its latency), else on a worker so what follows overlaps."""
+        so they overlap with what follows. FLUSH and FUA writes run here with their
+        replies held (see the module docstring): their sync is shared by the burst."""
         if req.type in (P.Cmd.TRIM, P.Cmd.WRITE_ZEROES):
             return False
-        if req.flags & P.CMD_FLAG_FUA or req.type == P.Cmd.FLUSH:
-            behind = req.length if req.type == P.Cmd.WRITE else 0
-            return req.length <= FAST_MAX and not self._inbox.has(behind + P.REQUEST.size)
         return req.length <= INLINE_MAX
 
     def _read_payload(self, req: P.Request):
@@ -351,13 +362,65 @@ class Transmission:
         return view
 
     def _write(self, req: P.Request, payload) -> None:
+        if threading.get_ident() == self._reader:
+            self._since_flush += 1
+            if req.flags & P.CMD_FLAG_FUA:
+                if req.length:
+                    self.dev.pwrite(payload, req.offset)
+                self._hold(req)
+                return
         if req.length:
             self.dev.pwrite(payload, req.offset, fua=bool(req.flags & P.CMD_FLAG_FUA))
         self._send_ok(req)
 
     def _flush(self, req: P.Request, _payload) -> None:
+        if threading.get_ident() == self._reader:
+            self._hold(req)
+            return
         self.dev.flush()
         self._send_ok(req)
+
+    # -- held replies: FLUSH and FUA answered by one sync per burst ----------------
+    def _hold(self, req: P.Request) -> None:
+        """Reader thread: answer `req` after the next Pool.flush (see _settle)."""
+        self._flush_gap, self._since_flush = self._since_flush, 0
+        self._held.append(req)
+        if len(self._held) >= HOLD_MAX:
+            self._settle_held()
+
+    def _settle(self) -> None:
+        """The reader is about to block on the socket: answer what it holds, with one
+        flush for all; else send the corked replies and, when the client's pattern
+        says a FLUSH comes next, flush now, while its round trip is under way."""
+        if self._held:
+            self._settle_held()
+            self._outbox.flush()
+            return
+        self._outbox.flush()
+        if self._since_flush and self._since_flush == self._flush_gap \
+                and not self.read_only:
+            try:
+                self.dev.flush()
+            except Exception as exc:    # the FLUSH itself will report it, if one comes
+                log.debug("early flush failed: %s", exc)
+
+    def _settle_held(self) -> None:
+        held, self._held = self._held, []
+        if not held:
+            return
+        start = perf_counter_ns()
+        try:
+            self.dev.flush()
+        except Exception as exc:
+            for req in held:
+                self._fail(req, exc)
+            return
+        spent = perf_counter_ns() - start
+        counts = self.stats.inline
+        for req in held:
+            if req.type == P.Cmd.FLUSH:
+                counts[S.FLUSH_NS] += spent
+            self._send_ok(req)
 
     def _trim(self, req: P.Request, _payload) -> None:
         if req.length:
@@ -399,6 +462,7 @@ class Transmission:
         return runs[:1] if req.flags & P.CMD_FLAG_REQ_ONE else runs[:_MAX_DESCRIPTORS]
 
     def _commit_if_fua(self, req: P.Request) -> None:
+        """TRIM/WRITE_ZEROES with FUA (on a worker, or the reader without workers)."""
         if req.flags & P.CMD_FLAG_FUA:
             self.dev.flush()
 
