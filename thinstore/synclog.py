@@ -27,7 +27,9 @@ Invariants:
   records keep the order of their sequence numbers. Its fdatasync runs outside both;
   flushes that arrive while one syncs wait and share the next fdatasync (group
   commit). A flush returns only once a fdatasync that began after its record was
-  written has completed. The full commit (exclusive lock) never runs beside a record
+  written has completed. A flush that finds no notes and nothing appended unsynced
+  returns without the lock: notes are dropped only after `appended` counts their
+  record, and `synced` grows only past a completed fdatasync (or a commit). The full commit (exclusive lock) never runs beside a record
   being built, so it can reset the epoch without the mutex.
 - Ranges are noted before a write returns (Device.pwrite after the native lane,
   DataPath under the lock), so a write acknowledged before a flush began is in that
@@ -118,6 +120,8 @@ class SyncLog:
         shared with concurrent flushes; a full commit when the log cannot take the
         batch. Nothing noted: only waits for a sync already under way. Raises
         PoolClosed after close(), OSError when the log cannot be written or synced."""
+        if not self.notes and self.synced >= self.appended and not pool._closed:
+            return          # nothing noted, everything appended durable: no lock needed
         with pool.lock.shared:
             pool._check_open()
             with self._append:
@@ -166,10 +170,10 @@ class SyncLog:
             self.fio.write_zeros(self.extent, step - self.extent)
             self.extent = step
         self.fio.pwrite(record, self.tail)
-        del self.notes[:noted]
         self.tail = end
         self.sequence += 1
         self.appended += len(record)
+        del self.notes[:noted]      # after `appended` grew: flush() reads both unlocked
         self.counters["records"] += 1
         self.counters["record_bytes"] += len(record)
         return self.appended

@@ -56,7 +56,7 @@ _ZEROS = memoryview(bytes(FAST_MAX))
 # Plain ints for the hot path: an IntEnum member lookup (P.Cmd.WRITE) costs ~90 ns, as much
 # as the rest of the request counting; READ (0) and WRITE (1) shifted by 2 are where their
 # counters start (thinstore.nbd.stats).
-_WRITE = int(P.Cmd.WRITE)
+_WRITE, _FLUSH, _FUA = int(P.Cmd.WRITE), int(P.Cmd.FLUSH), P.CMD_FLAG_FUA
 assert (int(P.Cmd.READ) << 2, _WRITE << 2, 7) == (S.READ, S.WRITE, S.SAMPLE_MASK)
 _WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
 _RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
@@ -131,7 +131,8 @@ class Transmission:
         except _Violation as exc:
             log.info("dropping client: %s", exc)
         finally:
-            self._settle_held()
+            held, self._held = self._held, []
+            self._settle_held(held)
             self._outbox.flush()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -178,7 +179,7 @@ class Transmission:
         """
         if flags or not 0 < length <= FAST_MAX or offset + length > self.dev.size \
                 or magic != P.REQUEST_MAGIC or kind > _WRITE:
-            return False
+            return self._fast_durable(magic, flags, kind, cookie, offset, length)
         if kind == _WRITE:
             if self.read_only:
                 return False
@@ -204,6 +205,32 @@ class Transmission:
         if start:
             counts[at + 2] += perf_counter_ns() - start
             counts[at + 3] += 1
+        return True
+
+    def _fast_durable(self, magic, flags, kind, cookie, offset, length) -> bool:
+        """A plain FLUSH, or a small in-range WRITE whose only flag is FUA, held here
+        (see _hold) without the general path's checks, which the condition makes;
+        False for anything else."""
+        if magic != P.REQUEST_MAGIC or self.read_only:
+            return False
+        if kind == _FLUSH and not (flags or offset or length):
+            self.stats.inline[S.FLUSH_OPS] += 1
+        elif kind == _WRITE and flags == _FUA and 0 < length <= FAST_MAX \
+                and offset + length <= self.dev.size:
+            payload = bytearray(length)
+            self._inbox.readinto(memoryview(payload))
+            self._since_flush += 1
+            try:
+                self.dev.pwrite(payload, offset)
+            except Exception as exc:       # a failed request must not end the session
+                self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
+                return True
+            counts = self.stats.inline
+            counts[S.WRITE] += 1
+            counts[S.WRITE + 1] += length
+        else:
+            return False
+        self._hold(P.Request(magic, flags, kind, cookie, offset, length))
         return True
 
     def _dispatch(self, req: P.Request) -> None:
@@ -386,41 +413,59 @@ class Transmission:
         self._flush_gap, self._since_flush = self._since_flush, 0
         self._held.append(req)
         if len(self._held) >= HOLD_MAX:
-            self._settle_held()
+            held, self._held = self._held, []
+            self._settle_held(held)
 
     def _settle(self) -> None:
-        """The reader is about to block on the socket: answer what it holds, with one
-        flush for all; else send the corked replies and, when the client's pattern
-        says a FLUSH comes next, flush now, while its round trip is under way."""
-        if self._held:
-            self._settle_held()
-            self._outbox.flush()
-            return
+        """The reader is about to block on the socket. Corked replies go out first;
+        then what it holds is answered after one flush for all: here when every request
+        the client has in flight is held (nothing can arrive meanwhile, and a hand-off
+        would only add latency), else on a worker, so the requests the client sends
+        on the replies just sent are read while the log syncs. With nothing held, when
+        the client's pattern says a FLUSH comes next, flush now, while its round trip
+        is under way."""
+        others = bool(self._outbox._queued)
         self._outbox.flush()
-        if self._since_flush and self._since_flush == self._flush_gap \
+        held, self._held = self._held, []
+        if held:
+            if others and self._pool is not None:
+                self._budget.acquire(0)
+                self._pool.submit(self._settle_held, held, True)
+            else:
+                self._settle_held(held)
+                self._outbox.flush()
+        elif self._since_flush and self._since_flush == self._flush_gap \
                 and not self.read_only:
             try:
                 self.dev.flush()
             except Exception as exc:    # the FLUSH itself will report it, if one comes
                 log.debug("early flush failed: %s", exc)
 
-    def _settle_held(self) -> None:
-        held, self._held = self._held, []
+    def _settle_held(self, held: list, pooled: bool = False) -> None:
+        """Flush once, then answer every request of `held` (an error to each if the
+        flush failed); `pooled`: on a worker, whose budget share is released here."""
         if not held:
             return
-        start = perf_counter_ns()
         try:
-            self.dev.flush()
-        except Exception as exc:
+            start = perf_counter_ns()
+            try:
+                self.dev.flush()
+            except Exception as exc:
+                for req in held:
+                    self._fail(req, exc)
+                return
+            spent = perf_counter_ns() - start
+            flushes = sum(1 for req in held if req.type == P.Cmd.FLUSH)
+            if pooled:
+                with self.stats.lock:
+                    self.stats.pooled[S.FLUSH_NS] += spent * flushes
+            else:
+                self.stats.inline[S.FLUSH_NS] += spent * flushes
             for req in held:
-                self._fail(req, exc)
-            return
-        spent = perf_counter_ns() - start
-        counts = self.stats.inline
-        for req in held:
-            if req.type == P.Cmd.FLUSH:
-                counts[S.FLUSH_NS] += spent
-            self._send_ok(req)
+                self._send_ok(req)
+        finally:
+            if pooled:
+                self._budget.release(0)
 
     def _trim(self, req: P.Request, _payload) -> None:
         if req.length:
