@@ -19,6 +19,7 @@ import pytest
 from nbd_helpers import MiB, need, served
 from thinstore.control import ControlServer, RemotePool
 from thinstore.frontends.attach import Attacher, AttachError, connectors, host
+from thinstore.frontends import statefile
 from thinstore.frontends.attach.state import MAGIC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,15 +142,18 @@ def test_mount_refcount_per_owner(rig):
 def test_state_file_is_versioned_and_checked(rig):
     rig.pool.create_volume("v", 64 * MiB)
     device = rig.attacher.attach("v", "owner-1")
-    with open(rig.state_path) as f:
-        doc = json.load(f)
-    assert doc["magic"] == MAGIC and doc["version"] == 1
-    assert doc["attachments"]["v"]["device"] == device
-    assert doc["attachments"]["v"]["owners"] == {"owner-1": "device"}
-    doc["attachments"]["v"]["device"] = "/dev/loop999"
-    with open(rig.state_path, "w") as f:
-        json.dump(doc, f)
-    with pytest.raises(AttachError, match="checksum"):
+    with open(rig.state_path, "rb") as f:
+        raw = f.read()
+    head, _, body = raw.partition(b"\n")
+    assert head.split()[:2] == [MAGIC.encode(), b"2"]      # docs/statefile.md
+    attachments = json.loads(body)
+    assert attachments["v"]["device"] == device
+    assert attachments["v"]["owners"] == {"owner-1": "device"}
+    other = device[:-1] + ("1" if device[-1] != "1" else "2")   # same length: the sum differs
+    edited = raw.replace(device.encode(), other.encode())
+    with open(rig.state_path, "wb") as f:
+        f.write(edited)
+    with pytest.raises(AttachError, match=f"{rig.state_path}.*checksum"):
         rig.new_attacher()
     rig.attacher._save()          # put the real state back for the fixture's clean-up
 
@@ -331,8 +335,8 @@ def test_mkfs_cut_short_by_a_crash_is_made_again(rig, monkeypatch):
     with pytest.raises(Crash):
         rig.attacher.mount("cut", rig.target("cut"), "c1")
     monkeypatch.undo()
-    with open(rig.state_path) as f:
-        assert json.load(f)["attachments"]["cut"]["unfinished_mkfs"] == "ext4"
+    recorded = statefile.StateFile(rig.state_path, MAGIC).load()
+    assert recorded["cut"]["unfinished_mkfs"] == "ext4"
 
     rig.attacher = rig.new_attacher()              # the next start
     rig.attacher.recover()

@@ -21,6 +21,7 @@ import pytest
 from containerd_helpers import (SNAPSHOTTER, Backend, Containerd, Snapshotter,
                                 skip_unless_containerd, wait_for)
 from oci_image import make_image
+from thinstore.frontends.containerd.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -329,8 +330,7 @@ def test_kill9_in_prepare_or_commit_leaves_a_consistent_snapshotter(
     snap.start()
     assert containerd.reaches_snapshotter()
 
-    with open(os.path.join(snap.pool, "containerd", "snapshots.json")) as f:
-        body = json.load(f)["body"]
+    body = Store(os.path.join(snap.pool, "containerd")).body
     assert body["intents"] == []
     recorded = {r["device"] for r in body["snapshots"].values()}
     ours = {n for n in snap.devices() if n.startswith("ctd-") and n != "ctd-base@fs"}

@@ -80,27 +80,28 @@ def test_a_failed_transaction_changes_nothing(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "snapshots.json.tmp"))
 
 
-@pytest.mark.parametrize("damage", ["flip", "magic", "version", "truncate"])
+DAMAGE = {"flip": ("ctd-1@c", "ctd-2@c", "checksum"),
+          "magic": ("thinstore-containerd-snapshots", "thinstore-containerd-snapshotz",
+                    "not a thinstore-containerd-snapshots file"),
+          "version": ("thinstore-containerd-snapshots 2 ", "thinstore-containerd-snapshots 9 ",
+                      "version 9"),
+          "truncate": (None, None, "cut short")}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_store_is_refused_not_guessed(tmp_path, damage):
     store = Store(str(tmp_path))
     with store.transaction() as body:
         body["snapshots"]["k"] = {"id": 1, "kind": "committed", "parent": "",
                                   "device": "ctd-1@c", "labels": {}, "created": 1,
                                   "updated": 1}
-    with open(store.path) as f:
-        doc = json.load(f)
-    if damage == "flip":
-        doc["body"]["snapshots"]["k"]["device"] = "ctd-2@c"
-    elif damage == "magic":
-        doc["magic"] = "something-else"
-    elif damage == "version":
-        doc["version"] = 99
-    text = json.dumps(doc)
-    if damage == "truncate":
-        text = text[:len(text) // 2]
-    with open(store.path, "w") as f:
-        f.write(text)
-    with pytest.raises(CorruptMetadata, match="snapshots.json"):
+    with open(store.path, "rb") as f:
+        raw = f.read()
+    old, new, why = DAMAGE[damage]
+    raw = raw[:len(raw) // 2] if old is None else raw.replace(old.encode(), new.encode(), 1)
+    with open(store.path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(CorruptMetadata, match=f"snapshots.json.*{why}"):
         Store(str(tmp_path))
 
 

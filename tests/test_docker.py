@@ -184,6 +184,21 @@ def test_remove_refused_while_mounted_then_space_comes_back(docker, plugin):
         assert "vol" not in [d.name for d in remote.list()]
 
 
+def test_remove_waits_for_a_connection_that_is_ending(docker, plugin):
+    """A container's unmount stops nbdfuse, whose NBD connections end a moment later on
+    the server's threads; a Remove right after must not fail on that moment."""
+    import os
+    import threading
+    from thinstore.nbd.client import NBDDevice
+    late = f"late-{plugin.name[-8:]}"
+    docker("volume", "create", "-d", plugin.name, "-o", "size=64M", late)
+    dev = NBDDevice(os.path.join(plugin.pool, "nbd.sock"), late)     # a late leaver
+    threading.Timer(0.5, dev.close).start()
+    docker("volume", "rm", late)
+    with plugin.remote() as remote:
+        assert late not in [d.name for d in remote.list()]
+
+
 def test_remove_refused_for_a_volume_with_snapshots_and_clones(docker, plugin):
     docker("volume", "create", "-d", plugin.name, "-o", "size=256M", "origin")
     plugin.cli("snapshot", "origin@s")

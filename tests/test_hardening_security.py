@@ -161,6 +161,47 @@ def test_the_server_answers_no_other_user_even_through_a_loosened_socket(pool):
     assert f"refused a client running as uid {user.pw_uid}" in log
 
 
+NBD_PEEK = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    print(len(s.recv(16)))          # the server's greeting (NBDMAGIC...) or 0 at EOF
+""")
+
+
+def test_the_nbd_socket_serves_no_other_user_even_when_loosened(pool):
+    """SO_PEERCRED on accept: with the socket's 0600 mode undone, another user's
+    connection is closed unanswered (one log line) while the owner's clients go on."""
+    from thinstore.nbd.client import NBDDevice
+    user = other_user()
+    out("create", "v", "--size", "1M", pool=pool)
+    os.chmod(os.path.dirname(pool), 0o755)
+    server = Serve(pool)
+    nbd_sock = os.path.join(pool, "nbd.sock")
+    try:
+        with NBDDevice(nbd_sock, "v") as dev:          # a trusted client, connected first
+            dev.pwrite(b"kept", 0)
+            os.chmod(pool, 0o755)                          # the mistakes: others can reach
+            os.chmod(nbd_sock, 0o666)                      # ... and connect
+            peek = [*_prefix_of(user), sys.executable, "-S", "-c", NBD_PEEK, nbd_sock]
+            answer = subprocess.run(peek, capture_output=True, text=True, timeout=30)
+            assert answer.returncode == 0, answer.stderr
+            assert answer.stdout.strip() == "0"            # closed: not even the greeting
+            assert dev.pread(0, 4) == b"kept"              # the trusted client still served
+        mine = subprocess.run([sys.executable, "-S", "-c", NBD_PEEK, nbd_sock],
+                              capture_output=True, text=True, timeout=30)
+        assert mine.stdout.strip() == "16"                 # the owner still gets greeted
+        os.chmod(pool, 0o700)
+    finally:
+        log = server.stop()
+    assert log.count("NBD socket: refused a client running as") == 1, log
+    assert f"uid {user.pw_uid}" in log
+
+
+def _prefix_of(user) -> list[str]:
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+
+
 def test_listening_on_every_address_without_tls_warns(pool):
     server = Serve(pool, "--listen", "0.0.0.0:0")
     err = server.stop()

@@ -6,6 +6,7 @@ pool as it was (or resumable, when the stream was only cut off).
 """
 
 import io
+import json
 import os
 import signal
 import struct
@@ -229,6 +230,21 @@ def test_diff_cli_json(src):
     table = cli("--pool", path, "diff", "v@s1", "v", "-p").stdout.decode().splitlines()
     assert table[0].split() == ["OFFSET", "LENGTH", "A", "B"]
     assert len(table) == len(expect["ranges"]) + 1
+
+
+def test_diff_cli_says_when_there_is_no_difference(src):
+    """Equal devices: a sentence in text mode (not a lone header), an empty list in JSON."""
+    path = src.path
+    src.create_volume("empty", VOL)
+    src.close()
+    for extra in ([], ["-p"]):
+        r = cli("--pool", path, "diff", "v@s2", "v@s2", *extra)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode() == "no differences between v@s2 and v@s2\n"
+    r = cli("--pool", path, "diff", "empty")
+    assert r.stdout.decode() == "nothing allocated in empty\n"
+    r = cli("--pool", path, "diff", "v@s2", "v@s2", "--json")
+    assert json.loads(r.stdout)["ranges"] == [] and json.loads(r.stdout)["changed_bytes"] == 0
 
 
 # --- 4. refusals ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from .format import BT_MAP, FANOUT
-from .paged import PagedArray
+from .paged import PagedArray, zeros
 
 
 class MapStore:
@@ -26,7 +26,12 @@ class MapStore:
         self.locations = locations          # page id -> metadata block (0: not on disk)
         self.store = store
         cap = max(len(locations), 64)
-        self.pages = np.zeros((cap, FANOUT), dtype=np.uint64)
+        try:
+            self.pages = zeros((cap, FANOUT), np.uint64)     # resident where loaded
+        except MemoryError:
+            from .errors import CorruptMetadata
+            raise CorruptMetadata(f"the page table claims {cap} pages, more than memory "
+                                  "can hold") from None
         self.ref = np.zeros(cap, dtype=np.uint32)
         self.dirty = np.zeros(cap, dtype=np.uint8)
         self.loaded = np.zeros(cap, dtype=bool)
@@ -45,7 +50,10 @@ class MapStore:
     def _grow(self) -> None:
         old = self.capacity
         new = old * 2
-        self.pages = np.concatenate([self.pages, np.zeros((new - old, FANOUT), dtype=np.uint64)])
+        pages = zeros((new, FANOUT), np.uint64)
+        rows = np.flatnonzero(self.loaded)           # a row not loaded stays untouched
+        pages[rows] = self.pages[rows]
+        self.pages = pages
         for name in ("ref", "dirty", "loaded"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.zeros(new - old, dtype=arr.dtype)]))
@@ -80,14 +88,24 @@ class MapStore:
                 self.loaded[pid] = True
                 self.counters["pages_read"] += 1
 
+    def peek(self, pids) -> np.ndarray:
+        """The rows of pages `pids` (int64 array), read from ``meta`` where not loaded
+        without keeping them: a query over every page (list) does not make the whole
+        page table resident."""
+        rows = self.pages[pids]
+        for i in np.flatnonzero(~self.loaded[pids]).tolist():
+            payload = self.store.read_block(int(self.locations.arr[pids[i]]), BT_MAP)
+            rows[i] = np.frombuffer(payload, dtype="<u8", count=FANOUT)
+        return rows
+
     def derive_refs(self, directories) -> None:
-        """Recompute page refcounts from every directory (done at open)."""
+        """Recompute page refcounts from every directory (done at open); costs the
+        directories' populated leaves, not their virtual sizes."""
         self.ref[:] = 0
-        arrs = [d.arr for d in directories]
+        arrs = [d.arr[d.nonzero_slots()] for d in directories]
         if not arrs:
             return
-        allp = np.concatenate(arrs)             # one pass, not one per device
-        pids = allp[allp != 0].astype(np.int64)
+        pids = np.concatenate(arrs).astype(np.int64)      # one pass, not one per device
         if len(pids) and pids.max() >= self.capacity:
             from .errors import CorruptMetadata
             raise CorruptMetadata(f"a directory names page {pids.max()}, beyond the page table")
@@ -122,13 +140,13 @@ class MapStore:
 
     def share(self, directory: PagedArray) -> None:
         """One more reference to every page of a directory (snapshot, clone, rollback)."""
-        pids = directory.arr[directory.arr != 0].astype(np.int64)
+        pids = directory.arr[directory.nonzero_slots()].astype(np.int64)
         np.add.at(self.ref, pids, 1)
 
     def drop(self, directory: PagedArray, spacemap, p0: int = 0) -> None:
         """Drop the references of directory slots p0.. (destroy, rollback, shrink)."""
-        d = directory.arr[p0:]
-        for pid in d[d != 0].astype(np.int64).tolist():
+        slots = directory.nonzero_slots()
+        for pid in directory.arr[slots[slots >= p0]].astype(np.int64).tolist():
             self.ref[pid] -= 1
             if self.ref[pid] == 0:
                 self.ensure_loaded([pid])

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from .datasums import INTENT_NAME, IntentLog
-from .kernels import ST_WRITTEN
+from .kernels import ST_REF_CHANGED, ST_WRITTEN
 from .pool import POOL_FLAG_DATA_CHECKSUMS
 from .salvage import DAMAGE_CODES, Problem, owners, salvage
 from .storage import FileIO, locked_store
@@ -57,39 +57,64 @@ class Report:
                 "info": self.info, "problems": [p.to_dict() for p in self.problems]}
 
 
-def expected_refcounts(md) -> tuple[np.ndarray, np.ndarray]:
-    """(refcounts recomputed from every live map page, entries naming chunks outside)."""
+def expected_refcounts(md) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Refcounts recomputed from every live map page, sparse: (chunk ids, sorted; how
+    many map entries name each; the entries naming chunks outside the pool)."""
     maps, space = md.maps, md.space
     live = np.flatnonzero(maps.ref > 0)
     maps.ensure_loaded(live)
     ents = maps.pages[live].ravel()
     ents = ents[ents != 0].astype(np.int64)
-    expect = np.zeros(len(space.refs.arr), dtype=np.int64)
-    inside = ents[ents < len(expect)]
-    np.add.at(expect, inside, 1)
-    return expect, ents[ents >= len(expect)]
+    cap = len(space.refs.arr)
+    ids, counts = np.unique(ents[ents < cap], return_counts=True)
+    return ids, counts, ents[ents >= cap]
+
+
+def stored_nonzero(md) -> np.ndarray:
+    """Chunk ids whose stored refcount is nonzero, sorted: from the refcount leaves
+    that hold any, and the chunks an open transaction changed (marked only at commit),
+    never a pass over the pool's capacity."""
+    refs = md.space.refs
+    ids = refs.nonzero_slots()
+    changed = md.space.flagged(ST_REF_CHANGED)
+    if len(changed):
+        ids = np.union1d(ids, changed[refs.arr[changed] != 0])
+    return ids
+
+
+def refcount_differences(md):
+    """(chunks whose stored refcount differs from the maps', their stored counts, their
+    expected counts, the chunks the maps name, entries naming chunks outside the pool)."""
+    ids, counts, outside = expected_refcounts(md)
+    cand = np.union1d(ids, stored_nonzero(md))
+    stored = md.space.refs.arr[cand].astype(np.int64)
+    expect = np.zeros(len(cand), dtype=np.int64)
+    expect[np.searchsorted(cand, ids)] = counts
+    diff = stored != expect
+    return cand[diff], stored[diff], expect[diff], ids, outside
 
 
 def check_metadata(md, committed: bool = True) -> list[Problem]:
     """Map, refcount and checksum-table checks of a loaded (or salvaged) tree.
 
     `committed` adds what holds only between transactions: no page is stored that no
-    directory names (an open transaction frees such pages at its commit).
+    directory names (an open transaction frees such pages at its commit). Costs what
+    is mapped, not the pool's capacity.
     """
     problems: list[Problem] = []
     if committed:
         problems += _leaked_pages(md)
-    expect, outside = expected_refcounts(md)
+    chunks, stored, expect, mapped, outside = refcount_differences(md)
+    cap = len(md.space.refs.arr)
     if len(outside):
         problems += _name_chunks(md, "range", outside, "names chunk {c}, outside the pool "
-                                 f"({len(expect)} chunks)")
-    stored = md.space.refs.arr.astype(np.int64)
-    if expect[0]:
+                                 f"({cap} chunks)")
+    if len(mapped) and mapped[0] == 0:
         problems += _name_chunks(md, "range", [0], "names reserved chunk 0")
-    problems += _refcount_problems(md, stored, expect)
+    problems += _refcount_problems(md, chunks, stored, expect)
     if md.flags & POOL_FLAG_DATA_CHECKSUMS:
-        pending = (md.space.state & ST_WRITTEN) != 0     # the next commit hashes these
-        missing = np.flatnonzero((expect > 0) & (md.space.sums.arr == 0) & ~pending)
+        pending = (md.space.state[mapped] & ST_WRITTEN) != 0     # the next commit hashes these
+        missing = mapped[(md.space.sums.arr[mapped] == 0) & ~pending & (mapped != 0)]
         problems += _listed("checksum", missing, lambda c: Problem(
             "checksum", f"chunk {c}: mapped but has no checksum (reads cannot verify it)",
             chunk=c))
@@ -106,16 +131,18 @@ def _leaked_pages(md) -> list[Problem]:
         "names it", block=int(locs[p])))
 
 
-def _refcount_problems(md, stored: np.ndarray, expect: np.ndarray) -> list[Problem]:
+def _refcount_problems(md, chunks, stored, expect) -> list[Problem]:
     out = []
-    under = np.flatnonzero(stored < expect)
+    st = dict(zip(chunks.tolist(), stored.tolist()))
+    ex = dict(zip(chunks.tolist(), expect.tolist()))
+    under = chunks[stored < expect]
     own = owners(md, under[:MAX_LISTED])
     out += _listed("refcount", under, lambda c: Problem(
-        "refcount", f"chunk {c}: stored refcount {stored[c]}, but {expect[c]} map entries name "
+        "refcount", f"chunk {c}: stored refcount {st[c]}, but {ex[c]} map entries name "
         f"it ({_where(own.get(c, []))}): it could be freed while still mapped", chunk=c))
-    leak = np.flatnonzero(stored > expect)
+    leak = chunks[stored > expect]
     out += _listed("leak", leak, lambda c: Problem(
-        "leak", f"chunk {c}: stored refcount {stored[c]}, but {expect[c]} map entries name it "
+        "leak", f"chunk {c}: stored refcount {st[c]}, but {ex[c]} map entries name it "
         "(space leaked until repair)", chunk=c))
     return out
 
@@ -239,7 +266,7 @@ def _intent_regions(store, md) -> int:
 def _summary(md) -> dict:
     return {"generation": md.generation, "chunk_size": md.chunk_size,
             "capacity_chunks": len(md.space.refs) - 1,
-            "mapped_chunks": int(np.count_nonzero(md.space.refs.arr)),
+            "mapped_chunks": len(stored_nonzero(md)),
             "map_pages": int(np.count_nonzero(md.maps.ref)),
             "metadata_blocks": int(np.count_nonzero(md.store.used)),
             "devices": sorted(d.name for d in md.devices.values()),

@@ -37,6 +37,7 @@ from .spacemap import SpaceMap
 from .storage import DirLock, FileIO, is_rados, locked_store, private_dir
 
 FORMAT = "thinstore-metadata"
+DUMP_VERSION = 1      # the JSON document's layout (not the pool's on-disk format)
 
 
 def _runs(row: np.ndarray) -> list:
@@ -56,7 +57,7 @@ def dump_metadata(md) -> dict:
     devices, pages = [], {}
     for dev in sorted(md.devices.values(), key=lambda d: d.dev_id):
         d = dev.directory.arr
-        slots = np.flatnonzero(d)
+        slots = dev.directory.nonzero_slots()
         for pid in d[slots].astype(np.int64).tolist():
             if str(pid) not in pages:
                 maps.ensure_loaded([pid])
@@ -67,7 +68,7 @@ def dump_metadata(md) -> dict:
                         "directory": [[int(s), int(d[s])] for s in slots.tolist()]})
     sums = md.space.sums.arr
     mapped = np.flatnonzero((md.space.refs.arr != 0) & (sums != 0))
-    return {"format": FORMAT, "version": fmt.VERSION,
+    return {"format": FORMAT, "version": DUMP_VERSION,
             "pool": {"uuid": md.sb.pool_uuid.hex(), "chunk_size": md.chunk_size,
                      "capacity_chunks": int(md.sb.capacity_chunks),
                      "generation": md.generation,
@@ -217,7 +218,7 @@ def _build(meta_fio, data_fio, doc: dict) -> int:
     for c, s in doc.get("checksums", []):
         if 0 < int(c) < cap:
             md.space.sums.arr[int(c)] = int(s)
-    md.space.sums.dirty[:] = True
+    md.space.sums.mark_all()
     md.commit()
     md.commit()       # both slots valid, as for a new pool
     return md.generation
@@ -247,7 +248,7 @@ def _add_device(md, dev: dict, known: set) -> None:
             raise UsageError(f"restore: device {dev['name']!r} directory entry {[slot, pid]} "
                              "is outside its directory or names no page")
         d.arr[slot] = pid
-    d.dirty[:] = True
+    d.mark_all()
     if dev["kind"] not in fmt.DEVICE_KINDS:
         raise UsageError(f"restore: device {dev['name']!r} has unknown kind {dev['kind']!r}")
     dm = DeviceMeta(int(dev["id"]), bytes.fromhex(dev["uuid"]), dev["kind"], size,
@@ -268,14 +269,14 @@ def _derive_counts(md) -> None:
     ents = ents[ents != 0].astype(np.int64)
     refs = md.space.refs
     np.add.at(refs.arr, ents, 1)
-    refs.dirty[:] = True
+    refs.mark_all()
 
 
 def _validate(doc: dict) -> None:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UsageError(f"restore: not a thinstore metadata dump (format must be {FORMAT!r})")
-    if int(doc.get("version", 0)) > fmt.VERSION:
-        raise UsageError(f"restore: dump version {doc['version']} is newer than {fmt.VERSION}")
+    if int(doc.get("version", 0)) > DUMP_VERSION:
+        raise UsageError(f"restore: dump version {doc['version']} is newer than {DUMP_VERSION}")
     p = doc.get("pool", {})
     geometry_ok = fmt.valid_chunk_size(int(p.get("chunk_size", 0)))
     if not geometry_ok or int(p.get("capacity_chunks", 0)) < 2:

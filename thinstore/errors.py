@@ -129,6 +129,13 @@ class CorruptMetadata(ThinstoreError):
     exit_code = 10
 
 
+class OldFormat(ThinstoreError):
+    """The pool is in an older on-disk format (run 'thinstore upgrade')."""
+
+    errno = _errno.EPROTO
+    exit_code = 19
+
+
 class DataChecksumError(ThinstoreError):
     """A data chunk does not match its checksum."""
 

@@ -21,7 +21,10 @@ import numpy as np
 
 from .errors import CorruptMetadata
 
-VERSION = 1
+VERSION = 2                  # the pool format: superblock and root record (docs/format.md)
+OLDEST_VERSION = 1           # the oldest that `thinstore upgrade` reads
+BLOCK_VERSION = 1            # the block header's layout (unchanged since version 1)
+LOG_VERSION = 1              # intent log records
 BLOCK_SIZE = 4096
 HEADER_SIZE = 32
 PAYLOAD_SIZE = BLOCK_SIZE - HEADER_SIZE          # 4064
@@ -36,6 +39,10 @@ ROOT_MAGIC = 0x54525354      # b"TSRT"
 BT_MAP = 1        # a map page: 508 u64 data chunk ids
 BT_LEAF = 2       # a leaf of a paged array (refcounts, checksums, page locations, directories)
 BT_ROOT = 3       # a piece of the root record chain
+BT_NODE = 4       # an interior node of a tree: 508 u64 child blocks (format 2)
+BT_DEVICES = 5    # a device table leaf: the records of DEVS_PER_LEAF consecutive ids (format 2)
+
+DEVS_PER_LEAF = 12     # 12 x the largest record (331 bytes) + 4 fit a payload (4064)
 
 DEVICE_KINDS = ("volume", "snapshot", "clone")
 
@@ -54,7 +61,7 @@ _HEADER = struct.Struct("<IIHHIQQ")   # magic, checksum, type, version, reserved
 
 def seal_block(block: bytearray, btype: int, location: int, generation: int) -> bytearray:
     """Fill in the header of a 4096-byte block whose payload is already at [32:]."""
-    _HEADER.pack_into(block, 0, BLOCK_MAGIC, 0, btype, VERSION, 0, location, generation)
+    _HEADER.pack_into(block, 0, BLOCK_MAGIC, 0, btype, BLOCK_VERSION, 0, location, generation)
     struct.pack_into("<I", block, 4, checksum(memoryview(block)[8:]))
     return block
 
@@ -68,8 +75,9 @@ def open_block(block: bytes, btype: int, location: int) -> memoryview:
         raise CorruptMetadata(f"metadata block {location}: bad magic {magic:#x}")
     if csum != checksum(memoryview(block)[8:]):
         raise CorruptMetadata(f"metadata block {location}: checksum mismatch")
-    if ver > VERSION:
-        raise CorruptMetadata(f"metadata block {location}: format version {ver} is newer than {VERSION}")
+    if ver > BLOCK_VERSION:
+        raise CorruptMetadata(f"metadata block {location}: block version {ver} is newer than "
+                              f"{BLOCK_VERSION}")
     if typ != btype or loc != location:
         raise CorruptMetadata(f"metadata block {location}: holds type {typ} of block {loc}, "
                               f"expected type {btype} (misdirected write)")
@@ -87,6 +95,7 @@ class Superblock(NamedTuple):
     root_checksum: int
     commit_time_ns: int
     flags: int = 0
+    version: int = VERSION    # the pool format it was read with (written: always VERSION)
 
 
 _SB = struct.Struct("<IIHHIQQ16sQQIIQ")
@@ -118,7 +127,9 @@ def unpack_superblock(buf: bytes, slot: int) -> Superblock:
                               f"this thinstore ({VERSION}); upgrade thinstore")
     if bsize != BLOCK_SIZE or not valid_chunk_size(chunk_size):
         raise CorruptMetadata(f"superblock slot {slot}: impossible geometry")
-    return Superblock(gen, chunk_size, cap, puuid, rloc, rlen, rsum, ctime, flags)
+    if ver < OLDEST_VERSION:
+        raise CorruptMetadata(f"superblock slot {slot}: format version {ver} is unknown")
+    return Superblock(gen, chunk_size, cap, puuid, rloc, rlen, rsum, ctime, flags, ver)
 
 
 def valid_chunk_size(n: int) -> bool:
@@ -127,9 +138,26 @@ def valid_chunk_size(n: int) -> bool:
 
 # ---------------------------------------------------------------- root record
 class ArrayRoot(NamedTuple):
-    """Where a paged array lives: its length and the block of each leaf (0 = all zero)."""
+    """Format 1: a paged array's length and the block of each leaf (0 = all zero)."""
     length: int
     leaves: np.ndarray   # uint64
+
+
+class TreeRoot(NamedTuple):
+    """Format 2: a paged array's length (entries) and the block at the top of its tree
+    (0 = all zero). The tree's depth follows from the length (tree_depth)."""
+    length: int
+    root: int
+
+
+def tree_depth(nleaves: int) -> int:
+    """Levels of interior nodes above `nleaves` leaves: 0 when one leaf (or none) is
+    the whole tree, else the least d with FANOUT**d >= nleaves."""
+    depth, span = 0, 1
+    while span < nleaves:
+        span *= FANOUT
+        depth += 1
+    return depth
 
 
 class DeviceRecord(NamedTuple):
@@ -140,29 +168,28 @@ class DeviceRecord(NamedTuple):
     created_ns: int
     origin_uuid: bytes   # the snapshot a clone was made from / the volume a snapshot was taken of
     name: str
-    directory: ArrayRoot
+    directory: "TreeRoot | ArrayRoot"
     flags: int = 0       # bit 0: hidden (an unfinished receive)
 
 
 class RootRecord(NamedTuple):
-    refcounts: ArrayRoot      # u32 per data chunk
-    checksums: ArrayRoot      # u32 per data chunk (mmh3 of its bytes), 0 = not computed
-    page_locations: ArrayRoot  # u64 per map page id: its metadata block, 0 = free id
+    refcounts: "TreeRoot | ArrayRoot"       # u32 per data chunk
+    checksums: "TreeRoot | ArrayRoot"       # u32 per data chunk (mmh3 of its bytes), 0 = none
+    page_locations: "TreeRoot | ArrayRoot"  # u64 per map page id: its metadata block, 0 = free
     next_dev_id: int
-    devices: list
+    devices: list             # format 1: the device records; format 2: empty
     low_water_pct: int = 90
     flags: int = 0            # bit 0: data checksums on
+    device_table: TreeRoot | None = None   # format 2: leaves of DEVS_PER_LEAF device ids
+    device_count: int = 0
+    version: int = VERSION
 
 
 _ROOT_HEAD = struct.Struct("<IHHQII")       # magic, version, flags, next_dev_id, low_water, ndev
-_ARRAY_HEAD = struct.Struct("<QI")          # length, nleaves
+_ARRAY_HEAD = struct.Struct("<QI")          # format 1: length, nleaves
+_TREE = struct.Struct("<QQ")                # format 2: length, top block
 _DEV_HEAD = struct.Struct("<Q16sBBHQQ16s")  # id, uuid, kind, flags, name_len, size, created, origin
-
-
-def _pack_array(out: list, root: ArrayRoot) -> None:
-    leaves = np.ascontiguousarray(root.leaves, dtype="<u8")
-    out.append(_ARRAY_HEAD.pack(root.length, len(leaves)))
-    out.append(leaves.tobytes())
+_DEVLEAF_HEAD = struct.Struct("<HH")        # records in the leaf, zero
 
 
 def _unpack_array(buf: memoryview, pos: int) -> tuple[ArrayRoot, int]:
@@ -175,51 +202,94 @@ def _unpack_array(buf: memoryview, pos: int) -> tuple[ArrayRoot, int]:
     return ArrayRoot(length, leaves), end
 
 
+def _unpack_tree(buf: memoryview, pos: int) -> tuple[TreeRoot, int]:
+    length, top = _TREE.unpack_from(buf, pos)
+    return TreeRoot(length, top), pos + _TREE.size
+
+
 def pack_root(root: RootRecord) -> bytes:
+    """A format-2 root record (format 1 is only read)."""
     out = [_ROOT_HEAD.pack(ROOT_MAGIC, VERSION, root.flags, root.next_dev_id,
-                           root.low_water_pct, len(root.devices))]
-    for arr in (root.refcounts, root.checksums, root.page_locations):
-        _pack_array(out, arr)
-    for d in root.devices:
-        out.append(d if isinstance(d, bytes) else pack_device(d))
+                           root.low_water_pct, root.device_count)]
+    for tree in (root.refcounts, root.checksums, root.page_locations, root.device_table):
+        out.append(_TREE.pack(tree.length, tree.root))
     return b"".join(out)
 
 
 def pack_device(d: DeviceRecord) -> bytes:
-    """One device's part of the root record (a RootRecord's `devices` may hold these
-    bytes in place of DeviceRecords: a commit re-packs only the devices that changed)."""
+    """One device's record in a device table leaf (format 2; at most 331 bytes)."""
     name = d.name.encode()
-    out = [_DEV_HEAD.pack(d.dev_id, d.uuid, DEVICE_KINDS.index(d.kind), d.flags,
-                          len(name), d.size, d.created_ns, d.origin_uuid), name]
-    _pack_array(out, d.directory)
-    return b"".join(out)
+    return b"".join([_DEV_HEAD.pack(d.dev_id, d.uuid, DEVICE_KINDS.index(d.kind), d.flags,
+                                    len(name), d.size, d.created_ns, d.origin_uuid), name,
+                     _TREE.pack(d.directory.length, d.directory.root)])
+
+
+def _unpack_device(buf: memoryview, pos: int, version: int) -> tuple[DeviceRecord, int]:
+    dev_id, duuid, kind, dflags, nlen, size, created, origin = _DEV_HEAD.unpack_from(buf, pos)
+    pos += _DEV_HEAD.size
+    if pos + nlen > len(buf):
+        raise CorruptMetadata("device record: name runs past its end")
+    name = bytes(buf[pos:pos + nlen]).decode()
+    pos += nlen
+    directory, pos = (_unpack_array if version == 1 else _unpack_tree)(buf, pos)
+    return DeviceRecord(dev_id, duuid, DEVICE_KINDS[kind], size, created, origin, name,
+                        directory, dflags), pos
 
 
 def unpack_root(data: bytes) -> RootRecord:
+    """A root record of format 1 (device records inline, flat array roots) or 2."""
     buf = memoryview(data)
     try:
         magic, ver, flags, next_id, low_water, ndev = _ROOT_HEAD.unpack_from(buf, 0)
         if magic != ROOT_MAGIC:
             raise CorruptMetadata("root record: bad magic")
-        if ver > VERSION:
-            raise CorruptMetadata(f"root record: format version {ver} is newer than {VERSION}")
+        if ver > VERSION or ver < OLDEST_VERSION:
+            raise CorruptMetadata(f"root record: format version {ver} is not one of "
+                                  f"{OLDEST_VERSION}..{VERSION}")
         pos = _ROOT_HEAD.size
-        arrays = []
-        for _ in range(3):
-            arr, pos = _unpack_array(buf, pos)
-            arrays.append(arr)
-        devices = []
-        for _ in range(ndev):
-            dev_id, duuid, kind, dflags, nlen, size, created, origin = _DEV_HEAD.unpack_from(buf, pos)
-            pos += _DEV_HEAD.size
-            name = bytes(buf[pos:pos + nlen]).decode()
-            pos += nlen
-            directory, pos = _unpack_array(buf, pos)
-            devices.append(DeviceRecord(dev_id, duuid, DEVICE_KINDS[kind], size, created,
-                                        origin, name, directory, dflags))
+        if ver == 1:
+            arrays = []
+            for _ in range(3):
+                arr, pos = _unpack_array(buf, pos)
+                arrays.append(arr)
+            devices = []
+            for _ in range(ndev):
+                rec, pos = _unpack_device(buf, pos, 1)
+                devices.append(rec)
+            return RootRecord(arrays[0], arrays[1], arrays[2], next_id, devices, low_water,
+                              flags, None, ndev, 1)
+        trees = []
+        for _ in range(4):
+            tree, pos = _unpack_tree(buf, pos)
+            trees.append(tree)
     except (struct.error, IndexError, UnicodeDecodeError) as e:
         raise CorruptMetadata(f"root record: malformed ({e})") from None
-    return RootRecord(arrays[0], arrays[1], arrays[2], next_id, devices, low_water, flags)
+    return RootRecord(trees[0], trees[1], trees[2], next_id, [], low_water, flags, trees[3],
+                      ndev, ver)
+
+
+def pack_device_leaf(records: list) -> bytes:
+    """A device table leaf's payload: a count, then the packed records (pack_device's
+    bytes, in id order)."""
+    body = b"".join(records)
+    if _DEVLEAF_HEAD.size + len(body) > PAYLOAD_SIZE:
+        raise ValueError("device records do not fit a leaf")
+    return _DEVLEAF_HEAD.pack(len(records), 0) + body
+
+
+def unpack_device_leaf(payload: memoryview) -> list:
+    """The DeviceRecords of a device table leaf."""
+    try:
+        count, _ = _DEVLEAF_HEAD.unpack_from(payload, 0)
+        if count > DEVS_PER_LEAF:
+            raise CorruptMetadata(f"device table leaf holds {count} records")
+        pos, out = _DEVLEAF_HEAD.size, []
+        for _ in range(count):
+            rec, pos = _unpack_device(payload, pos, VERSION)
+            out.append(rec)
+    except (struct.error, IndexError, UnicodeDecodeError) as e:
+        raise CorruptMetadata(f"device table leaf: malformed ({e})") from None
+    return out
 
 
 # root chain blocks: payload = u64 next block, u32 bytes used, u32 reserved, data
@@ -287,7 +357,7 @@ def pack_log_record(base: LogBase, sequence: int, entries: list) -> bytes:
     size = LOG_HEADER.size + sum(len(b) for b in body)
     total = -(-size // LOG_ALIGN) * LOG_ALIGN
     out = bytearray(total)
-    LOG_HEADER.pack_into(out, 0, LOG_MAGIC, 0, VERSION, 0, len(entries), total, sequence,
+    LOG_HEADER.pack_into(out, 0, LOG_MAGIC, 0, LOG_VERSION, 0, len(entries), total, sequence,
                          base.generation, base.commit_time_ns, base.pool_uuid)
     pos = LOG_HEADER.size
     for b in body:
@@ -304,7 +374,7 @@ def log_record_length(header: bytes, base: LogBase, sequence: int) -> int:
     if len(header) < LOG_HEADER.size:
         return 0
     magic, _, ver, _, n, total, seq, gen, ctime, puuid = LOG_HEADER.unpack_from(header, 0)
-    if magic != LOG_MAGIC or ver != VERSION or seq != sequence or \
+    if magic != LOG_MAGIC or ver != LOG_VERSION or seq != sequence or \
             LogBase(gen, ctime, puuid) != base:
         return 0
     if total % LOG_ALIGN or total < LOG_HEADER.size + n * LOG_ENTRY.size:

@@ -55,7 +55,6 @@ class HiddenDevices:
             self._need_free_name(name)
             if like is None:
                 d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
-                d.dirty[:] = True
                 self._new_device(name, "volume", size, d, bytes(16), FLAG_HIDDEN)
             else:
                 dm = self._share_device(self._find(like), name, "clone", FLAG_HIDDEN)

@@ -6,8 +6,10 @@ that the committed tree does not reach:
 
 1. map pages changed in this transaction, each to a fresh block;
 2. data checksums of chunks written since the last commit (when enabled);
-3. dirty leaves of the paged arrays (refcounts, checksums, page locations, directories);
-4. the root record (device table and array roots) as a chain of fresh blocks;
+3. dirty leaves of the paged arrays (refcounts, checksums, page locations, the
+   directories of the devices changed), then the tree nodes on their paths;
+4. the device table leaves of the devices changed and their nodes; the root record
+   (five tree roots and counters, docs/format.md) in a fresh block;
 5. fsync ``data`` then ``meta``: everything the new superblock names is durable;
 6. the superblock into the *other* slot (generation + 1, mmh3 checksum); fsync ``meta``;
 7. only now: blocks and chunks the old tree used become free.
@@ -26,14 +28,18 @@ import numpy as np
 
 from . import format as fmt
 from .blockmap import MapStore
-from .errors import CorruptMetadata
+from .errors import CorruptMetadata, OldFormat
 from .metastore import MetaStore
-from .paged import PagedArray
+from .paged import PagedArray, Tree, new_tree
 from .spacemap import SpaceMap
 
 log = logging.getLogger("thinstore")
 
 FLAG_HIDDEN = 1
+
+#: device ids are never reused; the device table is indexed by id, so a damaged
+#: next id must not ask for an index beyond this (2**31 ids: a device a second for 68 years)
+MAX_DEVICE_ID = 1 << 31
 
 
 @dataclasses.dataclass
@@ -51,25 +57,41 @@ class DeviceMeta:
     opens: int = 0          # open Device handles (memory only)
 
     def __setattr__(self, key, value):
-        if key != "opens":
-            self.__dict__["_packed"] = None      # its root-record bytes change with it
+        if key == "opens":
+            object.__setattr__(self, key, value)
+            return
+        self.__dict__["_packed"] = None      # its record bytes change with it
+        table = self.__dict__.get("_table")
+        if table is not None:
+            table.changed.add(self.dev_id)   # its device table leaf is rewritten at commit
+            if key == "directory":
+                table._watch(self, value)
         if key not in _INDEXED:
             object.__setattr__(self, key, value)
             return
-        table = self.__dict__.get("_table")
         if table is not None:
             table._unindex(self)
         object.__setattr__(self, key, value)
         if table is not None:
             table._index(self)
 
+    @classmethod
+    def from_record(cls, rec: fmt.DeviceRecord, directory: PagedArray) -> "DeviceMeta":
+        """The device a record describes (what __init__ does, without a __setattr__ per
+        field: opening a pool of 10,000 devices called it 100,000 times)."""
+        dm = object.__new__(cls)
+        dm.__dict__.update(dev_id=rec.dev_id, uuid=rec.uuid, kind=rec.kind, size=rec.size,
+                           created_ns=rec.created_ns, origin_uuid=rec.origin_uuid,
+                           name=rec.name, directory=directory, flags=rec.flags, opens=0)
+        return dm
+
     @property
     def read_only(self) -> bool:
         return self.kind == "snapshot"
 
     def packed(self) -> bytes:
-        """This device's root-record bytes, kept until a field or its directory's root
-        changes (a commit with 10,000 devices re-packed all of them every time)."""
+        """This device's record bytes (format.pack_device), kept until a field or its
+        directory's root changes."""
         data = self.__dict__.get("_packed")
         if data is None:
             data = fmt.pack_device(self.record())
@@ -91,6 +113,10 @@ class DeviceTable(dict):
 
     Names and uuids are unique in a healthy pool, but a damaged one (dump, salvage) may
     repeat them: each index maps a key to {dev_id: DeviceMeta}, in insertion order.
+
+    `changed` holds the ids whose record or directory changed since the last commit
+    (added, removed, renamed, written through): a commit flushes those directories and
+    rewrites their device table leaves, and nothing of the others.
     """
 
     def __init__(self):
@@ -98,6 +124,7 @@ class DeviceTable(dict):
         self._by_name: dict[str, dict[int, "DeviceMeta"]] = {}
         self._by_uuid: dict[bytes, dict[int, "DeviceMeta"]] = {}
         self._hidden: set[int] = set()
+        self.changed: set[int] = set()
 
     def __setitem__(self, dev_id, dm) -> None:
         if dev_id in self:
@@ -105,12 +132,20 @@ class DeviceTable(dict):
         super().__setitem__(dev_id, dm)
         object.__setattr__(dm, "_table", self)
         self._index(dm)
+        self._watch(dm, dm.directory)
+        self.changed.add(dev_id)
 
     def __delitem__(self, dev_id) -> None:
         dm = self[dev_id]
         self._unindex(dm)
         object.__setattr__(dm, "_table", None)
+        dm.directory.watch = None
         super().__delitem__(dev_id)
+        self.changed.add(dev_id)
+
+    def _watch(self, dm, directory) -> None:
+        changed, dev_id = self.changed, dm.dev_id
+        directory.watch = lambda: changed.add(dev_id)
 
     def named(self, name: str) -> list["DeviceMeta"]:
         """Every device called `name` (hidden ones included)."""
@@ -159,6 +194,8 @@ class Metadata:
         self.flags = 0
         self.commits = 0
         self.reclaim = None      # called with the chunk ids a commit freed (reclaim.py)
+        self.dev_tree = Tree(0)  # the device table's leaves (DEVS_PER_LEAF ids each)
+        self.loaded_version = fmt.VERSION
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -190,40 +227,84 @@ class Metadata:
         return self.sb.generation
 
     # ------------------------------------------------------------ loading
-    def load(self) -> None:
+    def load(self, upgrade: bool = False) -> None:
+        """Read the committed tree. A pool of an older format raises OldFormat unless
+        `upgrade`: then it is read, and the next commit writes it in this format."""
         self.sb = self._pick_superblock()
         root = fmt.unpack_root(self._read_root_chain())
+        self.loaded_version = root.version
+        if root.version != fmt.VERSION and not upgrade:
+            raise OldFormat(f"its metadata is in format {root.version}; this thinstore "
+                            f"reads format {fmt.VERSION}")
         store = self.store
         store.mark_used(self.root_blocks)
         self.flags = root.flags
         self.low_water_pct = root.low_water_pct
         self.next_dev_id = root.next_dev_id
-        refs = self._load_array(np.uint32, root.refcounts)
-        sums = self._load_array(np.uint32, root.checksums)
-        if len(refs) != self.sb.capacity_chunks or len(sums) != len(refs):
-            raise CorruptMetadata("refcount table does not match the pool capacity")
+        cap = self.sb.capacity_chunks
+        refs = self._load_array(np.uint32, root.refcounts, "refcount table", cap)
+        sums = self._load_array(np.uint32, root.checksums, "checksum table", cap)
         self.space = SpaceMap(refs, sums)
-        locs = self._load_array(np.uint64, root.page_locations)
+        locs = self._load_array(np.uint64, root.page_locations, "page table")
         self.maps = MapStore(locs, store)
         store.mark_used(locs.arr[locs.arr != 0])
+        records = root.devices if root.version == 1 else self._load_device_table(root)
         dir_blocks = []          # marked once for all: a per-device check cost O(n) each
-        for rec in root.devices:
-            d = PagedArray.load(np.uint64, rec.directory, store)
+        for rec in records:
+            try:
+                d = PagedArray.load(np.uint64, rec.directory, store,
+                                    expect=dir_length(rec.size, self.chunk_shift))
+            except CorruptMetadata as e:
+                raise CorruptMetadata(f"device {rec.name}: directory: {e}") from None
             dir_blocks.append(d.block_locations())
-            if len(d) != dir_length(rec.size, self.chunk_shift):
-                raise CorruptMetadata(f"device {rec.name}: directory does not match its size")
-            self.devices[rec.dev_id] = DeviceMeta(rec.dev_id, rec.uuid, rec.kind, rec.size,
-                                                  rec.created_ns, rec.origin_uuid, rec.name, d,
-                                                  rec.flags)
+            self.devices[rec.dev_id] = DeviceMeta.from_record(rec, d)
         if dir_blocks:
             store.mark_used(np.concatenate(dir_blocks))
+        if root.version == 1:        # the upgrade's commit writes every leaf of the table
+            self.dev_tree = new_tree(self._dev_leaves_for(self.next_dev_id))
+            self.dev_tree.rebuild = True
+        else:
+            self.devices.changed.clear()
         self.maps.derive_refs([d.directory for d in self.devices.values()])
         orphans = np.flatnonzero((self.maps.ref > 0) & (self.maps.locations.arr == 0))
         if len(orphans):
             raise CorruptMetadata(f"map page {orphans[0]} is referenced but has no block")
 
-    def _load_array(self, dtype, root: fmt.ArrayRoot) -> PagedArray:
-        arr = PagedArray.load(dtype, root, self.store)
+    def _load_device_table(self, root: fmt.RootRecord) -> list:
+        """The device records under the device table's tree, in id order."""
+        table = root.device_table
+        if root.next_dev_id > MAX_DEVICE_ID or \
+                table.length > self._dev_leaves_for(root.next_dev_id):
+            raise CorruptMetadata(f"device table of {table.length} leaves for "
+                                  f"{root.next_dev_id} ids")
+        self.dev_tree = new_tree(table.length)
+        self.dev_tree.load(table.root, self.store)
+        records = []
+        for i in np.flatnonzero(self.dev_tree.leaves).tolist():
+            loc = int(self.dev_tree.leaves[i])
+            for rec in fmt.unpack_device_leaf(self.store.read_block(loc, fmt.BT_DEVICES)):
+                if rec.dev_id // fmt.DEVS_PER_LEAF != i or rec.dev_id >= root.next_dev_id:
+                    raise CorruptMetadata(f"device table leaf {loc} holds device id "
+                                          f"{rec.dev_id}, not one of its own")
+                records.append(rec)
+        self.store.mark_used(self.dev_tree.locations())
+        if len(records) != root.device_count:
+            raise CorruptMetadata(f"device table holds {len(records)} devices, the root "
+                                  f"record says {root.device_count}")
+        return records
+
+    @staticmethod
+    def _dev_leaves_for(next_dev_id: int) -> int:
+        """Device table leaves for ids below `next_dev_id`, rounded up to whole nodes so
+        that the tree is reshaped once per FANOUT leaves, not once per leaf."""
+        n = -(-next_dev_id // fmt.DEVS_PER_LEAF)
+        return -(-n // fmt.FANOUT) * fmt.FANOUT
+
+    def _load_array(self, dtype, root, what: str, expect: int | None = None) -> PagedArray:
+        try:
+            arr = PagedArray.load(dtype, root, self.store, expect=expect)
+        except CorruptMetadata as e:
+            raise CorruptMetadata(f"{what}: {e}") from None
         self.store.mark_used(arr.block_locations())
         return arr
 
@@ -282,20 +363,50 @@ class Metadata:
         self.space.commit_prepare()
         for arr in (self.space.refs, self.space.sums, self.maps.locations):
             arr.flush(store, gen)
-        for dev in self.devices.values():
-            if dev.directory.flush(store, gen):
-                dev.__dict__["_packed"] = None
+        table = self._write_device_table(gen)
         root = fmt.RootRecord(self.space.refs.root(), self.space.sums.root(),
-                              self.maps.locations.root(), self.next_dev_id,
-                              [d.packed() for d in self.devices.values()],
-                              self.low_water_pct, self.flags)
+                              self.maps.locations.root(), self.next_dev_id, [],
+                              self.low_water_pct, self.flags, table, len(self.devices))
         data = fmt.pack_root(root)
         for loc in self.root_blocks:
             store.free_later(loc)
         self.root_blocks = self._write_root_chain(data, gen)
         return self.sb._replace(generation=gen, root_location=self.root_blocks[0],
                                 root_length=len(data), root_checksum=fmt.checksum(data),
-                                commit_time_ns=time.time_ns())
+                                commit_time_ns=time.time_ns(), version=fmt.VERSION)
+
+    def _write_device_table(self, gen: int) -> fmt.TreeRoot:
+        """The directories of changed devices, then their device table leaves and the
+        nodes above them: a commit costs the devices it changed, not the device count."""
+        store, devices, tree = self.store, self.devices, self.dev_tree
+        changed = devices.changed
+        for dev_id in sorted(changed):
+            dm = devices.get(dev_id)
+            if dm is not None and dm.directory.flush(store, gen):
+                dm.__dict__["_packed"] = None
+        want = self._dev_leaves_for(self.next_dev_id)
+        if want != len(tree.leaves):
+            tree.resize(want)
+        per = fmt.DEVS_PER_LEAF
+        for li in sorted({i // per for i in changed}):
+            recs = [devices[i].packed() for i in range(li * per, li * per + per) if i in devices]
+            old = int(tree.leaves[li])
+            if old:
+                store.free_later(old)
+            loc = store.write_new(fmt.BT_DEVICES, fmt.pack_device_leaf(recs), gen) if recs else 0
+            if loc or old:
+                tree.set_leaf(li, loc)
+        changed.clear()
+        tree.flush(store, gen)
+        return fmt.TreeRoot(len(tree.leaves), tree.top())
+
+    def mark_all(self) -> None:
+        """Every structure is rewritten by the next commit (repair, upgrade)."""
+        self.devices.changed.update(self.devices.keys())
+        self.dev_tree.rebuild = True
+        for arr in [self.space.refs, self.space.sums, self.maps.locations] + \
+                [d.directory for d in self.devices.values()]:
+            arr.mark_all()
 
     def sync(self) -> None:
         """Step 5: every block the new superblock will name is durable."""

@@ -48,8 +48,8 @@ from .recovery import Recovery
 from .queries import Queries
 from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
-                     PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
-from .format import log_base, new_uuid, valid_chunk_size
+                     OldFormat, PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
+from .format import VERSION as FORMAT_VERSION, log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import NATIVE, K
 from .fastlane import Lane
@@ -149,11 +149,14 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
 
     @classmethod
     def open(cls, path: str, *, commit_interval: float = COMMIT_INTERVAL, fileio=FileIO,
-             takeover: bool = False) -> "Pool":
+             takeover: bool = False, upgrade: bool = False) -> "Pool":
         """Open the pool at `path` (a directory or a rados:// URI) and hold it.
 
         PoolLocked while another process holds it; with `takeover` (rados:// only) a
-        holder that is alive but hung is fenced and the pool taken from it."""
+        holder that is alive but hung is fenced and the pool taken from it. A pool of an
+        older on-disk format raises OldFormat, unless `upgrade`: then it is opened (its
+        intent log replayed) and committed in this format before it is returned
+        (docs/format.md, *Upgrading*)."""
         store = open_store(path, fileio)
         opened = []
         owner = None
@@ -164,7 +167,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             opened.append(store.open("data"))
             opened.append(store.open("meta"))
             md = Metadata(opened[1], opened[0])
-            md.load()
+            md.load(upgrade=upgrade)
         except BaseException as e:
             for f in opened:          # a pool that fails to open keeps no descriptor
                 f.close()
@@ -174,12 +177,20 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             if isinstance(e, CorruptMetadata):
                 raise CorruptMetadata(f"pool {path}: {e}; "
                                       f"run 'thinstore --pool {path} check'") from None
+            if isinstance(e, OldFormat):
+                raise OldFormat(f"pool {path}: {e}: run 'thinstore --pool {path} upgrade' "
+                                "once (it rewrites the metadata tree in one commit; the data "
+                                "stays where it is)") from None
             raise
         pool = cls(path, md, owner, commit_interval=commit_interval, store=store,
                    scan_free=True)
         pool._attach()
         with pool.lock:              # after any replay: it decides what is mapped
             store.collect_unreferenced(md.space.refs.arr, md.chunk_shift)
+            if md.sb.version != FORMAT_VERSION:
+                log.warning("pool %s: upgrading from format %d to %d", path, md.sb.version,
+                            FORMAT_VERSION)
+                md.commit()          # the superblock's switch is the upgrade's one step
         return pool
 
     def close(self) -> None:
@@ -355,7 +366,6 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             self._check_open()
             self._need_free_name(name)
             d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
-            d.dirty[:] = True
             dm = self._new_device(name, "volume", size, d, bytes(16))
             self._commit_op()
             return self._info(dm)
@@ -482,8 +492,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         first = -(-size // cs)
         self._unmap_chunks(dm, first, -(-dm.size // cs) - first)
         keep = dir_length(size, self.md.chunk_shift)
-        self.md.maps.drop(dm.directory, self.md.space, keep)
-        dm.directory.arr[keep:] = 0
+        self.md.maps.drop(dm.directory, self.md.space, keep)   # the resize cuts the slots
 
     def grow(self, capacity: int) -> None:
         """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""

@@ -32,8 +32,8 @@ class Queries:
             page_ref = self.md.maps.ref
             out = []
             for dm in devs:
-                d = dm.directory.arr
-                pids = d[d != 0].astype(np.int64)
+                d = dm.directory
+                pids = d.arr[d.nonzero_slots()].astype(np.int64)
                 solo = pids[page_ref[pids] == 1]
                 out.append(self._make_info(dm, int(used[pids].sum()), int(excl[solo].sum())))
             return out
@@ -42,21 +42,19 @@ class Queries:
         """Per page id: mapped chunks, and chunks with refcount 1 (meaningful where the
         page's own refcount is 1). Only the distinct pages named by `devs` are counted."""
         maps, refs = self.md.maps, self.md.space.refs.arr
-        dirs = [d.directory.arr for d in devs]
+        dirs = [d.directory.arr[d.directory.nonzero_slots()] for d in devs]
         allp = np.concatenate(dirs) if dirs else np.zeros(0, np.uint64)
-        pids = np.unique(allp[allp != 0]).astype(np.int64)
-        maps.ensure_loaded(pids)
+        pids = np.unique(allp).astype(np.int64)
         used = np.zeros(maps.capacity, dtype=np.int64)
         excl = np.zeros(maps.capacity, dtype=np.int64)
-        for lo in range(0, len(pids), 4096):      # bounded temporaries
+        for lo in range(0, len(pids), 4096):      # bounded temporaries, pages not kept
             part = pids[lo:lo + 4096]
-            rows = maps.pages[part]
-            mask = rows != 0
-            used[part] = np.count_nonzero(mask, axis=1)
-            solo = part[maps.ref[part] == 1]
-            if len(solo):
-                srows = maps.pages[solo].astype(np.int64)
-                excl[solo] = np.count_nonzero((refs[srows] == 1) & (srows != 0), axis=1)
+            rows = maps.peek(part)
+            used[part] = np.count_nonzero(rows, axis=1)
+            solo = maps.ref[part] == 1
+            if solo.any():
+                srows = rows[solo].astype(np.int64)
+                excl[part[solo]] = np.count_nonzero((refs[srows] == 1) & (srows != 0), axis=1)
         return used, excl
 
     def info(self, name: str) -> DeviceInfo:
@@ -66,9 +64,10 @@ class Queries:
 
     def _info(self, dm: DeviceMeta) -> DeviceInfo:
         maps, space = self.md.maps, self.md.space
-        d = dm.directory.arr
-        maps.ensure_loaded(d[d != 0])
-        used, excl = K.count_mapped(d, maps.pages, space.refs.arr, maps.ref)
+        d = dm.directory
+        pids = np.ascontiguousarray(d.arr[d.nonzero_slots()])   # the slots in use, not all
+        maps.ensure_loaded(pids)
+        used, excl = K.count_mapped(pids, maps.pages, space.refs.arr, maps.ref)
         return self._make_info(dm, used, excl)
 
     def _make_info(self, dm: DeviceMeta, used: int, excl: int) -> DeviceInfo:

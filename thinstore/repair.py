@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from .check import check_metadata, expected_refcounts
+from .check import check_metadata, refcount_differences
 from .datasums import chunk_sum
 from .format import FANOUT
 from .pool import POOL_FLAG_DATA_CHECKSUMS
@@ -76,18 +76,19 @@ def _fix(md, report: RepairReport) -> None:
     for pid in np.flatnonzero((maps.locations.arr[:n] != 0) & (maps.ref[:n] == 0)).tolist():
         report.changes.append(f"freed map page {pid} (block {int(maps.locations.arr[pid])}): "
                               "no device names it")      # the commit frees dead pages
-    expect, _ = expected_refcounts(md)
-    refs = md.space.refs.arr
-    bad = np.flatnonzero(refs.astype(np.int64) != expect)
-    for c in bad[:50].tolist():
-        report.changes.append(f"chunk {c}: refcount {refs[c]} -> {expect[c]}"
-                              + (" (freed: no map names it)" if not expect[c] else ""))
+    bad, stored, expect, mapped, _ = refcount_differences(md)
+    for c, old, new in list(zip(bad.tolist(), stored.tolist(), expect.tolist()))[:50]:
+        report.changes.append(f"chunk {c}: refcount {old} -> {new}"
+                              + (" (freed: no map names it)" if not new else ""))
     if len(bad) > 50:
         report.changes.append(f"... {len(bad) - 50} more refcounts rebuilt")
-    refs[:] = expect.astype(refs.dtype)
+    refs = md.space.refs
+    refs.arr[bad] = expect.astype(refs.dtype)
+    refs.mark(bad)
     sums = md.space.sums.arr
     if md.flags & POOL_FLAG_DATA_CHECKSUMS:
-        _rehash_missing(md, np.flatnonzero((expect > 0) & (sums == 0)), report)
+        mapped = mapped[(mapped != 0) & (mapped < len(sums))]
+        _rehash_missing(md, mapped[sums[mapped] == 0], report)
 
 
 def _rehash_missing(md, chunks: np.ndarray, report: RepairReport) -> None:
@@ -106,7 +107,7 @@ def _drop_outside(md, report: RepairReport) -> None:
     maps, nchunks = md.maps, len(md.space.refs)
     for dev in md.devices.values():
         d = dev.directory.arr
-        for pi in np.flatnonzero(d).tolist():
+        for pi in dev.directory.nonzero_slots().tolist():
             pid = int(d[pi])
             row = maps.pages[pid]
             bad = np.flatnonzero((row >= nchunks))
@@ -124,6 +125,4 @@ def _rewrite_all(md) -> None:
     maps = md.maps
     live = np.flatnonzero(maps.ref > 0)
     maps.dirty[live] = 1
-    for arr in [md.space.refs, md.space.sums, maps.locations] + \
-               [d.directory for d in md.devices.values()]:
-        arr.dirty[:] = True
+    md.mark_all()

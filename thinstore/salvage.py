@@ -21,9 +21,9 @@ import numpy as np
 from . import format as fmt
 from .blockmap import MapStore
 from .errors import CorruptMetadata
-from .metadata import DeviceMeta, Metadata, dir_length
+from .metadata import MAX_DEVICE_ID, DeviceMeta, Metadata, dir_length
 from .metastore import MetaStore
-from .paged import PagedArray
+from .paged import MAX_ENTRIES, PagedArray, new_tree
 from .spacemap import SpaceMap
 
 # damage classes, most severe first; check's exit code is that of the worst one found
@@ -103,15 +103,32 @@ def _fill(sv: Salvage, root: fmt.RootRecord) -> None:
     md.store = MetaStore(md.meta_fio)
     _claim(sv, md.root_blocks, "root record")
     md.flags, md.low_water_pct, md.next_dev_id = root.flags, root.low_water_pct, root.next_dev_id
+    md.loaded_version = root.version
     cap = md.sb.capacity_chunks
     refs = _array(sv, np.uint32, root.refcounts, "refcount table", cap)
     sums = _array(sv, np.uint32, root.checksums, "checksum table", cap)
     md.space = SpaceMap(refs, sums)
     locs = _array(sv, np.uint64, root.page_locations, "page table", None)
-    md.maps = MapStore(locs, md.store)
+    try:
+        md.maps = MapStore(locs, md.store)
+    except CorruptMetadata as e:          # a damaged length: the stored ids say how many
+        sv.problems.append(Problem("metadata", str(e)))
+        slots = locs.nonzero_slots()
+        locs.resize(int(slots[-1]) + 1 if len(slots) else 64)
+        locs.mark_all()
+        md.maps = MapStore(locs, md.store)
     _claim(sv, locs.arr[locs.arr != 0], "map pages")
-    for rec in root.devices:
+    records = root.devices if root.version == 1 else _device_table(sv, root)
+    for rec in records:
         _device(sv, rec)
+    if not 0 < md.next_dev_id <= MAX_DEVICE_ID:
+        sv.problems.append(Problem("metadata", f"the next device id {md.next_dev_id} is out "
+                                   f"of range (1..{MAX_DEVICE_ID})"))
+        md.next_dev_id = max([d + 1 for d in md.devices] + [1])
+    # whatever is written from here (repair) writes a whole new device table
+    md.dev_tree = new_tree(md._dev_leaves_for(min(md.next_dev_id, MAX_DEVICE_ID)))
+    md.dev_tree.rebuild = True
+    md.devices.changed.update(md.devices.keys())
     _load_pages(sv)
 
 
@@ -129,8 +146,32 @@ def _claim(sv: Salvage, locations, what: str) -> None:
             store.used[loc] = True
 
 
-def _array(sv: Salvage, dtype, root: fmt.ArrayRoot, what: str, want: int | None) -> PagedArray:
-    """A paged array; unreadable leaves read as zero and are reported."""
+def _array(sv: Salvage, dtype, root, what: str, want: int | None) -> PagedArray:
+    """A paged array; unreadable leaves and nodes read as zero and are reported."""
+    if isinstance(root, fmt.ArrayRoot):
+        return _array_v1(sv, dtype, root, what, want)
+    per_leaf = fmt.PAYLOAD_SIZE // np.dtype(dtype).itemsize
+    length = root.length
+    if want is not None and length != want:
+        sv.problems.append(Problem("metadata", f"{what} holds {length} entries, the pool "
+                                   f"has {want}"))
+    if not 0 <= length <= MAX_ENTRIES:
+        length = want or 0
+
+    def lost(first_leaf, nleaves, loc, e):
+        lo = first_leaf * per_leaf
+        sv.problems.append(Problem("metadata", f"{what}: entries {lo}.."
+                                   f"{lo + nleaves * per_leaf - 1} lost: {e}", block=int(loc)))
+
+    pa = PagedArray.load(dtype, fmt.TreeRoot(length, root.root), sv.md.store, on_error=lost)
+    _claim(sv, pa.block_locations(), what)
+    if want is not None and length != want:
+        pa.resize(want)
+        pa.mark_all()
+    return pa
+
+
+def _array_v1(sv: Salvage, dtype, root: fmt.ArrayRoot, what: str, want: int | None) -> PagedArray:
     per_leaf = fmt.PAYLOAD_SIZE // np.dtype(dtype).itemsize
     length = root.length if want is None else want
     if want is not None and root.length != want:
@@ -151,29 +192,74 @@ def _array(sv: Salvage, dtype, root: fmt.ArrayRoot, what: str, want: int | None)
             lo = i * pa.per_leaf
             sv.problems.append(Problem("metadata", f"{what}: entries {lo}..{lo + pa.per_leaf - 1}"
                                        f" lost: {e}", block=int(loc)))
-            pa.dirty[i] = True
+            pa.dirty.add(i)
             continue
         lo = i * pa.per_leaf
         hi = min(lo + pa.per_leaf, length)
         pa.arr[lo:hi] = np.frombuffer(payload, dtype=pa.dtype, count=hi - lo)
         pa.leaves[i] = loc
         _claim(sv, [loc], what)
+    pa.tree.rebuild = True
     if len(root.leaves) != len(pa.leaves):
-        pa.dirty[:] = True
+        pa.mark_all()
     return pa
+
+
+def _device_table(sv: Salvage, root: fmt.RootRecord) -> list:
+    """The device records that can be read; lost leaves and nodes are reported."""
+    md, per = sv.md, fmt.DEVS_PER_LEAF
+    table = root.device_table
+    n = table.length
+    if n > md._dev_leaves_for(min(root.next_dev_id, MAX_DEVICE_ID)):
+        sv.problems.append(Problem("metadata", f"device table of {n} leaves for "
+                                   f"{root.next_dev_id} device ids"))
+        n = md._dev_leaves_for(min(root.next_dev_id, MAX_DEVICE_ID))
+
+    def lost(first_leaf, nleaves, loc, e):
+        sv.problems.append(Problem("metadata", f"device table: the records of device ids "
+                                   f"{first_leaf * per}..{(first_leaf + nleaves) * per - 1} "
+                                   f"lost: {e}", block=int(loc)))
+
+    tree = new_tree(n)
+    tree.load(table.root, md.store, on_error=lost)
+    records = []
+    for i in np.flatnonzero(tree.leaves).tolist():
+        loc = int(tree.leaves[i])
+        try:
+            recs = fmt.unpack_device_leaf(md.store.read_block(loc, fmt.BT_DEVICES))
+        except CorruptMetadata as e:
+            lost(i, 1, loc, e)
+            tree.leaves[i] = 0
+            continue
+        for rec in recs:
+            if rec.dev_id // per != i:
+                sv.problems.append(Problem("metadata", f"device table leaf {loc} holds device "
+                                           f"id {rec.dev_id}, not one of its own; dropped",
+                                           block=loc, device=rec.name))
+                continue
+            records.append(rec)
+    _claim(sv, tree.locations(), "device table")
+    if len(records) != root.device_count:
+        sv.problems.append(Problem("metadata", f"the device table holds {len(records)} "
+                                   f"devices; the root record says {root.device_count}"))
+    return records
 
 
 def _device(sv: Salvage, rec: fmt.DeviceRecord) -> None:
     md = sv.md
     want = dir_length(rec.size, md.chunk_shift)
-    room = len(rec.directory.leaves) * (fmt.PAYLOAD_SIZE // 8)
+    if isinstance(rec.directory, fmt.ArrayRoot):
+        room = len(rec.directory.leaves) * (fmt.PAYLOAD_SIZE // 8)
+    else:
+        room = rec.directory.length if 0 <= rec.directory.length <= MAX_ENTRIES else 0
     if want > room:
         size = room * fmt.FANOUT << md.chunk_shift
         sv.problems.append(Problem("metadata", f"device {rec.name!r}: size {rec.size} does not "
                                    f"fit its directory; taking {size}", device=rec.name))
         rec, want = rec._replace(size=size), room
     d = _array(sv, np.uint64, rec.directory, f"device {rec.name!r} directory", want)
-    bad = np.flatnonzero(d.arr >= len(md.maps.locations))
+    slots = d.nonzero_slots()
+    bad = slots[d.arr[slots] >= len(md.maps.locations)]
     for pi in bad.tolist():
         _lost_slot(sv, rec.name, pi, f"names page {int(d.arr[pi])}, beyond the page table")
     d.arr[bad] = 0
@@ -207,7 +293,8 @@ def _load_pages(sv: Salvage) -> None:
     lost = np.fromiter(sv.lost_pages, dtype=np.int64)
     for dev in md.devices.values():
         d = dev.directory
-        for pi in np.flatnonzero(np.isin(d.arr, lost)).tolist():
+        slots = d.nonzero_slots()
+        for pi in slots[np.isin(d.arr[slots], lost)].tolist():
             pid = int(d.arr[pi])
             _lost_slot(sv, dev.name, pi, f"names map page {pid}: {sv.lost_pages[pid]}")
             d.arr[pi] = 0
@@ -226,7 +313,7 @@ def owners(md: Metadata, chunks) -> dict:
     maps = md.maps
     for dev in sorted(md.devices.values(), key=lambda d: d.name):
         d = dev.directory.arr
-        slots = np.flatnonzero(d)
+        slots = dev.directory.nonzero_slots()
         if not len(slots):
             continue
         maps.ensure_loaded(d[slots])

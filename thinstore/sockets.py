@@ -25,7 +25,7 @@ from thinstore.errors import SocketInUse, UntrustedPeer
 
 _UCRED = struct.Struct("3i")   # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 __all__ = ["SocketInUse", "UntrustedPeer", "clear_stale", "bind_private", "release",
-           "peer_credentials", "trusted_uids", "short_socket_path"]
+           "peer_credentials", "trusted_uids", "untrusted_peer", "short_socket_path"]
 
 
 @contextlib.contextmanager
@@ -129,6 +129,17 @@ def trusted_uids(pool_dir: str) -> set[int]:
     with contextlib.suppress(OSError):
         uids.add(os.stat(pool_dir).st_uid)
     return uids
+
+
+def untrusted_peer(sock: socket.socket, pool_dir: str) -> int | None:
+    """The uid of the peer of an accepted AF_UNIX connection that :func:`trusted_uids`
+    does not list, else None (a trusted peer, or not a unix socket: TCP has its own
+    guard, TLS).  A server closes such a connection before reading from it: the socket's
+    0600 mode is the first fence, this the second when someone loosened the mode."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    _pid, uid, _gid = peer_credentials(sock)
+    return None if uid in trusted_uids(pool_dir) else uid
 
 
 def user_name(uid: int) -> str:

@@ -27,6 +27,7 @@ class SpaceMap:
     def __init__(self, refcounts: PagedArray, checksums: PagedArray):
         self.refs = refcounts
         self.sums = checksums
+        refcounts.exact_marks = checksums.exact_marks = False   # marked at commit_prepare
         self.state = np.zeros(len(refcounts), dtype=np.uint8)
         # [cursor, preallocated lo, hi): an array, as the fast write kernel moves it too
         # (kernels.prealloc: the data file is kept allocated a little ahead)

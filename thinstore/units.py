@@ -41,9 +41,12 @@ def _check_non_negative(value: int, text: str) -> int:
     return value
 
 
-#: A device's directory is a dense in-memory array of one u64 per 508 chunks; this caps
-#: it at 64 MiB (278 TiB with 64 KiB chunks, 17 TiB with 4 KiB chunks).
-MAX_DIRECTORY_ENTRIES = 1 << 23
+#: The on-disk format allows a device of 2**60 bytes (a u64 size, kernel offsets signed);
+#: what caps it is memory: a device's directory is held as one array of a u64 per 508
+#: chunks, of which only the parts written are resident (the rest is address space the
+#: kernel maps on first touch). 2**27 entries is 1 GiB of address space per device:
+#: 3.97 PiB with 64 KiB chunks, 254 TiB with 4 KiB chunks, 63.5 PiB with 1 MiB chunks.
+MAX_DIRECTORY_ENTRIES = 1 << 27
 
 
 def max_device_size(chunk_size: int) -> int:

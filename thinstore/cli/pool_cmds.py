@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 
-from thinstore.cli.context import open_pool, pool_path
+from thinstore.cli.context import _opening, open_pool, pool_path
 from thinstore.cli.output import print_json, size_cell
 from thinstore.errors import UsageError
 from thinstore.units import parse_size
@@ -38,6 +38,14 @@ def register(subparsers) -> None:
                                  "with +SIZE. A pool never shrinks.")
     grow.add_argument("size", metavar="[+]SIZE", help="new capacity, or +SIZE to add")
     grow.set_defaults(func=cmd_grow)
+
+    upgrade = subparsers.add_parser(
+        "upgrade", help="rewrite an older pool's metadata in this version's format",
+        description="Rewrite the metadata tree of a pool made by an older thinstore in the "
+        "current on-disk format (the data is not moved). It is one commit: a crash leaves "
+        "the pool in the old format or the new, never between. Older thinstore versions "
+        "cannot open the pool afterwards.")
+    upgrade.set_defaults(func=cmd_upgrade)
 
     status = subparsers.add_parser("status", help="show capacity, usage and state of the pool")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -112,6 +120,26 @@ def cmd_grow(args) -> int:
             raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data "
                           "file that large; the pool keeps its capacity",
                           err.filename or os.path.join(pool.path, "data")) from err
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    from thinstore import Pool
+    from thinstore.control import RemotePool
+    from thinstore.format import VERSION
+
+    path = pool_path(args)
+    remote = RemotePool.connect(path)
+    if remote is not None:           # a server opened it: it is in this format already
+        remote.close()
+        print(f"pool {path} is in format {VERSION} already (it is being served)")
+        return 0
+    with _opening(path), Pool.open(path, upgrade=True) as pool:
+        before = pool.md.loaded_version
+    if before == VERSION:
+        print(f"pool {path} is in format {VERSION} already")
+    else:
+        print(f"pool {path}: upgraded from format {before} to {VERSION}")
     return 0
 
 

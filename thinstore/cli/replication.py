@@ -67,6 +67,10 @@ def cmd_diff(args) -> int:
     if args.json:
         print_json(result.to_dict())
         return 0
+    if not result.ranges:           # a bare header reads like a failure to print anything
+        print(f"no differences between {args.a} and {args.b}" if args.b is not None
+              else f"nothing allocated in {args.a}")
+        return 0
     rows = [[size_cell(r.offset, args.parsable), size_cell(r.length, args.parsable),
              "data" if r.a_mapped else "hole", "data" if r.b_mapped else "hole"]
             for r in result.ranges]

@@ -133,6 +133,8 @@ class NBDServer:
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
+        if self._refused(sock):
+            return
         sock.settimeout(None)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -146,6 +148,19 @@ class NBDServer:
             self._next_id += 1
             self._sockets[conn_id] = sock
         self._spawn(self._serve, conn_id, sock, name=f"nbd-conn-{conn_id}")
+
+    def _refused(self, sock: socket.socket) -> bool:
+        """Close a unix-socket client that is not root, the pool's owner or our own user
+        (SO_PEERCRED, as the control socket checks; thinstore/sockets.py)."""
+        try:
+            uid = sockets.untrusted_peer(sock, self.pool.path)
+            if uid is None:
+                return False
+            log.warning("NBD socket: refused a client running as %s", sockets.user_name(uid))
+        except OSError:             # gone before we could ask who it was
+            pass
+        close_quietly(sock)
+        return True
 
     # -- one connection ----------------------------------------------------------
     def _serve(self, conn_id: int, sock: socket.socket) -> None:

@@ -1,34 +1,29 @@
 """The attach state file: which exports are attached where, mounted where, held by whom.
 
-Format (JSON, UTF-8, one object; docs/attach.md describes each field)::
+A state file of :mod:`thinstore.frontends.statefile` (header line, then the body;
+docs/statefile.md) of kind ``thinstore-attach-state`` whose body is one JSON object
+``{EXPORT: ATTACHMENT, ...}``, an ATTACHMENT being :meth:`Attachment.to_dict`
+(docs/attach.md describes each field).  Files of the earlier layout (one JSON object
+``{"magic", "version": 1, "crc32", "attachments"}``) are still read.
 
-    {"magic": "thinstore-attach-state", "version": 1,
-     "crc32": CRC-32 (zlib) of the canonical JSON of "attachments",
-     "attachments": {EXPORT: ATTACHMENT, ...}}
-
-The canonical JSON is ``json.dumps(attachments, sort_keys=True, separators=(",", ":"))``
-encoded as UTF-8.  An ATTACHMENT is :meth:`Attachment.to_dict`.
-
-Writes are atomic: the new state goes to ``NAME.tmp``, is fsynced, renamed over ``NAME``,
-and the directory is fsynced, so a crash leaves the old state or the new one, never a
-torn file.  Every step that creates a host object (a FUSE mount, a loop device, a mount)
-is recorded *before* it is made (an intent), so that :meth:`Attacher.recover` finds it
-after a crash at any point.  A file with another magic, a newer version or a bad checksum
-is refused with :class:`AttachError` rather than overwritten: it may describe mounts that
-someone must clean up by hand.
+Writes are atomic (tmp + fsync + rename + directory fsync), so a crash leaves the old
+state or the new one, never a torn file.  Every step that creates a host object (a FUSE
+mount, a loop device, a mount) is recorded *before* it is made (an intent), so that
+:meth:`Attacher.recover` finds it after a crash at any point.  A file of another kind,
+a newer version, cut short or with a bad checksum is refused with :class:`AttachError`
+rather than overwritten: it may describe mounts that someone must clean up by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import zlib
+
+from thinstore.frontends import statefile
 
 from .privileged import AttachError
 
 MAGIC = "thinstore-attach-state"
-VERSION = 1
+VERSION = statefile.VERSION
 
 
 @dataclasses.dataclass
@@ -79,57 +74,21 @@ class Attachment:
         return sorted(o for o, kind in self.owners.items() if kind == "mount")
 
 
-def _canonical(attachments: dict) -> bytes:
-    return json.dumps(attachments, sort_keys=True, separators=(",", ":")).encode()
-
-
 class StateFile:
     """Load and atomically save the attachments of one :class:`Attacher`."""
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self._file = statefile.StateFile(
+            path, MAGIC, legacy_key="attachments", error=AttachError,
+            advice="move it away to start afresh (and check `losetup -l` and `mount` for "
+                   "what it described)")
+        self.path = self._file.path
 
     def load(self) -> dict[str, Attachment]:
         """The recorded attachments ({} when the file does not exist yet)."""
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return {}
-        try:
-            doc = json.loads(raw)
-            attachments = doc["attachments"]
-            magic, version, crc = doc["magic"], doc["version"], doc["crc32"]
-        except (ValueError, KeyError, TypeError):
-            raise AttachError(f"attach state {self.path} is not a thinstore attach state "
-                              "file; move it away to start afresh (and check `losetup -l` "
-                              "and `mount` for what it described)") from None
-        if magic != MAGIC:
-            raise AttachError(f"attach state {self.path}: magic {magic!r}, not {MAGIC!r}")
-        if not isinstance(version, int) or version > VERSION:
-            raise AttachError(f"attach state {self.path} has version {version}; this thinstore "
-                              f"reads version {VERSION}: upgrade thinstore")
-        if zlib.crc32(_canonical(attachments)) != crc:
-            raise AttachError(f"attach state {self.path} fails its checksum; move it away to "
-                              "start afresh (and check `losetup -l` and `mount`)")
+        attachments = self._file.load(default={})
         return {name: Attachment.from_dict(rec) for name, rec in attachments.items()}
 
     def save(self, records: dict[str, Attachment]) -> None:
-        """Replace the file with ``records``: tmp + fsync + rename + directory fsync."""
-        attachments = {name: rec.to_dict() for name, rec in sorted(records.items())}
-        doc = {"magic": MAGIC, "version": VERSION,
-               "crc32": zlib.crc32(_canonical(attachments)), "attachments": attachments}
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        """Replace the file with ``records``, durably."""
+        self._file.save({name: rec.to_dict() for name, rec in sorted(records.items())})

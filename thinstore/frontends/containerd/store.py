@@ -7,23 +7,24 @@ snapshot gets a number ``id`` and its pool device is named from the number alone
 maps the key to the record and the record to the device, so the mapping runs both ways and
 no key text ever reaches a device name.
 
-One file beside the pool, ``POOL/containerd/snapshots.json`` (docs/containerd.md)::
+One file beside the pool, ``POOL/containerd/snapshots.json``: a state file of
+:mod:`thinstore.frontends.statefile` (docs/statefile.md) of kind
+``thinstore-containerd-snapshots``, whose body is (docs/containerd.md)::
 
-    {"magic": "thinstore-containerd-snapshots", "version": 1,
-     "checksum": "<mmh3 x64 128 of body, hex>", "body": {
-        "generation": 7,              # +1 per transaction
-        "fs_type": "ext4",            # the base's file system, once made
-        "next_id": 13,                # never reused, even after a crash
-        "snapshots": {KEY: {"id": 5, "kind": "committed" | "active" | "view",
-                            "parent": KEY or "", "device": "ctd-5@c",
-                            "labels": {...}, "created": NS, "updated": NS}},
-        "intents": [{"op": "prepare" | "commit", "key": KEY, "id": 12, ...}]}}
+    {"generation": 7,              # +1 per transaction
+     "fs_type": "ext4",            # the base's file system, once made
+     "next_id": 13,                # never reused, even after a crash
+     "snapshots": {KEY: {"id": 5, "kind": "committed" | "active" | "view",
+                         "parent": KEY or "", "device": "ctd-5@c",
+                         "labels": {...}, "created": NS, "updated": NS}},
+     "intents": [{"op": "prepare" | "commit", "key": KEY, "id": 12, ...}]}
 
-``body`` is serialized with sorted keys and no spaces; the checksum covers those bytes.
-A transaction copies the body, lets the caller change the copy and writes it whole: a
-temporary file, fsync, rename over the old one, fsync of the directory.  A crash leaves
-either the old file or the new one, never a mix; a file whose magic, version or checksum
-does not match raises :class:`~thinstore.errors.CorruptMetadata` rather than guessing.
+Files of the earlier layout (one JSON object ``{"magic", "version": 1, "checksum",
+"body"}``) are still read.  A transaction copies the body, lets the caller change the
+copy and writes it whole: a temporary file, fsync, rename over the old one, fsync of the
+directory.  A crash leaves either the old file or the new one, never a mix; a file of
+another kind, a newer version, cut short or failing its checksum raises
+:class:`~thinstore.errors.CorruptMetadata` naming the file rather than guessing.
 
 Intent, act, record: an operation that makes a device first records its intent (and takes
 its id) in one transaction, then acts on the pool, then records the result and drops the
@@ -35,27 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import threading
 
-import mmh3
-
 from thinstore.errors import CorruptMetadata
+from thinstore.frontends import statefile
 
 MAGIC = "thinstore-containerd-snapshots"
-VERSION = 1
 FILENAME = "snapshots.json"
 
 KINDS = ("view", "active", "committed")
-
-
-def _encode(body: dict) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _checksum(data: bytes) -> str:
-    return "%032x" % mmh3.hash128(data, 0, True, signed=False)
 
 
 def empty_body() -> dict:
@@ -75,25 +65,10 @@ class Store:
         self.path = os.path.join(directory, FILENAME)
         self.lock = threading.RLock()
         os.makedirs(directory, exist_ok=True)
-        self.body = self._load()
-
-    def _load(self) -> dict:
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return empty_body()
-        try:
-            doc = json.loads(raw)
-            body = doc["body"]
-            ok = (doc.get("magic") == MAGIC and doc.get("version") == VERSION
-                  and doc.get("checksum") == _checksum(_encode(body)))
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise CorruptMetadata(f"{self.path} is not a valid snapshot store (magic, version "
-                                  "or checksum wrong); move it aside to start afresh")
-        return body
+        self._file = statefile.StateFile(self.path, MAGIC, legacy_key="body",
+                                         error=CorruptMetadata,
+                                         advice="move it aside to start afresh")
+        self.body = self._file.load(default=empty_body())
 
     @contextlib.contextmanager
     def transaction(self):
@@ -107,19 +82,7 @@ class Store:
             self.body = new
 
     def _write(self, body: dict) -> None:
-        data = _encode(body)
-        doc = {"magic": MAGIC, "version": VERSION, "checksum": _checksum(data), "body": body}
-        tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(doc, sort_keys=True, indent=1).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._file.save(body)
 
     # ------------------------------------------------------------ queries
     def get(self, key: str) -> dict | None:

@@ -39,6 +39,7 @@ OPTIONS = ("size", "fs", "from")
 LINGER_OWNER = "thinstore-docker-linger"
 LINGER_SECONDS = 2.0
 FSTYPES = ("ext4", "xfs")
+DESTROY_POLLS = 50             # x 0.1 s: how long Remove waits for the last connection to end
 XFS_MIN = 300 << 20             # mkfs.xfs refuses smaller file systems
 
 
@@ -192,13 +193,23 @@ class VolumeDriver:
                                   f"({', '.join(sorted(o[:12] for o in owners))}): stop "
                                   "those containers first")
             self._refuse_if_snapshots(name)
-            try:
-                self.pool.destroy(name)
-            except DeviceBusy as exc:
-                raise DriverError(f"volume {name!r} is busy: {exc}") from None
+            self._destroy(name)
             self.registry.drop(name)
             self.attacher.forget(name)
         return {}
+
+    def _destroy(self, name: str, polls: int = DESTROY_POLLS) -> None:
+        """Destroy the volume.  Its NBD connections end a moment after the detach that
+        stopped nbdfuse (the server notices the hang-up on its own threads), so a busy
+        device is retried every 0.1 s, ``polls`` times, before the refusal stands."""
+        for left in range(polls - 1, -1, -1):
+            try:
+                self.pool.destroy(name)
+                return
+            except DeviceBusy as exc:
+                if not left:
+                    raise DriverError(f"volume {name!r} is busy: {exc}") from None
+            time.sleep(0.1)
 
     def _refuse_if_snapshots(self, name: str) -> None:
         devices = self.pool.list()
