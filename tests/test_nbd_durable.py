@@ -20,7 +20,8 @@ from thinstore import Pool
 from thinstore.nbd import protocol as P
 from thinstore.nbd.handshake import Agreement
 from thinstore.nbd.server import ServerConfig
-from thinstore.nbd.transmission import HOLD_MAX, Transmission
+from thinstore.nbd.held import HOLD_MAX
+from thinstore.nbd.transmission import Transmission
 
 SIZE = 1 << 20
 

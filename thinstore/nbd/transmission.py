@@ -7,13 +7,8 @@ requests go to a small per-connection worker pool so they overlap, and reply as 
 as they complete.  One send lock per connection keeps every reply whole on the wire
 (see :mod:`thinstore.nbd.channel`).
 
-FLUSH and FUA writes run in the reader too (DESIGN §8, docs/nbd.md): the write part at
-once, and the reply is *held* until the reader is about to block (or HOLD_MAX are held);
-then one Pool.flush (one intent-log record, one fdatasync) answers every held request
-of the burst, a group commit with no thread hand-off. And when a client has been
-sending a FLUSH after every N writes, the reader, about to block after the N-th write
-whose reply it has just sent, flushes before it blocks: the fdatasync then overlaps
-the client's round trip, and the FLUSH that follows finds nothing left to sync.
+FLUSH and FUA writes run in the reader too, their replies held for one intent-log
+sync per burst (:mod:`thinstore.nbd.held`, DESIGN §8, docs/nbd.md).
 
 What must hold:
 - a payload is never allocated from a client-declared length above
@@ -26,10 +21,8 @@ What must hold:
   closes; a peer that is gone makes sends no-ops, never a server failure;
 - FLUSH makes every write acknowledged on any connection durable (Pool.flush:
   the intent log, or a commit): that is the promise behind NBD_FLAG_CAN_MULTI_CONN.
-  A held reply is sent only after a Pool.flush that began after its request was
-  read (and, for a FUA write, after its data was written) has returned;
-- held replies never wait on the client: the reader settles them before any read
-  that could block on a request header (a payload it has begun to read is owed).
+  a held reply goes out only after such a flush (thinstore.nbd.held);
+- held replies never wait on the client (thinstore.nbd.held).
 """
 
 from __future__ import annotations
@@ -42,6 +35,7 @@ from time import perf_counter_ns
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
 from thinstore.nbd.handshake import Agreement
+from thinstore.nbd.held import FAST_MAX, HeldReplies
 from thinstore.nbd.channel import Inbox, Outbox
 from thinstore.nbd import stats as S
 from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
@@ -49,14 +43,12 @@ from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
-FAST_MAX = 128 << 10            # READ/WRITE up to this take the fast path
 INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
-HOLD_MAX = 64                   # held FLUSH/FUA replies that make the reader settle at once
 _ZEROS = memoryview(bytes(FAST_MAX))
 # Plain ints for the hot path: an IntEnum member lookup (P.Cmd.WRITE) costs ~90 ns, as much
 # as the rest of the request counting; READ (0) and WRITE (1) shifted by 2 are where their
 # counters start (thinstore.nbd.stats).
-_WRITE, _FLUSH, _FUA = int(P.Cmd.WRITE), int(P.Cmd.FLUSH), P.CMD_FLAG_FUA
+_WRITE = int(P.Cmd.WRITE)
 assert (int(P.Cmd.READ) << 2, _WRITE << 2, 7) == (S.READ, S.WRITE, S.SAMPLE_MASK)
 _WRITES = (P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES)
 _RANGED = (P.Cmd.READ, P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES, P.Cmd.CACHE,
@@ -98,7 +90,7 @@ class Budget:
             self._cond.notify_all()
 
 
-class Transmission:
+class Transmission(HeldReplies):
     """Serve requests on one negotiated connection until DISC or hang-up."""
 
     def __init__(self, agreement: Agreement, config):
@@ -111,9 +103,7 @@ class Transmission:
         self.stats = S.ConnectionStats()    # read by iostat; see thinstore.nbd.stats
         self._reader = threading.get_ident()
         self.moved = [0, 0]     # bytes asked to READ, to WRITE (counted by the reader thread)
-        self._held: list = []   # FLUSH / FUA requests run in the reader, awaiting one sync
-        self._since_flush = 0   # writes the reader ran since the last FLUSH or FUA
-        self._flush_gap = 0     # ... and between the two before (0: no pattern seen)
+        self._init_held()
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
@@ -205,32 +195,6 @@ class Transmission:
         if start:
             counts[at + 2] += perf_counter_ns() - start
             counts[at + 3] += 1
-        return True
-
-    def _fast_durable(self, magic, flags, kind, cookie, offset, length) -> bool:
-        """A plain FLUSH, or a small in-range WRITE whose only flag is FUA, held here
-        (see _hold) without the general path's checks, which the condition makes;
-        False for anything else."""
-        if magic != P.REQUEST_MAGIC or self.read_only:
-            return False
-        if kind == _FLUSH and not (flags or offset or length):
-            self.stats.inline[S.FLUSH_OPS] += 1
-        elif kind == _WRITE and flags == _FUA and 0 < length <= FAST_MAX \
-                and offset + length <= self.dev.size:
-            payload = bytearray(length)
-            self._inbox.readinto(memoryview(payload))
-            self._since_flush += 1
-            try:
-                self.dev.pwrite(payload, offset)
-            except Exception as exc:       # a failed request must not end the session
-                self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
-                return True
-            counts = self.stats.inline
-            counts[S.WRITE] += 1
-            counts[S.WRITE + 1] += length
-        else:
-            return False
-        self._hold(P.Request(magic, flags, kind, cookie, offset, length))
         return True
 
     def _dispatch(self, req: P.Request) -> None:
@@ -406,66 +370,6 @@ class Transmission:
             return
         self.dev.flush()
         self._send_ok(req)
-
-    # -- held replies: FLUSH and FUA answered by one sync per burst ----------------
-    def _hold(self, req: P.Request) -> None:
-        """Reader thread: answer `req` after the next Pool.flush (see _settle)."""
-        self._flush_gap, self._since_flush = self._since_flush, 0
-        self._held.append(req)
-        if len(self._held) >= HOLD_MAX:
-            held, self._held = self._held, []
-            self._settle_held(held)
-
-    def _settle(self) -> None:
-        """The reader is about to block on the socket. Corked replies go out first;
-        then what it holds is answered after one flush for all: here when every request
-        the client has in flight is held (nothing can arrive meanwhile, and a hand-off
-        would only add latency), else on a worker, so the requests the client sends
-        on the replies just sent are read while the log syncs. With nothing held, when
-        the client's pattern says a FLUSH comes next, flush now, while its round trip
-        is under way."""
-        others = bool(self._outbox._queued)
-        self._outbox.flush()
-        held, self._held = self._held, []
-        if held:
-            if others and self._pool is not None:
-                self._budget.acquire(0)
-                self._pool.submit(self._settle_held, held, True)
-            else:
-                self._settle_held(held)
-                self._outbox.flush()
-        elif self._since_flush and self._since_flush == self._flush_gap \
-                and not self.read_only:
-            try:
-                self.dev.flush()
-            except Exception as exc:    # the FLUSH itself will report it, if one comes
-                log.debug("early flush failed: %s", exc)
-
-    def _settle_held(self, held: list, pooled: bool = False) -> None:
-        """Flush once, then answer every request of `held` (an error to each if the
-        flush failed); `pooled`: on a worker, whose budget share is released here."""
-        if not held:
-            return
-        try:
-            start = perf_counter_ns()
-            try:
-                self.dev.flush()
-            except Exception as exc:
-                for req in held:
-                    self._fail(req, exc)
-                return
-            spent = perf_counter_ns() - start
-            flushes = sum(1 for req in held if req.type == P.Cmd.FLUSH)
-            if pooled:
-                with self.stats.lock:
-                    self.stats.pooled[S.FLUSH_NS] += spent * flushes
-            else:
-                self.stats.inline[S.FLUSH_NS] += spent * flushes
-            for req in held:
-                self._send_ok(req)
-        finally:
-            if pooled:
-                self._budget.release(0)
 
     def _trim(self, req: P.Request, _payload) -> None:
         if req.length:
