@@ -9,9 +9,10 @@ thread hand-off. The flush runs in the reader when every request the client has 
 flight is held (nothing can arrive meanwhile), else on a worker, so the requests the
 client sends on the replies just sent are read while the log syncs.
 
-And when a client has been sending a FLUSH after every N writes, the reader, about
-to block after answering the N-th write, flushes before it blocks: the fdatasync
-overlaps the client's round trip, and the FLUSH that follows finds nothing to sync.
+And when a client sending one request at a time has been sending a FLUSH after
+every N writes, the reader, about to block after answering the N-th write, flushes
+first: the fdatasync overlaps the client's round trip, and the FLUSH that follows
+finds nothing to sync.
 A client that stops flushing costs at most one such flush.
 
 What must hold:
@@ -44,6 +45,7 @@ class HeldReplies:
         self._held: list = []   # FLUSH / FUA requests run in the reader, awaiting one sync
         self._since_flush = 0   # writes the reader ran since the last FLUSH or FUA
         self._flush_gap = 0     # ... and between the two before (0: no pattern seen)
+        self._burst = 0         # requests read since the reader last was about to block
 
     def _fast_durable(self, magic, flags, kind, cookie, offset, length) -> bool:
         """A plain FLUSH, or a small in-range WRITE whose only flag is FUA, held here
@@ -85,9 +87,11 @@ class HeldReplies:
         the client has in flight is held (nothing can arrive meanwhile, and a hand-off
         would only add latency), else on a worker, so the requests the client sends
         on the replies just sent are read while the log syncs. With nothing held, when
-        the client's pattern says a FLUSH comes next, flush now, while its round trip
-        is under way."""
-        others = bool(self._outbox._queued)
+        the client sends one request at a time and its pattern says a FLUSH comes
+        next, flush now, while its round trip is under way (a client with more in
+        flight has its FLUSH in the same burst, and would wait for this sync)."""
+        others, alone = bool(self._outbox._queued), self._burst == 1
+        self._burst = 0
         self._outbox.flush()
         held, self._held = self._held, []
         if held:
@@ -97,7 +101,7 @@ class HeldReplies:
             else:
                 self._settle_held(held)
                 self._outbox.flush()
-        elif self._since_flush and self._since_flush == self._flush_gap \
+        elif alone and self._since_flush and self._since_flush == self._flush_gap \
                 and not self.read_only:
             try:
                 self.dev.flush()

@@ -144,6 +144,7 @@ class Transmission(HeldReplies):
         if self._outbox.dead:
             raise PeerClosed("the peer stopped taking replies")   # no one to answer
         fields = self._inbox.unpack(P.REQUEST)
+        self._burst += 1
         if fields[2] <= P.Cmd.WRITE:    # READ 0, WRITE 1: for 'serve -v' and its close line
             self.moved[fields[2]] += fields[5]
         if self._fast_path(*fields):
