@@ -78,6 +78,8 @@ def test_an_old_pool_is_refused_with_the_command_that_upgrades_it(tmp_path):
     assert f"thinstore --pool {path} upgrade" in r.stderr
     assert "format 1" in r.stderr
     assert _superblock_versions(path) == {1}, "a refused open must not write the pool"
+    r = _ts("--pool", path, "check")
+    assert r.returncode == 0 and "on-disk format 1" in r.stdout and "upgrade" in r.stdout
 
 
 def test_upgrade_keeps_every_byte_and_the_flushed_log(tmp_path):

@@ -264,7 +264,8 @@ def _intent_regions(store, md) -> int:
 
 
 def _summary(md) -> dict:
-    return {"generation": md.generation, "chunk_size": md.chunk_size,
+    return {"generation": md.generation, "format": md.loaded_version,
+            "chunk_size": md.chunk_size,
             "capacity_chunks": len(md.space.refs) - 1,
             "mapped_chunks": len(stored_nonzero(md)),
             "map_pages": int(np.count_nonzero(md.maps.ref)),

@@ -17,6 +17,7 @@ allocated zero by the operating system and become resident only where written.
 
 from __future__ import annotations
 
+import functools
 import mmap
 
 import numpy as np
@@ -52,12 +53,13 @@ def zeros(shape, dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
-def _shape(nleaves: int) -> list[int]:
+@functools.lru_cache(maxsize=4096)     # 10,000 snapshots of a volume share one shape
+def _shape(nleaves: int) -> tuple[int, ...]:
     """Entries per level: level 0 the leaves, the last level one entry (the top)."""
     sizes = [nleaves]
     for _ in range(tree_depth(nleaves)):
         sizes.append(-(-sizes[-1] // FANOUT))
-    return sizes
+    return tuple(sizes)
 
 
 def new_tree(nleaves: int) -> "Tree":
@@ -189,6 +191,8 @@ class Tree:
     def locations(self) -> np.ndarray:
         """Every block of the tree: leaves and nodes."""
         leaves = self.levels[0]
+        if len(self.levels) == 1 and len(leaves) <= 1:      # the common small table
+            return leaves.copy() if len(leaves) and leaves[0] else leaves[:0].copy()
         return np.concatenate([leaves[leaves != 0], self.node_locations()])
 
 
@@ -243,8 +247,10 @@ class PagedArray:
             pa.tree.rebuild = True
         else:
             pa.tree.load(root.root, store, on_error)
-        for i in np.flatnonzero(pa.leaves).tolist():
-            loc = int(pa.leaves[i])
+        leaves = pa.leaves
+        stored = ([0] if leaves[0] else []) if len(leaves) == 1 else np.flatnonzero(leaves).tolist()
+        for i in stored:
+            loc = int(leaves[i])
             lo = i * pa.per_leaf
             hi = min(lo + pa.per_leaf, length)
             try:
