@@ -17,6 +17,12 @@ Workloads, over unix sockets with fio's nbd engine unless said otherwise:
   (benchmarks/nbd_fua.py through libnbd: fio cannot send FUA);
 - allocation: sequential 1M writes through a fresh empty device (every write allocates);
 - the earlier targets: 4K random read and write at QD16, 1M sequential read and write;
+- depth 100: 4K random reads at QD16 on the top of a snapshot/clone chain 100 levels
+  deep and on its root (fio_targets.py ``chain``), each server against itself: the
+  depth-100 read ratio (top / root, target at least 0.95) says what the depth costs.
+  thinstore's clones share block maps, so a read translates through one map at any
+  depth; qemu's qcow2 backing chain looks each cluster up level by level. nbdkit's
+  file plugin has no snapshots and shows "-";
 - ext4 on a fresh COW child (nbdfuse + a loop device, made with mkfs.ext4 each round):
   fio's 4K random writes into a file with ``--fsync=1``, a database's pattern.
 
@@ -56,7 +62,12 @@ WORKLOADS = {
     "1M read QD4": dict(rw="read", bs="1m", iodepth=4, unit="MiB/s"),
     "1M write QD4": dict(rw="write", bs="1m", iodepth=4, unit="MiB/s"),
     "ext4 4K randwrite fsync=1": dict(kind="ext4", unit="IOPS"),
+    "4K randread QD16 depth 0": dict(kind="chain", level=0, rw="randread", bs="4k",
+                                     iodepth=16, unit="IOPS"),
+    "4K randread QD16 depth 100": dict(kind="chain", level=1, rw="randread", bs="4k",
+                                       iodepth=16, unit="IOPS"),
 }
+DEPTH_TARGET = 0.95         # depth-100 read ratio: top of the chain / its root
 SERVERS = ("thinstore", "qemu-nbd", "nbdkit-file")
 
 
@@ -141,8 +152,13 @@ def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
         fuse.wait(30)
 
 
-def run_workload(server, wname: str, w: dict, size: int, args, work: str, tag: str) -> float:
+def run_workload(server, wname: str, w: dict, size: int, args, work: str, tag: str):
+    """The workload's figure on `server`, or None where the server cannot run it."""
     kind = w.get("kind", "fio")
+    if kind == "chain":
+        ends = server.chain()
+        return None if ends is None else \
+            fio_result(fio_args(ends[w["level"]], w, size, args.runtime), w["rw"], w["unit"])
     if kind == "fua":
         return run_fua(server.main, w, size, args.runtime)
     if kind == "fio":
@@ -171,12 +187,13 @@ def main() -> int:
     make_base(base, size)
     servers = {}
     try:
-        servers["thinstore"] = Thinstore(work, base, size, size_bytes(args.capacity),
-                                         args.workers)
-        servers["qemu-nbd"] = QemuNbd(work, base)
-        servers["nbdkit-file"] = NbdkitFile(work, base)
         chosen = {w: v for w, v in WORKLOADS.items()
                   if not args.only or any(o in w for o in args.only)}
+        chain = any(v.get("kind") == "chain" for v in chosen.values())
+        servers["thinstore"] = Thinstore(work, base, size, size_bytes(args.capacity),
+                                         args.workers, chain=chain)
+        servers["qemu-nbd"] = QemuNbd(work, base)
+        servers["nbdkit-file"] = NbdkitFile(work, base)
         for wname, w in chosen.items():
             if w.get("kind", "fio") == "fio":
                 print(f"{wname}: {' '.join(fio_args('URI', w, size, args.runtime))}")
@@ -187,6 +204,8 @@ def main() -> int:
                 for server in order:
                     value = run_workload(servers[server], wname, w, size, args, work,
                                          f"r{round_no}")
+                    if value is None:
+                        continue
                     results[wname][server].append(value)
                     print(f"round {round_no + 1} {wname:27} {server:12} {value:10.0f} "
                           f"{w['unit']}", flush=True)
@@ -205,13 +224,21 @@ def report(results: dict) -> None:
     print()
     print(f"{'workload':27} {'thinstore':>10} {'qemu-nbd':>10} {'nbdkit':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}")
+    medians = {}
     for wname, per in results.items():
-        med = {s: statistics.median(v) for s, v in per.items()}
-        unit = WORKLOADS[wname]["unit"]
-        print(f"{wname:27} {med['thinstore']:10.0f} {med['qemu-nbd']:10.0f} "
-              f"{med['nbdkit-file']:10.0f} {med['thinstore'] / med['qemu-nbd']:11.2f}x "
-              f"{med['thinstore'] / med['nbdkit-file']:9.2f}x  ({unit})")
+        med = {s: statistics.median(v) if v else None for s, v in per.items()}
+        medians[wname] = med
+        cells = [f"{med[s]:10.0f}" if med[s] else f"{'-':>10}" for s in SERVERS]
+        ratios = [f"{med['thinstore'] / med[s]:{w}.2f}x" if med[s] and med["thinstore"]
+                  else f"{'-':>{w + 1}}" for s, w in (("qemu-nbd", 11), ("nbdkit-file", 9))]
+        print(f"{wname:27} {' '.join(cells)} {' '.join(ratios)}  "
+              f"({WORKLOADS[wname]['unit']})")
     print("targets: >= 1.5x qemu-nbd and >= 0.9x nbdkit-file on every workload")
+    root, top = (medians.get(f"4K randread QD16 depth {d}") for d in (0, 100))
+    if root and top:
+        depth = [f"{s} {top[s] / root[s]:.2f}" for s in SERVERS if root[s] and top[s]]
+        print(f"depth-100 read ratio (depth 100 / depth 0, each server against itself): "
+              f"{', '.join(depth)}; target >= {DEPTH_TARGET} for thinstore")
 
 
 if __name__ == "__main__":

@@ -91,26 +91,10 @@ class DataPath:
     def flush(self) -> None:
         """NBD FLUSH, and FUA: every write that returned before this call is durable
         when it returns -- one intent-log record and one fdatasync of the log, shared
-        with concurrent flushes (synclog.py), or a full commit when the log cannot
-        take the batch. Costs what was written since the last flush, not the pool's
-        size. A flush with nothing new waits only for a sync already under way."""
-        slog = self._log
-        with self.lock:
-            self._check_open()
-            if not slog.pending:
-                ticket = slog.appended
-            else:
-                record, noted = slog.capture(self)
-                if record is None:
-                    slog.counters["commits_instead"] += 1
-                    self.commit()
-                    return
-                ticket = slog.append(record, noted)
-        try:
-            slog.sync(ticket)
-        except OSError:
-            if not self._closed:      # close() committed: everything is durable
-                raise
+        with concurrent flushes, or a full commit when the log cannot take the batch
+        (SyncLog.flush in synclog.py). Costs what was written since the last flush,
+        not the pool's size."""
+        self._log.flush(self)
 
     def _kernel_state(self, repoint: bool = True):
         """(PoolState, kernels) pointed at the pool's current arrays; with the pool

@@ -60,11 +60,14 @@ class Device:
             self._pool._read(self._meta, buf, offset)
 
     def pwrite(self, data, offset: int, fua: bool = False) -> None:
+        """Write `data` at `offset`; with `fua` it is durable on return (Pool.flush)."""
         fast = self._fast
-        if fast is None or fua or not fast(data, offset):
+        if fast is None or not fast(data, offset):
             self._pool._write(self._meta, data, offset, fua)
-        else:
-            self._notes.append((self._dev_id, offset, memoryview(data).nbytes))
+            return
+        self._notes.append((self._dev_id, offset, memoryview(data).nbytes))
+        if fua:
+            self._pool.flush()
 
     def discard(self, offset: int, length: int) -> None:
         self._pool._discard(self._meta, offset, length)

@@ -21,11 +21,16 @@ Invariants:
   crash in the fold leaves the old superblock and so the old epoch valid: it is
   replayed again, to the same content, since replay is logical (device, offset,
   bytes), never a reuse of the chunks the crashed process chose.
-- A record is appended under the pool's exclusive lock (no write runs), so it holds
-  the content after every write that returned before the flush began. Its fdatasync
-  runs outside the lock; flushes that arrive while one syncs wait and share the next
-  fdatasync (group commit). A flush returns only once a fdatasync that began after
-  its record was written has completed.
+- A record is built under the pool's shared lock (reads may run, no write does: the
+  lane's gate keeps native writes out too) and appended under the log's own mutex, so
+  it holds the content after every write that returned before the flush began, and
+  records keep the order of their sequence numbers. Its fdatasync runs outside both;
+  flushes that arrive while one syncs wait and share the next fdatasync (group
+  commit). A flush returns only once a fdatasync that began after its record was
+  written has completed. A flush that finds no notes and nothing appended unsynced
+  returns without the lock: notes are dropped only after `appended` counts their
+  record, and `synced` grows only past a completed fdatasync (or a commit). The full commit (exclusive lock) never runs beside a record
+  being built, so it can reset the epoch without the mutex.
 - Ranges are noted before a write returns (Device.pwrite after the native lane,
   DataPath under the lock), so a write acknowledged before a flush began is in that
   flush's record or an earlier one. The note list is only appended to and cut from
@@ -92,6 +97,7 @@ class SyncLog:
         self.appended = 0               # bytes appended ever: a flush's ticket
         self.synced = 0                 # every byte appended before this is durable
         self._sync = threading.Lock()
+        self._append = threading.Lock()  # one record built and appended at a time
         # fdatasync where the storage backend has it, else its fsync
         self._datasync = getattr(fio, "datasync", None) or fio.fsync
         self.counters = {"records": 0, "record_bytes": 0, "syncs": 0, "replayed": 0,
@@ -107,10 +113,37 @@ class SyncLog:
         return bool(self.notes)
 
     # ------------------------------------------------------------ flushing
+    def flush(self, pool) -> None:
+        """Pool.flush: every write that returned before this call is durable when it
+        returns. One record of the ranges noted since the last one (built from the
+        present bytes, under the pool's shared lock) and one fdatasync of the log,
+        shared with concurrent flushes; a full commit when the log cannot take the
+        batch. Nothing noted: only waits for a sync already under way. Raises
+        PoolClosed after close(), OSError when the log cannot be written or synced."""
+        if not self.notes and self.synced >= self.appended and not pool._closed:
+            return          # nothing noted, everything appended durable: no lock needed
+        with pool.lock.shared:
+            pool._check_open()
+            with self._append:
+                if not self.notes:
+                    ticket = self.appended
+                else:
+                    record, noted = self.capture(pool)
+                    ticket = None if record is None else self.append(record, noted)
+        if ticket is None:
+            self.counters["commits_instead"] += 1
+            pool.commit()
+            return
+        try:
+            self.sync(ticket)
+        except OSError:
+            if not pool._closed:      # close() committed: everything is durable
+                raise
+
     def capture(self, pool) -> tuple[bytes | None, int]:
-        """Under the exclusive lock: (the next record, how many notes it covers); the
-        record is None when the flush must be a full commit instead (too much to log,
-        or a noted device gone or resized). Notes appended meanwhile (a native lane
+        """Under the shared lock and the append mutex: (the next record, how many notes
+        it covers); the record is None when the flush must be a full commit instead
+        (too much to log, or a noted device gone or resized). Notes appended meanwhile (a native lane
         write finishing its return) stay for the next record."""
         n = len(self.notes)
         ranges = _merge(self.notes[:n])
@@ -128,7 +161,8 @@ class SyncLog:
         return record, n
 
     def append(self, record: bytes, noted: int) -> int:
-        """Under the exclusive lock: write `record` at the tail (not yet durable) and drop
+        """Under the shared lock and the append mutex: write `record` at the tail (not yet
+        durable) and drop
         the first `noted` notes it covers. Returns the ticket to pass to sync()."""
         end = self.tail + len(record)
         if end > self.extent:
@@ -136,10 +170,10 @@ class SyncLog:
             self.fio.write_zeros(self.extent, step - self.extent)
             self.extent = step
         self.fio.pwrite(record, self.tail)
-        del self.notes[:noted]
         self.tail = end
         self.sequence += 1
         self.appended += len(record)
+        del self.notes[:noted]      # after `appended` grew: flush() reads both unlocked
         self.counters["records"] += 1
         self.counters["record_bytes"] += len(record)
         return self.appended
@@ -200,7 +234,7 @@ def _merge(notes: list) -> list:
 
 
 def _entry(pool, dm, offset: int, length: int) -> fmt.LogEntry:
-    """The present content of a device range as a log entry (the lock is held)."""
+    """The present content of a device range as a log entry (a side of the lock is held)."""
     md = pool.md
     buf = bytearray(length)
     d = pool._load_pages(dm, offset, length)

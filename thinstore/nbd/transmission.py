@@ -2,10 +2,13 @@
 
 One reader thread parses requests (and WRITE payloads) in order.  READs and
 WRITEs up to 4 MiB run right there (a thread hand-off would cost more than the work) and
-their replies are corked until the reader would block; TRIM, WRITE_ZEROES, large
-requests, and FLUSH or FUA with other requests waiting behind them go to a small
-per-connection worker pool so they overlap, and reply as soon as they complete.  One send lock per connection keeps
-every reply whole on the wire (see :mod:`thinstore.nbd.channel`).
+their replies are corked until the reader would block; TRIM, WRITE_ZEROES and large
+requests go to a small per-connection worker pool so they overlap, and reply as soon
+as they complete.  One send lock per connection keeps every reply whole on the wire
+(see :mod:`thinstore.nbd.channel`).
+
+FLUSH and FUA writes run in the reader too, their replies held for one intent-log
+sync per burst (:mod:`thinstore.nbd.held`, DESIGN §8, docs/nbd.md).
 
 What must hold:
 - a payload is never allocated from a client-declared length above
@@ -18,6 +21,8 @@ What must hold:
   closes; a peer that is gone makes sends no-ops, never a server failure;
 - FLUSH makes every write acknowledged on any connection durable (Pool.flush:
   the intent log, or a commit): that is the promise behind NBD_FLAG_CAN_MULTI_CONN.
+  a held reply goes out only after such a flush (thinstore.nbd.held);
+- held replies never wait on the client (thinstore.nbd.held).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from time import perf_counter_ns
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
 from thinstore.nbd.handshake import Agreement
+from thinstore.nbd.held import FAST_MAX, HeldReplies
 from thinstore.nbd.channel import Inbox, Outbox
 from thinstore.nbd import stats as S
 from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
@@ -37,7 +43,6 @@ from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
-FAST_MAX = 128 << 10            # READ/WRITE up to this take the fast path
 INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
 _ZEROS = memoryview(bytes(FAST_MAX))
 # Plain ints for the hot path: an IntEnum member lookup (P.Cmd.WRITE) costs ~90 ns, as much
@@ -85,7 +90,7 @@ class Budget:
             self._cond.notify_all()
 
 
-class Transmission:
+class Transmission(HeldReplies):
     """Serve requests on one negotiated connection until DISC or hang-up."""
 
     def __init__(self, agreement: Agreement, config):
@@ -98,6 +103,7 @@ class Transmission:
         self.stats = S.ConnectionStats()    # read by iostat; see thinstore.nbd.stats
         self._reader = threading.get_ident()
         self.moved = [0, 0]     # bytes asked to READ, to WRITE (counted by the reader thread)
+        self._init_held()
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
@@ -115,6 +121,8 @@ class Transmission:
         except _Violation as exc:
             log.info("dropping client: %s", exc)
         finally:
+            held, self._held = self._held, []
+            self._settle_held(held)
             self._outbox.flush()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -132,10 +140,11 @@ class Transmission:
         reader would block, so a burst of requests gets one burst of replies.
         """
         if not self._inbox.has(P.REQUEST.size):
-            self._outbox.flush()
+            self._settle()
         if self._outbox.dead:
             raise PeerClosed("the peer stopped taking replies")   # no one to answer
         fields = self._inbox.unpack(P.REQUEST)
+        self._burst += 1
         if fields[2] <= P.Cmd.WRITE:    # READ 0, WRITE 1: for 'serve -v' and its close line
             self.moved[fields[2]] += fields[5]
         if self._fast_path(*fields):
@@ -148,8 +157,6 @@ class Transmission:
         if req.type == P.Cmd.WRITE and req.length > P.MAX_PAYLOAD:
             self._refuse_oversized_write(req)
         elif self._pool is None or self._inline(req):
-            if req.type == P.Cmd.FLUSH or req.flags & P.CMD_FLAG_FUA:
-                self._outbox.flush()      # corked replies must not wait for the sync
             self._execute(req, self._read_payload(req), None)
         else:
             self._dispatch(req)
@@ -163,12 +170,13 @@ class Transmission:
         """
         if flags or not 0 < length <= FAST_MAX or offset + length > self.dev.size \
                 or magic != P.REQUEST_MAGIC or kind > _WRITE:
-            return False
+            return self._fast_durable(magic, flags, kind, cookie, offset, length)
         if kind == _WRITE:
             if self.read_only:
                 return False
             payload = bytearray(length)
             self._inbox.readinto(memoryview(payload))
+            self._since_flush += 1
         counts = self.stats.inline           # this thread's own: no lock (nbd/stats.py)
         at = kind << 2                       # S.READ or S.WRITE
         start = 0 if counts[at] & 7 else perf_counter_ns()     # S.SAMPLE_MASK: 1 in 8
@@ -206,15 +214,10 @@ class Transmission:
         """Reads and writes served from the page cache cost less than a hand-off to a
         worker thread (measured: 4K IOPS halved, 1M reads 10% slower with the hand-off);
         TRIM/WRITE_ZEROES (unbounded work) and very large requests go to the workers
-        so they overlap with what follows. A FLUSH or a small FUA write costs one
-        fdatasync of the intent log: it runs here when no other request is waiting
-        behind it (a client at queue depth 1 waits for it alone, and the hand-off
-        would add to its latency), else on a worker so what follows overlaps."""
+        so they overlap with what follows. FLUSH and FUA writes run here with their
+        replies held (see the module docstring): their sync is shared by the burst."""
         if req.type in (P.Cmd.TRIM, P.Cmd.WRITE_ZEROES):
             return False
-        if req.flags & P.CMD_FLAG_FUA or req.type == P.Cmd.FLUSH:
-            behind = req.length if req.type == P.Cmd.WRITE else 0
-            return req.length <= FAST_MAX and not self._inbox.has(behind + P.REQUEST.size)
         return req.length <= INLINE_MAX
 
     def _read_payload(self, req: P.Request):
@@ -351,11 +354,21 @@ class Transmission:
         return view
 
     def _write(self, req: P.Request, payload) -> None:
+        if threading.get_ident() == self._reader:
+            self._since_flush += 1
+            if req.flags & P.CMD_FLAG_FUA:
+                if req.length:
+                    self.dev.pwrite(payload, req.offset)
+                self._hold(req)
+                return
         if req.length:
             self.dev.pwrite(payload, req.offset, fua=bool(req.flags & P.CMD_FLAG_FUA))
         self._send_ok(req)
 
     def _flush(self, req: P.Request, _payload) -> None:
+        if threading.get_ident() == self._reader:
+            self._hold(req)
+            return
         self.dev.flush()
         self._send_ok(req)
 
@@ -399,6 +412,7 @@ class Transmission:
         return runs[:1] if req.flags & P.CMD_FLAG_REQ_ONE else runs[:_MAX_DESCRIPTORS]
 
     def _commit_if_fua(self, req: P.Request) -> None:
+        """TRIM/WRITE_ZEROES with FUA (on a worker, or the reader without workers)."""
         if req.flags & P.CMD_FLAG_FUA:
             self.dev.flush()
 

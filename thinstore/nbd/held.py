@@ -1,0 +1,136 @@
+"""Held replies: FLUSH and FUA writes answered by one intent-log sync per burst.
+
+A mixin of Transmission (the reader thread's side of it). A FLUSH, or a FUA write once
+its data is written, is *held*: its reply waits until the reader is about to block
+on the socket (or HOLD_MAX are held). Then the reader sends its corked replies,
+makes everything durable with one Pool.flush (one intent-log record, one fdatasync
+of the log: synclog.py) and answers every held request, a group commit with no
+thread hand-off. The flush runs in the reader when every request the client has in
+flight is held (nothing can arrive meanwhile), else on a worker, so the requests the
+client sends on the replies just sent are read while the log syncs.
+
+And when a client sending one request at a time has been sending a FLUSH after
+every N writes, the reader, about to block after answering the N-th write, flushes
+first: the fdatasync overlaps the client's round trip, and the FLUSH that follows
+finds nothing to sync.
+A client that stops flushing costs at most one such flush.
+
+What must hold:
+- a held reply is sent only after a Pool.flush that began after its request was
+  read (and, for a FUA write, after its data was written) has returned; if that
+  flush fails, every held request gets its error;
+- held replies never wait on the client: the reader settles them before any read
+  that could block on a request header (a payload it has begun to read is owed).
+"""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter_ns
+
+from thinstore.nbd import protocol as P
+from thinstore.nbd import stats as S
+
+log = logging.getLogger(__name__)
+
+HOLD_MAX = 64                   # held FLUSH/FUA replies that make the reader settle at once
+_WRITE, _FLUSH, _FUA = int(P.Cmd.WRITE), int(P.Cmd.FLUSH), P.CMD_FLAG_FUA
+FAST_MAX = 128 << 10            # READ/WRITE (and FUA WRITE) up to this take the fast paths
+
+
+class HeldReplies:
+    """Transmission's FLUSH/FUA handling in the reader thread (module docstring)."""
+
+    def _init_held(self) -> None:
+        self._held: list = []   # FLUSH / FUA requests run in the reader, awaiting one sync
+        self._since_flush = 0   # writes the reader ran since the last FLUSH or FUA
+        self._flush_gap = 0     # ... and between the two before (0: no pattern seen)
+        self._burst = 0         # requests read since the reader last was about to block
+
+    def _fast_durable(self, magic, flags, kind, cookie, offset, length) -> bool:
+        """A plain FLUSH, or a small in-range WRITE whose only flag is FUA, held here
+        (see _hold) without the general path's checks, which the condition makes;
+        False for anything else."""
+        if magic != P.REQUEST_MAGIC or self.read_only:
+            return False
+        if kind == _FLUSH and not (flags or offset or length):
+            self.stats.inline[S.FLUSH_OPS] += 1
+        elif kind == _WRITE and flags == _FUA and 0 < length <= FAST_MAX \
+                and offset + length <= self.dev.size:
+            payload = bytearray(length)
+            self._inbox.readinto(memoryview(payload))
+            self._since_flush += 1
+            try:
+                self.dev.pwrite(payload, offset)
+            except Exception as exc:       # a failed request must not end the session
+                self._fail(P.Request(magic, flags, kind, cookie, offset, length), exc)
+                return True
+            counts = self.stats.inline
+            counts[S.WRITE] += 1
+            counts[S.WRITE + 1] += length
+        else:
+            return False
+        self._hold(P.Request(magic, flags, kind, cookie, offset, length))
+        return True
+
+    def _hold(self, req: P.Request) -> None:
+        """Reader thread: answer `req` after the next Pool.flush (see _settle)."""
+        self._flush_gap, self._since_flush = self._since_flush, 0
+        self._held.append(req)
+        if len(self._held) >= HOLD_MAX:
+            held, self._held = self._held, []
+            self._settle_held(held)
+
+    def _settle(self) -> None:
+        """The reader is about to block on the socket. Corked replies go out first;
+        then what it holds is answered after one flush for all: here when every request
+        the client has in flight is held (nothing can arrive meanwhile, and a hand-off
+        would only add latency), else on a worker, so the requests the client sends
+        on the replies just sent are read while the log syncs. With nothing held, when
+        the client sends one request at a time and its pattern says a FLUSH comes
+        next, flush now, while its round trip is under way (a client with more in
+        flight has its FLUSH in the same burst, and would wait for this sync)."""
+        others, alone = bool(self._outbox._queued), self._burst == 1
+        self._burst = 0
+        self._outbox.flush()
+        held, self._held = self._held, []
+        if held:
+            if others and self._pool is not None:
+                self._budget.acquire(0)
+                self._pool.submit(self._settle_held, held, True)
+            else:
+                self._settle_held(held)
+                self._outbox.flush()
+        elif alone and self._since_flush and self._since_flush == self._flush_gap \
+                and not self.read_only:
+            try:
+                self.dev.flush()
+            except Exception as exc:    # the FLUSH itself will report it, if one comes
+                log.debug("early flush failed: %s", exc)
+
+    def _settle_held(self, held: list, pooled: bool = False) -> None:
+        """Flush once, then answer every request of `held` (an error to each if the
+        flush failed); `pooled`: on a worker, whose budget share is released here."""
+        if not held:
+            return
+        try:
+            start = perf_counter_ns()
+            try:
+                self.dev.flush()
+            except Exception as exc:
+                for req in held:
+                    self._fail(req, exc)
+                return
+            spent = perf_counter_ns() - start
+            flushes = sum(1 for req in held if req.type == P.Cmd.FLUSH)
+            if pooled:
+                with self.stats.lock:
+                    self.stats.pooled[S.FLUSH_NS] += spent * flushes
+            else:
+                self.stats.inline[S.FLUSH_NS] += spent * flushes
+            for req in held:
+                self._send_ok(req)
+        finally:
+            if pooled:
+                self._budget.release(0)
+
