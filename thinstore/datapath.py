@@ -272,19 +272,51 @@ class DataPath:
         self._log.note(dm.dev_id, first * cs, min(n * cs, dm.size - first * cs))
 
     def _extents(self, dm: DeviceMeta, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        with self.lock.shared:
-            self._bounds(dm, offset, length, write=False)
-            if not length:
-                return []
-            d = self._load_pages(dm, offset, length)
-            out = np.empty(((length >> self.md.chunk_shift) + 2, 3), dtype=np.int64)
-            n = K.translate(d, self.md.maps.pages, self.md.chunk_shift, offset, length, out)
+        """(offset, length, mapped) runs of [offset, offset+length). Only the directory
+        slots that name a page are translated, a window at a time; the rest is hole
+        (the extents of a 1 PiB volume asked for a 384 GiB table)."""
         result: list[tuple[int, int, bool]] = []
-        for voff, ln, doff in out[:n].tolist():
-            mapped = doff >= 0
+
+        def add(voff: int, ln: int, mapped: bool) -> None:
             if result and result[-1][2] == mapped:
                 result[-1] = (result[-1][0], result[-1][1] + ln, mapped)
             else:
                 result.append((voff, ln, mapped))
+
+        with self.lock.shared:
+            self._bounds(dm, offset, length, write=False)
+            if not length:
+                return []
+            shift, end = self.md.chunk_shift, offset + length
+            span = FANOUT << shift                  # bytes under one directory slot
+            slots = dm.directory.nonzero_slots()
+            slots = slots[(slots >= offset // span) & (slots <= (end - 1) // span)]
+            pos = offset
+            for lo_slot, hi_slot in _slot_runs(slots):
+                lo, hi = max(offset, lo_slot * span), min(end, hi_slot * span)
+                if lo > pos:
+                    add(pos, lo - pos, False)
+                window = _EXTENT_CHUNKS << shift
+                for wlo in range(lo, hi, window):
+                    whi = min(hi, wlo + window)
+                    d = self._load_pages(dm, wlo, whi - wlo)
+                    out = np.empty((((whi - wlo) >> shift) + 2, 3), dtype=np.int64)
+                    n = K.translate(d, self.md.maps.pages, shift, wlo, whi - wlo, out)
+                    for voff, ln, doff in out[:n].tolist():
+                        add(voff, ln, doff >= 0)
+                pos = hi
+            if pos < end:
+                add(pos, end - pos, False)
         return result
 
+
+_EXTENT_CHUNKS = 1 << 20    # chunks translated per call: a table of at most 24 MiB
+
+
+def _slot_runs(slots: np.ndarray):
+    """(first, end) of each run of consecutive directory slots (sorted)."""
+    if not len(slots):
+        return
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    for run in np.split(slots, breaks):
+        yield int(run[0]), int(run[-1]) + 1

@@ -191,10 +191,9 @@ class SpaceMap:
         self.state[touched] = 0
         # a window stays flagged only if a chunk outside `touched` still has a flag
         self.summary[windows] = self._state_buf.reshape(-1, _SUM_W)[windows].any(axis=1)
-        if defer is not None and getattr(data_fio, "punch_unit", 0) <= (1 << chunk_shift):
+        if defer is not None:      # the background reclaim, whole objects too (reclaim.py)
             defer(freed)
             return len(freed)
-        # a store that frees whole objects (RADOS) punches here: its objects go at once
         freed = self._punch_whole_units(freed, data_fio, chunk_shift)
         for start, count in _runs(freed):
             data_fio.punch(start << chunk_shift, count << chunk_shift)
