@@ -49,7 +49,7 @@ from .queries import Queries
 from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
                      OldFormat, PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
-from .format import VERSION as FORMAT_VERSION, log_base, new_uuid, valid_chunk_size
+from .format import FANOUT, VERSION as FORMAT_VERSION, log_base, new_uuid, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
 from .native import NATIVE, K
 from .fastlane import Lane
@@ -65,6 +65,20 @@ log = logging.getLogger("thinstore")
 POOL_FLAG_DATA_CHECKSUMS = 1
 DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
+
+
+#: A pool holds at most 2**34 chunks: its refcount and checksum tables are held as
+#: arrays of a u32 per chunk (64 GiB of address space each at the cap, resident only
+#: where chunks are used): 1 PiB with 64 KiB chunks, 16 PiB with 1 MiB chunks.
+MAX_POOL_CHUNKS = 1 << 34
+
+
+def _check_capacity(nchunks: int, chunk_size: int) -> None:
+    if nchunks > MAX_POOL_CHUNKS:
+        most = format_size(MAX_POOL_CHUNKS * chunk_size)
+        raise UsageError(f"a capacity of {format_size(nchunks * chunk_size)} is more than a "
+                         f"pool of {format_size(chunk_size)} chunks holds (at most {most}); "
+                         "use larger chunks (init --chunk-size, up to 1M) or several pools")
 
 
 class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
@@ -123,6 +137,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         if nchunks < 1:
             raise UsageError(f"capacity {format_size(capacity)} is smaller than one chunk "
                              f"({format_size(chunk_size)})")
+        _check_capacity(nchunks, chunk_size)
         store = open_store(path, fileio)
         try:
             store.make()
@@ -490,8 +505,10 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         if size % cs:
             self._zero_range(dm, size, min(dm.size, -(-size // cs) * cs) - size, no_hole=False)
         first = -(-size // cs)
-        self._unmap_chunks(dm, first, -(-dm.size // cs) - first)
         keep = dir_length(size, self.md.chunk_shift)
+        # within the last page kept, chunk by chunk; the pages past it are dropped whole
+        # (a shrink of a 2 PiB volume walked all of its 67M page slots)
+        self._unmap_chunks(dm, first, min(-(-dm.size // cs), keep * FANOUT) - first)
         self.md.maps.drop(dm.directory, self.md.space, keep)   # the resize cuts the slots
 
     def grow(self, capacity: int) -> None:
@@ -500,6 +517,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             self._check_open()
             md = self.md
             nchunks = capacity // md.chunk_size + 1
+            _check_capacity(nchunks - 1, md.chunk_size)
             if nchunks < len(md.space.refs):
                 raise UsageError(f"pool {self.path} holds {format_size(self.capacity)}; "
                                  "a pool can grow but not shrink")

@@ -21,7 +21,9 @@ thread, a slice at a time, as dm-thin's deferred deletion and RBD's snaptrim do:
   write does not cover) and leaks nothing: the free state is already committed, and
   the next open queues the free chunks that still hold data (found with SEEK_DATA, in
   the same background thread) before anything else;
-- close() punches what is still queued, at full speed (nobody waits on a closing pool).
+- close() punches what is still queued, at full speed (nobody waits on a closing pool);
+- a store that frees space a whole object at a time (RADOS, 4 MiB objects) has each
+  object whose chunks are all free removed, and the free runs of the others zeroed.
 
 `Pool.status()["freeing"]` is the bytes still queued.
 """
@@ -192,10 +194,22 @@ class Reclaimer:
         if hi <= start:
             return
         ids = np.arange(start, hi, dtype=np.int64)
-        ok = (space.refs.arr[start:hi] == 0) & ((space.state[start:hi] & ST_PENDING_FREE) == 0)
+        free = ids[_free(space, start, hi)]
         shift = md.chunk_shift
-        for s, n in _runs(ids[ok]):
-            md.data_fio.punch(s << shift, n << shift)
+        fio = md.data_fio
+        unit = getattr(fio, "punch_unit", 0) >> shift
+        if unit > 1 and len(free):
+            # a store that frees space an object at a time (RADOS: 4 MiB) removes each
+            # object whose chunks are all free now, and zeroes the free runs of others
+            whole = [u for u in np.unique(free // unit).tolist()
+                     if _free(space, u * unit, min((u + 1) * unit, len(space.refs.arr))).all()]
+            for u in whole:
+                fio.punch((u * unit) << shift, unit << shift)
+            before = len(free)
+            free = free[~np.isin(free // unit, whole)]
+            self.punched += before - len(free)
+        for s, n in _runs(free):
+            fio.punch(s << shift, n << shift)
             self.punched += n
 
     def _queue_unpunched(self) -> None:
@@ -223,6 +237,12 @@ class Reclaimer:
             lock.release_shared()
         if found:
             self.add(np.concatenate(found))
+
+
+def _free(space, lo: int, hi: int) -> np.ndarray:
+    """Which of chunks [lo, hi) are free now: refcount 0, not pending in the open
+    transaction (the caller holds a side of the pool lock)."""
+    return (space.refs.arr[lo:hi] == 0) & ((space.state[lo:hi] & ST_PENDING_FREE) == 0)
 
 
 def _extents(fd: int):

@@ -258,7 +258,16 @@ class DirStore:
         self.fileio = fileio
 
     def exists(self) -> bool:
-        return os.path.isfile(os.path.join(self.path, "meta"))
+        """Whether the directory holds a pool. A directory the caller may not enter is
+        said so (PermissionError), not taken for an empty one."""
+        try:
+            return stat.S_ISREG(os.stat(os.path.join(self.path, "meta")).st_mode)
+        except PermissionError:
+            raise PermissionError(errno.EACCES, "permission denied: the pool directory is "
+                                  "its owner's alone (mode 0700); run as that user or root",
+                                  self.path) from None
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def make(self) -> None:
         private_dir(self.path)

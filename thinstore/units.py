@@ -56,8 +56,11 @@ def max_device_size(chunk_size: int) -> int:
 def check_device_size(size, chunk_size: int | None = None) -> None:
     """A device size is an int from 0 up to what the chunk size allows (and 2**60:
     kernel offsets are signed 64-bit)."""
-    if not isinstance(size, int) or size < 0 or size > 1 << 60:
+    if not isinstance(size, int) or size < 0:
         raise UsageError(f"invalid device size {size!r}")
+    if size > 1 << 60:
+        raise UsageError(f"a device of {format_size(size)} is larger than any device can be "
+                         "(1E: kernel offsets are signed 64-bit)")
     if chunk_size and size > max_device_size(chunk_size):
         raise UsageError(f"a device of {format_size(size)} is larger than this pool supports "
                          f"with {format_size(chunk_size)} chunks (at most "

@@ -103,8 +103,13 @@ def _print_check(report) -> None:
               "log record(s) of flushed writes")
     for p in report.problems:
         print(p)
-    print("clean" if report.clean else f"damaged: {len(report.problems)} problem(s) "
-          f"(exit {report.exit_code}); 'thinstore repair' rebuilds what the maps allow")
+    if report.clean:
+        print("clean")
+    else:
+        todo = ("'thinstore restore' puts back the metadata from a dump"
+                if any(p.kind == "unreadable" for p in report.problems)
+                else "'thinstore repair' rebuilds what the maps allow")
+        print(f"damaged: {len(report.problems)} problem(s) (exit {report.exit_code}); {todo}")
 
 
 def cmd_repair(args) -> int:
@@ -160,12 +165,39 @@ def cmd_restore(args) -> int:
     doc = load_dump(text)
     if not args.force:
         _refuse_another_pools_dump(pool_path(args), doc)
+        _refuse_pending_log(pool_path(args))
     with needs_pool_itself(args, "restore"):
         gen = restore_path(pool_path(args), doc)
     kept = newest_kept_metadata(pool_path(args))
     print(f"restored metadata at generation {gen}"
           + (f"; the previous meta file is {kept}" if kept else ""))
     return 0
+
+
+def _refuse_pending_log(path: str) -> None:
+    """Writes a client flushed after the last commit live only in the intent log, which
+    names the committed tree; a restored tree makes the log stale, so they would be gone
+    (a dump, read without replaying, does not hold them either). Say so first."""
+    from thinstore.salvage import read_slots
+    from thinstore.storage import open_store
+    from thinstore.synclog import log_records
+    try:
+        store = open_store(path)
+        meta = store.open("meta", readonly=True)
+    except (OSError, ThinstoreError):
+        return
+    try:
+        found, _ = read_slots(meta)
+        pending = log_records(store, found[0]) if found else 0
+    except (OSError, ThinstoreError):
+        return
+    finally:
+        meta.close()
+    if pending:
+        raise UsageError(f"restore: {path} holds {pending} intent log record(s) of flushed "
+                         "writes not yet committed, which a restore would discard: open the "
+                         f"pool once ('thinstore --pool {path} status') to replay them, then "
+                         "dump again; or pass --force to discard them")
 
 
 def _refuse_another_pools_dump(path: str, doc: dict) -> None:

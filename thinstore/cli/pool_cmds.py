@@ -118,7 +118,9 @@ def cmd_grow(args) -> int:
             if err.errno != errno.EFBIG:
                 raise
             raise OSError(err.errno, f"{err.strerror}: the file system cannot hold a data "
-                          "file that large; the pool keeps its capacity",
+                          "file that large (ext4: 16T); the pool keeps its capacity. Keep "
+                          "the pool's data on XFS or btrfs, or on a raw block device "
+                          "('init --data-device'), to grow it further",
                           err.filename or os.path.join(pool.path, "data")) from err
     return 0
 
