@@ -239,6 +239,7 @@ def _mapped(path: str, nbytes: int) -> None:
         dm.directory.mark_range(0, npages)
         refs.arr[1:n + 1] = 1
         refs.mark_range(1, n + 1)
+        md.space.recount()              # set directly, not through the kernels
         md.space.cursor = n + 1
     pool.commit()
     pool.close()
