@@ -29,25 +29,13 @@ import time
 
 import numpy as np
 
-from conftest import report
+from conftest import make_big_pool, report
 from thinstore import Pool
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 BUF = np.random.default_rng(7).integers(1, 255, 4096, dtype=np.uint8).tobytes()
 ROUNDS = 15
 _OWNED = ("freeze", "commit_prepare", "commit_done")
-
-
-def _make_pool(path: str, capacity: int) -> tuple[Pool, int]:
-    """A pool of `capacity`, or of the largest the file system holds."""
-    while True:
-        try:
-            return Pool.create(path, capacity, 64 * KiB, commit_interval=0), capacity
-        except OSError as e:
-            if e.errno != 27 or capacity <= 64 * GiB:      # EFBIG
-                raise
-            shutil.rmtree(path, ignore_errors=True)
-            capacity -= 256 * GiB
 
 
 def _spacemap_time(prof: cProfile.Profile) -> float:
@@ -91,7 +79,7 @@ def _measure(pool: Pool) -> dict:
 def test_commit_cost_against_capacity(tmp_path):
     out = {}
     for label, cap in (("64G", 64 * GiB), ("16T", 16 * TiB)):
-        pool, got = _make_pool(str(tmp_path / label), cap)
+        pool, got = make_big_pool(str(tmp_path / label), cap)
         pool.create_volume("vol", 10 * GiB)
         with pool.open_device("vol") as dev:            # 64 MiB mapped in both
             for c in np.random.default_rng(1).choice(10 * GiB // (64 * KiB), 1024, replace=False):

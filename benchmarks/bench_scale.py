@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, report
+from conftest import ROOT, make_big_pool, report
 from thinstore import Pool
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -84,23 +84,10 @@ def _snapshot_cost(pool, base: str, rounds: int = 15) -> float:
     return _median(lambda: pool.snapshot(f"{base}@bench{next(names)}"), rounds)
 
 
-def _make_pool(path: str, capacity: int) -> tuple[Pool, int]:
-    """A pool of `capacity`, or of the largest the file system holds (ext4: under 16T)."""
-    while True:
-        try:
-            return Pool.create(path, capacity, 64 * KiB, commit_interval=0), capacity
-        except OSError as e:
-            if e.errno != 27 or capacity <= 64 * GiB:      # EFBIG
-                raise
-            import shutil
-            shutil.rmtree(path, ignore_errors=True)
-            capacity -= 256 * GiB
-
-
 def test_capacity_independence(tmp_path):
     out = {}
     for label, cap in (("64G", 64 * GiB), ("16T", 16 * TiB)):
-        pool, got = _make_pool(str(tmp_path / label), cap)
+        pool, got = make_big_pool(str(tmp_path / label), cap)
         pool.create_volume("vol", 10 * GiB)
         _scattered(pool, "vol", 1024, 10 * GiB)          # 64 MiB mapped in both
         out[label] = (_commit_after_write(pool, "vol"), _snapshot_cost(pool, "vol"), got)
