@@ -102,10 +102,13 @@ class MapStore:
         """Recompute page refcounts from every directory (done at open); costs the
         directories' populated leaves, not their virtual sizes."""
         self.ref[:] = 0
-        arrs = [d.arr[d.nonzero_slots()] for d in directories]
+        # a small directory whole (one concatenation for 10,000 of them), a large one by
+        # the slots in use
+        arrs = [d.arr if len(d.arr) <= 4096 else d.arr[d.nonzero_slots()] for d in directories]
         if not arrs:
             return
-        pids = np.concatenate(arrs).astype(np.int64)      # one pass, not one per device
+        pids = np.concatenate(arrs)                        # one pass, not one per device
+        pids = pids[pids != 0].astype(np.int64)
         if len(pids) and pids.max() >= self.capacity:
             from .errors import CorruptMetadata
             raise CorruptMetadata(f"a directory names page {pids.max()}, beyond the page table")

@@ -80,7 +80,11 @@ class Tree:
     """
 
     def __init__(self, nleaves: int):
-        self.levels = [zeros(n, np.uint64) for n in _shape(nleaves)]
+        shape = _shape(nleaves)
+        if len(shape) == 1 and nleaves < 4096:          # one leaf: most directories
+            self.levels = [np.zeros(nleaves, dtype=np.uint64)]
+        else:
+            self.levels = [zeros(n, np.uint64) for n in shape]
         self.stale = [set() for _ in self.levels]      # node indices to rewrite, per level
         self.rebuild = False      # every node is rewritten (after a resize or an upgrade)
         self._old_nodes: list[np.ndarray] = []    # blocks of nodes a resize replaced

@@ -33,7 +33,7 @@ class Queries:
             out = []
             for dm in devs:
                 d = dm.directory
-                pids = d.arr[d.nonzero_slots()].astype(np.int64)
+                pids = d.arr[d.nonzero_slots()]       # u64 indexes as well as int64
                 solo = pids[page_ref[pids] == 1]
                 out.append(self._make_info(dm, int(used[pids].sum()), int(excl[solo].sum())))
             return out
