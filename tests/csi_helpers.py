@@ -13,8 +13,8 @@ import tempfile
 import time
 
 import grpc
-import pytest
 
+from nbd_helpers import need_loop_over_nbd
 from thinstore import Pool
 from thinstore.frontends.csi import csi_pb2 as pb
 from thinstore.frontends.csi import csi_pb2_grpc as pbg
@@ -166,12 +166,6 @@ def plugin_env(**kw):
         env.close()
 
 
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-
-
 class InProcess:
     """Pool, NBD server and plugin in this process, so a test can read the pool's
     counters (what a call cost) while it drives the plugin through its socket."""
@@ -214,13 +208,7 @@ def in_process(**kw):
 
 def require_block_devices() -> None:
     """Skip (with the reason) where the attach module cannot make block devices."""
-    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "blkid")
-    if os.geteuid() != 0:
-        pytest.skip("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is not available")
-    if subprocess.run(["losetup", "-f"], capture_output=True).returncode:
-        pytest.skip("no free loop device")
+    need_loop_over_nbd("blkid")
 
 
 def stage_req(vid: str, path: str, cap=None) -> pb.NodeStageVolumeRequest:

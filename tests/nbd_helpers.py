@@ -34,6 +34,18 @@ def need(*tools: str) -> None:
             pytest.skip(f"{tool} is not installed")
 
 
+def need_loop_over_nbd(*tools: str) -> None:
+    """Skip (with the reason) where a kernel block device over NBD cannot be made here
+    (nbdfuse + a loop device, as root, with /dev/fuse); `tools` are also needed."""
+    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", *tools)
+    if os.geteuid() != 0:
+        pytest.skip("loop devices and mounts need root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is not available")
+    if subprocess.run(["losetup", "-f"], capture_output=True).returncode:
+        pytest.skip("no free loop device")
+
+
 def need_libnbd_python() -> None:
     probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True)
     if probe.returncode:

@@ -14,17 +14,11 @@ import time
 
 import pytest
 
-from nbd_helpers import MiB, need, run, served
+from nbd_helpers import MiB, need_loop_over_nbd, run, served
 
 
 def require_block_path() -> None:
-    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount")
-    if os.geteuid() != 0:
-        pytest.skip("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is not available")
-    if subprocess.run(["losetup", "-f"], capture_output=True).returncode:
-        pytest.skip("no free loop device")
+    need_loop_over_nbd("fsck.ext4")
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ def test_a_client_that_flushes_after_every_write_is_synced_before_it_asks(tmp_pa
         client.sendall(_request(P.Cmd.WRITE, i * 4096, bytes([i + 1]) * 4096, cookie=i))
         assert _replies(client, 1) == {i: 0}
         if i:          # from the second round on, the pattern is known
-            crashkit_wait(lambda: slog.synced == slog.appended and not slog.pending)
+            wait_until(lambda: slog.synced == slog.appended and not slog.pending)
         client.sendall(_request(P.Cmd.FLUSH, cookie=100 + i))
         assert _replies(client, 1) == {100 + i: 0}
     syncs = slog.counters["syncs"]
@@ -156,7 +156,7 @@ def test_a_failed_sync_fails_every_held_request_and_the_session_goes_on(tmp_path
     crashkit._abandon(pool)
 
 
-def crashkit_wait(predicate, timeout=10.0):
+def wait_until(predicate, timeout=10.0):
     import time
     end = time.monotonic() + timeout
     while not predicate():
