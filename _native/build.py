@@ -16,6 +16,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "thinstore_native.h")
 SOURCE = os.path.join(HERE, "thinstore_native.c")
+NBD_HEADER = os.path.join(HERE, "nbd_fast.h")      # the NBD request loop (same module)
+NBD_SOURCE = os.path.join(HERE, "nbd_fast.c")
 
 
 def _cdef_block(path: str) -> str:
@@ -29,13 +31,13 @@ def _cdef_block(path: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(_cdef_block(HEADER))
+ffibuilder.cdef(_cdef_block(HEADER) + _cdef_block(NBD_HEADER))
 ffibuilder.set_source(
     "thinstore._thinstore_native",
-    '#include "thinstore_native.h"',
+    '#include "thinstore_native.h"\n#include "nbd_fast.h"',
     # relative to the project root: setuptools builds from there, and the
     # sdist must not record absolute paths
-    sources=[os.path.relpath(SOURCE)],
+    sources=[os.path.relpath(SOURCE), os.path.relpath(NBD_SOURCE)],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

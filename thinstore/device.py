@@ -40,6 +40,7 @@ class Device:
         lane = pool._lane
         self._fast = lane.writer(meta) if lane is not None else None
         self._fast_read = lane.reader(meta) if lane is not None else None
+        self._lane_structs = (lane.c, lane.dev_struct(meta)) if lane is not None else None
         # a lane write notes its range for the intent log here, before it returns
         self._notes, self._dev_id = pool._log.notes, meta.dev_id
 
@@ -69,6 +70,18 @@ class Device:
         if fua:
             self._pool.flush()
 
+    def lane_structs(self):
+        """The lane's (ts_pool *, ts_dev *) for a native caller of ts_write/ts_read
+        TS_REQ_LANE (nbd/burst.py), or None (no lane, or closed). Such a caller must
+        note_writes() each range it wrote before anyone can learn of the write."""
+        return None if self._closed else self._lane_structs
+
+    def note_writes(self, ranges) -> None:
+        """Add lane writes' (offset, length) pairs to the intent log's notes, as pwrite
+        does for its own (see lane_structs)."""
+        dev_id = self._dev_id
+        self._notes.extend([(dev_id, off, n) for off, n in ranges])
+
     def discard(self, offset: int, length: int) -> None:
         self._pool._discard(self._meta, offset, length)
 
@@ -86,7 +99,7 @@ class Device:
         """Release the handle (idempotent: a second close does nothing)."""
         if self._meta is not None and not self._closed:
             self._closed = True
-            self._fast = self._fast_read = None
+            self._fast = self._fast_read = self._lane_structs = None
             self._pool._release(self._meta)
 
     def __enter__(self):

@@ -169,6 +169,11 @@ class Lane:
             self._devs[key] = (dm, dev, None)
         return self._devs[key][1].c
 
+    def dev_struct(self, dm):
+        """dm's ts_dev for the lane (size 0 until the lane learns the device: every
+        request TS_SLOW); called under the pool lock, like writer."""
+        return self._dev(dm)
+
     def writer(self, dm):
         """A function (data, offset) -> bool for a handle on dm: True when the lane
         wrote it, False when the caller must take the general path. Called under the

@@ -43,6 +43,7 @@ class ServerConfig:
     workers: int = 4
     queue_depth: int = 32
     inflight_bytes: int = 128 << 20
+    native_loop: bool = True      # plain READ/WRITE served in C (nbd/burst.py)
 
 
 class NBDServer:

@@ -34,6 +34,7 @@ from time import perf_counter_ns
 
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
+from thinstore.nbd.burst import NativeLoop
 from thinstore.nbd.handshake import Agreement
 from thinstore.nbd.held import FAST_MAX, HeldReplies
 from thinstore.nbd.channel import Inbox, Outbox
@@ -108,6 +109,7 @@ class Transmission(HeldReplies):
         # once, so a TLS connection runs its requests in the reader thread.
         self._pool = None if agreement.tls or config.workers <= 0 else \
             ThreadPoolExecutor(config.workers, thread_name_prefix="nbd-io")
+        self._loop = NativeLoop.attach(self, agreement, config)   # plain READ/WRITE in C
 
     # -- main loop ---------------------------------------------------------------
     def run(self) -> None:
@@ -138,7 +140,10 @@ class Transmission(HeldReplies):
 
         Replies of requests run here are queued and flushed just before the
         reader would block, so a burst of requests gets one burst of replies.
+        The native loop (nbd/burst.py), when on, first serves what it can of it.
         """
+        if self._loop is not None:
+            self._loop.serve()
         if not self._inbox.has(P.REQUEST.size):
             self._settle()
         if self._outbox.dead:

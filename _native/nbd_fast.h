@@ -1,0 +1,103 @@
+/*
+ * nbd_fast.h -- the NBD server's native request loop (thinstore/nbd/burst.py).
+ *
+ * One NBD connection's hot path in C: the plain READs and WRITEs that the
+ * Python reader would serve on its fast path (thinstore/nbd/transmission.py,
+ * _fast_path) are parsed from the connection's input buffer, run through the
+ * lane (ts_write / ts_read in mode TS_REQ_LANE, thinstore_native.h) and
+ * answered into an output buffer, many requests per call and without the GIL.
+ * Anything else is left to Python, which handles it exactly as it would have
+ * without this loop: the loop is an accelerator, never the only way.
+ *
+ * _native/build.py feeds the block between the cdef markers to cffi after
+ * thinstore_native.h's (same extension module, same TS_API_VERSION).
+ *
+ * Wire formats (doc/proto.md of the NBD project, "Transmission phase"; all
+ * big-endian): request header 28 bytes (magic 0x25609513 u32, flags u16,
+ * type u16, cookie u64, offset u64, length u32), then a WRITE's payload;
+ * simple reply 16 bytes (magic 0x67446698, error u32 = 0, cookie u64), then a
+ * READ's data; structured reply chunks (magic 0x668E33EF u32, flags u16 =
+ * DONE, type u16, cookie u64, length u32): OFFSET_DATA (type 1, length 8 +
+ * data: offset u64 then the data; 28 bytes before the data) and OFFSET_HOLE
+ * (type 2, length 12: offset u64, size u32; 32 bytes in all).
+ */
+#ifndef THINSTORE_NBD_FAST_H
+#define THINSTORE_NBD_FAST_H
+
+#include "thinstore_native.h"
+
+/* cdef-begin: everything up to cdef-end is parsed by cffi. */
+
+#define TS_NBD_FAST_MAX 131072   /* largest READ/WRITE served (held.py FAST_MAX)      */
+#define TS_NBD_HEADER 28         /* request header bytes                              */
+#define TS_NBD_NOTES_MAX 64      /* writes recorded per call: the call stops at this   */
+
+/* Why ts_nbd_burst returned (the request at ibuf[start] is unconsumed in each case): */
+#define TS_NBD_IDLE 0    /* no whole request header is buffered and may_block was 0 */
+#define TS_NBD_FULL 1    /* the output buffer reached out_flush bytes or max_replies
+                          * replies, or the next reply does not fit in it            */
+#define TS_NBD_OTHER 2   /* the next request is not one this loop serves, or the lane
+                          * stood aside (TS_SLOW) or failed (err): Python's path     */
+#define TS_NBD_CLOSED 3  /* recv saw the end of the stream or an error (err): Python's
+                          * own read will report it                                  */
+
+/*
+ * One connection, set up and kept in step by Python (thinstore/nbd/burst.py):
+ *   pool, dev        the lane's structs for the exported device (fastlane.py)
+ *   fd               the connection's socket (plain, blocking; never TLS); the
+ *                    loop only receives from it, it never sends
+ *   structured       1 when structured replies were negotiated
+ *   writable         0 when WRITEs must get Python's answer (a read-only export)
+ *   ibuf[in_size], start, end  the connection's input buffer (channel.Inbox's
+ *                    bytearray and its cursors): bytes [start, end) are received
+ *                    and unconsumed.  The loop consumes whole requests and
+ *                    receives into it, moving [start, end) to the front first
+ *                    (as Inbox._fill does); in_size >= 28 + TS_NBD_FAST_MAX.
+ *   obuf[out_size], out_len  replies are appended at obuf[out_len]; Python sends
+ *                    them in order and resets out_len (and replies) once sent
+ *   out_flush, max_replies   stop (TS_NBD_FULL) once out_len >= out_flush or
+ *                    replies >= max_replies (the channel.Outbox's flush points)
+ *   replies          replies in obuf since Python last reset it
+ *   stat[6]          this call's served READs: ops, bytes, ns; WRITEs: ops,
+ *                    bytes, ns (zeroed at the start of each call; every served
+ *                    request is timed, CLOCK_MONOTONIC, from its header and
+ *                    payload being in to its reply being in obuf)
+ *   notes[2 * n]     (offset, length) of each WRITE served in this call, n =
+ *                    stat[3]: Python adds them to the intent log's notes before
+ *                    it sends any reply of the call (the crash contract)
+ *   err              the lane's or recv's error behind TS_NBD_OTHER/CLOSED, or 0
+ */
+typedef struct ts_nbd_conn {
+    ts_pool *pool; ts_dev *dev;
+    int fd; int structured; int writable;
+    uint8_t *ibuf; uint64_t in_size; uint64_t start; uint64_t end;
+    uint8_t *obuf; uint64_t out_size; uint64_t out_len; uint64_t out_flush;
+    uint32_t replies; uint32_t max_replies;
+    int64_t stat[6];
+    uint64_t notes[128];
+    int64_t err;
+} ts_nbd_conn;
+
+/*
+ * Serve requests from c->ibuf until one of the stops above.  A request is served
+ * when magic is right, flags 0, type READ (0) or WRITE (1), 0 < length <=
+ * TS_NBD_FAST_MAX, offset + length <= dev->size, and for a WRITE writable;
+ * then a WRITE's payload (received to the end, blocking, when only part of it
+ * is buffered: the client sends it at once) goes through ts_write TS_REQ_LANE
+ * and a READ's data into obuf through ts_read TS_REQ_LANE.  If the lane answers
+ * TS_SLOW or an error the request stays unconsumed (TS_NBD_OTHER); Python then
+ * does it on its own path (so a failing request is tried again there, and
+ * answered with its error).  Replies: WRITE a simple reply; READ a simple reply
+ * and the data, or with structured replies one chunk flagged DONE: OFFSET_HOLE
+ * when the data read is all zeros, else OFFSET_DATA -- byte for byte what
+ * transmission.py sends for the same request.
+ * may_block: Python has settled (sent its replies, answered what it held) since
+ * the last request was consumed; only then may the loop block for a request
+ * header, and only until the first request of the call is consumed.
+ * Returns one of TS_NBD_*.
+ */
+int ts_nbd_burst(ts_nbd_conn *c, int may_block);
+
+/* cdef-end */
+
+#endif /* THINSTORE_NBD_FAST_H */

@@ -1,0 +1,125 @@
+"""The native request loop: a connection's plain READs and WRITEs served in C.
+
+With the native backend, a plain-socket connection's reader thread first hands
+its input buffer to ``ts_nbd_burst`` (_native/nbd_fast.h), which serves, without
+the GIL and many at a time, every request the reader's own fast path would serve
+(flagless READ and WRITE, 0 < length <= FAST_MAX, in range, through the lane)
+and stops at the first one it does not: that request stays at the head of the
+inbox and the reader handles it exactly as it would without the loop. So the
+loop is an accelerator: TLS connections, the pure-Python backend, and
+``THINSTORE_NBD_LOOP=0`` (or ``ServerConfig.native_loop = False``) take the
+Python path alone, and the wire sees the same bytes either way.
+
+How it keeps Transmission's promises:
+
+- replies: C never sends. It appends replies to an output buffer; this module
+  queues each call's new replies in the connection's Outbox (one send lock for
+  the reader and the workers), and C appends after them until the Outbox is
+  empty again, so a queued reply is never overwritten;
+- the crash contract: every WRITE served is noted in the intent log's notes
+  (Device.note_writes) before any reply of the call is queued, as Device.pwrite
+  notes before it returns;
+- held replies: C blocks for a request header only when asked (``may_block``),
+  which this module does right after ``_settle``, and only until the first
+  request of the call; so the reader settles before every read that could
+  block, as it does without the loop;
+- counters: ``stats.inline`` READ/WRITE ops, bytes and service time (C times
+  every request it serves, not one in eight), ``moved``, ``_burst`` and
+  ``_since_flush`` count C's requests as the Python path would.
+"""
+
+from __future__ import annotations
+
+import os
+
+from thinstore import native
+from thinstore.nbd import stats as S
+from thinstore.nbd.channel import FLUSH_BYTES, FLUSH_COUNT
+from thinstore.nbd.held import FAST_MAX
+
+ENV = "THINSTORE_NBD_LOOP"          # "0": every request takes the Python path
+OUT_SIZE = FLUSH_BYTES + FAST_MAX + 64   # one more reply always fits past the flush point
+
+if native.NATIVE:
+    _lib, _ffi = native.lib, native.ffi
+    _IDLE, _FULL = _lib.TS_NBD_IDLE, _lib.TS_NBD_FULL
+    assert _lib.TS_NBD_FAST_MAX == FAST_MAX
+
+
+class NativeLoop:
+    """One connection's ts_nbd_conn and the Python half of the loop."""
+
+    @classmethod
+    def attach(cls, tx, agreement, config) -> NativeLoop | None:
+        """The loop for Transmission `tx`, or None when its requests take the Python path."""
+        if not native.NATIVE or agreement.tls or not getattr(config, "native_loop", True) \
+                or os.environ.get(ENV, "") == "0":
+            return None
+        structs = tx.dev.lane_structs()
+        if structs is None or len(tx._inbox.buf) < _lib.TS_NBD_HEADER + FAST_MAX:
+            return None
+        return cls(tx, *structs)
+
+    def __init__(self, tx, pool_c, dev_c):
+        c = self.c = _ffi.new("ts_nbd_conn *")
+        self._out = bytearray(OUT_SIZE)
+        self._view = memoryview(self._out)
+        # the cdata keep the buffers' pointers valid; the buffers are never resized
+        self._keep = (pool_c, dev_c, _ffi.from_buffer("uint8_t[]", tx._inbox.buf, True),
+                      _ffi.from_buffer("uint8_t[]", self._out, True))
+        c.pool, c.dev = pool_c, dev_c
+        c.fd = tx.sock.fileno()
+        c.structured, c.writable = int(tx.structured), int(not tx.read_only)
+        c.ibuf, c.in_size = self._keep[2], len(tx._inbox.buf)
+        c.obuf, c.out_size = self._keep[3], OUT_SIZE
+        c.out_flush, c.max_replies = FLUSH_BYTES, FLUSH_COUNT
+        self._tx = tx
+
+    def serve(self) -> None:
+        """Serve requests in C until the next one is the reader's (left at the head of
+        the inbox), the stream ends, or the peer stopped taking replies."""
+        tx, c, burst = self._tx, self.c, _lib.ts_nbd_burst
+        inbox, outbox = tx._inbox, tx._outbox
+        may_block = 0
+        while True:
+            if not outbox._queued:          # every reply queued from the buffer is sent
+                c.out_len = c.replies = 0
+            mark = c.out_len
+            c.start, c.end = inbox.start, inbox.end
+            rc = burst(c, may_block)
+            inbox.start, inbox.end = c.start, c.end
+            if c.out_len != mark:
+                self._account(tx, mark)
+            if rc == _IDLE:
+                tx._settle()
+                if outbox.dead:
+                    return
+                may_block = 1
+            elif rc == _FULL:
+                outbox.flush()
+            else:
+                return
+
+    def _account(self, tx, mark: int) -> None:
+        """Fold one call's counters into the connection's, note its writes, queue its
+        replies (in that order: no reply goes out before its write is noted)."""
+        c = self.c
+        r_ops, r_bytes, r_ns, w_ops, w_bytes, w_ns = _ffi.unpack(c.stat, 6)
+        counts = tx.stats.inline            # the reader's own list (nbd/stats.py)
+        if w_ops:
+            n = _ffi.unpack(c.notes, 2 * w_ops)
+            tx.dev.note_writes(zip(n[0::2], n[1::2]))
+            counts[S.WRITE] += w_ops
+            counts[S.WRITE + 1] += w_bytes
+            counts[S.WRITE + 2] += w_ns
+            counts[S.WRITE + 3] += w_ops
+            tx._since_flush += w_ops
+            tx.moved[1] += w_bytes
+        if r_ops:
+            counts[S.READ] += r_ops
+            counts[S.READ + 1] += r_bytes
+            counts[S.READ + 2] += r_ns
+            counts[S.READ + 3] += r_ops
+            tx.moved[0] += r_bytes
+        tx._burst += r_ops + w_ops
+        tx._outbox.queue((self._view[mark:c.out_len],))
