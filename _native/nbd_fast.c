@@ -85,6 +85,8 @@ static void chunk_head(uint8_t *o, uint16_t type, uint64_t cookie, uint32_t leng
     put64(o + 20, offset);
 }
 
+static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length, int64_t t0);
+
 /* One WRITE whose header and payload are at h: TS_NBD_OTHER when the lane
  * stands aside, else served (-1). */
 static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64_t offset,
@@ -98,6 +100,12 @@ static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64
         return TS_NBD_OTHER;
     }
     c->start += TS_NBD_HEADER + (uint64_t)length;
+    return wrote(c, cookie, offset, length, t0);
+}
+
+/* A WRITE the lane did: its reply, its note, its counts; -1 (served). */
+static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length, int64_t t0)
+{
     simple_reply(c->obuf + c->out_len, cookie);
     c->out_len += SIMPLE_LEN;
     uint64_t k = (uint64_t)c->stat[3];
@@ -109,22 +117,57 @@ static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64
     return -1;
 }
 
+/* A large WRITE: its payload into big (what is buffered, then the rest from the
+ * socket), then the lane; TS_NBD_TAKEN when the lane does not write it. */
+static int serve_large_write(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length)
+{
+    uint64_t have = c->end - c->start - TS_NBD_HEADER;
+    if (have > length) have = length;
+    memcpy(c->big, c->ibuf + c->start + TS_NBD_HEADER, have);
+    c->start += TS_NBD_HEADER + have;
+    while (have < length) {
+        ssize_t n = recv(c->fd, c->big + have, length - have, MSG_WAITALL);  /* one wake-up */
+        if (n > 0) { have += (uint64_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd p = { c->fd, POLLIN, 0 };
+            poll(&p, 1, -1);
+            continue;
+        }
+        c->err = n < 0 ? -errno : 0;
+        return TS_NBD_CLOSED;          /* the payload is lost with the connection */
+    }
+    int64_t t0 = now_ns();
+    int64_t rc = ts_write(c->pool, c->dev, c->big, offset, length, TS_REQ_LANE, NULL, 0);
+    if (rc < 0) {
+        c->err = rc == TS_SLOW ? 0 : rc;
+        c->taken_cookie = cookie;
+        c->taken_offset = offset;
+        c->taken_length = length;
+        return TS_NBD_TAKEN;
+    }
+    return wrote(c, cookie, offset, length, t0);
+}
+
 /* One READ (its header consumed only when served) into out. */
 static int serve_read(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length)
 {
     int64_t t0 = now_ns();
     uint64_t head = c->structured ? DATA_HEAD : SIMPLE_LEN;
     uint8_t *o = c->obuf + c->out_len;
-    int64_t rc = ts_read(c->pool, c->dev, o + head, offset, length, TS_REQ_LANE);
-    if (rc < 0) {
-        c->err = rc == TS_SLOW ? 0 : rc;
+    int large = length > TS_NBD_FAST_MAX && c->structured;
+    int64_t rc = large ? ts_read_runs(c->pool, c->dev, o + head, offset, length)
+                       : ts_read(c->pool, c->dev, o + head, offset, length, TS_REQ_LANE);
+    if (rc < 0 || rc == TS_RUNS_MIXED) {
+        c->err = rc == TS_SLOW || rc == TS_RUNS_MIXED ? 0 : rc;
         return TS_NBD_OTHER;
     }
     c->start += TS_NBD_HEADER;
     if (!c->structured) {
         simple_reply(o, cookie);
         c->out_len += SIMPLE_LEN + length;
-    } else if (ts_is_zero(o + head, length)) {   /* OFFSET_HOLE: reads as zeros */
+    } else if (large ? rc == TS_RUNS_HOLE : ts_is_zero(o + head, length)) {
+        /* OFFSET_HOLE: reads as zeros (small), or no chunk mapped (large) */
         chunk_head(o, TYPE_OFFSET_HOLE, cookie, 12, offset);
         put32(o + 28, length);
         c->out_len += HOLE_LEN;
@@ -155,18 +198,24 @@ int ts_nbd_burst(ts_nbd_conn *c, int may_block)
         uint64_t cookie = get64(h + 8), offset = get64(h + 16);
         uint32_t length = get32(h + 24);
         uint64_t size = __atomic_load_n(&c->dev->size, __ATOMIC_RELAXED);
+        uint64_t most = c->large_max > TS_NBD_FAST_MAX ? c->large_max : TS_NBD_FAST_MAX;
         if (get32(h) != REQUEST_MAGIC || flags || type > CMD_WRITE || length == 0 ||
-            length > TS_NBD_FAST_MAX || offset > size || length > size - offset)
+            length > most || offset > size || length > size - offset)
             return TS_NBD_OTHER;
         int rc;
         if (type == CMD_WRITE) {
             if (!c->writable) return TS_NBD_OTHER;
             if (c->out_len + SIMPLE_LEN > c->out_size) return TS_NBD_FULL;
-            if (c->end - c->start < TS_NBD_HEADER + (uint64_t)length) {
-                if (fill(c, TS_NBD_HEADER + (uint64_t)length) < 0) return TS_NBD_CLOSED;
-                h = c->ibuf + c->start;
+            if (length > TS_NBD_FAST_MAX) {
+                if (!c->big || length > c->big_size) return TS_NBD_OTHER;
+                rc = serve_large_write(c, cookie, offset, length);
+            } else {
+                if (c->end - c->start < TS_NBD_HEADER + (uint64_t)length) {
+                    if (fill(c, TS_NBD_HEADER + (uint64_t)length) < 0) return TS_NBD_CLOSED;
+                    h = c->ibuf + c->start;
+                }
+                rc = serve_write(c, h, cookie, offset, length);
             }
-            rc = serve_write(c, h, cookie, offset, length);
         } else {
             uint64_t need = (c->structured ? DATA_HEAD : SIMPLE_LEN) + (uint64_t)length;
             if (need < HOLE_LEN) need = HOLE_LEN;

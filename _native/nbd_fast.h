@@ -40,6 +40,9 @@
                           * stood aside (TS_SLOW) or failed (err): Python's path     */
 #define TS_NBD_CLOSED 3  /* recv saw the end of the stream or an error (err): Python's
                           * own read will report it                                  */
+#define TS_NBD_TAKEN 4   /* a large WRITE was received (header consumed, payload in
+                          * big) but the lane stood aside or failed: Python does it
+                          * (taken_cookie, taken_offset, taken_length)               */
 
 /*
  * One connection, set up and kept in step by Python (thinstore/nbd/burst.py):
@@ -65,6 +68,10 @@
  *   notes[2 * n]     (offset, length) of each WRITE served in this call, n =
  *                    stat[3]: Python adds them to the intent log's notes before
  *                    it sends any reply of the call (the crash contract)
+ *   large_max        READs and WRITEs above TS_NBD_FAST_MAX and up to this are
+ *                    served too (0: none); a WRITE's payload goes to
+ *   big[big_size]    (big_size >= large_max), received whole before the lane
+ *                    writes it; taken_* name one Python must do (TS_NBD_TAKEN)
  *   err              the lane's or recv's error behind TS_NBD_OTHER/CLOSED, or 0
  */
 typedef struct ts_nbd_conn {
@@ -75,22 +82,29 @@ typedef struct ts_nbd_conn {
     uint32_t replies; uint32_t max_replies;
     int64_t stat[6];
     uint64_t notes[128];
+    uint64_t large_max; uint8_t *big; uint64_t big_size;
+    uint64_t taken_cookie; uint64_t taken_offset; uint64_t taken_length;
     int64_t err;
 } ts_nbd_conn;
 
 /*
  * Serve requests from c->ibuf until one of the stops above.  A request is served
  * when magic is right, flags 0, type READ (0) or WRITE (1), 0 < length <=
- * TS_NBD_FAST_MAX, offset + length <= dev->size, and for a WRITE writable;
- * then a WRITE's payload (received to the end, blocking, when only part of it
- * is buffered: the client sends it at once) goes through ts_write TS_REQ_LANE
- * and a READ's data into obuf through ts_read TS_REQ_LANE.  If the lane answers
- * TS_SLOW or an error the request stays unconsumed (TS_NBD_OTHER); Python then
- * does it on its own path (so a failing request is tried again there, and
- * answered with its error).  Replies: WRITE a simple reply; READ a simple reply
- * and the data, or with structured replies one chunk flagged DONE: OFFSET_HOLE
- * when the data read is all zeros, else OFFSET_DATA -- byte for byte what
- * transmission.py sends for the same request.
+ * max(TS_NBD_FAST_MAX, large_max), offset + length <= dev->size, and for a
+ * WRITE writable; then a WRITE's payload (received to the end, blocking, when
+ * only part of it is buffered: the client sends it at once) goes through
+ * ts_write TS_REQ_LANE and a READ's data into obuf through ts_read TS_REQ_LANE
+ * (ts_read_runs above TS_NBD_FAST_MAX).  If the lane answers TS_SLOW or an
+ * error the request stays unconsumed (TS_NBD_OTHER) -- except a large WRITE,
+ * whose payload is already out of the socket (TS_NBD_TAKEN); Python then does
+ * it on its own path (so a failing request is tried again there, and answered
+ * with its error).  Replies: WRITE a simple reply; READ a simple reply and the
+ * data, or with structured replies one chunk flagged DONE: up to
+ * TS_NBD_FAST_MAX, OFFSET_HOLE when the data read is all zeros, else
+ * OFFSET_DATA; above, OFFSET_HOLE when no chunk of the range is mapped,
+ * OFFSET_DATA when all are (a range with both is left to Python, which sends a
+ * chunk per run) -- byte for byte what transmission.py sends for the same
+ * request.
  * may_block: Python has settled (sent its replies, answered what it held) since
  * the last request was consumed; only then may the loop block for a request
  * header, and only until the first request of the call is consumed.

@@ -746,9 +746,23 @@ static int lane_readable(const ts_pool *l, const ts_dev *dev, uint64_t first,
     return 1;
 }
 
-/* TS_REQ_LANE: ts_read_range beside other readers, when the lane may. */
+/* What the map says of chunks [first, last] of dev: TS_RUNS_HOLE, _DATA or _MIXED. */
+static int64_t map_runs(const ts_pool *l, const ts_dev *dev, uint64_t first, uint64_t last)
+{
+    int seen = 0;
+    for (uint64_t v = first; v <= last; v++) {
+        int err = 0;
+        uint64_t c = lookup(dev->dir, dev->n_dir, l->pages, l->n_pages, v, &err);
+        if (err) return err;
+        seen |= c ? 2 : 1;
+    }
+    return seen == 3 ? TS_RUNS_MIXED : seen == 2 ? TS_RUNS_DATA : TS_RUNS_HOLE;
+}
+
+/* TS_REQ_LANE: ts_read_range beside other readers, when the lane may; with
+ * runs, the map's verdict on the range (ts_read_runs) instead of 0. */
 static int64_t read_lane(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t offset,
-                         uint64_t length)
+                         uint64_t length, int runs)
 {
     if (length == 0 || offset > dev->size || length > dev->size - offset || l->chunk_shift > 40)
         return TS_SLOW;
@@ -761,11 +775,19 @@ static int64_t read_lane(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t o
     } while (!__atomic_compare_exchange_n(&l->gate, &g, g + TS_GATE_READER, 0,
                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
     int64_t rc = TS_SLOW;
-    if (l->open && lane_readable(l, dev, first, last))
+    if (l->open && lane_readable(l, dev, first, last)) {
         rc = ts_read_range(dev->dir, dev->n_dir, l->pages, l->n_pages, l->chunk_shift, l->fd,
                            buf, offset, length);
+        if (rc == 0 && runs) rc = map_runs(l, dev, first, last);
+    }
     lane_leave(l, TS_GATE_READER);
     return rc;
+}
+
+int64_t ts_read_runs(ts_pool *p, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                     uint64_t length)
+{
+    return read_lane(p, dev, buf, offset, length, 1);
 }
 
 int64_t ts_read(ts_pool *p, const ts_dev *dev, uint8_t *buf, uint64_t offset,
@@ -776,7 +798,7 @@ int64_t ts_read(ts_pool *p, const ts_dev *dev, uint8_t *buf, uint64_t offset,
         return ts_read_range(dev->dir, dev->n_dir, p->pages, p->n_pages, p->chunk_shift, p->fd,
                              buf, offset, length);
     case TS_REQ_LANE:
-        return read_lane(p, dev, buf, offset, length);
+        return read_lane(p, dev, buf, offset, length, 0);
     default:
         return TS_E_ARG;
     }

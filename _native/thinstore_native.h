@@ -310,6 +310,19 @@ int64_t ts_read(ts_pool *pool, const ts_dev *dev, uint8_t *buf, uint64_t offset,
                 uint64_t length, int mode);
 
 /*
+ * ts_read TS_REQ_LANE that also says what the map holds for the range, read in
+ * the same pass through the gate (for a structured NBD reply, which answers
+ * unmapped runs as holes: nbd_fast.c): TS_RUNS_HOLE when no chunk of the range
+ * has a map entry, TS_RUNS_DATA when every chunk has one, TS_RUNS_MIXED else;
+ * TS_SLOW or an error as ts_read.
+ */
+#define TS_RUNS_HOLE 0
+#define TS_RUNS_DATA 1
+#define TS_RUNS_MIXED 2
+int64_t ts_read_runs(ts_pool *pool, const ts_dev *dev, uint8_t *buf, uint64_t offset,
+                     uint64_t length);
+
+/*
  * Unmap whole virtual chunks [first, first+count) of dev: each nonzero entry
  * becomes 0, its chunk loses one reference with ref_batch -1 rules (one batch
  * for the whole range) and its page is marked dirty; chunks under a missing page

@@ -33,16 +33,18 @@ from __future__ import annotations
 import os
 
 from thinstore import native
+from thinstore.nbd import protocol as P
 from thinstore.nbd import stats as S
 from thinstore.nbd.channel import FLUSH_BYTES, FLUSH_COUNT
 from thinstore.nbd.held import FAST_MAX
 
 ENV = "THINSTORE_NBD_LOOP"          # "0": every request takes the Python path
-OUT_SIZE = FLUSH_BYTES + FAST_MAX + 64   # one more reply always fits past the flush point
+LARGE_MAX = 4 << 20                 # = transmission.INLINE_MAX: READ/WRITE served up to this
+OUT_SIZE = FLUSH_BYTES + LARGE_MAX + 64  # one more reply always fits past the flush point
 
 if native.NATIVE:
     _lib, _ffi = native.lib, native.ffi
-    _IDLE, _FULL = _lib.TS_NBD_IDLE, _lib.TS_NBD_FULL
+    _IDLE, _FULL, _TAKEN = _lib.TS_NBD_IDLE, _lib.TS_NBD_FULL, _lib.TS_NBD_TAKEN
     assert _lib.TS_NBD_FAST_MAX == FAST_MAX
 
 
@@ -73,6 +75,11 @@ class NativeLoop:
         c.ibuf, c.in_size = self._keep[2], len(tx._inbox.buf)
         c.obuf, c.out_size = self._keep[3], OUT_SIZE
         c.out_flush, c.max_replies = FLUSH_BYTES, FLUSH_COUNT
+        # large requests: the lane writes at most TS_FAST_MAX_CHUNKS chunks at once
+        c.large_max = min(LARGE_MAX, (_lib.TS_FAST_MAX_CHUNKS - 1) * tx.dev.chunk_size)
+        self._big = bytearray(c.large_max)      # pages are touched only when used
+        c.big, c.big_size = _ffi.from_buffer("uint8_t[]", self._big, True), c.large_max
+        self._keep += (c.big,)
         self._tx = tx
 
     def serve(self) -> None:
@@ -97,8 +104,20 @@ class NativeLoop:
                 may_block = 1
             elif rc == _FULL:
                 outbox.flush()
+            elif rc == _TAKEN:
+                self._taken(tx)
             else:
                 return
+
+    def _taken(self, tx) -> None:
+        """A large WRITE the loop received but the lane did not write: the reader's
+        path does it, as _next_request would have (inline: up to INLINE_MAX)."""
+        c = self.c
+        n = c.taken_length
+        tx._burst += 1
+        tx.moved[1] += n
+        req = P.Request(P.REQUEST_MAGIC, 0, P.Cmd.WRITE, c.taken_cookie, c.taken_offset, n)
+        tx._execute(req, self._big[:n], None)     # a copy: the buffer is reused
 
     def _account(self, tx, mark: int) -> None:
         """Fold one call's counters into the connection's, note its writes, queue its

@@ -34,7 +34,7 @@ from time import perf_counter_ns
 
 from thinstore.errors import ThinstoreError
 from thinstore.nbd import protocol as P
-from thinstore.nbd.burst import NativeLoop
+from thinstore.nbd.burst import LARGE_MAX, NativeLoop
 from thinstore.nbd.handshake import Agreement
 from thinstore.nbd.held import FAST_MAX, HeldReplies
 from thinstore.nbd.channel import Inbox, Outbox
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
 INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
+assert INLINE_MAX == LARGE_MAX  # ... and in the native loop (nbd/burst.py)
 _ZEROS = memoryview(bytes(FAST_MAX))
 # Plain ints for the hot path: an IntEnum member lookup (P.Cmd.WRITE) costs ~90 ns, as much
 # as the rest of the request counting; READ (0) and WRITE (1) shifted by 2 are where their
