@@ -157,6 +157,23 @@ def test_loop_answers_like_the_python_path(export, structured, slow):
         assert on[2]["write_timed"] > off[2]["write_timed"]
 
 
+@pytest.mark.parametrize("length", [4096, 1 << 20])
+def test_a_write_the_lane_leaves_is_answered_at_once(length):
+    """An all-zero WRITE (the lane leaves it to the general path) sent alone gets its
+    reply without the client sending anything more, small or large."""
+    with served() as s:
+        _fill(s.pool)
+        client = RawClient(s.sock)
+        client.greet()
+        client.go("v")
+        for cookie in range(1, 4):
+            client.request(_W, MiB * cookie, length, cookie=cookie, data=bytes(length))
+            assert client.simple_reply() == (cookie, 0, b"")
+            client.request(_R, MiB * cookie, 4096, cookie=10 + cookie)
+            assert client.structured_reply()[0] == 10 + cookie
+        client.close()
+
+
 def test_hang_up_in_a_payload_the_loop_waits_for():
     """A client gone in the middle of a WRITE's payload: the connection ends, the
     write is not applied, the server keeps serving."""

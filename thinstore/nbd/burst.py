@@ -97,6 +97,7 @@ class NativeLoop:
             inbox.start, inbox.end = c.start, c.end
             if c.out_len != mark:
                 self._account(tx, mark)
+                may_block = 0           # a request was read since the reader settled
             if rc == _IDLE:
                 tx._settle()
                 if outbox.dead:
@@ -106,6 +107,7 @@ class NativeLoop:
                 outbox.flush()
             elif rc == _TAKEN:
                 self._taken(tx)
+                may_block = 0
             else:
                 return
 
