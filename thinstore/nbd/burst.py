@@ -100,8 +100,6 @@ class NativeLoop:
                 may_block = 0           # a request was read since the reader settled
             if rc == _IDLE:
                 tx._settle()
-                if outbox.dead:
-                    return
                 may_block = 1
             elif rc == _FULL:
                 outbox.flush()
@@ -109,6 +107,8 @@ class NativeLoop:
                 self._taken(tx)
                 may_block = 0
             else:
+                return
+            if outbox.dead:             # the reader's check before each request
                 return
 
     def _taken(self, tx) -> None:
