@@ -29,7 +29,8 @@ SIZE = 8 * MiB
 FAST_MAX = 128 << 10
 _W, _R = P.Cmd.WRITE, P.Cmd.READ
 
-pytestmark = pytest.mark.skipif(not native.NATIVE, reason="the loop needs the native backend")
+needs_loop = pytest.mark.skipif(native.BACKEND != "native",
+                                reason="the loop runs with the native backend only")
 
 
 def _fill(pool) -> None:
@@ -141,6 +142,7 @@ def _run_stream(export: str, structured: bool, loop: bool, seed: int, slow_paylo
         return replies, contents, counts
 
 
+@needs_loop
 @pytest.mark.parametrize("export,structured,slow", [
     ("v", True, False), ("v", False, True), ("v@s", True, True), ("v@s", False, False)])
 def test_loop_answers_like_the_python_path(export, structured, slow):
@@ -226,6 +228,7 @@ def test_real_clients_through_the_loop():
             serve.stop()
 
 
+@needs_loop
 def test_writes_the_loop_answered_survive_a_kill_after_a_flush_elsewhere():
     """The crash contract through the loop: 4 KiB writes pipelined on one connection
     (served in C: overwrites, and first writes whose new chunks only the map and
