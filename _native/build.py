@@ -2,7 +2,8 @@
 
 It only declares and builds: the declarations are the cdef block of
 thinstore_native.h (the documented contract), the implementation is
-thinstore_native.c compiled into the extension ``thinstore._thinstore_native``.
+thinstore_native.c (the kernels) and intentlog.c (the intent log's gathering and sync thread),
+compiled into the extension ``thinstore._thinstore_native``.
 Nothing from thinstore is imported, so this runs in a bare build environment.
 
     python setup.py build_ext --inplace   # development build, next to thinstore/
@@ -15,7 +16,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "thinstore_native.h")
-SOURCE = os.path.join(HERE, "thinstore_native.c")
+SOURCES = [os.path.join(HERE, name) for name in ("thinstore_native.c", "intentlog.c")]
 
 
 def _cdef_block(path: str) -> str:
@@ -35,7 +36,7 @@ ffibuilder.set_source(
     '#include "thinstore_native.h"',
     # relative to the project root: setuptools builds from there, and the
     # sdist must not record absolute paths
-    sources=[os.path.relpath(SOURCE)],
+    sources=[os.path.relpath(p) for p in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

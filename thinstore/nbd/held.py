@@ -10,9 +10,11 @@ flight is held (nothing can arrive meanwhile), else on a worker, so the requests
 client sends on the replies just sent are read while the log syncs.
 
 And when a client sending one request at a time has been sending a FLUSH after
-every N writes, the reader, about to block after answering the N-th write, flushes
-first: the fdatasync overlaps the client's round trip, and the FLUSH that follows
-finds nothing to sync.
+every N writes, the reader, about to block after the N-th write, flushes first: it
+appends the record and hands its fdatasync to the log's sync thread (synclog.py)
+before the write's reply goes out, so the disk works while the reply travels and
+the client turns round, and the FLUSH that follows waits only for the rest of it.
+Where the log has no sync thread, the reader flushes right after sending.
 A client that stops flushing costs at most one such flush.
 
 What must hold:
@@ -87,13 +89,21 @@ class HeldReplies:
         the client has in flight is held (nothing can arrive meanwhile, and a hand-off
         would only add latency), else on a worker, so the requests the client sends
         on the replies just sent are read while the log syncs. With nothing held, when
-        the client sends one request at a time and its pattern says a FLUSH comes
-        next, flush now, while its round trip is under way (a client with more in
-        flight has its FLUSH in the same burst, and would wait for this sync)."""
+        the client's pattern says a FLUSH comes next, flush now, while its round trip
+        is under way: on the log's sync thread, started before the replies go out
+        (the reader never waits for it), or, without one, in the reader after
+        sending, and then only for a client with one request in flight (one with more
+        has its FLUSH in the same burst, and would wait for this sync). Held replies
+        that go to a worker have their record appended and its sync started here
+        too, so the hand-off's latency is not added to the disk's."""
         others, alone = bool(self._outbox._queued), self._burst == 1
         self._burst = 0
-        self._outbox.flush()
         held, self._held = self._held, []
+        early = not held and self._since_flush and \
+            self._since_flush == self._flush_gap and not self.read_only
+        # the log's sync thread starts on the record before the replies go out
+        started = (early or held and others) and self._start_flush()
+        self._outbox.flush()
         if held:
             if others and self._pool is not None:
                 self._budget.acquire(0)
@@ -101,12 +111,20 @@ class HeldReplies:
             else:
                 self._settle_held(held)
                 self._outbox.flush()
-        elif alone and self._since_flush and self._since_flush == self._flush_gap \
-                and not self.read_only:
+        elif early and alone and not started:
             try:
                 self.dev.flush()
             except Exception as exc:    # the FLUSH itself will report it, if one comes
                 log.debug("early flush failed: %s", exc)
+
+    def _start_flush(self) -> bool:
+        """The early flush without waiting (its fdatasync on the log's sync thread);
+        False when the pool has no sync thread, and the reader flushes after sending."""
+        try:
+            return self.dev.flush(wait=False)
+        except Exception as exc:        # the FLUSH itself will report it, if one comes
+            log.debug("early flush failed: %s", exc)
+            return True
 
     def _settle_held(self, held: list, pooled: bool = False) -> None:
         """Flush once, then answer every request of `held` (an error to each if the
