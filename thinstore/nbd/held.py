@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HOLD_MAX = 64                   # held FLUSH/FUA replies that make the reader settle at once
 _WRITE, _FLUSH, _FUA = int(P.Cmd.WRITE), int(P.Cmd.FLUSH), P.CMD_FLAG_FUA
+_HEADER = P.REQUEST.size
 FAST_MAX = 128 << 10            # READ/WRITE (and FUA WRITE) up to this take the fast paths
 
 
@@ -70,6 +71,8 @@ class HeldReplies:
             counts = self.stats.inline
             counts[S.WRITE] += 1
             counts[S.WRITE + 1] += length
+            if not self._inbox.has(_HEADER):   # the reader settles next: start the
+                self._start_flush()            # record's write now, before that Python
         else:
             return False
         self._hold(P.Request(magic, flags, kind, cookie, offset, length))
