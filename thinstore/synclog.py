@@ -5,9 +5,10 @@ and then the superblock; its cost grows with the metadata. A FLUSH only needs
 every write acknowledged so far to be found again after a crash. So, as ZFS's
 intent log does for sync writes between transaction groups, a flush appends ONE
 record to ``POOL/log`` holding the present bytes of every range written, zeroed or
-discarded since the last record or commit, and makes that record durable with one
-fdatasync of the log (nothing else is synced: the record carries the bytes, so the
-data file's own copy of them may still be in the page cache). The periodic full
+discarded since the last record or commit, and makes that record durable: one
+O_DIRECT|O_DSYNC write of it (the native log writer), or one fdatasync of the log
+(nothing else is synced: the record carries the bytes, so the data file's own copy
+of them may still be in the page cache). The periodic full
 commit stays the way metadata reaches a consistent tree; it makes everything
 durable and starts a new *epoch*: the next record goes to the start of the log.
 
@@ -24,13 +25,16 @@ Invariants:
 - A record is built under the pool's shared lock (reads may run, no write does: the
   lane's gate keeps native writes out too) and appended under the log's own mutex, so
   it holds the content after every write that returned before the flush began, and
-  records keep the order of their sequence numbers. Its fdatasync runs outside both;
-  flushes that arrive while one syncs wait and share the next fdatasync (group
-  commit). A flush returns only once a fdatasync that began after its record was
-  written has completed. A flush that finds no notes and nothing appended unsynced
-  returns without the lock: notes are dropped only after `appended` counts their
-  record, and `synced` grows only past a completed fdatasync (or a commit). The full commit (exclusive lock) never runs beside a record
-  being built, so it can reset the epoch without the mutex.
+  records keep the order of their sequence numbers. Making it durable happens
+  outside both: on the native log writer (intentlog.c: an O_DIRECT|O_DSYNC write,
+  Linux AIO or a writer thread) where the log has a descriptor, else one fdatasync
+  here; flushes that arrive meanwhile share the next one (group commit). A flush
+  returns only once every record up to its own is durable. A flush that finds no
+  notes takes no lock: it waits (if need be) for the records appended so far, as
+  notes are dropped only after `appended` counts their record, and `synced` grows
+  only past a durable write (or a commit). The full commit (exclusive lock) never
+  runs beside a record being built, so it can reset the epoch without the mutex;
+  it drains the records in flight first.
 - Ranges are noted before a write returns (Device.pwrite after the native lane,
   DataPath under the lock), so a write acknowledged before a flush began is in that
   flush's record or an earlier one. The note list is only appended to and cut from
@@ -144,16 +148,22 @@ class SyncLog:
         Returns True."""
         if not wait and not self._async:
             return False
-        if not self.notes and self.synced >= self.appended and not pool._closed:
-            return True     # nothing noted, everything appended durable: no lock needed
-        with pool.lock.shared:
-            pool._check_open()
-            with self._append:
-                if not self.notes:
-                    ticket = self.appended
-                else:
-                    record, noted = self.capture(pool)
-                    ticket = None if record is None else self.append(record, noted)
+        if not self.notes and not pool._closed:
+            # Nothing noted: no lock is needed. Notes are dropped only after `appended`
+            # counts their record, so every write that returned before this call is
+            # in a record up to `appended` (read after the notes).
+            ticket = self.appended
+            if self.synced >= ticket:
+                return True
+        else:
+            with pool.lock.shared:
+                pool._check_open()
+                with self._append:
+                    if not self.notes:
+                        ticket = self.appended
+                    else:
+                        record, noted = self.capture(pool)
+                        ticket = None if record is None else self.append(record, noted)
         if ticket is None:
             self._counts["commits_instead"] += 1
             pool.commit()
