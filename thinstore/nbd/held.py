@@ -9,12 +9,17 @@ thread hand-off. The flush runs in the reader when every request the client has 
 flight is held (nothing can arrive meanwhile), else on a worker, so the requests the
 client sends on the replies just sent are read while the log syncs.
 
-And when a client sending one request at a time has been sending a FLUSH after
-every N writes, the reader, about to block after the N-th write, flushes first: it
-appends the record and hands its fdatasync to the log's sync thread (synclog.py)
-before the write's reply goes out, so the disk works while the reply travels and
-the client turns round, and the FLUSH that follows waits only for the rest of it.
-Where the log has no sync thread, the reader flushes right after sending.
+And when a client has been sending a FLUSH after every N writes, the reader, about
+to block after the N-th write, flushes first: it appends the record and starts its
+write on the log writer (synclog.py, intentlog.c) before the replies go out, so the
+disk works while they travel and the client turns round, and the FLUSH that follows
+waits only for the rest of it. Without a log writer, a client with one request in
+flight gets that flush in the reader right after the replies are sent. Each such
+guess is scored when the next FLUSH (or FUA write) comes: +1 when it came right
+there, -2 when more writes came first (the record then only cost a write); below 0
+the reader stops acting on its guesses and only keeps scoring them, so a file
+system's journal, whose gaps vary, does not pay for records its next writes make
+useless, and a database that flushes after every commit gets them.
 A client that stops flushing costs at most one such flush.
 
 What must hold:
@@ -39,6 +44,7 @@ HOLD_MAX = 64                   # held FLUSH/FUA replies that make the reader se
 _WRITE, _FLUSH, _FUA = int(P.Cmd.WRITE), int(P.Cmd.FLUSH), P.CMD_FLAG_FUA
 _HEADER = P.REQUEST.size
 FAST_MAX = 128 << 10            # READ/WRITE (and FUA WRITE) up to this take the fast paths
+_SCORE_MAX, _SCORE_MIN = 4, -8  # bounds of the early flush's score (module docstring)
 
 
 class HeldReplies:
@@ -48,6 +54,8 @@ class HeldReplies:
         self._held: list = []   # FLUSH / FUA requests run in the reader, awaiting one sync
         self._since_flush = 0   # writes the reader ran since the last FLUSH or FUA
         self._flush_gap = 0     # ... and between the two before (0: no pattern seen)
+        self._guess = 0         # the write count at which a FLUSH is expected (0: none)
+        self._score = 0         # how such guesses did: +1 a hit, -2 a miss (below 0: off)
         self._burst = 0         # requests read since the reader last was about to block
 
     def _fast_durable(self, magic, flags, kind, cookie, offset, length) -> bool:
@@ -80,7 +88,12 @@ class HeldReplies:
 
     def _hold(self, req: P.Request) -> None:
         """Reader thread: answer `req` after the next Pool.flush (see _settle)."""
-        self._flush_gap, self._since_flush = self._since_flush, 0
+        gap = self._since_flush
+        if self._guess:             # was the FLUSH (or FUA) where it was expected?
+            self._score = min(_SCORE_MAX, self._score + 1) if gap == self._guess \
+                else max(_SCORE_MIN, self._score - 2)
+            self._guess = 0
+        self._flush_gap, self._since_flush = gap, 0
         self._held.append(req)
         if len(self._held) >= HOLD_MAX:
             held, self._held = self._held, []
@@ -105,8 +118,11 @@ class HeldReplies:
         others, alone = bool(self._outbox._queued), self._burst == 1
         self._burst = 0
         held, self._held = self._held, []
-        early = not held and self._since_flush and \
+        expect = not held and self._since_flush and \
             self._since_flush == self._flush_gap and not self.read_only
+        if expect and not self._guess:
+            self._guess = self._since_flush
+        early = expect and self._score >= 0
         # the log's sync thread starts on the record before the replies go out
         started = (early or held and others) and self._start_flush()
         self._outbox.flush()
