@@ -2,7 +2,9 @@
 
 It only declares and builds: the declarations are the cdef block of
 thinstore_native.h (the documented contract), the implementation is
-thinstore_native.c compiled into the extension ``thinstore._thinstore_native``.
+thinstore_native.c (the kernels), intentlog.c (the intent log's gathering and sync thread)
+and nbd_fast.c (the NBD request loop, declared in nbd_fast.h's cdef block),
+compiled into the extension ``thinstore._thinstore_native``.
 Nothing from thinstore is imported, so this runs in a bare build environment.
 
     python setup.py build_ext --inplace   # development build, next to thinstore/
@@ -15,9 +17,9 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "thinstore_native.h")
-SOURCE = os.path.join(HERE, "thinstore_native.c")
 NBD_HEADER = os.path.join(HERE, "nbd_fast.h")      # the NBD request loop (same module)
-NBD_SOURCE = os.path.join(HERE, "nbd_fast.c")
+SOURCES = [os.path.join(HERE, name) for name in ("thinstore_native.c", "intentlog.c",
+                                                 "nbd_fast.c")]
 
 
 def _cdef_block(path: str) -> str:
@@ -37,7 +39,7 @@ ffibuilder.set_source(
     '#include "thinstore_native.h"\n#include "nbd_fast.h"',
     # relative to the project root: setuptools builds from there, and the
     # sdist must not record absolute paths
-    sources=[os.path.relpath(SOURCE), os.path.relpath(NBD_SOURCE)],
+    sources=[os.path.relpath(p) for p in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

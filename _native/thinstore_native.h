@@ -43,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 8
+#define TS_API_VERSION 9
 
 #define TS_FANOUT 508
 
@@ -345,6 +345,62 @@ void ts_gate_close(ts_pool *pool, int exclusive);
 
 /* Count that holder out again. */
 void ts_gate_open(ts_pool *pool, int exclusive);
+
+/*
+ * The intent log (intentlog.c; thinstore/synclog.py, docs/format.md "Intent log").
+ *
+ * ts_mmh3: MurmurHash3 x86 32-bit of data[len] with seed: the metadata checksum
+ * (format.checksum, which computes it with the mmh3 package).
+ *
+ * ts_log_record: an intent-log record built whole in out[out_len] (the layout of
+ * docs/format.md "Intent log"; format.finish_log_record is the twin).  The caller
+ * has packed the first 64 bytes (the header: magic, version, flags, sequence and
+ * base; n_entries, length and checksum are filled here).  Entry k is range
+ * ranges[k][3] = (i, offset, length) of device devs[i], id dev_ids[i]; its present
+ * bytes are read through the device's directory and the pool's pages (ts_read_range;
+ * call with the pool lock's shared side held) and follow the entry table in order,
+ * except a range that reads as all zeros, which becomes a ZERO entry and takes no
+ * room.  Then zeros to a multiple of 512 bytes, the length and the checksum.
+ * Returns the record's length; TS_SLOW with nothing promised when a range is empty
+ * or outside its device, out is too small or a map page it needs is not in memory
+ * (the caller builds it in Python); -errno or TS_E_CORRUPT.
+ */
+uint32_t ts_mmh3(const uint8_t *data, uint64_t len, uint32_t seed);
+int64_t ts_log_record(const ts_pool *pool, const ts_dev *const *devs, const uint64_t *dev_ids,
+                      const uint64_t *ranges, uint64_t n, uint8_t *out, uint64_t out_len);
+
+/*
+ * The intent log's writer thread (intentlog.c; synclog.py uses it when the log file
+ * has a descriptor).  A ticket is the log's count of bytes appended, after a record.
+ *   ts_syncer_new(fd, dio_fd)  start the thread over the log (fd) and the same file
+ *                         opened O_DIRECT|O_DSYNC (dio_fd, or -1: buffered writes
+ *                         and fdatasync); NULL with errno set on failure.
+ *   ts_syncer_append(s, rec, len, off, ticket)  queue a copy of rec[len] for file
+ *                         offset off (both multiples of 512), the record whose
+ *                         ticket is `ticket`.  0, -ENOMEM, -EBADF after stop.
+ *   ts_syncer_kick(s, t)  ask for every record up to ticket t; returns at once.
+ *   ts_syncer_wait(s, t)  kick, then wait: returns the durable count (>= t), or
+ *                         -errno of the attempt that should have made t durable
+ *                         (its records stay queued; a later kick retries), or
+ *                         -EBADF once stopped.
+ *   ts_syncer_discard(s, t)  after a full commit: drop what is queued and count
+ *                         every ticket up to t durable.
+ *   ts_syncer_stats(s, out[4])  durable count, successful attempts, attempts
+ *                         begun, attempts made durable by direct writes alone.
+ *   ts_syncer_stop(s)     stop and join the thread (call it before the files are
+ *                         closed); idempotent; the struct stays valid.
+ *   ts_syncer_free(s)     stop, then free: only when no thread can still use s.
+ */
+typedef struct ts_syncer ts_syncer;
+ts_syncer *ts_syncer_new(int fd, int dio_fd);
+int ts_syncer_append(ts_syncer *s, const uint8_t *rec, uint64_t len, uint64_t off,
+                     uint64_t ticket);
+void ts_syncer_kick(ts_syncer *s, uint64_t ticket);
+int64_t ts_syncer_wait(ts_syncer *s, uint64_t ticket);
+void ts_syncer_discard(ts_syncer *s, uint64_t ticket);
+void ts_syncer_stats(ts_syncer *s, uint64_t *out);
+void ts_syncer_stop(ts_syncer *s);
+void ts_syncer_free(ts_syncer *s);
 
 /* cdef-end */
 

@@ -88,13 +88,15 @@ class DataPath:
         if fua:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> bool:
         """NBD FLUSH, and FUA: every write that returned before this call is durable
         when it returns -- one intent-log record and one fdatasync of the log, shared
         with concurrent flushes, or a full commit when the log cannot take the batch
         (SyncLog.flush in synclog.py). Costs what was written since the last flush,
-        not the pool's size."""
-        self._log.flush(self)
+        not the pool's size. With `wait` False it only starts that (the record is
+        appended, its fdatasync runs on the log's sync thread) and returns True, or
+        returns False having done nothing where the log has no sync thread."""
+        return self._log.flush(self, wait)
 
     def _kernel_state(self, repoint: bool = True):
         """(PoolState, kernels) pointed at the pool's current arrays; with the pool

@@ -88,9 +88,12 @@ class Device:
     def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None:
         self._pool._write_zeroes(self._meta, offset, length, no_hole)
 
-    def flush(self) -> None:
-        """Make every write so far durable (Pool.flush: the intent log, not a commit)."""
-        self._pool.flush()
+    def flush(self, wait: bool = True) -> bool:
+        """Make every write so far durable (Pool.flush: the intent log, not a commit).
+        With `wait` False, start that and return at once: True when it was started
+        (a later flush() finds it done or waits for it), False when the pool cannot
+        sync in the background (nothing was done)."""
+        return self._pool.flush(wait)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return self._pool._extents(self._meta, offset, length)

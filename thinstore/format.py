@@ -47,8 +47,13 @@ DEVS_PER_LEAF = 12     # 12 x the largest record (331 bytes) + 4 fit a payload (
 DEVICE_KINDS = ("volume", "snapshot", "clone")
 
 
+_MMH3_32 = getattr(mmh3, "mmh3_32_uintdigest", None)      # takes any buffer (mmh3 >= 5)
+
+
 def checksum(data) -> int:
-    """The metadata checksum: mmh3 x86 32-bit, seed 0, unsigned."""
+    """The metadata checksum: mmh3 x86 32-bit, seed 0, unsigned, of a bytes-like."""
+    if _MMH3_32 is not None:
+        return _MMH3_32(data, 0)
     return mmh3.hash(bytes(data), 0, signed=False)
 
 
@@ -352,19 +357,42 @@ def log_base(sb: Superblock) -> LogBase:
 
 def pack_log_record(base: LogBase, sequence: int, entries: list) -> bytes:
     """One record: `entries` are LogEntry; returns bytes padded to LOG_ALIGN."""
-    table = b"".join(LOG_ENTRY.pack(e.dev_id, e.offset, e.length, e.kind, 0) for e in entries)
-    body = [table] + [e.data for e in entries if e.kind == LOG_DATA]
-    size = LOG_HEADER.size + sum(len(b) for b in body)
-    total = -(-size // LOG_ALIGN) * LOG_ALIGN
-    out = bytearray(total)
-    LOG_HEADER.pack_into(out, 0, LOG_MAGIC, 0, LOG_VERSION, 0, len(entries), total, sequence,
-                         base.generation, base.commit_time_ns, base.pool_uuid)
-    pos = LOG_HEADER.size
-    for b in body:
+    data = [e.data for e in entries if e.kind == LOG_DATA]
+    head = log_record_head(len(entries))
+    out = bytearray(log_record_size(head + sum(len(b) for b in data)))
+    pos = head
+    for b in data:
         out[pos:pos + len(b)] = b
         pos += len(b)
-    struct.pack_into("<I", out, 4, checksum(memoryview(out)[8:]))
-    return bytes(out)
+    return bytes(finish_log_record(out, pos, base, sequence, entries))
+
+
+def log_record_head(n_entries: int) -> int:
+    """Where the data of a record of n_entries entries starts."""
+    return LOG_HEADER.size + n_entries * LOG_ENTRY.size
+
+
+def log_record_size(end: int) -> int:
+    """A record's length when its last byte of data ends at `end`."""
+    return -(-end // LOG_ALIGN) * LOG_ALIGN
+
+
+def finish_log_record(out: bytearray, end: int, base: LogBase, sequence: int,
+                      entries) -> memoryview:
+    """A record built in place: `out` holds the data of the DATA entries, in order, from
+    log_record_head(len(entries)) to `end`; `entries` are (dev_id, offset, length,
+    kind, ...) tuples. Writes the header, the entry table, zeros up to LOG_ALIGN and
+    the checksum; returns the record (a view of `out`, which may be longer)."""
+    total = log_record_size(end)
+    out[end:total] = bytes(total - end)
+    LOG_HEADER.pack_into(out, 0, LOG_MAGIC, 0, LOG_VERSION, 0, len(entries), total, sequence,
+                         base.generation, base.commit_time_ns, base.pool_uuid)
+    for i, e in enumerate(entries):
+        LOG_ENTRY.pack_into(out, LOG_HEADER.size + i * LOG_ENTRY.size,
+                            e[0], e[1], e[2], e[3], 0)
+    view = memoryview(out)[:total]
+    struct.pack_into("<I", out, 4, checksum(view[8:]))
+    return view
 
 
 def log_record_length(header: bytes, base: LogBase, sequence: int) -> int:

@@ -35,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 8  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 9  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -338,6 +338,66 @@ class NativeKernels:
             _arr(chunk_ref, _U32, "chunk_ref"), len(chunk_ref),
             ffi.from_buffer("int64_t[]", out, require_writable=True)), "count_mapped")
         return int(out[0]), int(out[1])
+
+
+def log_record(ps, devs: list, dev_ids: list, ranges: list, out) -> int | None:
+    """ts_log_record over the pool's bound struct `ps.c`: an intent-log record built in
+    the writable buffer `out` (its 64-byte header packed by the caller) for `ranges`,
+    (index into devs/dev_ids, offset, length) tuples; devs are kernels.Dev with their
+    structs. Returns the record's length, or None when the caller must build it in
+    Python (TS_SLOW)."""
+    flat = ffi.new("uint64_t[]", [v for r in ranges for v in r])
+    rc = lib.ts_log_record(ps.c, ffi.new("ts_dev *[]", [d.c for d in devs]),
+                           ffi.new("uint64_t[]", dev_ids), flat, len(ranges),
+                           ffi.from_buffer("uint8_t[]", out, require_writable=True), len(out))
+    if rc == lib.TS_SLOW:
+        return None
+    return _check(rc, "log_record")
+
+
+class LogSyncer:
+    """The intent log's writer thread (_native/intentlog.c). append(record, offset,
+    ticket) queues a copy of a record (`ticket`: the log's count of bytes appended
+    after it); kick(ticket) asks for every record up to `ticket` and returns at once;
+    wait(ticket) returns the durable count (>= ticket) once an attempt begun after the
+    call wrote it durably (O_DIRECT|O_DSYNC on `dio_fd`, else buffered writes to `fd`
+    and fdatasync), or raises OSError (the failed attempt's errno; EBADF after
+    stop()). discard(ticket): after a full commit, nothing queued is needed. stop()
+    joins the thread and must come before the files are closed; the C struct is
+    freed only when this object is garbage, so a thread still inside wait() never
+    sees freed memory."""
+
+    def __init__(self, fd: int, dio_fd: int = -1):
+        s = lib.ts_syncer_new(fd, dio_fd)
+        if s == ffi.NULL:
+            raise OSError(ffi.errno, f"cannot start the log writer: {os.strerror(ffi.errno)}")
+        self._s = ffi.gc(s, lib.ts_syncer_free)
+
+    def append(self, record, offset: int, ticket: int) -> None:
+        rec = ffi.from_buffer("uint8_t[]", record)
+        _check(lib.ts_syncer_append(self._s, rec, len(rec), offset, ticket), "log append")
+
+    def kick(self, ticket: int) -> None:
+        lib.ts_syncer_kick(self._s, ticket)
+
+    def wait(self, ticket: int) -> int:
+        rc = lib.ts_syncer_wait(self._s, ticket)
+        if rc < 0:
+            raise OSError(-rc, f"intent log write: {os.strerror(-rc)}")
+        return rc
+
+    def discard(self, ticket: int) -> None:
+        lib.ts_syncer_discard(self._s, ticket)
+
+    def stats(self) -> tuple[int, int, int, int]:
+        """(durable count, attempts that succeeded, attempts begun, of the successful
+        ones those done by direct writes alone)."""
+        out = ffi.new("uint64_t[4]")
+        lib.ts_syncer_stats(self._s, out)
+        return int(out[0]), int(out[1]), int(out[2]), int(out[3])
+
+    def stop(self) -> None:
+        lib.ts_syncer_stop(self._s)
 
 
 def _choose():

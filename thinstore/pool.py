@@ -227,7 +227,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
                 if self._sums is not None:
                     self._sums.intent.fio.close()
                 if self._log is not None:
-                    self._log.fio.close()
+                    self._log.close()
                 self._owner.release()
                 self.store.close()
         if self._timer is not None and self._timer is not threading.current_thread():

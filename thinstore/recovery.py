@@ -39,7 +39,7 @@ class Recovery:
         except BaseException:
             self._closed = True
             self._stop.set()
-            for f in (self.md.data_fio, self.md.meta_fio, self._log and self._log.fio,
+            for f in (self.md.data_fio, self.md.meta_fio, self._log,
                       self._sums and self._sums.intent.fio):
                 if f is not None:
                     f.close()

@@ -5,9 +5,10 @@ and then the superblock; its cost grows with the metadata. A FLUSH only needs
 every write acknowledged so far to be found again after a crash. So, as ZFS's
 intent log does for sync writes between transaction groups, a flush appends ONE
 record to ``POOL/log`` holding the present bytes of every range written, zeroed or
-discarded since the last record or commit, and makes that record durable with one
-fdatasync of the log (nothing else is synced: the record carries the bytes, so the
-data file's own copy of them may still be in the page cache). The periodic full
+discarded since the last record or commit, and makes that record durable: one
+O_DIRECT|O_DSYNC write of it (the native log writer), or one fdatasync of the log
+(nothing else is synced: the record carries the bytes, so the data file's own copy
+of them may still be in the page cache). The periodic full
 commit stays the way metadata reaches a consistent tree; it makes everything
 durable and starts a new *epoch*: the next record goes to the start of the log.
 
@@ -24,13 +25,16 @@ Invariants:
 - A record is built under the pool's shared lock (reads may run, no write does: the
   lane's gate keeps native writes out too) and appended under the log's own mutex, so
   it holds the content after every write that returned before the flush began, and
-  records keep the order of their sequence numbers. Its fdatasync runs outside both;
-  flushes that arrive while one syncs wait and share the next fdatasync (group
-  commit). A flush returns only once a fdatasync that began after its record was
-  written has completed. A flush that finds no notes and nothing appended unsynced
-  returns without the lock: notes are dropped only after `appended` counts their
-  record, and `synced` grows only past a completed fdatasync (or a commit). The full commit (exclusive lock) never runs beside a record
-  being built, so it can reset the epoch without the mutex.
+  records keep the order of their sequence numbers. Making it durable happens
+  outside both: on the native log writer (intentlog.c: an O_DIRECT|O_DSYNC write,
+  Linux AIO or a writer thread) where the log has a descriptor, else one fdatasync
+  here; flushes that arrive meanwhile share the next one (group commit). A flush
+  returns only once every record up to its own is durable. A flush that finds no
+  notes takes no lock: it waits (if need be) for the records appended so far, as
+  notes are dropped only after `appended` counts their record, and `synced` grows
+  only past a durable write (or a commit). The full commit (exclusive lock) never
+  runs beside a record being built, so it can reset the epoch without the mutex;
+  it drains the records in flight first.
 - Ranges are noted before a write returns (Device.pwrite after the native lane,
   DataPath under the lock), so a write acknowledged before a flush began is in that
   flush's record or an earlier one. The note list is only appended to and cut from
@@ -48,9 +52,11 @@ All log I/O goes through the pool's file factory (storage.py), like ``data``/``m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from . import format as fmt
+from . import native
 from .native import K
 
 log = logging.getLogger("thinstore")
@@ -100,8 +106,22 @@ class SyncLog:
         self._append = threading.Lock()  # one record built and appended at a time
         # fdatasync where the storage backend has it, else its fsync
         self._datasync = getattr(fio, "datasync", None) or fio.fsync
-        self.counters = {"records": 0, "record_bytes": 0, "syncs": 0, "replayed": 0,
-                         "commits_instead": 0}
+        # the native sync thread (started at the first sync) where the log has a file
+        # descriptor and the native backend runs; else the waiter syncs itself
+        self._async = native.BACKEND == "native" and native._fd(fio) is not None
+        self._syncer = None
+        self._dio_fd = -1
+        self._counts = {"records": 0, "record_bytes": 0, "syncs": 0, "replayed": 0,
+                        "commits_instead": 0}
+
+    @property
+    def counters(self) -> dict:
+        """records, record_bytes, syncs (fdatasyncs of the log), replayed,
+        commits_instead: totals since open."""
+        out = dict(self._counts)
+        if self._syncer is not None:
+            out["syncs"] += self._syncer.stats()[1]
+        return out
 
     # ------------------------------------------------------------ noting
     def note(self, dev_id: int, offset: int, length: int) -> None:
@@ -113,52 +133,81 @@ class SyncLog:
         return bool(self.notes)
 
     # ------------------------------------------------------------ flushing
-    def flush(self, pool) -> None:
+    def flush(self, pool, wait: bool = True) -> bool:
         """Pool.flush: every write that returned before this call is durable when it
         returns. One record of the ranges noted since the last one (built from the
         present bytes, under the pool's shared lock) and one fdatasync of the log,
         shared with concurrent flushes; a full commit when the log cannot take the
         batch. Nothing noted: only waits for a sync already under way. Raises
-        PoolClosed after close(), OSError when the log cannot be written or synced."""
-        if not self.notes and self.synced >= self.appended and not pool._closed:
-            return          # nothing noted, everything appended durable: no lock needed
-        with pool.lock.shared:
-            pool._check_open()
-            with self._append:
-                if not self.notes:
-                    ticket = self.appended
-                else:
-                    record, noted = self.capture(pool)
-                    ticket = None if record is None else self.append(record, noted)
+        PoolClosed after close(), OSError when the log cannot be written or synced.
+
+        With `wait` False the record is appended and its fdatasync started on the
+        sync thread, and flush returns at once (True); a later flush waits for it.
+        Without a sync thread (no native backend, or a log without a descriptor)
+        nothing is done and it returns False: the caller flushes later instead.
+        Returns True."""
+        if not wait and not self._async:
+            return False
+        if not self.notes and not pool._closed:
+            # Nothing noted: no lock is needed. Notes are dropped only after `appended`
+            # counts their record, so every write that returned before this call is
+            # in a record up to `appended` (read after the notes).
+            ticket = self.appended
+            if self.synced >= ticket:
+                return True
+        else:
+            with pool.lock.shared:
+                pool._check_open()
+                with self._append:
+                    if not self.notes:
+                        ticket = self.appended
+                    else:
+                        record, noted = self.capture(pool)
+                        ticket = None if record is None else self.append(record, noted)
         if ticket is None:
-            self.counters["commits_instead"] += 1
+            self._counts["commits_instead"] += 1
             pool.commit()
-            return
+            return True
+        if not wait:
+            self.kick(ticket)
+            return True
         try:
             self.sync(ticket)
         except OSError:
             if not pool._closed:      # close() committed: everything is durable
                 raise
+        return True
 
-    def capture(self, pool) -> tuple[bytes | None, int]:
+    def capture(self, pool) -> tuple[memoryview | None, int]:
         """Under the shared lock and the append mutex: (the next record, how many notes
         it covers); the record is None when the flush must be a full commit instead
         (too much to log, or a noted device gone or resized). Notes appended meanwhile (a native lane
-        write finishing its return) stay for the next record."""
+        write finishing its return) stay for the next record. The record is built
+        by one native call (ts_log_record) where it can be, else here."""
         n = len(self.notes)
         ranges = _merge(self.notes[:n])
-        if sum(r[2] for r in ranges) > MAX_BATCH:
+        head = fmt.log_record_head(len(ranges))
+        size = fmt.log_record_size(head + sum(r[2] for r in ranges))
+        if size - head > MAX_BATCH or self.tail + size > MAX_BYTES:
             return None, n
-        entries = []
+        dms: dict = {}
         for dev_id, off, ln in ranges:
-            dm = pool.md.devices.get(dev_id)
+            dm = dms.get(dev_id) or pool.md.devices.get(dev_id)
             if dm is None or off + ln > dm.size:
                 return None, n
-            entries.append(_entry(pool, dm, off, ln))
-        record = fmt.pack_log_record(self.base, self.sequence, entries)
-        if self.tail + len(record) > MAX_BYTES:
-            return None, n
-        return record, n
+            dms[dev_id] = dm
+        out = bytearray(size)
+        fmt.LOG_HEADER.pack_into(out, 0, fmt.LOG_MAGIC, 0, fmt.LOG_VERSION, 0, 0, 0,
+                                 self.sequence, *self.base)
+        total = _build(pool, dms, ranges, out)
+        if total is not None:
+            return memoryview(out)[:total], n
+        entries, pos = [], head
+        for dev_id, off, ln in ranges:
+            zero = _gather(pool, dms[dev_id], off, ln, memoryview(out)[pos:pos + ln])
+            entries.append((dev_id, off, ln, fmt.LOG_ZERO if zero else fmt.LOG_DATA))
+            pos += 0 if zero else ln
+        return fmt.finish_log_record(out, pos, self.base, self.sequence, entries), n
 
     def append(self, record: bytes, noted: int) -> int:
         """Under the shared lock and the append mutex: write `record` at the tail (not yet
@@ -169,26 +218,60 @@ class SyncLog:
             step = -(-end // GROW_STEP) * GROW_STEP
             self.fio.write_zeros(self.extent, step - self.extent)
             self.extent = step
-        self.fio.pwrite(record, self.tail)
+        if self._async:     # the writer thread writes it (and makes it durable)
+            self._thread().append(record, self.tail, self.appended + len(record))
+        else:
+            self.fio.pwrite(record, self.tail)
         self.tail = end
         self.sequence += 1
         self.appended += len(record)
         del self.notes[:noted]      # after `appended` grew: flush() reads both unlocked
-        self.counters["records"] += 1
-        self.counters["record_bytes"] += len(record)
+        self._counts["records"] += 1
+        self._counts["record_bytes"] += len(record)
         return self.appended
 
+    def kick(self, ticket: int) -> None:
+        """Start making every byte appended up to `ticket` durable (sync thread only)."""
+        if self.synced < ticket:
+            self._thread().kick(ticket)
+
     def sync(self, ticket: int) -> None:
-        """Return once every byte appended up to `ticket` is durable (group fdatasync)."""
+        """Return once every byte appended up to `ticket` is durable (group fdatasync:
+        on the sync thread, or here under a mutex)."""
         if self.synced >= ticket:
+            return
+        if self._async:
+            done = self._thread().wait(ticket)
+            with self._sync:
+                self.synced = max(self.synced, done)
             return
         with self._sync:
             if self.synced >= ticket:
                 return              # a fdatasync that began after our append covered it
             target = self.appended
             self._datasync()
-            self.counters["syncs"] += 1
+            self._counts["syncs"] += 1
             self.synced = max(self.synced, target)
+
+    def _thread(self):
+        syncer = self._syncer
+        if syncer is None:
+            with self._sync:
+                if self._syncer is None:
+                    self._dio_fd = _open_direct(self.fio)
+                    self._syncer = native.LogSyncer(native._fd(self.fio), self._dio_fd)
+                syncer = self._syncer
+        return syncer
+
+    def close(self) -> None:
+        """Stop the writer thread (a wait still in progress raises EBADF), then close
+        the files: the thread must never write to a descriptor number reused meanwhile."""
+        if self._syncer is not None:
+            self._syncer.stop()
+        if self._dio_fd >= 0:
+            os.close(self._dio_fd)
+            self._dio_fd = -1
+        self.fio.close()
 
     def committed(self, base: fmt.LogBase) -> None:
         """After a full commit (superblock durable): everything is durable, and the next
@@ -197,6 +280,8 @@ class SyncLog:
         self.tail = 0
         self.sequence = 0
         self.synced = max(self.synced, self.appended)
+        if self._syncer is not None:      # records still queued are not needed now
+            self._syncer.discard(self.appended)
         del self.notes[:len(self.notes)]
 
     # ------------------------------------------------------------ replay
@@ -214,11 +299,26 @@ class SyncLog:
             yield entries
             pos += total
             seq += 1
-        self.counters["replayed"] += seq
+        self._counts["replayed"] += seq
 
     def _read(self, pos: int, total: int) -> bytes:
         return b"".join(self.fio.pread(min(_READ_STEP, total - i), pos + i)
                         for i in range(0, total, _READ_STEP))
+
+
+def _open_direct(fio) -> int:
+    """The log opened a second time for the writer thread, O_DIRECT|O_DSYNC (a write
+    returns once its bytes are durable, without the page cache), or -1 where the file
+    or its file system refuses (then the thread writes through `fio`'s descriptor
+    and calls fdatasync)."""
+    path = getattr(fio, "path", None)
+    flags = getattr(os, "O_DIRECT", 0)
+    if not path or not flags:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flags | os.O_DSYNC | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _merge(notes: list) -> list:
@@ -233,15 +333,26 @@ def _merge(notes: list) -> list:
     return out
 
 
-def _entry(pool, dm, offset: int, length: int) -> fmt.LogEntry:
-    """The present content of a device range as a log entry (a side of the lock is held)."""
+def _build(pool, dms: dict, ranges: list, out: bytearray) -> int | None:
+    """The record for `ranges` built whole by ts_log_record into `out` (header packed):
+    its length, or None where Python must build it (no native struct for the pool's
+    current arrays, a file without a descriptor, a map page not in memory)."""
+    ps, k = pool._kernel_state(repoint=False)
+    if k is not native.NATIVE or ps.c is None or native._fd(ps.fio) is None:
+        return None
+    ids = list(dms)
+    index = {dev_id: i for i, dev_id in enumerate(ids)}
+    return native.log_record(ps, [pool._kernel_dev(dms[d], True) for d in ids], ids,
+                             [(index[d], off, ln) for d, off, ln in ranges], out)
+
+
+def _gather(pool, dm, offset: int, length: int, piece: memoryview) -> bool:
+    """The present bytes of a device range into `piece` (a side of the pool lock is
+    held); True when they are all zeros."""
     md = pool.md
-    buf = bytearray(length)
     d = pool._load_pages(dm, offset, length)
-    K.read_range(d, md.maps.pages, md.chunk_shift, md.data_fio, buf, offset, length)
-    if K.is_zero(buf):
-        return fmt.LogEntry(dm.dev_id, offset, length, fmt.LOG_ZERO, None)
-    return fmt.LogEntry(dm.dev_id, offset, length, fmt.LOG_DATA, bytes(buf))
+    K.read_range(d, md.maps.pages, md.chunk_shift, md.data_fio, piece, offset, length)
+    return K.is_zero(piece)
 
 
 def replay(pool) -> int:
