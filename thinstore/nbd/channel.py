@@ -22,6 +22,7 @@ import threading
 from thinstore.nbd.wire import PeerClosed, hang_up, recv_into_exact
 
 FLUSH_BYTES = 1 << 20         # send queued replies once they hold this much
+SEND_BUFFER = 4 << 20         # SO_SNDBUF of a unix socket (the kernel caps it at wmem_max)
 FLUSH_COUNT = 64              # ... or this many replies
 _IOV_MAX = 512
 
@@ -87,6 +88,16 @@ class Outbox:
         self._queued: list = []
         self._queued_bytes = 0
         self._gather = not isinstance(sock, ssl.SSLSocket)
+        if sock.family == socket.AF_UNIX:
+            # the default (208 KiB) makes a 1 MiB reply sleep several times on the way
+            # out, each a wake-up of the client and the server: 1M READs at QD4 ran at
+            # half the speed (measured 3.4-3.9 vs 7.2-7.3 GiB/s, the same run). A unix
+            # socket's send buffer is a limit, not memory set aside; TCP keeps its
+            # autotuning, which a fixed SO_SNDBUF would switch off.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass
 
     def queue(self, parts) -> None:
         """Hold a reply (reader thread only) until flush(); flush early when large."""
