@@ -175,6 +175,7 @@ struct ts_syncer {
     uint64_t fail_gen;          /* failed writes reaped so far                     */
     uint64_t epoch;             /* discards so far: records of an older epoch are
                                  * never written again                             */
+    int dio_refused;            /* a direct write got EINVAL: buffered from now on */
 };
 
 #define WRITE_ALIGN 4096
@@ -356,6 +357,7 @@ struct arec {
     uint8_t *buf;
     uint64_t len, off, ticket, epoch;
     int state, err;
+    int direct;                 /* written by a direct write (for the stats) */
     struct arec *next;
 };
 
@@ -370,10 +372,31 @@ static long sys_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_
     return syscall(SYS_io_getevents, ctx, min_nr, nr, ev, NULL);
 }
 
+/* Under the mutex: write r here and now, buffered, then fdatasync -- where direct
+ * I/O is refused (a disk with 4 KiB logical sectors takes no 512-byte-aligned direct
+ * write, and may say so only in the completion: EINVAL). From then on every record
+ * goes this way (dio_refused). */
+static void arec_write_sync(ts_syncer *s, struct arec *r)
+{
+    int rc = write_all(s->fd, r->buf, r->len, r->off);
+    if (rc == 0 && fdatasync(s->fd))
+        rc = -errno;
+    r->state = rc ? AREC_FAILED : AREC_DONE;
+    r->err = -rc;
+    if (rc) {
+        s->fail_gen++;
+        s->failed_errno = -rc;
+    }
+}
+
 /* Under the mutex: send r to the disk; when the kernel will not take it
  * asynchronously, write it here, synchronously. */
 static void arec_submit(ts_syncer *s, struct arec *r)
 {
+    if (s->dio_refused) {
+        arec_write_sync(s, r);
+        return;
+    }
     memset(&r->cb, 0, sizeof r->cb);
     r->cb.aio_data = (uint64_t)(uintptr_t)r;
     r->cb.aio_lio_opcode = IOCB_CMD_PWRITE;
@@ -387,11 +410,12 @@ static void arec_submit(ts_syncer *s, struct arec *r)
         return;
     int rc = write_all(s->dio_fd, r->buf, r->len, r->off);
     if (rc == -EINVAL) {        /* direct I/O refused after all: buffered, then a sync */
-        rc = write_all(s->fd, r->buf, r->len, r->off);
-        if (rc == 0 && fdatasync(s->fd))
-            rc = -errno;
+        s->dio_refused = 1;
+        arec_write_sync(s, r);
+        return;
     }
     r->state = rc ? AREC_FAILED : AREC_DONE;
+    r->direct = rc == 0;
     r->err = -rc;
     if (rc) {
         s->fail_gen++;
@@ -409,7 +433,7 @@ static void arec_advance(ts_syncer *s)
             if (r->ticket > s->done)
                 s->done = r->ticket;
             s->syncs++;
-            s->direct++;
+            s->direct += (uint64_t)r->direct;
         }
         s->head = r->next;
         if (!s->head)
@@ -432,6 +456,10 @@ static void arec_reap(ts_syncer *s)
         struct arec *r = (struct arec *)(uintptr_t)ev[k].data;
         if (ev[k].res == (int64_t)r->len) {
             r->state = AREC_DONE;
+            r->direct = 1;
+        } else if (ev[k].res == -EINVAL) {     /* alignment refused at completion */
+            s->dio_refused = 1;
+            arec_write_sync(s, r);
         } else {
             r->state = AREC_FAILED;
             r->err = ev[k].res < 0 ? (int)-ev[k].res : EIO;

@@ -218,3 +218,73 @@ def test_flushed_writes_come_back_from_the_writer_after_a_crash(tmp_path, mode):
             data = written[off]
             got = dev.pread(off, len(data))
             assert got == b"".join(expect[off + k] for k in range(len(data)))
+
+
+@pytest.fixture
+def sector_4k_fs(tmp_path):
+    """An ext4 file system on a loop device with 4 KiB logical sectors: it opens
+    O_DIRECT but refuses the 512-byte aligned direct writes records are made of."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("a loop device and a mount need root")
+    for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    img, mnt = str(tmp_path / "4k.img"), tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    made = subprocess.run(["losetup", "-f", "--show", "-b", "4096", img],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    loop = made.stdout.strip()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
+        subprocess.run(["mount", loop, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_a_disk_with_4k_sectors_still_makes_flushes_durable(sector_4k_fs, mode):
+    """The pool's log there is written by the writer without direct I/O; and a writer
+    given a direct descriptor anyway (whose AIO writes fail only in their completion)
+    falls back to buffered writes and fdatasync instead of failing every FLUSH."""
+    path = str(sector_4k_fs / "pool")
+    Pool.create(path, 64 << 20, commit_interval=0).close()
+    pool = Pool.open(path, commit_interval=0)
+    pool.create_volume("v", 8 << 20)
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"d" * 4096, 0)
+        dev.flush()
+        dev.pwrite(b"e" * 4096, 8192)
+        dev.pwrite(b"f" * 100, 20000)
+        dev.flush()
+    assert pool._log._dio_fd == -1
+    crashkit._abandon(pool)
+    with Pool.open(path, commit_interval=0) as again, again.open_device("v") as dev:
+        assert dev.pread(0, 4096) == b"d" * 4096
+        assert dev.pread(8192, 4096) == b"e" * 4096
+        assert dev.pread(20000, 100) == b"f" * 100
+
+    log = str(sector_4k_fs / "raw-log")
+    with open(log, "wb") as f:
+        f.write(bytes(1 << 20))
+    fd = os.open(log, os.O_RDWR)
+    dio_fd = os.open(log, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    s = native.LogSyncer(fd, dio_fd)
+    try:
+        for i in range(4):
+            s.append(_record(i, 512), i * 512, (i + 1) * 512)
+            assert s.wait((i + 1) * 512) >= (i + 1) * 512
+        with open(log, "rb") as f:
+            assert f.read(2048) == b"".join(_record(i, 512) for i in range(4))
+    finally:
+        s.stop()
+        os.close(fd)
+        os.close(dio_fd)

@@ -52,6 +52,7 @@ All log I/O goes through the pool's file factory (storage.py), like ``data``/``m
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 
@@ -307,18 +308,30 @@ class SyncLog:
 
 
 def _open_direct(fio) -> int:
-    """The log opened a second time for the writer thread, O_DIRECT|O_DSYNC (a write
-    returns once its bytes are durable, without the page cache), or -1 where the file
-    or its file system refuses (then the thread writes through `fio`'s descriptor
-    and calls fdatasync)."""
+    """The log opened a second time for the log writer, O_DIRECT|O_DSYNC (a write
+    returns once its bytes are durable, without the page cache), or -1 where the file,
+    its file system or its disk refuses 512-byte aligned direct I/O (then the writer
+    thread writes through `fio`'s descriptor and calls fdatasync)."""
     path = getattr(fio, "path", None)
     flags = getattr(os, "O_DIRECT", 0)
     if not path or not flags:
         return -1
     try:
-        return os.open(path, os.O_WRONLY | flags | os.O_DSYNC | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | flags | os.O_DSYNC | os.O_CLOEXEC)
     except OSError:
         return -1
+    # Records are 512-byte aligned. A disk with 4 KiB logical sectors opens O_DIRECT
+    # but refuses such writes (and through AIO says so only in the completion): a
+    # 512-byte direct read, which changes nothing, shows it at once.
+    probe = mmap.mmap(-1, 4096)             # page-aligned, as direct I/O needs
+    try:
+        os.preadv(fd, [memoryview(probe)[:512]], 512)
+    except OSError:
+        os.close(fd)
+        return -1
+    finally:
+        probe.close()
+    return fd
 
 
 def _merge(notes: list) -> list:
