@@ -14,7 +14,7 @@
  *   - Linux AIO (where the log opens O_DIRECT and the kernel gives an AIO context;
  *     see "Linux AIO" below): the append submits the record as one asynchronous
  *     O_DIRECT|O_DSYNC write; a waiter reaps completions.  No thread, no hand-off.
- *   - A writer thread (elsewhere, or with THINSTORE_LOG_THREAD set, for tests):
+ *   - A writer thread (elsewhere, or with THINSTORE_LOG_THREAD=1, for tests):
  *     the append queues, a kick wakes the thread, which writes everything queued
  *     with O_DIRECT|O_DSYNC, or buffered writes and one fdatasync where the file
  *     refuses direct I/O.
@@ -581,7 +581,8 @@ ts_syncer *ts_syncer_new(int fd, int dio_fd)
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->work, NULL);
     pthread_cond_init(&s->done_cv, NULL);
-    if (dio_fd >= 0 && getenv("THINSTORE_LOG_THREAD") == NULL &&
+    const char *force = getenv("THINSTORE_LOG_THREAD");
+    if (dio_fd >= 0 && !(force && strcmp(force, "1") == 0) &&
             sys_io_setup(256, &s->ctx) == 0) {
         s->aio = 1;
         s->joined = 1;          /* no thread to join */

@@ -246,9 +246,20 @@ def sector_4k_fs(tmp_path):
         try:
             yield mnt
         finally:
-            subprocess.run(["umount", str(mnt)], check=False)
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def _release_files(pool) -> None:
+    """Close what an abandoned pool still holds open (the file system is unmounted
+    after the test)."""
+    pool._log.close()
+    for f in (pool.md.data_fio, pool.md.meta_fio, pool._sums and pool._sums.intent.fio):
+        if f is not None:
+            f.close()
+    pool.store.close()
 
 
 def test_a_disk_with_4k_sectors_still_makes_flushes_durable(sector_4k_fs, mode):
@@ -267,6 +278,7 @@ def test_a_disk_with_4k_sectors_still_makes_flushes_durable(sector_4k_fs, mode):
         dev.flush()
     assert pool._log._dio_fd == -1
     crashkit._abandon(pool)
+    _release_files(pool)
     with Pool.open(path, commit_interval=0) as again, again.open_device("v") as dev:
         assert dev.pread(0, 4096) == b"d" * 4096
         assert dev.pread(8192, 4096) == b"e" * 4096
