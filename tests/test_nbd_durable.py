@@ -18,6 +18,7 @@ from faultfs import FaultDisk
 
 from thinstore import Pool
 from thinstore.nbd import protocol as P
+from thinstore.nbd import stats as S
 from thinstore.nbd.handshake import Agreement
 from thinstore.nbd.server import ServerConfig
 from thinstore.nbd.held import HOLD_MAX
@@ -153,6 +154,8 @@ def test_a_failed_sync_fails_every_held_request_and_the_session_goes_on(tmp_path
     assert _replies(client, 1) == {3: 0}
     client.sendall(_request(P.Cmd.DISC))
     reader.join()
+    counts = session.stats.total()        # what iostat shows: the failed two are errors
+    assert (counts[S.FLUSH_OPS], counts[S.WRITE], counts[S.ERRORS]) == (1, 0, 2)
     crashkit._abandon(pool)
 
 

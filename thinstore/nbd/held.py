@@ -148,6 +148,19 @@ class HeldReplies:
             log.debug("early flush failed: %s", exc)
             return True
 
+    def _uncount(self, held: list, pooled: bool) -> None:
+        """The held requests were counted as done when they were held (a FLUSH in the
+        flush count, a FUA write in the write count and bytes); their flush failed, so
+        they count as errors (_fail) and not as done. On a worker the correction goes
+        into its own counters (summed with the reader's: thinstore.nbd.stats)."""
+        flushes = sum(1 for req in held if req.type == P.Cmd.FLUSH)
+        writes = [req.length for req in held if req.type != P.Cmd.FLUSH]
+        if pooled:
+            with self.stats.lock:
+                _take(self.stats.pooled, flushes, writes)
+        else:
+            _take(self.stats.inline, flushes, writes)
+
     def _settle_held(self, held: list, pooled: bool = False) -> None:
         """Flush once, then answer every request of `held` (an error to each if the
         flush failed); `pooled`: on a worker, whose budget share is released here."""
@@ -158,6 +171,7 @@ class HeldReplies:
             try:
                 self.dev.flush()
             except Exception as exc:
+                self._uncount(held, pooled)
                 for req in held:
                     self._fail(req, exc)
                 return
@@ -174,3 +188,8 @@ class HeldReplies:
             if pooled:
                 self._budget.release(0)
 
+
+def _take(counts: list, flushes: int, writes: list) -> None:
+    counts[S.FLUSH_OPS] -= flushes
+    counts[S.WRITE] -= len(writes)
+    counts[S.WRITE + 1] -= sum(writes)
