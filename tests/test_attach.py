@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from nbd_helpers import MiB, need, served
+from nbd_helpers import MiB, need, need_loop_over_nbd, served
 from thinstore.control import ControlServer, RemotePool
 from thinstore.frontends.attach import Attacher, AttachError, connectors, host
 from thinstore.frontends import statefile
@@ -29,14 +29,7 @@ EXT4_NEEDS_RECOVERY = 0x4       # INCOMPAT_RECOVER: the journal must be replayed
 
 
 def require_fuse_loop() -> None:
-    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "fsfreeze",
-         "blkid")
-    if os.geteuid() != 0:
-        pytest.skip("loop devices and mounts need root")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is not available")
-    if subprocess.run(["losetup", "-f"], capture_output=True).returncode:
-        pytest.skip("no free loop device")
+    need_loop_over_nbd("fsfreeze", "blkid")
 
 
 class Rig:
