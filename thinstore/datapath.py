@@ -94,8 +94,8 @@ class DataPath:
         with concurrent flushes, or a full commit when the log cannot take the batch
         (SyncLog.flush in synclog.py). Costs what was written since the last flush,
         not the pool's size. With `wait` False it only starts that (the record is
-        appended, its fdatasync runs on the log's sync thread) and returns True, or
-        returns False having done nothing where the log has no sync thread."""
+        appended, its durable write runs on the log writer) and returns True, or
+        returns False having done nothing where the log has no writer."""
         return self._log.flush(self, wait)
 
     def _kernel_state(self, repoint: bool = True):

@@ -107,7 +107,7 @@ class SyncLog:
         self._append = threading.Lock()  # one record built and appended at a time
         # fdatasync where the storage backend has it, else its fsync
         self._datasync = getattr(fio, "datasync", None) or fio.fsync
-        # the native sync thread (started at the first sync) where the log has a file
+        # the native log writer (started at the first append) where the log has a file
         # descriptor and the native backend runs; else the waiter syncs itself
         self._async = native.BACKEND == "native" and native._fd(fio) is not None
         self._syncer = None
@@ -143,8 +143,8 @@ class SyncLog:
         PoolClosed after close(), OSError when the log cannot be written or synced.
 
         With `wait` False the record is appended and its fdatasync started on the
-        sync thread, and flush returns at once (True); a later flush waits for it.
-        Without a sync thread (no native backend, or a log without a descriptor)
+        log writer, and flush returns at once (True); a later flush waits for it.
+        Without a log writer (no native backend, or a log without a descriptor)
         nothing is done and it returns False: the caller flushes later instead.
         Returns True."""
         if not wait and not self._async:
@@ -232,13 +232,13 @@ class SyncLog:
         return self.appended
 
     def kick(self, ticket: int) -> None:
-        """Start making every byte appended up to `ticket` durable (sync thread only)."""
+        """Start making every byte appended up to `ticket` durable (log writer only)."""
         if self.synced < ticket:
             self._thread().kick(ticket)
 
     def sync(self, ticket: int) -> None:
         """Return once every byte appended up to `ticket` is durable (group fdatasync:
-        on the sync thread, or here under a mutex)."""
+        on the log writer, or here under a mutex)."""
         if self.synced >= ticket:
             return
         if self._async:

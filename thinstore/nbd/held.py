@@ -106,7 +106,7 @@ class HeldReplies:
         would only add latency), else on a worker, so the requests the client sends
         on the replies just sent are read while the log syncs. With nothing held, when
         the client's pattern says a FLUSH comes next, flush now, while its round trip
-        is under way: on the log's sync thread, started before the replies go out
+        is under way: on the log writer, started before the replies go out
         (the reader never waits for it), or, without one, in the reader after
         sending, and then only for a client with one request in flight (one with more
         has its FLUSH in the same burst, and would wait for this sync). With a log
@@ -123,7 +123,7 @@ class HeldReplies:
         if expect and not self._guess:
             self._guess = self._since_flush
         early = expect and self._score >= 0
-        # the log's sync thread starts on the record before the replies go out
+        # the log writer starts on the record before the replies go out
         started = (early or held and others) and self._start_flush()
         self._outbox.flush()
         if held:
@@ -140,8 +140,8 @@ class HeldReplies:
                 log.debug("early flush failed: %s", exc)
 
     def _start_flush(self) -> bool:
-        """The early flush without waiting (its fdatasync on the log's sync thread);
-        False when the pool has no sync thread, and the reader flushes after sending."""
+        """The early flush without waiting (its durable write on the log writer);
+        False when the pool has no log writer, and the reader flushes after sending."""
         try:
             return self.dev.flush(wait=False)
         except Exception as exc:        # the FLUSH itself will report it, if one comes
