@@ -3,16 +3,23 @@
  *
  * It parses, runs and answers plain READs and WRITEs straight from the
  * connection's input buffer; everything else returns to Python with the
- * request unconsumed.  No allocation, no Python, no sends.
+ * request unconsumed.  No Python, no sends; the only allocation is a
+ * connection's writer thread for pipelined large WRITEs (struct pipe), made at
+ * its first one and kept until ts_nbd_close.
  */
 #define _GNU_SOURCE
 #include "nbd_fast.h"
 
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #define REQUEST_MAGIC 0x25609513u
 #define SIMPLE_MAGIC 0x67446698u
@@ -85,7 +92,20 @@ static void chunk_head(uint8_t *o, uint16_t type, uint64_t cookie, uint32_t leng
     put64(o + 20, offset);
 }
 
-static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length, int64_t t0);
+/* A WRITE the lane did: its reply, its note, its counts; -1 (served). */
+static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length, int64_t t0)
+{
+    simple_reply(c->obuf + c->out_len, cookie);
+    c->out_len += SIMPLE_LEN;
+    c->replies += 1;
+    uint64_t k = (uint64_t)c->stat[3];
+    c->notes[2 * k] = offset;
+    c->notes[2 * k + 1] = length;
+    c->stat[3] += 1;
+    c->stat[4] += length;
+    c->stat[5] += now_ns() - t0;
+    return -1;
+}
 
 /* One WRITE whose header and payload are at h: TS_NBD_OTHER when the lane
  * stands aside, else served (-1). */
@@ -103,30 +123,153 @@ static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64
     return wrote(c, cookie, offset, length, t0);
 }
 
-/* A WRITE the lane did: its reply, its note, its counts; -1 (served). */
-static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length, int64_t t0)
+/* ---- the writer thread (pipelined large WRITEs, nbd_fast.h) -------------- */
+
+/* A large WRITE received whole: its payload in big (which 0) or big2 (1). */
+struct job {
+    uint8_t *buf; int which;
+    uint64_t cookie, offset, length;
+    int64_t t0;                /* when its payload was in (the request's timing) */
+    int64_t rc;                /* ts_write's answer, set by the writer           */
+};
+
+/* A connection's writer: it waits on `go`, writes `job` through the lane and
+ * signals `done` (eventfds, so the loop can wait for the socket and the write
+ * at once).  `busy` and `parked` are the loop's alone. */
+struct pipe {
+    ts_nbd_conn *c;
+    pthread_t thread;
+    int go, done;
+    int stop;                  /* the writer exits at its next go           */
+    int busy;                  /* job is with the writer                    */
+    int cur;                   /* the buffer the next payload goes to       */
+    struct job job;
+    int has_parked;            /* parked: received, not yet given (TAKEN)   */
+    struct job parked;
+};
+
+static void signal_fd(int fd)
 {
-    simple_reply(c->obuf + c->out_len, cookie);
-    c->out_len += SIMPLE_LEN;
-    uint64_t k = (uint64_t)c->stat[3];
-    c->notes[2 * k] = offset;
-    c->notes[2 * k + 1] = length;
-    c->stat[3] += 1;
-    c->stat[4] += length;
-    c->stat[5] += now_ns() - t0;
-    return -1;
+    uint64_t one = 1;
+    while (write(fd, &one, 8) < 0 && errno == EINTR) {}
 }
 
-/* A large WRITE: its payload into big (what is buffered, then the rest from the
- * socket), then the lane; TS_NBD_TAKEN when the lane does not write it. */
-static int serve_large_write(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length)
+static void wait_fd(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, 8) < 0 && errno == EINTR) {}
+}
+
+static void *writer_main(void *arg)
+{
+    struct pipe *w = arg;
+    for (;;) {
+        wait_fd(w->go);
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) return NULL;
+        struct job *j = &w->job;
+        j->rc = ts_write(w->c->pool, w->c->dev, j->buf, j->offset, j->length, TS_REQ_LANE,
+                         NULL, 0);
+        signal_fd(w->done);
+    }
+}
+
+/* c's writer, started at the first call: NULL (and no more tries: big2 is
+ * dropped, the loop writes in turn) when no thread or eventfd can be had. */
+static struct pipe *pipe_get(ts_nbd_conn *c)
+{
+    if (c->pipe) return c->pipe;
+    struct pipe *w = calloc(1, sizeof *w);
+    if (!w) goto fail;
+    w->c = c;
+    w->go = eventfd(0, EFD_CLOEXEC);
+    w->done = eventfd(0, EFD_CLOEXEC);
+    if (w->go < 0 || w->done < 0) goto fail;
+    /* the writer takes no signals (Python's handlers run on the main thread) and
+     * needs little stack (the lane's largest frame is a 64 KiB bounce buffer) */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 1 << 20);
+    int rc = pthread_create(&w->thread, &attr, writer_main, w);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) goto fail;
+    c->pipe = w;
+    return w;
+fail:
+    if (w) {
+        if (w->go >= 0) close(w->go);
+        if (w->done >= 0) close(w->done);
+        free(w);
+    }
+    c->big2 = NULL;
+    return NULL;
+}
+
+static void submit(struct pipe *w, const struct job *j)
+{
+    w->job = *j;
+    w->busy = 1;
+    w->cur = j->which ^ 1;
+    signal_fd(w->go);
+}
+
+/* Wait for the writer's job; then its reply, note and counts (-1), or, when
+ * the lane did not write it, TS_NBD_TAKEN with taken_* naming it. */
+static int finish(ts_nbd_conn *c, struct pipe *w)
+{
+    wait_fd(w->done);
+    w->busy = 0;
+    const struct job *j = &w->job;
+    if (j->rc >= 0) return wrote(c, j->cookie, j->offset, (uint32_t)j->length, j->t0);
+    c->err = j->rc == TS_SLOW ? 0 : j->rc;
+    c->taken_cookie = j->cookie;
+    c->taken_offset = j->offset;
+    c->taken_length = j->length;
+    c->taken_which = j->which;
+    return TS_NBD_TAKEN;
+}
+
+/* Receive the rest of a request header while the writer has a job: 1 once
+ * [start, end) holds a header, 0 when the job is done first, -1 at the end of
+ * the stream or on an error (c->err).  Only the header's bytes are asked for,
+ * so a large payload goes from the socket straight to its buffer. */
+static int fill_beside(ts_nbd_conn *c, struct pipe *w)
+{
+    if (c->start) {
+        memmove(c->ibuf, c->ibuf + c->start, c->end - c->start);
+        c->end -= c->start;
+        c->start = 0;
+    }
+    while (c->end < TS_NBD_HEADER) {
+        ssize_t n = recv(c->fd, c->ibuf + c->end, TS_NBD_HEADER - c->end, MSG_DONTWAIT);
+        if (n > 0) { c->end += (uint64_t)n; continue; }
+        if (n == 0) return -1;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) { c->err = -errno; return -1; }
+        struct pollfd p[2] = { { c->fd, POLLIN, 0 }, { w->done, POLLIN, 0 } };
+        if (poll(p, 2, -1) < 0) continue;          /* EINTR */
+        if (p[0].revents) continue;                 /* data, or the error recv reports */
+        if (p[1].revents) return 0;
+    }
+    return 1;
+}
+
+/* ---- large WRITEs ------------------------------------------------------------ */
+
+/* Receive a large WRITE's payload into buf: what is buffered, then the rest
+ * from the socket; 0, or TS_NBD_CLOSED (the payload is lost with the
+ * connection). */
+static int receive_payload(ts_nbd_conn *c, uint8_t *buf, uint32_t length)
 {
     uint64_t have = c->end - c->start - TS_NBD_HEADER;
     if (have > length) have = length;
-    memcpy(c->big, c->ibuf + c->start + TS_NBD_HEADER, have);
+    memcpy(buf, c->ibuf + c->start + TS_NBD_HEADER, have);
     c->start += TS_NBD_HEADER + have;
     while (have < length) {
-        ssize_t n = recv(c->fd, c->big + have, length - have, MSG_WAITALL);  /* one wake-up */
+        ssize_t n = recv(c->fd, buf + have, length - have, MSG_WAITALL);  /* one wake-up */
         if (n > 0) { have += (uint64_t)n; continue; }
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -135,18 +278,45 @@ static int serve_large_write(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, u
             continue;
         }
         c->err = n < 0 ? -errno : 0;
-        return TS_NBD_CLOSED;          /* the payload is lost with the connection */
+        return TS_NBD_CLOSED;
     }
-    int64_t t0 = now_ns();
-    int64_t rc = ts_write(c->pool, c->dev, c->big, offset, length, TS_REQ_LANE, NULL, 0);
-    if (rc < 0) {
-        c->err = rc == TS_SLOW ? 0 : rc;
+    return 0;
+}
+
+/* A large WRITE: its payload received whole, then the lane -- in turn, or,
+ * pipelined, on the writer once the one before is done there; that one's reply
+ * is then made and TS_NBD_SEND returned, so it goes out while the writer
+ * works.  TS_NBD_TAKEN when the lane does not write one (the new one is then
+ * parked, given to the writer at the next call). */
+static int serve_large_write(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length)
+{
+    struct pipe *w = c->big2 ? pipe_get(c) : NULL;
+    struct job j = { c->big, 0, cookie, offset, length, 0, 0 };
+    if (w && w->cur) { j.buf = c->big2; j.which = 1; }
+    int rc = receive_payload(c, j.buf, length);
+    if (rc) return rc;
+    j.t0 = now_ns();
+    if (w) {
+        int answered = w->busy;
+        rc = answered ? finish(c, w) : -1;
+        if (rc == TS_NBD_TAKEN) {
+            w->parked = j;
+            w->has_parked = 1;
+            return rc;
+        }
+        submit(w, &j);
+        return answered ? TS_NBD_SEND : -1;
+    }
+    int64_t done = ts_write(c->pool, c->dev, j.buf, offset, length, TS_REQ_LANE, NULL, 0);
+    if (done < 0) {
+        c->err = done == TS_SLOW ? 0 : done;
         c->taken_cookie = cookie;
         c->taken_offset = offset;
         c->taken_length = length;
+        c->taken_which = 0;
         return TS_NBD_TAKEN;
     }
-    return wrote(c, cookie, offset, length, t0);
+    return wrote(c, cookie, offset, length, j.t0);
 }
 
 /* One READ (its header consumed only when served) into out. */
@@ -175,23 +345,35 @@ static int serve_read(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t
         chunk_head(o, TYPE_OFFSET_DATA, cookie, 8 + length, offset);
         c->out_len += DATA_HEAD + length;
     }
+    c->replies += 1;
     c->stat[0] += 1;
     c->stat[1] += length;
     c->stat[2] += now_ns() - t0;
     return -1;
 }
 
-int ts_nbd_burst(ts_nbd_conn *c, int may_block)
+/* The loop of ts_nbd_burst; it may return with a job on the writer. */
+static int burst(ts_nbd_conn *c, int may_block)
 {
-    memset(c->stat, 0, sizeof c->stat);
-    c->err = 0;
     for (;;) {
-        if (c->out_len >= c->out_flush || c->replies >= c->max_replies ||
-            c->stat[3] >= TS_NBD_NOTES_MAX)
+        struct pipe *w = c->pipe;
+        int busy = w && w->busy;     /* one reply and one note more to come */
+        if (c->out_len >= c->out_flush || c->replies + busy >= c->max_replies ||
+            c->stat[3] + busy >= TS_NBD_NOTES_MAX)
             return TS_NBD_FULL;
         if (c->end - c->start < TS_NBD_HEADER) {
-            if (!may_block) return TS_NBD_IDLE;
-            if (fill(c, TS_NBD_HEADER) < 0) return TS_NBD_CLOSED;
+            if (busy) {
+                int got = fill_beside(c, w);
+                if (got < 0) return TS_NBD_CLOSED;
+                if (got == 0) {
+                    int rc = finish(c, w);
+                    if (rc >= 0) return rc;
+                    continue;
+                }
+            } else {
+                if (!may_block) return TS_NBD_IDLE;
+                if (fill(c, TS_NBD_HEADER) < 0) return TS_NBD_CLOSED;
+            }
         }
         const uint8_t *h = c->ibuf + c->start;
         uint16_t flags = get16(h + 4), type = get16(h + 6);
@@ -202,11 +384,17 @@ int ts_nbd_burst(ts_nbd_conn *c, int may_block)
         if (get32(h) != REQUEST_MAGIC || flags || type > CMD_WRITE || length == 0 ||
             length > most || offset > size || length > size - offset)
             return TS_NBD_OTHER;
+        int large = type == CMD_WRITE && length > TS_NBD_FAST_MAX;
+        if (busy && !(large && c->writable && length <= c->big_size)) {
+            int rc = finish(c, w);   /* only a large WRITE is received beside a job */
+            if (rc >= 0) return rc;
+            continue;
+        }
         int rc;
         if (type == CMD_WRITE) {
             if (!c->writable) return TS_NBD_OTHER;
-            if (c->out_len + SIMPLE_LEN > c->out_size) return TS_NBD_FULL;
-            if (length > TS_NBD_FAST_MAX) {
+            if (c->out_len + (1 + busy) * SIMPLE_LEN > c->out_size) return TS_NBD_FULL;
+            if (large) {
                 if (!c->big || length > c->big_size) return TS_NBD_OTHER;
                 rc = serve_large_write(c, cookie, offset, length);
             } else {
@@ -223,7 +411,46 @@ int ts_nbd_burst(ts_nbd_conn *c, int may_block)
             rc = serve_read(c, cookie, offset, length);
         }
         if (rc >= 0) return rc;
-        c->replies += 1;
         may_block = 0;
     }
+}
+
+int ts_nbd_burst(ts_nbd_conn *c, int may_block)
+{
+    memset(c->stat, 0, sizeof c->stat);
+    c->err = 0;
+    struct pipe *w = c->pipe;
+    if (w && w->has_parked) {          /* received at the last call, after a TAKEN */
+        w->has_parked = 0;
+        submit(w, &w->parked);
+    }
+    int rc = burst(c, may_block);
+    if (rc != TS_NBD_SEND && (w = c->pipe, w && w->busy)) {   /* else no job is left */
+        int64_t err = c->err;
+        if (finish(c, w) == TS_NBD_TAKEN) return TS_NBD_TAKEN;
+        c->err = err;
+    }
+    return rc;
+}
+
+int ts_nbd_drain(ts_nbd_conn *c)
+{
+    memset(c->stat, 0, sizeof c->stat);
+    c->err = 0;
+    struct pipe *w = c->pipe;
+    return w && w->busy ? finish(c, w) : -1;
+}
+
+void ts_nbd_close(ts_nbd_conn *c)
+{
+    struct pipe *w = c->pipe;
+    if (!w) return;
+    if (w->busy) finish(c, w);         /* not after ts_nbd_burst; kept safe all the same */
+    __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
+    signal_fd(w->go);
+    pthread_join(w->thread, NULL);
+    close(w->go);
+    close(w->done);
+    free(w);
+    c->pipe = NULL;
 }

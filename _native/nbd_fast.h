@@ -41,8 +41,12 @@
 #define TS_NBD_CLOSED 3  /* recv saw the end of the stream or an error (err): Python's
                           * own read will report it                                  */
 #define TS_NBD_TAKEN 4   /* a large WRITE was received (header consumed, payload in
-                          * big) but the lane stood aside or failed: Python does it
-                          * (taken_cookie, taken_offset, taken_length)               */
+                          * big, or big2 when taken_which is 1) but the lane stood
+                          * aside or failed: Python does it (taken_cookie,
+                          * taken_offset, taken_length)                              */
+#define TS_NBD_SEND 5    /* a pipelined large WRITE is done (its reply in obuf) and
+                          * the next is with the writer: Python sends the replies
+                          * and calls again (or ts_nbd_drain)                        */
 
 /*
  * One connection, set up and kept in step by Python (thinstore/nbd/burst.py):
@@ -72,7 +76,25 @@
  *                    served too (0: none); a WRITE's payload goes to
  *   big[big_size]    (big_size >= large_max), received whole before the lane
  *                    writes it; taken_* name one Python must do (TS_NBD_TAKEN)
+ *   big2             NULL, or a second buffer of big_size bytes: then large
+ *                    WRITEs are pipelined (below), their payloads alternating
+ *                    between big and big2
+ *   pipe             the loop's own (NULL at first; ts_nbd_close frees it)
  *   err              the lane's or recv's error behind TS_NBD_OTHER/CLOSED, or 0
+ *
+ * Pipelined large WRITEs: with big2, a large WRITE whose payload is in is
+ * handed to a writer thread of the connection (started at the first one) and
+ * the loop goes on receiving the next request while the lane writes it, so the
+ * copy out of the socket overlaps the copy into the data file.  At most one
+ * WRITE is in the writer's hands, and only while the loop receives the next
+ * request header and, when that is a large WRITE too, its payload; any other
+ * request waits for it first.  Its reply and its note are made when it is
+ * done, as for any other WRITE, and the loop then returns TS_NBD_SEND so that
+ * the reply goes out while the writer writes the next: that is the only return
+ * with a write in the writer's hands, and Python calls ts_nbd_burst again (or,
+ * giving up on the connection, ts_nbd_drain) before it does anything else.
+ * Python sees the same replies, notes and TAKENs in the same order as without
+ * the pipeline.
  */
 typedef struct ts_nbd_conn {
     ts_pool *pool; ts_dev *dev;
@@ -85,6 +107,8 @@ typedef struct ts_nbd_conn {
     uint64_t large_max; uint8_t *big; uint64_t big_size;
     uint64_t taken_cookie; uint64_t taken_offset; uint64_t taken_length;
     int64_t err;
+    uint8_t *big2; int taken_which;
+    void *pipe;
 } ts_nbd_conn;
 
 /*
@@ -111,6 +135,21 @@ typedef struct ts_nbd_conn {
  * Returns one of TS_NBD_*.
  */
 int ts_nbd_burst(ts_nbd_conn *c, int may_block);
+
+/*
+ * Wait for the write c's writer has (after TS_NBD_SEND): -1 when there is none
+ * or it is done (its reply in obuf, its note and counts in notes and stat, as
+ * from a ts_nbd_burst call), TS_NBD_TAKEN when the lane did not write it.
+ */
+int ts_nbd_drain(ts_nbd_conn *c);
+
+/*
+ * Stop and free c's writer thread, if it has one (after ts_nbd_burst or
+ * ts_nbd_drain: a write it still had would be waited for and dropped).  Call
+ * once, when the connection ends, before the pool and device structs go away;
+ * c may be used again afterwards (a new writer starts when needed).
+ */
+void ts_nbd_close(ts_nbd_conn *c);
 
 /* cdef-end */
 

@@ -39,12 +39,14 @@ from thinstore.nbd.channel import FLUSH_BYTES, FLUSH_COUNT
 from thinstore.nbd.held import FAST_MAX
 
 ENV = "THINSTORE_NBD_LOOP"          # "0": every request takes the Python path
+PIPELINE_ENV = "THINSTORE_NBD_PIPELINE"  # "0": large WRITEs written in turn, not pipelined
 LARGE_MAX = 4 << 20                 # = transmission.INLINE_MAX: READ/WRITE served up to this
 OUT_SIZE = FLUSH_BYTES + LARGE_MAX + 64  # one more reply always fits past the flush point
 
 if native.NATIVE:
     _lib, _ffi = native.lib, native.ffi
     _IDLE, _FULL, _TAKEN = _lib.TS_NBD_IDLE, _lib.TS_NBD_FULL, _lib.TS_NBD_TAKEN
+    _SEND = _lib.TS_NBD_SEND
     assert _lib.TS_NBD_FAST_MAX == FAST_MAX
 
 
@@ -60,9 +62,9 @@ class NativeLoop:
         structs = tx.dev.lane_structs()
         if structs is None or len(tx._inbox.buf) < _lib.TS_NBD_HEADER + FAST_MAX:
             return None
-        return cls(tx, *structs)
+        return cls(tx, *structs, config)
 
-    def __init__(self, tx, pool_c, dev_c):
+    def __init__(self, tx, pool_c, dev_c, config=None):
         c = self.c = _ffi.new("ts_nbd_conn *")
         self._out = bytearray(OUT_SIZE)
         self._view = memoryview(self._out)
@@ -80,36 +82,60 @@ class NativeLoop:
         self._big = bytearray(c.large_max)      # pages are touched only when used
         c.big, c.big_size = _ffi.from_buffer("uint8_t[]", self._big, True), c.large_max
         self._keep += (c.big,)
+        # pipelined large WRITEs (nbd_fast.h): a second payload buffer; the writer
+        # thread starts at the first large WRITE, close() stops it
+        self._bigs = (self._big,)
+        if getattr(config, "pipeline", True) and os.environ.get(PIPELINE_ENV, "") != "0":
+            self._bigs += (bytearray(c.large_max),)
+            c.big2 = _ffi.from_buffer("uint8_t[]", self._bigs[1], True)
+            self._keep += (c.big2,)
         self._tx = tx
+
+    def close(self) -> None:
+        """Stop the connection's writer thread, if one was started (at its end, before
+        the device is closed)."""
+        _lib.ts_nbd_close(self.c)
 
     def serve(self) -> None:
         """Serve requests in C until the next one is the reader's (left at the head of
         the inbox), the stream ends, or the peer stopped taking replies."""
         tx, c, burst = self._tx, self.c, _lib.ts_nbd_burst
         inbox, outbox = tx._inbox, tx._outbox
-        may_block = 0
-        while True:
-            if not outbox._queued:          # every reply queued from the buffer is sent
-                c.out_len = c.replies = 0
-            mark = c.out_len
-            c.start, c.end = inbox.start, inbox.end
-            rc = burst(c, may_block)
-            inbox.start, inbox.end = c.start, c.end
-            if c.out_len != mark:
-                self._account(tx, mark)
-                may_block = 0           # a request was read since the reader settled
-            if rc == _IDLE:
-                tx._settle()
-                may_block = 1
-            elif rc == _FULL:
-                outbox.flush()
-            elif rc == _TAKEN:
-                self._taken(tx)
-                may_block = 0
-            else:
-                return
-            if outbox.dead:             # the reader's check before each request
-                return
+        may_block = rc = 0
+        try:
+            while True:
+                if not outbox._queued:      # every reply queued from the buffer is sent
+                    c.out_len = c.replies = 0
+                mark = c.out_len
+                c.start, c.end = inbox.start, inbox.end
+                rc = burst(c, may_block)
+                inbox.start, inbox.end = c.start, c.end
+                if c.out_len != mark:
+                    self._account(tx, mark)
+                    may_block = 0       # a request was read since the reader settled
+                if rc == _IDLE:
+                    tx._settle()
+                    may_block = 1
+                elif rc in (_FULL, _SEND):
+                    outbox.flush()
+                elif rc == _TAKEN:
+                    self._taken(tx)
+                    may_block = 0
+                else:
+                    return
+                if outbox.dead:         # the reader's check before each request
+                    return
+        finally:
+            if rc == _SEND:             # a large WRITE is still with the writer
+                self._drain(tx)
+
+    def _drain(self, tx) -> None:
+        """Wait for the large WRITE the writer still has when the reader gives up on
+        the connection: noted when written (no one is left to answer it)."""
+        c = self.c
+        if _lib.ts_nbd_drain(c) != _TAKEN and c.stat[3]:
+            n = _ffi.unpack(c.notes, 2)
+            tx.dev.note_writes([(n[0], n[1])])
 
     def _taken(self, tx) -> None:
         """A large WRITE the loop received but the lane did not write: the reader's
@@ -119,7 +145,7 @@ class NativeLoop:
         tx._burst += 1
         tx.moved[1] += n
         req = P.Request(P.REQUEST_MAGIC, 0, P.Cmd.WRITE, c.taken_cookie, c.taken_offset, n)
-        tx._execute(req, self._big[:n], None)     # a copy: the buffer is reused
+        tx._execute(req, self._bigs[c.taken_which][:n], None)   # a copy: the buffer is reused
 
     def _account(self, tx, mark: int) -> None:
         """Fold one call's counters into the connection's, note its writes, queue its

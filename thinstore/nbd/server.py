@@ -44,6 +44,7 @@ class ServerConfig:
     queue_depth: int = 32
     inflight_bytes: int = 128 << 20
     native_loop: bool = True      # plain READ/WRITE served in C (nbd/burst.py)
+    pipeline: bool = True         # large WRITEs: received while the last is written (burst.py)
 
 
 class NBDServer:

@@ -129,6 +129,8 @@ class Transmission(HeldReplies):
             self._outbox.flush()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            if self._loop is not None:
+                self._loop.close()
             close_quietly(self.sock)
             self.dev.close()
 
