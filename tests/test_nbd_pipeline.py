@@ -1,0 +1,141 @@
+"""Pipelined large WRITEs in the native loop (_native/nbd_fast.h, "Pipelined large WRITEs").
+
+A large WRITE received whole is written by the connection's writer thread while the
+loop receives the next request. What a client sees must not change: the same
+replies (bytes, errors) as the loop writing in turn and as the Python path, the
+same contents afterwards, and a failing or abandoned write handled as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+
+import pytest
+
+from nbd_helpers import MiB, RawClient, served
+from test_nbd_loop import SIZE, _fill, _replies
+from thinstore import native
+from thinstore.nbd import protocol as P
+
+FAST_MAX = 128 << 10
+_W, _R = P.Cmd.WRITE, P.Cmd.READ
+
+needs_loop = pytest.mark.skipif(native.BACKEND != "native",
+                                reason="the loop runs with the native backend only")
+
+
+def _large_stream(seed: int) -> list[list[tuple]]:
+    """Batches of mostly large WRITEs over overlapping ranges (so order matters), some
+    all zeros (the lane leaves those to Python: a hand-back in the middle of the
+    pipeline), some out of range (an error reply), with reads and small writes between."""
+    rng = random.Random(seed)
+    batches, cookie = [], 0
+    for _ in range(6):
+        batch = []
+        for _ in range(rng.randrange(12, 25)):
+            cookie += 1
+            pick = rng.random()
+            length = rng.choice((FAST_MAX + 1, MiB, MiB + 4096, 2 * MiB, 3 * MiB + 1))
+            offset = rng.choice((rng.randrange(SIZE - length + 1), rng.randrange(0, 4 * MiB)))
+            if pick < 0.06:
+                batch.append((0, _R, cookie, offset, 4096, b""))
+            elif pick < 0.12:
+                batch.append((0, _W, cookie, offset, 4096, rng.randbytes(4096)))
+            elif pick < 0.16:       # past the end: ENOSPC from the Python path
+                batch.append((0, _W, cookie, SIZE - length + 4096, length, rng.randbytes(length)))
+            else:
+                payload = bytes(length) if pick < 0.3 else rng.randbytes(length)
+                batch.append((0, _W, cookie, min(offset, SIZE - length), length, payload))
+        batches.append(batch)
+    return batches
+
+
+def _run(loop: bool, pipeline: bool, seed: int):
+    """(replies by cookie, device contents, write counters) of one server."""
+    with served(native_loop=loop, pipeline=pipeline, workers=2) as s:
+        _fill(s.pool)
+        client = RawClient(s.sock)
+        client.greet()
+        client.go("v")
+        replies = {}
+        for batch in _large_stream(seed):
+            wire = b"".join(P.encode_request(f, k, c, o, n) + d for f, k, c, o, n, d in batch)
+            sender = threading.Thread(target=client.sock.sendall, args=(wire,))
+            sender.start()          # replies are read meanwhile
+            replies.update(_replies(client, batch))
+            sender.join()
+        client.request(P.Cmd.DISC)
+        assert client.closed_by_server()
+        client.close()
+        with s.pool.open_device("v") as dev:
+            contents = hashlib.sha256(dev.pread(0, SIZE)).hexdigest()
+        counts = s.server.iostat()["devices"]["v"]
+        return replies, contents, {k: counts[k] for k in ("write_ops", "write_bytes", "errors")}
+
+
+@needs_loop
+@pytest.mark.parametrize("seed", [1, 2])
+def test_pipelined_large_writes_answer_like_writes_in_turn_and_the_python_path(seed):
+    piped, in_turn, python = (_run(loop, pipe, seed) for loop, pipe in
+                              ((True, True), (True, False), (False, False)))
+    assert piped[2]["errors"] > 0, "the stream's out-of-range writes are answered with errors"
+    for other in (in_turn, python):
+        assert piped[0].keys() == other[0].keys()
+        differ = [c for c in piped[0] if piped[0][c] != other[0][c]]
+        assert not differ, f"{len(differ)} replies differ, first cookie {differ[0]}"
+        assert piped[1:] == other[1:]
+
+
+def test_large_writes_past_the_pool_space_get_enospc_and_the_rest_read_back():
+    """A pool with room for a few MiB: 1 MiB writes pipelined into a larger volume
+    succeed until the space is gone, then each gets ENOSPC; what succeeded reads
+    back, and the connection keeps serving."""
+    with served(capacity=12 * MiB) as s:
+        s.pool.create_volume("big", 64 * MiB)
+        client = RawClient(s.sock)
+        client.greet()
+        client.go("big", structured=False)      # errors in simple replies
+        rng = random.Random(3)
+        data = {c: rng.randbytes(MiB) for c in range(1, 25)}
+        wire = b"".join(P.encode_request(0, _W, c, (c - 1) * MiB, MiB) + d
+                        for c, d in data.items())
+        sender = threading.Thread(target=client.sock.sendall, args=(wire,))
+        sender.start()
+        errors = {}
+        for _ in data:
+            cookie, error, _ = client.simple_reply()
+            errors[cookie] = error
+        sender.join()
+        ok = [c for c in data if errors[c] == 0]
+        assert ok and len(ok) < len(data)
+        assert {errors[c] for c in data if c not in ok} == {P.ENOSPC}
+        for c in ok:
+            client.request(_R, (c - 1) * MiB, MiB, cookie=100 + c)
+            assert client.simple_reply(MiB) == (100 + c, 0, data[c])
+        client.close()
+
+
+def test_hang_up_in_the_payload_of_a_pipelined_write():
+    """A client gone in the middle of a large WRITE's payload while the one before is
+    being written: that one is applied whole, the torn one not at all, and the server
+    serves the next client."""
+    with served() as s:
+        _fill(s.pool)
+        with s.pool.open_device("v") as dev:
+            before = dev.pread(4 * MiB, MiB)
+        client = RawClient(s.sock)
+        client.greet()
+        client.go("v")
+        first = random.Random(9).randbytes(MiB)
+        client.sock.sendall(P.encode_request(0, _W, 1, 0, MiB) + first +
+                            P.encode_request(0, _W, 2, 4 * MiB, MiB) + b"y" * (MiB // 2))
+        client.close()
+        other = RawClient(s.sock)
+        other.greet()
+        other.go("v", structured=False)
+        for cookie, offset, want in ((7, 0, first), (8, 4 * MiB, before)):
+            other.request(_R, offset, MiB, cookie=cookie)
+            assert other.simple_reply(MiB) == (cookie, 0, want)
+        other.close()
