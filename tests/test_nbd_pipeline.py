@@ -9,14 +9,16 @@ same contents afterwards, and a failing or abandoned write handled as before.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
 import threading
 
 import pytest
 
-from nbd_helpers import MiB, RawClient, served
+from nbd_helpers import MiB, RawClient, ServeProcess, cli, new_pool_dir, served
 from test_nbd_loop import SIZE, _fill, _replies
-from thinstore import native
+from thinstore import Pool, native
 from thinstore.nbd import protocol as P
 
 FAST_MAX = 128 << 10
@@ -139,3 +141,38 @@ def test_hang_up_in_the_payload_of_a_pipelined_write():
             other.request(_R, offset, MiB, cookie=cookie)
             assert other.simple_reply(MiB) == (cookie, 0, want)
         other.close()
+
+
+@needs_loop
+def test_pipelined_writes_answered_survive_a_kill_after_a_flush_elsewhere():
+    """The crash contract through the pipeline: overlapping 1 MiB writes pipelined on
+    one connection (first writes and overwrites), a FLUSH answered on another, then
+    SIGKILL: the reopened pool holds every answered write, applied in order."""
+    with new_pool_dir() as pool_dir:
+        serve = ServeProcess(pool_dir)
+        try:
+            cli("--pool", pool_dir, "create", "mc", "--size", "16M")
+            sock = os.path.join(pool_dir, "nbd.sock")
+            writer, flusher = RawClient(sock), RawClient(sock)
+            for c in (writer, flusher):
+                c.greet()
+                c.go("mc")
+            rng = random.Random(11)
+            writes = [(rng.randrange(0, 15 * MiB, 4096 * rng.choice((1, 7))), rng.randbytes(MiB))
+                      for _ in range(40)]
+            wire = b"".join(P.encode_request(0, _W, cookie, offset, MiB) + data
+                            for cookie, (offset, data) in enumerate(writes, 1))
+            sender = threading.Thread(target=writer.sock.sendall, args=(wire,))
+            sender.start()
+            for _ in writes:
+                assert writer.simple_reply()[1] == 0
+            sender.join()
+            flusher.request(P.Cmd.FLUSH, cookie=2)
+            assert flusher.simple_reply() == (2, 0, b"")
+        finally:
+            serve.stop(signal.SIGKILL)
+        image = bytearray(16 * MiB)
+        for offset, data in writes:
+            image[offset:offset + MiB] = data
+        with Pool.open(pool_dir) as pool, pool.open_device("mc") as dev:
+            assert dev.pread(0, 16 * MiB) == image
