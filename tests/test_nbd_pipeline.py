@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+import time
 
 import pytest
 
@@ -176,3 +177,30 @@ def test_pipelined_writes_answered_survive_a_kill_after_a_flush_elsewhere():
             image[offset:offset + MiB] = data
         with Pool.open(pool_dir) as pool, pool.open_device("mc") as dev:
             assert dev.pread(0, 16 * MiB) == image
+
+
+@needs_loop
+def test_each_connections_writer_thread_ends_with_it():
+    """Connections that pipelined large WRITEs leave no thread behind once closed."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    with served() as s:
+        _fill(s.pool)
+        before = threads()
+        for round_no in range(12):
+            client = RawClient(s.sock)
+            client.greet()
+            client.go("v")
+            wire = b"".join(P.encode_request(0, _W, c, c * MiB, MiB) + bytes([round_no + 1]) * MiB
+                            for c in range(3))
+            client.sock.sendall(wire)
+            assert sorted(client.simple_reply()[:2] for _ in range(3)) == [(0, 0), (1, 0), (2, 0)]
+            client.request(P.Cmd.DISC)
+            assert client.closed_by_server()
+            client.close()
+        for _ in range(500):        # the connections' threads end after their sockets close
+            if threads() <= before:
+                break
+            time.sleep(0.01)
+        assert threads() <= before
