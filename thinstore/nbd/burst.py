@@ -23,6 +23,12 @@ How it keeps Transmission's promises:
   which this module does right after ``_settle``, and only until the first
   request of the call; so the reader settles before every read that could
   block, as it does without the loop;
+- large WRITEs (over FAST_MAX): received whole into a buffer of the loop and, with a
+  second buffer (``ServerConfig.pipeline``, ``THINSTORE_NBD_PIPELINE``), written by the
+  connection's writer thread while C receives the next request; C returns
+  ``TS_NBD_SEND`` once one is done and the next is with the writer, so its reply
+  (noted first, as above) goes out meanwhile; every other return has no write left
+  there. ``close()`` stops the thread when the connection ends;
 - counters: ``stats.inline`` READ/WRITE ops, bytes and service time (C times
   every request it serves, not one in eight), ``moved``, ``_burst`` and
   ``_since_flush`` count C's requests as the Python path would.
