@@ -148,18 +148,22 @@ struct pipe {
     struct job parked;
 };
 
+/* Add one to eventfd fd (wakes its waiter). */
 static void signal_fd(int fd)
 {
     uint64_t one = 1;
     while (write(fd, &one, 8) < 0 && errno == EINTR) {}
 }
 
+/* Wait until eventfd fd is signalled, and reset it. */
 static void wait_fd(int fd)
 {
     uint64_t v;
     while (read(fd, &v, 8) < 0 && errno == EINTR) {}
 }
 
+/* The writer thread: each `go` writes `job` (its answer in job.rc) and signals
+ * `done`, until a `go` finds `stop` set. */
 static void *writer_main(void *arg)
 {
     struct pipe *w = arg;
@@ -208,6 +212,8 @@ fail:
     return NULL;
 }
 
+/* Give j to the writer (it must have no job); the next payload goes to the
+ * other buffer. */
 static void submit(struct pipe *w, const struct job *j)
 {
     w->job = *j;
