@@ -35,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 9  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 10  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -326,6 +326,13 @@ class NativeKernels:
     def is_zero(buf):
         data = ffi.from_buffer("uint8_t[]", buf)
         return bool(lib.ts_is_zero(data, len(data)))
+
+    @staticmethod
+    def state_clear(chunk_state, ids, flags: int) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        lib.ts_state_clear(ffi.from_buffer("uint8_t[]", chunk_state, require_writable=True),
+                           len(chunk_state), ffi.from_buffer("int64_t[]", ids), len(ids),
+                           flags)
 
     @staticmethod
     def count_mapped(dirarr, pages, chunk_ref, page_ref):
