@@ -244,8 +244,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
 
     def _commit_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self._prehash()
             self._presync()
+            self._prehash()
             with self.lock:
                 if self._closed:
                     return
