@@ -548,8 +548,43 @@ static int take_new_chunk(ts_pool *p, uint64_t *e, uint64_t old,
     return 0;
 }
 
-/* TS_REQ_GIVEN: the write itself, with the new chunks given. */
+/* TS_ST_REHASH on every chunk mapped in [offset, offset+length) of dev, once the
+ * write's bytes are in the file (checksums on only). */
+static void mark_rehash(ts_pool *p, const ts_dev *dev, uint64_t offset, uint64_t length)
+{
+    if (!p->n_sums || !length) return;
+    unsigned shift = p->chunk_shift;
+    for (uint64_t v = offset >> shift; v <= (offset + length - 1) >> shift; v++) {
+        uint64_t pid;
+        uint64_t *e = entry_ptr(dev->dir, dev->n_dir, p->pages, p->n_pages, v, &pid);
+        if (e && *e && *e < p->n_chunks)
+            mark(p->chunk_state, p->chunk_summary, *e, TS_ST_REHASH);
+    }
+}
+
+void ts_state_clear(uint8_t *state, uint64_t n_state, const int64_t *ids, uint64_t n,
+                    uint8_t flags)
+{
+    for (uint64_t k = 0; k < n; k++)
+        if (ids[k] >= 0 && (uint64_t)ids[k] < n_state)
+            __atomic_fetch_and(&state[ids[k]], (uint8_t)~flags, __ATOMIC_SEQ_CST);
+}
+
+static int write_given_run(ts_pool *p, const ts_dev *dev, const int64_t *new_chunks,
+                           uint64_t n_new, const uint8_t *buf, uint64_t offset,
+                           uint64_t length);
+
+/* TS_REQ_GIVEN: the write itself, with the new chunks given; then TS_ST_REHASH,
+ * whether or not it failed part way (what it wrote is unknown then). */
 static int write_given(ts_pool *p, const ts_dev *dev, const int64_t *new_chunks, uint64_t n_new,
+                       const uint8_t *buf, uint64_t offset, uint64_t length)
+{
+    int rc = write_given_run(p, dev, new_chunks, n_new, buf, offset, length);
+    mark_rehash(p, dev, offset, length);
+    return rc;
+}
+
+static int write_given_run(ts_pool *p, const ts_dev *dev, const int64_t *new_chunks, uint64_t n_new,
                        const uint8_t *buf, uint64_t offset, uint64_t length)
 {
     unsigned chunk_shift = p->chunk_shift;

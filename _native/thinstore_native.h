@@ -51,6 +51,9 @@
 #define TS_ST_PINNED 2        /* ref fell but is nonzero in the open txn: copy on write  */
 #define TS_ST_WRITTEN 4       /* data written since the last commit                      */
 #define TS_ST_REF_CHANGED 8   /* refcount changed since the last commit                  */
+#define TS_ST_REHASH 16       /* data written since DataSums.prehash cleared this flag:   *
+                               * set after the write's bytes are in the file, on every    *
+                               * chunk a write maps, when checksums are on (n_sums > 0)   */
 #define TS_SUMMARY_SHIFT 12   /* chunk_summary: one byte per 4096 chunks                  */
 
 #define TS_E_BASE 100000
@@ -145,6 +148,15 @@ int ts_is_zero(const uint8_t *buf, uint64_t length);
 int ts_count_mapped(const uint64_t *dir, uint64_t n_dir, const uint64_t *pages,
                     const uint32_t *page_ref, uint64_t n_pages,
                     const uint32_t *chunk_ref, uint64_t n_chunks, int64_t *out);
+
+/*
+ * Clear `flags` from state[ids[k]] for k < n, each with one atomic and: a request
+ * kernel may be setting other flags of the same chunks meanwhile (without the
+ * pool lock: DataSums.prehash), and none of its flags may be lost.  An id at or
+ * past n_state is skipped.
+ */
+void ts_state_clear(uint8_t *state, uint64_t n_state, const int64_t *ids, uint64_t n,
+                    uint8_t flags);
 
 /*
  * The pool's state, as every request kernel takes it: one struct per open pool,

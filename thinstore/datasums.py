@@ -26,7 +26,8 @@ import numpy as np
 
 from .errors import DataChecksumError
 from .format import FANOUT
-from .kernels import ST_PENDING_FREE, ST_WRITTEN
+from .kernels import ST_PENDING_FREE, ST_REHASH, ST_WRITTEN
+from .native import K
 
 log = logging.getLogger("thinstore")
 
@@ -174,7 +175,10 @@ class DataSums:
         self._zero = bytearray(0)
         self.fresh: dict = {}         # chunk allocated this transaction -> [(lo, hi)] written
         self._pending = None
-        self.counters = {"chunks_hashed": 0, "chunks_verified": 0, "intent_writes": 0}
+        self.counters = {"chunks_hashed": 0, "chunks_verified": 0, "intent_writes": 0,
+                         "chunks_prehashed": 0}
+        self._pre = None              # prehash's result: (generation, state, ids, sums)
+        self._pre_buf = bytearray(0)
         self._verify_count = threading.Lock()   # reads verify side by side
 
     # ------------------------------------------------------------ commit
@@ -191,13 +195,73 @@ class DataSums:
         written = space.written()
         written = written[space.refs.arr[written] > 0]
         self.grow()
+        todo = self._use_prehash(written)
         fresh, self.fresh = self.fresh, {}
-        for c, ranges in self._sparse(written, fresh):
+        for c, ranges in self._sparse(todo, fresh):
             self._hash_fresh(c, ranges)
-        for start, count in _runs(written[~np.isin(written, list(fresh))] if fresh else written):
+        for start, count in _runs(todo[~np.isin(todo, list(fresh))] if fresh else todo):
             self._hash_run(start, count)
         sums.mark(written)
         self.verified[freed] = False
+
+    # ------------------------------------------------------------ before the commit
+    def prehash_plan(self):
+        """Under the pool lock (either side): what prehash() is to hash -- the chunks
+        written so far in this transaction -- or None when there are none."""
+        space = self.md.space
+        written = space.written()
+        written = written[space.refs.arr[written] > 0]
+        if not len(written):
+            return None
+        return self.md.sb.generation, space.state, written
+
+    def prehash(self, plan, stop=None) -> None:
+        """Without the pool lock, while writes go on: hash the chunks of `plan`
+        (prehash_plan) ahead of the commit, so that the commit, under the exclusive lock
+        every request waits behind, hashes only the chunks written again since.
+
+        Why a hash taken here is the one the commit needs: each chunk's ST_REHASH is
+        cleared (atomically) before its bytes are read, and the write kernel sets it
+        on every chunk it maps only after the write's bytes are in the file. So a chunk
+        whose flag is still clear when the commit runs holds the bytes hashed here;
+        any other is hashed again (_use_prehash). The result is used only by the next
+        commit of the same generation and state array. `stop` (an Event): give up."""
+        generation, state, ids = plan
+        K.state_clear(state, ids, ST_REHASH)
+        out = np.zeros(len(ids), dtype=np.uint32)
+        cs = self.md.chunk_size
+        per = max(1, _BATCH // cs)
+        if len(self._pre_buf) < per * cs:
+            self._pre_buf = bytearray(per * cs)
+        at = 0
+        for start, count in _runs(ids):
+            for lo in range(start, start + count, per):
+                if stop is not None and stop.is_set():
+                    return
+                n = min(per, start + count - lo)
+                view = memoryview(self._pre_buf)[:n * cs]
+                self.md.data_fio.preadinto(view, lo * cs)
+                for i in range(n):
+                    out[at + i] = chunk_sum(view[i * cs:(i + 1) * cs])
+                at += n
+        self._pre = (generation, state, ids, out)
+
+    def _use_prehash(self, written: np.ndarray) -> np.ndarray:
+        """In the commit: take the prehashed sums of `written` chunks not written since
+        (ST_REHASH clear); returns the chunks still to hash."""
+        pre, self._pre = self._pre, None
+        space = self.md.space
+        if pre is None or not len(written) or pre[0] != self.md.sb.generation \
+                or pre[1] is not space.state:
+            return written
+        _, _, ids, vals = pre
+        pos = np.minimum(np.searchsorted(ids, written), len(ids) - 1)
+        hit = (ids[pos] == written) & ((space.state[written] & ST_REHASH) == 0)
+        got = written[hit]
+        space.sums.arr[got] = vals[pos[hit]]
+        self.verified[got] = True
+        self.counters["chunks_prehashed"] += len(got)
+        return written[~hit]
 
     def _sparse(self, written: np.ndarray, fresh: dict):
         """(chunk, ranges) of written fresh chunks less than half written; `fresh` keeps

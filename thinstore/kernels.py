@@ -29,6 +29,7 @@ ST_PENDING_FREE = 1   # refcount fell to 0 in the open transaction: not reusable
 ST_PINNED = 2         # refcount fell but not to 0: the committed state may still share it
 ST_WRITTEN = 4        # data written since the last commit
 ST_REF_CHANGED = 8    # refcount changed since the last commit
+ST_REHASH = 16        # written since DataSums.prehash cleared it (after the bytes landed)
 
 _SHARED = ST_PINNED
 SUMMARY_SHIFT = 12    # chunk_summary: one byte per 4096 chunks (TS_SUMMARY_SHIFT)
@@ -132,9 +133,29 @@ def count_write_allocs(ps, dev, offset, length) -> int:
 
 def _write_given(ps, dirarr, new_chunks, buf, offset, length) -> None:
     """REQ_GIVEN: write buf to the byte range, allocating or copying-on-write chunks
-    from new_chunks as needed."""
+    from new_chunks as needed; then, checksums on, ST_REHASH on every chunk the range
+    maps, even when the write failed part way."""
     if length <= 0:
         return
+    try:
+        _write_given_run(ps, dirarr, new_chunks, buf, offset, length)
+    finally:
+        if ps.chunk_sums is not None and len(ps.chunk_sums):
+            first, last = _chunk_span(ps.chunk_shift, offset, length)
+            ents = _entries(dirarr, ps.pages, first, last)
+            ents = ents[(ents != 0) & (ents < len(ps.chunk_state))].astype(np.int64)
+            mark(ps.chunk_state, ps.chunk_summary, ents, ST_REHASH)
+
+
+def state_clear(chunk_state, ids, flags: int) -> None:
+    """Clear `flags` on chunks `ids` (ids past the array skipped); the twin of
+    ts_state_clear (there, atomic against kernels running without the GIL)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < len(chunk_state))]
+    chunk_state[ids] &= np.uint8(~flags & 0xFF)
+
+
+def _write_given_run(ps, dirarr, new_chunks, buf, offset, length) -> None:
     chunk_shift, fio = ps.chunk_shift, ps.fio
     cs = 1 << chunk_shift
     data = memoryview(buf).cast("B")

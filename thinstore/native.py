@@ -328,6 +328,13 @@ class NativeKernels:
         return bool(lib.ts_is_zero(data, len(data)))
 
     @staticmethod
+    def state_clear(chunk_state, ids, flags: int) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        lib.ts_state_clear(ffi.from_buffer("uint8_t[]", chunk_state, require_writable=True),
+                           len(chunk_state), ffi.from_buffer("int64_t[]", ids), len(ids),
+                           flags)
+
+    @staticmethod
     def count_mapped(dirarr, pages, chunk_ref, page_ref):
         d, n_dir, p, n_pages = _map_args(dirarr, pages)
         if len(page_ref) != n_pages:

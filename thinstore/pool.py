@@ -102,6 +102,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         self._sums = None                      # DataSums when data checksums are on
         self._log: SyncLog | None = None       # the intent log (synclog.py)
         self._stop = threading.Event()
+        self._prehashing = threading.Lock()     # held while _prehash reads the data file
         self._timer = None
         # freed chunks are punched in the background, throttled (reclaim.py)
         self._reclaim = Reclaimer(self, scan=scan_free)
@@ -213,6 +214,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             if self._closed:
                 return
             self._stop.set()
+            with self._prehashing:     # it stops at its next batch; it reads the data file
+                pass
             try:
                 if self._dirty:        # a read-only session leaves the pool untouched
                     self.commit()
@@ -242,6 +245,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     def _commit_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             self._presync()
+            self._prehash()
             with self.lock:
                 if self._closed:
                     return
@@ -251,12 +255,39 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
                     except (OSError, ThinstoreError) as e:
                         log.error("background commit failed: %s", e)
 
+    def _written_since_commit(self) -> bool:
+        """Unlocked: has anything been written since the last commit? Native lane writes
+        set only the lane's flag, folded into _dirty when the lock is next taken."""
+        lane = self._lane
+        return self._dirty or (lane is not None and lane.c is not None and bool(lane.c.wrote))
+
+    def _prehash(self) -> None:
+        """Hash the chunks written so far before the commit takes the lock (DataSums.
+        prehash): the commit then hashes only those written again meanwhile, instead of
+        every chunk of the transaction with every request waiting. Any failure here only
+        leaves the hashing to the commit."""
+        sums = self._sums
+        if sums is None or self._closed or not self._written_since_commit():
+            return
+        try:
+            with self.lock.shared:
+                if self._closed:
+                    return
+                plan = sums.prehash_plan()
+            if plan is None:
+                return
+            with self._prehashing:       # close() waits for it before closing the files
+                if not self._stop.is_set():
+                    sums.prehash(plan, self._stop)
+        except Exception as e:          # noqa: BLE001 -- the commit hashes instead
+            log.debug("prehash skipped: %s", e)
+
     def _presync(self) -> None:
         """Write the data file's dirty pages out before the commit takes the lock, so
         the commit's own fsync, which every request waits behind, finds little left
         (a copy on write dirties a whole chunk per small write). Durability still
         comes from the fsync inside the commit; this only moves work out of the lock."""
-        if self._dirty and not self._closed:
+        if not self._closed and self._written_since_commit():
             try:
                 self.md.data_fio.datasync()
             except (OSError, AttributeError):
