@@ -284,6 +284,7 @@ static int receive_payload(ts_nbd_conn *c, uint8_t *buf, uint32_t length)
             continue;
         }
         c->err = n < 0 ? -errno : 0;
+        c->lost = length;
         return TS_NBD_CLOSED;
     }
     return 0;
@@ -425,6 +426,7 @@ int ts_nbd_burst(ts_nbd_conn *c, int may_block)
 {
     memset(c->stat, 0, sizeof c->stat);
     c->err = 0;
+    c->lost = 0;
     struct pipe *w = c->pipe;
     if (w && w->has_parked) {          /* received at the last call, after a TAKEN */
         w->has_parked = 0;
@@ -443,6 +445,7 @@ int ts_nbd_drain(ts_nbd_conn *c)
 {
     memset(c->stat, 0, sizeof c->stat);
     c->err = 0;
+    c->lost = 0;
     struct pipe *w = c->pipe;
     return w && w->busy ? finish(c, w) : -1;
 }

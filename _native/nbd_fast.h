@@ -80,6 +80,9 @@
  *                    WRITEs are pipelined (below), their payloads alternating
  *                    between big and big2
  *   pipe             the loop's own (NULL at first; ts_nbd_close frees it)
+ *   lost             the length of a WRITE whose header this call consumed and
+ *                    whose payload the stream ended in (TS_NBD_CLOSED), else 0:
+ *                    Python counts it as asked for, as its own reader does
  *   err              the lane's or recv's error behind TS_NBD_OTHER/CLOSED, or 0
  *
  * Pipelined large WRITEs: with big2, a large WRITE whose payload is in is
@@ -109,6 +112,7 @@ typedef struct ts_nbd_conn {
     int64_t err;
     uint8_t *big2; int taken_which;
     void *pipe;
+    uint64_t lost;
 } ts_nbd_conn;
 
 /*

@@ -9,8 +9,10 @@ same contents afterwards, and a failing or abandoned write handled as before.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -142,6 +144,26 @@ def test_hang_up_in_the_payload_of_a_pipelined_write():
             other.request(_R, offset, MiB, cookie=cookie)
             assert other.simple_reply(MiB) == (cookie, 0, want)
         other.close()
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "python"])
+def test_the_close_line_counts_a_write_cut_off_in_its_payload(loop, caplog):
+    """'serve -v' says at close how much the client asked to write: a WRITE whose
+    payload never came whole counts as asked, with the native loop as without it."""
+    caplog.set_level(logging.INFO, logger="thinstore.nbd.server")
+    with served(native_loop=loop) as s:
+        s.pool.create_volume("v", 8 * MiB)
+        client = RawClient(s.sock)
+        client.greet()
+        client.go("v")
+        client.sock.sendall(P.encode_request(0, _W, 1, 0, 64 << 10) + b"x" * (64 << 10) +
+                            P.encode_request(0, _W, 2, MiB, MiB) + b"y" * (MiB // 2))
+        client.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "closed 'v'" not in caplog.text:
+            time.sleep(0.05)
+    assert re.search(r"closed 'v' after [\d.]+ s, read 0B, wrote 1\.06M", caplog.text), \
+        caplog.text
 
 
 @needs_loop

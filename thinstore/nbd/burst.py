@@ -128,6 +128,7 @@ class NativeLoop:
                     self._taken(tx)
                     may_block = 0
                 else:
+                    tx.moved[1] += c.lost   # a WRITE cut off in its payload: asked for
                     return
                 if outbox.dead:         # the reader's check before each request
                     return
