@@ -176,6 +176,26 @@ static int copy_shared(int fd, uint64_t src, uint64_t dst, uint64_t len)
     return rc ? rc : 1;
 }
 
+int ts_writeback(int fd, const int64_t *runs, uint64_t n_runs, uint64_t window)
+{
+    if (window == 0) return TS_E_ARG;
+    for (uint64_t k = 0; k < n_runs; k++) {
+        int64_t off = runs[2 * k], len = runs[2 * k + 1];
+        if (off < 0 || len < 0) return TS_E_ARG;
+        while (len > 0) {
+            int64_t n = len < (int64_t)window ? len : (int64_t)window;
+            if (sync_file_range(fd, off, n, SYNC_FILE_RANGE_WAIT_BEFORE |
+                                SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) < 0) {
+                if (errno == EINTR) continue;
+                return -errno;
+            }
+            off += n;
+            len -= n;
+        }
+    }
+    return 0;
+}
+
 int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length)
 {
     /* The whole file-system blocks of the range are shared where the file system

@@ -43,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 11
+#define TS_API_VERSION 12
 
 #define TS_FANOUT 508
 
@@ -136,6 +136,16 @@ int ts_read_range(const uint64_t *dir, uint64_t n_dir,
  * as zeros).  The ranges must not overlap.  Returns 0 or -errno.
  */
 int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length);
+
+/*
+ * Paced writeback: start and wait for the writeback of the dirty pages of the
+ * byte ranges runs[2k], runs[2k+1] (offset, length; k < n_runs) of fd, at most
+ * `window` bytes at a time (sync_file_range WAIT_BEFORE|WRITE|WAIT_AFTER per
+ * window), so that no more than a window of it is ever queued at the disk ahead
+ * of a durable write someone else makes meanwhile (the intent log's).  Moves
+ * work only: durability still comes from an fsync.  Returns 0 or -errno.
+ */
+int ts_writeback(int fd, const int64_t *runs, uint64_t n_runs, uint64_t window);
 
 /* 1 if all length bytes of buf are zero, else 0. */
 int ts_is_zero(const uint8_t *buf, uint64_t length);

@@ -699,3 +699,20 @@ def test_write_locked_agrees_across_summary_windows(tmp_path, args, seed, cursor
     event("slow" if ra == TWIN.SLOW else "fast")
     assert (ra, ca) == (rb, cb) and da == db
     _same_arrays(a, b)
+
+
+@pytest.mark.parametrize("k", BACKENDS)
+def test_writeback_moves_no_bytes_and_refuses_bad_ranges(tmp_path, k):
+    """The presync's writeback (paced in C, one datasync in the twin) changes nothing
+    a reader sees; a negative range is refused with an error, not written back."""
+    fio = FileIO(str(tmp_path / "data"), create=True)
+    data = os.urandom(3 << 20)
+    fio.pwrite(data, 1 << 20)
+    k.writeback(fio, [(1 << 20, 1 << 20), (3 << 20, 1 << 20), (8 << 20, 4096)], 256 << 10)
+    assert fio.pread(3 << 20, 1 << 20) == data
+    if k is NAT:
+        with pytest.raises(ThinstoreError):
+            k.writeback(fio, [(-4096, 4096)], 256 << 10)
+        with pytest.raises(ThinstoreError):
+            k.writeback(fio, [(0, 4096)], 0)
+    fio.close()

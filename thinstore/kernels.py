@@ -147,6 +147,12 @@ def _write_given(ps, dirarr, new_chunks, buf, offset, length) -> None:
             mark(ps.chunk_state, ps.chunk_summary, ents, ST_REHASH)
 
 
+def writeback(fio, runs, window: int) -> None:
+    """Write the dirty pages of byte ranges `runs` of `fio` out; the twin of
+    ts_writeback without its pacing (Python has no sync_file_range): one datasync."""
+    fio.datasync()
+
+
 def state_clear(chunk_state, ids, flags: int) -> None:
     """Clear `flags` on chunks `ids` (ids past the array skipped); the twin of
     ts_state_clear (there, atomic against kernels running without the GIL)."""

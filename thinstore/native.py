@@ -35,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 11  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 12  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -333,6 +333,19 @@ class NativeKernels:
         lib.ts_state_clear(ffi.from_buffer("uint8_t[]", chunk_state, require_writable=True),
                            len(chunk_state), ffi.from_buffer("int64_t[]", ids), len(ids),
                            flags)
+
+    @staticmethod
+    def writeback(fio, runs, window: int) -> None:
+        """Paced writeback of byte ranges `runs` ((offset, length) pairs) of `fio`
+        (ts_writeback); a file without a descriptor gets one datasync instead.
+        Raises OSError."""
+        fd = _fd(fio)
+        if fd is None:
+            fio.datasync()
+            return
+        flat = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1)
+        _check(lib.ts_writeback(fd, ffi.from_buffer("int64_t[]", flat), len(flat) // 2,
+                                window), "writeback")
 
     @staticmethod
     def count_mapped(dirarr, pages, chunk_ref, page_ref):

@@ -56,6 +56,7 @@ from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO, device_capacity, is_rados, open_store
 from .synclog import SyncLog
+from .spacemap import _runs as _id_runs   # (start, count) runs of sorted chunk ids
 from .reclaim import Reclaimer
 from .rwlock import RWLock
 from .units import check_device_size, format_size
@@ -65,6 +66,8 @@ log = logging.getLogger("thinstore")
 POOL_FLAG_DATA_CHECKSUMS = 1
 DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
+PRESYNC_WINDOW = 1 << 20    # bytes of data writeback queued at once before a commit
+_PRESYNC_STEP = 256         # runs per writeback call (close() can stop between calls)
 
 
 #: A pool holds at most 2**34 chunks: its refcount and checksum tables are held as
@@ -102,7 +105,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         self._sums = None                      # DataSums when data checksums are on
         self._log: SyncLog | None = None       # the intent log (synclog.py)
         self._stop = threading.Event()
-        self._prehashing = threading.Lock()     # held while _prehash reads the data file
+        self._background_io = threading.Lock()  # held while _presync/_prehash use the data file
         self._timer = None
         # freed chunks are punched in the background, throttled (reclaim.py)
         self._reclaim = Reclaimer(self, scan=scan_free)
@@ -214,7 +217,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             if self._closed:
                 return
             self._stop.set()
-            with self._prehashing:     # it stops at its next batch; it reads the data file
+            with self._background_io:  # they stop at their next step; they use the data file
                 pass
             try:
                 if self._dirty:        # a read-only session leaves the pool untouched
@@ -276,22 +279,37 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
                 plan = sums.prehash_plan()
             if plan is None:
                 return
-            with self._prehashing:       # close() waits for it before closing the files
+            with self._background_io:       # close() waits for it before closing the files
                 if not self._stop.is_set():
                     sums.prehash(plan, self._stop)
         except Exception as e:          # noqa: BLE001 -- the commit hashes instead
             log.debug("prehash skipped: %s", e)
 
     def _presync(self) -> None:
-        """Write the data file's dirty pages out before the commit takes the lock, so
-        the commit's own fsync, which every request waits behind, finds little left
-        (a copy on write dirties a whole chunk per small write). Durability still
-        comes from the fsync inside the commit; this only moves work out of the lock."""
-        if not self._closed and self._written_since_commit():
-            try:
-                self.md.data_fio.datasync()
-            except (OSError, AttributeError):
-                pass          # closed meanwhile, or a file without datasync: the commit syncs
+        """Write the chunks written in this transaction out before the commit takes the
+        lock, so that the commit's own fsync, which every request waits behind, finds
+        little left (a copy on write dirties a whole chunk per small write). Paced
+        (K.writeback): at most PRESYNC_WINDOW bytes of it queued at the disk at once, so
+        a FLUSH meanwhile (one intent-log write, which must also wait for what the disk
+        has queued) waits behind that much, not behind the whole transaction's data.
+        Durability still comes from the fsync inside the commit; this only moves work
+        out of the lock."""
+        if self._closed or not self._written_since_commit():
+            return
+        try:
+            with self.lock.shared:
+                if self._closed:
+                    return
+                ids = self.md.space.written()
+                shift = self.md.chunk_shift
+            runs = [(start << shift, count << shift) for start, count in _id_runs(ids)]
+            with self._background_io:   # close() waits for it before closing the files
+                for i in range(0, len(runs), _PRESYNC_STEP):
+                    if self._stop.is_set():
+                        return
+                    K.writeback(self.md.data_fio, runs[i:i + _PRESYNC_STEP], PRESYNC_WINDOW)
+        except (OSError, AttributeError, ValueError):
+            pass          # closed meanwhile, or a file without datasync: the commit syncs
 
     # ------------------------------------------------------------ properties
     @property
