@@ -219,8 +219,8 @@ class VolumeDriver:
         clones = [f"{d.name} (from {d.origin})" for d in devices
                   if d.kind == "clone" and d.origin in snaps]
         if clones:
-            raise DriverError(f"volume {name!r} is cloned from: {', '.join(clones)}; remove "
-                              f"the clones first, then its snapshots ({', '.join(snaps)})")
+            raise DriverError(f"volume {name!r} has clones: {', '.join(clones)} (remove "
+                              f"them first, then its snapshots {', '.join(snaps)})")
         raise DriverError(f"volume {name!r} has snapshots {', '.join(snaps)}; destroy them "
                           f"first ('thinstore destroy {snaps[0]}') so none is lost unseen")
 
