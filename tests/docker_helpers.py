@@ -121,11 +121,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class Plugin:
     """``thinstore docker-plugin`` on a fresh pool, registered as a uniquely named driver."""
 
-    def __init__(self, capacity: str = "16G"):
+    def __init__(self, capacity: str = "16G", socket_name: str | None = None,
+                 args: tuple[str, ...] = ()):
         self.dir = tempfile.mkdtemp(prefix="tsdp", dir="/tmp")
         self.pool = os.path.join(self.dir, "pool")
-        self.socket = os.path.join(self.dir, "plugin.sock")
         self.name = f"thinstore-test-{secrets.token_hex(4)}"
+        # named like the driver by default, as in /run/docker/plugins: the plugin takes
+        # its driver name (in its messages) from the file
+        self.socket = os.path.join(self.dir, socket_name or self.name + ".sock")
+        self.args = tuple(args)
         self.spec = os.path.join(SPEC_DIR, self.name + ".spec")
         self.proc: subprocess.Popen | None = None
         self.cli("init", "--capacity", capacity)
@@ -145,7 +149,7 @@ class Plugin:
         self.log = open(os.path.join(self.dir, "plugin.log"), "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinstore", "--pool", self.pool, "docker-plugin", "-v",
-             "--plugin-socket", self.socket], stdout=self.log, stderr=self.log,
+             "--plugin-socket", self.socket, *self.args], stdout=self.log, stderr=self.log,
             env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
         for _ in range(300):                 # bounded: 30 s
             if self.proc.poll() is not None:

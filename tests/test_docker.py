@@ -295,6 +295,29 @@ def test_bad_requests_get_an_err_and_the_plugin_keeps_serving(docker, plugin):
     assert "fine" in docker("volume", "ls", "-q").stdout.split()
 
 
+def test_messages_name_the_driver_dockerd_knows(docker, plugin):
+    """The plugin's socket is NAME.sock (as dockerd finds plugins): advice says NAME."""
+    answer = plugin.call("/VolumeDriver.Mount", {"Name": "ghost", "ID": "c1"})[1]
+    assert f"'docker volume create -d {plugin.name} ghost'" in answer["Err"], answer
+    refused = docker("volume", "create", "-d", plugin.name, "-o", "colour=red", "v",
+                     check=False)
+    assert refused.returncode and f"{plugin.name} takes size" in refused.stderr
+
+
+def test_plugin_name_option_names_the_driver_in_messages():
+    """Installed under another name through a spec file (trialts.spec -> plugin.sock):
+    --plugin-name tells the plugin the name users type."""
+    require_docker_host()
+    p = Plugin(socket_name="plugin.sock", args=("--plugin-name", "trialts"))
+    try:
+        p.start()
+        err = p.call("/VolumeDriver.Mount", {"Name": "auto1", "ID": "c1"})[1]["Err"]
+        assert "'docker volume create -d trialts auto1'" in err, err
+        assert "-d thinstore" not in err
+    finally:
+        p.close()
+
+
 def test_a_create_cut_short_is_settled_at_the_next_start(docker, plugin):
     """A Create records the volume's options before the pool makes it: killed in between,
     the next start keeps a volume that was made (with its options) and forgets one that

@@ -31,6 +31,13 @@ DEFAULT_SOCKET = "/run/docker/plugins/thinstore.sock"
 DEFAULT_SIZE = "10G"
 
 
+def plugin_name_of(socket_path: str) -> str:
+    """The driver name dockerd gives a plugin found by its socket: the file's name
+    without ``.sock`` (/run/docker/plugins/NAME.sock -> NAME)."""
+    base = os.path.basename(socket_path)
+    return base[:-len(".sock")] if base.endswith(".sock") and len(base) > 5 else base
+
+
 class DockerVolumeFrontend(Frontend):
     """Docker volume plugin: thin volumes, snapshots and O(1) clones as Docker volumes."""
 
@@ -42,6 +49,10 @@ class DockerVolumeFrontend(Frontend):
         group.add_argument("--plugin-socket", metavar="PATH", default=DEFAULT_SOCKET,
                            help=f"the plugin's unix socket (default {DEFAULT_SOCKET}; "
                            "dockerd names the plugin after the file)")
+        group.add_argument("--plugin-name", metavar="NAME",
+                           help="the driver name Docker knows the plugin by, used in its "
+                           "messages (default: the socket's file name without .sock, as "
+                           "dockerd names it; give the NAME of a NAME.spec file)")
         group.add_argument("--docker-state-dir", metavar="DIR",
                            help="the plugin's state (default POOL/docker)")
         group.add_argument("--docker-mount-root", metavar="DIR",
@@ -59,6 +70,8 @@ class DockerVolumeFrontend(Frontend):
                                           or os.path.join(self.state_dir, "mnt"))
         self.socket_path = os.path.abspath(getattr(args, "plugin_socket", None)
                                            or DEFAULT_SOCKET)
+        self.plugin_name = getattr(args, "plugin_name", None) \
+            or plugin_name_of(self.socket_path)
 
     def start(self) -> None:
         from thinstore.frontends.attach import Attacher
@@ -81,7 +94,8 @@ class DockerVolumeFrontend(Frontend):
         registry.settle(lambda name: name in names)
         if self.ctx.control is not None:
             self.ctx.control.snapshot_hooks.append(self.attacher.snapshot_hook)
-        driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size)
+        driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size,
+                              plugin_name=self.plugin_name)
         self.driver = driver
         self.server = PluginServer(self.socket_path, driver)
         self.server.start()
@@ -101,5 +115,6 @@ class DockerVolumeFrontend(Frontend):
             self.attacher = None
 
     def describe(self) -> list[str]:
-        return [f"docker volume plugin: unix://{self.socket_path} (dockerd names the driver "
-                "after the socket in /run/docker/plugins or a .spec file in /etc/docker/plugins)"]
+        return [f"docker volume plugin {self.plugin_name!r}: unix://{self.socket_path} "
+                "(dockerd names the driver after the socket in /run/docker/plugins or a "
+                ".spec file in /etc/docker/plugins)"]

@@ -50,8 +50,10 @@ class DriverError(Exception):
 class VolumeDriver:
     """The verbs; ``pool`` is the served Pool, ``attacher`` an Attacher over its server."""
 
-    def __init__(self, pool, attacher, registry, mount_root: str, default_size: int):
+    def __init__(self, pool, attacher, registry, mount_root: str, default_size: int,
+                 plugin_name: str = "thinstore"):
         self.pool, self.attacher, self.registry = pool, attacher, registry
+        self.plugin_name = plugin_name            # the driver name in advice to the user
         self.mount_root, self.default_size = os.path.abspath(mount_root), default_size
         self._lock = threading.Lock()
         self._names: dict[str, threading.Lock] = {}
@@ -79,7 +81,7 @@ class VolumeDriver:
             info = self.pool.info(name)
         except NoSuchDevice:
             raise DriverError(f"no volume {name!r} (create it with "
-                              f"'docker volume create -d thinstore {name}')") from None
+                              f"'docker volume create -d {self.plugin_name} {name}')") from None
         if info.read_only:
             raise DriverError(f"{name!r} is a snapshot, not a volume")
         return info
@@ -127,7 +129,7 @@ class VolumeDriver:
         unknown = sorted(set(opts) - set(OPTIONS))
         if unknown:
             raise DriverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}: thinstore takes "
+                              f"{', '.join(map(repr, unknown))}: {self.plugin_name} takes "
                               f"{', '.join(OPTIONS)}")
         out = {}
         for key, value in opts.items():
