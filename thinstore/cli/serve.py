@@ -136,7 +136,7 @@ def cmd_serve(args) -> int:
     from thinstore.nbd.server import NBDServer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="thinstore serve: %(message)s")
+                        format="%(asctime)s thinstore serve: %(message)s")  # a daemon's log
     path = pool_path(args)
     listens = [parse_listen(text) for text in args.listen]
     config = server_config(args)

@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from thinstore.control import short_socket_path
@@ -44,8 +43,9 @@ class PluginServer(ThreadingHTTPServer):
     allow_reuse_address = False
     request_queue_size = 64
 
-    def __init__(self, path: str, driver: VolumeDriver):
+    def __init__(self, path: str, driver: VolumeDriver, idle_timeout: float = IDLE_TIMEOUT):
         self.driver, self.path = driver, os.path.abspath(path)
+        self.idle_timeout = idle_timeout        # seconds a kept-alive connection may idle
         _clear_stale(self.path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         super().__init__(self.path, Handler)
@@ -100,6 +100,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "thinstore-docker-plugin"
     timeout = IDLE_TIMEOUT
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout
+        super().setup()
 
     def do_POST(self) -> None:
         method = VolumeDriver.ROUTES.get(self.path.split("?", 1)[0])
@@ -195,6 +199,14 @@ class Handler(BaseHTTPRequestHandler):
     def address_string(self) -> str:
         return "docker"                     # AF_UNIX peers have no address
 
+    # http.server writes its lines to stderr with its own clock format; send them through
+    # logging instead (the serve command's handler stamps the time).
     def log_message(self, format: str, *args) -> None:
-        log.info("%.3f plugin: " + format, time.time(), *args)
+        log.info("plugin: " + format, *args)
+
+    def log_error(self, format: str, *args) -> None:
+        """An idle keep-alive connection that dockerd leaves silent until IDLE_TIMEOUT is
+        normal (debug); anything else http.server complains of is a warning."""
+        idle = format.startswith("Request timed out")
+        log.log(logging.DEBUG if idle else logging.WARNING, "plugin: " + format, *args)
 
