@@ -7,6 +7,7 @@ NBD transport is tested only where the host has the nbd module.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -173,6 +174,26 @@ def test_snapshot_through_control_freezes_the_mounted_file_system(rig):
     clone = rig.attacher.mount("db-test", rig.target("db-test"), "c2", options=("noload",))
     assert read(os.path.join(clone, "before")) == b"x" * 100_000
     assert not os.path.exists(os.path.join(clone, "after"))
+
+
+def test_clean_up_thaw_of_a_file_system_not_frozen_is_quiet(rig, caplog):
+    """Clean-up after a kill -9 thaws whatever may have been left frozen; a file system
+    that is not frozen (EINVAL) is the usual case, not a failure.  A real failure still
+    shows."""
+    from thinstore.frontends.attach import filesystem
+    rig.pool.create_volume("cold", 64 * MiB)
+    target = rig.attacher.mount("cold", rig.target("cold"), "c1")
+    caplog.set_level(logging.DEBUG, logger="thinstore.attach")
+    filesystem.thaw(target, quiet=True)
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
+            and "failed" in r.getMessage()]
+    assert not loud, loud
+    assert any("not frozen" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    filesystem.thaw(os.path.join(rig.s.dir, "no-such-mount"), quiet=True)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING
+            and "thaw" in r.getMessage()], "a real thaw failure went unseen"
+    rig.attacher.unmount("cold", "c1")
 
 
 def test_xfs_clone_mounts_beside_its_origin(rig):

@@ -11,6 +11,7 @@ carries its origin's file system UUID, and xfs refuses a second mount of one UUI
 
 from __future__ import annotations
 
+import logging
 import os
 
 from . import host
@@ -26,6 +27,10 @@ MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-K"],
 }
 GROW = {"ext4": "resize2fs", "xfs": "xfs_growfs"}
+#: fsfreeze -u's words (in the C locale) for a file system that is not frozen (EINVAL)
+NOT_FROZEN = "Invalid argument"
+
+log = logging.getLogger("thinstore.attach")
 
 
 def signature(device: str) -> dict[str, str]:
@@ -116,11 +121,26 @@ def freeze(target: str) -> None:
 
 
 def thaw(target: str, quiet: bool = False) -> None:
-    """``fsfreeze -u``; quiet: a file system that is not frozen is not an error."""
-    if quiet:
-        attempt(["fsfreeze", "-u", target], what=f"thaw {target}")
-    else:
+    """``fsfreeze -u``; quiet (clean-up, where the file system is usually not frozen):
+    nothing raised, and the kernel's EINVAL for a file system that is not frozen
+    ("unfreeze failed: Invalid argument") is logged at debug only; any other failure
+    (no such mount, no permission, a missing tool) is still a warning."""
+    if not quiet:
         run(["fsfreeze", "-u", target], what=f"thaw {target}", timeout=120)
+        return
+    try:
+        done = run(["fsfreeze", "-u", target], what=f"thaw {target}", ok_codes=(0, 1),
+                   timeout=60, env=dict(os.environ, LC_ALL="C"))
+    except AttachError as exc:
+        log.warning("%s", exc)
+        return
+    detail = (done.stderr or done.stdout).strip()
+    if done.returncode == 0:
+        return
+    if NOT_FROZEN in detail:
+        log.debug("thaw %s: not frozen (%s)", target, detail)
+    else:
+        log.warning("thaw %s failed (exit %d): %s", target, done.returncode, detail)
 
 
 def grow(device: str, target: str, fstype: str) -> None:

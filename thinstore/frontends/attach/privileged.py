@@ -43,7 +43,7 @@ class AttachError(ThinstoreError):
 
 def run(argv: list[str], *, what: str, ok_codes: tuple[int, ...] = (0,),
         timeout: float = DEFAULT_TIMEOUT, pass_fds: tuple[int, ...] = (),
-        quiet: bool = False) -> subprocess.CompletedProcess:
+        quiet: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``argv`` (no shell), return the finished process (stdout/stderr as text).
 
     ``what`` says what the step is for ("mount db on /x"); it starts the error message.
@@ -54,7 +54,7 @@ def run(argv: list[str], *, what: str, ok_codes: tuple[int, ...] = (0,),
     log.info("%s: %s", what, line)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+                              pass_fds=pass_fds, stdin=subprocess.DEVNULL, env=env)
     except FileNotFoundError:
         package = PACKAGES.get(argv[0], argv[0])
         raise AttachError(f"{what}: {argv[0]} is not installed (Debian package {package})") \
