@@ -184,6 +184,30 @@ def test_remove_refused_while_mounted_then_space_comes_back(docker, plugin):
         assert "vol" not in [d.name for d in remote.list()]
 
 
+def test_rollback_of_a_mounted_volume_says_which_containers_to_stop(docker, plugin):
+    """The refusal is right; its reason is the container's mount, not nbdfuse's own NBD
+    connections (which the user never opened)."""
+    docker("volume", "create", "-d", plugin.name, "-o", "size=256M", "rb")
+    docker.run(["-v", "rb:/data"], "echo before > /data/f")
+    plugin.cli("snapshot", "rb@s")
+    docker.run(["-v", "rb:/data"], "echo after > /data/f; touch /data/up; sleep 600",
+               detach=True, name=f"{plugin.name}-rb")
+    docker.run(["-v", "rb:/data"], until("[ -e /data/up ]"))
+    refused = plugin.cli("rollback", "rb@s", check=False)
+    assert refused.returncode and "volume 'rb' is mounted by Docker" in refused.stderr \
+        and "stop the container(s)" in refused.stderr, refused.stderr
+    assert "NBD connection" not in refused.stderr
+    docker("rm", "-f", f"{plugin.name}-rb")
+    done = plugin.cli("rollback", "rb@s", check=False)      # at once, as a script would
+    assert not done.returncode, done.stderr
+    assert docker.run(["-v", "rb:/data"], "cat /data/f").stdout.strip() == "before"
+    assert not plugin.settled_leftovers()    # that run's mount has lingered and gone
+    from thinstore.nbd.client import NBDDevice
+    with NBDDevice(f"{plugin.pool}/nbd.sock", "rb"):        # a plain NBD client: its reason
+        refused = plugin.cli("rollback", "rb@s", check=False)
+    assert refused.returncode and "open NBD connection" in refused.stderr, refused.stderr
+
+
 def test_remove_waits_for_a_connection_that_is_ending(docker, plugin):
     """A container's unmount stops nbdfuse, whose NBD connections end a moment later on
     the server's threads; a Remove right after must not fail on that moment."""

@@ -28,6 +28,7 @@ import os
 import select
 import socket
 import threading
+import time
 
 from thinstore import errors, sockets
 from thinstore.errors import DeviceBusy, ProtocolError, ThinstoreError
@@ -40,6 +41,7 @@ MAX_LINE = 64 << 10
 MAX_CLIENTS = 128
 MAX_FDS = 4               # descriptors one request may pass (SCM_RIGHTS)
 IDLE_TIMEOUT = 60.0       # a control client silent this long is dropped
+RELEASE_POLLS = 50        # x 0.1 s: connections of a hold a frontend let go of may end
 
 #: op -> (parameter names, whether the result is a DeviceInfo / list of them)
 OPS = {
@@ -109,6 +111,10 @@ class ControlServer:
         #: callables NAME@SNAP -> context manager, entered around each snapshot (a frontend
         #: freezes the file system it has mounted from the volume; never holding the pool lock)
         self.snapshot_hooks: list = []
+        #: callables VOLUME -> str | True | None, asked when a rollback or destroy finds the
+        #: volume busy: why, in its user's words (replaces the NBD-level reason), or True
+        #: when the frontend has just let go of an idle hold of its own
+        self.busy_reasons: list = []
 
     def listen(self, path: str | None = None) -> str:
         path = path or socket_path(self.pool.path)
@@ -221,9 +227,10 @@ class ControlServer:
         if self.readers.get(name):        # its chunks must not be reused under a reader
             raise DeviceBusy(f"{name!r} is being read by an online send: "
                              "wait for it to finish (even --force waits)")
-        busy = self.sessions.connections(name) if self.sessions else 0
+        busy, reason = self._in_use(name) if not force else (self._connections(name), None)
         if busy and not force:
-            raise DeviceBusy(f"{name!r} has {busy} open NBD connection(s): disconnect the "
+            raise DeviceBusy(reason or
+                             f"{name!r} has {busy} open NBD connection(s): disconnect the "
                              "clients first, or destroy with force=True to drop them")
         if busy:
             self.sessions.disconnect(name)
@@ -240,11 +247,30 @@ class ControlServer:
         """Refused while clients use the volume: its content would change under them."""
         volume = snapshot.split("@", 1)[0]
         self.pool.info(snapshot)          # a missing snapshot is "no such device", not busy
-        busy = self.sessions.connections(volume) if self.sessions else 0
+        busy, reason = self._in_use(volume)
         if busy:
-            raise DeviceBusy(f"{volume!r} has {busy} open NBD connection(s): disconnect the "
+            raise DeviceBusy(reason or
+                             f"{volume!r} has {busy} open NBD connection(s): disconnect the "
                              "clients before rolling it back")
         return self.pool.rollback(snapshot)
+
+    def _connections(self, name: str) -> int:
+        return self.sessions.connections(name) if self.sessions else 0
+
+    def _in_use(self, name: str) -> tuple[int, str | None]:
+        """(open NBD connections, a ``busy_reasons`` hook's reason or None).  A hook that
+        answers True let go of a hold of its own: its connections get RELEASE_POLLS x 0.1 s
+        to end."""
+        busy = self._connections(name)
+        answers = [hook(name) for hook in list(self.busy_reasons)] if busy else []
+        reason = next((a for a in answers if isinstance(a, str) and a), None)
+        if busy and not reason and True in answers:
+            for _ in range(RELEASE_POLLS):
+                time.sleep(0.1)
+                busy = self._connections(name)
+                if not busy:
+                    break
+        return busy, reason
 
     def _op_connections(self):
         if self.sessions is None:

@@ -92,11 +92,12 @@ class DockerVolumeFrontend(Frontend):
             log.warning("docker plugin: %s: %s what the previous run left", export, outcome)
         names = {d.name for d in self.ctx.pool.list()}
         registry.settle(lambda name: name in names)
-        if self.ctx.control is not None:
-            self.ctx.control.snapshot_hooks.append(self.attacher.snapshot_hook)
         driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size,
                               plugin_name=self.plugin_name)
         self.driver = driver
+        if self.ctx.control is not None:
+            self.ctx.control.snapshot_hooks.append(self.attacher.snapshot_hook)
+            self.ctx.control.busy_reasons.append(driver.busy_reason)
         self.server = PluginServer(self.socket_path, driver)
         self.server.start()
 
@@ -105,6 +106,9 @@ class DockerVolumeFrontend(Frontend):
             self.server.stop()
             self.server = None
         if self.driver is not None:
+            reasons = getattr(self.ctx.control, "busy_reasons", [])
+            if self.driver.busy_reason in reasons:
+                reasons.remove(self.driver.busy_reason)
             self.driver.close()
             self.driver = None
         if self.attacher is not None:

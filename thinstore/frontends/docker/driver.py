@@ -304,6 +304,22 @@ class VolumeDriver:
         for timer in timers:
             timer.cancel()
 
+    def busy_reason(self, name: str) -> str | bool | None:
+        """A ControlServer ``busy_reasons`` hook (a rollback or destroy found the volume
+        busy): the containers' mounts, for a Docker user; True when only the linger held
+        it (released now: no container uses it); None when Docker has not mounted it."""
+        with self._name_lock(name):
+            owners = self.attacher.owners(name)
+            mounts = sorted(o[:12] for o in owners if o != LINGER_OWNER)
+            if mounts:
+                return (f"volume {name!r} is mounted by Docker ({len(mounts)} container "
+                        f"mount(s): {', '.join(mounts)}): stop the container(s) using it "
+                        f"first (docker ps --filter volume={name})")
+            if LINGER_OWNER not in owners:
+                return None
+            self._end_linger(name)
+            return True
+
     def path(self, request: dict) -> dict:
         name = self._name(request)
         self._writable(name)
