@@ -246,6 +246,16 @@ class ControlServer:
                              "clients before rolling it back")
         return self.pool.rollback(snapshot)
 
+    def _op_resize(self, name: str, size: int, shrink: bool = False):
+        """A shrink is refused while clients use the device, as a rollback is: the end
+        of what they see would vanish under them (a grow is not: it only adds)."""
+        if shrink and size < self.pool.info(name).size:
+            busy = self.sessions.connections(name) if self.sessions else 0
+            if busy:
+                raise DeviceBusy(f"{name!r} has {busy} open NBD connection(s): disconnect "
+                                 "the clients before shrinking it")
+        return self.pool.resize(name, size, shrink=shrink)
+
     def _op_connections(self):
         if self.sessions is None:
             return {}
