@@ -30,7 +30,7 @@ import socket
 import threading
 
 from thinstore import errors, sockets
-from thinstore.errors import DeviceBusy, ProtocolError, ThinstoreError
+from thinstore.errors import DeviceBusy, ProtocolError, ServerGone, ThinstoreError
 from thinstore.sockets import short_socket_path  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
@@ -422,8 +422,8 @@ class RemotePool:
             while True:
                 line = self._reader.readline()
                 if not line:
-                    raise ProtocolError("the server closed the control connection "
-                                        f"during {op!r} (did it stop?)")
+                    raise ServerGone("the server closed the control connection "
+                                     f"during {op!r} (did it stop?)")
                 answer = json.loads(line)
                 if "event" not in answer:
                     break
