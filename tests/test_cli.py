@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pty
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -465,6 +466,18 @@ def test_import_size_option(pool, tmp_path):
     assert devices(pool)["big"]["size"] == 8 * M
     assert "smaller" in fails(2, "import", "small", src, "--size", "512K", pool=pool)
     assert "small" not in devices(pool)
+
+
+def test_import_of_a_qcow2_file_warns_that_it_takes_raw_bytes(pool, tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img is not installed")
+    image = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "100M"], check=True)
+    result = cli("import", "q", image, pool=pool, check_rc=0)
+    err = result.stderr.decode()
+    assert "looks like a qcow2 image" in err and "qemu-img convert -O raw" in err, err
+    raw = sparse_image(tmp_path / "plain.raw", M, {0: b"QFI"})     # not the whole magic
+    assert ok("import", "r", raw, pool=pool) == ""
 
 
 def test_import_errors_leave_no_volume(pool, tmp_path):

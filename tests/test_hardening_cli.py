@@ -180,6 +180,19 @@ def test_destroying_a_volume_says_which_snapshots_remain_and_list_shows_their_or
                                                    ("v@c", "v (gone)")]
 
 
+def test_destroying_a_snapshot_says_which_clones_remain_and_list_marks_their_origin(pool):
+    with Pool.open(pool) as p:
+        p.clone("v@a", "c1")
+    r = ts("destroy", "v@a", pool=pool)
+    assert r.returncode == 0
+    assert r.stderr.decode() == ("thinstore: note: 1 clone of 'v@a' remains (c1); they are "
+                                 "whole on their own: destroy them with 'thinstore destroy "
+                                 "c1'\n")
+    rows = {line.split("\t")[0]: line.split("\t") for line in
+            out("list", "-H", pool=pool).splitlines()}
+    assert rows["c1"][6] == "(gone)" and rows["v"][6] == "-"
+
+
 # 12 -----------------------------------------------------------------------------------
 def test_readme_says_exactly_which_commands_work_while_serving(pool):
     readme = open(os.path.join(ROOT, "README.md")).read()

@@ -86,6 +86,22 @@ def test_destroy_refuses_a_device_with_open_connections_unless_forced(ctl):
     c.close()
 
 
+def test_shrink_of_a_volume_in_use_is_refused_and_grow_is_not(ctl):
+    ctl.remote.create_volume("sh", 8 * MiB)
+    c = RawClient(ctl.sock)
+    c.greet()
+    c.go("sh")
+    wait_for(lambda: ctl.server.connections("sh") == 1, what="the session")
+    with pytest.raises(DeviceBusy, match="before shrinking it"):
+        ctl.remote.resize("sh", 4 * MiB, shrink=True)
+    assert ctl.remote.info("sh").size == 8 * MiB
+    assert ctl.remote.resize("sh", 16 * MiB).size == 16 * MiB
+    c.request(P.Cmd.DISC)
+    c.close()
+    wait_for(lambda: ctl.server.connections("sh") == 0, what="the session to end")
+    assert ctl.remote.resize("sh", 4 * MiB, shrink=True).size == 4 * MiB
+
+
 def test_rollback_of_a_volume_in_use_is_refused(ctl):
     ctl.remote.create_volume("rb", 8 * MiB)
     ctl.remote.snapshot("rb@a")

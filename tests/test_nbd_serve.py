@@ -102,6 +102,18 @@ def test_tcp_listen_with_a_bare_port_binds_loopback(pool_dir):
         assert s.stop() == 0
 
 
+def test_a_socket_path_too_long_for_clients_is_warned_about(pool_dir, tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / "nbd.sock")
+    s = ServeProcess(pool_dir, "--socket", path)
+    s.proc.send_signal(signal.SIGTERM)
+    _, err = s.proc.communicate(timeout=30)
+    assert s.proc.returncode == 0, err
+    assert f"nbd+unix:///NAME?socket={path}" in s.lines
+    assert f"the socket path is {len(path)} bytes" in err and "shorter path" in err, err
+
+
 def test_flush_on_one_connection_makes_writes_on_another_durable(pool_dir):
     """CAN_MULTI_CONN's promise, checked by killing the server with SIGKILL."""
     s = ServeProcess(pool_dir)

@@ -179,6 +179,7 @@ def test_killing_the_server_mid_send_or_receive_leaves_both_pools_whole(pools, t
     feeder.stdin.close()
     err = feeder.stderr.read()
     assert feeder.wait(60) != 0 and b"closed the control connection" in err
+    assert b"'thinstore receive --resume copy'" in err, err     # and says how to go on
     # a send cut by a crash of the sending server
     srv = Server(src)
     sender = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", src, "send",

@@ -153,6 +153,17 @@ def test_rename_volume_carries_its_snapshots(pool):
     assert {d.name for d in pool.list()} == {"disk", "disk@t"}
 
 
+def test_rename_leaves_the_snapshots_of_an_earlier_volume_of_that_name(pool):
+    pool.create_volume("a", SIZE)
+    pool.snapshot("a@old")
+    pool.destroy("a")
+    pool.create_volume("a", SIZE)
+    pool.snapshot("a@new")
+    pool.rename("a", "b")
+    assert {d.name for d in pool.list()} == {"a@old", "b", "b@new"}
+    pool.rollback("b@new")
+
+
 def test_resize_grow_and_shrink(pool):
     pool.create_volume("vol", SIZE)
     data = pattern(11, SIZE)

@@ -31,7 +31,7 @@ import threading
 import time
 
 from thinstore import errors, sockets
-from thinstore.errors import DeviceBusy, ProtocolError, ThinstoreError
+from thinstore.errors import DeviceBusy, ProtocolError, ServerGone, ThinstoreError
 from thinstore.sockets import short_socket_path  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class ControlServer:
         #: callables NAME@SNAP -> context manager, entered around each snapshot (a frontend
         #: freezes the file system it has mounted from the volume; never holding the pool lock)
         self.snapshot_hooks: list = []
-        #: callables VOLUME -> str | True | None, asked when a rollback or destroy finds the
+        #: callables VOLUME -> str | True | None, asked when a rollback, destroy or shrink finds the
         #: volume busy: why, in its user's words (replaces the NBD-level reason), or True
         #: when the frontend has just let go of an idle hold of its own
         self.busy_reasons: list = []
@@ -253,6 +253,16 @@ class ControlServer:
                              f"{volume!r} has {busy} open NBD connection(s): disconnect the "
                              "clients before rolling it back")
         return self.pool.rollback(snapshot)
+
+    def _op_resize(self, name: str, size: int, shrink: bool = False):
+        """A shrink is refused while clients use the device, as a rollback is: the end
+        of what they see would vanish under them (a grow is not: it only adds)."""
+        if shrink and size < self.pool.info(name).size:
+            busy, reason = self._in_use(name)
+            if busy:
+                raise DeviceBusy(reason or f"{name!r} has {busy} open NBD connection(s): "
+                                 "disconnect the clients before shrinking it")
+        return self.pool.resize(name, size, shrink=shrink)
 
     def _connections(self, name: str) -> int:
         return self.sessions.connections(name) if self.sessions else 0
@@ -438,8 +448,8 @@ class RemotePool:
             while True:
                 line = self._reader.readline()
                 if not line:
-                    raise ProtocolError("the server closed the control connection "
-                                        f"during {op!r} (did it stop?)")
+                    raise ServerGone("the server closed the control connection "
+                                     f"during {op!r} (did it stop?)")
                 answer = json.loads(line)
                 if "event" not in answer:
                     break

@@ -22,6 +22,7 @@ returns, so both mappings live here and nowhere else::
      |    +-- StreamTruncated                  a cut-off stream: resumable
      +-- NativeUnavailable          EIO     exit 13  THINSTORE_PURE_PYTHON=0 without C
      +-- ProtocolError              EINVAL  exit 14  NBD/control wire errors
+     |    +-- ServerGone                       the server left during a request
      +-- StorageUnavailable         EIO     exit 15  the pool's home cannot be reached
      +-- Fenced                     EIO     exit 16  another host took the pool over
      +-- SocketInUse                EADDRINUSE exit 1 a socket path is a file or live
@@ -159,6 +160,10 @@ class ProtocolError(ThinstoreError):
 
     errno = _errno.EINVAL
     exit_code = 14
+
+
+class ServerGone(ProtocolError):
+    """The serving process closed its control connection in the middle of a request."""
 
 
 class StreamTruncated(StreamError):

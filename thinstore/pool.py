@@ -483,7 +483,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         dm.opens = -1   # handles still open see it gone
 
     def rename(self, old: str, new: str) -> None:
-        """Rename a device; a volume's snapshots follow it (vol@s -> new@s)."""
+        """Rename a device; a volume's snapshots follow it (vol@s -> new@s), not those
+        of an earlier, destroyed volume of the same name (their origin is another)."""
         names.check_name(old)
         names.check_name(new)
         with self.lock:
@@ -500,7 +501,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
             if osnap is None:
                 for other in self.md.devices.values():
                     b, s = names.split(other.name)
-                    if s is not None and b == old:
+                    if s is not None and b == old and other.origin_uuid == dm.uuid:
                         moves.append((other, f"{new}@{s}"))
                 for _, target in moves[1:]:
                     names.check_name(target)

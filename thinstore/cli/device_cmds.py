@@ -101,12 +101,18 @@ def cmd_clone(args) -> int:
 
 def cmd_destroy(args) -> int:
     with open_pool(args) as pool:
+        snapshot = "@" in args.name
+        # a snapshot's clones are found before it goes: they name it only by its uuid
+        clones = [i.name for i in pool.list() if i.kind == "clone" and i.origin == args.name] \
+            if snapshot else []
         pool.destroy(args.name, force=args.force)
-        kept = [] if "@" in args.name else \
+        kept = clones if snapshot else \
             [i.name for i in pool.list() if i.name.startswith(args.name + "@")]
     if kept:
+        what = "clone" if snapshot else "snapshot"
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-        note(f"{len(kept)} snapshot{'s' if len(kept) > 1 else ''} of {args.name!r} remain "
+        note(f"{len(kept)} {what}{'s' if len(kept) > 1 else ''} of {args.name!r} "
+             f"remain{'' if len(kept) > 1 else 's'} "
              f"({shown}); they are whole on their own: destroy them with "
              f"'thinstore destroy {kept[0]}'" + (" and so on" if len(kept) > 1 else ""))
     return 0
@@ -201,11 +207,14 @@ def _kinds(text: str) -> set[str]:
 
 
 def _origin_cell(device: dict) -> str:
-    """A snapshot whose volume was destroyed still names it, marked gone: 'vm1 (gone)'."""
+    """A snapshot whose volume was destroyed still names it, marked gone: 'vm1 (gone)';
+    a clone whose snapshot was destroyed says '(gone)' (only the uuid named it)."""
     if device["origin"]:
         return device["origin"]
     if device["kind"] == "snapshot":
         return device["name"].partition("@")[0] + " (gone)"
+    if device["kind"] == "clone":
+        return "(gone)"
     return "-"
 
 

@@ -51,6 +51,7 @@ def cmd_import(args) -> int:
         file_size = _seekable_size(fd)
         if file_size is None:
             return _import_stream(args, fd)
+        _warn_if_image_format(fd, args.file)
         size = _volume_size(args.size, file_size, args.file)
         with open_pool(args) as pool:
             _fits(pool, fd, file_size, args.file, args.name)
@@ -58,6 +59,23 @@ def cmd_import(args) -> int:
     finally:
         os.close(fd)
     return 0
+
+
+#: magics of image formats whose bytes are not the disk they describe (qemu's docs)
+_IMAGE_MAGICS = ((b"QFI\xfb", "qcow2"), (b"conectix", "vpc (VHD)"), (b"vhdxfile", "vhdx"),
+                 (b"KDMV", "vmdk"), (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"))
+
+
+def _warn_if_image_format(fd: int, path: str) -> None:
+    """import takes raw bytes: a qcow2 (or other format) file imported as is gives a
+    volume of the file's bytes, not of the disk it holds; say so, and how to convert."""
+    head = os.pread(fd, 64, 0)
+    for magic, name in _IMAGE_MAGICS:
+        if head.startswith(magic):
+            print(f"thinstore import: warning: {path} looks like a {name} image; import "
+                  f"takes raw bytes, so the volume holds the file, not the disk in it "
+                  f"(convert first: qemu-img convert -O raw {path} disk.raw)", file=sys.stderr)
+            return
 
 
 def _is_stream(path: str) -> bool:

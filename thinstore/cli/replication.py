@@ -18,6 +18,7 @@ import sys
 from types import SimpleNamespace
 
 from thinstore import replication as RP
+from thinstore.errors import ServerGone
 from thinstore.cli import files
 from thinstore.cli.context import open_local_pool, served_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
@@ -120,9 +121,15 @@ def _receive_served(remote, args) -> int:
             raise UsageError(f"no interrupted receive into {args.name!r}")
         return 0
     with _input(args.input) as inp, Bar(f"receive {args.name}") as bar:
-        stats = SimpleNamespace(**remote.stream(
-            "receive", fds=[inp.fileno()], on_event=bar.event, name=args.name,
-            resume=args.resume, force=args.force, stream_size=_regular_size(inp)))
+        try:
+            stats = SimpleNamespace(**remote.stream(
+                "receive", fds=[inp.fileno()], on_event=bar.event, name=args.name,
+                resume=args.resume, force=args.force, stream_size=_regular_size(inp)))
+        except ServerGone as e:         # the server went away in the middle
+            raise ServerGone(f"{e}; what was received is kept: once the pool is "
+                                f"served or free again, 'thinstore receive --resume "
+                                f"{args.name}' goes on from there (or '--abort "
+                                f"{args.name}' drops it)") from None
     _received(args, stats)
     return 0
 

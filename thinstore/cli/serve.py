@@ -223,6 +223,7 @@ def server_config(args):
                         max_connections=args.max_connections, workers=args.workers)
 
 
+UNIX_PATH_MAX = 107      # bytes of sockaddr_un.sun_path a client can connect to (108 - NUL)
 ANNOUNCED_DEVICES = 50   # a pool of 10,000 snapshots must not print 10,000 lines at start
 
 
@@ -238,6 +239,10 @@ def announce(sock: str, bound, tls: bool, control: str, devices=()) -> None:
     """
     scheme = "nbds" if tls else "nbd"
     sock, control = os.path.abspath(sock), os.path.abspath(control)
+    if len(os.fsencode(sock)) > UNIX_PATH_MAX:
+        print(f"thinstore serve: warning: the socket path is {len(os.fsencode(sock))} bytes; "
+              f"clients that connect by path (nbdinfo, qemu, the kernel's) take at most "
+              f"{UNIX_PATH_MAX}: give --socket a shorter path", file=sys.stderr)
     print(f"{scheme}+unix:///NAME?socket={sock}")
     for host, port in bound:
         shown = f"[{host}]" if ":" in host else host

@@ -27,12 +27,13 @@ What must hold:
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter_ns
 
-from thinstore.errors import ThinstoreError
+from thinstore.errors import DataChecksumError, ThinstoreError
 from thinstore.nbd import protocol as P
 from thinstore.nbd.burst import LARGE_MAX, NativeLoop
 from thinstore.nbd.handshake import Agreement
@@ -44,6 +45,7 @@ from thinstore.nbd.wire import PeerClosed, close_quietly, hang_up
 log = logging.getLogger(__name__)
 
 MAX_WRITE_SKIP = 128 << 20      # an oversized WRITE up to this is skipped and refused
+LOGGED_ERRORS = 10              # checksum/I-O errors a connection logs (then it stays quiet)
 INLINE_MAX = 4 << 20            # READ/WRITE up to this run in the reader thread
 assert INLINE_MAX == LARGE_MAX  # ... and in the native loop (nbd/burst.py)
 _ZEROS = memoryview(bytes(FAST_MAX))
@@ -105,6 +107,7 @@ class Transmission(HeldReplies):
         self.stats = S.ConnectionStats()    # read by iostat; see thinstore.nbd.stats
         self._reader = threading.get_ident()
         self.moved = [0, 0]     # bytes asked to READ, to WRITE (counted by the reader thread)
+        self._damage_logged = 0  # errors _log_damage saw (under stats.lock: workers fail too)
         self._init_held()
         # OpenSSL objects must not be read and written from two threads at
         # once, so a TLS connection runs its requests in the reader thread.
@@ -277,8 +280,13 @@ class Transmission(HeldReplies):
                 self.stats.pooled[S.ERRORS] += 1
 
     def _fail(self, req: P.Request, exc: Exception) -> None:
-        """Reply with the NBD errno of a storage or OS error; anything else is a bug: EIO."""
+        """Reply with the NBD errno of a storage or OS error; anything else is a bug: EIO.
+        Damage (a checksum mismatch, an I/O error) is logged too, the first LOGGED_ERRORS
+        of a connection: the client sees only EIO, the operator must see the cause."""
         self._count_error()
+        if isinstance(exc, (DataChecksumError, OSError)) and \
+                getattr(exc, "errno", None) != errno.ENOSPC:
+            self._log_damage(req, exc)
         if isinstance(exc, ThinstoreError):
             self._send_error(req, P.wire_errno(exc.errno), str(exc))
         elif isinstance(exc, OSError):
@@ -286,6 +294,16 @@ class Transmission(HeldReplies):
         else:
             log.exception("request %s failed", req)
             self._send_error(req, P.EIO, f"internal error: {exc}")
+
+    def _log_damage(self, req: P.Request, exc: Exception) -> None:
+        with self.stats.lock:
+            self._damage_logged += 1
+            n = self._damage_logged
+        if n <= LOGGED_ERRORS:
+            log.warning("export %r: %s at offset %d failed: %s%s", self.dev.name,
+                        P.Cmd(req.type).name, req.offset, exc,
+                        " (further errors of this connection are not logged)"
+                        if n == LOGGED_ERRORS else "")
 
     def _check(self, req: P.Request) -> None:
         """Validate command, flags and range; errors as the spec recommends."""
