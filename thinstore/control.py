@@ -111,9 +111,9 @@ class ControlServer:
         #: callables NAME@SNAP -> context manager, entered around each snapshot (a frontend
         #: freezes the file system it has mounted from the volume; never holding the pool lock)
         self.snapshot_hooks: list = []
-        #: callables VOLUME -> str | True | None, asked when a rollback, destroy or shrink finds the
-        #: volume busy: why, in its user's words (replaces the NBD-level reason), or True
-        #: when the frontend has just let go of an idle hold of its own
+        #: callables VOLUME -> str | True | None, asked when a rollback, destroy or shrink
+        #: finds the volume busy: why, in its user's words (replaces the NBD-level reason),
+        #: or True when the frontend has just let go of an idle hold of its own
         self.busy_reasons: list = []
 
     def listen(self, path: str | None = None) -> str:
