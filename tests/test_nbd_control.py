@@ -71,12 +71,18 @@ def test_no_server_means_no_remote_pool(tmp_path):
     assert RemotePool.connect(str(tmp_path)) is None
 
 
-def test_destroy_refuses_a_device_with_open_connections_unless_forced(ctl):
-    ctl.remote.create_volume("busy", 8 * MiB)
+def _client_on(ctl, name: str) -> RawClient:
+    """A raw NBD client connected to export `name`, once the server counts its session."""
     c = RawClient(ctl.sock)
     c.greet()
-    c.go("busy")
-    wait_for(lambda: ctl.server.connections("busy") == 1, what="the session")
+    c.go(name)
+    wait_for(lambda: ctl.server.connections(name) == 1, what="the session")
+    return c
+
+
+def test_destroy_refuses_a_device_with_open_connections_unless_forced(ctl):
+    ctl.remote.create_volume("busy", 8 * MiB)
+    c = _client_on(ctl, "busy")
     with pytest.raises(DeviceBusy, match="1 open NBD connection"):
         ctl.remote.destroy("busy")
     assert "busy" in {i.name for i in ctl.remote.list()}
@@ -88,10 +94,7 @@ def test_destroy_refuses_a_device_with_open_connections_unless_forced(ctl):
 
 def test_shrink_of_a_volume_in_use_is_refused_and_grow_is_not(ctl):
     ctl.remote.create_volume("sh", 8 * MiB)
-    c = RawClient(ctl.sock)
-    c.greet()
-    c.go("sh")
-    wait_for(lambda: ctl.server.connections("sh") == 1, what="the session")
+    c = _client_on(ctl, "sh")
     with pytest.raises(DeviceBusy, match="before shrinking it"):
         ctl.remote.resize("sh", 4 * MiB, shrink=True)
     assert ctl.remote.info("sh").size == 8 * MiB
@@ -105,10 +108,7 @@ def test_shrink_of_a_volume_in_use_is_refused_and_grow_is_not(ctl):
 def test_rollback_of_a_volume_in_use_is_refused(ctl):
     ctl.remote.create_volume("rb", 8 * MiB)
     ctl.remote.snapshot("rb@a")
-    c = RawClient(ctl.sock)
-    c.greet()
-    c.go("rb")
-    wait_for(lambda: ctl.server.connections("rb") == 1, what="the session")
+    c = _client_on(ctl, "rb")
     with pytest.raises(DeviceBusy, match="rolling it back"):
         ctl.remote.rollback("rb@a")
     c.request(P.Cmd.DISC)
