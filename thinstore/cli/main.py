@@ -43,7 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"{__package__}.{name}").register(subparsers)
     _accept_pool_after_command(subparsers)
+    _describe_commands(subparsers)
     return parser
+
+
+def _describe_commands(subparsers) -> None:
+    """'thinstore COMMAND -h' opens with the line 'thinstore -h' lists for the command,
+    where the command gives no longer description of its own."""
+    # argparse keeps each command's help only in this (private) list: without it, no
+    # descriptions, and nothing else changes
+    for action in getattr(subparsers, "_choices_actions", ()):
+        sub = subparsers.choices.get(action.dest)
+        if sub is not None and not sub.description and action.help:
+            sub.description = action.help[:1].upper() + action.help[1:] + "."
 
 
 def _version() -> str:
