@@ -24,6 +24,7 @@ import threading
 import mmh3
 import numpy as np
 
+from .spacemap import id_runs
 from .errors import DataChecksumError
 from .format import FANOUT
 from .kernels import ST_PENDING_FREE, ST_REHASH, ST_WRITTEN
@@ -199,7 +200,7 @@ class DataSums:
         fresh, self.fresh = self.fresh, {}
         for c, ranges in self._sparse(todo, fresh):
             self._hash_fresh(c, ranges)
-        for start, count in _runs(todo[~np.isin(todo, list(fresh))] if fresh else todo):
+        for start, count in id_runs(todo[~np.isin(todo, list(fresh))] if fresh else todo):
             self._hash_run(start, count)
         sums.mark(written)
         self.verified[freed] = False
@@ -234,7 +235,7 @@ class DataSums:
         if len(self._pre_buf) < per * cs:
             self._pre_buf = bytearray(per * cs)
         at = 0
-        for start, count in _runs(ids):
+        for start, count in id_runs(ids):
             for lo in range(start, start + count, per):
                 if stop is not None and stop.is_set():
                     return
@@ -444,7 +445,7 @@ class DataSums:
             ids = np.arange(start, stop)
             ids = ids[(space.refs.arr[start:stop] > 0) & (space.sums.arr[start:stop] != 0)]
             old = space.sums.arr[ids].copy()
-            for s, n in _runs(ids):
+            for s, n in id_runs(ids):
                 self._hash_run(s, n)
             changed += int(np.count_nonzero(old != space.sums.arr[ids]))
             space.sums.mark(ids)
@@ -468,12 +469,3 @@ def _entries(dirarr, pages, shift: int, offset: int, length: int) -> np.ndarray:
     ents = pages[pids, v % FANOUT].astype(np.int64)
     ents[pids == 0] = 0
     return ents
-
-
-def _runs(ids: np.ndarray):
-    """(start, count) of each run of consecutive ids."""
-    if not len(ids):
-        return
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    for run in np.split(np.asarray(ids), breaks):
-        yield int(run[0]), len(run)

@@ -56,7 +56,7 @@ from .fastlane import Lane
 from .paged import PagedArray
 from .storage import FileIO, device_capacity, is_rados, open_store
 from .synclog import SyncLog
-from .spacemap import _runs as _id_runs   # (start, count) runs of sorted chunk ids
+from .spacemap import id_runs
 from .reclaim import Reclaimer
 from .rwlock import RWLock
 from .units import check_device_size, format_size
@@ -302,7 +302,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
                     return
                 ids = self.md.space.written()
                 shift = self.md.chunk_shift
-            runs = [(start << shift, count << shift) for start, count in _id_runs(ids)]
+            runs = [(start << shift, count << shift) for start, count in id_runs(ids)]
             with self._background_io:   # close() waits for it before closing the files
                 for i in range(0, len(runs), _PRESYNC_STEP):
                     if self._stop.is_set():

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from .spacemap import id_runs
 from .kernels import ST_PENDING_FREE
 
 log = logging.getLogger("thinstore")
@@ -71,7 +72,7 @@ class Reclaimer:
         if not len(ids):
             return
         with self._cv:
-            for start, count in _runs(ids):
+            for start, count in id_runs(ids):
                 self.runs.append((start, count))
                 self.queued += count
             self._cv.notify_all()
@@ -208,7 +209,7 @@ class Reclaimer:
             before = len(free)
             free = free[~np.isin(free // unit, whole)]
             self.punched += before - len(free)
-        for s, n in _runs(free):
+        for s, n in id_runs(free):
             fio.punch(s << shift, n << shift)
             self.punched += n
 
@@ -257,13 +258,3 @@ def _extents(fd: int):
         end = os.lseek(fd, start, os.SEEK_HOLE)
         yield start, end
         pos = end
-
-
-def _runs(ids: np.ndarray):
-    """(start, count) of each run of consecutive ids (sorted)."""
-    if not len(ids):
-        return
-    ids = np.asarray(ids, dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    for run in np.split(ids, breaks):
-        yield int(run[0]), len(run)

@@ -195,7 +195,7 @@ class SpaceMap:
             defer(freed)
             return len(freed)
         freed = self._punch_whole_units(freed, data_fio, chunk_shift)
-        for start, count in _runs(freed):
+        for start, count in id_runs(freed):
             data_fio.punch(start << chunk_shift, count << chunk_shift)
         return len(freed)
 
@@ -228,8 +228,10 @@ class SpaceMap:
         self._counted = None
 
 
-def _runs(ids: np.ndarray):
-    """Yield (start, count) for runs of consecutive ids."""
+def id_runs(ids):
+    """(start, count) of each run of consecutive ids in sorted `ids` (chunk ids: the
+    space map's, the checksums', the reclaimer's and the presync's batches)."""
+    ids = np.asarray(ids, dtype=np.int64)
     if not len(ids):
         return
     breaks = np.flatnonzero(np.diff(ids) != 1) + 1
