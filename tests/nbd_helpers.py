@@ -212,6 +212,18 @@ class RawClient:
                 return cookie, chunks
 
 
+def writer_and_flusher(pool_dir: str, name: str):
+    """Two raw clients in transmission on export `name` of the pool's own socket (one
+    writes, the other FLUSHes: the multi-connection durability tests), and the
+    transmission flags each was given."""
+    sock = os.path.join(pool_dir, "nbd.sock")
+    clients, flags = (RawClient(sock), RawClient(sock)), []
+    for c in clients:
+        c.greet()
+        flags.append(c.go(name)[1])
+    return clients, flags
+
+
 def reply_error(chunks) -> int:
     """The error of a reply's chunks (0 when none)."""
     for kind, payload in chunks:

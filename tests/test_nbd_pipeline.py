@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from nbd_helpers import MiB, RawClient, ServeProcess, cli, new_pool_dir, served
+from nbd_helpers import (MiB, RawClient, ServeProcess, cli, new_pool_dir, served,
+                         writer_and_flusher)
 from test_nbd_loop import SIZE, _fill, _replies
 from thinstore import Pool, native
 from thinstore.nbd import protocol as P
@@ -175,11 +176,7 @@ def test_pipelined_writes_answered_survive_a_kill_after_a_flush_elsewhere():
         serve = ServeProcess(pool_dir)
         try:
             cli("--pool", pool_dir, "create", "mc", "--size", "16M")
-            sock = os.path.join(pool_dir, "nbd.sock")
-            writer, flusher = RawClient(sock), RawClient(sock)
-            for c in (writer, flusher):
-                c.greet()
-                c.go("mc")
+            (writer, flusher), _ = writer_and_flusher(pool_dir, "mc")
             rng = random.Random(11)
             writes = [(rng.randrange(0, 15 * MiB, 4096 * rng.choice((1, 7))), rng.randbytes(MiB))
                       for _ in range(40)]

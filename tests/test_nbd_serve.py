@@ -14,7 +14,8 @@ import pytest
 
 from thinstore import Pool
 from thinstore.nbd import protocol as P
-from nbd_helpers import MiB, ROOT, RawClient, ServeProcess, cli, need, new_pool_dir, run
+from nbd_helpers import (MiB, ROOT, RawClient, ServeProcess, cli, need, new_pool_dir, run,
+                         writer_and_flusher)
 
 
 @pytest.fixture
@@ -119,11 +120,8 @@ def test_flush_on_one_connection_makes_writes_on_another_durable(pool_dir):
     s = ServeProcess(pool_dir)
     try:
         cli("--pool", pool_dir, "create", "mc", "--size", "8M")
-        sock = os.path.join(pool_dir, "nbd.sock")
-        writer, flusher = RawClient(sock), RawClient(sock)
-        for c in (writer, flusher):
-            c.greet()
-            assert c.go("mc")[1] & P.TF_CAN_MULTI_CONN
+        (writer, flusher), flags = writer_and_flusher(pool_dir, "mc")
+        assert all(f & P.TF_CAN_MULTI_CONN for f in flags)
         data = os.urandom(256 << 10)
         writer.request(P.Cmd.WRITE, MiB, len(data), cookie=1, data=data)
         assert writer.structured_reply()[1] == [(-1, bytes(4))]
