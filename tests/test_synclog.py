@@ -175,6 +175,26 @@ def test_flush_writes_one_record_and_syncs_only_the_log(tmp_path):
         assert pool.md.generation == gen + 1  # the replay was folded in by one commit
 
 
+def test_the_log_is_written_ahead_of_its_tail(tmp_path):
+    """Every record lands in blocks written (as zeros) at least two growth steps
+    before it: the file never needs a block allocated at a FLUSH (synclog.SyncLog._grow)."""
+    path = str(tmp_path / "pool")
+    with Pool.create(path, 1 << 30, commit_interval=0) as pool:
+        pool.create_volume("v", 64 << 20)
+        log_path = os.path.join(path, synclog.LOG_NAME)
+        data = os.urandom(800 * 4096)
+        with pool.open_device("v") as dev:
+            for i in range(800):                # ~3.6 MiB of records: the log grows 4 times
+                dev.pwrite(data[i * 4096:(i + 1) * 4096], i * 4096)
+                dev.flush()
+                size = os.path.getsize(log_path)
+                assert size % synclog.GROW_STEP == 0
+                assert size >= pool._log.tail + 2 * synclog.GROW_STEP
+        assert pool._log.counters["records"] == 800
+    with Pool.open(path) as pool, pool.open_device("v") as dev:
+        assert dev.pread(0, len(data)) == data
+
+
 def _record(base, seq, data=b"abc"):
     return fmt.pack_log_record(base, seq, [fmt.LogEntry(1, 0, len(data), fmt.LOG_DATA, data)])
 

@@ -65,7 +65,8 @@ log = logging.getLogger("thinstore")
 LOG_NAME = "log"
 MAX_BATCH = 32 << 20        # bytes one record may carry; a larger flush commits instead
 MAX_BYTES = 512 << 20       # an epoch longer than this commits (which starts a new one)
-GROW_STEP = 4 << 20         # the log is written with zeros ahead of its tail in steps
+GROW_STEP = 1 << 20         # the log is written with zeros ahead of its tail in steps,
+                            # at least two steps ahead (see SyncLog._grow)
 _READ_STEP = 1 << 20
 
 
@@ -215,10 +216,8 @@ class SyncLog:
         durable) and drop
         the first `noted` notes it covers. Returns the ticket to pass to sync()."""
         end = self.tail + len(record)
-        if end > self.extent:
-            step = -(-end // GROW_STEP) * GROW_STEP
-            self.fio.write_zeros(self.extent, step - self.extent)
-            self.extent = step
+        if end + 2 * GROW_STEP > self.extent:
+            self._grow(end + 2 * GROW_STEP)
         if self._async:     # the writer thread writes it (and makes it durable)
             self._thread().append(record, self.tail, self.appended + len(record))
         else:
@@ -230,6 +229,28 @@ class SyncLog:
         self._counts["records"] += 1
         self._counts["record_bytes"] += len(record)
         return self.appended
+
+    def _grow(self, want: int) -> None:
+        """Write zeros from the log's extent up to `want` (rounded up to GROW_STEP), and
+        start their writeback at once (posix_fadvise DONTNEED starts it without
+        waiting), so the file system has allocated and written those blocks before a
+        record reaches them: a record written into blocks still waiting for
+        allocation (ext4's delayed allocation) first writes them back and then needs
+        a journal commit for them, one per record, which made the first epoch of a
+        new pool's log ~10% slower (p99.9 1.4 ms against 0.3 ms). append() keeps the
+        extent two steps ahead of the tail, so no record but the log's first lands in a
+        step grown by the same call. Steps of 1 MiB: a 4 MiB writeback queued at once delayed the
+        log writes behind it (worst FLUSH 8-16 ms against 4-8)."""
+        step = -(-want // GROW_STEP) * GROW_STEP
+        start = self.extent
+        self.fio.write_zeros(start, step - start)
+        self.extent = step
+        fd = native._fd(self.fio)
+        if fd is not None and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, start, step - start, os.POSIX_FADV_DONTNEED)
+            except OSError:         # advice only: the records are written either way
+                pass
 
     def kick(self, ticket: int) -> None:
         """Start making every byte appended up to `ticket` durable (log writer only)."""
