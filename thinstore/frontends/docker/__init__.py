@@ -96,7 +96,7 @@ class DockerVolumeFrontend(Frontend):
                               plugin_name=self.plugin_name)
         self.driver = driver
         if self.ctx.control is not None:
-            self.ctx.control.snapshot_hooks.append(self.attacher.snapshot_hook)
+            self.ctx.control.snapshot_hooks.append(driver.snapshot_hook)
             self.ctx.control.busy_reasons.append(driver.busy_reason)
         self.server = PluginServer(self.socket_path, driver)
         self.server.start()
@@ -109,12 +109,12 @@ class DockerVolumeFrontend(Frontend):
             reasons = getattr(self.ctx.control, "busy_reasons", [])
             if self.driver.busy_reason in reasons:
                 reasons.remove(self.driver.busy_reason)
+            hooks = getattr(self.ctx.control, "snapshot_hooks", [])
+            if self.driver.snapshot_hook in hooks:
+                hooks.remove(self.driver.snapshot_hook)
             self.driver.close()
             self.driver = None
         if self.attacher is not None:
-            hooks = getattr(self.ctx.control, "snapshot_hooks", [])
-            if self.attacher.snapshot_hook in hooks:
-                hooks.remove(self.attacher.snapshot_hook)
             self.attacher.close()
             self.attacher = None
 

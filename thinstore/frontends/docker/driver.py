@@ -24,8 +24,10 @@ one with other open NBD clients; nothing is changed by a refused request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
 import time
 
@@ -248,16 +250,37 @@ class VolumeDriver:
         return owner
 
     def unmount(self, request: dict) -> dict:
+        """Release mount ID ``owner`` whatever happens: Docker never retries an Unmount
+        (the container is gone either way), so a hold kept after a failure would keep
+        the volume "in use" for ever.  The last owner's mount lingers (see below) if its
+        file system writes its data out; when that sync fails (a full pool, a file
+        system gone read-only after errors) it is unmounted and detached at once, and
+        the Err says what failed, after the owner is released."""
         name, owner = self._name(request), self._owner(request)
         with self._name_lock(name):
-            try:
-                if self._last_mount_owner(name, owner) and LINGER_SECONDS > 0:
+            problems = []
+            if self._last_mount_owner(name, owner) and LINGER_SECONDS > 0:
+                try:
                     self.attacher.flush(name)      # written through, as an unmount would
                     self.attacher.mount(name, self.mountpoint(name), LINGER_OWNER)
                     self._start_linger(name)
-                self.attacher.unmount(name, owner)
+                except ThinstoreError as exc:
+                    problems.append(f"its file system failed to write its data out "
+                                    f"({exc})")
+                    try:
+                        self._end_linger(name)     # no linger over a failing file system
+                    except ThinstoreError as again:
+                        problems.append(f"ending its linger failed ({again})")
+            try:
+                self.attacher.unmount(name, owner)  # releases the owner before unmounting
             except ThinstoreError as exc:
-                raise DriverError(f"cannot unmount {name!r}: {exc}") from None
+                problems.append(f"tearing down its mount failed ({exc})")
+            if problems:
+                message = (f"volume {name!r} is released by Docker mount {owner[:12]}, but "
+                           f"{'; and '.join(problems)}: data written since the last sync "
+                           "may be lost (is the pool full? see 'thinstore status')")
+                log.warning("docker plugin: %s", message)
+                raise DriverError(message)
         return {}
 
     # Docker mounts a volume, unmounts it and mounts it again for every container (the
@@ -320,6 +343,21 @@ class VolumeDriver:
             self._end_linger(name)
             return True
 
+    def snapshot_hook(self, snapshot: str):
+        """For ControlServer.snapshot_hooks: the attacher's freeze around the snapshot,
+        except for a file system mounted read-only (ext4's errors=remount-ro after a
+        failed write, e.g. a full pool): nothing can change it, fsfreeze refuses it
+        ("Read-only file system"), and the snapshot is taken as the device holds it (as
+        after a crash: the journal replays when a clone of it is mounted)."""
+        if isinstance(snapshot, str) and "@" in snapshot:
+            volume = snapshot.split("@", 1)[0]
+            target = self._mounted(volume)
+            if target and _read_only(target):
+                log.warning("docker plugin: %s: the file system of %r is read-only (after "
+                            "errors?): snapshot taken without a freeze", snapshot, volume)
+                return contextlib.nullcontext()
+        return self.attacher.snapshot_hook(snapshot)
+
     def path(self, request: dict) -> dict:
         name = self._name(request)
         self._writable(name)
@@ -364,3 +402,29 @@ class VolumeDriver:
         "/VolumeDriver.List": "list",
         "/VolumeDriver.Capabilities": "capabilities",
     }
+
+
+def _read_only(target: str) -> bool:
+    """The file system mounted on ``target`` is read-only now: the mount or its super
+    block says ``ro``, or ext4 has stopped writing after errors (Linux 6.x shows it as
+    the super option ``emergency_ro`` while the mount still says rw).  Source:
+    /proc/self/mountinfo (proc(5)), the last mount stacked on ``target``."""
+    try:
+        if os.statvfs(target).f_flag & os.ST_RDONLY:
+            return True
+        real = os.path.realpath(target)
+        found = None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) >= 6 and len(tail) >= 3 and _unescape(fields[4]) == real:
+                    found = fields[5].split(",") + tail[2].split(",")
+    except OSError:
+        return False
+    return bool(found) and bool({"ro", "emergency_ro"} & set(found))
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\NNN (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -1,0 +1,113 @@
+"""The Docker volume plugin against a real dockerd: what a fresh user's trial ran into.
+
+A full pool under a mounted volume, a volume too large for its pool or too small for its
+file system, a clone grown at create, the file system and origin inspect reports, and the
+plugin's messages.  A private dockerd of this module (and a plugin on a small 256 MiB pool,
+so that filling it is quick); skips with the reason where there is no dockerd, no root or
+no /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from docker_helpers import MiB, Plugin, private_dockerd, require_docker_host
+
+pytestmark = pytest.mark.integration
+
+POOL = "256M"
+
+
+@pytest.fixture(scope="module")
+def docker():
+    require_docker_host()
+    d = private_dockerd()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def plugin_process(docker):
+    p = Plugin(capacity=POOL)
+    try:
+        p.start()
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def plugin(docker, plugin_process):
+    p = plugin_process
+    if p.proc.poll() is not None:
+        p.start()
+    try:
+        yield p
+    finally:
+        for container in docker("ps", "-aq").stdout.split():
+            docker("rm", "-f", container, check=False)
+        with p.remote() as remote:
+            for device in sorted(remote.list(), key=lambda d: d.kind != "snapshot"):
+                if device.kind == "snapshot":
+                    remote.destroy(device.name, force=True)
+        for volume in docker("volume", "ls", "-q").stdout.split():
+            docker("volume", "rm", "-f", volume, check=False)
+        with p.remote() as remote:
+            for device in remote.list():
+                remote.destroy(device.name, force=True)
+    assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
+
+
+def inspect(docker, name: str) -> dict:
+    return json.loads(docker("volume", "inspect", name).stdout)[0]
+
+
+def wait_for(predicate, what: str, polls: int = 600):
+    for _ in range(polls):                  # bounded: 60 s
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_only(path: str) -> bool:
+    """ext4 stopped writing after errors: "ro" in the mount's options, or the
+    super option "emergency_ro" (Linux 6.x), as /proc/self/mountinfo shows them."""
+    from thinstore.frontends.docker.driver import _read_only
+    return _read_only(path)
+
+
+# 1 -----------------------------------------------------------------------------------
+def test_a_volume_whose_file_system_failed_on_a_full_pool_is_released(docker, plugin):
+    """The pool fills under a container: ext4 goes read-only, its Unmount's sync fails.
+    The volume must still be snapshotted while mounted, released when the container
+    goes (Docker never retries an Unmount), and removable afterwards."""
+    docker("volume", "create", "-d", plugin.name, "-o", "size=1G", "filler")
+    docker.run(["-v", "filler:/data"], "dd if=/dev/urandom of=/data/big bs=1M count=600 "
+               "2>/dev/null; sync; sleep 600", detach=True, name="filler-user")
+    target = os.path.join(plugin.pool, "docker", "mnt", "filler")
+    wait_for(lambda: read_only(target), "ext4 to go read-only on the full pool")
+
+    done = plugin.cli("snapshot", "filler@after", check=False)
+    assert not done.returncode, f"a read-only file system blocks a snapshot: {done.stderr}"
+
+    docker("rm", "-f", "filler-user")
+    assert "filler-user" not in docker("ps", "-a", "--format", "{{.Names}}").stdout
+    status = inspect(docker, "filler")["Status"]
+    assert status["mounts"] == 0, "the failed Unmount kept Docker's mount"
+    assert "failed to write its data out" in plugin.log_text()
+    refused = docker("volume", "rm", "filler", check=False)
+    assert refused.returncode and "in use" not in refused.stderr \
+        and "filler@after" in refused.stderr, refused.stderr
+    plugin.cli("destroy", "filler@after")
+    docker("volume", "rm", "filler")
+    with plugin.remote() as remote:
+        assert "filler" not in [d.name for d in remote.list()]
+        assert remote.status()["used"] < 64 * MiB, "the full volume's space did not come back"
