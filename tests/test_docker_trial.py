@@ -111,3 +111,23 @@ def test_a_volume_whose_file_system_failed_on_a_full_pool_is_released(docker, pl
     with plugin.remote() as remote:
         assert "filler" not in [d.name for d in remote.list()]
         assert remote.status()["used"] < 64 * MiB, "the full volume's space did not come back"
+
+
+# 2 -----------------------------------------------------------------------------------
+def test_create_refuses_sizes_the_pool_or_the_file_system_cannot_take(docker, plugin):
+    """size=1P on a small pool: mkfs at the first mount would write metadata until the
+    pool is full (minutes, past Docker's 60 s); size=1: mkfs would fail at the mount.
+    Both are refused by 'docker volume create', in words the user sees."""
+    refused = docker("volume", "create", "-d", plugin.name, "-o", "size=1P", "huge",
+                     check=False)
+    assert refused.returncode and "metadata" in refused.stderr \
+        and "more than the pool's" in refused.stderr, refused.stderr
+    refused = docker("volume", "create", "-d", plugin.name, "-o", "size=1", "tiny",
+                     check=False)
+    assert refused.returncode and "ext4 needs at least 2M" in refused.stderr, refused.stderr
+    assert docker("volume", "ls", "-q").stdout.split() == []
+    with plugin.remote() as remote:
+        assert remote.list() == []
+    docker("volume", "create", "-d", plugin.name, "-o", "size=64G", "roomy")  # ~10 MiB
+    out = docker.run(["-v", "roomy:/data"], "df -k /data | tail -1").stdout.split()
+    assert int(out[1]) > 60 << 20, out                                       # KiB

@@ -9,7 +9,8 @@ so ``thinstore snapshot NAME@SNAP`` and ``thinstore clone`` work on it directly;
 shows every writable device of the pool.  Options of Create (``docker volume create -o``):
 
     size=SIZE     virtual size (binary suffixes: 512M, 10G); default --docker-default-size
-    fs=ext4|xfs   the file system made at the first mount (default ext4)
+    fs=ext4|xfs   the file system made at the first mount (default ext4); a size too small
+                  for it, or whose metadata would not fit the pool (.fsbounds), is refused
     from=VOL@SNAP a writable O(1) clone of that snapshot (its file system comes along);
                   with size, the clone is grown to it
 
@@ -35,6 +36,8 @@ from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
 from thinstore.units import format_size, parse_size
 
+from . import fsbounds
+
 log = logging.getLogger("thinstore.docker")
 
 OPTIONS = ("size", "fs", "from")
@@ -42,7 +45,6 @@ LINGER_OWNER = "thinstore-docker-linger"
 LINGER_SECONDS = 2.0
 FSTYPES = ("ext4", "xfs")
 DESTROY_POLLS = 50             # x 0.1 s: how long Remove waits for the last connection to end
-XFS_MIN = 300 << 20             # mkfs.xfs refuses smaller file systems
 
 
 class DriverError(Exception):
@@ -153,10 +155,30 @@ class VolumeDriver:
             out["fs"] = opts["fs"]
         if "from" in opts:
             out["from"] = self._snapshot(opts["from"])
-        if out.get("fs") == "xfs" and out.get("size", self.default_size) < XFS_MIN:
-            raise DriverError(f"option fs=xfs: xfs needs at least {format_size(XFS_MIN)} "
-                              "(set a larger size, or use ext4)")
+        if "from" not in out:
+            fs, size = out.get("fs", "ext4"), out.get("size", self.default_size)
+            if size < fsbounds.MINIMUM[fs]:
+                raise DriverError(f"option size={format_size(size)}: {fs} needs at least "
+                                  f"{format_size(fsbounds.MINIMUM[fs])} (set a larger size"
+                                  f"{', or use ext4' if fs == 'xfs' else ''})")
+            self._check_fits(fs, size)
         return out
+
+    def _check_fits(self, fs: str, size: int, base: int = 0) -> None:
+        """Refuse a size whose file system metadata alone (mkfs at the first Mount, or
+        the grow from ``base`` bytes of a clone) would not fit the pool's free space:
+        Docker gives a Mount 60 s, and a mkfs filling the pool fails every volume's
+        writes (see :mod:`.fsbounds`)."""
+        status = self.pool.status()
+        chunk = status["chunk_size"]
+        need = fsbounds.mkfs_footprint(fs, size, chunk) - \
+            (fsbounds.mkfs_footprint(fs, base, chunk) if base else 0)
+        if need > status["free"]:
+            raise DriverError(f"option size={format_size(size)}: {fs} on a volume this "
+                              f"large writes about {format_size(need)} of metadata "
+                              f"{'when it grows' if base else 'at its first mount'}, more "
+                              f"than the pool's {format_size(status['free'])} free (choose "
+                              "a smaller size, or grow the pool: 'thinstore grow')")
 
     def _snapshot(self, text: str) -> str:
         try:
@@ -184,7 +206,16 @@ class VolumeDriver:
                               f"{opts['from']} ({format_size(info.size)}): a clone can "
                               "only grow")
         if size is not None and size > info.size:
+            try:
+                self._check_fits(self._fs_of(opts["from"].split("@", 1)[0]), size, info.size)
+            except DriverError:
+                self.pool.destroy(name)
+                raise
             self.pool.resize(name, size)
+
+    def _fs_of(self, name: str) -> str:
+        """The file system volume ``name`` was made with, as the registry records it."""
+        return (self.registry.get(name) or {}).get("fs") or "ext4"
 
     def remove(self, request: dict) -> dict:
         name = self._name(request)
