@@ -131,3 +131,29 @@ def test_create_refuses_sizes_the_pool_or_the_file_system_cannot_take(docker, pl
     docker("volume", "create", "-d", plugin.name, "-o", "size=64G", "roomy")  # ~10 MiB
     out = docker.run(["-v", "roomy:/data"], "df -k /data | tail -1").stdout.split()
     assert int(out[1]) > 60 << 20, out                                       # KiB
+
+
+# 3 -----------------------------------------------------------------------------------
+def df_kib(docker, volume: str) -> tuple[int, str]:
+    """(size of the file system in KiB as df shows it in a container, /data/f)."""
+    out = docker.run(["-v", f"{volume}:/data"], "df -k /data | tail -1; cat /data/f").stdout
+    lines = out.splitlines()
+    return int(lines[0].split()[1]), lines[1]
+
+
+@pytest.mark.parametrize("fs,small", [("ext4", "128M"), ("xfs", "320M")])
+def test_a_clone_made_larger_and_a_resized_volume_show_their_size_in_df(docker, plugin, fs,
+                                                                        small):
+    """'-o from=VOL@SNAP -o size=BIGGER' promises a clone grown to BIGGER: df in the
+    container shows it (the file system is grown at mount), with the snapshot's data."""
+    docker("volume", "create", "-d", plugin.name, "-o", f"size={small}", "-o", f"fs={fs}",
+           f"{fs}-base")
+    docker.run(["-v", f"{fs}-base:/data"], "echo kept > /data/f")
+    plugin.cli("snapshot", f"{fs}-base@s")
+    docker("volume", "create", "-d", plugin.name, "-o", f"from={fs}-base@s", "-o", "size=2G",
+           f"{fs}-big")
+    size, content = df_kib(docker, f"{fs}-big")
+    assert size > 1900 << 10 and content == "kept", (size, content)
+    plugin.cli("resize", f"{fs}-base", "1G")
+    size, content = df_kib(docker, f"{fs}-base")
+    assert size > 900 << 10 and content == "kept", (size, content)

@@ -36,7 +36,7 @@ from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
 from thinstore.units import format_size, parse_size
 
-from . import fsbounds
+from . import fsbounds, grow
 
 log = logging.getLogger("thinstore.docker")
 
@@ -62,8 +62,9 @@ class VolumeDriver:
         self._lock = threading.Lock()
         self._names: dict[str, threading.Lock] = {}
         self._lingers: dict[str, threading.Timer] = {}
-        for name in attacher.attached():          # a linger a crash cut short holds nothing
-            attacher.detach(name, LINGER_OWNER)
+        for name in attacher.attached():          # a linger or grow a crash cut short
+            attacher.detach(name, LINGER_OWNER)   # holds nothing
+            attacher.detach(name, grow.OWNER)
 
     def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -263,13 +264,34 @@ class VolumeDriver:
         name, owner = self._name(request), self._owner(request)
         with self._name_lock(name):
             self._writable(name)
-            fs = (self.registry.get(name) or {}).get("fs", "ext4")
             try:
-                target = self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
+                target = self._mount_grown(name, owner)
                 self._end_linger(name)            # the new owner holds the mount now
             except ThinstoreError as exc:
                 raise DriverError(f"cannot mount {name!r}: {exc}") from None
         return {"Mountpoint": target}
+
+    def _mount_grown(self, name: str, owner: str) -> str:
+        """Mount for ``owner``; a fresh mount first grows a file system smaller than its
+        device (a clone made larger, a resized volume: see :mod:`.grow`)."""
+        fs = self._fs_of(name)
+        attached = self.attacher.attached().get(name) or {}
+        if attached.get("device") and set(attached["owners"]) <= {LINGER_OWNER} and \
+                grow.device_size(attached["device"]) + grow.SLACK < self.pool.info(name).size:
+            self._end_linger(name)      # resized since: mount afresh, at the new size
+            attached = {}
+        if attached.get("device"):
+            return self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
+        device = self.attacher.attach(name, grow.OWNER)
+        try:
+            grow.ext4_offline(name, device)
+            target = self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
+        finally:
+            self.attacher.detach(name, grow.OWNER)
+        mount = (self.attacher.attached().get(name) or {}).get("mount") or {}
+        if mount.get("fstype") == "xfs":
+            grow.xfs_online(self.attacher, name, device, target)
+        return target
 
     @staticmethod
     def _owner(request: dict) -> str:
