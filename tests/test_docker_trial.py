@@ -157,3 +157,23 @@ def test_a_clone_made_larger_and_a_resized_volume_show_their_size_in_df(docker, 
     plugin.cli("resize", f"{fs}-base", "1G")
     size, content = df_kib(docker, f"{fs}-base")
     assert size > 900 << 10 and content == "kept", (size, content)
+
+
+# 4 -----------------------------------------------------------------------------------
+def test_inspect_reports_the_file_system_and_origin_the_volume_really_has(docker, plugin):
+    """A clone of an xfs volume and an xfs volume renamed with the thinstore CLI are xfs
+    in 'docker volume inspect' (they mount as xfs); a clone whose snapshot is destroyed
+    says its origin is gone, as 'thinstore list' does."""
+    docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=320M", "xsrc")
+    docker.run(["-v", "xsrc:/data"], "echo x > /data/f")
+    plugin.cli("snapshot", "xsrc@s")
+    docker("volume", "create", "-d", plugin.name, "-o", "from=xsrc@s", "xclone")
+    assert inspect(docker, "xclone")["Status"]["fs"] == "xfs"
+    assert " xfs " in docker.run(["-v", "xclone:/data"], "grep ' /data ' /proc/mounts").stdout
+    plugin.cli("destroy", "xsrc@s")
+    status = inspect(docker, "xclone")["Status"]
+    listed = plugin.cli("list", "-H", "-o", "name,origin", "xclone").stdout.split("\t")
+    assert status["origin"] == listed[1].strip() == "(gone)", (status, listed)
+    plugin.cli("rename", "xsrc", "xmoved")
+    assert inspect(docker, "xmoved")["Status"]["fs"] == "xfs"
+    assert " xfs " in docker.run(["-v", "xmoved:/data"], "grep ' /data ' /proc/mounts").stdout

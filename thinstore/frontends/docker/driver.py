@@ -115,15 +115,14 @@ class VolumeDriver:
                                       "change (remove it first, or choose another name)")
                 self._writable(name)
                 return {}
-            self.registry.put(name, fs=opts.get("fs", "ext4"), state="creating",
-                              **{"from": opts.get("from")})
+            fs = self._fs_of(opts["from"]) if "from" in opts else opts.get("fs", "ext4")
+            self.registry.put(name, fs=fs, state="creating", **{"from": opts.get("from")})
             try:
                 self._make(name, opts)
             except (ThinstoreError, DriverError) as exc:
                 self.registry.drop(name)
                 raise DriverError(str(exc)) from None
-            self.registry.put(name, fs=opts.get("fs", "ext4"), state="ready",
-                              **{"from": opts.get("from")})
+            self.registry.put(name, fs=fs, state="ready", **{"from": opts.get("from")})
         return {}
 
     def _options(self, opts) -> dict:
@@ -208,15 +207,17 @@ class VolumeDriver:
                               "only grow")
         if size is not None and size > info.size:
             try:
-                self._check_fits(self._fs_of(opts["from"].split("@", 1)[0]), size, info.size)
+                self._check_fits(self._fs_of(opts["from"]), size, info.size)
             except DriverError:
                 self.pool.destroy(name)
                 raise
             self.pool.resize(name, size)
 
     def _fs_of(self, name: str) -> str:
-        """The file system volume ``name`` was made with, as the registry records it."""
-        return (self.registry.get(name) or {}).get("fs") or "ext4"
+        """The file system on device ``name`` (volume or snapshot): the one its super block
+        shows, else the one the registry says to make on it, else ext4."""
+        return _probe_fs(self.pool, name) or \
+            (self.registry.get(name.split("@", 1)[0]) or {}).get("fs") or "ext4"
 
     def remove(self, request: dict) -> dict:
         name = self._name(request)
@@ -274,7 +275,7 @@ class VolumeDriver:
     def _mount_grown(self, name: str, owner: str) -> str:
         """Mount for ``owner``; a fresh mount first grows a file system smaller than its
         device (a clone made larger, a resized volume: see :mod:`.grow`)."""
-        fs = self._fs_of(name)
+        fs = (self.registry.get(name) or {}).get("fs") or "ext4"   # to make if blank
         attached = self.attacher.attached().get(name) or {}
         if attached.get("device") and set(attached["owners"]) <= {LINGER_OWNER} and \
                 grow.device_size(attached["device"]) + grow.SLACK < self.pool.info(name).size:
@@ -435,9 +436,13 @@ class VolumeDriver:
         entry = self.registry.get(info.name) or {}
         attached = self.attacher.attached().get(info.name) or {}
         mount = attached.get("mount") or {}
+        origin = info.origin
+        if origin is None and info.kind == "clone":
+            origin = "(gone)"                     # its snapshot was destroyed: as list says
         return {"size": info.size, "used": info.used, "exclusive": info.exclusive,
-                "shared": info.shared, "kind": info.kind, "origin": info.origin,
-                "fs": mount.get("fstype") or entry.get("fs") or "ext4",
+                "shared": info.shared, "kind": info.kind, "origin": origin,
+                "fs": mount.get("fstype") or _probe_fs(self.pool, info.name)
+                or entry.get("fs") or "ext4",
                 "device": attached.get("device"),
                 "mounts": len(set(attached.get("owners") or {}) - {LINGER_OWNER}),
                 "snapshots": [d.name for d in self.pool.list()
@@ -481,3 +486,20 @@ def _read_only(target: str) -> bool:
 def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as \\NNN (octal)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+EXT4_MAGIC = (1024 + 56, b"\x53\xef")       # s_magic 0xEF53, little-endian, in the super block
+XFS_MAGIC = (0, b"XFSB")                     # sb_magicnum at byte 0
+
+
+def _probe_fs(pool, name: str) -> str | None:
+    """"ext4" or "xfs" by the super block's magic, read from the pool's device (no attach;
+    what a clone or a renamed volume really holds); None when it has neither."""
+    try:
+        with pool.open_device(name) as dev:
+            for fstype, (offset, magic) in (("xfs", XFS_MAGIC), ("ext4", EXT4_MAGIC)):
+                if offset + len(magic) <= dev.size and dev.pread(offset, len(magic)) == magic:
+                    return fstype
+    except (ThinstoreError, OSError):
+        pass
+    return None
