@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -50,13 +51,15 @@ def plugin(docker, plugin_process):
     try:
         yield p
     finally:
-        for container in docker("ps", "-aq").stdout.split():
-            docker("rm", "-f", container, check=False)
+        for volume in volumes(docker, p):
+            users = docker("ps", "-aq", "--filter", f"volume={volume}").stdout.split()
+            if users:
+                docker("rm", "-f", *users, check=False)
         with p.remote() as remote:
             for device in sorted(remote.list(), key=lambda d: d.kind != "snapshot"):
                 if device.kind == "snapshot":
                     remote.destroy(device.name, force=True)
-        for volume in docker("volume", "ls", "-q").stdout.split():
+        for volume in volumes(docker, p):
             docker("volume", "rm", "-f", volume, check=False)
         with p.remote() as remote:
             for device in remote.list():
@@ -64,8 +67,19 @@ def plugin(docker, plugin_process):
     assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
 
 
+def volumes(docker, p: Plugin) -> list[str]:
+    """This plugin's volumes (dockerd also lists those of every plugin with a spec file
+    in /etc/docker/plugins, which other test runs may have)."""
+    return docker("volume", "ls", "-q", "--filter", f"driver={p.name}").stdout.split()
+
+
 def inspect(docker, name: str) -> dict:
     return json.loads(docker("volume", "inspect", name).stdout)[0]
+
+
+def until(condition: str) -> str:
+    """A shell loop waiting (at most 60 s) for a test expression to hold."""
+    return f"for i in $(seq 600); do if {condition}; then exit 0; fi; sleep 0.1; done; exit 1"
 
 
 def wait_for(predicate, what: str, polls: int = 600):
@@ -125,7 +139,7 @@ def test_create_refuses_sizes_the_pool_or_the_file_system_cannot_take(docker, pl
     refused = docker("volume", "create", "-d", plugin.name, "-o", "size=1", "tiny",
                      check=False)
     assert refused.returncode and "ext4 needs at least 2M" in refused.stderr, refused.stderr
-    assert docker("volume", "ls", "-q").stdout.split() == []
+    assert volumes(docker, plugin) == []
     with plugin.remote() as remote:
         assert remote.list() == []
     docker("volume", "create", "-d", plugin.name, "-o", "size=64G", "roomy")  # ~10 MiB
@@ -177,3 +191,24 @@ def test_inspect_reports_the_file_system_and_origin_the_volume_really_has(docker
     plugin.cli("rename", "xsrc", "xmoved")
     assert inspect(docker, "xmoved")["Status"]["fs"] == "xfs"
     assert " xfs " in docker.run(["-v", "xmoved:/data"], "grep ' /data ' /proc/mounts").stdout
+
+
+# 5 -----------------------------------------------------------------------------------
+def test_a_refusal_names_docker_mount_ids_as_such(docker, plugin):
+    """The IDs Docker's Mount carries are its mount IDs: a refusal listing them as
+    containers sends the user looking for IDs docker ps never shows."""
+    docker("volume", "create", "-d", plugin.name, "-o", "size=64M", "held")
+    docker.run(["-v", "held:/data"], "touch /data/up; sleep 600", detach=True, name="holder")
+    docker.run(["-v", "held:/data"], until("[ -e /data/up ]"))
+    err = plugin.call("/VolumeDriver.Remove", {"Name": "held"})[1]["Err"]
+    ids = re.findall(r"Docker mount ID ([0-9a-f]{12}), not container IDs", err)
+    assert len(ids) == 1 and "docker ps -a --filter volume=held" in err, err
+    containers = docker("ps", "-aq", "--no-trunc").stdout.split()
+    assert not any(c.startswith(ids[0]) for c in containers)
+    refused = plugin.cli("rollback", "held@none", check=False)     # no such snapshot: plain
+    assert refused.returncode
+    plugin.cli("snapshot", "held@s")
+    refused = plugin.cli("rollback", "held@s", check=False)
+    assert refused.returncode and f"Docker mount ID {ids[0]}, not container IDs" \
+        in refused.stderr, refused.stderr
+

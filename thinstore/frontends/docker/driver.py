@@ -226,9 +226,9 @@ class VolumeDriver:
             self._end_linger(name)
             owners = self.attacher.owners(name)
             if owners:
-                raise DriverError(f"volume {name!r} is in use by {len(owners)} mount(s) "
-                                  f"({', '.join(sorted(o[:12] for o in owners))}): stop "
-                                  "those containers first")
+                raise DriverError(f"volume {name!r} is in use by {_mounts_words(owners)}: "
+                                  f"stop the containers using it first (docker ps -a "
+                                  f"--filter volume={name})")
             self._refuse_if_snapshots(name)
             self._destroy(name)
             self.registry.drop(name)
@@ -249,17 +249,24 @@ class VolumeDriver:
             time.sleep(0.1)
 
     def _refuse_if_snapshots(self, name: str) -> None:
+        """Refuse while the volume has snapshots: destroying them is all that is needed
+        (a clone is an independent volume and stays); the clones made from them are
+        named, since a user may want to keep the snapshot for them."""
         devices = self.pool.list()
         snaps = [d.name for d in devices if d.kind == "snapshot" and d.name.startswith(name + "@")]
         if not snaps:
             return
+        one = len(snaps) == 1
         clones = [f"{d.name} (from {d.origin})" for d in devices
                   if d.kind == "clone" and d.origin in snaps]
+        note = ""
         if clones:
-            raise DriverError(f"volume {name!r} has clones: {', '.join(clones)} (remove "
-                              f"them first, then its snapshots {', '.join(snaps)})")
-        raise DriverError(f"volume {name!r} has snapshots {', '.join(snaps)}; destroy them "
-                          f"first ('thinstore destroy {snaps[0]}') so none is lost unseen")
+            note = (f"; {'its clone' if len(clones) == 1 else 'the clones'} "
+                    f"{', '.join(clones)} {'stays' if len(clones) == 1 else 'stay'}: a "
+                    "clone is an independent volume")
+        raise DriverError(f"volume {name!r} has {'a snapshot' if one else 'snapshots'} "
+                          f"{', '.join(snaps)}: destroy {'it' if one else 'them'} first "
+                          f"('thinstore destroy {snaps[0]}') so none is lost unseen{note}")
 
     def mount(self, request: dict) -> dict:
         name, owner = self._name(request), self._owner(request)
@@ -387,11 +394,11 @@ class VolumeDriver:
         it (released now: no container uses it); None when Docker has not mounted it."""
         with self._name_lock(name):
             owners = self.attacher.owners(name)
-            mounts = sorted(o[:12] for o in owners if o != LINGER_OWNER)
+            mounts = [o for o in owners if o != LINGER_OWNER]
             if mounts:
-                return (f"volume {name!r} is mounted by Docker ({len(mounts)} container "
-                        f"mount(s): {', '.join(mounts)}): stop the container(s) using it "
-                        f"first (docker ps --filter volume={name})")
+                return (f"volume {name!r} is mounted by Docker ({_mounts_words(mounts)}): "
+                        f"stop the container(s) using it first (docker ps --filter "
+                        f"volume={name})")
             if LINGER_OWNER not in owners:
                 return None
             self._end_linger(name)
@@ -486,6 +493,14 @@ def _read_only(target: str) -> bool:
 def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as \\NNN (octal)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts_words(owners) -> str:
+    """'1 mount (Docker mount ID 0123456789ab)': the IDs Docker's Mount and Unmount carry
+    are its own per-mount IDs, not container IDs (docker ps shows none of them)."""
+    ids = sorted(o[:12] for o in owners)
+    return (f"{len(ids)} mount{'s' if len(ids) > 1 else ''} (Docker mount "
+            f"ID{'s' if len(ids) > 1 else ''} {', '.join(ids)}, not container IDs)")
 
 
 EXT4_MAGIC = (1024 + 56, b"\x53\xef")       # s_magic 0xEF53, little-endian, in the super block
