@@ -212,3 +212,20 @@ def test_a_refusal_names_docker_mount_ids_as_such(docker, plugin):
     assert refused.returncode and f"Docker mount ID {ids[0]}, not container IDs" \
         in refused.stderr, refused.stderr
 
+
+def test_a_stop_with_a_volume_in_use_logs_the_fuse_retries_once(docker, plugin):
+    """SIGTERM while a container holds a volume: the FUSE file stays busy while the
+    plugin tries to unmount it; one line with the count, not one per try."""
+    docker("volume", "create", "-d", plugin.name, "-o", "size=64M", "busy")
+    docker.run(["-v", "busy:/data"], "touch /data/up; sleep 600", detach=True, name="busy-user")
+    docker.run(["-v", "busy:/data"], until("[ -e /data/up ]"))
+    start = os.path.getsize(os.path.join(plugin.dir, "plugin.log"))
+    plugin.stop()
+    with open(os.path.join(plugin.dir, "plugin.log"), "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    fuse = [line for line in lines if "fusermount3 -u " in line and " -z " not in line]
+    assert len(fuse) == 1 and re.search(r"fusermount3 -u failed \d+ of \d+ tries \(.*busy",
+                                        fuse[0]), fuse[:5]
+    plugin.start()
+    docker("rm", "-f", "busy-user")
