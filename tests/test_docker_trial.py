@@ -94,7 +94,7 @@ def wait_for(predicate, what: str, polls: int = 600):
 def read_only(path: str) -> bool:
     """ext4 stopped writing after errors: "ro" in the mount's options, or the
     super option "emergency_ro" (Linux 6.x), as /proc/self/mountinfo shows them."""
-    from thinstore.frontends.docker.driver import _read_only
+    from thinstore.frontends.docker.probe import read_only as _read_only
     return _read_only(path)
 
 

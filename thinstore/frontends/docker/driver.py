@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 
@@ -37,6 +36,7 @@ from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageErro
 from thinstore.units import format_size, parse_size
 
 from . import fsbounds, grow
+from .probe import probe_fs as _probe_fs, read_only as _read_only
 
 log = logging.getLogger("thinstore.docker")
 
@@ -469,32 +469,6 @@ class VolumeDriver:
     }
 
 
-def _read_only(target: str) -> bool:
-    """The file system mounted on ``target`` is read-only now: the mount or its super
-    block says ``ro``, or ext4 has stopped writing after errors (Linux 6.x shows it as
-    the super option ``emergency_ro`` while the mount still says rw).  Source:
-    /proc/self/mountinfo (proc(5)), the last mount stacked on ``target``."""
-    try:
-        if os.statvfs(target).f_flag & os.ST_RDONLY:
-            return True
-        real = os.path.realpath(target)
-        found = None
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields, tail = left.split(), right.split()
-                if len(fields) >= 6 and len(tail) >= 3 and _unescape(fields[4]) == real:
-                    found = fields[5].split(",") + tail[2].split(",")
-    except OSError:
-        return False
-    return bool(found) and bool({"ro", "emergency_ro"} & set(found))
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\NNN (octal)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _mounts_words(owners) -> str:
     """'1 mount (Docker mount ID 0123456789ab)': the IDs Docker's Mount and Unmount carry
     are its own per-mount IDs, not container IDs (docker ps shows none of them)."""
@@ -502,19 +476,3 @@ def _mounts_words(owners) -> str:
     return (f"{len(ids)} mount{'s' if len(ids) > 1 else ''} (Docker mount "
             f"ID{'s' if len(ids) > 1 else ''} {', '.join(ids)}, not container IDs)")
 
-
-EXT4_MAGIC = (1024 + 56, b"\x53\xef")       # s_magic 0xEF53, little-endian, in the super block
-XFS_MAGIC = (0, b"XFSB")                     # sb_magicnum at byte 0
-
-
-def _probe_fs(pool, name: str) -> str | None:
-    """"ext4" or "xfs" by the super block's magic, read from the pool's device (no attach;
-    what a clone or a renamed volume really holds); None when it has neither."""
-    try:
-        with pool.open_device(name) as dev:
-            for fstype, (offset, magic) in (("xfs", XFS_MAGIC), ("ext4", EXT4_MAGIC)):
-                if offset + len(magic) <= dev.size and dev.pread(offset, len(magic)) == magic:
-                    return fstype
-    except (ThinstoreError, OSError):
-        pass
-    return None
