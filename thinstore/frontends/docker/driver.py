@@ -451,7 +451,7 @@ class VolumeDriver:
                 "fs": mount.get("fstype") or _probe_fs(self.pool, info.name)
                 or entry.get("fs") or "ext4",
                 "device": attached.get("device"),
-                "mounts": len(set(attached.get("owners") or {}) - {LINGER_OWNER}),
+                "mounts": len(set(attached.get("owners") or {}) - {LINGER_OWNER, grow.OWNER}),
                 "snapshots": [d.name for d in self.pool.list()
                               if d.kind == "snapshot" and d.name.startswith(info.name + "@")]}
 
