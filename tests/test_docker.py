@@ -228,12 +228,12 @@ def test_remove_refused_for_a_volume_with_snapshots_and_clones(docker, plugin):
     plugin.cli("snapshot", "origin@s")
     docker("volume", "create", "-d", plugin.name, "-o", "from=origin@s", "copy")
     refused = docker("volume", "rm", "origin", check=False)
-    assert refused.returncode and "volume 'origin' has clones: copy (from origin@s) " \
-        "(remove them first" in refused.stderr, refused.stderr
+    assert refused.returncode and "volume 'origin' has a clone: copy (from origin@s) " \
+        "(remove it first, then its snapshot origin@s)" in refused.stderr, refused.stderr
     assert "cloned from" not in refused.stderr, "the relation is told backwards"
     docker("volume", "rm", "copy")
     refused = docker("volume", "rm", "origin", check=False)
-    assert refused.returncode and "has snapshots origin@s" in refused.stderr
+    assert refused.returncode and "has a snapshot origin@s; destroy it first" in refused.stderr
     plugin.cli("destroy", "origin@s")
     docker("volume", "rm", "origin")
 

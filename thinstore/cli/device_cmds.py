@@ -109,13 +109,20 @@ def cmd_destroy(args) -> int:
         kept = clones if snapshot else \
             [i.name for i in pool.list() if i.name.startswith(args.name + "@")]
     if kept:
-        what = "clone" if snapshot else "snapshot"
-        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-        note(f"{len(kept)} {what}{'s' if len(kept) > 1 else ''} of {args.name!r} "
-             f"remain{'' if len(kept) > 1 else 's'} "
-             f"({shown}); they are whole on their own: destroy them with "
-             f"'thinstore destroy {kept[0]}'" + (" and so on" if len(kept) > 1 else ""))
+        _note_kept(args.name, "clone" if snapshot else "snapshot", kept)
     return 0
+
+
+def _note_kept(name: str, what: str, kept: list[str]) -> None:
+    """'1 snapshot of 'vm1' remains (vm1@a); it is whole ...', or for several '3 snapshots
+    ... remain (vm1@a, vm1@b, vm1@c); they are whole ...': the words agree with the count."""
+    shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+    if len(kept) == 1:
+        note(f"1 {what} of {name!r} remains ({shown}); it is whole on its own: destroy it "
+             f"with 'thinstore destroy {kept[0]}'")
+    else:
+        note(f"{len(kept)} {what}s of {name!r} remain ({shown}); they are whole on their own: "
+             f"destroy them with 'thinstore destroy {kept[0]}' and so on")
 
 
 def cmd_rename(args) -> int:

@@ -220,11 +220,16 @@ class VolumeDriver:
             return
         clones = [f"{d.name} (from {d.origin})" for d in devices
                   if d.kind == "clone" and d.origin in snaps]
+        snap_words = f"snapshot {snaps[0]}" if len(snaps) == 1 else \
+            f"snapshots {', '.join(snaps)}"
         if clones:
-            raise DriverError(f"volume {name!r} has clones: {', '.join(clones)} (remove "
-                              f"them first, then its snapshots {', '.join(snaps)})")
-        raise DriverError(f"volume {name!r} has snapshots {', '.join(snaps)}; destroy them "
-                          f"first ('thinstore destroy {snaps[0]}') so none is lost unseen")
+            one = len(clones) == 1
+            raise DriverError(f"volume {name!r} has {'a clone' if one else 'clones'}: "
+                              f"{', '.join(clones)} (remove {'it' if one else 'them'} first, "
+                              f"then its {snap_words})")
+        raise DriverError(f"volume {name!r} has {'a ' if len(snaps) == 1 else ''}{snap_words}; "
+                          f"destroy {'it' if len(snaps) == 1 else 'them'} first "
+                          f"('thinstore destroy {snaps[0]}') so none is lost unseen")
 
     def mount(self, request: dict) -> dict:
         name, owner = self._name(request), self._owner(request)
