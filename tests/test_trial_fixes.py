@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 
-from thinstore import Pool
+from thinstore import Pool, names, online
+from thinstore.control import ControlServer
+from thinstore.errors import InvalidName
 from hardening_helpers import K, M, fails, out, short_dir, ts
 
 CHUNK = 64 * K
@@ -42,3 +44,56 @@ def test_the_note_after_destroy_speaks_of_several_clones_as_several(pool):
     assert r.stderr.decode() == ("thinstore: note: 2 clones of 'v@a' remain (c1, c2); they "
                                  "are whole on their own: destroy them with 'thinstore "
                                  "destroy c1' and so on\n")
+
+
+# names that look like options or hidden files ------------------------------------------
+@pytest.mark.parametrize("name", ["-x", ".hidden", "-", ".receive.v"])
+def test_a_new_name_may_not_start_with_a_dash_or_a_dot(pool, name):
+    for args in (["create", "--size", "1M", "--", name], ["clone", "v@a", "--", name],
+                 ["rename", "--", "v", name]):
+        err = fails(2, *args, pool=pool)
+        assert f"invalid device name {name!r}: a new name may not start with {name[0]!r}" in err
+    stream = os.path.join(os.path.dirname(pool), "v.stream")
+    out("send", "v@a", "-o", stream, pool=pool)
+    assert "a new name may not start" in fails(2, "receive", "-i", stream, "--", name, pool=pool)
+    with Pool.open(pool) as p:
+        assert [i.name for i in p.list()] == ["v", "v@a"]
+        with pytest.raises(InvalidName):
+            p.create_volume(name, M)
+
+
+def test_a_snapshot_part_and_a_dot_or_dash_inside_a_name_stay_allowed(pool):
+    out("snapshot", "v@-x", pool=pool)
+    out("clone", "v@-x", "a.b-c", pool=pool)
+    out("destroy", "v@-x", pool=pool)
+    assert out("list", "-H", "-o", "name", pool=pool).split() == ["a.b-c", "v", "v@a"]
+
+
+def test_names_an_older_thinstore_allowed_still_work_with_end_of_options(pool, monkeypatch):
+    monkeypatch.setattr(names, "check_new_name", lambda n: names.check_name(n, snapshot=False))
+    with Pool.open(pool) as p:                      # as an older thinstore wrote them
+        p.create_volume("-x", M)
+        p.create_volume(".old", M)
+    monkeypatch.undo()
+    assert out("list", "-H", "-o", "name", pool=pool).split() == ["-x", ".old", "v", "v@a"]
+    out("snapshot", "--", "-x@s", pool=pool)
+    out("clone", "--", "-x@s", "x2", pool=pool)
+    out("rename", "--", ".old", "new", pool=pool)
+    out("resize", "--", "-x", "2M", pool=pool)
+    fails(2, "rename", "--", "-x", "-y", pool=pool)
+    r = ts("destroy", "--", "-x", pool=pool)
+    assert r.returncode == 0 and "1 snapshot of '-x' remains (-x@s)" in r.stderr.decode()
+    out("destroy", "--", "-x@s", pool=pool)
+    assert out("list", "-H", "-o", "name", pool=pool).split() == ["new", "v", "v@a", "x2"]
+
+
+def test_a_receive_into_v_does_not_shadow_a_device_named_like_its_marker(pool, monkeypatch):
+    """The server marks a running receive into v; the marker once was '.receive:v', a
+    name a device could have, whose destroy was then refused as 'being read'."""
+    monkeypatch.setattr(names, "check_new_name", lambda n: names.check_name(n, snapshot=False))
+    with Pool.open(pool) as p:
+        p.create_volume(".receive:v", M)
+        server = ControlServer(p)
+        with online._receiving(server, "v"):
+            server.call("destroy", {"name": ".receive:v", "force": True})
+        assert [i.name for i in p.list()] == ["v", "v@a"]

@@ -424,7 +424,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
 
     # ------------------------------------------------------------ management
     def create_volume(self, name: str, size: int) -> DeviceInfo:
-        names.check_name(name, snapshot=False)
+        """A new empty volume of `size` bytes; `name` as names.check_new_name allows."""
+        names.check_new_name(name)
         check_device_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
@@ -449,7 +450,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     def clone(self, snapshot: str, name: str) -> DeviceInfo:
         """A writable device that starts as the snapshot's exact content."""
         names.check_name(snapshot, snapshot=True)
-        names.check_name(name, snapshot=False)
+        names.check_new_name(name)
         with self.lock:
             self._check_open()
             snap = self._find(snapshot)
@@ -486,7 +487,10 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         """Rename a device; a volume's snapshots follow it (vol@s -> new@s), not those
         of an earlier, destroyed volume of the same name (their origin is another)."""
         names.check_name(old)
-        names.check_name(new)
+        if "@" in new:
+            names.check_name(new)
+        else:
+            names.check_new_name(new)
         with self.lock:
             self._check_open()
             dm = self._find(old)

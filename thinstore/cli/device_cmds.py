@@ -10,14 +10,14 @@ import argparse
 import sys
 
 from thinstore.cli.context import open_pool
-from thinstore.cli.names import device_name, snapshot_name, volume_name
+from thinstore.cli.names import device_name, new_volume_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell, time_cell
 from thinstore.units import format_size, parse_size
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("create", help="create a thin volume")
-    p.add_argument("name", type=volume_name, metavar="NAME")
+    p.add_argument("name", type=new_volume_name, metavar="NAME")
     p.add_argument("--size", "-s", type=parse_size, required=True, metavar="SIZE",
                    help="virtual size, e.g. 10G (may exceed the pool's free space)")
     p.set_defaults(func=cmd_create)
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("clone", help="create a writable volume from a snapshot")
     p.add_argument("snapshot", type=snapshot_name, metavar="NAME@SNAP")
-    p.add_argument("new_name", type=volume_name, metavar="NEWNAME")
+    p.add_argument("new_name", type=new_volume_name, metavar="NEWNAME")
     p.set_defaults(func=cmd_clone)
 
     _register_list(subparsers)

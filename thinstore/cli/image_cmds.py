@@ -11,7 +11,7 @@ import sys
 
 from thinstore.cli import files, rawcopy
 from thinstore.cli.context import open_pool
-from thinstore.cli.names import device_name, volume_name
+from thinstore.cli.names import device_name, new_volume_name
 from thinstore.errors import PoolFull, ReadOnlyDevice, UsageError
 from thinstore.progress import Progress
 from thinstore.units import format_size, parse_size
@@ -38,7 +38,7 @@ def _import_target(text: str) -> str:
         device_name(text)
         raise ReadOnlyDevice(f"{text}: snapshots are read-only; import into a new volume "
                              "(NAME without @), then snapshot it")
-    return volume_name(text)
+    return new_volume_name(text)
 
 
 def cmd_import(args) -> int:
