@@ -9,6 +9,8 @@ import shutil
 import pytest
 
 from thinstore import Pool, names, online
+from thinstore import pool as pool_module
+from thinstore.units import check_device_size
 from thinstore.control import ControlServer
 from thinstore.errors import InvalidName
 from hardening_helpers import K, M, fails, out, short_dir, ts
@@ -97,3 +99,33 @@ def test_a_receive_into_v_does_not_shadow_a_device_named_like_its_marker(pool, m
         with online._receiving(server, "v"):
             server.call("destroy", {"name": ".receive:v", "force": True})
         assert [i.name for i in p.list()] == ["v", "v@a"]
+
+
+# 0-byte volumes ---------------------------------------------------------------------------
+def test_a_volume_of_0_bytes_is_refused_at_create_resize_and_import(pool):
+    for args in (["create", "z", "--size", "0"], ["resize", "v", "0", "--shrink"]):
+        assert "a volume of 0 bytes holds nothing" in fails(2, *args, pool=pool)
+    empty = os.path.join(os.path.dirname(pool), "empty.raw")
+    open(empty, "wb").close()
+    assert "empty.raw is empty: a volume needs a size above 0; give --size" in \
+        fails(2, "import", "e", empty, pool=pool)
+    assert out("list", "-Hp", "-o", "name,size", pool=pool).split() == \
+        ["v", str(16 * M), "v@a", str(16 * M)]
+    out("import", "e", empty, "--size", "1M", pool=pool)     # an empty volume of 1M
+
+
+def test_a_0_byte_volume_an_older_thinstore_made_still_works(pool, monkeypatch):
+    monkeypatch.setattr(pool_module, "check_volume_size", check_device_size)
+    with Pool.open(pool) as p:
+        p.create_volume("z", 0)
+    monkeypatch.undo()
+    out("snapshot", "z@s", pool=pool)
+    out("clone", "z@s", "z2", pool=pool)
+    stream = os.path.join(os.path.dirname(pool), "z.stream")
+    out("send", "z@s", "-o", stream, pool=pool)
+    out("receive", "r", "-i", stream, pool=pool)
+    out("resize", "z", "1M", pool=pool)
+    sizes = dict(line.split("\t") for line in
+                 out("list", "-Hp", "-o", "name,size", pool=pool).splitlines())
+    assert sizes == {"r": "0", "r@s": "0", "v": str(16 * M), "v@a": str(16 * M),
+                     "z": str(M), "z2": "0", "z@s": "0"}

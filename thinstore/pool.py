@@ -59,7 +59,7 @@ from .synclog import SyncLog
 from .spacemap import id_runs
 from .reclaim import Reclaimer
 from .rwlock import RWLock
-from .units import check_device_size, format_size
+from .units import check_volume_size, format_size
 
 log = logging.getLogger("thinstore")
 
@@ -426,7 +426,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     def create_volume(self, name: str, size: int) -> DeviceInfo:
         """A new empty volume of `size` bytes; `name` as names.check_new_name allows."""
         names.check_new_name(name)
-        check_device_size(size, self.md.chunk_size)
+        check_volume_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             self._need_free_name(name)
@@ -533,7 +533,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
         names.check_name(name)
-        check_device_size(size, self.md.chunk_size)
+        check_volume_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             dm = self._find(name)

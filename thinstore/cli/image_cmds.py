@@ -111,6 +111,9 @@ def _import_stream(args, fd: int) -> int:
 
 def _volume_size(requested: int | None, file_size: int, path: str) -> int:
     if requested is None:
+        if file_size == 0:
+            raise UsageError(f"{path} is empty: a volume needs a size above 0; give --size "
+                             "to import it as an empty volume of that size")
         return file_size
     if requested < file_size:
         raise UsageError(f"--size {format_size(requested)} is smaller than {path} "
