@@ -129,3 +129,35 @@ def test_a_0_byte_volume_an_older_thinstore_made_still_works(pool, monkeypatch):
                  out("list", "-Hp", "-o", "name,size", pool=pool).splitlines())
     assert sizes == {"r": "0", "r@s": "0", "v": str(16 * M), "v@a": str(16 * M),
                      "z": str(M), "z2": "0", "z@s": "0"}
+
+
+# capacities and sizes that are not whole chunks or sectors ------------------------------
+def capacity(path) -> int:
+    return int(dict(line.split(":", 1) for line in out("status", "-p", pool=path)
+                    .splitlines())["capacity"])
+
+
+def test_a_capacity_not_a_whole_number_of_chunks_is_rounded_up_and_said(tmp_path):
+    path = tmp_path / "p"
+    r = ts("init", "--capacity", "100K", pool=path)
+    assert r.returncode == 0 and r.stderr.decode() == (
+        "thinstore: note: capacity 100K rounded up to 128K, a whole number of 64K chunks\n")
+    assert capacity(path) == 128 * K
+    r = ts("grow", "+1000000", pool=path)
+    assert r.returncode == 0 and r.stderr.decode() == (
+        "thinstore: note: capacity 1131072 bytes rounded up to 1179648 bytes, a whole "
+        "number of 64K chunks\n")
+    assert capacity(path) == 1179648
+    assert ts("grow", "+64K", pool=path).stderr == b""          # whole chunks: no note
+    assert "holds no chunk: give at least one (4K)" in \
+        fails(2, "init", "--capacity", "0", "--chunk-size", "4K", pool=tmp_path / "q")
+
+
+def test_a_size_that_is_not_whole_sectors_is_kept_and_said(pool):
+    r = ts("create", "odd", "--size", "513", pool=pool)
+    assert r.returncode == 0 and r.stderr.decode() == (
+        "thinstore: note: 'odd' is 513 bytes, not a whole number of 512-byte sectors: QEMU "
+        "sees 1024 bytes (zeros past the end), the kernel's loop device 512; a multiple of "
+        "4K suits every client\n")
+    assert out("list", "-Hp", "-o", "size", "odd", pool=pool) == "513\n"
+    assert ts("create", "even", "--size", "1536", pool=pool).stderr == b""

@@ -128,7 +128,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         capacity in bytes. With `data_device` (a raw block device, DESIGN §1; directory
         pools only) the data lives there, named by the symlink POOL/data, instead of in a
         sparse file; the device must hold the capacity plus one chunk (capacity None: as
-        much as the device holds)."""
+        much as the device holds). A capacity that is not a whole number of chunks is
+        rounded up to one (`capacity` then says what it became)."""
         if data_device is not None:
             if is_rados(path):
                 raise UsageError("--data-device is for a directory pool; a rados:// pool "
@@ -137,10 +138,10 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
-        nchunks = capacity // chunk_size
+        nchunks = -(-capacity // chunk_size)    # up to whole chunks, as LVM rounds to extents
         if nchunks < 1:
-            raise UsageError(f"capacity {format_size(capacity)} is smaller than one chunk "
-                             f"({format_size(chunk_size)})")
+            raise UsageError(f"a capacity of {format_size(capacity)} holds no chunk: give "
+                             f"at least one ({format_size(chunk_size)})")
         _check_capacity(nchunks, chunk_size)
         store = open_store(path, fileio)
         try:
@@ -566,11 +567,12 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         self.md.maps.drop(dm.directory, self.md.space, keep)   # the resize cuts the slots
 
     def grow(self, capacity: int) -> None:
-        """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""
+        """Enlarge the pool to `capacity` bytes, rounded up to whole chunks (capacity
+        never shrinks)."""
         with self.lock:
             self._check_open()
             md = self.md
-            nchunks = capacity // md.chunk_size + 1
+            nchunks = -(-capacity // md.chunk_size) + 1     # chunk 0 is reserved
             _check_capacity(nchunks - 1, md.chunk_size)
             if nchunks < len(md.space.refs):
                 raise UsageError(f"pool {self.path} holds {format_size(self.capacity)}; "

@@ -75,6 +75,7 @@ def cmd_create(args) -> int:
     with open_pool(args) as pool:
         pool.create_volume(args.name, args.size)
         free = pool.status()["free"]
+    note_partial_sector(args.name, args.size)
     if args.size > free:
         note(f"{args.name!r} ({format_size(args.size)}) is larger than the pool's free "
              f"space ({format_size(free)}): it is thin, so this is allowed, but writes fail "
@@ -85,6 +86,19 @@ def cmd_create(args) -> int:
 def note(text: str) -> None:
     """A remark that is not an error: on stderr, so stdout stays what scripts parse."""
     print(f"thinstore: note: {text}", file=sys.stderr)
+
+
+SECTOR = 512
+
+
+def note_partial_sector(name: str, size: int) -> None:
+    """thinstore keeps a volume's size to the byte, but block devices count 512-byte
+    sectors and round a partial one, each its own way: say so where it happens."""
+    if size % SECTOR:
+        up, down = -(-size // SECTOR) * SECTOR, size // SECTOR * SECTOR
+        note(f"{name!r} is {size} bytes, not a whole number of {SECTOR}-byte sectors: QEMU "
+             f"sees {up} bytes (zeros past the end), the kernel's loop device {down}; "
+             "a multiple of 4K suits every client")
 
 
 def cmd_snapshot(args) -> int:
@@ -140,6 +154,7 @@ def cmd_rollback(args) -> int:
 def cmd_resize(args) -> int:
     with open_pool(args) as pool:
         pool.resize(args.name, args.size, shrink=args.shrink)   # its error names --shrink
+    note_partial_sector(args.name, args.size)
     return 0
 
 

@@ -11,6 +11,7 @@ import sys
 
 from thinstore.cli import files, rawcopy
 from thinstore.cli.context import open_pool
+from thinstore.cli.device_cmds import note_partial_sector
 from thinstore.cli.names import device_name, new_volume_name
 from thinstore.errors import PoolFull, ReadOnlyDevice, UsageError
 from thinstore.progress import Progress
@@ -144,6 +145,7 @@ def _fits(pool, fd: int, file_size: int, path: str, name: str) -> None:
 def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int | None) -> None:
     """Create ``name``, copy, flush; on any failure destroy the half-made volume."""
     pool.create_volume(name, size)
+    note_partial_sector(name, size)
     try:
         dev = pool.open_device(name)
         try:
