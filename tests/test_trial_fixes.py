@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +15,7 @@ from thinstore import pool as pool_module
 from thinstore.units import check_device_size
 from thinstore.control import ControlServer
 from thinstore.errors import InvalidName
-from hardening_helpers import K, M, fails, out, short_dir, ts
+from hardening_helpers import K, M, ROOT, fails, out, short_dir, ts
 
 CHUNK = 64 * K
 
@@ -161,3 +163,33 @@ def test_a_size_that_is_not_whole_sectors_is_kept_and_said(pool):
         "4K suits every client\n")
     assert out("list", "-Hp", "-o", "size", "odd", pool=pool) == "513\n"
     assert ts("create", "even", "--size", "1536", pool=pool).stderr == b""
+
+
+# two commands on one unserved pool -------------------------------------------------------
+def test_a_command_waits_for_another_that_holds_the_pool(pool):
+    holder = Pool.open(pool, commit_interval=0)          # this process, like a command
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", pool,
+                                 "snapshot", "v@b"], stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=ROOT))
+        note = proc.stderr.readline()                    # said once it waited a second
+    finally:
+        holder.close()                                   # the other command finishes
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert note == (f"thinstore: note: pool {pool} is held by process {os.getpid()}; "
+                    "waiting up to 10 s for it (--wait SECONDS, --no-wait)\n")
+    assert out("list", "-H", "-o", "name", pool=pool).split() == ["v", "v@a", "v@b"]
+
+
+def test_a_command_gives_up_after_its_wait_naming_the_holder(pool):
+    with Pool.open(pool, commit_interval=0):
+        err = fails(5, "--no-wait", "snapshot", "v@b", pool=pool)
+        assert f"pool {pool} is in use by process {os.getpid()} " in err and "waited" not in err
+        r = ts("snapshot", "v@b", "--wait", "1.2", pool=pool)
+        assert r.returncode == 5
+        note, err = r.stderr.decode().splitlines()
+        assert note.startswith("thinstore: note: ") and "up to 1.2 s" in note
+        assert f"in use by process {os.getpid()} " in err and "waited 1.2 s for it" in err
+        assert err.endswith("; wait longer with --wait SECONDS")
+    assert "invalid wait 'soon'" in ts("--wait", "soon", "list", pool=pool).stderr.decode()
+    assert out("list", "-H", "-o", "name", pool=pool).split() == ["v", "v@a"]
