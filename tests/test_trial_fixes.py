@@ -15,7 +15,7 @@ from thinstore import pool as pool_module
 from thinstore.units import check_device_size
 from thinstore.control import ControlServer
 from thinstore.errors import InvalidName
-from hardening_helpers import K, M, ROOT, fails, out, short_dir, ts
+from hardening_helpers import K, M, ROOT, Serve, fails, out, short_dir, ts
 
 CHUNK = 64 * K
 
@@ -193,3 +193,20 @@ def test_a_command_gives_up_after_its_wait_naming_the_holder(pool):
         assert err.endswith("; wait longer with --wait SECONDS")
     assert "invalid wait 'soon'" in ts("--wait", "soon", "list", pool=pool).stderr.decode()
     assert out("list", "-H", "-o", "name", pool=pool).split() == ["v", "v@a"]
+
+
+# a forced destroy says what it cut off -----------------------------------------------------
+def test_a_forced_destroy_of_a_served_volume_warns_of_the_clients_it_drops(pool):
+    from thinstore.nbd.client import NBDDevice
+    with Serve(pool):
+        with NBDDevice(os.path.join(pool, "nbd.sock"), "v"):
+            assert "open NBD connection" in fails(5, "destroy", "v", pool=pool)
+            r = ts("destroy", "--force", "v", pool=pool)
+        assert r.returncode == 0
+        assert r.stderr.decode().splitlines() == [
+            "thinstore: warning: 'v' was in use and is destroyed (--force): its 1 NBD "
+            "connection was dropped",
+            "thinstore: note: 1 snapshot of 'v' remains (v@a); it is whole on its own: "
+            "destroy it with 'thinstore destroy v@a'"]
+        r = ts("destroy", "--force", "v@a", pool=pool)        # nobody used it: no warning
+        assert r.returncode == 0 and r.stderr == b""

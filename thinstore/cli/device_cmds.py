@@ -119,12 +119,25 @@ def cmd_destroy(args) -> int:
         # a snapshot's clones are found before it goes: they name it only by its uuid
         clones = [i.name for i in pool.list() if i.kind == "clone" and i.origin == args.name] \
             if snapshot else []
-        pool.destroy(args.name, force=args.force)
+        cut = pool.destroy(args.name, force=args.force)
         kept = clones if snapshot else \
             [i.name for i in pool.list() if i.name.startswith(args.name + "@")]
+    _warn_cut_off(args.name, cut)
     if kept:
         _note_kept(args.name, "clone" if snapshot else "snapshot", kept)
     return 0
+
+
+def _warn_cut_off(name: str, cut) -> None:
+    """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..]}
+    (control.py); the user forced it, so it is done, but they should know."""
+    if not isinstance(cut, dict) or not cut.get("dropped"):
+        return
+    dropped = cut["dropped"]
+    users = "; ".join(cut.get("users") or [])
+    print(f"thinstore: warning: {name!r} was in use and is destroyed (--force): its "
+          f"{dropped} NBD connection{'s were' if dropped > 1 else ' was'} dropped"
+          + (f"; {users}" if users else ""), file=sys.stderr)
 
 
 def _note_kept(name: str, what: str, kept: list[str]) -> None:
