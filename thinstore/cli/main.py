@@ -106,7 +106,10 @@ def _accept_pool_after_command(subparsers) -> None:
                              help=argparse.SUPPRESS)
         except argparse.ArgumentError:  # the command defines --pool itself
             pass
-        _add_wait_options(sub, argparse.SUPPRESS)
+        try:
+            _add_wait_options(sub, argparse.SUPPRESS)
+        except argparse.ArgumentError:  # the command has a --wait of its own
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
