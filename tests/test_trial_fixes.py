@@ -84,6 +84,7 @@ def test_names_an_older_thinstore_allowed_still_work_with_end_of_options(pool, m
     out("clone", "--", "-x@s", "x2", pool=pool)
     out("rename", "--", ".old", "new", pool=pool)
     out("resize", "--", "-x", "2M", pool=pool)
+    out("bench", "--io-type", "write", "--io-total", "256K", "--", "-x", pool=pool)  # a clone
     fails(2, "rename", "--", "-x", "-y", pool=pool)
     r = ts("destroy", "--", "-x", pool=pool)
     assert r.returncode == 0 and "1 snapshot of '-x' remains (-x@s)" in r.stderr.decode()
