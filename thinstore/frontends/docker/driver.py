@@ -172,20 +172,11 @@ class VolumeDriver:
         return out
 
     def _check_fits(self, fs: str, size: int, base: int = 0) -> None:
-        """Refuse a size whose file system metadata alone (mkfs at the first Mount, or
-        the grow from ``base`` bytes of a clone) would not fit the pool's free space:
-        Docker gives a Mount 60 s, and a mkfs filling the pool fails every volume's
-        writes (see :mod:`.fsbounds`)."""
-        status = self.pool.status()
-        chunk = status["chunk_size"]
-        need = fsbounds.mkfs_footprint(fs, size, chunk) - \
-            (fsbounds.mkfs_footprint(fs, base, chunk) if base else 0)
-        if need > status["free"]:
-            raise DriverError(f"option size={format_size(size)}: {fs} on a volume this "
-                              f"large writes about {format_size(need)} of metadata "
-                              f"{'when it grows' if base else 'at its first mount'}, more "
-                              f"than the pool's {format_size(status['free'])} free (choose "
-                              "a smaller size, or grow the pool: 'thinstore grow')")
+        """Refuse a size whose file system metadata would not fit the pool's free space
+        (:func:`.fsbounds.too_large`)."""
+        why = fsbounds.too_large(self.pool.status(), fs, size, base)
+        if why:
+            raise DriverError(f"option size={format_size(size)}: {why}")
 
     def _snapshot(self, text: str) -> str:
         try:

@@ -65,3 +65,22 @@ def mkfs_footprint(fstype: str, size: int, chunk_size: int) -> int:
     descriptors = EXT4_BLOCK + _roundup(groups * EXT4_DESC, EXT4_BLOCK)
     flex = -(-groups // EXT4_FLEX)
     return copies * (_roundup(descriptors, chunk) + chunk) + flex * chunk + 8 * chunk + SLACK
+
+
+def too_large(status: dict, fstype: str, size: int, base: int = 0) -> str | None:
+    """Why the metadata mkfs writes at the first Mount (or the grow from ``base`` bytes,
+    for a clone made larger) would not fit the free space of a pool whose
+    ``Pool.status()`` is ``status``; None when it fits.  Refused at Create because
+    Docker gives a Mount 60 s, and a mkfs filling the pool fails every volume's writes;
+    a warning on the plugin's stderr would reach no Docker user."""
+    from thinstore.units import format_size
+
+    chunk = status["chunk_size"]
+    need = mkfs_footprint(fstype, size, chunk) - \
+        (mkfs_footprint(fstype, base, chunk) if base else 0)
+    if need <= status["free"]:
+        return None
+    return (f"{fstype} on a volume this large writes about {format_size(need)} of metadata "
+            f"{'when it grows' if base else 'at its first mount'}, more than the pool's "
+            f"{format_size(status['free'])} free (choose a smaller size, or grow the pool: "
+            "'thinstore grow')")
