@@ -104,8 +104,12 @@ def test_a_volume_whose_file_system_failed_on_a_full_pool_is_released(docker, pl
     The volume must still be snapshotted while mounted, released when the container
     goes (Docker never retries an Unmount), and removable afterwards."""
     docker("volume", "create", "-d", plugin.name, "-o", "size=1G", "filler")
+    # data past the pool's end, then metadata until a journal commit needs a chunk the
+    # full pool cannot give (ext4 then stops writing; data errors alone do not stop it)
     docker.run(["-v", "filler:/data"], "dd if=/dev/urandom of=/data/big bs=1M count=600 "
-               "2>/dev/null; sync; sleep 600", detach=True, name="filler-user")
+               "2>/dev/null; sync; for i in $(seq 20000); do mkdir /data/d$i 2>/dev/null "
+               "|| break; [ $((i % 500)) = 0 ] && sync; done; sleep 600", detach=True,
+               name="filler-user")
     target = os.path.join(plugin.pool, "docker", "mnt", "filler")
     wait_for(lambda: read_only(target), "ext4 to go read-only on the full pool")
 
