@@ -143,6 +143,57 @@ def test_a_stop_writes_through_what_a_running_task_wrote(containerd, snap, image
         subprocess.run(["umount", target], check=True)
 
 
+def test_remove_is_refused_while_mounted_in_any_mount_namespace(containerd, snap, image, ns,
+                                                                 workdir):
+    """Remove of an active snapshot mounted inside another mount namespace (a container's,
+    ``unshare -m``), or of a mounted view, is FailedPrecondition naming the mount point;
+    the device and the data stay.  ``ctr snapshots rm`` itself returns 0 either way:
+    containerd removes its record at once and calls Remove from its garbage collector,
+    so the call is made here directly, as that collector makes it."""
+    import grpc
+    from google.protobuf import empty_pb2
+    need_tool("unshare")
+    import_image(containerd, ns, image)
+    sn = ("snapshots", "--snapshotter", SNAPSHOTTER)
+    parent = [k for k, i in containerd.snapshots(ns).items() if i["Kind"] == "Committed"][0]
+    containerd.ctr(ns, *sn, "prepare", "act1", parent)
+    containerd.ctr(ns, *sn, "view", "view1", parent)
+    act, view = os.path.join(workdir, "act1"), os.path.join(workdir, "view1")
+    line = containerd.ctr(ns, *sn, "mounts", act, "act1").stdout.strip()
+    os.makedirs(act, exist_ok=True)
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f"{line} && echo kept > {act}/f && sync && echo ready && "
+                               "exec sleep 600"], stdout=subprocess.PIPE)
+    backend = Backend(snap.address)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        mount_snapshot(containerd, ns, "view1", view)
+        keys = {k.rsplit("/", 1)[1]: k for k in backend.list() if k.startswith(ns + "/")}
+        for key, where in (("act1", act), ("view1", view)):
+            with pytest.raises(grpc.RpcError) as err:
+                backend.call("Remove", backend.pb.RemoveSnapshotRequest(key=keys[key]),
+                             empty_pb2.Empty)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"still mounted on {where}" in err.value.details()
+        assert {"act1", "view1"} <= {k.rsplit("/", 1)[1] for k in backend.list()}
+        holder.kill()
+        holder.wait()
+        subprocess.run(["umount", view], check=True)
+        for key in ("act1", "view1"):               # unmounted: removable
+            backend.call("Remove", backend.pb.RemoveSnapshotRequest(key=keys[key]),
+                         empty_pb2.Empty)
+    finally:
+        backend.close()
+        holder.kill()
+        holder.wait()
+        subprocess.run(["umount", view], check=False, capture_output=True)
+
+
+def need_tool(tool):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+
+
 # ---------------------------------------------------------------- the service itself
 def test_bad_requests_get_their_status_code_and_the_service_keeps_serving(snap):
     """Straight to the snapshotter's socket, as containerd's proxy would call it (first in
