@@ -476,14 +476,37 @@ def test_xfs_layers_and_views_mount_with_nouuid(containerd, snap, image, workdir
         containerd.ctr(ns, "images", "rm", "--sync", REF)
     finally:
         xfs.stop()
-    ext4 = Snapshotter(pool, containerd.snapshotter_socket, "512M")
+    ext4 = Snapshotter(pool, containerd.snapshotter_socket, "512M", "--fs-type", "ext4")
+    same = Snapshotter(pool, containerd.snapshotter_socket, "512M")
     try:                        # the pool's layers are xfs: another type is refused
         with pytest.raises(AssertionError, match="--fs-type xfs"):
             ext4.start()
+        same.start()            # no --fs-type: the pool's
+        assert containerd.reaches_snapshotter()
+        containerd.ctr(ns, *sn, "prepare", "p2")      # a fresh layer: the base's xfs
+        line = containerd.ctr(ns, *sn, "mounts", "/x", "p2").stdout.split()
+        assert line[:3] == ["mount", "-t", "xfs"]
+        containerd.ctr(ns, *sn, "rm", "p2")
     finally:
         ext4.stop()
+        same.stop()
         snap.start()
         containerd.reaches_snapshotter()
+
+
+def test_another_base_size_on_an_existing_pool_is_refused(containerd, snap):
+    """--base-size is fixed when the base is made, like --fs-type: a different one is
+    refused with the pool's size in the message, not silently ignored."""
+    snap.stop()
+    bigger = Snapshotter(snap.pool, containerd.snapshotter_socket, "5G")
+    try:
+        with pytest.raises(AssertionError, match=r"layers are 256M \(268435456 bytes\), "
+                                                 r"not 5G.*--base-size 268435456"):
+            bigger.start()
+    finally:
+        bigger.stop()
+        snap.start()
+        assert containerd.reaches_snapshotter()
 
 
 # ---------------------------------------------------------------- last
