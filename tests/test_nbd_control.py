@@ -117,6 +117,28 @@ def test_rollback_of_a_volume_in_use_is_refused(ctl):
     ctl.remote.rollback("rb@a")
 
 
+def test_rename_of_a_device_in_use_or_of_a_volume_whose_snapshot_is_in_use_is_refused(ctl):
+    """A mount made through the old name would outlive its unmount, and the renamed
+    device could be attached a second time beside it."""
+    ctl.remote.create_volume("rn", 8 * MiB)
+    ctl.remote.snapshot("rn@a")
+    c = _client_on(ctl, "rn")
+    with pytest.raises(DeviceBusy, match="before renaming 'rn'"):
+        ctl.remote.rename("rn", "rn2")
+    c.request(P.Cmd.DISC)
+    c.close()
+    wait_for(lambda: ctl.server.connections("rn") == 0, what="the session to end")
+    s = _client_on(ctl, "rn@a")         # the snapshot follows the volume: refused too
+    with pytest.raises(DeviceBusy, match="'rn@a' has 1 open NBD connection"):
+        ctl.remote.rename("rn", "rn2")
+    assert {"rn", "rn@a"} <= {i.name for i in ctl.remote.list()}
+    s.request(P.Cmd.DISC)
+    s.close()
+    wait_for(lambda: ctl.server.connections("rn@a") == 0, what="the session to end")
+    ctl.remote.rename("rn", "rn2")
+    assert {"rn2", "rn2@a"} <= {i.name for i in ctl.remote.list()}
+
+
 def test_snapshots_taken_while_a_client_writes_hold_every_acknowledged_write(ctl):
     ctl.remote.create_volume("live", 16 * MiB)
     block, blocks = 64 << 10, 200

@@ -254,6 +254,21 @@ class ControlServer:
                              "clients before rolling it back")
         return self.pool.rollback(snapshot)
 
+    def _op_rename(self, old: str, new: str):
+        """Refused while clients use the device, or a snapshot that follows it: what
+        attached it (a Docker or containerd mount, a CSI stage, an nbdfuse file) keeps
+        using it by its old name, so a mount would outlive its unmount and the renamed
+        device could be mounted a second time beside it."""
+        info = self.pool.info(old)       # a missing device is "no such device", not busy
+        names = [old] + ([] if info.kind == "snapshot" else
+                         [d.name for d in self.pool.list() if d.name.startswith(old + "@")])
+        for name in names:
+            busy, reason = self._in_use(name)
+            if busy:
+                raise DeviceBusy(reason or f"{name!r} has {busy} open NBD connection(s): "
+                                 f"disconnect the clients before renaming {old!r}")
+        return self.pool.rename(old, new)
+
     def _op_resize(self, name: str, size: int, shrink: bool = False):
         """A shrink is refused while clients use the device, as a rollback is: the end
         of what they see would vanish under them (a grow is not: it only adds)."""
