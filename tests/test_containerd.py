@@ -157,7 +157,7 @@ def test_remove_is_refused_while_mounted_in_any_mount_namespace(containerd, snap
     sn = ("snapshots", "--snapshotter", SNAPSHOTTER)
     parent = [k for k, i in containerd.snapshots(ns).items() if i["Kind"] == "Committed"][0]
     containerd.ctr(ns, *sn, "prepare", "act1", parent)
-    containerd.ctr(ns, *sn, "view", "view1", parent)
+    assert wait_for(lambda: view_kept(containerd, ns, "view1", parent), tries=5)
     act, view = os.path.join(workdir, "act1"), os.path.join(workdir, "view1")
     line = containerd.ctr(ns, *sn, "mounts", act, "act1").stdout.strip()
     os.makedirs(act, exist_ok=True)
@@ -186,6 +186,17 @@ def test_remove_is_refused_while_mounted_in_any_mount_namespace(containerd, snap
         holder.kill()
         holder.wait()
         subprocess.run(["umount", view], check=False, capture_output=True)
+
+
+def view_kept(containerd, ns, key, parent) -> bool:
+    """``ctr snapshots view`` (unlike prepare) sets no gc.root label: containerd's garbage
+    collector, run by another test's clean-up, may take the view before it is labelled.
+    Make and label it; True if it is still there after."""
+    sn = ("snapshots", "--snapshotter", SNAPSHOTTER)
+    if containerd.ctr(ns, *sn, "info", key, check=False).returncode:
+        containerd.ctr(ns, *sn, "view", key, parent)
+    containerd.ctr(ns, *sn, "label", key, "containerd.io/gc.root=test", check=False)
+    return containerd.ctr(ns, *sn, "info", key, check=False).returncode == 0
 
 
 def need_tool(tool):
