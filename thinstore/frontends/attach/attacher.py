@@ -133,34 +133,38 @@ class Attacher:
         self._unclaim(rec.export)
 
     def _settle(self, rec: Attachment) -> bool:
-        """Before rec's device goes: syncfs its file system through any of its mounts (in
-        any mount namespace: containerd's and containers' count) and flush the device, so
-        that every write acknowledged so far is in the pool; then unmount our own mount.
-        A file system still mounted after that (a container's bind mount) would outlive
-        the device and drop its later writes: it is shut down, so that they fail with EIO
-        instead.  True when it was (the caller's unmount must then be lazy)."""
-        users = host.mounts_of(rec.device)
+        """Before rec's device goes: every write acknowledged so far into the pool, and no
+        write accepted after.  syncfs its file system through any of its mounts (in any
+        mount namespace: containerd's and containers' count), unmount our own mount; one
+        still mounted after that (a container's bind mount) would outlive the device and
+        drop its later writes: it is shut down (the kernel syncs it again in the same
+        step), so that they fail with EIO instead.  Then flush the device.  True when it
+        was shut down (the caller's unmount must then be lazy)."""
         own = rec.mount["target"] if rec.mount else None
         if own and host.mount_at(own) is not None:
             filesystem.thaw(own, quiet=True)
-        try:
-            if users:
-                filesystem.sync(users[0].path)
-            filesystem.flush_device(rec.device)
-        except AttachError as exc:
-            log.warning("attach: %s: writing it through before the device goes: %s",
-                        rec.export, exc)
+        users = host.mounts_of(rec.device)
+        if users:
+            self._written_through(rec, filesystem.sync, users[0].path)
         if own and host.mount_at(own) is not None:
             attempt(["umount", own], what=f"unmount {own}")
         left = host.mounts_of(rec.device)
-        if not left:
-            return False
-        log.warning("attach: %s (%s) is still mounted on %s as its device goes: shutting its "
-                    "file system down", rec.export, rec.device,
-                    ", ".join(m.target + (f" (pid {m.pid}'s namespace)" if m.pid else "")
-                              for m in left))
-        filesystem.shut_down(left[0].path)
-        return True
+        if left:
+            log.warning("attach: %s (%s) is still mounted on %s as its device goes: shutting "
+                        "its file system down", rec.export, rec.device,
+                        ", ".join(m.target + (f" (pid {m.pid}'s namespace)" if m.pid else "")
+                                  for m in left))
+            filesystem.shut_down(left[0].path)
+        self._written_through(rec, filesystem.flush_device, rec.device)
+        return bool(left)
+
+    @staticmethod
+    def _written_through(rec: Attachment, step, path: str) -> None:
+        try:
+            step(path)
+        except AttachError as exc:
+            log.warning("attach: %s: writing it through before the device goes: %s",
+                        rec.export, exc)
 
     # ------------------------------------------------------------------ mount / unmount
     def mount(self, export: str, target: str, owner: str, fstype: str = "ext4",

@@ -31,7 +31,7 @@ MKFS = {
 #: _IOR('X', 125, __u32): ext4's EXT4_IOC_SHUTDOWN and xfs's XFS_IOC_GOINGDOWN (one number,
 #: one flag set: linux/fs/ext4/ext4.h, fs/xfs/libxfs/xfs_fs.h)
 FS_IOC_SHUTDOWN = 0x8004587D
-SHUTDOWN_LOGFLUSH = 0x1         # commit the journal, then shut down
+SHUTDOWN_DEFAULT = 0x0          # freeze (syncs data and journal), shut down, thaw
 GROW = {"ext4": "resize2fs", "xfs": "xfs_growfs"}
 #: fsfreeze -u's words (in the C locale) for a file system that is not frozen (EINVAL)
 NOT_FROZEN = "Invalid argument"
@@ -139,8 +139,10 @@ def flush_device(device: str) -> None:
 
 
 def shut_down(path: str) -> None:
-    """Shut the file system mounted at ``path`` down (FS_IOC_SHUTDOWN after flushing its
-    log): every later read or write, through any of its mounts, fails with EIO.  For a
+    """Shut the file system mounted at ``path`` down (FS_IOC_SHUTDOWN, default mode: the
+    kernel freezes it, which writes out its dirty data and journal, sets it shut down and
+    thaws it, so no write slips in between the sync and the shutdown): every later read
+    or write, through any of its mounts, fails with EIO.  For a
     file system that outlives its device (a container's bind mount still holds it while
     the device is detached): loud errors instead of writes accepted into the page cache
     and then dropped.  Failure is logged, not raised (the device goes regardless)."""
@@ -150,7 +152,7 @@ def shut_down(path: str) -> None:
         log.warning("shut down the file system at %s: %s", path, exc.strerror)
         return
     try:
-        fcntl.ioctl(fd, FS_IOC_SHUTDOWN, struct.pack("I", SHUTDOWN_LOGFLUSH))
+        fcntl.ioctl(fd, FS_IOC_SHUTDOWN, struct.pack("I", SHUTDOWN_DEFAULT))
         log.warning("shut down the file system at %s: its device is going while it is "
                     "still mounted; later I/O there fails with EIO", path)
     except OSError as exc:
