@@ -26,6 +26,7 @@
 #define STRUCTURED_MAGIC 0x668E33EFu
 #define CMD_READ 0
 #define CMD_WRITE 1
+#define CMD_FLAG_FUA 1
 #define FLAG_DONE 1
 #define TYPE_OFFSET_DATA 1
 #define TYPE_OFFSET_HOLE 2
@@ -93,11 +94,19 @@ static void chunk_head(uint8_t *o, uint16_t type, uint64_t cookie, uint32_t leng
 }
 
 /* A WRITE the lane did: its reply, its note, its counts; -1 (served). */
+static int noted(ts_nbd_conn *c, uint64_t offset, uint32_t length, int64_t t0);
+
 static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length, int64_t t0)
 {
     simple_reply(c->obuf + c->out_len, cookie);
     c->out_len += SIMPLE_LEN;
     c->replies += 1;
+    return noted(c, offset, length, t0);
+}
+
+/* A WRITE served: noted (its offset and length) and counted; -1. */
+static int noted(ts_nbd_conn *c, uint64_t offset, uint32_t length, int64_t t0)
+{
     uint64_t k = (uint64_t)c->stat[3];
     c->notes[2 * k] = offset;
     c->notes[2 * k + 1] = length;
@@ -108,9 +117,9 @@ static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t leng
 }
 
 /* One WRITE whose header and payload are at h: TS_NBD_OTHER when the lane
- * stands aside, else served (-1). */
+ * stands aside, else served: -1, or TS_NBD_FUA (no reply) for a FUA write. */
 static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64_t offset,
-                       uint32_t length)
+                       uint32_t length, int fua)
 {
     int64_t t0 = now_ns();
     int64_t rc = ts_write(c->pool, c->dev, h + TS_NBD_HEADER, offset, length, TS_REQ_LANE,
@@ -120,7 +129,13 @@ static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64
         return TS_NBD_OTHER;
     }
     c->start += TS_NBD_HEADER + (uint64_t)length;
-    return wrote(c, cookie, offset, length, t0);
+    if (!fua)
+        return wrote(c, cookie, offset, length, t0);
+    noted(c, offset, length, t0);      /* no reply: Python holds it until a flush */
+    c->fua_cookie = cookie;
+    c->fua_offset = offset;
+    c->fua_length = length;
+    return TS_NBD_FUA;
 }
 
 /* ---- the writer thread (pipelined large WRITEs, nbd_fast.h) -------------- */
@@ -388,7 +403,9 @@ static int burst(ts_nbd_conn *c, int may_block)
         uint32_t length = get32(h + 24);
         uint64_t size = __atomic_load_n(&c->dev->size, __ATOMIC_RELAXED);
         uint64_t most = c->large_max > TS_NBD_FAST_MAX ? c->large_max : TS_NBD_FAST_MAX;
-        if (get32(h) != REQUEST_MAGIC || flags || type > CMD_WRITE || length == 0 ||
+        int fua = flags == CMD_FLAG_FUA && type == CMD_WRITE && c->fua &&
+                  length <= TS_NBD_FAST_MAX;
+        if (get32(h) != REQUEST_MAGIC || (flags && !fua) || type > CMD_WRITE || length == 0 ||
             length > most || offset > size || length > size - offset)
             return TS_NBD_OTHER;
         int large = type == CMD_WRITE && length > TS_NBD_FAST_MAX;
@@ -409,7 +426,7 @@ static int burst(ts_nbd_conn *c, int may_block)
                     if (fill(c, TS_NBD_HEADER + (uint64_t)length) < 0) return TS_NBD_CLOSED;
                     h = c->ibuf + c->start;
                 }
-                rc = serve_write(c, h, cookie, offset, length);
+                rc = serve_write(c, h, cookie, offset, length, fua);
             }
         } else {
             uint64_t need = (c->structured ? DATA_HEAD : SIMPLE_LEN) + (uint64_t)length;

@@ -47,6 +47,11 @@
 #define TS_NBD_SEND 5    /* a pipelined large WRITE is done (its reply in obuf) and
                           * the next is with the writer: Python sends the replies
                           * and calls again (or ts_nbd_drain)                        */
+#define TS_NBD_FUA 6     /* (with fua set) a WRITE flagged FUA, up to
+                          * TS_NBD_FAST_MAX, was written through the lane and noted
+                          * like any other, but has no reply in obuf: Python holds
+                          * its reply until a flush (fua_cookie, fua_offset,
+                          * fua_length)                                              */
 
 /*
  * One connection, set up and kept in step by Python (thinstore/nbd/burst.py):
@@ -84,6 +89,9 @@
  *                    whose payload the stream ended in (TS_NBD_CLOSED), else 0:
  *                    Python counts it as asked for, as its own reader does
  *   err              the lane's or recv's error behind TS_NBD_OTHER/CLOSED, or 0
+ *   fua              1: WRITEs flagged FUA (only that flag) are served too, as
+ *                    TS_NBD_FUA says; 0: they are Python's (TS_NBD_OTHER)
+ *   fua_*            the FUA WRITE behind TS_NBD_FUA
  *
  * Pipelined large WRITEs: with big2, a large WRITE whose payload is in is
  * handed to a writer thread of the connection (started at the first one) and
@@ -113,11 +121,14 @@ typedef struct ts_nbd_conn {
     uint8_t *big2; int taken_which;
     void *pipe;
     uint64_t lost;
+    int fua;
+    uint64_t fua_cookie; uint64_t fua_offset; uint64_t fua_length;
 } ts_nbd_conn;
 
 /*
  * Serve requests from c->ibuf until one of the stops above.  A request is served
- * when magic is right, flags 0, type READ (0) or WRITE (1), 0 < length <=
+ * when magic is right, flags 0 (or, with fua, a WRITE flagged FUA alone, up to
+ * TS_NBD_FAST_MAX), type READ (0) or WRITE (1), 0 < length <=
  * max(TS_NBD_FAST_MAX, large_max), offset + length <= dev->size, and for a
  * WRITE writable; then a WRITE's payload (received to the end, blocking, when
  * only part of it is buffered: the client sends it at once) goes through

@@ -380,7 +380,7 @@ def test_snapshot_is_read_only(pool, tmp_path):
 
 def test_locked_pool_names_the_holder(pool):
     with Pool.open(str(pool)):
-        err = fails(5, "list", pool=pool)
+        err = fails(5, "--no-wait", "list", pool=pool)     # (the wait: test_trial_fixes)
     assert str(os.getpid()) in err and str(pool) in err
 
 

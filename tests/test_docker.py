@@ -208,6 +208,27 @@ def test_rollback_of_a_mounted_volume_says_which_containers_to_stop(docker, plug
     assert refused.returncode and "open NBD connection" in refused.stderr, refused.stderr
 
 
+def test_a_forced_destroy_of_a_mounted_volume_names_the_containers_it_cuts_off(docker, plugin):
+    """destroy --force still goes ahead (the user forced it), but it says which
+    container mounts lose the volume, as the refusal without --force does."""
+    docker("volume", "create", "-d", plugin.name, "-o", "size=256M", "gone")
+    cid = docker.run(["-v", "gone:/data"], "touch /data/up; sleep 600", detach=True,
+                     name=f"{plugin.name}-gone").stdout.strip()
+    docker.run(["-v", "gone:/data"], until("[ -e /data/up ]"))
+    done = plugin.cli("destroy", "--force", "gone", check=False)
+    assert done.returncode == 0, done.stderr
+    warning = done.stderr.strip()
+    assert warning.startswith("thinstore: warning: 'gone' was in use and is destroyed "
+                              "(--force): its ") and "NBD connection" in warning, warning
+    assert re.search(r"; Docker containers that mount it lost it \(1 container mount: "
+                     r"[0-9a-f]{12}; their I/O on it now fails: stop them, docker ps "
+                     r"--filter volume=gone\)$", warning), warning
+    with plugin.remote() as remote:
+        assert "gone" not in [d.name for d in remote.list()]
+    docker("rm", "-f", cid)     # Docker sends no Unmount for a volume that is gone:
+    assert not plugin.settled_leftovers()       # the plugin let go of it itself
+
+
 def test_remove_waits_for_a_connection_that_is_ending(docker, plugin):
     """A container's unmount stops nbdfuse, whose NBD connections end a moment later on
     the server's threads; a Remove right after must not fail on that moment."""
@@ -228,12 +249,12 @@ def test_remove_refused_for_a_volume_with_snapshots_and_clones(docker, plugin):
     plugin.cli("snapshot", "origin@s")
     docker("volume", "create", "-d", plugin.name, "-o", "from=origin@s", "copy")
     refused = docker("volume", "rm", "origin", check=False)
-    assert refused.returncode and "volume 'origin' has clones: copy (from origin@s) " \
-        "(remove them first" in refused.stderr, refused.stderr
+    assert refused.returncode and "volume 'origin' has a clone: copy (from origin@s) " \
+        "(remove it first, then its snapshot origin@s)" in refused.stderr, refused.stderr
     assert "cloned from" not in refused.stderr, "the relation is told backwards"
     docker("volume", "rm", "copy")
     refused = docker("volume", "rm", "origin", check=False)
-    assert refused.returncode and "has snapshots origin@s" in refused.stderr
+    assert refused.returncode and "has a snapshot origin@s; destroy it first" in refused.stderr
     plugin.cli("destroy", "origin@s")
     docker("volume", "rm", "origin")
 

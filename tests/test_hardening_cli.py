@@ -185,8 +185,8 @@ def test_destroying_a_snapshot_says_which_clones_remain_and_list_marks_their_ori
         p.clone("v@a", "c1")
     r = ts("destroy", "v@a", pool=pool)
     assert r.returncode == 0
-    assert r.stderr.decode() == ("thinstore: note: 1 clone of 'v@a' remains (c1); they are "
-                                 "whole on their own: destroy them with 'thinstore destroy "
+    assert r.stderr.decode() == ("thinstore: note: 1 clone of 'v@a' remains (c1); it is "
+                                 "whole on its own: destroy it with 'thinstore destroy "
                                  "c1'\n")
     rows = {line.split("\t")[0]: line.split("\t") for line in
             out("list", "-H", pool=pool).splitlines()}

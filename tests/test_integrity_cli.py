@@ -84,7 +84,7 @@ def test_repair_reports_changes_then_check_is_clean(pool):
 def test_repair_refuses_while_a_process_holds_the_pool(pool):
     path, _ = pool
     with Pool.open(path, commit_interval=0):
-        r = cli(path, "repair")
+        r = cli(path, "repair", "--no-wait")
     assert r.returncode == 5 and "in use by process" in r.stderr
 
 

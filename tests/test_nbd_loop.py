@@ -276,3 +276,42 @@ def test_writes_the_loop_answered_survive_a_kill_after_a_flush_elsewhere():
             image[offset:offset + 4096] = data
         for offset, data in expect.values():
             assert got[offset:offset + 4096] == image[offset:offset + 4096]
+
+
+@needs_loop
+def test_fua_writes_the_loop_served_survive_a_kill():
+    """FUA writes (the loop writes and notes them, the reader holds each reply until
+    the intent log has it): first writes into holes and overwrites, pipelined, every
+    one answered, then SIGKILL with no FLUSH: every one reads back, and the loop (not
+    the Python path, which times one write in eight) served them."""
+    with new_pool_dir() as pool_dir:
+        serve = ServeProcess(pool_dir)
+        try:
+            run([sys.executable, "-m", "thinstore", "--pool", pool_dir, "create", "fua",
+                 "--size", "8M"], env=dict(os.environ, PYTHONPATH=ROOT))
+            c = RawClient(os.path.join(pool_dir, "nbd.sock"))
+            c.greet()
+            c.go("fua")
+            rng = random.Random(7)
+            expect, wire = {}, b""
+            for cookie in range(1, 120):
+                length = rng.choice((512, 4096, 65536, FAST_MAX))
+                offset, data = rng.randrange(0, 8 * MiB - length, 512), rng.randbytes(length)
+                wire += P.encode_request(P.CMD_FLAG_FUA, _W, cookie, offset, length) + data
+                expect[cookie] = (offset, data)
+            c.sock.sendall(wire)
+            for _ in expect:
+                cookie, error, _ = c.simple_reply()
+                assert error == 0
+            with RemotePool.connect(pool_dir) as remote:
+                counts = remote.iostat()["devices"]["fua"]
+            assert counts["write_ops"] == len(expect)
+            assert counts["write_timed"] >= 0.9 * counts["write_ops"]
+        finally:
+            serve.stop(signal.SIGKILL)
+        image = bytearray(8 * MiB)
+        for cookie in sorted(expect):
+            offset, data = expect[cookie]
+            image[offset:offset + len(data)] = data
+        with Pool.open(pool_dir) as pool, pool.open_device("fua") as dev:
+            assert dev.pread(0, 8 * MiB) == bytes(image)

@@ -22,6 +22,7 @@ the server may send ``{"event": {...}}`` lines (progress).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -113,7 +114,10 @@ class ControlServer:
         self.snapshot_hooks: list = []
         #: callables VOLUME -> str | True | None, asked when a rollback, destroy or shrink
         #: finds the volume busy: why, in its user's words (replaces the NBD-level reason),
-        #: or True when the frontend has just let go of an idle hold of its own
+        #: or True when the frontend has just let go of an idle hold of its own. One that
+        #: takes ``forced`` is also called (VOLUME, forced=True) once a forced destroy of a
+        #: busy volume is done: it lets go of what it held of the volume and returns who
+        #: lost it (str, for the caller's warning) or None
         self.busy_reasons: list = []
 
     def listen(self, path: str | None = None) -> str:
@@ -234,7 +238,22 @@ class ControlServer:
                              "clients first, or destroy with force=True to drop them")
         if busy:
             self.sessions.disconnect(name)
-        return self.pool.destroy(name, force=force)
+        self.pool.destroy(name, force=force)
+        if not busy:
+            return None
+        # what the force cut off, for the caller to warn of
+        return {"dropped": busy, "users": self._forced_users(name)}
+
+    def _forced_users(self, name: str) -> list[str]:
+        """After a forced destroy of busy `name`: the ``busy_reasons`` hooks that take
+        ``forced`` let go of their holds of it and say who lost it, in their words."""
+        users = []
+        for hook in list(self.busy_reasons):
+            if "forced" in inspect.signature(hook).parameters:
+                answer = hook(name, forced=True)
+                if isinstance(answer, str) and answer:
+                    users.append(answer)
+        return users
 
     def _op_snapshot(self, name: str):
         """The snapshot inside every hook of ``snapshot_hooks`` (outermost first)."""

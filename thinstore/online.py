@@ -147,7 +147,7 @@ def _receive(ctx: _Context, name: str, resume: bool = False, force: bool = False
 @contextlib.contextmanager
 def _receiving(server, name: str):
     """One receive into a volume at a time (two would share one workspace)."""
-    key = ".receive:" + name
+    key = "%receive:" + name     # '%' is in no device name: no device's readers count
     with server.readers_lock:
         if server.readers.get(key):
             raise DeviceBusy(f"a receive into {name!r} is running already")

@@ -59,7 +59,7 @@ from .synclog import SyncLog
 from .spacemap import id_runs
 from .reclaim import Reclaimer
 from .rwlock import RWLock
-from .units import check_device_size, format_size
+from .units import check_volume_size, format_size
 
 log = logging.getLogger("thinstore")
 
@@ -128,7 +128,8 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         capacity in bytes. With `data_device` (a raw block device, DESIGN §1; directory
         pools only) the data lives there, named by the symlink POOL/data, instead of in a
         sparse file; the device must hold the capacity plus one chunk (capacity None: as
-        much as the device holds)."""
+        much as the device holds). A capacity that is not a whole number of chunks is
+        rounded up to one (`capacity` then says what it became)."""
         if data_device is not None:
             if is_rados(path):
                 raise UsageError("--data-device is for a directory pool; a rados:// pool "
@@ -137,10 +138,10 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is invalid: use a power of two "
                              "from 4K to 1M")
-        nchunks = capacity // chunk_size
+        nchunks = -(-capacity // chunk_size)    # up to whole chunks, as LVM rounds to extents
         if nchunks < 1:
-            raise UsageError(f"capacity {format_size(capacity)} is smaller than one chunk "
-                             f"({format_size(chunk_size)})")
+            raise UsageError(f"a capacity of {format_size(capacity)} holds no chunk: give "
+                             f"at least one ({format_size(chunk_size)})")
         _check_capacity(nchunks, chunk_size)
         store = open_store(path, fileio)
         try:
@@ -424,8 +425,9 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
 
     # ------------------------------------------------------------ management
     def create_volume(self, name: str, size: int) -> DeviceInfo:
-        names.check_name(name, snapshot=False)
-        check_device_size(size, self.md.chunk_size)
+        """A new empty volume of `size` bytes; `name` as names.check_new_name allows."""
+        names.check_new_name(name)
+        check_volume_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             self._need_free_name(name)
@@ -449,7 +451,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     def clone(self, snapshot: str, name: str) -> DeviceInfo:
         """A writable device that starts as the snapshot's exact content."""
         names.check_name(snapshot, snapshot=True)
-        names.check_name(name, snapshot=False)
+        names.check_new_name(name)
         with self.lock:
             self._check_open()
             snap = self._find(snapshot)
@@ -486,7 +488,10 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         """Rename a device; a volume's snapshots follow it (vol@s -> new@s), not those
         of an earlier, destroyed volume of the same name (their origin is another)."""
         names.check_name(old)
-        names.check_name(new)
+        if "@" in new:
+            names.check_name(new)
+        else:
+            names.check_new_name(new)
         with self.lock:
             self._check_open()
             dm = self._find(old)
@@ -529,7 +534,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
 
     def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
         names.check_name(name)
-        check_device_size(size, self.md.chunk_size)
+        check_volume_size(size, self.md.chunk_size)
         with self.lock:
             self._check_open()
             dm = self._find(name)
@@ -562,11 +567,12 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
         self.md.maps.drop(dm.directory, self.md.space, keep)   # the resize cuts the slots
 
     def grow(self, capacity: int) -> None:
-        """Enlarge the pool to `capacity` bytes (capacity never shrinks)."""
+        """Enlarge the pool to `capacity` bytes, rounded up to whole chunks (capacity
+        never shrinks)."""
         with self.lock:
             self._check_open()
             md = self.md
-            nchunks = capacity // md.chunk_size + 1
+            nchunks = -(-capacity // md.chunk_size) + 1     # chunk 0 is reserved
             _check_capacity(nchunks - 1, md.chunk_size)
             if nchunks < len(md.space.refs):
                 raise UsageError(f"pool {self.path} holds {format_size(self.capacity)}; "

@@ -245,6 +245,8 @@ def full_pool_hint(pool, name: str):
 def _prepare(pool, name: str, header: S.Header, force: bool) -> R.Token:
     """Check the target, create the hidden workspace, save the first token."""
     base = _check_target(pool, name, header, force)
+    if base is None:        # a full stream makes volume NAME
+        names.check_new_name(name)
     hidden = R.hidden_name(name)
     pool.destroy_hidden(hidden)  # a stale workspace from a crash before its first token
     pool.create_hidden(hidden, header.device_size, like=base)

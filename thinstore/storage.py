@@ -310,27 +310,55 @@ class DirLock:
     """The pool directory's exclusive lock; a second opener learns the holder's pid.
 
     Every opener of a directory pool (Pool, check, repair, dump, restore) comes here
-    first, so a pool directory others can write to is refused here, with the fix."""
+    first, so a pool directory others can write to is refused here, with the fix.
+
+    The lock is an flock(2) on POOL/lock, which holds the holder's pid (written once it
+    has the lock). While another process holds it, ``DirLock.waiting`` decides: None
+    (the default, the API's) raises PoolLocked at once; a callable ``(path, holder,
+    seconds_waited) -> bool`` is asked every POLL seconds whether to try again (the CLI's
+    ``--wait``), and PoolLocked says how long it waited.
+    """
+
+    waiting = None
+    POLL = 0.05
 
     def __init__(self, path: str):
-        import fcntl
-        from .errors import PoolLocked
         check_private_dir(path)
         lockpath = os.path.join(path, "lock")
         fd = os.open(lockpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            self._take(fd, path)
+        except BaseException:
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise PoolLocked(f"pool {path} is in use by process {holder} (a running "
-                                 "'thinstore serve' or another opener): stop it, or let "
-                                 "the commands reach the pool through the server") from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+
+    @classmethod
+    def _take(cls, fd: int, path: str) -> None:
+        import fcntl
+        import time
+        from .errors import PoolLocked
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            waited = time.monotonic() - start
+            if cls.waiting is None or not cls.waiting(path, holder, waited):
+                err = PoolLocked(f"pool {path} is in use by process {holder} (a running "
+                                 "'thinstore serve' or another opener"
+                                 + (f"; waited {round(waited, 1):g} s for it" if waited >= 1 else "")
+                                 + "): stop it, or let the commands reach the pool through "
+                                 "the server")
+                err.holder, err.waited = holder, waited
+                raise err from None
+            time.sleep(cls.POLL)
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -68,6 +68,18 @@ def check_device_size(size, chunk_size: int | None = None) -> None:
                          "larger chunks")
 
 
+def check_volume_size(size, chunk_size: int | None = None) -> None:
+    """The size a volume is created or resized to: `check_device_size`, and above 0.
+
+    A 0-byte block device holds nothing and clients refuse it (losetup, mkfs; LVM and ZFS
+    refuse size 0 too). A 0-byte device made by an older thinstore, or received from one,
+    still opens, snapshots, clones and sends: only creation and resize check this."""
+    check_device_size(size, chunk_size)
+    if size == 0:
+        raise UsageError("a volume of 0 bytes holds nothing and block-device clients "
+                         "refuse it: give a size above 0, e.g. 1G")
+
+
 @functools.lru_cache(maxsize=4096)     # a list of 10,000 snapshots repeats its sizes
 def format_size(nbytes: int) -> str:
     """Return ``nbytes`` in the largest binary unit that keeps it >= 1, about 3 digits.

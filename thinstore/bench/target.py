@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from thinstore.errors import DeviceBusy, ReadOnlyDevice, ThinstoreError
+from thinstore.names import RESERVED_FIRST
 
 
 def counters(pool) -> dict:
@@ -50,6 +51,8 @@ def bench_device(pool, name: str, writes: bool, force: bool = False, in_place: b
         return
     tag = f"bench-{os.getpid()}-{int(time.time()) % 100000}"
     snap, clone = f"{name}@{tag}", f"{name}.{tag}"
+    if name[0] in RESERVED_FIRST:       # '-x' from an older pool: no new name starts so
+        clone = f"{tag}.{name}"
     pool.snapshot(snap)
     try:
         pool.clone(snap, clone)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 
 from thinstore.errors import CorruptMetadata, PoolLocked, UsageError
 
@@ -32,8 +33,55 @@ def open_pool(args):
         return
     from thinstore import Pool
 
-    with _opening(path), Pool.open(path) as pool:
-        yield pool
+    with _opening(path):
+        try:
+            pool = Pool.open(path)
+        except PoolLocked:
+            pool = RemotePool.connect(path)     # a server started while this one waited
+            if pool is None:
+                raise
+        with pool:
+            yield pool
+
+
+#: How long a command waits for another process's pool lock unless --wait says otherwise.
+DEFAULT_WAIT = 10.0
+_NOTE_AFTER = 1.0       # a wait longer than this is said on stderr, once
+
+
+@contextlib.contextmanager
+def lock_wait(seconds: float):
+    """While inside, opening a pool that another process holds waits up to ``seconds`` for
+    it (LVM waits for its lock likewise), polling; it gives up at once when a server
+    answers on the pool's control socket, since a server holds its pool until stopped
+    (and the commands it carries go through it). After a second it says on stderr whom
+    it waits for."""
+    from thinstore.control import RemotePool
+    from thinstore.storage import DirLock
+
+    state = {"said": False, "asked": -1.0}
+
+    def keep_waiting(path: str, holder: str, waited: float) -> bool:
+        if waited >= seconds:
+            return False
+        if waited - state["asked"] >= 1.0:         # at once, then once a second
+            state["asked"] = waited
+            remote = RemotePool.connect(path)
+            if remote is not None:
+                remote.close()
+                return False
+        if waited >= _NOTE_AFTER and not state["said"]:
+            state["said"] = True
+            print(f"thinstore: note: pool {path} is held by process {holder}; waiting up to "
+                  f"{seconds:g} s for it (--wait SECONDS, --no-wait)", file=sys.stderr)
+        return True
+
+    before = DirLock.waiting
+    DirLock.waiting = keep_waiting if seconds > 0 else None
+    try:
+        yield
+    finally:
+        DirLock.waiting = before
 
 
 @contextlib.contextmanager

@@ -10,14 +10,14 @@ import argparse
 import sys
 
 from thinstore.cli.context import open_pool
-from thinstore.cli.names import device_name, snapshot_name, volume_name
+from thinstore.cli.names import device_name, new_volume_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell, time_cell
 from thinstore.units import format_size, parse_size
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("create", help="create a thin volume")
-    p.add_argument("name", type=volume_name, metavar="NAME")
+    p.add_argument("name", type=new_volume_name, metavar="NAME")
     p.add_argument("--size", "-s", type=parse_size, required=True, metavar="SIZE",
                    help="virtual size, e.g. 10G (may exceed the pool's free space)")
     p.set_defaults(func=cmd_create)
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("clone", help="create a writable volume from a snapshot")
     p.add_argument("snapshot", type=snapshot_name, metavar="NAME@SNAP")
-    p.add_argument("new_name", type=volume_name, metavar="NEWNAME")
+    p.add_argument("new_name", type=new_volume_name, metavar="NEWNAME")
     p.set_defaults(func=cmd_clone)
 
     _register_list(subparsers)
@@ -75,6 +75,7 @@ def cmd_create(args) -> int:
     with open_pool(args) as pool:
         pool.create_volume(args.name, args.size)
         free = pool.status()["free"]
+    note_partial_sector(args.name, args.size)
     if args.size > free:
         note(f"{args.name!r} ({format_size(args.size)}) is larger than the pool's free "
              f"space ({format_size(free)}): it is thin, so this is allowed, but writes fail "
@@ -85,6 +86,19 @@ def cmd_create(args) -> int:
 def note(text: str) -> None:
     """A remark that is not an error: on stderr, so stdout stays what scripts parse."""
     print(f"thinstore: note: {text}", file=sys.stderr)
+
+
+SECTOR = 512
+
+
+def note_partial_sector(name: str, size: int) -> None:
+    """thinstore keeps a volume's size to the byte, but block devices count 512-byte
+    sectors and round a partial one, each its own way: say so where it happens."""
+    if size % SECTOR:
+        up, down = -(-size // SECTOR) * SECTOR, size // SECTOR * SECTOR
+        note(f"{name!r} is {size} bytes, not a whole number of {SECTOR}-byte sectors: QEMU "
+             f"sees {up} bytes (zeros past the end), the kernel's loop device {down}; "
+             "a multiple of 4K suits every client")
 
 
 def cmd_snapshot(args) -> int:
@@ -105,17 +119,37 @@ def cmd_destroy(args) -> int:
         # a snapshot's clones are found before it goes: they name it only by its uuid
         clones = [i.name for i in pool.list() if i.kind == "clone" and i.origin == args.name] \
             if snapshot else []
-        pool.destroy(args.name, force=args.force)
+        cut = pool.destroy(args.name, force=args.force)
         kept = clones if snapshot else \
             [i.name for i in pool.list() if i.name.startswith(args.name + "@")]
+    _warn_cut_off(args.name, cut)
     if kept:
-        what = "clone" if snapshot else "snapshot"
-        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-        note(f"{len(kept)} {what}{'s' if len(kept) > 1 else ''} of {args.name!r} "
-             f"remain{'' if len(kept) > 1 else 's'} "
-             f"({shown}); they are whole on their own: destroy them with "
-             f"'thinstore destroy {kept[0]}'" + (" and so on" if len(kept) > 1 else ""))
+        _note_kept(args.name, "clone" if snapshot else "snapshot", kept)
     return 0
+
+
+def _warn_cut_off(name: str, cut) -> None:
+    """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..]}
+    (control.py); the user forced it, so it is done, but they should know."""
+    if not isinstance(cut, dict) or not cut.get("dropped"):
+        return
+    dropped = cut["dropped"]
+    users = "; ".join(cut.get("users") or [])
+    print(f"thinstore: warning: {name!r} was in use and is destroyed (--force): its "
+          f"{dropped} NBD connection{'s were' if dropped > 1 else ' was'} dropped"
+          + (f"; {users}" if users else ""), file=sys.stderr)
+
+
+def _note_kept(name: str, what: str, kept: list[str]) -> None:
+    """'1 snapshot of 'vm1' remains (vm1@a); it is whole ...', or for several '3 snapshots
+    ... remain (vm1@a, vm1@b, vm1@c); they are whole ...': the words agree with the count."""
+    shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+    if len(kept) == 1:
+        note(f"1 {what} of {name!r} remains ({shown}); it is whole on its own: destroy it "
+             f"with 'thinstore destroy {kept[0]}'")
+    else:
+        note(f"{len(kept)} {what}s of {name!r} remain ({shown}); they are whole on their own: "
+             f"destroy them with 'thinstore destroy {kept[0]}' and so on")
 
 
 def cmd_rename(args) -> int:
@@ -133,6 +167,7 @@ def cmd_rollback(args) -> int:
 def cmd_resize(args) -> int:
     with open_pool(args) as pool:
         pool.resize(args.name, args.size, shrink=args.shrink)   # its error names --shrink
+    note_partial_sector(args.name, args.size)
     return 0
 
 

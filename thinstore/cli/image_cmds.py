@@ -11,7 +11,8 @@ import sys
 
 from thinstore.cli import files, rawcopy
 from thinstore.cli.context import open_pool
-from thinstore.cli.names import device_name, volume_name
+from thinstore.cli.device_cmds import note_partial_sector
+from thinstore.cli.names import device_name, new_volume_name
 from thinstore.errors import PoolFull, ReadOnlyDevice, UsageError
 from thinstore.progress import Progress
 from thinstore.units import format_size, parse_size
@@ -38,7 +39,7 @@ def _import_target(text: str) -> str:
         device_name(text)
         raise ReadOnlyDevice(f"{text}: snapshots are read-only; import into a new volume "
                              "(NAME without @), then snapshot it")
-    return volume_name(text)
+    return new_volume_name(text)
 
 
 def cmd_import(args) -> int:
@@ -111,6 +112,9 @@ def _import_stream(args, fd: int) -> int:
 
 def _volume_size(requested: int | None, file_size: int, path: str) -> int:
     if requested is None:
+        if file_size == 0:
+            raise UsageError(f"{path} is empty: a volume needs a size above 0; give --size "
+                             "to import it as an empty volume of that size")
         return file_size
     if requested < file_size:
         raise UsageError(f"--size {format_size(requested)} is smaller than {path} "
@@ -141,6 +145,7 @@ def _fits(pool, fd: int, file_size: int, path: str, name: str) -> None:
 def _import_into_new_volume(pool, name: str, size: int, fd: int, file_size: int | None) -> None:
     """Create ``name``, copy, flush; on any failure destroy the half-made volume."""
     pool.create_volume(name, size)
+    note_partial_sector(name, size)
     try:
         dev = pool.open_device(name)
         try:

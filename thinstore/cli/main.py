@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshots, clones.", epilog="Run 'thinstore COMMAND --help' for a command's options.")
     parser.add_argument("--pool", metavar="DIR", default=os.environ.get("THINSTORE_POOL"),
                         help="pool directory (default: $THINSTORE_POOL)")
+    _add_wait_options(parser, default_wait())
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
@@ -45,6 +46,36 @@ def build_parser() -> argparse.ArgumentParser:
     _accept_pool_after_command(subparsers)
     _describe_commands(subparsers)
     return parser
+
+
+def default_wait() -> float:
+    from thinstore.cli.context import DEFAULT_WAIT
+    return DEFAULT_WAIT
+
+
+def _add_wait_options(parser, default) -> None:
+    """``--wait SECONDS`` / ``--no-wait``: how long to wait for a pool another process
+    (not a server: commands go through that) holds, as LVM waits for its lock.  After
+    the command (default SUPPRESS) they are accepted but not listed, like --pool."""
+    after = default is argparse.SUPPRESS
+    parser.add_argument("--wait", type=_seconds, default=default, metavar="SECONDS",
+                        help=argparse.SUPPRESS if after else "wait this long for a pool "
+                        f"another command holds (default {default_wait():g}; 0: fail at "
+                        "once, exit 5)")
+    parser.add_argument("--no-wait", dest="wait", action="store_const", const=0.0,
+                        default=default, help=argparse.SUPPRESS if after else
+                        "fail at once (exit 5) if another command holds the pool")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid wait {text!r}: give seconds, e.g. 30 "
+                                         "(0: do not wait)")
+    return value
 
 
 def _describe_commands(subparsers) -> None:
@@ -75,6 +106,10 @@ def _accept_pool_after_command(subparsers) -> None:
                              help=argparse.SUPPRESS)
         except argparse.ArgumentError:  # the command defines --pool itself
             pass
+        try:
+            _add_wait_options(sub, argparse.SUPPRESS)
+        except argparse.ArgumentError:  # the command has a --wait of its own
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,10 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args.func, "__name__", "") != "cmd_serve":  # serve (and each frontend's
         # command, which is serve) configures its own log lines
         _log_like_errors()
+    from thinstore.cli.context import lock_wait
     try:
-        return args.func(args) or 0
+        with lock_wait(args.wait):
+            return args.func(args) or 0
     except ThinstoreError as err:
-        return _report(err, err.exit_code)
+        return _report(err, err.exit_code, _waited_words(err))
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except OSError as err:
@@ -136,6 +173,13 @@ def _report(err: BaseException | None, code: int, message: str | None = None) ->
         traceback.print_exception(err)
     print(f"{PROG}: {_cli_words(message or str(err))}", file=sys.stderr)
     return code
+
+
+def _waited_words(err: ThinstoreError) -> str | None:
+    """A pool lock waited for in vain: the message, and how to wait longer."""
+    if getattr(err, "waited", 0) >= 1:
+        return f"{err}; wait longer with --wait SECONDS"
+    return None
 
 
 _API_ARGUMENT = re.compile(r"\b(shrink|force)=True\b")

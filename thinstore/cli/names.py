@@ -8,7 +8,7 @@ each argument say which form it wants.
 from __future__ import annotations
 
 from thinstore.errors import UsageError
-from thinstore.names import check_name
+from thinstore.names import check_name, check_new_name
 
 
 def device_name(text: str) -> str:
@@ -19,6 +19,11 @@ def device_name(text: str) -> str:
 def volume_name(text: str) -> str:
     """``NAME`` without ``@``: a volume or clone, something a command may create or write."""
     return check_name(text, snapshot=False)
+
+
+def new_volume_name(text: str) -> str:
+    """``NAME`` of a volume or clone a command makes: no '-' or '.' first (names.py)."""
+    return check_new_name(text)
 
 
 def snapshot_name(text: str) -> str:

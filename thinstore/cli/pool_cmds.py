@@ -9,7 +9,7 @@ import os
 from thinstore.cli.context import _opening, open_pool, pool_path
 from thinstore.cli.output import print_json, size_cell
 from thinstore.errors import UsageError
-from thinstore.units import parse_size
+from thinstore.units import format_size, parse_size
 
 DEFAULT_CAPACITY = "16G"
 DEFAULT_CHUNK_SIZE = "64K"
@@ -69,9 +69,31 @@ def cmd_init(args) -> int:
         capacity = args.capacity
         if capacity is None and not args.data_device:
             capacity = parse_size(DEFAULT_CAPACITY)
-        Pool.create(path, capacity=capacity, chunk_size=args.chunk_size,
-                    data_checksums=args.data_checksums, data_device=args.data_device).close()
+        with Pool.create(path, capacity=capacity, chunk_size=args.chunk_size,
+                         data_checksums=args.data_checksums,
+                         data_device=args.data_device) as pool:
+            made = pool.capacity
+    if capacity is not None:
+        _note_rounded(capacity, made, args.chunk_size)
     return 0
+
+
+def _note_rounded(asked: int, made: int, chunk: int) -> None:
+    """The pool holds whole chunks: say when the capacity asked for was rounded up to
+    them (as lvcreate says 'Rounding up size to full physical extent')."""
+    if made != asked:
+        from thinstore.cli.device_cmds import note
+        note(f"capacity {_exact(asked)} rounded up to {_exact(made)}, a whole number of "
+             f"{format_size(chunk)} chunks")
+
+
+def _exact(nbytes: int) -> str:
+    """'128K' where that is exact, else '1000000 bytes' (format_size rounds to 3 digits)."""
+    text = format_size(nbytes)
+    try:
+        return text if parse_size(text) == nbytes else f"{nbytes} bytes"
+    except UsageError:         # '1.08M' is no whole number of bytes
+        return f"{nbytes} bytes"
 
 
 @contextlib.contextmanager
@@ -112,8 +134,9 @@ def cmd_grow(args) -> int:
     relative = args.size.startswith("+")
     size = parse_size(args.size[1:] if relative else args.size)
     with open_pool(args) as pool:
+        asked = pool.capacity + size if relative else size
         try:
-            pool.grow(pool.capacity + size if relative else size)
+            pool.grow(asked)
         except OSError as err:
             if err.errno != errno.EFBIG:
                 raise
@@ -122,6 +145,8 @@ def cmd_grow(args) -> int:
                           "the pool's data on XFS or btrfs, or on a raw block device "
                           "('init --data-device'), to grow it further",
                           err.filename or os.path.join(pool.path, "data")) from err
+        made, chunk = pool.capacity, pool.chunk_size
+    _note_rounded(asked, made, chunk)
     return 0
 
 

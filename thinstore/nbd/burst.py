@@ -3,7 +3,8 @@
 With the native backend, a plain-socket connection's reader thread first hands
 its input buffer to ``ts_nbd_burst`` (_native/nbd_fast.h), which serves, without
 the GIL and many at a time, every request the reader's own fast path would serve
-(flagless READ and WRITE, 0 < length <= FAST_MAX, in range, through the lane)
+(flagless READ and WRITE, 0 < length <= FAST_MAX, in range, through the lane, and
+WRITEs flagged FUA alone, whose replies the reader holds)
 and stops at the first one it does not: that request stays at the head of the
 inbox and the reader handles it exactly as it would without the loop. So the
 loop is an accelerator: TLS connections, the pure-Python backend, and
@@ -29,6 +30,9 @@ How it keeps Transmission's promises:
   ``TS_NBD_SEND`` once one is done and the next is with the writer, so its reply
   (noted first, as above) goes out meanwhile; every other return has no write left
   there. ``close()`` stops the thread when the connection ends;
+- FUA WRITEs (small ones): written and noted in C like any other WRITE, but with no
+  reply; C returns ``TS_NBD_FUA`` at once and the reader holds the reply until a
+  flush (held.py ``_hold_fua``), as its own FUA path does;
 - counters: ``stats.inline`` READ/WRITE ops, bytes and service time (C times
   every request it serves, not one in eight), ``moved``, ``_burst`` and
   ``_since_flush`` count C's requests as the Python path would.
@@ -52,7 +56,7 @@ OUT_SIZE = FLUSH_BYTES + LARGE_MAX + 64  # one more reply always fits past the f
 if native.NATIVE:
     _lib, _ffi = native.lib, native.ffi
     _IDLE, _FULL, _TAKEN = _lib.TS_NBD_IDLE, _lib.TS_NBD_FULL, _lib.TS_NBD_TAKEN
-    _SEND = _lib.TS_NBD_SEND
+    _SEND, _FUA = _lib.TS_NBD_SEND, _lib.TS_NBD_FUA
     assert _lib.TS_NBD_FAST_MAX == FAST_MAX
 
 
@@ -83,6 +87,7 @@ class NativeLoop:
         c.ibuf, c.in_size = self._keep[2], len(tx._inbox.buf)
         c.obuf, c.out_size = self._keep[3], OUT_SIZE
         c.out_flush, c.max_replies = FLUSH_BYTES, FLUSH_COUNT
+        c.fua = 1       # small FUA WRITEs are written here and held by the reader (held.py)
         # large requests: the lane writes at most TS_FAST_MAX_CHUNKS chunks at once
         c.large_max = min(LARGE_MAX, (_lib.TS_FAST_MAX_CHUNKS - 1) * tx.dev.chunk_size)
         self._big = bytearray(c.large_max)      # pages are touched only when used
@@ -116,10 +121,12 @@ class NativeLoop:
                 c.start, c.end = inbox.start, inbox.end
                 rc = burst(c, may_block)
                 inbox.start, inbox.end = c.start, c.end
-                if c.out_len != mark:
+                if c.out_len != mark or rc == _FUA:
                     self._account(tx, mark)
                     may_block = 0       # a request was read since the reader settled
-                if rc == _IDLE:
+                if rc == _FUA:
+                    tx._hold_fua(c.fua_cookie, c.fua_offset, c.fua_length)
+                elif rc == _IDLE:
                     tx._settle()
                     may_block = 1
                 elif rc in (_FULL, _SEND):
@@ -176,4 +183,5 @@ class NativeLoop:
             counts[S.READ + 3] += r_ops
             tx.moved[0] += r_bytes
         tx._burst += r_ops + w_ops
-        tx._outbox.queue((self._view[mark:c.out_len],))
+        if c.out_len != mark:
+            tx._outbox.queue((self._view[mark:c.out_len],))

@@ -86,6 +86,14 @@ class HeldReplies:
         self._hold(P.Request(magic, flags, kind, cookie, offset, length))
         return True
 
+    def _hold_fua(self, cookie: int, offset: int, length: int) -> None:
+        """A FUA WRITE the native loop wrote, noted and counted (burst.py, TS_NBD_FUA):
+        held as _fast_durable holds one, its record's write started at once when the
+        reader settles next."""
+        if not self._inbox.has(_HEADER):
+            self._start_flush()
+        self._hold(P.Request(P.REQUEST_MAGIC, _FUA, _WRITE, cookie, offset, length))
+
     def _hold(self, req: P.Request) -> None:
         """Reader thread: answer `req` after the next Pool.flush (see _settle)."""
         gap = self._since_flush

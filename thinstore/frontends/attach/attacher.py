@@ -232,6 +232,20 @@ class Attacher:
                 self.records.pop(export, None)
             self._save()
 
+    def abandon(self, export: str) -> None:
+        """Let go of an export destroyed under its owners (destroy --force): every hold
+        goes, the mount lazily where a container's bind mount still holds the file system
+        (it goes with that), the connection, and the record."""
+        with self._export_lock(export):
+            rec = self.records.get(export)
+            if rec is None:
+                return
+            rec.owners.clear()
+            self._teardown(rec, dead=True)
+            with self._lock:
+                self.records.pop(export, None)
+            self._save()
+
     def _undo_owner(self, export: str, owner: str) -> None:
         rec = self.records.get(export)
         if rec is None:

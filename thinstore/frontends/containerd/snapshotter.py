@@ -285,8 +285,9 @@ class Snapshotter:
             rec = self._need(key)
             kids = self.store.children(key)
             if kids:
-                raise DeviceBusy(f"snapshot {key!r} has children ({len(kids)}, e.g. "
-                                 f"{kids[0]!r}): remove them first")
+                which = f"a child ({kids[0]!r}): remove it" if len(kids) == 1 else \
+                    f"{len(kids)} children (e.g. {kids[0]!r}): remove them"
+                raise DeviceBusy(f"snapshot {key!r} has {which} first")
             self.attacher.detach(rec["device"])       # DeviceBusy while mounted
             with self.store.transaction() as body:
                 del body["snapshots"][key]

@@ -86,6 +86,13 @@ class VolumeDriver:
             raise DriverError(f"{name!r} is a snapshot, not a volume")
         return info
 
+    def _exists(self, name: str) -> bool:
+        try:
+            self.pool.info(name)
+            return True
+        except NoSuchDevice:
+            return False
+
     def mountpoint(self, name: str) -> str:
         return os.path.join(self.mount_root, name)
 
@@ -220,11 +227,16 @@ class VolumeDriver:
             return
         clones = [f"{d.name} (from {d.origin})" for d in devices
                   if d.kind == "clone" and d.origin in snaps]
+        snap_words = f"snapshot {snaps[0]}" if len(snaps) == 1 else \
+            f"snapshots {', '.join(snaps)}"
         if clones:
-            raise DriverError(f"volume {name!r} has clones: {', '.join(clones)} (remove "
-                              f"them first, then its snapshots {', '.join(snaps)})")
-        raise DriverError(f"volume {name!r} has snapshots {', '.join(snaps)}; destroy them "
-                          f"first ('thinstore destroy {snaps[0]}') so none is lost unseen")
+            one = len(clones) == 1
+            raise DriverError(f"volume {name!r} has {'a clone' if one else 'clones'}: "
+                              f"{', '.join(clones)} (remove {'it' if one else 'them'} first, "
+                              f"then its {snap_words})")
+        raise DriverError(f"volume {name!r} has {'a ' if len(snaps) == 1 else ''}{snap_words}; "
+                          f"destroy {'it' if len(snaps) == 1 else 'them'} first "
+                          f"('thinstore destroy {snaps[0]}') so none is lost unseen")
 
     def mount(self, request: dict) -> dict:
         name, owner = self._name(request), self._owner(request)
@@ -251,7 +263,10 @@ class VolumeDriver:
         name, owner = self._name(request), self._owner(request)
         with self._name_lock(name):
             try:
-                if self._last_mount_owner(name, owner) and LINGER_SECONDS > 0:
+                # a volume destroyed under its mount (destroy --force) has nothing to
+                # flush to and nothing to linger for: only let go of the mount
+                if self._last_mount_owner(name, owner) and LINGER_SECONDS > 0 \
+                        and self._exists(name):
                     self.attacher.flush(name)      # written through, as an unmount would
                     self.attacher.mount(name, self.mountpoint(name), LINGER_OWNER)
                     self._start_linger(name)
@@ -289,6 +304,24 @@ class VolumeDriver:
                 log.warning("docker plugin: unmounting %s after its last container: %s",
                             name, exc)
 
+    def _abandon(self, name: str, mounts: list[str]) -> str | None:
+        """The volume is destroyed under its mounts: Docker will never unmount it (its
+        Get now finds no volume), so drop the mount here, lazily where a container still
+        holds it; the containers' I/O on it fails from now on."""
+        with self._lock:
+            timer = self._lingers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        try:
+            self.attacher.abandon(name)
+        except (ThinstoreError, OSError) as exc:
+            log.warning("docker plugin: letting go of destroyed volume %s: %s", name, exc)
+        if not mounts:
+            return None
+        return (f"Docker containers that mount it lost it ({len(mounts)} container "
+                f"mount{'s' if len(mounts) > 1 else ''}: {', '.join(mounts)}; their I/O on "
+                f"it now fails: stop them, docker ps --filter volume={name})")
+
     def _end_linger(self, name: str) -> None:
         """Release the linger hold now (the caller holds the name's lock)."""
         with self._lock:
@@ -304,13 +337,17 @@ class VolumeDriver:
         for timer in timers:
             timer.cancel()
 
-    def busy_reason(self, name: str) -> str | bool | None:
+    def busy_reason(self, name: str, forced: bool = False) -> str | bool | None:
         """A ControlServer ``busy_reasons`` hook (a rollback or destroy found the volume
         busy): the containers' mounts, for a Docker user; True when only the linger held
-        it (released now: no container uses it); None when Docker has not mounted it."""
+        it (released now: no container uses it); None when Docker has not mounted it.
+        `forced` (a destroy --force has just taken it): let go of its mount and say
+        which container mounts lost it, else None."""
         with self._name_lock(name):
             owners = self.attacher.owners(name)
             mounts = sorted(o[:12] for o in owners if o != LINGER_OWNER)
+            if forced:
+                return self._abandon(name, mounts)
             if mounts:
                 return (f"volume {name!r} is mounted by Docker ({len(mounts)} container "
                         f"mount(s): {', '.join(mounts)}): stop the container(s) using it "
