@@ -211,3 +211,13 @@ def test_a_forced_destroy_of_a_served_volume_warns_of_the_clients_it_drops(pool)
             "destroy it with 'thinstore destroy v@a'"]
         r = ts("destroy", "--force", "v@a", pool=pool)        # nobody used it: no warning
         assert r.returncode == 0 and r.stderr == b""
+
+
+# negative sizes and suffixes ----------------------------------------------------------
+def test_a_negative_size_is_called_negative_not_a_missing_argument(pool):
+    """`--size -5G` was taken by argparse for an option ("expected one argument")."""
+    for args in (("create", "n", "--size", "-5G"), ("create", "n", "-s", "-1.5G"),
+                 ("resize", "v", "-1M"), ("grow", "-1G")):
+        assert "size must be positive" in fails(2, *args, pool=pool), args
+    assert "K/M/G/T/P/E suffix" in fails(2, "create", "n", "--size", "5X", pool=pool)
+    assert ts("create", "n", "--size", "1P", pool=pool).returncode == 0   # P is a suffix
