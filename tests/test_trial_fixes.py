@@ -4,7 +4,6 @@ the way a user types it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,21 +14,15 @@ from thinstore import pool as pool_module
 from thinstore.units import check_device_size
 from thinstore.control import ControlServer
 from thinstore.errors import InvalidName
-from hardening_helpers import K, M, ROOT, Serve, fails, out, short_dir, ts
+from hardening_helpers import K, M, ROOT, Serve, fails, out, small_pool, ts
 
-CHUNK = 64 * K
 
 
 @pytest.fixture
 def pool():
     """A pool of 64M with volume v and its snapshot v@a, made in-process."""
-    d = short_dir()
-    path = os.path.join(d, "pool")
-    with Pool.create(path, 64 * M, CHUNK, commit_interval=0) as p:
-        p.create_volume("v", 16 * M)
-        p.snapshot("v@a")
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
+    with small_pool() as path:
+        yield path
 
 
 # the notes after destroy ---------------------------------------------------------------
