@@ -3,6 +3,7 @@ and another local user (made with useradd when the tests run as root)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -12,6 +13,8 @@ import sys
 import tempfile
 
 import pytest
+
+from thinstore import Pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, M, G = 1 << 10, 1 << 20, 1 << 30
@@ -98,6 +101,24 @@ def short_dir(mode: int = 0o700) -> str:
     d = tempfile.mkdtemp(prefix="tshard", dir="/tmp")
     os.chmod(d, mode)
     return d
+
+
+@contextlib.contextmanager
+def small_pool(data: int = 0):
+    """A pool of 64M (64K chunks) with volume v of 16M holding `data` bytes of 0x07 and
+    its snapshot v@a, made in-process in a short_dir(); yields the pool's path."""
+    d = short_dir()
+    path = os.path.join(d, "pool")
+    try:
+        with Pool.create(path, 64 * M, 64 * K, commit_interval=0) as p:
+            p.create_volume("v", 16 * M)
+            if data:
+                with p.open_device("v") as dev:
+                    dev.pwrite(b"\x07" * data, 0)
+            p.snapshot("v@a")
+        yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def other_user() -> pwd.struct_passwd:

@@ -242,6 +242,40 @@ def test_extend_then_grow_the_file_system(rig, fstype):
     rig.attacher.unmount("g", "c1")
 
 
+def test_stop_writes_through_what_a_container_wrote_and_shuts_down_its_bind_mount(rig):
+    """A frontend's graceful stop (Attacher.close) while a container, in a mount namespace
+    of its own, still has the volume bind-mounted and its writes only in the page cache:
+    they reach the pool (syncfs + device flush before anything is detached), and later
+    writes through the orphaned bind mount fail loudly instead of vanishing."""
+    need("unshare", "nsenter")
+    rig.pool.create_volume("v3", 128 * MiB)
+    target = rig.attacher.mount("v3", rig.target("v3"), "c1")
+    bind = os.path.join(rig.s.dir, "container-data")
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mkdir -p {bind} && mount --bind {target} {bind} && echo ready && exec sleep 600"],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        seq = b"".join(b"%d\n" % i for i in range(1, 100001))
+        in_container = ["nsenter", "-t", str(holder.pid), "-m", "sh", "-c"]
+        subprocess.run([*in_container, f"seq 1 100000 > {bind}/seq; echo done > {bind}/marker"],
+                       check=True)                   # no sync: dirty pages only
+        rig.attacher.close()                         # the frontend's stop
+        late = subprocess.run([*in_container, f"echo late > {bind}/late && sync {bind}/late"],
+                              capture_output=True)
+        assert late.returncode != 0, "a write after the stop was accepted and then lost"
+        rig.attacher = rig.new_attacher()            # the restarted frontend
+        rig.attacher.recover()
+        target = rig.attacher.mount("v3", rig.target("v3"), "c2")
+        assert read(os.path.join(target, "seq")) == seq
+        assert read(os.path.join(target, "marker")) == b"done\n"
+        rig.attacher.unmount("v3", "c2")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 CRASHER = r"""
 import os, sys, time
 from thinstore import Pool

@@ -14,7 +14,7 @@ import pytest
 
 from thinstore import Pool
 from thinstore.errors import PoolFull, UsageError
-from hardening_helpers import G, K, M, ROOT, Serve, fails, out, short_dir, ts
+from hardening_helpers import G, K, M, ROOT, Serve, fails, out, small_pool, ts
 from integrity_helpers import chunk_of, flip
 
 CHUNK = 64 * K
@@ -23,15 +23,8 @@ CHUNK = 64 * K
 @pytest.fixture
 def pool():
     """A pool of 64M with volume v (4M of data) and v@a, made in-process."""
-    d = short_dir()
-    path = os.path.join(d, "pool")
-    with Pool.create(path, 64 * M, CHUNK, commit_interval=0) as p:
-        p.create_volume("v", 16 * M)
-        with p.open_device("v") as dev:
-            dev.pwrite(b"\x07" * (4 * M), 0)
-        p.snapshot("v@a")
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
+    with small_pool(4 * M) as path:
+        yield path
 
 
 def here(pool: str, name: str) -> str:

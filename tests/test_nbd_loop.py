@@ -228,6 +228,32 @@ def test_real_clients_through_the_loop():
             serve.stop()
 
 
+def _pipelined_writes(client: RawClient, flags: int, cookies, lengths, seed: int) -> dict:
+    """WRITEs (with `flags`) of random data at random 512-aligned offsets of an 8 MiB
+    export, lengths picked from `lengths`, sent at once; every reply must be OK.
+    Returns {cookie: (offset, data)}."""
+    rng = random.Random(seed)
+    expect, wire = {}, b""
+    for cookie in cookies:
+        length = rng.choice(lengths)
+        offset, data = rng.randrange(0, 8 * MiB - length, 512), rng.randbytes(length)
+        wire += P.encode_request(flags, _W, cookie, offset, length) + data
+        expect[cookie] = (offset, data)
+    client.sock.sendall(wire)
+    for _ in expect:
+        assert client.simple_reply()[1] == 0
+    return expect
+
+
+def _served_by_the_loop(pool_dir: str, name: str, writes: int) -> None:
+    """The export counted `writes` WRITEs, (nearly) all timed: the loop served them
+    (the Python path times one in eight)."""
+    with RemotePool.connect(pool_dir) as remote:
+        counts = remote.iostat()["devices"][name]
+    assert counts["write_ops"] == writes
+    assert counts["write_timed"] >= 0.9 * counts["write_ops"]
+
+
 @needs_loop
 def test_writes_the_loop_answered_survive_a_kill_after_a_flush_elsewhere():
     """The crash contract through the loop: 4 KiB writes pipelined on one connection
@@ -248,22 +274,8 @@ def test_writes_the_loop_answered_survive_a_kill_after_a_flush_elsewhere():
             # are in: writes there allocate, in the loop, changing only the map
             writer.request(_W, 0, 4 * MiB, cookie=1, data=os.urandom(4 * MiB))
             assert writer.simple_reply() == (1, 0, b"")
-            rng = random.Random(5)
-            expect = {}
-            wire = b""
-            for cookie in range(2, 200):
-                offset, data = rng.randrange(0, 8 * MiB - 4096, 512), rng.randbytes(4096)
-                wire += P.encode_request(0, _W, cookie, offset, 4096) + data
-                expect[cookie] = (offset, data)
-            writer.sock.sendall(wire)
-            for _ in expect:
-                cookie, error, _ = writer.simple_reply()
-                assert error == 0
-            with RemotePool.connect(pool_dir) as remote:
-                counts = remote.iostat()["devices"]["mc"]
-            # (nearly) all timed: the loop served them (the Python path times one in eight)
-            assert counts["write_ops"] == len(expect) + 1
-            assert counts["write_timed"] >= 0.9 * counts["write_ops"]
+            expect = _pipelined_writes(writer, 0, range(2, 200), (4096,), seed=5)
+            _served_by_the_loop(pool_dir, "mc", len(expect) + 1)
             flusher.request(P.Cmd.FLUSH, cookie=2)
             assert flusher.simple_reply() == (2, 0, b"")
         finally:
@@ -292,21 +304,9 @@ def test_fua_writes_the_loop_served_survive_a_kill():
             c = RawClient(os.path.join(pool_dir, "nbd.sock"))
             c.greet()
             c.go("fua")
-            rng = random.Random(7)
-            expect, wire = {}, b""
-            for cookie in range(1, 120):
-                length = rng.choice((512, 4096, 65536, FAST_MAX))
-                offset, data = rng.randrange(0, 8 * MiB - length, 512), rng.randbytes(length)
-                wire += P.encode_request(P.CMD_FLAG_FUA, _W, cookie, offset, length) + data
-                expect[cookie] = (offset, data)
-            c.sock.sendall(wire)
-            for _ in expect:
-                cookie, error, _ = c.simple_reply()
-                assert error == 0
-            with RemotePool.connect(pool_dir) as remote:
-                counts = remote.iostat()["devices"]["fua"]
-            assert counts["write_ops"] == len(expect)
-            assert counts["write_timed"] >= 0.9 * counts["write_ops"]
+            expect = _pipelined_writes(c, P.CMD_FLAG_FUA, range(1, 120),
+                                       (512, 4096, 65536, FAST_MAX), seed=7)
+            _served_by_the_loop(pool_dir, "fua", len(expect))
         finally:
             serve.stop(signal.SIGKILL)
         image = bytearray(8 * MiB)

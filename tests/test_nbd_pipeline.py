@@ -20,7 +20,7 @@ import time
 import pytest
 
 from nbd_helpers import (MiB, RawClient, ServeProcess, cli, new_pool_dir, served,
-                         writer_and_flusher)
+                         wait_for, writer_and_flusher)
 from test_nbd_loop import SIZE, _fill, _replies
 from thinstore import Pool, native
 from thinstore.nbd import protocol as P
@@ -138,6 +138,11 @@ def test_hang_up_in_the_payload_of_a_pipelined_write():
         client.sock.sendall(P.encode_request(0, _W, 1, 0, MiB) + first +
                             P.encode_request(0, _W, 2, 4 * MiB, MiB) + b"y" * (MiB // 2))
         client.close()
+        # the first WRITE is applied beside the hang-up, on the server's own time: a read
+        # by another client has to see it only once it is counted as done
+        wait_for(lambda: s.server.iostat()["devices"].get("v", {}).get("write_ops") == 1,
+                 what="the whole WRITE to be applied")
+        wait_for(lambda: s.server.connections("v") == 0, what="the torn session to end")
         other = RawClient(s.sock)
         other.greet()
         other.go("v", structured=False)

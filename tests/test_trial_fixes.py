@@ -4,7 +4,6 @@ the way a user types it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,21 +14,15 @@ from thinstore import pool as pool_module
 from thinstore.units import check_device_size
 from thinstore.control import ControlServer
 from thinstore.errors import InvalidName
-from hardening_helpers import K, M, ROOT, Serve, fails, out, short_dir, ts
+from hardening_helpers import K, M, ROOT, Serve, fails, out, small_pool, ts
 
-CHUNK = 64 * K
 
 
 @pytest.fixture
 def pool():
     """A pool of 64M with volume v and its snapshot v@a, made in-process."""
-    d = short_dir()
-    path = os.path.join(d, "pool")
-    with Pool.create(path, 64 * M, CHUNK, commit_interval=0) as p:
-        p.create_volume("v", 16 * M)
-        p.snapshot("v@a")
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
+    with small_pool() as path:
+        yield path
 
 
 # the notes after destroy ---------------------------------------------------------------
@@ -211,3 +204,13 @@ def test_a_forced_destroy_of_a_served_volume_warns_of_the_clients_it_drops(pool)
             "destroy it with 'thinstore destroy v@a'"]
         r = ts("destroy", "--force", "v@a", pool=pool)        # nobody used it: no warning
         assert r.returncode == 0 and r.stderr == b""
+
+
+# negative sizes and suffixes ----------------------------------------------------------
+def test_a_negative_size_is_called_negative_not_a_missing_argument(pool):
+    """`--size -5G` was taken by argparse for an option ("expected one argument")."""
+    for args in (("create", "n", "--size", "-5G"), ("create", "n", "-s", "-1.5G"),
+                 ("resize", "v", "-1M"), ("grow", "-1G")):
+        assert "size must be positive" in fails(2, *args, pool=pool), args
+    assert "K/M/G/T/P/E suffix" in fails(2, "create", "n", "--size", "5X", pool=pool)
+    assert ts("create", "n", "--size", "1P", pool=pool).returncode == 0   # P is a suffix

@@ -26,7 +26,7 @@ def parse_size(text: str | int) -> int:
         raise UsageError(f"invalid size {text!r}: size must be positive")
     match = _SIZE_RE.match(text)
     if match is None or (match.group(3) and match.group(3).lower() == "ib" and not match.group(2)):
-        raise UsageError(f"invalid size {text!r}: use bytes or a K/M/G/T suffix, "
+        raise UsageError(f"invalid size {text!r}: use bytes or a K/M/G/T/P/E suffix, "
                          "e.g. 512K, 10G, 1.5G")
     number, suffix = Fraction(match.group(1)), match.group(2).upper()
     value = number * (1024 ** (SUFFIXES.index(suffix) + 1) if suffix else 1)

@@ -30,9 +30,19 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h: a bug, not the user's mistake
 PROG = "thinstore"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but ``-5G`` after an option is that option's value, as ``-5`` is: a
+    negative size then gets parse_size's "size must be positive", not "--size: expected
+    one argument". (No thinstore option looks like a number; subparsers inherit this.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+(\.\d*)?|\.\d+)[A-Za-z]*$")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: global options, then one subparser per command of every module."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Thin-provisioned copy-on-write block store: volumes, "
         "snapshots, clones.", epilog="Run 'thinstore COMMAND --help' for a command's options.")
     parser.add_argument("--pool", metavar="DIR", default=os.environ.get("THINSTORE_POOL"),

@@ -36,7 +36,7 @@ in parallel)::
     a.attached() -> {export: {"device", "transport", "read_only", "owners", "mount"}}
     a.owners(export) -> {owner: "device"|"mount"}
     a.forget(export)                       # the export is being destroyed: drop its record
-    a.close()                              # frontend stop: unmount and detach all
+    a.close()                              # frontend stop: sync, unmount, detach all
 
 Owners and the mount refcount.  Holds are counted per (export, owner id) as a set: an
 owner that attaches or mounts twice holds once; a release by an owner that holds nothing
@@ -50,6 +50,12 @@ File systems.  Made only on a blank device: blkid -p finds no signature and the 
 A device that has a file system is mounted as the type found (``fstype`` names only what
 to make): ext4 or xfs.  xfs always mounts with ``nouuid`` (clones share their origin's
 UUID).
+
+Stopping.  Before a device goes while this process still serves it, its file system is
+written through (syncfs through any of its mounts, in any mount namespace, then a flush of
+the device); one still mounted after our unmount (a container's bind mount) is shut down
+(FS_IOC_SHUTDOWN) so that its later writes fail with EIO instead of being dropped
+(docs/attach.md, "A graceful stop").
 
 State and crashes.  The state file (:mod:`.state`, docs/attach.md) is rewritten
 atomically, and every host object (FUSE mount, loop or NBD device, mount) is recorded

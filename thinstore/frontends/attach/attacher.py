@@ -13,7 +13,7 @@ import threading
 from thinstore.errors import DeviceBusy, UsageError
 
 from . import connectors, filesystem, host
-from .privileged import AttachError, log
+from .privileged import AttachError, attempt, log
 from .state import Attachment, StateFile
 
 #: export -> state path of the Attacher holding it: two frontends of one process must not
@@ -118,7 +118,11 @@ class Attacher:
             self._save()
 
     def _teardown(self, rec: Attachment, dead: bool) -> None:
-        """Unmount and disconnect, recording each step; dead: the server is gone."""
+        """Unmount and disconnect, recording each step; dead: unmount lazily when busy.
+        While this process still serves the device, its file system is first written
+        through to the pool (:meth:`_settle`)."""
+        if rec.device and rec.server == host.process_identity():
+            dead = self._settle(rec) or dead
         if rec.mount:
             target = rec.mount["target"]
             (filesystem.unmount_dead if dead else filesystem.unmount)(target)
@@ -127,6 +131,40 @@ class Attacher:
         self._connector(rec).disconnect(rec)
         rec.transport = rec.workdir = rec.server = None
         self._unclaim(rec.export)
+
+    def _settle(self, rec: Attachment) -> bool:
+        """Before rec's device goes: every write acknowledged so far into the pool, and no
+        write accepted after.  syncfs its file system through any of its mounts (in any
+        mount namespace: containerd's and containers' count), unmount our own mount; one
+        still mounted after that (a container's bind mount) would outlive the device and
+        drop its later writes: it is shut down (the kernel syncs it again in the same
+        step), so that they fail with EIO instead.  Then flush the device.  True when it
+        was shut down (the caller's unmount must then be lazy)."""
+        own = rec.mount["target"] if rec.mount else None
+        if own and host.mount_at(own) is not None:
+            filesystem.thaw(own, quiet=True)
+        users = host.mounts_of(rec.device)
+        if users:
+            self._written_through(rec, filesystem.sync, users[0].path)
+        if own and host.mount_at(own) is not None:
+            attempt(["umount", own], what=f"unmount {own}")
+        left = host.mounts_of(rec.device)
+        if left:
+            log.warning("attach: %s (%s) is still mounted on %s as its device goes: shutting "
+                        "its file system down", rec.export, rec.device,
+                        ", ".join(m.target + (f" (pid {m.pid}'s namespace)" if m.pid else "")
+                                  for m in left))
+            filesystem.shut_down(left[0].path)
+        self._written_through(rec, filesystem.flush_device, rec.device)
+        return bool(left)
+
+    @staticmethod
+    def _written_through(rec: Attachment, step, path: str) -> None:
+        try:
+            step(path)
+        except AttachError as exc:
+            log.warning("attach: %s: writing it through before the device goes: %s",
+                        rec.export, exc)
 
     # ------------------------------------------------------------------ mount / unmount
     def mount(self, export: str, target: str, owner: str, fstype: str = "ext4",
@@ -319,8 +357,9 @@ class Attacher:
         return result
 
     def close(self) -> None:
-        """Frontend stop, before the NBD server goes: unmount (lazily if busy) and detach
-        everything, as a crash would have; the owners stay recorded, so that their
+        """Frontend stop, before the NBD server goes: write every file system through to
+        the pool, shut down any that stays mounted elsewhere (:meth:`_settle`), unmount
+        (lazily if busy) and detach everything; the owners stay recorded, so that their
         unmount after the restart succeeds and a volume in use is not removable."""
         for export in sorted(self.records):
             with self._export_lock(export):

@@ -11,8 +11,10 @@ carries its origin's file system UUID, and xfs refuses a second mount of one UUI
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import struct
 
 from . import host
 from .privileged import AttachError, attempt, run
@@ -26,6 +28,10 @@ MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
     "xfs": ["mkfs.xfs", "-q", "-K"],
 }
+#: _IOR('X', 125, __u32): ext4's EXT4_IOC_SHUTDOWN and xfs's XFS_IOC_GOINGDOWN (one number,
+#: one flag set: linux/fs/ext4/ext4.h, fs/xfs/libxfs/xfs_fs.h)
+FS_IOC_SHUTDOWN = 0x8004587D
+SHUTDOWN_DEFAULT = 0x0          # freeze (syncs data and journal), shut down, thaw
 GROW = {"ext4": "resize2fs", "xfs": "xfs_growfs"}
 #: fsfreeze -u's words (in the C locale) for a file system that is not frozen (EINVAL)
 NOT_FROZEN = "Invalid argument"
@@ -114,6 +120,45 @@ def unmount_dead(target: str) -> None:
 def sync(target: str) -> None:
     """Write the file system's dirty data out to its device (``sync -f``: syncfs(2))."""
     run(["sync", "-f", target], what=f"sync {target}", timeout=300)
+
+
+def flush_device(device: str) -> None:
+    """fsync(2) the block device: the kernel sends a cache flush down the stack (loop ->
+    the FUSE file -> nbdfuse's NBD_CMD_FLUSH; or the kernel NBD client's flush), so that
+    what the file system wrote is durable in the pool before the device goes."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AttachError(f"flush {device}: {exc.strerror}") from None
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise AttachError(f"flush {device}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def shut_down(path: str) -> None:
+    """Shut the file system mounted at ``path`` down (FS_IOC_SHUTDOWN, default mode: the
+    kernel freezes it, which writes out its dirty data and journal, sets it shut down and
+    thaws it, so no write slips in between the sync and the shutdown): every later read
+    or write, through any of its mounts, fails with EIO.  For a
+    file system that outlives its device (a container's bind mount still holds it while
+    the device is detached): loud errors instead of writes accepted into the page cache
+    and then dropped.  Failure is logged, not raised (the device goes regardless)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("shut down the file system at %s: %s", path, exc.strerror)
+        return
+    try:
+        fcntl.ioctl(fd, FS_IOC_SHUTDOWN, struct.pack("I", SHUTDOWN_DEFAULT))
+        log.warning("shut down the file system at %s: its device is going while it is "
+                    "still mounted; later I/O there fails with EIO", path)
+    except OSError as exc:
+        log.warning("shut down the file system at %s: %s", path, exc.strerror)
+    finally:
+        os.close(fd)
 
 
 def freeze(target: str) -> None:

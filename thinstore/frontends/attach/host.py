@@ -1,6 +1,6 @@
 """What the host says about mounts, loop devices, NBD devices and processes (read-only).
 
-Sources: ``/proc/self/mountinfo`` (proc(5), "mountinfo"), ``/sys/block/loopN/loop/
+Sources: ``/proc/self/mountinfo`` and ``/proc/PID/mountinfo`` (proc(5), "mountinfo"), ``/sys/block/loopN/loop/
 backing_file`` (the loop driver's sysfs attributes), ``/sys/block/nbdN/pid`` (the NBD
 driver: present while a device is connected), ``/proc/PID/stat`` and ``/proc/PID/cmdline``.
 Nothing here changes the host; the privileged steps are in :mod:`.privileged`.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 from typing import NamedTuple
 
 DELETED = " (deleted)"
@@ -45,6 +46,79 @@ def mount_at(target: str) -> Mount | None:
     target = os.path.realpath(target)
     found = [m for m in mounts() if m.target == target]
     return found[-1] if found else None
+
+
+class DeviceMount(NamedTuple):
+    """A mount of one block device's file system, in some mount namespace.
+
+    target     the mount point as that namespace sees it
+    path       a path this process can open to reach it: ``target`` in our own namespace,
+               ``/proc/PID/root/TARGET`` in another (a container's, a shim's)
+    pid        a process of that namespace (None for our own)
+    """
+    target: str
+    path: str
+    pid: int | None
+
+
+def device_number(device: str) -> str | None:
+    """``"MAJOR:MINOR"`` of block device ``device`` (mountinfo's third field), None if it
+    is not a block device (gone)."""
+    try:
+        st = os.stat(device)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def mounts_of(device: str) -> list[DeviceMount]:
+    """Every mount of ``device``'s file system in every mount namespace of the host (each
+    namespace read once, through ``/proc/PID/mountinfo`` of one of its processes), ours
+    first; matched by major:minor, so any path naming the device (/dev/loopN, a
+    symlink, a bind mount of a sub-directory) counts.  A container's bind mount of a
+    volume is one of these: the file system lives on while any remains."""
+    number = device_number(device)
+    if number is None:
+        return []
+    own = _namespace("self")
+    seen, found = set(), []
+    pids = ["self"] + sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int)
+    for pid in pids:
+        ns = _namespace(pid)
+        if ns is None or ns in seen:
+            continue
+        seen.add(ns)
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                lines = f.readlines()
+        except OSError:
+            continue                        # the process ended while we looked
+        for line in lines:
+            fields = line.partition(" - ")[0].split()
+            if len(fields) >= 5 and fields[2] == number:
+                target = _unescape(fields[4])
+                if ns == own:
+                    found.append(DeviceMount(target, target, None))
+                else:
+                    found.append(DeviceMount(target, f"/proc/{pid}/root{target}", int(pid)))
+    return found
+
+
+def holders(device: str) -> list[str]:
+    """Block devices stacked on ``device`` (device-mapper, md): /sys/block/X/holders."""
+    try:
+        return sorted(os.listdir(f"/sys/block/{os.path.basename(device)}/holders"))
+    except OSError:
+        return []
+
+
+def _namespace(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
 
 
 def loops_backed_by(prefix: str) -> dict[str, str]:
@@ -99,10 +173,10 @@ def process_identity(pid: int | None = None) -> str | None:
     pid = os.getpid() if pid is None else pid
     try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+            text = f.read()
     except OSError:
         return None
-    fields = stat.rpartition(")")[2].split()
+    fields = text.rpartition(")")[2].split()
     return f"{pid}:{fields[19]}" if len(fields) > 19 else None
 
 

@@ -39,11 +39,14 @@ class SnapshotterFrontend(Frontend):
         g = parser.add_argument_group("containerd snapshotter")
         g.add_argument("--address", metavar="SOCK",
                        help=f"gRPC unix socket (default POOL/{STATE_DIR}/{DEFAULT_SOCKET})")
-        g.add_argument("--fs-type", choices=("ext4", "xfs"), default="ext4",
-                       help="file system of the base volume (default ext4)")
-        g.add_argument("--base-size", type=parse_size, default=10 << 30, metavar="SIZE",
-                       help="size of the base volume, so of every layer (default 10G; "
-                       "fixed when the base is first made)")
+        g.add_argument("--fs-type", choices=("ext4", "xfs"), default=None,
+                       help="file system of the base volume, so of every layer (default: "
+                       "the pool's; ext4 for a new one). Fixed when the base is first "
+                       "made: another type on an existing pool is refused")
+        g.add_argument("--base-size", type=parse_size, default=None, metavar="SIZE",
+                       help="size of the base volume, so of every layer (default: the "
+                       "pool's; 10G for a new one). Fixed when the base is first made: "
+                       "another size on an existing pool is refused")
         if parser.prog.split()[-1] == "snapshotter":    # the command of its own, not serve
             parser.set_defaults(max_connections=SNAPSHOTTER_MAX_CONNECTIONS)
 

@@ -51,16 +51,30 @@ class Attacher:
 
     def detach(self, name: str) -> None:
         """Release ``name``'s device (its writes reached the pool: the loop device does
-        direct I/O); nothing if not attached; DeviceBusy while a file system on it is
-        mounted."""
+        direct I/O); nothing if not attached; DeviceBusy (containerd: FailedPrecondition)
+        while a file system on it is mounted in any mount namespace or a device is
+        stacked on it."""
         device = self.attached().get(name)
         if device is not None:
-            users = [m.target for m in host.mounts() if m.source == device]
-            if users:
-                raise DeviceBusy(f"{device} of {name!r} is still mounted on {users[0]}"
-                                 f"{' and elsewhere' if len(users) > 1 else ''}: unmount it "
-                                 "(stop the container) first")
+            refuse_while_in_use(name, device)
         self.shared.detach(name, OWNER)
 
     def close(self) -> None:
         self.shared.close()
+
+
+def refuse_while_in_use(name: str, device: str) -> None:
+    """DeviceBusy naming where ``device`` is in use: mounted (found by major:minor in the
+    mountinfo of every mount namespace, so a mount made inside a container, a shim or
+    ``unshare -m`` counts, whatever path named the device) or held (/sys/block/X/holders)."""
+    users = host.mounts_of(device)
+    if users:
+        where = [m.target + (f" (in the mount namespace of pid {m.pid})" if m.pid else "")
+                 for m in users]
+        raise DeviceBusy(f"{device} of {name!r} is still mounted on {where[0]}"
+                         f"{f' and {len(where) - 1} more' if len(where) > 1 else ''}: "
+                         "unmount it (stop the container) first")
+    held = host.holders(device)
+    if held:
+        raise DeviceBusy(f"{device} of {name!r} is held by {', '.join(held)}: remove that "
+                         "first")

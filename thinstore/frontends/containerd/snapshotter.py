@@ -29,6 +29,7 @@ import signal
 import time
 
 from thinstore.errors import DeviceBusy, DeviceExists, NoSuchDevice, UsageError
+from thinstore.units import format_size
 
 from .filters import compile_filters
 from .store import Store
@@ -70,12 +71,16 @@ class Snapshotter:
     store     the :class:`~.store.Store` of keys and records
     attacher  an :class:`~.attacher.Attacher`: pool device -> kernel block device
               (``attach``, ``detach``, ``attached``, ``make_filesystem``, ``recover``)
-    fs_type   "ext4" or "xfs" (xfs mounts with nouuid: every clone has the base's UUID)
+    fs_type   "ext4" or "xfs" (xfs mounts with nouuid: every clone has the base's UUID);
+              None: the pool's, ext4 for a new pool
+    base_size bytes, the base volume's (so every layer's) virtual size; None: the pool's,
+              DEFAULT_BASE_SIZE for a new pool.  Both are fixed when the base is made:
+              :meth:`start` refuses (UsageError) a value that differs from the pool's
     """
 
-    def __init__(self, pool, store: Store, attacher, *, fs_type: str = "ext4",
-                 base_size: int = DEFAULT_BASE_SIZE):
-        if fs_type not in FS_TYPES:
+    def __init__(self, pool, store: Store, attacher, *, fs_type: str | None = None,
+                 base_size: int | None = None):
+        if fs_type is not None and fs_type not in FS_TYPES:
             raise UsageError(f"file system {fs_type!r} is not supported: use ext4 or xfs")
         self.pool = pool
         self.store = store
@@ -126,13 +131,23 @@ class Snapshotter:
 
     def _ensure_base(self) -> None:
         made = self.store.body.get("fs_type")
-        if made and made != self.fs_type:
+        if made and self.fs_type not in (None, made):
             raise UsageError(f"this pool's layers are {made}, not {self.fs_type}: start the "
-                             f"snapshotter with --fs-type {made} (or use another pool)")
-        names = self._pool_names()
-        if BASE_SNAPSHOT in names:
+                             f"snapshotter with --fs-type {made} or without --fs-type (or "
+                             "use another pool)")
+        self.fs_type = made or self.fs_type or "ext4"
+        base = {d.name: d for d in self.pool.list()}.get(BASE_SNAPSHOT)
+        if base is not None:
+            if self.base_size not in (None, base.size):
+                raise UsageError(
+                    f"this pool's layers are {format_size(base.size)} "
+                    f"({base.size} bytes), not {format_size(self.base_size)}: the base size "
+                    "is fixed when the base is first made; start the snapshotter with "
+                    f"--base-size {base.size} or without --base-size (or use another pool)")
+            self.base_size = base.size
             return
-        if BASE in names:       # a crash while the file system was being made
+        self.base_size = self.base_size or DEFAULT_BASE_SIZE
+        if BASE in self._pool_names():      # a crash while the file system was being made
             self._destroy(BASE)
         self.pool.create_volume(BASE, self.base_size)
         self.attacher.make_filesystem(BASE, self.fs_type)
