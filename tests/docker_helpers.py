@@ -215,3 +215,44 @@ class Plugin:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.spec)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def remove_everything(docker, p: Plugin) -> None:
+    """Every container and volume of plugin `p`'s driver, and every device left in its
+    pool (snapshots first: the plugin rightly refuses to remove a volume that has some).
+    Only this driver's volumes: dockerd also lists those of every plugin with a spec
+    file in /etc/docker/plugins, which other test runs may have."""
+    names = docker("volume", "ls", "-q", "--filter", f"driver={p.name}",
+                   check=False).stdout.split()
+    for volume in names:
+        users = docker("ps", "-aq", "--filter", f"volume={volume}", check=False).stdout.split()
+        if users:
+            docker("rm", "-f", *users, check=False)
+    with p.remote() as remote:
+        for device in remote.list():
+            if device.kind == "snapshot":
+                remote.destroy(device.name, force=True)
+    for volume in names:
+        docker("volume", "rm", "-f", volume, check=False)
+    with p.remote() as remote:
+        for device in remote.list():
+            remote.destroy(device.name, force=True)
+
+
+def inspect(docker, name: str) -> dict:
+    """`docker volume inspect NAME`, parsed."""
+    return json.loads(docker("volume", "inspect", name).stdout)[0]
+
+
+@contextlib.contextmanager
+def plugin_for_a_test(docker, p: Plugin):
+    """A test's use of the module's plugin process `p` (restarted if it died); then
+    everything of the test removed, and nothing left on the host (mount, loop device,
+    nbdfuse) that the plugin made."""
+    if p.proc.poll() is not None:
+        p.start()
+    try:
+        yield p
+    finally:
+        remove_everything(docker, p)
+    assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"

@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from docker_helpers import MiB, Plugin, docker_daemon, private_dockerd, require_docker_host
+from docker_helpers import (MiB, Plugin, docker_daemon, inspect, plugin_for_a_test,
+                            private_dockerd, remove_everything, require_docker_host)
 
 pytestmark = pytest.mark.integration
 
@@ -40,38 +41,8 @@ def plugin_process(docker):
 
 @pytest.fixture
 def plugin(docker, plugin_process):
-    p = plugin_process
-    if p.proc.poll() is not None:
-        p.start()
-    try:
+    with plugin_for_a_test(docker, plugin_process) as p:
         yield p
-    finally:
-        _remove_everything(docker, p)
-    assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
-
-
-def _remove_everything(docker, p: Plugin) -> None:
-    """Every container and volume of the test, and every device left in the pool
-    (snapshots first: the plugin rightly refuses to remove a volume that has some)."""
-    volumes = docker("volume", "ls", "-q", "--filter", f"driver={p.name}",
-                     check=False).stdout.split()
-    for volume in volumes:
-        users = docker("ps", "-aq", "--filter", f"volume={volume}", check=False).stdout.split()
-        if users:
-            docker("rm", "-f", *users, check=False)
-    with p.remote() as remote:
-        for device in remote.list():
-            if device.kind == "snapshot":
-                remote.destroy(device.name, force=True)
-    for volume in volumes:
-        docker("volume", "rm", "-f", volume, check=False)
-    with p.remote() as remote:
-        for device in remote.list():
-            remote.destroy(device.name, force=True)
-
-
-def inspect(docker, name: str) -> dict:
-    return json.loads(docker("volume", "inspect", name).stdout)[0]
 
 
 # 1 -----------------------------------------------------------------------------------
@@ -289,7 +260,7 @@ def test_dockerd_restart_keeps_the_volume():
         docker.restart()
         assert "keep" in docker("volume", "ls", "-q").stdout.split()
         assert docker.run(["-v", "keep:/data"], "cat /data/f").stdout.strip() == "kept"
-        _remove_everything(docker, p)
+        remove_everything(docker, p)
     finally:
         p.close()
         docker.stop()

@@ -20,6 +20,7 @@ from thinstore.frontends.attach.filesystem import MKFS
 from thinstore.frontends.docker import fsbounds
 from thinstore.frontends.docker.driver import DriverError, VolumeDriver
 from thinstore.frontends.docker.registry import Registry
+from thinstore.reclaim import _extents     # the data extents of a sparse file
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
@@ -28,15 +29,9 @@ def chunks_written(path: str, chunk: int) -> int:
     """Bytes of the chunks of ``chunk`` bytes that hold data in a sparse file."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        end, pos, seen = os.lseek(fd, 0, os.SEEK_END), 0, set()
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:                      # ENXIO: no data after pos
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        seen = set()
+        for data, hole in _extents(fd):
             seen.update(range(data // chunk, (hole - 1) // chunk + 1))
-            pos = hole
         return len(seen) * chunk
     finally:
         os.close(fd)

@@ -9,14 +9,14 @@ no /dev/fuse.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
 import pytest
 
-from docker_helpers import MiB, Plugin, private_dockerd, require_docker_host
+from docker_helpers import (MiB, Plugin, inspect, plugin_for_a_test, private_dockerd,
+                            require_docker_host)
 
 pytestmark = pytest.mark.integration
 
@@ -45,36 +45,14 @@ def plugin_process(docker):
 
 @pytest.fixture
 def plugin(docker, plugin_process):
-    p = plugin_process
-    if p.proc.poll() is not None:
-        p.start()
-    try:
+    with plugin_for_a_test(docker, plugin_process) as p:
         yield p
-    finally:
-        for volume in volumes(docker, p):
-            users = docker("ps", "-aq", "--filter", f"volume={volume}").stdout.split()
-            if users:
-                docker("rm", "-f", *users, check=False)
-        with p.remote() as remote:
-            for device in sorted(remote.list(), key=lambda d: d.kind != "snapshot"):
-                if device.kind == "snapshot":
-                    remote.destroy(device.name, force=True)
-        for volume in volumes(docker, p):
-            docker("volume", "rm", "-f", volume, check=False)
-        with p.remote() as remote:
-            for device in remote.list():
-                remote.destroy(device.name, force=True)
-    assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
 
 
 def volumes(docker, p: Plugin) -> list[str]:
     """This plugin's volumes (dockerd also lists those of every plugin with a spec file
     in /etc/docker/plugins, which other test runs may have)."""
     return docker("volume", "ls", "-q", "--filter", f"driver={p.name}").stdout.split()
-
-
-def inspect(docker, name: str) -> dict:
-    return json.loads(docker("volume", "inspect", name).stdout)[0]
 
 
 def until(condition: str) -> str:
