@@ -256,3 +256,14 @@ def plugin_for_a_test(docker, p: Plugin):
     finally:
         remove_everything(docker, p)
     assert not p.settled_leftovers(), "the plugin left a mount, loop device or nbdfuse behind"
+
+
+@contextlib.contextmanager
+def running_plugin(**kwargs):
+    """A Plugin(**kwargs) started for a module, closed at its end."""
+    p = Plugin(**kwargs)
+    try:
+        p.start()
+        yield p
+    finally:
+        p.close()

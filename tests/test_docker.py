@@ -13,7 +13,8 @@ import re
 import pytest
 
 from docker_helpers import (MiB, Plugin, docker_daemon, inspect, plugin_for_a_test,
-                            private_dockerd, remove_everything, require_docker_host)
+                            private_dockerd, remove_everything, require_docker_host,
+                            running_plugin)
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +32,8 @@ def docker():
 def plugin_process(docker):
     """One plugin (one driver name) for the module: dockerd keeps every volume driver it
     has met until it restarts, and a gone one makes each 'docker volume ls' wait for it."""
-    p = Plugin()
-    try:
-        p.start()
+    with running_plugin() as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

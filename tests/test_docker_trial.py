@@ -16,7 +16,7 @@ import time
 import pytest
 
 from docker_helpers import (MiB, Plugin, inspect, plugin_for_a_test, private_dockerd,
-                            require_docker_host)
+                            require_docker_host, running_plugin)
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +35,8 @@ def docker():
 
 @pytest.fixture(scope="module")
 def plugin_process(docker):
-    p = Plugin(capacity=POOL)
-    try:
-        p.start()
+    with running_plugin(capacity=POOL) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture
