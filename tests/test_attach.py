@@ -392,3 +392,26 @@ def test_mkfs_cut_short_by_a_crash_is_made_again(rig, monkeypatch):
     assert host.mount_at(target).fstype == "ext4"
     rig.attacher.unmount("cut", "c2")
     assert rig.attacher.attached() == {}, "the finished mkfs is still remembered"
+
+
+def test_a_failed_unmount_keeps_the_release_and_the_next_detach_retries_it(rig):
+    """The last mount owner's unmount fails (the file system is busy): the error is
+    raised, the owner is released in the state file as in memory (a restart does not
+    bring it back), the mount stays, and the next detach of the export unmounts it."""
+    rig.pool.create_volume("busy", 128 * MiB)
+    target = rig.attacher.mount("busy", rig.target("busy"), "c1")
+    held = open(os.path.join(target, "open"), "wb")           # keeps umount busy
+    try:
+        with pytest.raises(AttachError, match="busy"):
+            rig.attacher.unmount("busy", "c1")
+        assert host.mount_at(target) is not None
+        assert rig.attacher.owners("busy") == {}
+        recorded = statefile.StateFile(rig.state_path, MAGIC).load()
+        assert recorded["busy"]["owners"] == {}, "the release was not saved"
+        assert recorded["busy"]["mount"]["target"] == target, "the mount was forgotten"
+    finally:
+        held.close()
+    rig.attacher.unmount("busy", "c1")                         # a retry: unmounts now
+    assert host.mount_at(target) is None and not rig.leftovers()
+    assert rig.attacher.attached() == {}
+    assert statefile.StateFile(rig.state_path, MAGIC).load() == {}
