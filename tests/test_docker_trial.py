@@ -208,3 +208,26 @@ def test_a_stop_with_a_volume_in_use_logs_the_fuse_retries_once(docker, plugin):
                for line in fuse), fuse
     plugin.start()
     docker("rm", "-f", "busy-user")
+
+
+# 7 -----------------------------------------------------------------------------------
+def fs_in_container(docker, volume: str) -> str:
+    """The type of the file system a container sees mounted from ``volume``."""
+    line = docker.run(["-v", f"{volume}:/data"], "grep ' /data ' /proc/mounts").stdout
+    return line.split()[2]
+
+
+def test_a_blank_volume_renamed_before_its_first_mount_keeps_its_options(docker, plugin):
+    """-o fs=xfs follows a volume through 'thinstore rename', whether the plugin runs
+    (the CLI goes through it) or not; a new volume under the old name has its own."""
+    docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=320M", "bx")
+    docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=320M", "quiet")
+    plugin.cli("rename", "bx", "moved")
+    docker("volume", "create", "-d", plugin.name, "-o", "size=64M", "bx")
+    assert fs_in_container(docker, "moved") == "xfs"
+    assert fs_in_container(docker, "bx") == "ext4"
+    plugin.stop()
+    plugin.cli("rename", "quiet", "woken")                # offline: the plugin is stopped
+    plugin.start()
+    assert inspect(docker, "woken")["Status"]["fs"] == "xfs"
+    assert fs_in_container(docker, "woken") == "xfs"

@@ -95,8 +95,7 @@ class DockerVolumeFrontend(Frontend):
                                  self.ctx.nbd_socket)
         for export, outcome in self.attacher.recover().items():
             log.warning("docker plugin: %s: %s what the previous run left", export, outcome)
-        names = {d.name for d in self.ctx.pool.list()}
-        registry.settle(lambda name: name in names)
+        registry.settle({d.name: d.uuid for d in self.ctx.pool.list()})
         driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size,
                               plugin_name=self.plugin_name)
         self.driver = driver

@@ -116,21 +116,43 @@ class VolumeDriver:
         name = self._name(request)
         opts = self._options(request.get("Opts"))
         with self._name_lock(name):
-            if any(d.name == name for d in self.pool.list()):
+            devices = self.pool.list()
+            if any(d.name == name for d in devices):
                 if opts:
                     raise DriverError(f"volume {name!r} exists already; its options cannot "
                                       "change (remove it first, or choose another name)")
                 self._writable(name)
                 return {}
             fs = self._fs_of(opts["from"]) if "from" in opts else opts.get("fs", "ext4")
-            self.registry.put(name, fs=fs, state="creating", **{"from": opts.get("from")})
+            # an entry still under this name is of a volume renamed away: it goes along
+            self.registry.follow({d.name: d.uuid for d in devices})
+            entry = {"fs": fs, "from": opts.get("from")}
+            self.registry.put(name, state="creating", uuid=None, **entry)
             try:
                 self._make(name, opts)
+                uuid = self.pool.info(name).uuid
             except (ThinstoreError, DriverError) as exc:
                 self.registry.drop(name)
                 raise DriverError(str(exc)) from None
-            self.registry.put(name, fs=fs, state="ready", **{"from": opts.get("from")})
+            self.registry.put(name, state="ready", uuid=uuid, **entry)
         return {}
+
+    def _entry(self, name: str, uuid: str | None = None) -> dict:
+        """The options Create recorded for volume ``name`` ({} if none), found by its
+        device's uuid: a volume renamed since takes its options along
+        (:meth:`.Registry.follow`)."""
+        try:
+            uuid = uuid or self.pool.info(name).uuid
+        except NoSuchDevice:
+            return {}
+        entry = self.registry.get(name)
+        if entry and entry.get("uuid") in (None, uuid):
+            return entry
+        if not self.registry.known(uuid):
+            return {}
+        self.registry.follow({d.name: d.uuid for d in self.pool.list()})
+        entry = self.registry.get(name)
+        return entry if entry and entry.get("uuid") == uuid else {}
 
     def _options(self, opts) -> dict:
         if opts is None:
@@ -215,12 +237,13 @@ class VolumeDriver:
         """The file system on device ``name`` (volume or snapshot): the one its super block
         shows, else the one the registry says to make on it, else ext4."""
         return _probe_fs(self.pool, name) or \
-            (self.registry.get(name.split("@", 1)[0]) or {}).get("fs") or "ext4"
+            self._entry(name.split("@", 1)[0]).get("fs") or "ext4"
 
     def remove(self, request: dict) -> dict:
         name = self._name(request)
         with self._name_lock(name):
-            self._writable(name)
+            uuid = self._writable(name).uuid
+            self._entry(name, uuid)               # its entry under this name, if renamed
             self._end_linger(name)
             owners = self.attacher.owners(name)
             if owners:
@@ -229,7 +252,7 @@ class VolumeDriver:
                                   f"--filter volume={name})")
             self._refuse_if_snapshots(name)
             self._destroy(name)
-            self.registry.drop(name)
+            self.registry.drop(name, uuid)
             self.attacher.forget(name)
         return {}
 
@@ -280,7 +303,7 @@ class VolumeDriver:
     def _mount_grown(self, name: str, owner: str) -> str:
         """Mount for ``owner``; a fresh mount first grows a file system smaller than its
         device (a clone made larger, a resized volume: see :mod:`.grow`)."""
-        fs = (self.registry.get(name) or {}).get("fs") or "ext4"   # to make if blank
+        fs = self._entry(name).get("fs") or "ext4"                 # to make if blank
         attached = self.attacher.attached().get(name) or {}
         if attached.get("device") and set(attached["owners"]) <= {LINGER_OWNER} and \
                 grow.device_size(attached["device"]) + grow.SLACK < self.pool.info(name).size:
@@ -462,7 +485,7 @@ class VolumeDriver:
         return out
 
     def _status(self, info) -> dict:
-        entry = self.registry.get(info.name) or {}
+        entry = self._entry(info.name, info.uuid)
         attached = self.attacher.attached().get(info.name) or {}
         mount = attached.get("mount") or {}
         origin = info.origin
