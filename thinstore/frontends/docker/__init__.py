@@ -9,9 +9,11 @@ through is the same process's.
     driver.py     the verbs (Create, Remove, Mount, Unmount, Path, Get, List, Capabilities)
     server.py     HTTP over the unix socket (the standard library's http.server)
     registry.py   the options the pool does not keep (file system type, origin)
-    fsbounds.py   which sizes a file system can be made on (Create's refusals)
-    grow.py       a file system grown to its device at a fresh mount
     probe.py      the file system a device holds; one that stopped writing after errors
+
+Which sizes a file system can be made on (Create's refusals) and the grow of a file
+system to its device at a fresh mount are the attach module's (``attach/fsbounds.py``,
+``attach/grow.py``), shared with the CSI plugin.
 
 State, under POOL/docker/ (``--docker-state-dir``): ``volumes.json`` (the registry),
 ``attach.json`` (mounts and their owners, :mod:`thinstore.frontends.attach`), ``dev/``

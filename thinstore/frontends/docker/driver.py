@@ -10,7 +10,8 @@ shows every writable device of the pool.  Options of Create (``docker volume cre
 
     size=SIZE     virtual size (binary suffixes: 512M, 10G); default --docker-default-size
     fs=ext4|xfs   the file system made at the first mount (default ext4); a size too small
-                  for it, or whose metadata would not fit the pool (.fsbounds), is refused
+                  for it, or whose metadata would not fit the pool, is refused (the
+                  attach module's fsbounds)
     from=VOL@SNAP a writable O(1) clone of that snapshot (its file system comes along);
                   with size, the clone is grown to it
 
@@ -35,7 +36,8 @@ from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
 from thinstore.units import format_size, parse_size
 
-from . import fsbounds, grow
+from thinstore.frontends.attach import fsbounds, grow
+
 from .probe import probe_fs as _probe_fs, read_only as _read_only
 
 log = logging.getLogger("thinstore.docker")
@@ -62,9 +64,9 @@ class VolumeDriver:
         self._lock = threading.Lock()
         self._names: dict[str, threading.Lock] = {}
         self._lingers: dict[str, threading.Timer] = {}
-        for name in attacher.attached():          # a linger or grow a crash cut short
+        for name in attacher.attached():          # a linger a crash cut short
             attacher.detach(name, LINGER_OWNER)   # holds nothing
-            attacher.detach(name, grow.OWNER)
+        grow.forget_holds(attacher)               # and a grow
 
     def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -186,7 +188,7 @@ class VolumeDriver:
             out["from"] = self._snapshot(opts["from"])
         if "from" not in out:
             fs, size = out.get("fs", "ext4"), out.get("size", self.default_size)
-            if size < fsbounds.MINIMUM[fs]:
+            if fsbounds.too_small(fs, size):
                 raise DriverError(f"option size={format_size(size)}: {fs} needs at least "
                                   f"{format_size(fsbounds.MINIMUM[fs])} (set a larger size"
                                   f"{', or use ext4' if fs == 'xfs' else ''})")
@@ -302,25 +304,13 @@ class VolumeDriver:
 
     def _mount_grown(self, name: str, owner: str) -> str:
         """Mount for ``owner``; a fresh mount first grows a file system smaller than its
-        device (a clone made larger, a resized volume: see :mod:`.grow`)."""
+        device (a clone made larger, a resized volume: the attach module's grow)."""
         fs = self._entry(name).get("fs") or "ext4"                 # to make if blank
         attached = self.attacher.attached().get(name) or {}
         if attached.get("device") and set(attached["owners"]) <= {LINGER_OWNER} and \
                 grow.device_size(attached["device"]) + grow.SLACK < self.pool.info(name).size:
             self._end_linger(name)      # resized since: mount afresh, at the new size
-            attached = {}
-        if attached.get("device"):
-            return self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
-        device = self.attacher.attach(name, grow.OWNER)
-        try:
-            grow.ext4_offline(name, device)
-            target = self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
-        finally:
-            self.attacher.detach(name, grow.OWNER)
-        mount = (self.attacher.attached().get(name) or {}).get("mount") or {}
-        if mount.get("fstype") == "xfs":
-            grow.xfs_online(self.attacher, name, device, target)
-        return target
+        return grow.mount_grown(self.attacher, name, self.mountpoint(name), owner, fstype=fs)
 
     @staticmethod
     def _owner(request: dict) -> str:
