@@ -25,10 +25,8 @@ killed plugin left.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import re
 
 from thinstore.frontends import Frontend
 
@@ -121,47 +119,10 @@ class DockerVolumeFrontend(Frontend):
             self.driver.close()
             self.driver = None
         if self.attacher is not None:
-            with folded_retries(logging.getLogger("thinstore.attach")):
-                self.attacher.close()
+            self.attacher.close()
             self.attacher = None
 
     def describe(self) -> list[str]:
         return [f"docker volume plugin {self.plugin_name!r}: unix://{self.socket_path} "
                 "(dockerd names the driver after the socket in /run/docker/plugins or a "
                 ".spec file in /etc/docker/plugins)"]
-
-
-#: the attach module's lines for one try of unmounting a FUSE work dir (the command, and
-#: its failure): at a stop while a container still holds a volume, tried ~50 times
-FUSE_RETRY = re.compile(r"unmount FUSE (\S+)(: fusermount3 | failed )")
-
-
-@contextlib.contextmanager
-def folded_retries(logger: logging.Logger):
-    """Fold the repeated FUSE unmount tries logged to ``logger`` in the body into one
-    line per work dir with their count and the last failure (a stop with a container
-    still holding its volume otherwise logs ~100 lines of "Device or resource busy")."""
-    tries: dict[str, list] = {}
-
-    def fold(record: logging.LogRecord) -> bool:
-        found = FUSE_RETRY.match(record.getMessage())
-        if found is None:
-            return True
-        entry = tries.setdefault(found.group(1), [0, 0, ""])
-        if "failed" in found.group(2):
-            entry[1] += 1
-            entry[2] = record.getMessage().rsplit(": ", 1)[-1]
-        else:
-            entry[0] += 1
-        return False
-
-    logger.addFilter(fold)
-    try:
-        yield
-    finally:
-        logger.removeFilter(fold)
-        for workdir, (runs, failed, last) in tries.items():
-            if failed:
-                logger.warning("unmount FUSE %s: fusermount3 -u failed %d of %d tries (%s): "
-                               "a container still holds its volume", workdir, failed, runs,
-                               last)
