@@ -7,9 +7,10 @@ It runs in the serve process: the NBD server that the mounted volumes' block dev
 through is the same process's.
 
     driver.py     the verbs (Create, Remove, Mount, Unmount, Path, Get, List, Capabilities)
+    options.py    Create's options, checked before anything is made
     server.py     HTTP over the unix socket (the standard library's http.server)
     registry.py   the options the pool does not keep (file system type, origin)
-    probe.py      the file system a device holds; one that stopped writing after errors
+    probe.py      a mounted file system that stopped writing after errors
 
 Which sizes a file system can be made on (Create's refusals) and the grow of a file
 system to its device at a fresh mount are the attach module's (``attach/fsbounds.py``,

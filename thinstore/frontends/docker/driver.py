@@ -34,23 +34,20 @@ import time
 
 from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
-from thinstore.units import format_size, parse_size
+from thinstore.units import format_size
 
-from thinstore.frontends.attach import fsbounds, grow
+from thinstore.frontends.attach import grow
+from thinstore.frontends.attach.fsbounds import probe_fs as _probe_fs
 
-from .probe import probe_fs as _probe_fs, read_only as _read_only
+from . import options
+from .options import DriverError
+from .probe import read_only as _read_only
 
 log = logging.getLogger("thinstore.docker")
 
-OPTIONS = ("size", "fs", "from")
 LINGER_OWNER = "thinstore-docker-linger"
 LINGER_SECONDS = 2.0
-FSTYPES = ("ext4", "xfs")
 DESTROY_POLLS = 50             # x 0.1 s: how long Remove waits for the last connection to end
-
-
-class DriverError(Exception):
-    """A request the driver refuses; the message is the protocol's Err."""
 
 
 class VolumeDriver:
@@ -157,64 +154,7 @@ class VolumeDriver:
         return entry if entry and entry.get("uuid") == uuid else {}
 
     def _options(self, opts) -> dict:
-        if opts is None:
-            return {}
-        if not isinstance(opts, dict):
-            raise DriverError("Opts must be an object of option=value strings")
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise DriverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}: {self.plugin_name} takes "
-                              f"{', '.join(OPTIONS)}")
-        out = {}
-        for key, value in opts.items():
-            if not isinstance(value, str):
-                raise DriverError(f"option {key!r} must be a string")
-        if "size" in opts:
-            try:
-                out["size"] = parse_size(opts["size"])
-            except UsageError as exc:
-                raise DriverError(f"option size: {exc}") from None
-            if out["size"] <= 0:
-                raise DriverError("option size: a volume needs a size above 0")
-        if "fs" in opts:
-            if opts["fs"] not in FSTYPES:
-                raise DriverError(f"option fs={opts['fs']!r}: use {' or '.join(FSTYPES)}")
-            if "from" in opts:
-                raise DriverError("options fs and from exclude each other: a clone has its "
-                                  "snapshot's file system")
-            out["fs"] = opts["fs"]
-        if "from" in opts:
-            out["from"] = self._snapshot(opts["from"])
-        if "from" not in out:
-            fs, size = out.get("fs", "ext4"), out.get("size", self.default_size)
-            if fsbounds.too_small(fs, size):
-                raise DriverError(f"option size={format_size(size)}: {fs} needs at least "
-                                  f"{format_size(fsbounds.MINIMUM[fs])} (set a larger size"
-                                  f"{', or use ext4' if fs == 'xfs' else ''})")
-            self._check_fits(fs, size)
-        return out
-
-    def _check_fits(self, fs: str, size: int, base: int = 0) -> None:
-        """Refuse a size whose file system metadata would not fit the pool's free space
-        (:func:`.fsbounds.too_large`)."""
-        why = fsbounds.too_large(self.pool.status(), fs, size, base)
-        if why:
-            raise DriverError(f"option size={format_size(size)}: {why}")
-
-    def _snapshot(self, text: str) -> str:
-        try:
-            names.check_name(text, snapshot=True)
-            info = self.pool.info(text)
-        except UsageError:
-            raise DriverError(f"option from={text!r}: name a snapshot as VOLUME@SNAPSHOT") \
-                from None
-        except NoSuchDevice:
-            raise DriverError(f"option from={text!r}: there is no snapshot {text!r} "
-                              "(take one with 'thinstore snapshot VOLUME@SNAPSHOT')") from None
-        if info.kind != "snapshot":
-            raise DriverError(f"option from={text!r} is not a snapshot")
-        return text
+        return options.parse(opts, self.pool, self.plugin_name, self.default_size)
 
     def _make(self, name: str, opts: dict) -> None:
         if "from" not in opts:
@@ -229,7 +169,7 @@ class VolumeDriver:
                               "only grow")
         if size is not None and size > info.size:
             try:
-                self._check_fits(self._fs_of(opts["from"]), size, info.size)
+                options.check_fits(self.pool, self._fs_of(opts["from"]), size, info.size)
             except DriverError:
                 self.pool.destroy(name)
                 raise

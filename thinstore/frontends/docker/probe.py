@@ -1,17 +1,14 @@
 """What a volume's file system is, read without attaching or changing anything.
 
-:func:`probe_fs` (from :mod:`thinstore.frontends.attach.fsbounds`) reads the super
-block's magic from the pool's device (ext4: 0xEF53 at byte 1080; xfs: "XFSB" at byte 0)
--- what a clone or a renamed volume really holds.  :func:`read_only` tells a mounted
-file system that has stopped writing after errors.
+:func:`read_only` tells a mounted file system that has stopped writing after errors.
+(What file system a device holds, read from the pool without attaching it, is
+:func:`thinstore.frontends.attach.fsbounds.probe_fs`.)
 """
 
 from __future__ import annotations
 
 import os
 import re
-
-from thinstore.frontends.attach.fsbounds import probe_fs  # noqa: F401  (re-exported)
 
 
 def read_only(target: str) -> bool:
