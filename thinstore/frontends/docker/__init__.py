@@ -66,6 +66,11 @@ class DockerVolumeFrontend(Frontend):
         group.add_argument("--docker-default-size", metavar="SIZE", default=DEFAULT_SIZE,
                            help=f"size of a volume created without -o size (default "
                            f"{DEFAULT_SIZE}; thin: space is taken as it is written)")
+        group.add_argument("--docker-mount-wait", metavar="SECONDS", type=float,
+                           help="answer a Mount within this many seconds (default 100; "
+                           "dockerd waits 120): a mount still making or growing its file "
+                           "system goes on in the background, and the Mount gets an error "
+                           "saying to start the container again shortly")
 
     def __init__(self, ctx, args):
         super().__init__(ctx, args)
@@ -98,13 +103,26 @@ class DockerVolumeFrontend(Frontend):
             log.warning("docker plugin: %s: %s what the previous run left", export, outcome)
         registry.settle({d.name: d.uuid for d in self.ctx.pool.list()})
         driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size,
-                              plugin_name=self.plugin_name)
+                              plugin_name=self.plugin_name,
+                              mount_wait=self._mount_wait())
         self.driver = driver
         if self.ctx.control is not None:
             self.ctx.control.snapshot_hooks.append(driver.snapshot_hook)
             self.ctx.control.busy_reasons.append(driver.busy_reason)
         self.server = PluginServer(self.socket_path, driver)
         self.server.start()
+
+    def _mount_wait(self) -> float:
+        from thinstore.errors import UsageError
+
+        from .mountjobs import DEFAULT_WAIT
+
+        wait = getattr(self.args, "docker_mount_wait", None)
+        if wait is None:
+            return DEFAULT_WAIT
+        if not wait > 0:
+            raise UsageError(f"--docker-mount-wait {wait:g}: give a number of seconds above 0")
+        return wait
 
     def stop(self) -> None:
         if self.server is not None:

@@ -40,6 +40,7 @@ from thinstore.frontends.attach import grow
 from thinstore.frontends.attach.fsbounds import probe_fs as _probe_fs
 
 from . import options
+from .mountjobs import DEFAULT_WAIT, MountJobs
 from .options import DriverError
 from .probe import read_only as _read_only
 
@@ -54,13 +55,14 @@ class VolumeDriver:
     """The verbs; ``pool`` is the served Pool, ``attacher`` an Attacher over its server."""
 
     def __init__(self, pool, attacher, registry, mount_root: str, default_size: int,
-                 plugin_name: str = "thinstore"):
+                 plugin_name: str = "thinstore", mount_wait: float = DEFAULT_WAIT):
         self.pool, self.attacher, self.registry = pool, attacher, registry
         self.plugin_name = plugin_name            # the driver name in advice to the user
         self.mount_root, self.default_size = os.path.abspath(mount_root), default_size
         self._lock = threading.Lock()
         self._names: dict[str, threading.Lock] = {}
         self._lingers: dict[str, threading.Timer] = {}
+        self.jobs = MountJobs(mount_wait)         # mounts that outlast Docker's wait
         for name in attacher.attached():          # a linger a crash cut short
             attacher.detach(name, LINGER_OWNER)   # holds nothing
         grow.forget_holds(attacher)               # and a grow
@@ -236,7 +238,8 @@ class VolumeDriver:
         with self._name_lock(name):
             self._writable(name)
             try:
-                target = self._mount_grown(name, owner)
+                target = self.jobs.run(name, owner, lambda: self._mount_grown(name, owner),
+                                       lambda: self.attacher.unmount(name, owner))
                 self._end_linger(name)            # the new owner holds the mount now
             except ThinstoreError as exc:
                 raise DriverError(f"cannot mount {name!r}: {exc}") from None
