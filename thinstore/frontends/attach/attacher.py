@@ -254,6 +254,7 @@ class Attacher:
             if rec is None:
                 return
             rec.owners.clear()
+            self._save()                               # released, whatever follows
             self._teardown(rec, dead=True)
             with self._lock:
                 self.records.pop(export, None)
