@@ -128,11 +128,14 @@ class Controller(pbg.ControllerServicer):
         mkfs takes (spec.md CreateVolume, "Unsupported capacity_range"), and
         RESOURCE_EXHAUSTED when the metadata mkfs or the grow writes would not fit the
         pool's free space (as for a full pool: attach.fsbounds)."""
+        wanted = {caps.fs_type(c) for c in capabilities
+                  if c.WhichOneof("access_type") == "mount"}
+        if not wanted:
+            return                                # block access: no file system made
         sid = next(iter(source.values())) if source else None
         made = fsbounds.probe_fs(self.pool, sid) if sid else None
         base = self.plugin.size_of(sid) if made else 0
-        types = {made} if made else {caps.fs_type(c) for c in capabilities
-                                     if c.WhichOneof("access_type") == "mount"}
+        types = {made} if made else wanted
         status = self.pool.status()
         for fs in sorted(types):
             why = None if made else fsbounds.too_small(fs, size)
