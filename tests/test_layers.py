@@ -7,7 +7,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
         "units", "rwlock", "readers", "synclog", "recovery", "fastlane", "rados_store",
-        "rados_lock", "queries", "reclaim", "management", "writeback"]
+        "rados_lock", "queries", "reclaim", "management", "writeback", "mapkernels"]
 STORAGE = {"storage", "rados_store", "rados_lock"}   # the only modules that know where bytes live
 ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends",
          "bench")
