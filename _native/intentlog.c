@@ -715,3 +715,129 @@ void ts_syncer_free(ts_syncer *s)
     pthread_mutex_destroy(&s->mu);
     free(s);
 }
+
+/* ---- the append cursor (ts_log: the native NBD loop's records) ---------------- */
+
+ts_log *ts_log_new(ts_syncer *s)
+{
+    ts_log *l = calloc(1, sizeof *l);
+    pthread_mutex_t *mu = malloc(sizeof *mu);
+    if (!l || !mu) {
+        free(l);
+        free(mu);
+        return NULL;
+    }
+    pthread_mutex_init(mu, NULL);
+    l->mu = mu;
+    l->syncer = s;
+    return l;
+}
+
+void ts_log_free(ts_log *l)
+{
+    if (!l)
+        return;
+    pthread_mutex_destroy(l->mu);
+    free(l->mu);
+    free(l);
+}
+
+void ts_log_lock(ts_log *l) { pthread_mutex_lock(l->mu); }
+void ts_log_unlock(ts_log *l) { pthread_mutex_unlock(l->mu); }
+
+void ts_log_pending(ts_log *l, int64_t delta)
+{
+    __atomic_add_fetch(&l->pending, delta, __ATOMIC_SEQ_CST);
+}
+
+#define OWN_MAX 64      /* notes one call of ts_log_own takes (nbd_fast.h TS_NBD_NOTES_MAX) */
+
+/* notes[2n] sorted by offset and joined where they overlap or touch, as
+ * synclog._merge does, into ranges[3m] (device index 0); returns m. */
+static uint64_t own_ranges(const uint64_t *notes, uint64_t n, uint64_t *ranges)
+{
+    uint64_t off[OWN_MAX], len[OWN_MAX];
+    for (uint64_t i = 0; i < n; i++) {            /* insertion sort: n <= 64 */
+        uint64_t o = notes[2 * i], ln = notes[2 * i + 1], j = i;
+        while (j && off[j - 1] > o) {
+            off[j] = off[j - 1];
+            len[j] = len[j - 1];
+            j--;
+        }
+        off[j] = o;
+        len[j] = ln;
+    }
+    uint64_t m = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (m && off[i] <= ranges[3 * (m - 1) + 1] + ranges[3 * (m - 1) + 2]) {
+            uint64_t start = ranges[3 * (m - 1) + 1], end = off[i] + len[i];
+            if (end > start + ranges[3 * (m - 1) + 2])
+                ranges[3 * (m - 1) + 2] = end - start;
+            continue;
+        }
+        ranges[3 * m] = 0;
+        ranges[3 * m + 1] = off[i];
+        ranges[3 * m + 2] = len[i];
+        m++;
+    }
+    return m;
+}
+
+/* Under the gate and mu: the record of notes[2n] appended; 1 with *ticket, or 0. */
+static int own_append(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
+                      const uint64_t *notes, uint64_t n, uint8_t *scratch,
+                      uint64_t scratch_len, uint64_t *ticket)
+{
+    if (__atomic_load_n(&l->pending, __ATOMIC_SEQ_CST) != (int64_t)n || !l->room)
+        return 0;
+    uint64_t ranges[3 * OWN_MAX], data = 0;
+    uint64_t m = own_ranges(notes, n, ranges);
+    for (uint64_t k = 0; k < m; k++)
+        data += ranges[3 * k + 2];
+    uint64_t head = LOG_HEADER_SIZE + m * LOG_ENTRY_SIZE;
+    uint64_t most = (head + data + LOG_ALIGN - 1) / LOG_ALIGN * LOG_ALIGN;
+    if (data > l->max_batch || most > scratch_len || l->tail + most > l->room)
+        return 0;
+    memcpy(scratch, l->head, LOG_HEADER_SIZE);
+    put64(scratch + 24, l->sequence);
+    const ts_dev *devs[1] = { dev };
+    int64_t total = ts_log_record(p, devs, &dev_id, ranges, m, scratch, scratch_len);
+    if (total <= 0)
+        return 0;
+    uint64_t end = l->appended + (uint64_t)total;
+    if (ts_syncer_append(l->syncer, scratch, (uint64_t)total, l->tail, end) != 0)
+        return 0;
+    l->tail += (uint64_t)total;
+    l->sequence += 1;
+    __atomic_store_n(&l->appended, end, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&l->pending, (int64_t)n, __ATOMIC_SEQ_CST);   /* after appended */
+    l->records += 1;
+    l->record_bytes += (uint64_t)total;
+    *ticket = end;
+    return 1;
+}
+
+int ts_log_own(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
+               const uint64_t *notes, uint64_t n, uint8_t *scratch, uint64_t scratch_len,
+               uint64_t *ticket)
+{
+    if (n > OWN_MAX || !__atomic_load_n(&l->syncer, __ATOMIC_SEQ_CST))
+        return 0;               /* no log writer yet: Python's first append starts it */
+    if (n == 0) {
+        /* nothing to append: every write noted so far is in a record up to `appended`
+         * when none is pending (read before `appended`, which grows first) */
+        if (__atomic_load_n(&l->pending, __ATOMIC_SEQ_CST) != 0)
+            return 0;
+        *ticket = __atomic_load_n(&l->appended, __ATOMIC_SEQ_CST);
+        return 1;
+    }
+    if (!ts_gate_enter_reader(p))
+        return 0;
+    pthread_mutex_lock(l->mu);
+    int ok = own_append(l, p, dev, dev_id, notes, n, scratch, scratch_len, ticket);
+    pthread_mutex_unlock(l->mu);
+    ts_gate_leave_reader(p);
+    if (ok)
+        ts_syncer_kick(l->syncer, *ticket);
+    return ok;
+}

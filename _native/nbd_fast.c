@@ -26,6 +26,7 @@
 #define STRUCTURED_MAGIC 0x668E33EFu
 #define CMD_READ 0
 #define CMD_WRITE 1
+#define CMD_FLUSH 3
 #define CMD_FLAG_FUA 1
 #define FLAG_DONE 1
 #define TYPE_OFFSET_DATA 1
@@ -104,16 +105,99 @@ static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t leng
     return noted(c, offset, length, t0);
 }
 
-/* A WRITE served: noted (its offset and length) and counted; -1. */
+/* A WRITE served: noted (its offset and length; counted pending in the log's
+ * cursor at once) and counted; -1. */
 static int noted(ts_nbd_conn *c, uint64_t offset, uint32_t length, int64_t t0)
 {
-    uint64_t k = (uint64_t)c->stat[3];
+    uint64_t k = c->n_notes++;
     c->notes[2 * k] = offset;
     c->notes[2 * k + 1] = length;
+    if (c->log)
+        ts_log_pending(c->log, 1);
+    c->since += 1;
+    c->started = 0;
     c->stat[3] += 1;
     c->stat[4] += length;
     c->stat[5] += now_ns() - t0;
     return -1;
+}
+
+/* ---- the durable path (nbd_fast.h) ------------------------------------------- */
+
+#define SCORE_MAX 4      /* held.py _SCORE_MAX, _SCORE_MIN */
+#define SCORE_MIN (-8)
+
+/* Hold a FLUSH (length 0) or FUA WRITE, scoring the early flush's guess as
+ * held.py's _hold does. */
+static void hold(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t length)
+{
+    int64_t gap = c->since;
+    if (c->guess) {
+        c->score = gap == c->guess ? (c->score < SCORE_MAX ? c->score + 1 : SCORE_MAX)
+                                   : (c->score - 2 > SCORE_MIN ? c->score - 2 : SCORE_MIN);
+        c->guess = 0;
+    }
+    c->gap = gap;
+    c->since = 0;
+    c->started = 0;
+    uint32_t k = c->n_held++;
+    c->held_cookie[k] = cookie;
+    c->held_offset[k] = offset;
+    c->held_length[k] = length;
+}
+
+/* A record of the call's notes appended (ts_log_own); 1 with *ticket, or 0. */
+static int own(ts_nbd_conn *c, uint64_t *ticket)
+{
+    if (!ts_log_own(c->log, c->pool, c->dev, c->dev_id, c->notes, c->n_notes, c->scratch,
+                    c->scratch_size, ticket))
+        return 0;
+    c->n_notes = 0;          /* in the record: not Python's to note */
+    return 1;
+}
+
+/* Wait for ticket, then answer every held request; 1, or 0 (left held). */
+static int answer(ts_nbd_conn *c, uint64_t ticket)
+{
+    int64_t t0 = now_ns();
+    if (ts_syncer_wait(c->log->syncer, ticket) < 0)
+        return 0;
+    int64_t flushes = 0;
+    for (uint32_t k = 0; k < c->n_held; k++) {
+        simple_reply(c->obuf + c->out_len, c->held_cookie[k]);
+        c->out_len += SIMPLE_LEN;
+        flushes += c->held_length[k] == 0;
+    }
+    c->replies += c->n_held;
+    c->n_held = 0;
+    c->flush_stat[0] += flushes;
+    c->flush_stat[1] += (now_ns() - t0) * flushes;
+    return 1;
+}
+
+/* No whole request is buffered: settle what is held, or append the early record. */
+static int idle(ts_nbd_conn *c)
+{
+    uint64_t ticket;
+    if (!c->log)
+        return TS_NBD_IDLE;
+    if (c->n_held) {
+        if (!own(c, &ticket))
+            return TS_NBD_IDLE;             /* Python takes them over */
+        if (c->out_len != c->mark) {        /* the call's replies go out first */
+            c->ticket = ticket;
+            return TS_NBD_SYNC;
+        }
+        answer(c, ticket);
+        return TS_NBD_IDLE;
+    }
+    if (c->since && c->since == c->gap && c->writable) {
+        if (!c->guess)
+            c->guess = c->since;
+        if (c->score >= 0 && !c->started && c->n_notes && own(c, &ticket))
+            c->started = 1;
+    }
+    return TS_NBD_IDLE;
 }
 
 /* One WRITE whose header and payload are at h: TS_NBD_OTHER when the lane
@@ -131,7 +215,11 @@ static int serve_write(ts_nbd_conn *c, const uint8_t *h, uint64_t cookie, uint64
     c->start += TS_NBD_HEADER + (uint64_t)length;
     if (!fua)
         return wrote(c, cookie, offset, length, t0);
-    noted(c, offset, length, t0);      /* no reply: Python holds it until a flush */
+    noted(c, offset, length, t0);      /* no reply: held until a flush */
+    if (c->log) {
+        hold(c, cookie, offset, length);
+        return -1;
+    }
     c->fua_cookie = cookie;
     c->fua_offset = offset;
     c->fua_length = length;
@@ -380,8 +468,8 @@ static int burst(ts_nbd_conn *c, int may_block)
     for (;;) {
         struct pipe *w = c->pipe;
         int busy = w && w->busy;     /* one reply and one note more to come */
-        if (c->out_len >= c->out_flush || c->replies + busy >= c->max_replies ||
-            c->stat[3] + busy >= TS_NBD_NOTES_MAX)
+        if (c->out_len >= c->out_flush || c->replies + c->n_held + busy >= c->max_replies ||
+            c->n_notes + busy >= TS_NBD_NOTES_MAX || c->n_held >= TS_NBD_HELD_MAX)
             return TS_NBD_FULL;
         if (c->end - c->start < TS_NBD_HEADER) {
             if (busy) {
@@ -393,7 +481,7 @@ static int burst(ts_nbd_conn *c, int may_block)
                     continue;
                 }
             } else {
-                if (!may_block) return TS_NBD_IDLE;
+                if (!may_block) return idle(c);
                 if (fill(c, TS_NBD_HEADER) < 0) return TS_NBD_CLOSED;
             }
         }
@@ -403,6 +491,18 @@ static int burst(ts_nbd_conn *c, int may_block)
         uint32_t length = get32(h + 24);
         uint64_t size = __atomic_load_n(&c->dev->size, __ATOMIC_RELAXED);
         uint64_t most = c->large_max > TS_NBD_FAST_MAX ? c->large_max : TS_NBD_FAST_MAX;
+        if (type == CMD_FLUSH && c->log && c->fua && c->writable && !flags && !offset &&
+                !length && get32(h) == REQUEST_MAGIC) {
+            if (busy) {                 /* the write before it is noted first */
+                int rc = finish(c, w);
+                if (rc >= 0) return rc;
+                continue;
+            }
+            c->start += TS_NBD_HEADER;
+            hold(c, cookie, 0, 0);
+            may_block = 0;
+            continue;
+        }
         int fua = flags == CMD_FLAG_FUA && type == CMD_WRITE && c->fua &&
                   length <= TS_NBD_FAST_MAX;
         if (get32(h) != REQUEST_MAGIC || (flags && !fua) || type > CMD_WRITE || length == 0 ||
@@ -439,11 +539,20 @@ static int burst(ts_nbd_conn *c, int may_block)
     }
 }
 
-int ts_nbd_burst(ts_nbd_conn *c, int may_block)
+/* A call's counters and cursors, zeroed at its start. */
+static void begin(ts_nbd_conn *c)
 {
     memset(c->stat, 0, sizeof c->stat);
+    memset(c->flush_stat, 0, sizeof c->flush_stat);
     c->err = 0;
     c->lost = 0;
+    c->n_notes = 0;
+    c->mark = c->out_len;
+}
+
+int ts_nbd_burst(ts_nbd_conn *c, int may_block)
+{
+    begin(c);
     struct pipe *w = c->pipe;
     if (w && w->has_parked) {          /* received at the last call, after a TAKEN */
         w->has_parked = 0;
@@ -458,11 +567,15 @@ int ts_nbd_burst(ts_nbd_conn *c, int may_block)
     return rc;
 }
 
+int ts_nbd_settle(ts_nbd_conn *c)
+{
+    begin(c);
+    return answer(c, c->ticket) ? -1 : TS_NBD_IDLE;
+}
+
 int ts_nbd_drain(ts_nbd_conn *c)
 {
-    memset(c->stat, 0, sizeof c->stat);
-    c->err = 0;
-    c->lost = 0;
+    begin(c);
     struct pipe *w = c->pipe;
     return w && w->busy ? finish(c, w) : -1;
 }

@@ -31,6 +31,7 @@
 #define TS_NBD_FAST_MAX 131072   /* largest READ/WRITE served (held.py FAST_MAX)      */
 #define TS_NBD_HEADER 28         /* request header bytes                              */
 #define TS_NBD_NOTES_MAX 64      /* writes recorded per call: the call stops at this   */
+#define TS_NBD_HELD_MAX 64       /* FLUSH and FUA replies the loop holds at once        */
 
 /* Why ts_nbd_burst returned (the request at ibuf[start] is unconsumed in each case): */
 #define TS_NBD_IDLE 0    /* no whole request header is buffered and may_block was 0 */
@@ -52,6 +53,9 @@
                           * like any other, but has no reply in obuf: Python holds
                           * its reply until a flush (fua_cookie, fua_offset,
                           * fua_length)                                              */
+#define TS_NBD_SYNC 7    /* (with log) the record for the held FLUSH and FUA requests
+                          * is on its way (ticket): Python sends the replies in obuf,
+                          * then calls ts_nbd_settle                                 */
 
 /*
  * One connection, set up and kept in step by Python (thinstore/nbd/burst.py):
@@ -123,7 +127,48 @@ typedef struct ts_nbd_conn {
     uint64_t lost;
     int fua;
     uint64_t fua_cookie; uint64_t fua_offset; uint64_t fua_length;
+    /* the durable path (below) */
+    ts_log *log; uint64_t dev_id;
+    uint8_t *scratch; uint64_t scratch_size;
+    uint32_t n_notes;
+    uint32_t n_held;
+    uint64_t held_cookie[64]; uint64_t held_offset[64]; uint32_t held_length[64];
+    uint64_t ticket;
+    int64_t since; int64_t gap; int64_t guess; int64_t score; int started;
+    uint64_t mark;
+    int64_t flush_stat[2];
 } ts_nbd_conn;
+
+/*
+ * The durable path (with log, the pool's intent-log cursor, and fua set): the loop
+ * answers FLUSH and FUA WRITEs itself, as thinstore/nbd/held.py does in Python, when
+ * the only writes pending in the whole pool are its own:
+ *   log, dev_id     the cursor (ts_log) and the exported device's id; NULL: off
+ *   scratch[scratch_size]  where the loop builds its records
+ *   n_notes         the notes in notes[] (stat[3] counts the call's WRITEs; a note
+ *                   the loop put in a record of its own leaves notes[])
+ *   held_*[n_held]  FLUSH (length 0) and FUA WRITE requests held: each answered
+ *                   once a record holding every write noted before it is durable
+ *   ticket          the ticket of that record (TS_NBD_SYNC)
+ *   since, gap, guess, score, started   the early flush's state, shared with
+ *                   held.py (its docstring): writes since the last FLUSH or FUA,
+ *                   the gap before, the write count a FLUSH is expected at, how
+ *                   such guesses did, whether the early record of those writes was
+ *                   appended here
+ *   mark            obuf's length when the call began
+ *   flush_stat[2]   this call's answered FLUSHes: count and ns (held to answered)
+ * A plain FLUSH (flags, offset and length 0) and a FUA WRITE (served as above) are
+ * held; once no whole request is buffered (the loop would return TS_NBD_IDLE) the
+ * loop appends one record of its notes (ts_log_own) and, with no other reply of the
+ * call in obuf, waits for it and answers every held request (simple replies) before
+ * it returns; with other replies it returns TS_NBD_SYNC first.  With nothing held,
+ * when the client's pattern says a FLUSH comes next (since == gap, score >= 0),
+ * the record is appended at that point, before the write's reply goes out.  Where
+ * ts_log_own or the wait says Python must (other writes pending, an error), the
+ * call returns with the requests still in held_*: Python holds them (held.py) and
+ * its flush does the rest, including reporting any error.  Any return may leave
+ * requests in held_*; Python takes them over before it calls again.
+ */
 
 /*
  * Serve requests from c->ibuf until one of the stops above.  A request is served
@@ -157,6 +202,14 @@ int ts_nbd_burst(ts_nbd_conn *c, int may_block);
  * from a ts_nbd_burst call), TS_NBD_TAKEN when the lane did not write it.
  */
 int ts_nbd_drain(ts_nbd_conn *c);
+
+/*
+ * After TS_NBD_SYNC, once Python sent the call's replies: wait for c->ticket and
+ * answer the held requests into obuf (counted in flush_stat; stat zeroed); -1, or
+ * TS_NBD_IDLE with the requests still held when the record could not be made
+ * durable (Python takes them over).
+ */
+int ts_nbd_settle(ts_nbd_conn *c);
 
 /*
  * Stop and free c's writer thread, if it has one (after ts_nbd_burst or

@@ -839,6 +839,25 @@ static int64_t read_lane(ts_pool *l, const ts_dev *dev, uint8_t *buf, uint64_t o
     return rc;
 }
 
+int ts_gate_enter_reader(ts_pool *l)
+{
+    int64_t g = __atomic_load_n(&l->gate, __ATOMIC_SEQ_CST);
+    do {
+        if ((g & (TS_GATE_WRITER | TS_GATE_EXCLUSIVE)) || closing(&l->excl_closers))
+            return 0;
+    } while (!__atomic_compare_exchange_n(&l->gate, &g, g + TS_GATE_READER, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    if (l->open)
+        return 1;
+    lane_leave(l, TS_GATE_READER);
+    return 0;
+}
+
+void ts_gate_leave_reader(ts_pool *l)
+{
+    lane_leave(l, TS_GATE_READER);
+}
+
 int64_t ts_read_runs(ts_pool *p, const ts_dev *dev, uint8_t *buf, uint64_t offset,
                      uint64_t length)
 {

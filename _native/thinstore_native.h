@@ -43,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 13
+#define TS_API_VERSION 14
 
 #define TS_FANOUT 508
 
@@ -428,6 +428,59 @@ void ts_syncer_stats(ts_syncer *s, uint64_t *out);
 void ts_syncer_stop(ts_syncer *s);
 void ts_syncer_free(ts_syncer *s);
 
+/*
+ * The log's append cursor (intentlog.c), shared by synclog.py and the native NBD
+ * loop (nbd_fast.h), so that a connection's loop can append a record of its own
+ * writes and answer a FLUSH or FUA write without returning to Python.
+ *   syncer      the log writer every record goes through
+ *   mu          the append mutex (an opaque pthread mutex: ts_log_lock/unlock):
+ *               one record built and appended at a time, in sequence order
+ *   pending     writes noted and not yet in an appended record (atomic: Python
+ *               adds its own notes with ts_log_pending, the loop its own as it
+ *               makes them; an append takes its notes off after `appended` grew)
+ *   appended    bytes appended ever (a record's ticket is this after it); under mu
+ *   tail, sequence  where the next record goes and its number in the epoch; under mu
+ *   room        a record appended in C must end at or before this (synclog.py keeps
+ *               it at min(extent - 2 GROW_STEP, MAX_BYTES)); 0: C appends nothing
+ *   max_batch   bytes of data one record may carry
+ *   head[64]    the header of the epoch's records with sequence 0 (magic, version,
+ *               base), packed by synclog.py whenever the base changes
+ *   records, record_bytes  the records the loop appended (counters)
+ * ts_log_own(l, p, dev, dev_id, notes, n, scratch, len, &ticket): under the gate
+ * (a lane read's side: no write runs) and mu, when the only writes pending are
+ * the n (offset, length) pairs of notes[2n] on dev (id dev_id), append one record
+ * of them (built in scratch[len], ts_log_record) and start its write; with n = 0,
+ * only check that nothing is pending.  1 with *ticket set (durable once
+ * ts_syncer_wait(ticket) says so: every write noted so far is in a record up to
+ * it), 0 when Python must do it (others' writes pending, the gate closed, no
+ * room, a record too large or not buildable in C); never an error: Python's
+ * path then meets the same one and reports it.
+ */
+typedef struct ts_log {
+    ts_syncer *syncer;
+    void *mu;
+    int64_t pending;
+    uint64_t appended, tail, sequence, room, max_batch;
+    uint8_t head[64];
+    uint64_t records, record_bytes;
+} ts_log;
+ts_log *ts_log_new(ts_syncer *s);
+void ts_log_free(ts_log *l);
+void ts_log_lock(ts_log *l);
+void ts_log_unlock(ts_log *l);
+void ts_log_pending(ts_log *l, int64_t delta);
+int ts_log_own(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
+               const uint64_t *notes, uint64_t n, uint8_t *scratch, uint64_t scratch_len,
+               uint64_t *ticket);
+
 /* cdef-end */
+
+/*
+ * C callers only (intentlog.c): enter the gate as a lane read does -- 1 when
+ * inside (the lane open, no lane write or exclusive holder, no exclusive closer
+ * waiting), 0 when it must stand aside; leave it after a 1.
+ */
+int ts_gate_enter_reader(ts_pool *l);
+void ts_gate_leave_reader(ts_pool *l);
 
 #endif /* THINSTORE_NATIVE_H */

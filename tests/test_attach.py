@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -392,3 +393,48 @@ def test_mkfs_cut_short_by_a_crash_is_made_again(rig, monkeypatch):
     assert host.mount_at(target).fstype == "ext4"
     rig.attacher.unmount("cut", "c2")
     assert rig.attacher.attached() == {}, "the finished mkfs is still remembered"
+
+
+def test_a_failed_unmount_keeps_the_release_and_the_next_detach_retries_it(rig):
+    """The last mount owner's unmount fails (the file system is busy): the error is
+    raised, the owner is released in the state file as in memory (a restart does not
+    bring it back), the mount stays, and the next detach of the export unmounts it."""
+    rig.pool.create_volume("busy", 128 * MiB)
+    target = rig.attacher.mount("busy", rig.target("busy"), "c1")
+    held = open(os.path.join(target, "open"), "wb")           # keeps umount busy
+    try:
+        with pytest.raises(AttachError, match="busy"):
+            rig.attacher.unmount("busy", "c1")
+        assert host.mount_at(target) is not None
+        assert rig.attacher.owners("busy") == {}
+        recorded = statefile.StateFile(rig.state_path, MAGIC).load()
+        assert recorded["busy"]["owners"] == {}, "the release was not saved"
+        assert recorded["busy"]["mount"]["target"] == target, "the mount was forgotten"
+    finally:
+        held.close()
+    rig.attacher.unmount("busy", "c1")                         # a retry: unmounts now
+    assert host.mount_at(target) is None and not rig.leftovers()
+    assert rig.attacher.attached() == {}
+    assert statefile.StateFile(rig.state_path, MAGIC).load() == {}
+
+
+def test_a_busy_fuse_unmount_logs_one_line_for_all_its_tries(rig, caplog, monkeypatch):
+    """Something holds the loop device as it goes (a container's bind mount, here an open
+    descriptor): every ``fusermount3 -u`` try fails with EBUSY; the log has one line for
+    the unmount, saying how many tries failed and why, not one (or two) per try."""
+    monkeypatch.setattr(connectors, "BUSY_POLLS", 8)             # 0.8 s of tries
+    rig.pool.create_volume("held", 64 * MiB)
+    device = rig.attacher.attach("held", "c1")
+    holder = os.open(device, os.O_RDONLY)
+    try:
+        with caplog.at_level(logging.INFO, logger="thinstore.attach"):
+            rig.attacher.detach("held", "c1")
+    finally:
+        os.close(holder)
+    lines = [r.getMessage() for r in caplog.records if "unmount FUSE" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "fusermount3 -u failed 8 of 8 tries (" in lines[0] and "busy" in lines[0], lines
+    for _ in range(50):                          # the kernel frees the loop at its last close
+        if not rig.leftovers():
+            break
+        time.sleep(0.1)

@@ -130,3 +130,23 @@ def test_filters_follow_containerds_syntax(filters, expected):
 def test_a_bad_filter_is_a_usage_error(bad):
     with pytest.raises(UsageError):
         compile_filters([bad])
+
+
+# ------------------------------------------------------------ base size
+@pytest.mark.parametrize("size,words", [("1M", "ext4 needs at least 2M"),
+                                        ("1P", "writes about")])
+def test_a_base_size_its_file_system_cannot_take_is_refused_at_start(tmp_path, size, words):
+    """--base-size below what mkfs needs, or whose mkfs metadata would not fit the pool,
+    stops the snapshotter at start with the reason, before any volume is made."""
+    pool = str(tmp_path / "pool")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = [sys.executable, "-m", "thinstore", "--pool", pool]
+    subprocess.run(run + ["init", "--capacity", "1G"], check=True, env=env)
+    done = subprocess.run(run + ["snapshotter", "--address", str(tmp_path / "s.sock"),
+                                 "--base-size", size], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode != 0 and f"--base-size {size}: " in done.stderr \
+        and words in done.stderr, done.stderr
+    listed = subprocess.run(run + ["list", "-H", "-o", "name"], capture_output=True,
+                            text=True, env=env, check=True).stdout
+    assert listed.strip() == "", listed

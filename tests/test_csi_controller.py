@@ -98,6 +98,30 @@ def test_create_volume_honours_an_exact_range_and_rejects_impossible_ones(c):
     assert status_of(c.controller.CreateVolume, create_req("pvc-huge", 1 << 62)) == C.OUT_OF_RANGE
 
 
+def test_create_volume_refuses_sizes_its_file_system_cannot_take(c):
+    """A capacity below what the mount capability's mkfs takes is an unsupported
+    capacity_range (OUT_OF_RANGE); one whose mkfs metadata would not fit the pool's free
+    space is RESOURCE_EXHAUSTED (ext4 at 100 TiB writes ~4.5 GiB; this pool has 4 GiB);
+    a block volume has no file system: neither applies.  Nothing is made."""
+    with pytest.raises(grpc.RpcError) as err:
+        c.controller.CreateVolume(create_req("pvc-tinyx", 64 * MiB, caps=[mount_cap("xfs")]))
+    assert err.value.code() == C.OUT_OF_RANGE and "xfs needs at least 300M" in \
+        err.value.details(), err.value.details()
+    assert status_of(c.controller.CreateVolume, create_req("pvc-tiny", MiB)) == C.OUT_OF_RANGE
+    with pytest.raises(grpc.RpcError) as err:
+        c.controller.CreateVolume(create_req("pvc-vast", 100 << 40))
+    assert err.value.code() == C.RESOURCE_EXHAUSTED and "metadata" in err.value.details()
+    names = {v.volume.volume_id for v in
+             c.controller.ListVolumes(pb.ListVolumesRequest()).entries}
+    assert not any(n.endswith(("tinyx", "tiny", "vast")) for n in names), names
+    vast = c.controller.CreateVolume(create_req("pvc-vastx", 100 << 40,
+                                                caps=[mount_cap("xfs")])).volume
+    block = c.controller.CreateVolume(create_req("pvc-tinyblock", MiB,
+                                                 caps=[block_cap()])).volume
+    for vol in (vast, block):
+        c.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
 def test_create_volume_only_where_the_topology_allows(c):
     key = "topology.csi.thinstore.dev/node"
     here = pb.TopologyRequirement(requisite=[pb.Topology(segments={key: "node-9"}),

@@ -17,7 +17,7 @@ import pytest
 from thinstore import Pool
 from thinstore.frontends.attach import Attacher
 from thinstore.frontends.attach.filesystem import MKFS
-from thinstore.frontends.docker import fsbounds
+from thinstore.frontends.attach import fsbounds
 from thinstore.frontends.docker.driver import DriverError, VolumeDriver
 from thinstore.frontends.docker.registry import Registry
 from thinstore.reclaim import _extents     # the data extents of a sparse file

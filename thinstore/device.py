@@ -42,7 +42,7 @@ class Device:
         self._fast_read = lane.reader(meta) if lane is not None else None
         self._lane_structs = (lane.c, lane.dev_struct(meta)) if lane is not None else None
         # a lane write notes its range for the intent log here, before it returns
-        self._notes, self._dev_id = pool._log.notes, meta.dev_id
+        self._note, self._dev_id = pool._log.note, meta.dev_id
 
     name = property(lambda self: self._meta.name)
     size = property(lambda self: self._meta.size)
@@ -66,7 +66,7 @@ class Device:
         if fast is None or not fast(data, offset):
             self._pool._write(self._meta, data, offset, fua)
             return
-        self._notes.append((self._dev_id, offset, memoryview(data).nbytes))
+        self._note(self._dev_id, offset, memoryview(data).nbytes)
         if fua:
             self._pool.flush()
 
@@ -76,11 +76,18 @@ class Device:
         note_writes() each range it wrote before anyone can learn of the write."""
         return None if self._closed else self._lane_structs
 
-    def note_writes(self, ranges) -> None:
+    def note_writes(self, ranges, counted: bool = False) -> None:
         """Add lane writes' (offset, length) pairs to the intent log's notes, as pwrite
-        does for its own (see lane_structs)."""
+        does for its own (see lane_structs); `counted`: the caller counted them in the
+        log cursor's pending writes already (the NBD loop with log_cursor())."""
         dev_id = self._dev_id
-        self._notes.extend([(dev_id, off, n) for off, n in ranges])
+        self._pool._log.note_many([(dev_id, off, n) for off, n in ranges], counted)
+
+    def log_cursor(self):
+        """(the intent log's native cursor ``ts_log *``, this device's id) for a native
+        caller that appends its own records (nbd/burst.py; SyncLog.cursor), or None."""
+        cur = None if self._closed else self._pool._log.cursor()
+        return None if cur is None else (cur, self._dev_id)
 
     def discard(self, offset: int, length: int) -> None:
         self._pool._discard(self._meta, offset, length)

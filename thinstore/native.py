@@ -35,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 13  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 14  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -419,6 +419,42 @@ class LogSyncer:
 
     def stop(self) -> None:
         lib.ts_syncer_stop(self._s)
+
+
+class LogCursor:
+    """The intent log's append cursor in C (ts_log, _native/thinstore_native.h), shared
+    by synclog.SyncLog and the native NBD loop: `c` is the struct (its fields read and
+    written by SyncLog under the mutex, which this object is as a context manager:
+    ts_log_lock releases the GIL while it waits). pending(delta) adds to the count of
+    writes noted and not yet in a record (atomic); attach(syncer) gives it the log
+    writer, after which the loop may append; set_head(bytes) the epoch's 64-byte
+    header. Freed when garbage (the NBD loop keeps a reference while it runs)."""
+
+    def __init__(self):
+        c = lib.ts_log_new(ffi.NULL)
+        if c == ffi.NULL:
+            raise MemoryError("cannot allocate the intent log's cursor")
+        self.c = ffi.gc(c, lib.ts_log_free)
+        self._syncer = None
+
+    def attach(self, syncer: LogSyncer) -> None:
+        """(Called with or without the mutex held: one pointer store, which C reads
+        atomically.)"""
+        self._syncer = syncer          # kept alive as long as the cursor
+        self.c.syncer = syncer._s
+
+    def set_head(self, head) -> None:
+        ffi.memmove(self.c.head, head, len(head))
+
+    def pending(self, delta: int) -> None:
+        lib.ts_log_pending(self.c, delta)
+
+    def __enter__(self):
+        lib.ts_log_lock(self.c)
+        return self
+
+    def __exit__(self, *exc):
+        lib.ts_log_unlock(self.c)
 
 
 def _choose():

@@ -99,13 +99,9 @@ class SyncLog:
         self.fio = fio
         self.notes: list = []           # (dev_id, offset, length) written since the last record
         self.base = base
-        self.tail = 0                   # where the next record goes
-        self.sequence = 0
         self.extent = fio.size()        # bytes of the file already written (zeros or records)
-        self.appended = 0               # bytes appended ever: a flush's ticket
         self.synced = 0                 # every byte appended before this is durable
         self._sync = threading.Lock()
-        self._append = threading.Lock()  # one record built and appended at a time
         # fdatasync where the storage backend has it, else its fsync
         self._datasync = getattr(fio, "datasync", None) or fio.fsync
         # the native log writer (started at the first append) where the log has a file
@@ -113,22 +109,71 @@ class SyncLog:
         self._async = native.BACKEND == "native" and native._fd(fio) is not None
         self._syncer = None
         self._dio_fd = -1
+        # the append cursor (tail, sequence, appended, ...): with the log writer, the
+        # native ts_log the NBD loop appends through too, and its mutex; else Python's
+        if self._async:
+            self._c = native.LogCursor()
+            self._cur, self._append = self._c.c, self._c
+        else:
+            self._c, self._cur, self._append = None, _Cursor(), threading.Lock()
+        self._pack_head()
+        self._limits()
         self._counts = {"records": 0, "record_bytes": 0, "syncs": 0, "replayed": 0,
                         "commits_instead": 0}
 
     @property
     def counters(self) -> dict:
         """records, record_bytes, syncs (fdatasyncs of the log), replayed,
-        commits_instead: totals since open."""
+        commits_instead: totals since open; records and record_bytes count the
+        native NBD loop's own records too (ts_log_own), loop_records those alone."""
         out = dict(self._counts)
         if self._syncer is not None:
             out["syncs"] += self._syncer.stats()[1]
+        out["records"] += self._cur.records
+        out["record_bytes"] += self._cur.record_bytes
+        out["loop_records"] = self._cur.records
         return out
+
+    # the append cursor (module docstring; under the append mutex)
+    tail = property(lambda self: self._cur.tail, doc="where the next record goes")
+    sequence = property(lambda self: self._cur.sequence, doc="the next record's number")
+    appended = property(lambda self: self._cur.appended,
+                        doc="bytes appended ever: a flush's ticket")
+
+    def cursor(self):
+        """The native ts_log (``ts_log *``) the NBD loop appends its own records through
+        (nbd/burst.py), or None where the log has no native writer."""
+        return None if self._c is None else self._c.c
+
+    def _pack_head(self) -> None:
+        """The epoch's record header (sequence 0) for the native cursor."""
+        if self._c is not None:
+            head = bytearray(fmt.LOG_HEADER.size)
+            fmt.LOG_HEADER.pack_into(head, 0, fmt.LOG_MAGIC, 0, fmt.LOG_VERSION, 0, 0, 0, 0,
+                                     *self.base)
+            self._c.set_head(head)
+
+    def _limits(self, closed: bool = False) -> None:
+        """Where a record appended by the native loop may end (and its batch limit):
+        before the grown extent's last two steps and MAX_BYTES; nowhere once closed."""
+        cur = self._cur
+        cur.room = 0 if closed else max(0, min(self.extent - 2 * GROW_STEP, MAX_BYTES))
+        cur.max_batch = MAX_BATCH
 
     # ------------------------------------------------------------ noting
     def note(self, dev_id: int, offset: int, length: int) -> None:
+        """Add a write's range to the notes (before the write returns)."""
         if length > 0:
             self.notes.append((dev_id, offset, length))
+            if self._c is not None:
+                self._c.pending(1)
+
+    def note_many(self, notes: list, counted: bool = False) -> None:
+        """Add (dev_id, offset, length) notes at once; `counted`: the native loop has
+        counted them in the cursor's pending writes already (ts_log_pending)."""
+        self.notes.extend(notes)
+        if self._c is not None and not counted:
+            self._c.pending(len(notes))
 
     @property
     def pending(self) -> bool:
@@ -215,17 +260,21 @@ class SyncLog:
         """Under the shared lock and the append mutex: write `record` at the tail (not yet
         durable) and drop
         the first `noted` notes it covers. Returns the ticket to pass to sync()."""
-        end = self.tail + len(record)
+        cur = self._cur
+        end = cur.tail + len(record)
         if end + 2 * GROW_STEP > self.extent:
             self._grow(end + 2 * GROW_STEP)
         if self._async:     # the writer thread writes it (and makes it durable)
-            self._thread().append(record, self.tail, self.appended + len(record))
+            self._thread().append(record, cur.tail, cur.appended + len(record))
         else:
-            self.fio.pwrite(record, self.tail)
-        self.tail = end
-        self.sequence += 1
-        self.appended += len(record)
+            self.fio.pwrite(record, cur.tail)
+        cur.tail = end
+        cur.sequence += 1
+        cur.appended += len(record)
         del self.notes[:noted]      # after `appended` grew: flush() reads both unlocked
+        if self._c is not None:
+            self._c.pending(-noted)
+        self._limits()
         self._counts["records"] += 1
         self._counts["record_bytes"] += len(record)
         return self.appended
@@ -282,12 +331,15 @@ class SyncLog:
                 if self._syncer is None:
                     self._dio_fd = _open_direct(self.fio)
                     self._syncer = native.LogSyncer(native._fd(self.fio), self._dio_fd)
+                    self._c.attach(self._syncer)
                 syncer = self._syncer
         return syncer
 
     def close(self) -> None:
         """Stop the writer thread (a wait still in progress raises EBADF), then close
         the files: the thread must never write to a descriptor number reused meanwhile."""
+        with self._append:          # the native loop appends nothing more
+            self._limits(closed=True)
         if self._syncer is not None:
             self._syncer.stop()
         if self._dio_fd >= 0:
@@ -299,12 +351,18 @@ class SyncLog:
         """After a full commit (superblock durable): everything is durable, and the next
         record starts a new epoch at the start of the log."""
         self.base = base
-        self.tail = 0
-        self.sequence = 0
-        self.synced = max(self.synced, self.appended)
+        cur = self._cur
+        cur.tail = 0
+        cur.sequence = 0
+        self._pack_head()
+        self.synced = max(self.synced, cur.appended)
         if self._syncer is not None:      # records still queued are not needed now
-            self._syncer.discard(self.appended)
-        del self.notes[:len(self.notes)]
+            self._syncer.discard(cur.appended)
+        n = len(self.notes)
+        del self.notes[:n]
+        if self._c is not None:
+            self._c.pending(-n)
+        self._limits()
 
     # ------------------------------------------------------------ replay
     def records(self):
@@ -326,6 +384,18 @@ class SyncLog:
     def _read(self, pos: int, total: int) -> bytes:
         return b"".join(self.fio.pread(min(_READ_STEP, total - i), pos + i)
                         for i in range(0, total, _READ_STEP))
+
+
+class _Cursor:
+    """The append cursor where the log has no native writer: ts_log's fields
+    (thinstore_native.h) in Python, under SyncLog's threading.Lock."""
+
+    __slots__ = ("pending", "appended", "tail", "sequence", "room", "max_batch", "records",
+                 "record_bytes")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
 
 def _open_direct(fio) -> int:

@@ -30,12 +30,24 @@ How it keeps Transmission's promises:
   ``TS_NBD_SEND`` once one is done and the next is with the writer, so its reply
   (noted first, as above) goes out meanwhile; every other return has no write left
   there. ``close()`` stops the thread when the connection ends;
-- FUA WRITEs (small ones): written and noted in C like any other WRITE, but with no
-  reply; C returns ``TS_NBD_FUA`` at once and the reader holds the reply until a
-  flush (held.py ``_hold_fua``), as its own FUA path does;
+- FLUSH and FUA WRITEs (small ones), with the intent log's native cursor
+  (Device.log_cursor, SyncLog.cursor): C holds them and, when the only writes pending
+  in the pool are the call's own, appends one record of them itself (ts_log_own),
+  waits for it and answers them (nbd_fast.h, "The durable path"), as held.py does:
+  its writes are then never Python's to note. It appends the early flush's record
+  there too, before the write's reply goes out. When other replies of the call are
+  in the buffer, C returns ``TS_NBD_SYNC`` first: they are sent, then
+  ``ts_nbd_settle`` waits and answers. Whatever C could not settle it leaves held
+  (``held_*``), and this module hands it to the reader (``_hold``, already scored),
+  after noting the call's writes, so the reader's own flush answers it;
+- without that cursor (the pure-Python backend has no loop; a log without a file
+  descriptor has no native writer), a FUA WRITE is written and noted in C but C
+  returns ``TS_NBD_FUA`` at once and the reader holds the reply (held.py ``_hold_fua``);
+- the early flush's state (held.FlushState) is the ts_nbd_conn's own fields while the
+  loop runs, so C and the reader keep one count of writes since the last FLUSH;
 - counters: ``stats.inline`` READ/WRITE ops, bytes and service time (C times
-  every request it serves, not one in eight), ``moved``, ``_burst`` and
-  ``_since_flush`` count C's requests as the Python path would.
+  every request it serves, not one in eight), FLUSHes C answered and their time,
+  ``moved`` and ``_burst`` count C's requests as the Python path would.
 """
 
 from __future__ import annotations
@@ -46,17 +58,18 @@ from thinstore import native
 from thinstore.nbd import protocol as P
 from thinstore.nbd import stats as S
 from thinstore.nbd.channel import FLUSH_BYTES, FLUSH_COUNT
-from thinstore.nbd.held import FAST_MAX
+from thinstore.nbd.held import FAST_MAX, HOLD_MAX
 
 ENV = "THINSTORE_NBD_LOOP"          # "0": every request takes the Python path
 PIPELINE_ENV = "THINSTORE_NBD_PIPELINE"  # "0": large WRITEs written in turn, not pipelined
 LARGE_MAX = 4 << 20                 # = transmission.INLINE_MAX: READ/WRITE served up to this
+SCRATCH = (1 << 20) + (64 << 10)    # where C builds its records: a larger one is Python's
 OUT_SIZE = FLUSH_BYTES + LARGE_MAX + 64  # one more reply always fits past the flush point
 
 if native.NATIVE:
     _lib, _ffi = native.lib, native.ffi
     _IDLE, _FULL, _TAKEN = _lib.TS_NBD_IDLE, _lib.TS_NBD_FULL, _lib.TS_NBD_TAKEN
-    _SEND, _FUA = _lib.TS_NBD_SEND, _lib.TS_NBD_FUA
+    _SEND, _FUA, _SYNC = _lib.TS_NBD_SEND, _lib.TS_NBD_FUA, _lib.TS_NBD_SYNC
     assert _lib.TS_NBD_FAST_MAX == FAST_MAX
 
 
@@ -100,6 +113,16 @@ class NativeLoop:
             self._bigs += (bytearray(c.large_max),)
             c.big2 = _ffi.from_buffer("uint8_t[]", self._bigs[1], True)
             self._keep += (c.big2,)
+        # the durable path (nbd_fast.h): the intent log's cursor, when it has one
+        cursor = tx.dev.log_cursor() if not tx.read_only else None
+        if cursor is not None:
+            assert _lib.TS_NBD_HELD_MAX == HOLD_MAX
+            self._scratch = bytearray(SCRATCH)
+            c.log, c.dev_id = cursor
+            c.scratch, c.scratch_size = _ffi.from_buffer("uint8_t[]", self._scratch, True), SCRATCH
+            self._keep += (cursor[0], c.scratch)
+        self._counted = cursor is not None      # C counts its notes in the cursor's pending
+        tx._fs = c          # the early flush's state: C's fields (held.FlushState)
         self._tx = tx
 
     def close(self) -> None:
@@ -121,9 +144,19 @@ class NativeLoop:
                 c.start, c.end = inbox.start, inbox.end
                 rc = burst(c, may_block)
                 inbox.start, inbox.end = c.start, c.end
-                if c.out_len != mark or rc == _FUA:
+                if c.out_len != mark or rc == _FUA or c.stat[3] or c.n_held:
                     self._account(tx, mark)
                     may_block = 0       # a request was read since the reader settled
+                if rc == _SYNC:         # the call's replies first, then the held ones
+                    outbox.flush()
+                    if not outbox._queued:
+                        c.out_len = c.replies = 0
+                    mark = c.out_len
+                    _lib.ts_nbd_settle(c)
+                    self._account(tx, mark)
+                    rc = _IDLE
+                if c.n_held:            # what C could not settle: the reader's
+                    self._take_over(tx)
                 if rc == _FUA:
                     tx._hold_fua(c.fua_cookie, c.fua_offset, c.fua_length)
                 elif rc == _IDLE:
@@ -147,9 +180,10 @@ class NativeLoop:
         """Wait for the large WRITE the writer still has when the reader gives up on
         the connection: noted when written (no one is left to answer it)."""
         c = self.c
-        if _lib.ts_nbd_drain(c) != _TAKEN and c.stat[3]:
+        if _lib.ts_nbd_drain(c) != _TAKEN and c.n_notes:
             n = _ffi.unpack(c.notes, 2)
-            tx.dev.note_writes([(n[0], n[1])])
+            tx.dev.note_writes([(n[0], n[1])], self._counted)
+            c.n_notes = 0
 
     def _taken(self, tx) -> None:
         """A large WRITE the loop received but the lane did not write: the reader's
@@ -161,21 +195,40 @@ class NativeLoop:
         req = P.Request(P.REQUEST_MAGIC, 0, P.Cmd.WRITE, c.taken_cookie, c.taken_offset, n)
         tx._execute(req, self._bigs[c.taken_which][:n], None)   # a copy: the buffer is reused
 
+    def _take_over(self, tx) -> None:
+        """The FLUSH and FUA requests C held and could not settle (nbd_fast.h): held by
+        the reader, already scored, as if its own path had read them."""
+        c = self.c
+        for k in range(c.n_held):
+            length = c.held_length[k]
+            if length:
+                req = P.Request(P.REQUEST_MAGIC, P.CMD_FLAG_FUA, P.Cmd.WRITE, c.held_cookie[k],
+                                c.held_offset[k], length)
+            else:
+                tx.stats.inline[S.FLUSH_OPS] += 1
+                req = P.Request(P.REQUEST_MAGIC, 0, P.Cmd.FLUSH, c.held_cookie[k], 0, 0)
+            tx._hold(req, scored=True)
+        c.n_held = 0
+
     def _account(self, tx, mark: int) -> None:
         """Fold one call's counters into the connection's, note its writes, queue its
         replies (in that order: no reply goes out before its write is noted)."""
         c = self.c
         r_ops, r_bytes, r_ns, w_ops, w_bytes, w_ns = _ffi.unpack(c.stat, 6)
         counts = tx.stats.inline            # the reader's own list (nbd/stats.py)
+        if c.n_notes:                       # those not in a record C appended
+            n = _ffi.unpack(c.notes, 2 * c.n_notes)
+            tx.dev.note_writes(zip(n[0::2], n[1::2]), self._counted)
+            c.n_notes = 0
         if w_ops:
-            n = _ffi.unpack(c.notes, 2 * w_ops)
-            tx.dev.note_writes(zip(n[0::2], n[1::2]))
             counts[S.WRITE] += w_ops
             counts[S.WRITE + 1] += w_bytes
             counts[S.WRITE + 2] += w_ns
             counts[S.WRITE + 3] += w_ops
-            tx._since_flush += w_ops
             tx.moved[1] += w_bytes
+        if c.flush_stat[0]:
+            counts[S.FLUSH_OPS] += c.flush_stat[0]
+            counts[S.FLUSH_NS] += c.flush_stat[1]
         if r_ops:
             counts[S.READ] += r_ops
             counts[S.READ + 1] += r_bytes

@@ -52,10 +52,7 @@ class HeldReplies:
 
     def _init_held(self) -> None:
         self._held: list = []   # FLUSH / FUA requests run in the reader, awaiting one sync
-        self._since_flush = 0   # writes the reader ran since the last FLUSH or FUA
-        self._flush_gap = 0     # ... and between the two before (0: no pattern seen)
-        self._guess = 0         # the write count at which a FLUSH is expected (0: none)
-        self._score = 0         # how such guesses did: +1 a hit, -2 a miss (below 0: off)
+        self._fs = FlushState()  # the early flush's state (the native loop's, when it runs)
         self._burst = 0         # requests read since the reader last was about to block
 
     def _fast_durable(self, magic, flags, kind, cookie, offset, length) -> bool:
@@ -70,7 +67,7 @@ class HeldReplies:
                 and offset + length <= self.dev.size:
             payload = bytearray(length)
             self._inbox.readinto(memoryview(payload))
-            self._since_flush += 1
+            self._fs.since += 1
             try:
                 self.dev.pwrite(payload, offset)
             except Exception as exc:       # a failed request must not end the session
@@ -94,14 +91,17 @@ class HeldReplies:
             self._start_flush()
         self._hold(P.Request(P.REQUEST_MAGIC, _FUA, _WRITE, cookie, offset, length))
 
-    def _hold(self, req: P.Request) -> None:
-        """Reader thread: answer `req` after the next Pool.flush (see _settle)."""
-        gap = self._since_flush
-        if self._guess:             # was the FLUSH (or FUA) where it was expected?
-            self._score = min(_SCORE_MAX, self._score + 1) if gap == self._guess \
-                else max(_SCORE_MIN, self._score - 2)
-            self._guess = 0
-        self._flush_gap, self._since_flush = gap, 0
+    def _hold(self, req: P.Request, scored: bool = False) -> None:
+        """Reader thread: answer `req` after the next Pool.flush (see _settle);
+        `scored`: the native loop held it first and scored its guess already."""
+        if not scored:
+            fs = self._fs
+            gap = fs.since
+            if fs.guess:            # was the FLUSH (or FUA) where it was expected?
+                fs.score = min(_SCORE_MAX, fs.score + 1) if gap == fs.guess \
+                    else max(_SCORE_MIN, fs.score - 2)
+                fs.guess = 0
+            fs.gap, fs.since, fs.started = gap, 0, 0
         self._held.append(req)
         if len(self._held) >= HOLD_MAX:
             held, self._held = self._held, []
@@ -126,11 +126,12 @@ class HeldReplies:
         others, alone = bool(self._outbox._queued), self._burst == 1
         self._burst = 0
         held, self._held = self._held, []
-        expect = not held and self._since_flush and \
-            self._since_flush == self._flush_gap and not self.read_only
-        if expect and not self._guess:
-            self._guess = self._since_flush
-        early = expect and self._score >= 0
+        fs = self._fs
+        expect = not held and fs.since and fs.since == fs.gap and not self.read_only
+        if expect and not fs.guess:
+            fs.guess = fs.since
+        # (the native loop may have appended this record already: started)
+        early = expect and fs.score >= 0 and not fs.started
         # the log writer starts on the record before the replies go out
         started = (early or held and others) and self._start_flush()
         self._outbox.flush()
@@ -195,6 +196,20 @@ class HeldReplies:
         finally:
             if pooled:
                 self._budget.release(0)
+
+
+class FlushState:
+    """The early flush's state (module docstring), the fields of the same names in
+    the native loop's ts_nbd_conn (nbd_fast.h), which takes its place while the loop
+    runs (burst.py): since (writes since the last FLUSH or FUA), gap (between the
+    two before; 0: no pattern seen), guess (the write count at which a FLUSH is
+    expected; 0: none), score (how such guesses did: +1 a hit, -2 a miss; below 0:
+    off), started (the early record of the writes since was appended already)."""
+
+    __slots__ = ("since", "gap", "guess", "score", "started")
+
+    def __init__(self):
+        self.since = self.gap = self.guess = self.score = self.started = 0
 
 
 def _take(counts: list, flushes: int, writes: list) -> None:

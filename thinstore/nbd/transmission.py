@@ -187,7 +187,7 @@ class Transmission(HeldReplies):
                 return False
             payload = bytearray(length)
             self._inbox.readinto(memoryview(payload))
-            self._since_flush += 1
+            self._fs.since += 1
         counts = self.stats.inline           # this thread's own: no lock (nbd/stats.py)
         at = kind << 2                       # S.READ or S.WRITE
         start = 0 if counts[at] & 7 else perf_counter_ns()     # S.SAMPLE_MASK: 1 in 8
@@ -381,7 +381,7 @@ class Transmission(HeldReplies):
 
     def _write(self, req: P.Request, payload) -> None:
         if threading.get_ident() == self._reader:
-            self._since_flush += 1
+            self._fs.since += 1
             if req.flags & P.CMD_FLAG_FUA:
                 if req.length:
                     self.dev.pwrite(payload, req.offset)

@@ -76,6 +76,10 @@ process, and mkfs, mount, fsfreeze, umount are subprocesses whose I/O goes throu
 never call into the Attacher while holding the pool lock.  The snapshot hook freezes,
 then the control server takes the pool lock for the snapshot, then it thaws.
 
+File-system facts for frontends: :mod:`.grow` (``mount_grown``: a fresh mount grows a
+file system smaller than its device first) and :mod:`.fsbounds` (sizes a file system can
+be made on, in a pool with how much free space; what a pool device holds).
+
 Errors: :class:`AttachError` (a failed step; the message carries the command and its
 stderr), :class:`thinstore.errors.DeviceBusy` (held otherwise), UsageError (bad fstype).
 """

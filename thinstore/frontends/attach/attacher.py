@@ -41,7 +41,7 @@ class Attacher:
     def _save(self) -> None:
         with self._lock:
             live = {k: r for k, r in self.records.items()
-                    if r.owners or r.device or r.workdir or r.unfinished_mkfs}
+                    if r.owners or r.device or r.workdir or r.mount or r.unfinished_mkfs}
             self.records = live
             self.state.save(live)
 
@@ -104,17 +104,30 @@ class Attacher:
 
     def detach(self, export: str, owner: str) -> None:
         """Drop ``owner``'s hold of any kind: the last mount owner's release unmounts, the
-        last owner's detaches.  An owner that holds nothing is not an error (a retry)."""
+        last owner's detaches.  An owner that holds nothing is not an error (a retry).
+
+        The release is saved before anything is undone, so the state file always says
+        what was asked: when the unmount or detach then fails (a busy mount), the error
+        is raised, the owner stays released (on disk too: a restart does not bring it
+        back), and the mount or device stays as it is until the next detach of the
+        export (by any owner, a retry included) or the frontend's stop tries again."""
         with self._export_lock(export):
             rec = self.records.get(export)
-            if rec is None or rec.owners.pop(owner, None) is None:
+            if rec is None:
                 return
-            if rec.mount and not rec.mount_owners():
-                filesystem.unmount(rec.mount["target"])
-                rec.mount = None
+            if rec.owners.pop(owner, None) is not None:
                 self._save()
-            if not rec.owners:
-                self._teardown(rec, dead=False)
+            self._release(rec)
+
+    def _release(self, rec: Attachment) -> None:
+        """Undo what no owner holds any more: the mount once no mount owner is left, the
+        device once no owner is; each step saved as it is done."""
+        if rec.mount and not rec.mount_owners():
+            filesystem.unmount(rec.mount["target"])
+            rec.mount = None
+            self._save()
+        if not rec.owners and (rec.device or rec.workdir):
+            self._teardown(rec, dead=False)
             self._save()
 
     def _teardown(self, rec: Attachment, dead: bool) -> None:
@@ -241,6 +254,7 @@ class Attacher:
             if rec is None:
                 return
             rec.owners.clear()
+            self._save()                               # released, whatever follows
             self._teardown(rec, dead=True)
             with self._lock:
                 self.records.pop(export, None)
@@ -251,12 +265,12 @@ class Attacher:
         if rec is None:
             return
         rec.owners.pop(owner, None)
+        self._save()                                   # released, whatever follows
         if rec.mount and rec.mount.get("state") == "mounting":
             filesystem.unmount_dead(rec.mount["target"])
             rec.mount = None
-        if not rec.owners:
-            self._teardown(rec, dead=False)
-        self._save()
+            self._save()
+        self._release(rec)
 
     def unmount(self, export: str, owner: str) -> None:
         """Drop ``owner``'s mount (the same as :meth:`detach`: an owner holds once)."""

@@ -165,14 +165,29 @@ class FuseLoopConnector(Connector):
             attempt(["losetup", "-d", device], what=f"detach {device}")
 
     def _unmount_fuse(self, workdir: str) -> bool:
-        """``fusermount3 -u`` (nbdfuse exits then); retried while the loop lets go."""
+        """``fusermount3 -u`` (nbdfuse exits then); retried every 0.1 s, BUSY_POLLS times,
+        while the loop device lets go of the file.  One log line for all the tries (a
+        container holding the volume at a stop makes every try fail): how many, and the
+        last failure.  True once the FUSE mount is gone."""
+        argv, tries, failed, last = ["fusermount3", "-u", workdir], 0, 0, None
         for _ in range(BUSY_POLLS):
             if host.mount_at(workdir) is None:
-                return True
-            if attempt(["fusermount3", "-u", workdir], what=f"unmount FUSE {workdir}"):
-                return True
+                break
+            tries += 1
+            try:
+                run(argv, what=f"unmount FUSE {workdir}", timeout=60, logged=False)
+                break
+            except AttachError as exc:
+                failed, last = failed + 1, str(exc).rsplit(": ", 1)[-1]
             time.sleep(0.1)
-        return False
+        gone = host.mount_at(workdir) is None
+        if gone and tries:
+            log.info("unmount FUSE %s: %s (%s)", workdir, " ".join(argv),
+                     "at the first try" if not failed else f"{failed} busy tries first")
+        elif not gone:
+            log.warning("unmount FUSE %s: fusermount3 -u failed %d of %d tries (%s): "
+                        "something still holds its loop device", workdir, failed, tries, last)
+        return gone
 
     def sweep(self, known: set[str]) -> None:
         if not os.path.isdir(self.root):

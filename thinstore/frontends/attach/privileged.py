@@ -43,15 +43,19 @@ class AttachError(ThinstoreError):
 
 def run(argv: list[str], *, what: str, ok_codes: tuple[int, ...] = (0,),
         timeout: float = DEFAULT_TIMEOUT, pass_fds: tuple[int, ...] = (),
-        quiet: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+        quiet: bool = False, env: dict | None = None,
+        logged: bool = True) -> subprocess.CompletedProcess:
     """Run ``argv`` (no shell), return the finished process (stdout/stderr as text).
 
     ``what`` says what the step is for ("mount db on /x"); it starts the error message.
     An exit status outside ``ok_codes`` raises :class:`AttachError` carrying the stderr
-    (logged as a warning unless ``quiet``: the caller expects it at times).
+    (logged as a warning unless ``quiet``: the caller expects it at times).  ``logged``
+    False: neither the command nor its failure is logged (a caller that retries a step
+    logs one line for all its tries).
     """
     line = shlex.join(argv)
-    log.info("%s: %s", what, line)
+    if logged:
+        log.info("%s: %s", what, line)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               pass_fds=pass_fds, stdin=subprocess.DEVNULL, env=env)
@@ -63,8 +67,9 @@ def run(argv: list[str], *, what: str, ok_codes: tuple[int, ...] = (0,),
         raise AttachError(f"{what}: `{line}` did not finish within {timeout:g} s") from None
     if done.returncode not in ok_codes:
         detail = (done.stderr.strip() or done.stdout.strip())[-STDERR_TAIL:]
-        log.log(logging.INFO if quiet else logging.WARNING, "%s failed (exit %d): %s", what,
-                done.returncode, detail)
+        if logged:
+            log.log(logging.INFO if quiet else logging.WARNING, "%s failed (exit %d): %s",
+                    what, done.returncode, detail)
         raise AttachError(f"{what}: `{line}` failed (exit {done.returncode})"
                           + (f": {detail}" if detail else ""))
     return done

@@ -29,6 +29,7 @@ import signal
 import time
 
 from thinstore.errors import DeviceBusy, DeviceExists, NoSuchDevice, UsageError
+from thinstore.frontends.attach import fsbounds
 from thinstore.units import format_size
 
 from .filters import compile_filters
@@ -147,6 +148,10 @@ class Snapshotter:
             self.base_size = base.size
             return
         self.base_size = self.base_size or DEFAULT_BASE_SIZE
+        why = fsbounds.too_small(self.fs_type, self.base_size) or \
+            fsbounds.too_large(self.pool.status(), self.fs_type, self.base_size)
+        if why:                             # before mkfs fails, or fills the pool
+            raise UsageError(f"--base-size {format_size(self.base_size)}: {why}")
         if BASE in self._pool_names():      # a crash while the file system was being made
             self._destroy(BASE)
         self.pool.create_volume(BASE, self.base_size)

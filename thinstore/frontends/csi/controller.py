@@ -27,6 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from thinstore.errors import UsageError
+from thinstore.frontends.attach import fsbounds
 from thinstore.units import max_device_size
 
 from . import caps, ids
@@ -65,6 +66,7 @@ class Controller(pbg.ControllerServicer):
                 self._same_volume(name, rec, required, limit, params, source)
             else:
                 rec = self._new_volume_record(name, required, limit, params, source)
+                self._need_fs_room(rec["size"], source, req.volume_capabilities)
                 self.state.put("volumes", name, rec)
                 crash_point("volume-recorded")
             try:
@@ -119,6 +121,29 @@ class Controller(pbg.ControllerServicer):
                 raise RPCError(Code.RESOURCE_EXHAUSTED, f"volumes would promise {promised} "
                                f"bytes, more than overcommit {ratio:g} x the pool's "
                                f"{status['capacity']} bytes")
+
+    def _need_fs_room(self, size: int, source: dict | None, capabilities) -> None:
+        """The file system a mount capability makes on the volume (or the one its source
+        holds, grown at its first stage) must fit: OUT_OF_RANGE for a size below what
+        mkfs takes (spec.md CreateVolume, "Unsupported capacity_range"), and
+        RESOURCE_EXHAUSTED when the metadata mkfs or the grow writes would not fit the
+        pool's free space (as for a full pool: attach.fsbounds)."""
+        wanted = {caps.fs_type(c) for c in capabilities
+                  if c.WhichOneof("access_type") == "mount"}
+        if not wanted:
+            return                                # block access: no file system made
+        sid = next(iter(source.values())) if source else None
+        made = fsbounds.probe_fs(self.pool, sid) if sid else None
+        base = self.plugin.size_of(sid) if made else 0
+        types = {made} if made else wanted
+        status = self.pool.status()
+        for fs in sorted(types):
+            why = None if made else fsbounds.too_small(fs, size)
+            if why:
+                raise RPCError(Code.OUT_OF_RANGE, f"a volume of {size} bytes: {why}")
+            why = fsbounds.too_large(status, fs, size, base)
+            if why:
+                raise RPCError(Code.RESOURCE_EXHAUSTED, f"a volume of {size} bytes: {why}")
 
     def _source_size(self, source: dict) -> int:
         (kind, sid), = source.items()

@@ -2,14 +2,18 @@
 
     NodeStageVolume      mount access: attach the volume's NBD export as a kernel block
                          device and mount it at the staging path (a file system is made
-                         only on a blank device: thinstore.frontends.attach); block access:
-                         attach only.
+                         only on a blank device: thinstore.frontends.attach; one smaller
+                         than its device -- a clone made larger than its snapshot, a
+                         volume expanded since -- is grown to fill it: attach.grow);
+                         block access: attach only.
     NodePublishVolume    mount: bind-mount the staging path on the target (read-only when
                          asked); block: bind-mount the device node on a file at the target.
     NodeUnpublishVolume  unmount the target and remove it (the SP made it).
     NodeUnstageVolume    unmount the staging path and detach.
     NodeGetVolumeStats   statvfs of the path: bytes and inodes (block: the device's bytes).
-    NodeExpandVolume     grow the mounted file system (resize2fs / xfs_growfs).
+    NodeExpandVolume     grow the mounted file system if it does not fill its device yet
+                         (resize2fs / xfs_growfs; expansion is OFFLINE, so the stage
+                         before has usually grown it already).
 
 Every stage and publish is recorded (state.py's layout, ``POOL/csi/node``) before it is
 made and dropped after it is undone, so each call is idempotent, and across restarts of
@@ -24,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 
-from thinstore.frontends.attach import Attacher, AttachError, host
+from thinstore.frontends.attach import Attacher, AttachError, grow, host
 from thinstore.frontends.attach.privileged import attempt, run
 
 from . import caps
@@ -86,8 +90,8 @@ class Node(pbg.NodeServicer):
             os.makedirs(rec["path"], exist_ok=True)
             log.info("staged %s as block device %s", vid, rec_device)
             return
-        self.attacher.mount(vid, rec["path"], OWNER, fstype=rec["fs"],
-                            options=rec["flags"], read_only=rec["read_only"])
+        grow.mount_grown(self.attacher, vid, rec["path"], OWNER, fstype=rec["fs"],
+                         options=rec["flags"], read_only=rec["read_only"])
 
     @handler
     def NodeUnstageVolume(self, req, context):
@@ -237,7 +241,7 @@ class Node(pbg.NodeServicer):
             if limit and size > limit:
                 raise RPCError(Code.OUT_OF_RANGE, f"volume is {size} bytes, more than "
                                f"limit_bytes {limit}")
-            if kind == "mount":
+            if kind == "mount" and not grow.fits_device(self.attacher, vid):
                 self.attacher.grow_filesystem(vid)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
@@ -265,6 +269,7 @@ class Node(pbg.NodeServicer):
         volume again (the previous process's NBD server, and with it every device it
         served, is gone)."""
         self.attacher.recover()
+        grow.forget_holds(self.attacher)
         with self.lock:
             for target, rec in list(self.state.items("publishes")):
                 self._unpublish(target, rec, lazy=True)

@@ -7,11 +7,14 @@ It runs in the serve process: the NBD server that the mounted volumes' block dev
 through is the same process's.
 
     driver.py     the verbs (Create, Remove, Mount, Unmount, Path, Get, List, Capabilities)
+    options.py    Create's options, checked before anything is made
     server.py     HTTP over the unix socket (the standard library's http.server)
     registry.py   the options the pool does not keep (file system type, origin)
-    fsbounds.py   which sizes a file system can be made on (Create's refusals)
-    grow.py       a file system grown to its device at a fresh mount
-    probe.py      the file system a device holds; one that stopped writing after errors
+    probe.py      a mounted file system that stopped writing after errors
+
+Which sizes a file system can be made on (Create's refusals) and the grow of a file
+system to its device at a fresh mount are the attach module's (``attach/fsbounds.py``,
+``attach/grow.py``), shared with the CSI plugin.
 
 State, under POOL/docker/ (``--docker-state-dir``): ``volumes.json`` (the registry),
 ``attach.json`` (mounts and their owners, :mod:`thinstore.frontends.attach`), ``dev/``
@@ -23,10 +26,8 @@ killed plugin left.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import re
 
 from thinstore.frontends import Frontend
 
@@ -65,6 +66,11 @@ class DockerVolumeFrontend(Frontend):
         group.add_argument("--docker-default-size", metavar="SIZE", default=DEFAULT_SIZE,
                            help=f"size of a volume created without -o size (default "
                            f"{DEFAULT_SIZE}; thin: space is taken as it is written)")
+        group.add_argument("--docker-mount-wait", metavar="SECONDS", type=float,
+                           help="answer a Mount within this many seconds (default 100; "
+                           "dockerd waits 120): a mount still making or growing its file "
+                           "system goes on in the background, and the Mount gets an error "
+                           "saying to start the container again shortly")
 
     def __init__(self, ctx, args):
         super().__init__(ctx, args)
@@ -95,16 +101,28 @@ class DockerVolumeFrontend(Frontend):
                                  self.ctx.nbd_socket)
         for export, outcome in self.attacher.recover().items():
             log.warning("docker plugin: %s: %s what the previous run left", export, outcome)
-        names = {d.name for d in self.ctx.pool.list()}
-        registry.settle(lambda name: name in names)
+        registry.settle({d.name: d.uuid for d in self.ctx.pool.list()})
         driver = VolumeDriver(self.ctx.pool, self.attacher, registry, self.mount_root, size,
-                              plugin_name=self.plugin_name)
+                              plugin_name=self.plugin_name,
+                              mount_wait=self._mount_wait())
         self.driver = driver
         if self.ctx.control is not None:
             self.ctx.control.snapshot_hooks.append(driver.snapshot_hook)
             self.ctx.control.busy_reasons.append(driver.busy_reason)
         self.server = PluginServer(self.socket_path, driver)
         self.server.start()
+
+    def _mount_wait(self) -> float:
+        from thinstore.errors import UsageError
+
+        from .mountjobs import DEFAULT_WAIT
+
+        wait = getattr(self.args, "docker_mount_wait", None)
+        if wait is None:
+            return DEFAULT_WAIT
+        if not wait > 0:
+            raise UsageError(f"--docker-mount-wait {wait:g}: give a number of seconds above 0")
+        return wait
 
     def stop(self) -> None:
         if self.server is not None:
@@ -120,47 +138,10 @@ class DockerVolumeFrontend(Frontend):
             self.driver.close()
             self.driver = None
         if self.attacher is not None:
-            with folded_retries(logging.getLogger("thinstore.attach")):
-                self.attacher.close()
+            self.attacher.close()
             self.attacher = None
 
     def describe(self) -> list[str]:
         return [f"docker volume plugin {self.plugin_name!r}: unix://{self.socket_path} "
                 "(dockerd names the driver after the socket in /run/docker/plugins or a "
                 ".spec file in /etc/docker/plugins)"]
-
-
-#: the attach module's lines for one try of unmounting a FUSE work dir (the command, and
-#: its failure): at a stop while a container still holds a volume, tried ~50 times
-FUSE_RETRY = re.compile(r"unmount FUSE (\S+)(: fusermount3 | failed )")
-
-
-@contextlib.contextmanager
-def folded_retries(logger: logging.Logger):
-    """Fold the repeated FUSE unmount tries logged to ``logger`` in the body into one
-    line per work dir with their count and the last failure (a stop with a container
-    still holding its volume otherwise logs ~100 lines of "Device or resource busy")."""
-    tries: dict[str, list] = {}
-
-    def fold(record: logging.LogRecord) -> bool:
-        found = FUSE_RETRY.match(record.getMessage())
-        if found is None:
-            return True
-        entry = tries.setdefault(found.group(1), [0, 0, ""])
-        if "failed" in found.group(2):
-            entry[1] += 1
-            entry[2] = record.getMessage().rsplit(": ", 1)[-1]
-        else:
-            entry[0] += 1
-        return False
-
-    logger.addFilter(fold)
-    try:
-        yield
-    finally:
-        logger.removeFilter(fold)
-        for workdir, (runs, failed, last) in tries.items():
-            if failed:
-                logger.warning("unmount FUSE %s: fusermount3 -u failed %d of %d tries (%s): "
-                               "a container still holds its volume", workdir, failed, runs,
-                               last)

@@ -10,7 +10,8 @@ shows every writable device of the pool.  Options of Create (``docker volume cre
 
     size=SIZE     virtual size (binary suffixes: 512M, 10G); default --docker-default-size
     fs=ext4|xfs   the file system made at the first mount (default ext4); a size too small
-                  for it, or whose metadata would not fit the pool (.fsbounds), is refused
+                  for it, or whose metadata would not fit the pool, is refused (the
+                  attach module's fsbounds)
     from=VOL@SNAP a writable O(1) clone of that snapshot (its file system comes along);
                   with size, the clone is grown to it
 
@@ -33,38 +34,38 @@ import time
 
 from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
-from thinstore.units import format_size, parse_size
+from thinstore.units import format_size
 
-from . import fsbounds, grow
-from .probe import probe_fs as _probe_fs, read_only as _read_only
+from thinstore.frontends.attach import grow
+from thinstore.frontends.attach.fsbounds import probe_fs as _probe_fs
+
+from . import options
+from .mountjobs import DEFAULT_WAIT, MountJobs
+from .options import DriverError
+from .probe import read_only as _read_only
 
 log = logging.getLogger("thinstore.docker")
 
-OPTIONS = ("size", "fs", "from")
 LINGER_OWNER = "thinstore-docker-linger"
 LINGER_SECONDS = 2.0
-FSTYPES = ("ext4", "xfs")
 DESTROY_POLLS = 50             # x 0.1 s: how long Remove waits for the last connection to end
-
-
-class DriverError(Exception):
-    """A request the driver refuses; the message is the protocol's Err."""
 
 
 class VolumeDriver:
     """The verbs; ``pool`` is the served Pool, ``attacher`` an Attacher over its server."""
 
     def __init__(self, pool, attacher, registry, mount_root: str, default_size: int,
-                 plugin_name: str = "thinstore"):
+                 plugin_name: str = "thinstore", mount_wait: float = DEFAULT_WAIT):
         self.pool, self.attacher, self.registry = pool, attacher, registry
         self.plugin_name = plugin_name            # the driver name in advice to the user
         self.mount_root, self.default_size = os.path.abspath(mount_root), default_size
         self._lock = threading.Lock()
         self._names: dict[str, threading.Lock] = {}
         self._lingers: dict[str, threading.Timer] = {}
-        for name in attacher.attached():          # a linger or grow a crash cut short
+        self.jobs = MountJobs(mount_wait)         # mounts that outlast Docker's wait
+        for name in attacher.attached():          # a linger a crash cut short
             attacher.detach(name, LINGER_OWNER)   # holds nothing
-            attacher.detach(name, grow.OWNER)
+        grow.forget_holds(attacher)               # and a grow
 
     def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -116,81 +117,46 @@ class VolumeDriver:
         name = self._name(request)
         opts = self._options(request.get("Opts"))
         with self._name_lock(name):
-            if any(d.name == name for d in self.pool.list()):
+            devices = self.pool.list()
+            if any(d.name == name for d in devices):
                 if opts:
                     raise DriverError(f"volume {name!r} exists already; its options cannot "
                                       "change (remove it first, or choose another name)")
                 self._writable(name)
                 return {}
             fs = self._fs_of(opts["from"]) if "from" in opts else opts.get("fs", "ext4")
-            self.registry.put(name, fs=fs, state="creating", **{"from": opts.get("from")})
+            # an entry still under this name is of a volume renamed away: it goes along
+            self.registry.follow({d.name: d.uuid for d in devices})
+            entry = {"fs": fs, "from": opts.get("from")}
+            self.registry.put(name, state="creating", uuid=None, **entry)
             try:
                 self._make(name, opts)
+                uuid = self.pool.info(name).uuid
             except (ThinstoreError, DriverError) as exc:
                 self.registry.drop(name)
                 raise DriverError(str(exc)) from None
-            self.registry.put(name, fs=fs, state="ready", **{"from": opts.get("from")})
+            self.registry.put(name, state="ready", uuid=uuid, **entry)
         return {}
 
-    def _options(self, opts) -> dict:
-        if opts is None:
-            return {}
-        if not isinstance(opts, dict):
-            raise DriverError("Opts must be an object of option=value strings")
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise DriverError(f"unknown option{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}: {self.plugin_name} takes "
-                              f"{', '.join(OPTIONS)}")
-        out = {}
-        for key, value in opts.items():
-            if not isinstance(value, str):
-                raise DriverError(f"option {key!r} must be a string")
-        if "size" in opts:
-            try:
-                out["size"] = parse_size(opts["size"])
-            except UsageError as exc:
-                raise DriverError(f"option size: {exc}") from None
-            if out["size"] <= 0:
-                raise DriverError("option size: a volume needs a size above 0")
-        if "fs" in opts:
-            if opts["fs"] not in FSTYPES:
-                raise DriverError(f"option fs={opts['fs']!r}: use {' or '.join(FSTYPES)}")
-            if "from" in opts:
-                raise DriverError("options fs and from exclude each other: a clone has its "
-                                  "snapshot's file system")
-            out["fs"] = opts["fs"]
-        if "from" in opts:
-            out["from"] = self._snapshot(opts["from"])
-        if "from" not in out:
-            fs, size = out.get("fs", "ext4"), out.get("size", self.default_size)
-            if size < fsbounds.MINIMUM[fs]:
-                raise DriverError(f"option size={format_size(size)}: {fs} needs at least "
-                                  f"{format_size(fsbounds.MINIMUM[fs])} (set a larger size"
-                                  f"{', or use ext4' if fs == 'xfs' else ''})")
-            self._check_fits(fs, size)
-        return out
-
-    def _check_fits(self, fs: str, size: int, base: int = 0) -> None:
-        """Refuse a size whose file system metadata would not fit the pool's free space
-        (:func:`.fsbounds.too_large`)."""
-        why = fsbounds.too_large(self.pool.status(), fs, size, base)
-        if why:
-            raise DriverError(f"option size={format_size(size)}: {why}")
-
-    def _snapshot(self, text: str) -> str:
+    def _entry(self, name: str, uuid: str | None = None) -> dict:
+        """The options Create recorded for volume ``name`` ({} if none), found by its
+        device's uuid: a volume renamed since takes its options along
+        (:meth:`.Registry.follow`)."""
         try:
-            names.check_name(text, snapshot=True)
-            info = self.pool.info(text)
-        except UsageError:
-            raise DriverError(f"option from={text!r}: name a snapshot as VOLUME@SNAPSHOT") \
-                from None
+            uuid = uuid or self.pool.info(name).uuid
         except NoSuchDevice:
-            raise DriverError(f"option from={text!r}: there is no snapshot {text!r} "
-                              "(take one with 'thinstore snapshot VOLUME@SNAPSHOT')") from None
-        if info.kind != "snapshot":
-            raise DriverError(f"option from={text!r} is not a snapshot")
-        return text
+            return {}
+        entry = self.registry.get(name)
+        if entry and entry.get("uuid") in (None, uuid):
+            return entry
+        if not self.registry.known(uuid):
+            return {}
+        self.registry.follow({d.name: d.uuid for d in self.pool.list()})
+        entry = self.registry.get(name)
+        return entry if entry and entry.get("uuid") == uuid else {}
+
+    def _options(self, opts) -> dict:
+        return options.parse(opts, self.pool, self.plugin_name, self.default_size)
 
     def _make(self, name: str, opts: dict) -> None:
         if "from" not in opts:
@@ -205,7 +171,7 @@ class VolumeDriver:
                               "only grow")
         if size is not None and size > info.size:
             try:
-                self._check_fits(self._fs_of(opts["from"]), size, info.size)
+                options.check_fits(self.pool, self._fs_of(opts["from"]), size, info.size)
             except DriverError:
                 self.pool.destroy(name)
                 raise
@@ -215,12 +181,13 @@ class VolumeDriver:
         """The file system on device ``name`` (volume or snapshot): the one its super block
         shows, else the one the registry says to make on it, else ext4."""
         return _probe_fs(self.pool, name) or \
-            (self.registry.get(name.split("@", 1)[0]) or {}).get("fs") or "ext4"
+            self._entry(name.split("@", 1)[0]).get("fs") or "ext4"
 
     def remove(self, request: dict) -> dict:
         name = self._name(request)
         with self._name_lock(name):
-            self._writable(name)
+            uuid = self._writable(name).uuid
+            self._entry(name, uuid)               # its entry under this name, if renamed
             self._end_linger(name)
             owners = self.attacher.owners(name)
             if owners:
@@ -229,7 +196,7 @@ class VolumeDriver:
                                   f"--filter volume={name})")
             self._refuse_if_snapshots(name)
             self._destroy(name)
-            self.registry.drop(name)
+            self.registry.drop(name, uuid)
             self.attacher.forget(name)
         return {}
 
@@ -271,7 +238,8 @@ class VolumeDriver:
         with self._name_lock(name):
             self._writable(name)
             try:
-                target = self._mount_grown(name, owner)
+                target = self.jobs.run(name, owner, lambda: self._mount_grown(name, owner),
+                                       lambda: self.attacher.unmount(name, owner))
                 self._end_linger(name)            # the new owner holds the mount now
             except ThinstoreError as exc:
                 raise DriverError(f"cannot mount {name!r}: {exc}") from None
@@ -279,25 +247,13 @@ class VolumeDriver:
 
     def _mount_grown(self, name: str, owner: str) -> str:
         """Mount for ``owner``; a fresh mount first grows a file system smaller than its
-        device (a clone made larger, a resized volume: see :mod:`.grow`)."""
-        fs = (self.registry.get(name) or {}).get("fs") or "ext4"   # to make if blank
+        device (a clone made larger, a resized volume: the attach module's grow)."""
+        fs = self._entry(name).get("fs") or "ext4"                 # to make if blank
         attached = self.attacher.attached().get(name) or {}
         if attached.get("device") and set(attached["owners"]) <= {LINGER_OWNER} and \
                 grow.device_size(attached["device"]) + grow.SLACK < self.pool.info(name).size:
             self._end_linger(name)      # resized since: mount afresh, at the new size
-            attached = {}
-        if attached.get("device"):
-            return self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
-        device = self.attacher.attach(name, grow.OWNER)
-        try:
-            grow.ext4_offline(name, device)
-            target = self.attacher.mount(name, self.mountpoint(name), owner, fstype=fs)
-        finally:
-            self.attacher.detach(name, grow.OWNER)
-        mount = (self.attacher.attached().get(name) or {}).get("mount") or {}
-        if mount.get("fstype") == "xfs":
-            grow.xfs_online(self.attacher, name, device, target)
-        return target
+        return grow.mount_grown(self.attacher, name, self.mountpoint(name), owner, fstype=fs)
 
     @staticmethod
     def _owner(request: dict) -> str:
@@ -462,7 +418,7 @@ class VolumeDriver:
         return out
 
     def _status(self, info) -> dict:
-        entry = self.registry.get(info.name) or {}
+        entry = self._entry(info.name, info.uuid)
         attached = self.attacher.attached().get(info.name) or {}
         mount = attached.get("mount") or {}
         origin = info.origin

@@ -1,16 +1,14 @@
 """What a volume's file system is, read without attaching or changing anything.
 
-:func:`probe_fs` reads the super block's magic from the pool's device (ext4: 0xEF53 at
-byte 1080; xfs: "XFSB" at byte 0) -- what a clone or a renamed volume really holds.
 :func:`read_only` tells a mounted file system that has stopped writing after errors.
+(What file system a device holds, read from the pool without attaching it, is
+:func:`thinstore.frontends.attach.fsbounds.probe_fs`.)
 """
 
 from __future__ import annotations
 
 import os
 import re
-
-from thinstore.errors import ThinstoreError
 
 
 def read_only(target: str) -> bool:
@@ -37,20 +35,3 @@ def read_only(target: str) -> bool:
 def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as \\NNN (octal)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-EXT4_MAGIC = (1024 + 56, b"\x53\xef")       # s_magic 0xEF53, little-endian, in the super block
-XFS_MAGIC = (0, b"XFSB")                     # sb_magicnum at byte 0
-
-
-def probe_fs(pool, name: str) -> str | None:
-    """"ext4" or "xfs" by the super block's magic, read from the pool's device (no attach;
-    what a clone or a renamed volume really holds); None when it has neither."""
-    try:
-        with pool.open_device(name) as dev:
-            for fstype, (offset, magic) in (("xfs", XFS_MAGIC), ("ext4", EXT4_MAGIC)):
-                if offset + len(magic) <= dev.size and dev.pread(offset, len(magic)) == magic:
-                    return fstype
-    except (ThinstoreError, OSError):
-        pass
-    return None
