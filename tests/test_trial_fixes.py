@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from thinstore import Pool, names, online
-from thinstore import pool as pool_module
+from thinstore import management
 from thinstore.units import check_device_size
 from thinstore.control import ControlServer
 from thinstore.errors import InvalidName
@@ -111,7 +111,7 @@ def test_a_volume_of_0_bytes_is_refused_at_create_resize_and_import(pool):
 
 
 def test_a_0_byte_volume_an_older_thinstore_made_still_works(pool, monkeypatch):
-    monkeypatch.setattr(pool_module, "check_volume_size", check_device_size)
+    monkeypatch.setattr(management, "check_volume_size", check_device_size)
     with Pool.open(pool) as p:
         p.create_volume("z", 0)
     monkeypatch.undo()

@@ -7,7 +7,7 @@ C-contiguous:
 - ``dirarr``   uint64[n_dir]: map page id per FANOUT virtual chunks (0 = no page)
 - ``pages``    uint64[cap, FANOUT]: row = page id; entry = data chunk id (0 = unmapped)
 - ``chunk_ref`` uint32[n_chunks]: how many map-page entries name the chunk
-- ``chunk_state`` uint8[n_chunks]: ST_* flags below
+- ``chunk_state`` uint8[n_chunks]: ST_* flags (mapkernels.py)
 - ``chunk_summary`` uint8[summary_len(n_chunks)]: 1 for a window of 1 << SUMMARY_SHIFT
   chunks in which some chunk has a flag (set with every flag; SpaceMap clears it)
 - ``page_dirty`` uint8[cap]: set when a page's entries change
@@ -17,6 +17,11 @@ take the pool's state as one object, ``PoolState`` (C: ts_pool), and the device'
 as ``Dev`` (C: ts_dev). Invariants the callers keep: pages a general write or unmap
 touches are loaded and exclusive (page refcount 1), and ``new_chunks`` holds exactly
 the free chunks the call needs.
+
+The twins live in two modules: this one holds the request kernels and the state they
+take (PoolState, Dev, the lane's fast paths); thinstore/mapkernels.py the array
+kernels they are built on (translate, ref_batch, read_range and the rest), re-exported
+here so that this module has every name native.py's ``K`` has.
 """
 
 from __future__ import annotations
@@ -24,110 +29,21 @@ from __future__ import annotations
 import numpy as np
 
 from .format import FANOUT
-
-ST_PENDING_FREE = 1   # refcount fell to 0 in the open transaction: not reusable before commit
-ST_PINNED = 2         # refcount fell but not to 0: the committed state may still share it
-ST_WRITTEN = 4        # data written since the last commit
-ST_REF_CHANGED = 8    # refcount changed since the last commit
-ST_REHASH = 16        # written since DataSums.prehash cleared it (after the bytes landed)
-
-_SHARED = ST_PINNED
-SUMMARY_SHIFT = 12    # chunk_summary: one byte per 4096 chunks (TS_SUMMARY_SHIFT)
-
-
-def summary_len(n_chunks: int) -> int:
-    """Bytes of chunk_summary for a space map of n_chunks chunks."""
-    return (n_chunks + (1 << SUMMARY_SHIFT) - 1) >> SUMMARY_SHIFT
-
-
-def mark(chunk_state, chunk_summary, ids, flags: int) -> None:
-    """Set flags on chunks ids (an int or an id array) and their summary bytes: the
-    only way a flag is set, so a scan of the summary finds every flagged chunk."""
-    chunk_state[ids] |= flags
-    chunk_summary[np.right_shift(ids, SUMMARY_SHIFT)] = 1
-
-
-def _chunk_span(chunk_shift: int, offset: int, length: int) -> tuple[int, int]:
-    first = offset >> chunk_shift
-    last = (offset + length - 1) >> chunk_shift
-    return first, last
-
-
-def _entries(dirarr, pages, first: int, last: int) -> np.ndarray:
-    """Data chunk ids of virtual chunks first..last (a copy)."""
-    v = np.arange(first, last + 1, dtype=np.int64)
-    pids = dirarr[v // FANOUT].astype(np.int64)
-    out = pages[pids, v % FANOUT].copy()
-    out[pids == 0] = 0
-    return out
-
-
-def translate(dirarr, pages, chunk_shift, offset, length, out) -> int:
-    """Turn a byte range into coalesced extents (virt_offset, length, data_offset|-1)."""
-    if length <= 0:
-        return 0
-    first, last = _chunk_span(chunk_shift, offset, length)
-    ents = _entries(dirarr, pages, first, last)
-    n = 0
-    pos, end = offset, offset + length
-    for i, c in enumerate(ents.tolist()):
-        v = first + i
-        lo = max(pos, v << chunk_shift)
-        hi = min(end, (v + 1) << chunk_shift)
-        doff = -1 if c == 0 else (c << chunk_shift) + (lo - (v << chunk_shift))
-        if n and _joins(out[n - 1], lo, doff):
-            out[n - 1, 1] += hi - lo
-        else:
-            out[n] = (lo, hi - lo, doff)
-            n += 1
-        pos = hi
-    return n
-
-
-def _joins(prev, lo: int, doff: int) -> bool:
-    if prev[2] == -1 or doff == -1:
-        return prev[2] == -1 and doff == -1
-    return prev[2] + prev[1] == doff
-
-
-def shadow_page(pages, src, dst, chunk_ref, chunk_state, chunk_summary) -> None:
-    """Copy page src to dst and give every chunk it names one more reference."""
-    pages[dst] = pages[src]
-    ids = pages[dst][pages[dst] != 0]
-    ref_batch(chunk_ref, chunk_state, chunk_summary, ids, +1)
-
-
-def ref_batch(chunk_ref, chunk_state, chunk_summary, ids, delta) -> None:
-    """Add delta (+1/-1) to the refcount of every id (repeats count; zeros ignored)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    ids = ids[ids != 0]
-    if not len(ids):
-        return
-    uniq, counts = np.unique(ids, return_counts=True)
-    if delta > 0:
-        chunk_ref[uniq] += counts.astype(chunk_ref.dtype)
-        mark(chunk_state, chunk_summary, uniq, ST_REF_CHANGED)
-        return
-    if np.any(chunk_ref[uniq] < counts):
-        raise ValueError("reference count would drop below zero")
-    chunk_ref[uniq] -= counts.astype(chunk_ref.dtype)
-    zero = chunk_ref[uniq] == 0
-    mark(chunk_state, chunk_summary, uniq[zero], ST_PENDING_FREE | ST_REF_CHANGED)
-    mark(chunk_state, chunk_summary, uniq[~zero], ST_PINNED | ST_REF_CHANGED)
-
-
-def _needs_new(c: int, chunk_ref, chunk_state) -> bool:
-    return c == 0 or chunk_ref[c] > 1 or bool(chunk_state[c] & _SHARED)
+from .mapkernels import (  # noqa: F401  (the array kernels: K's names, see above)
+    PREALLOC_BYTES, SHARED_STATE, ST_PENDING_FREE, ST_PINNED, ST_REF_CHANGED, ST_REHASH,
+    ST_WRITTEN, SUMMARY_SHIFT, chunk_span, count_mapped, cow_copy, entries, is_zero, mark,
+    needs_new, prealloc, read_extents, read_range, ref_batch, shadow_page, state_clear,
+    summary_len, translate, writeback)
 
 
 def count_write_allocs(ps, dev, offset, length) -> int:
     """How many new chunks a write of the range needs (unmapped or shared chunks)."""
     if length <= 0:
         return 0
-    first, last = _chunk_span(ps.chunk_shift, offset, length)
-    ents = _entries(dev.dirarr, ps.pages, first, last)
+    first, last = chunk_span(ps.chunk_shift, offset, length)
+    ents = entries(dev.dirarr, ps.pages, first, last)
     mapped = ents[ents != 0].astype(np.int64)
-    shared = (ps.chunk_ref[mapped] > 1) | ((ps.chunk_state[mapped] & _SHARED) != 0)
+    shared = (ps.chunk_ref[mapped] > 1) | ((ps.chunk_state[mapped] & SHARED_STATE) != 0)
     return int(np.count_nonzero(ents == 0) + np.count_nonzero(shared))
 
 
@@ -141,31 +57,17 @@ def _write_given(ps, dirarr, new_chunks, buf, offset, length) -> None:
         _write_given_run(ps, dirarr, new_chunks, buf, offset, length)
     finally:
         if ps.chunk_sums is not None and len(ps.chunk_sums):
-            first, last = _chunk_span(ps.chunk_shift, offset, length)
-            ents = _entries(dirarr, ps.pages, first, last)
+            first, last = chunk_span(ps.chunk_shift, offset, length)
+            ents = entries(dirarr, ps.pages, first, last)
             ents = ents[(ents != 0) & (ents < len(ps.chunk_state))].astype(np.int64)
             mark(ps.chunk_state, ps.chunk_summary, ents, ST_REHASH)
-
-
-def writeback(fio, runs, window: int) -> None:
-    """Write the dirty pages of byte ranges `runs` of `fio` out; the twin of
-    ts_writeback without its pacing (Python has no sync_file_range): one datasync."""
-    fio.datasync()
-
-
-def state_clear(chunk_state, ids, flags: int) -> None:
-    """Clear `flags` on chunks `ids` (ids past the array skipped); the twin of
-    ts_state_clear (there, atomic against kernels running without the GIL)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    ids = ids[(ids >= 0) & (ids < len(chunk_state))]
-    chunk_state[ids] &= np.uint8(~flags & 0xFF)
 
 
 def _write_given_run(ps, dirarr, new_chunks, buf, offset, length) -> None:
     chunk_shift, fio = ps.chunk_shift, ps.fio
     cs = 1 << chunk_shift
     data = memoryview(buf).cast("B")
-    first, last = _chunk_span(chunk_shift, offset, length)
+    first, last = chunk_span(chunk_shift, offset, length)
     fresh = iter(np.asarray(new_chunks, dtype=np.int64).tolist())
     run_off, run_start = None, 0     # pending contiguous pwrite: data offset, buf start
     pos, end = offset, offset + length
@@ -175,7 +77,7 @@ def _write_given_run(ps, dirarr, new_chunks, buf, offset, length) -> None:
         pid, slot = int(dirarr[v // FANOUT]), v % FANOUT
         c = int(ps.pages[pid, slot])
         bstart = base + lo - offset
-        if _needs_new(c, ps.chunk_ref, ps.chunk_state):
+        if needs_new(c, ps.chunk_ref, ps.chunk_state):
             c, written = _place_chunk(ps, pid, slot, c, next(fresh), lo, hi,
                                       data[bstart:bstart + hi - lo])
             if written:                 # the piece went out with the copied bytes
@@ -254,59 +156,6 @@ def unmap_range(ps, dev, first_chunk, n_chunks) -> int:
     return int(np.count_nonzero(hit))
 
 
-def read_range(dirarr, pages, chunk_shift, fio, buf, offset, length) -> None:
-    """Fill buf with the range: zeros for holes, file bytes for mapped extents."""
-    if length <= 0:
-        return
-    out = np.empty(((length >> chunk_shift) + 2, 3), dtype=np.int64)
-    n = translate(dirarr, pages, chunk_shift, offset, length, out)
-    read_extents(fio, buf, offset, out[:n].tolist())
-
-
-def read_extents(fio, buf, offset, extents) -> None:
-    """Fill buf from translated extents (virtual offset, length, data offset or -1).
-    A file that reads many ranges at once (``preadinto_many``: RADOS, all in flight
-    together) gets them in one call."""
-    view = memoryview(buf).cast("B")
-    parts = []
-    for voff, ln, doff in extents:
-        part = view[voff - offset:voff - offset + ln]
-        if doff < 0:
-            part[:] = bytes(ln)
-        else:
-            parts.append((part, doff))
-    many = getattr(fio, "preadinto_many", None)
-    if many is not None:
-        many(parts)
-        return
-    for part, doff in parts:
-        fio.preadinto(part, doff)
-
-
-def cow_copy(fio, src_off, dst_off, length) -> None:
-    """Copy bytes inside the data file (reflink where the file system can)."""
-    fio.copy(src_off, dst_off, length)
-
-
-def is_zero(buf) -> bool:
-    """True when every byte of buf is zero."""
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    return not arr.any()
-
-
-def count_mapped(dirarr, pages, chunk_ref, page_ref) -> tuple[int, int]:
-    """(mapped chunks, chunks mapped by this device alone) of one directory."""
-    pids = dirarr[dirarr != 0].astype(np.int64)
-    if not len(pids):
-        return 0, 0
-    rows = pages[pids]
-    mask = rows != 0
-    used = int(np.count_nonzero(mask))
-    solo = (page_ref[pids] == 1)[:, None] & mask
-    excl = int(np.count_nonzero(chunk_ref[rows[solo].astype(np.int64)] == 1))
-    return used, excl
-
-
 SLOW = -1                 # write: "take the general path"; nothing was changed
 FAST_MAX_CHUNKS = 64
 _FAST_SCAN_MAX = 65536
@@ -351,7 +200,7 @@ def _write_checked(ps, dev, buf, offset, length, max_need) -> int:
     """REQ_LOCKED, also SLOW when the write needs more than max_need (not None) chunks."""
     if length == 0:
         return SLOW
-    first, last = _chunk_span(ps.chunk_shift, offset, length)
+    first, last = chunk_span(ps.chunk_shift, offset, length)
     if last - first >= FAST_MAX_CHUNKS or is_zero(memoryview(buf)[:length]):
         return SLOW
     need, hot = 0, []
@@ -360,7 +209,7 @@ def _write_checked(ps, dev, buf, offset, length, max_need) -> int:
         c = _fast_entry(ps, dev.dirarr, v)
         if c is None:
             return SLOW
-        need += _needs_new(c, ps.chunk_ref, ps.chunk_state)
+        need += needs_new(c, ps.chunk_ref, ps.chunk_state)
         if c and len(sums) and (c >= len(sums) or sums[c] and not ps.chunk_state[c] & ST_WRITTEN):
             r = c >> ps.intent_shift
             if c >= len(sums) or r >= len(bits) or not bits[r]:
@@ -375,27 +224,6 @@ def _write_checked(ps, dev, buf, offset, length, max_need) -> int:
     ps.intent_hot[hot] = True
     _write_given(ps, dev.dirarr, fresh, buf, offset, length)
     return need
-
-
-PREALLOC_BYTES = 4 << 20
-
-
-def prealloc(fio, chunk_shift, n_chunks, cursor, ids) -> int:
-    """Keep the data file allocated ahead of the allocator (ts_prealloc): each id
-    outside cursor[1]:cursor[2] gets the next PREALLOC_BYTES preallocated from it,
-    which becomes the range (only its own chunk when the file system refuses).
-    Returns the number of fallocate calls."""
-    calls = 0
-    span = max(1, PREALLOC_BYTES >> chunk_shift)
-    for c in np.asarray(ids, dtype=np.int64).tolist():
-        if not 0 < c < n_chunks or (cursor[1] >= 0 and cursor[1] <= c < cursor[2]):
-            continue
-        hi = min(c + span, n_chunks)
-        calls += 1
-        if not fio.preallocate(c << chunk_shift, (hi - c) << chunk_shift):
-            hi = c + 1
-        cursor[1], cursor[2] = c, hi
-    return calls
 
 
 def _fast_entry(ps, dirarr, v: int):
@@ -479,7 +307,7 @@ def read(ps: PoolState, dev: Dev, buf, offset: int, length: int, mode: int) -> i
         raise ValueError(f"read: unknown mode {mode}")
     if length <= 0 or offset < 0 or offset + length > dev.size:
         return SLOW
-    first, last = _chunk_span(ps.chunk_shift, offset, length)
+    first, last = chunk_span(ps.chunk_shift, offset, length)
     if (last - first >= FAST_MAX_CHUNKS or ps.excl_closers
             or ps.gate & (GATE_WRITER | GATE_EXCLUSIVE)
             or not ps.open or not _lane_readable(ps, dev, first, last)):

@@ -3,7 +3,7 @@
 ``send``, ``diff``, ``check``, ``dump``, ``scrub`` and ``receive`` need the pool
 itself (its maps, its metadata file, its data chunks), which only the process that
 holds the pool lock has. So the CLI asks that process, over the control socket
-(thinstore/control.py), and the server runs the command on its open pool, beside
+(thinstore/control/), and the server runs the command on its open pool, beside
 the NBD clients, under the pool's own locking:
 
 - ``send`` and ``receive``: the client passes its stdout (or ``-o FILE``) or its

@@ -21,9 +21,11 @@ close, or a flush the log cannot take. After a crash the pool opens at its last
 commit and replays the log: every write acknowledged before the last completed
 flush reads back exactly.
 
-Pool's methods live in six modules: this one (lifecycle, commit, management,
-handles), thinstore/datapath.py (the request handlers Device calls, flush),
-thinstore/recovery.py (what an open does after an unclean shutdown),
+Pool's methods live in eight modules: this one (lifecycle, commit, lookup, capacity,
+handles), thinstore/management.py (create, snapshot, clone, destroy, rename,
+rollback, resize), thinstore/writeback.py (the commit timer and the writeback and
+hashing it does before a commit), thinstore/datapath.py (the request handlers Device
+calls, flush), thinstore/recovery.py (what an open does after an unclean shutdown),
 thinstore/queries.py (list, info, status), thinstore/hidden.py (the receive
 workspace) and thinstore/readers.py (a pinned generation and map views for online
 readers), joined as mixins so callers keep
@@ -36,38 +38,34 @@ import contextlib
 import logging
 import os
 import threading
-import time
 
 import numpy as np
 
-from . import names
 from .datapath import DataPath
-from .device import Device, DeviceInfo
+from .device import Device
 from .hidden import HiddenDevices
+from .management import Management
 from .recovery import Recovery
 from .queries import Queries
 from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
-from .errors import (CorruptMetadata, DeviceBusy, DeviceExists, InvalidName, NoSuchDevice,
-                     OldFormat, PoolNotFound, ReadOnlyDevice, ThinstoreError, UsageError)
-from .format import FANOUT, VERSION as FORMAT_VERSION, log_base, new_uuid, valid_chunk_size
-from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata, dir_length
+from .errors import (CorruptMetadata, NoSuchDevice, OldFormat, PoolNotFound, ThinstoreError,
+                     UsageError)
+from .format import VERSION as FORMAT_VERSION, log_base, valid_chunk_size
+from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata
 from .native import NATIVE, K
 from .fastlane import Lane
-from .paged import PagedArray
 from .storage import FileIO, device_capacity, is_rados, open_store
 from .synclog import SyncLog
-from .spacemap import id_runs
 from .reclaim import Reclaimer
 from .rwlock import RWLock
-from .units import check_volume_size, format_size
+from .units import format_size
+from .writeback import PRESYNC_WINDOW, Writeback  # noqa: F401  (PRESYNC_WINDOW: pool's before)
 
 log = logging.getLogger("thinstore")
 
 POOL_FLAG_DATA_CHECKSUMS = 1
 DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
-PRESYNC_WINDOW = 1 << 20    # bytes of data writeback queued at once before a commit
-_PRESYNC_STEP = 256         # runs per writeback call (close() can stop between calls)
 
 
 #: A pool holds at most 2**34 chunks: its refcount and checksum tables are held as
@@ -84,7 +82,7 @@ def _check_capacity(nchunks: int, chunk_size: int) -> None:
                          "use larger chunks (init --chunk-size, up to 1M) or several pools")
 
 
-class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
+class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Queries):
     """An open thin pool. Use `Pool.create` or `Pool.open`; close() commits."""
 
     def __init__(self, path: str, md: Metadata, owner, *, commit_interval: float, store,
@@ -246,72 +244,6 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     def __exit__(self, *exc):
         self.close()
 
-    def _commit_loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self._presync()
-            self._prehash()
-            with self.lock:
-                if self._closed:
-                    return
-                if self._dirty:
-                    try:
-                        self.commit()
-                    except (OSError, ThinstoreError) as e:
-                        log.error("background commit failed: %s", e)
-
-    def _written_since_commit(self) -> bool:
-        """Unlocked: has anything been written since the last commit? Native lane writes
-        set only the lane's flag, folded into _dirty when the lock is next taken."""
-        lane = self._lane
-        return self._dirty or (lane is not None and lane.c is not None and bool(lane.c.wrote))
-
-    def _prehash(self) -> None:
-        """Hash the chunks written so far before the commit takes the lock (DataSums.
-        prehash): the commit then hashes only those written again meanwhile, instead of
-        every chunk of the transaction with every request waiting. Any failure here only
-        leaves the hashing to the commit."""
-        sums = self._sums
-        if sums is None or self._closed or not self._written_since_commit():
-            return
-        try:
-            with self.lock.shared:
-                if self._closed:
-                    return
-                plan = sums.prehash_plan()
-            if plan is None:
-                return
-            with self._background_io:       # close() waits for it before closing the files
-                if not self._stop.is_set():
-                    sums.prehash(plan, self._stop)
-        except Exception as e:          # noqa: BLE001 -- the commit hashes instead
-            log.debug("prehash skipped: %s", e)
-
-    def _presync(self) -> None:
-        """Write the chunks written in this transaction out before the commit takes the
-        lock, so that the commit's own fsync, which every request waits behind, finds
-        little left (a copy on write dirties a whole chunk per small write). Paced
-        (K.writeback): at most PRESYNC_WINDOW bytes of it queued at the disk at once, so
-        a FLUSH meanwhile (one intent-log write, which must also wait for what the disk
-        has queued) waits behind that much, not behind the whole transaction's data.
-        Durability still comes from the fsync inside the commit; this only moves work
-        out of the lock."""
-        if self._closed or not self._written_since_commit():
-            return
-        try:
-            with self.lock.shared:
-                if self._closed:
-                    return
-                ids = self.md.space.written()
-                shift = self.md.chunk_shift
-            runs = [(start << shift, count << shift) for start, count in id_runs(ids)]
-            with self._background_io:   # close() waits for it before closing the files
-                for i in range(0, len(runs), _PRESYNC_STEP):
-                    if self._stop.is_set():
-                        return
-                    K.writeback(self.md.data_fio, runs[i:i + _PRESYNC_STEP], PRESYNC_WINDOW)
-        except (OSError, AttributeError, ValueError):
-            pass          # closed meanwhile, or a file without datasync: the commit syncs
-
     # ------------------------------------------------------------ properties
     @property
     def counters(self) -> dict:
@@ -407,165 +339,7 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
     def _exists(self, name: str) -> bool:
         return bool(self.md.devices.named(name))
 
-    def _new_device(self, name: str, kind: str, size: int, directory: PagedArray,
-                    origin_uuid: bytes, flags: int = 0) -> DeviceMeta:
-        md = self.md
-        dm = DeviceMeta(md.next_dev_id, new_uuid(), kind, size, time.time_ns(), origin_uuid,
-                        name, directory, flags)
-        md.next_dev_id += 1
-        md.devices[dm.dev_id] = dm
-        return dm
-
-    def _need_free_name(self, name: str) -> None:
-        if self._exists(name):
-            raise DeviceExists(f"device {name!r} exists already; choose another name "
-                               "or destroy it first")
-        if "@" not in name:     # a pending receive will publish a volume of this name
-            self._refuse_pending_receive(name, "use the name")
-
-    # ------------------------------------------------------------ management
-    def create_volume(self, name: str, size: int) -> DeviceInfo:
-        """A new empty volume of `size` bytes; `name` as names.check_new_name allows."""
-        names.check_new_name(name)
-        check_volume_size(size, self.md.chunk_size)
-        with self.lock:
-            self._check_open()
-            self._need_free_name(name)
-            d = PagedArray(np.uint64, dir_length(size, self.md.chunk_shift))
-            dm = self._new_device(name, "volume", size, d, bytes(16))
-            self._commit_op()
-            return self._info(dm)
-
-    def snapshot(self, name: str) -> DeviceInfo:
-        """Take a read-only snapshot `vol@snap`: the map pages are shared, nothing copied."""
-        names.check_name(name, snapshot=True)
-        base, _ = names.split(name)
-        with self.lock:
-            self._check_open()
-            parent = self._find(base)
-            self._need_free_name(name)
-            dm = self._share_device(parent, name, "snapshot")
-            self._commit_op()
-            return self._info(dm)
-
-    def clone(self, snapshot: str, name: str) -> DeviceInfo:
-        """A writable device that starts as the snapshot's exact content."""
-        names.check_name(snapshot, snapshot=True)
-        names.check_new_name(name)
-        with self.lock:
-            self._check_open()
-            snap = self._find(snapshot)
-            self._need_free_name(name)
-            dm = self._share_device(snap, name, "clone")
-            self._commit_op()
-            return self._info(dm)
-
-    def _share_device(self, src: DeviceMeta, name: str, kind: str, flags: int = 0) -> DeviceMeta:
-        directory = src.directory.copy()
-        self.md.maps.share(directory)
-        return self._new_device(name, kind, src.size, directory, src.uuid, flags)
-
-    def destroy(self, name: str, force: bool = False) -> None:
-        """Destroy one device. Every other device, its snapshots included, stays whole."""
-        names.check_name(name)
-        with self.lock:
-            self._check_open()
-            dm = self._find(name)
-            self._refuse_pending_receive(name, "destroy")
-            if dm.opens and not force:
-                raise DeviceBusy(f"device {name!r} is in use ({dm.opens} open handle(s)); "
-                                 "disconnect its clients or force")
-            self._drop_device(dm)
-            self._commit_op()
-
-    def _drop_device(self, dm: DeviceMeta) -> None:
-        self.md.maps.drop(dm.directory, self.md.space)
-        dm.directory.release(self.md.store)
-        del self.md.devices[dm.dev_id]
-        dm.opens = -1   # handles still open see it gone
-
-    def rename(self, old: str, new: str) -> None:
-        """Rename a device; a volume's snapshots follow it (vol@s -> new@s), not those
-        of an earlier, destroyed volume of the same name (their origin is another)."""
-        names.check_name(old)
-        if "@" in new:
-            names.check_name(new)
-        else:
-            names.check_new_name(new)
-        with self.lock:
-            self._check_open()
-            dm = self._find(old)
-            self._refuse_pending_receive(old, "rename")
-            obase, osnap = names.split(old)
-            nbase, nsnap = names.split(new)
-            if (osnap is None) != (nsnap is None) or (osnap and obase != nbase):
-                raise InvalidName(f"cannot rename {old!r} to {new!r}: a snapshot keeps its "
-                                  "volume part (vol@a -> vol@b); a volume takes a plain name")
-            self._need_free_name(new)
-            moves = [(dm, new)]
-            if osnap is None:
-                for other in self.md.devices.values():
-                    b, s = names.split(other.name)
-                    if s is not None and b == old and other.origin_uuid == dm.uuid:
-                        moves.append((other, f"{new}@{s}"))
-                for _, target in moves[1:]:
-                    names.check_name(target)
-                    self._need_free_name(target)
-            for d, target in moves:
-                d.name = target
-            self._commit_op()
-
-    def rollback(self, snapshot: str) -> None:
-        """Bring volume `vol` back to `vol@snap` (newer snapshots are kept)."""
-        names.check_name(snapshot, snapshot=True)
-        base, _ = names.split(snapshot)
-        with self.lock:
-            self._check_open()
-            snap = self._find(snapshot)
-            vol = self._find(base)
-            if vol.kind == "snapshot":
-                raise InvalidName(f"{base!r} is not writable")
-            if snap.origin_uuid != vol.uuid:
-                raise InvalidName(f"{snapshot!r} was taken of an earlier device named {base!r}, "
-                                  f"not of this one; clone it instead "
-                                  f"('thinstore clone {snapshot} NEWNAME')")
-            self._replace_map(vol, snap)
-            self._commit_op()
-
-    def resize(self, name: str, size: int, shrink: bool = False) -> DeviceInfo:
-        names.check_name(name)
-        check_volume_size(size, self.md.chunk_size)
-        with self.lock:
-            self._check_open()
-            dm = self._find(name)
-            if dm.read_only:
-                raise ReadOnlyDevice(f"{name!r} is a snapshot; snapshots cannot be resized")
-            if size < dm.size and not shrink:
-                raise UsageError(f"{name!r} is {format_size(dm.size)}; shrinking it to "
-                                 f"{format_size(size)} discards the data past that: pass "
-                                 "shrink=True to do it")
-            self._set_size(dm, size)
-            self._commit_op()
-            return self._info(dm)
-
-    def _set_size(self, dm: DeviceMeta, size: int) -> None:
-        if size < dm.size:
-            self._truncate(dm, size)
-        dm.directory.resize(dir_length(size, self.md.chunk_shift))
-        dm.size = size
-
-    def _truncate(self, dm: DeviceMeta, size: int) -> None:
-        """Unmap everything past `size` (the tail of the last chunk is zeroed)."""
-        cs = self.md.chunk_size
-        if size % cs:
-            self._zero_range(dm, size, min(dm.size, -(-size // cs) * cs) - size, no_hole=False)
-        first = -(-size // cs)
-        keep = dir_length(size, self.md.chunk_shift)
-        # within the last page kept, chunk by chunk; the pages past it are dropped whole
-        # (a shrink of a 2 PiB volume walked all of its 67M page slots)
-        self._unmap_chunks(dm, first, min(-(-dm.size // cs), keep * FANOUT) - first)
-        self.md.maps.drop(dm.directory, self.md.space, keep)   # the resize cuts the slots
-
+    # ------------------------------------------------------------ capacity
     def grow(self, capacity: int) -> None:
         """Enlarge the pool to `capacity` bytes, rounded up to whole chunks (capacity
         never shrinks)."""
@@ -583,15 +357,6 @@ class Pool(DataPath, HiddenDevices, Readers, Recovery, Queries):
                 self._sums.grow()      # here, exclusive: readers never replace its arrays
             md.sb = md.sb._replace(capacity_chunks=nchunks)
             self.commit()
-
-    def _replace_map(self, vol: DeviceMeta, src: DeviceMeta) -> None:
-        """`vol` takes `src`'s content and size by sharing its pages (O(pages), no data)."""
-        directory = src.directory.copy()
-        self.md.maps.share(directory)
-        self.md.maps.drop(vol.directory, self.md.space)
-        vol.directory.release(self.md.store)
-        vol.directory = directory
-        vol.size = src.size
 
     # ------------------------------------------------------------ handles
     def open_device(self, name: str) -> Device:

@@ -130,7 +130,7 @@ def cmd_destroy(args) -> int:
 
 def _warn_cut_off(name: str, cut) -> None:
     """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..]}
-    (control.py); the user forced it, so it is done, but they should know."""
+    (thinstore/control/guards.py); the user forced it, so it is done, but they should know."""
     if not isinstance(cut, dict) or not cut.get("dropped"):
         return
     dropped = cut["dropped"]

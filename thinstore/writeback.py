@@ -1,0 +1,98 @@
+"""Background writeback: the commit timer and the work it moves out of the commit.
+
+While writes are pending, a thread commits the pool every `commit_interval` seconds
+(a transaction group closed on a timer, as ZFS's txg timeout does). Before it takes
+the pool lock for that commit it does, unlocked, the two slow parts a commit would
+otherwise do with every request waiting behind it: it writes the transaction's data
+chunks out (paced, `PRESYNC_WINDOW` bytes queued at once) and hashes them for the
+data checksums (DataSums.prehash). Neither is needed for durability, which comes
+from the commit's own fsync: a failure here only leaves the work to the commit.
+
+These are methods of Pool (a mixin), kept apart from pool.py because they run on
+another thread and reach only the lock, `_stop`, `_background_io`, `_dirty`, `_lane`,
+`_sums` and `md`; close() stops them and waits (`_background_io`) before it closes
+the files they use.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import ThinstoreError
+from .native import K
+from .spacemap import id_runs
+
+log = logging.getLogger("thinstore")
+
+PRESYNC_WINDOW = 1 << 20    # bytes of data writeback queued at once before a commit
+_PRESYNC_STEP = 256         # runs per writeback call (close() can stop between calls)
+
+
+class Writeback:
+    """Pool's commit timer and pre-commit writeback (see the module docstring)."""
+
+    def _commit_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._presync()
+            self._prehash()
+            with self.lock:
+                if self._closed:
+                    return
+                if self._dirty:
+                    try:
+                        self.commit()
+                    except (OSError, ThinstoreError) as e:
+                        log.error("background commit failed: %s", e)
+
+    def _written_since_commit(self) -> bool:
+        """Unlocked: has anything been written since the last commit? Native lane writes
+        set only the lane's flag, folded into _dirty when the lock is next taken."""
+        lane = self._lane
+        return self._dirty or (lane is not None and lane.c is not None and bool(lane.c.wrote))
+
+    def _prehash(self) -> None:
+        """Hash the chunks written so far before the commit takes the lock (DataSums.
+        prehash): the commit then hashes only those written again meanwhile, instead of
+        every chunk of the transaction with every request waiting. Any failure here only
+        leaves the hashing to the commit."""
+        sums = self._sums
+        if sums is None or self._closed or not self._written_since_commit():
+            return
+        try:
+            with self.lock.shared:
+                if self._closed:
+                    return
+                plan = sums.prehash_plan()
+            if plan is None:
+                return
+            with self._background_io:       # close() waits for it before closing the files
+                if not self._stop.is_set():
+                    sums.prehash(plan, self._stop)
+        except Exception as e:          # noqa: BLE001 -- the commit hashes instead
+            log.debug("prehash skipped: %s", e)
+
+    def _presync(self) -> None:
+        """Write the chunks written in this transaction out before the commit takes the
+        lock, so that the commit's own fsync, which every request waits behind, finds
+        little left (a copy on write dirties a whole chunk per small write). Paced
+        (K.writeback): at most PRESYNC_WINDOW bytes of it queued at the disk at once, so
+        a FLUSH meanwhile (one intent-log write, which must also wait for what the disk
+        has queued) waits behind that much, not behind the whole transaction's data.
+        Durability still comes from the fsync inside the commit; this only moves work
+        out of the lock."""
+        if self._closed or not self._written_since_commit():
+            return
+        try:
+            with self.lock.shared:
+                if self._closed:
+                    return
+                ids = self.md.space.written()
+                shift = self.md.chunk_shift
+            runs = [(start << shift, count << shift) for start, count in id_runs(ids)]
+            with self._background_io:   # close() waits for it before closing the files
+                for i in range(0, len(runs), _PRESYNC_STEP):
+                    if self._stop.is_set():
+                        return
+                    K.writeback(self.md.data_fio, runs[i:i + _PRESYNC_STEP], PRESYNC_WINDOW)
+        except (OSError, AttributeError, ValueError):
+            pass          # closed meanwhile, or a file without datasync: the commit syncs
