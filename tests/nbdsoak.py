@@ -244,6 +244,15 @@ class Client(threading.Thread):
         assert flags & P.TF_SEND_FUA and flags & P.TF_SEND_FLUSH, hex(flags)
         self.inflight: dict[int, Op] = {}
         self.sent = 0
+        # most connections pause between steps, some for long: the others' writes are
+        # then often the only ones pending, which the native loop needs to answer a
+        # FLUSH or FUA WRITE itself (else it hands them to the reader)
+        # writes between FLUSHes at QD1: always one (the early flush's guess holds, and
+        # the loop answers the FLUSH), or one to three (it is often wrong)
+        self.gaps = (1,) if self.rng.random() < 0.5 else (1, 1, 2, 3)
+        pace = self.rng.random()
+        self.pause = 0.0 if pace < 0.4 else self.rng.uniform(0.0005, 0.005) if pace < 0.7 \
+            else self.rng.uniform(0.02, 0.1)
 
     # -- requests -------------------------------------------------------------
     def _range(self, taken: list) -> tuple[int, int] | None:
@@ -302,7 +311,7 @@ class Client(threading.Thread):
     def step(self) -> None:
         rng, p = self.rng, self.pattern
         if p in ("qd1_flush", "qd1_fua"):
-            for _ in range(rng.choice((1, 1, 1, 1, 2, 3)) if p == "qd1_flush" else 1):
+            for _ in range(rng.choice(self.gaps) if p == "qd1_flush" else 1):
                 op = self._data_op([], fua=p == "qd1_fua")
                 self._send([op])
             if p == "qd1_flush":
@@ -324,6 +333,8 @@ class Client(threading.Thread):
         try:
             while True:
                 self.step()
+                if self.pause:
+                    time.sleep(self.pause)
         except (OSError, ConnectionError, AssertionError, KeyError):
             self._drain()
         finally:
