@@ -70,15 +70,30 @@ TAG = np.dtype([("magic", "<u4"), ("sector", "<u4"), ("id", "<u8")])
 TRIM, ZEROES = -1, -2                   # kinds besides WRITE in an op's record
 MiB = 1 << 20
 
-# the negative control's server (soak(..., unsafe=True)): FLUSH and FUA answered at
-# once, no record appended, and the native loop given no log cursor (so it cannot
-# answer them itself): an acknowledged write the last commit did not take is lost
-UNSAFE = ("import sys\n"
-          "from thinstore import device, synclog\n"
-          "synclog.SyncLog.flush = lambda self, pool, wait=True: True\n"
-          "device.Device.log_cursor = lambda self: None\n"
-          "from thinstore.cli.main import main\n"
-          "sys.exit(main(sys.argv[1:]))\n")
+# the negative controls' servers (soak(..., unsafe=NAME)):
+UNSAFE = {
+    # FLUSH and FUA answered at once, no record appended, and the native loop given no
+    # log cursor (so it cannot answer them itself): an acknowledged write the last
+    # commit did not take is lost
+    "nolog": "from thinstore import device, synclog\n"
+             "synclog.SyncLog.flush = lambda self, pool, wait=True: True\n"
+             "device.Device.log_cursor = lambda self: None\n",
+    # the records the native loop appends itself (ts_log_own) carry another epoch's
+    # header, which replay refuses (and stops there): only what the loop answered, and
+    # what was logged after it, is lost, so this control fails only if the rounds make
+    # the loop answer FLUSH and FUA and the kills land before the next commit
+    "loop-records": "from thinstore import synclog\n"
+                    "pack = synclog.SyncLog._pack_head\n"
+                    "def wrong_epoch(self):\n"
+                    "    real = self.base\n"
+                    "    self.base = real._replace(generation=real.generation + 1000)\n"
+                    "    try:\n"
+                    "        pack(self)\n"
+                    "    finally:\n"
+                    "        self.base = real\n"
+                    "synclog.SyncLog._pack_head = wrong_epoch\n",
+}
+_RUN = "import sys\nfrom thinstore.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def payload(op_id: int, first: int, n: int) -> bytes:
@@ -167,8 +182,9 @@ class Server:
     """``thinstore --pool PATH serve --socket SOCK`` in its own process (or the
     negative control's unsafe one); ready once its control socket line is out."""
 
-    def __init__(self, path: str, sock: str, unsafe: bool = False):
-        head = [sys.executable, "-c", UNSAFE] if unsafe else [sys.executable, "-m", "thinstore"]
+    def __init__(self, path: str, sock: str, unsafe: str | None = None):
+        head = [sys.executable, "-c", UNSAFE[unsafe] + _RUN] if unsafe \
+            else [sys.executable, "-m", "thinstore"]
         self.log = open(sock + ".log", "w+")
         self.proc = subprocess.Popen(head + ["--pool", path, "serve", "--socket", sock],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env())
@@ -402,7 +418,7 @@ _KIND = {TRIM: "TRIM", ZEROES: "WRITE_ZEROES"}
 
 
 # == one round ===========================================================================
-def kill_round(path: str, contents: dict, seed: int, work: str, unsafe: bool = False,
+def kill_round(path: str, contents: dict, seed: int, work: str, unsafe: str | None = None,
                first_id: int | None = None) -> dict:
     """One round on the pool at `path` whose exports hold `contents` (updated in place
     to what they hold after it); returns {killed, ops, acked, durable, flushes,
@@ -497,7 +513,8 @@ def _snapshots(path: str, chance: float, seed: int) -> None:
         pass
 
 
-def soak(path: str, rounds: int, seed: int = 0, unsafe: bool = False, tick=None) -> dict:
+def soak(path: str, rounds: int, seed: int = 0, unsafe: str | None = None,
+         tick=None) -> dict:
     """`rounds` kill rounds on a new pool at `path` (seeds seed, seed + 1, ...);
     the report: counts and failures ('seed N: ...')."""
     work = os.path.dirname(path)

@@ -38,9 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--kills", type=int, default=300, help="rounds, one SIGKILL each (default 300)")
     ap.add_argument("--dir", help="work directory (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0, help="first round's seed")
-    ap.add_argument("--unsafe", action="store_true",
-                    help="negative control: a server that answers FLUSH and FUA without "
-                         "logging them (the soak must then fail)")
+    ap.add_argument("--unsafe", choices=sorted(nbdsoak.UNSAFE),
+                    help="negative control: 'nolog', a server that answers FLUSH and FUA "
+                         "without logging them; 'loop-records', one whose native loop "
+                         "appends records replay refuses (the soak must then fail)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     logging.getLogger("thinstore").setLevel(logging.ERROR)   # recovery notes are expected
