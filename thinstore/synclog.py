@@ -125,12 +125,13 @@ class SyncLog:
     def counters(self) -> dict:
         """records, record_bytes, syncs (fdatasyncs of the log), replayed,
         commits_instead: totals since open; records and record_bytes count the
-        native NBD loop's own records too (ts_log_own)."""
+        native NBD loop's own records too (ts_log_own), loop_records those alone."""
         out = dict(self._counts)
         if self._syncer is not None:
             out["syncs"] += self._syncer.stats()[1]
         out["records"] += self._cur.records
         out["record_bytes"] += self._cur.record_bytes
+        out["loop_records"] = self._cur.records
         return out
 
     # the append cursor (module docstring; under the append mutex)
