@@ -185,26 +185,30 @@ class Server:
     def __init__(self, path: str, sock: str, unsafe: str | None = None):
         head = [sys.executable, "-c", UNSAFE[unsafe] + _RUN] if unsafe \
             else [sys.executable, "-m", "thinstore"]
-        self.log = open(sock + ".log", "w+")
-        self.proc = subprocess.Popen(head + ["--pool", path, "serve", "--socket", sock],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env())
+        # the child appends (O_APPEND) to a file this process reads through its own
+        # descriptor: a shared one's offset, moved by our reads, would misplace its writes
+        self.log_path = sock + ".log"
+        with open(self.log_path, "ab") as log:
+            log.truncate(0)
+            self.proc = subprocess.Popen(head + ["--pool", path, "serve", "--socket", sock],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env())
         self.sock = sock
         deadline = time.monotonic() + 60
         while "control socket:" not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.output()
                 self.kill()
-                raise RuntimeError("the server did not start: " + self.output()[-2000:])
+                raise RuntimeError("the server did not start: " + out[-2000:])
             time.sleep(0.02)
 
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
-        self.log.close()
 
 
 # == the clients =====================================================================
