@@ -24,10 +24,11 @@ What a sector may read after the kill (the rule :func:`verify` applies):
   (the write's id and the sector's own index, so a misplaced sector is caught);
 - a write is *durable* when it was a FUA WRITE whose reply came, or its reply came
   (was read by the client) before a FLUSH was sent on any connection, to any export,
-  and that FLUSH's reply came OK. That is the pool's promise (DESIGN §3: every write
-  acknowledged before the last completed FLUSH; a FLUSH on one connection commits for
-  all), stronger than NBD's CAN_MULTI_CONN, which asks it of one export's connections;
-  TRIM and WRITE_ZEROES count as writes of zeros;
+  and that FLUSH's reply came OK. That is the server's promise (docs/nbd.md, FLUSH:
+  "every write acknowledged on any connection is durable when it is answered"),
+  stronger than NBD's CAN_MULTI_CONN, which asks it of one export's connections;
+  TRIM and WRITE_ZEROES count as writes of zeros (NBD lets a TRIMmed range read back
+  old data; thinstore's reads back zeros, docs/nbd.md, and is held to it);
 - requests on one sector never overlap in flight (connections on one export write
   disjoint regions, a burst's requests do not overlap), so a sector's requests are
   ordered; let D be its last durable one (or the round's starting contents);
