@@ -18,7 +18,7 @@ make later writes copy again and close the pool's gate under the loop. The kill
 lands 0.05-1.2 s after the clients start, or (one round in ten) 4.5-6.5 s, past the
 server's periodic commit.
 
-What a sector may read after the kill (the rule :func:`verify` applies):
+What a sector may read after the kill (the rule tests/nbdsoak_check.py applies):
 
 - every sector holds the whole of one value: all zeros, or one write's tag repeated
   (the write's id and the sector's own index, so a misplaced sector is caught);
@@ -55,20 +55,17 @@ import time
 
 import numpy as np
 
-from nbd_helpers import RawClient
+from nbd_helpers import RawClient, reply_error
+from nbdsoak_check import SECTOR, TRIM, ZEROES, Op, payload, verify
 
 from thinstore import Pool
 from thinstore.control import RemotePool
 from thinstore.nbd import protocol as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTOR = 512
 SIZE = 8 << 20                          # each export
 SECTORS = SIZE // SECTOR
 EXPORTS = ("fresh", "base", "clone")
-TAG_MAGIC = 0x6B696C6C                  # "kill"
-TAG = np.dtype([("magic", "<u4"), ("sector", "<u4"), ("id", "<u8")])
-TRIM, ZEROES = -1, -2                   # kinds besides WRITE in an op's record
 MiB = 1 << 20
 
 # the negative controls' servers (soak(..., unsafe=NAME)):
@@ -95,30 +92,6 @@ UNSAFE = {
                     "synclog.SyncLog._pack_head = wrong_epoch\n",
 }
 _RUN = "import sys\nfrom thinstore.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def payload(op_id: int, first: int, n: int) -> bytes:
-    """The bytes of write `op_id` over sectors [first, first + n): each sector its
-    16-byte tag (magic, sector index, id) repeated 32 times."""
-    tags = np.zeros(n, TAG)
-    tags["magic"] = TAG_MAGIC
-    tags["sector"] = np.arange(first, first + n, dtype=np.uint32)
-    tags["id"] = op_id
-    return np.repeat(tags.view(np.uint8).reshape(n, 1, 16), 32, axis=1).tobytes()
-
-
-def observe(data: bytes) -> tuple[np.ndarray, list[int]]:
-    """(per sector: the id of the write it holds, 0 for zeros; sectors holding
-    neither a whole tag of their own index nor zeros)."""
-    n = len(data) // SECTOR
-    raw = np.frombuffer(data, np.uint8).reshape(n, 32, 16)
-    whole = (raw == raw[:, :1, :]).all(axis=(1, 2))
-    tags = raw[:, 0, :].copy().view(TAG).reshape(n)
-    zero = whole & ~raw[:, 0, :].any(axis=1)
-    tagged = whole & (tags["magic"] == TAG_MAGIC) & (tags["sector"] == np.arange(n))
-    ids = np.where(tagged, tags["id"].astype(np.int64), 0)
-    bad = np.flatnonzero(~(zero | tagged))
-    return ids, bad.tolist()
 
 
 # == the pool ======================================================================
@@ -213,21 +186,6 @@ class Server:
 
 
 # == the clients =====================================================================
-class Op:
-    """One request: kind (P.Cmd.WRITE, TRIM, ZEROES or P.Cmd.FLUSH), its export and
-    sectors, FUA, the event numbers when it was sent and when its reply was read."""
-
-    __slots__ = ("id", "kind", "export", "first", "n", "fua", "sent", "acked", "error")
-
-    def __init__(self, op_id, kind, export, first=0, n=0, fua=False):
-        self.id, self.kind, self.export, self.first, self.n = op_id, kind, export, first, n
-        self.fua, self.sent, self.acked, self.error = fua, None, None, None
-
-    @property
-    def value(self) -> int:
-        return self.id if self.kind == P.Cmd.WRITE else 0
-
-
 class Round:
     """The shared record of one round: ops, an event counter, ids, errors."""
 
@@ -320,7 +278,7 @@ class Client(threading.Thread):
     def _reply(self) -> None:
         cookie, chunks = self.conn.structured_reply()
         op = self.inflight.pop(cookie)
-        error = _reply_error(chunks)
+        error = reply_error(chunks)
         if error:
             op.error = error
             self.rnd.errors.append(f"{self.export}: request {op.id} (kind {op.kind}) "
@@ -370,64 +328,12 @@ class Client(threading.Thread):
             pass
 
 
-def _reply_error(chunks) -> int:
-    for kind, payload_ in chunks:
-        if kind == -1 or kind & (1 << 15):
-            return int.from_bytes(payload_[:4], "big")
-    return 0
-
-
-# == the check =======================================================================
-def verify(name: str, start: np.ndarray, ops: list[Op], data: bytes) -> tuple[list, np.ndarray]:
-    """The rule of the module docstring for export `name` (`ops`: the round's, on every
-    export): (failures, what it holds)."""
-    got, bad = observe(data)
-    errors = [f"{name}: sector {s} holds neither zeros nor a whole tag of its own"
-              for s in bad[:5]]
-    mine = sorted((o for o in ops if o.export == name and o.sent is not None),
-                  key=lambda o: o.sent)
-    last_flush = max((o.sent for o in ops if o.kind == P.Cmd.FLUSH and o.acked is not None),
-                     default=0)
-    must = start.copy()
-    since = np.full(SECTORS, -1, np.int64)     # order of the last durable request
-    later: list[tuple[int, Op]] = []
-    for order, o in enumerate(mine):
-        if o.kind == P.Cmd.FLUSH or o.error:
-            continue
-        if o.acked is not None and (o.fua or o.acked < last_flush):     # durable
-            must[o.first:o.first + o.n] = o.value
-            since[o.first:o.first + o.n] = order
-        later.append((order, o))
-    zeroes = [(order, o) for order, o in later if o.value == 0]
-    by_id = {o.id: (order, o) for order, o in later}
-    lost: dict = {}                 # the durable request (or -1: the start) -> sectors
-    for s in np.flatnonzero(got != must).tolist():
-        v = int(got[s])
-        found = [by_id[v]] if v in by_id else zeroes if v == 0 else []
-        if s in bad or any(order > since[s] and o.first <= s < o.first + o.n
-                           for order, o in found):
-            continue
-        key = mine[since[s]] if since[s] >= 0 else None
-        lost.setdefault(key, []).append((s, v))
-    for o, sectors in list(lost.items())[:10]:
-        s, v = sectors[0]
-        what = "the round's starting contents" if o is None else \
-            (f"{'FUA ' if o.fua else ''}{_KIND.get(o.kind, 'WRITE')} {o.id} of sectors "
-             f"{o.first}+{o.n}, answered{'' if o.fua else ' before a FLUSH was sent'}")
-        errors.append(f"{name}: {len(sectors)} sector(s) lost {what}: sector {s} "
-                      f"(byte {s * SECTOR}) holds value {v} instead of {int(must[s])}")
-    return errors, got
-
-
-_KIND = {TRIM: "TRIM", ZEROES: "WRITE_ZEROES"}
-
-
 # == one round ===========================================================================
 def kill_round(path: str, contents: dict, seed: int, work: str, unsafe: str | None = None,
                first_id: int | None = None) -> dict:
     """One round on the pool at `path` whose exports hold `contents` (updated in place
-    to what they hold after it); returns {killed, ops, acked, durable, flushes,
-    patterns, errors}."""
+    to what they hold after it); returns {killed, ops, acked, flushes, patterns,
+    server, errors}."""
     rng = random.Random(seed)
     rnd = Round(first_id if first_id is not None else (seed + 1) * 10_000_000)
     sock = os.path.join(work, "nbd.sock")
@@ -461,23 +367,29 @@ def kill_round(path: str, contents: dict, seed: int, work: str, unsafe: str | No
     for c in clients:
         c.join(60)
     snapper.join(60)
-    out["errors"] += rnd.errors
-    check = cli(path, "check")
-    if check.returncode:
-        out["errors"].append(f"check exit {check.returncode}: {check.stdout[-1500:]}"
-                             f"{check.stderr[-1500:]}")
-    trim = rng.random() < 0.5
-    data = read_back(path, trim)
-    for name in EXPORTS:
-        errors, got = verify(name, contents[name], rnd.ops, data[name])
-        out["errors"] += errors
-        contents[name] = got
-    if trim:
-        contents["fresh"] = np.zeros(SECTORS, np.int64)
+    out["errors"] += rnd.errors + _check(path, contents, rnd.ops, rng.random() < 0.5)
     out["ops"] = sum(o.sent is not None for o in rnd.ops)
     out["acked"] = sum(o.acked is not None for o in rnd.ops)
     out["flushes"] = sum(o.kind == P.Cmd.FLUSH and o.acked is not None for o in rnd.ops)
     return out
+
+
+def _check(path: str, contents: dict, ops: list[Op], trim: bool) -> list[str]:
+    """After the kill: `thinstore check` must exit 0, and each export must hold what
+    the rule allows (`contents` becomes what they hold; ``fresh`` zeros with `trim`,
+    which discards it whole once read). The failures."""
+    errors = []
+    check = cli(path, "check")
+    if check.returncode:
+        errors.append(f"check exit {check.returncode}: {check.stdout[-1500:]}"
+                      f"{check.stderr[-1500:]}")
+    data = read_back(path, trim)
+    for name in EXPORTS:
+        lost, contents[name] = verify(name, contents[name], ops, data[name])
+        errors += lost
+    if trim:
+        contents["fresh"] = np.zeros(SECTORS, np.int64)
+    return errors
 
 
 def _clients(rnd: Round, sock: str, rng: random.Random, seed: int) -> list[Client]:
@@ -486,7 +398,7 @@ def _clients(rnd: Round, sock: str, rng: random.Random, seed: int) -> list[Clien
     shared = rng.choice(EXPORTS)
     exports = [shared, shared] + [rng.choice(EXPORTS) for _ in range(k - 2)]
     clients = []
-    for name in set(exports):
+    for name in sorted(set(exports)):      # not set order: the seed decides
         users = exports.count(name)
         cuts = sorted(rng.sample(range(8, SECTORS, 8), users - 1))
         bounds = [0, *cuts, SECTORS]

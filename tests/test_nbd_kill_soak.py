@@ -17,6 +17,7 @@ import shutil
 import pytest
 
 import nbdsoak
+import nbdsoak_check
 from nbd_helpers import short_tmpdir
 from thinstore import native
 
@@ -58,8 +59,8 @@ def test_the_soak_catches_a_server_that_acknowledges_before_logging(unsafe):
 def test_a_sector_is_read_as_the_write_it_came_from():
     """The checker's decoding: a tagged sector names its write, zeros read as 0, and a
     sector torn inside, or holding another sector's tag, is reported."""
-    data = bytearray(nbdsoak.payload(7, 0, 4) + bytes(512) + nbdsoak.payload(9, 1, 1))
-    ids, bad = nbdsoak.observe(bytes(data))
+    data = bytearray(nbdsoak_check.payload(7, 0, 4) + bytes(512) + nbdsoak_check.payload(9, 1, 1))
+    ids, bad = nbdsoak_check.observe(bytes(data))
     assert ids.tolist()[:5] == [7, 7, 7, 7, 0] and bad == [5]    # sector 5 holds sector 1's
     data[512 + 100] ^= 1                                          # torn inside sector 1
-    assert nbdsoak.observe(bytes(data))[1] == [1, 5]
+    assert nbdsoak_check.observe(bytes(data))[1] == [1, 5]
