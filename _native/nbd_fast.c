@@ -175,6 +175,28 @@ static int answer(ts_nbd_conn *c, uint64_t ticket)
     return 1;
 }
 
+/* Send obuf[mark, out_len) (with may_send only: nobody else sends meanwhile); 0,
+ * or -1 with send_failed set.  Then the buffer is empty again. */
+static int send_out(ts_nbd_conn *c)
+{
+    uint64_t at = c->mark;
+    while (at < c->out_len) {
+        ssize_t n = send(c->fd, c->obuf + at, c->out_len - at, MSG_NOSIGNAL);
+        if (n > 0) { at += (uint64_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd p = { c->fd, POLLOUT, 0 };
+            poll(&p, 1, -1);
+            continue;
+        }
+        c->send_failed = n < 0 ? errno : EPIPE;
+        return -1;
+    }
+    c->out_len = c->replies = 0;
+    c->mark = 0;
+    return 0;
+}
+
 /* No whole request is buffered: settle what is held, or append the early record. */
 static int idle(ts_nbd_conn *c)
 {
@@ -465,6 +487,7 @@ static int serve_read(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t
 /* The loop of ts_nbd_burst; it may return with a job on the writer. */
 static int burst(ts_nbd_conn *c, int may_block)
 {
+    int rounds = 0;
     for (;;) {
         struct pipe *w = c->pipe;
         int busy = w && w->busy;     /* one reply and one note more to come */
@@ -481,7 +504,21 @@ static int burst(ts_nbd_conn *c, int may_block)
                     continue;
                 }
             } else {
-                if (!may_block) return idle(c);
+                if (!may_block) {
+                    int rc = idle(c);
+                    if (!c->may_send || c->n_notes || rounds >= TS_NBD_ROUNDS)
+                        return rc;
+                    if (rc == TS_NBD_SYNC) {    /* the call's replies, then the held */
+                        if (send_out(c) < 0) return TS_NBD_CLOSED;
+                        if (!answer(c, c->ticket)) return TS_NBD_IDLE;
+                        rc = TS_NBD_IDLE;
+                    }
+                    if (rc != TS_NBD_IDLE || c->n_held) return rc;
+                    if (send_out(c) < 0) return TS_NBD_CLOSED;
+                    rounds++;
+                    may_block = 1;      /* settled, as Python would have */
+                    continue;
+                }
                 if (fill(c, TS_NBD_HEADER) < 0) return TS_NBD_CLOSED;
             }
         }
@@ -548,6 +585,7 @@ static void begin(ts_nbd_conn *c)
     c->lost = 0;
     c->n_notes = 0;
     c->mark = c->out_len;
+    c->send_failed = 0;
 }
 
 int ts_nbd_burst(ts_nbd_conn *c, int may_block)

@@ -32,6 +32,7 @@
 #define TS_NBD_HEADER 28         /* request header bytes                              */
 #define TS_NBD_NOTES_MAX 64      /* writes recorded per call: the call stops at this   */
 #define TS_NBD_HELD_MAX 64       /* FLUSH and FUA replies the loop holds at once        */
+#define TS_NBD_ROUNDS 32         /* with may_send: waits for a request one call makes    */
 
 /* Why ts_nbd_burst returned (the request at ibuf[start] is unconsumed in each case): */
 #define TS_NBD_IDLE 0    /* no whole request header is buffered and may_block was 0 */
@@ -137,6 +138,7 @@ typedef struct ts_nbd_conn {
     int64_t since; int64_t gap; int64_t guess; int64_t score; int started;
     uint64_t mark;
     int64_t flush_stat[2];
+    int may_send; int send_failed;
 } ts_nbd_conn;
 
 /*
@@ -155,8 +157,20 @@ typedef struct ts_nbd_conn {
  *                   the gap before, the write count a FLUSH is expected at, how
  *                   such guesses did, whether the early record of those writes was
  *                   appended here
- *   mark            obuf's length when the call began
+ *   mark            where the call's replies not yet sent begin in obuf (its
+ *                   length when the call began, 0 after the loop sent them)
  *   flush_stat[2]   this call's answered FLUSHes: count and ns (held to answered)
+ *   may_send        Python's word that nobody else can send on the connection
+ *                   during this call (its send queue empty, nothing held, no
+ *                   worker in flight): then, where the loop would return
+ *                   TS_NBD_IDLE with every write it served in a record of its
+ *                   own (none left in notes) and nothing held, it sends the
+ *                   call's replies itself (blocking, MSG_NOSIGNAL) and goes on
+ *                   waiting for the next request, as Python would after settling,
+ *                   up to TS_NBD_ROUNDS times a call; TS_NBD_SYNC is then not
+ *                   returned either (sent, waited, answered, sent)
+ *   send_failed     errno of a send that failed (the call returns TS_NBD_CLOSED):
+ *                   Python treats the peer as gone, as its own send would
  * A plain FLUSH (flags, offset and length 0) and a FUA WRITE (served as above) are
  * held; once no whole request is buffered (the loop would return TS_NBD_IDLE) the
  * loop appends one record of its notes (ts_log_own) and, with no other reply of the

@@ -23,8 +23,8 @@ from thinstore.nbd.handshake import Agreement
 from thinstore.nbd.server import ServerConfig
 from thinstore.nbd.transmission import Transmission
 
-pytestmark = pytest.mark.skipif(not native.NATIVE, reason="the native loop needs the "
-                                "native kernels (THINSTORE_PURE_PYTHON=1 runs Python's path)")
+pytestmark = pytest.mark.skipif(native.BACKEND != "native", reason="the loop runs with the "
+                                "native backend only (THINSTORE_PURE_PYTHON=1 runs Python's path)")
 
 SIZE = 4 << 20
 W, F, FUA = P.Cmd.WRITE, P.Cmd.FLUSH, P.CMD_FLAG_FUA
@@ -185,3 +185,27 @@ def test_a_held_flush_before_a_request_the_loop_leaves_is_answered(tmp_path):
     with pool, pool.open_device("fresh") as dev:
         assert dev.pread(0, 4096) == first
         assert dev.pread(2 << 20, 8192) == fua
+
+
+def test_a_client_gone_before_its_replies_ends_the_session(tmp_path):
+    """The loop sends its own replies once it has settled; a client that sent writes
+    and FLUSHes and hung up before reading them ends the session (the send fails, the
+    reader drops the connection) without harm: the server thread returns and the pool
+    reads back every write after it is dropped."""
+    path, pool = _pool(tmp_path)
+    s = _Session(pool, "fresh")
+    for i in range(3):                  # the pattern, so the loop settles by itself
+        s.send(W, i * 4096, b"x" * 4096, cookie=i)
+        assert s.replies(1) == {i: 0}
+        s.send(F, cookie=100 + i)
+        assert s.replies(1) == {100 + i: 0}
+    data = os.urandom(4096)
+    s.client.sendall(P.encode_request(0, W, 7, 65536, 4096) + data
+                     + P.encode_request(0, F, 8, 0, 0))
+    s.client.close()
+    s.thread.join(10)
+    assert not s.thread.is_alive()
+    pool = _reopen(path, pool)
+    with pool, pool.open_device("fresh") as dev:
+        assert dev.pread(0, 4096) == b"x" * 4096
+        assert dev.pread(65536, 4096) in (data, bytes(4096))

@@ -59,6 +59,7 @@ from thinstore.nbd import protocol as P
 from thinstore.nbd import stats as S
 from thinstore.nbd.channel import FLUSH_BYTES, FLUSH_COUNT
 from thinstore.nbd.held import FAST_MAX, HOLD_MAX
+from thinstore.nbd.wire import hang_up
 
 ENV = "THINSTORE_NBD_LOOP"          # "0": every request takes the Python path
 PIPELINE_ENV = "THINSTORE_NBD_PIPELINE"  # "0": large WRITEs written in turn, not pipelined
@@ -134,26 +135,32 @@ class NativeLoop:
         """Serve requests in C until the next one is the reader's (left at the head of
         the inbox), the stream ends, or the peer stopped taking replies."""
         tx, c, burst = self._tx, self.c, _lib.ts_nbd_burst
-        inbox, outbox = tx._inbox, tx._outbox
+        inbox, outbox, budget = tx._inbox, tx._outbox, tx._budget
         may_block = rc = 0
         try:
             while True:
                 if not outbox._queued:      # every reply queued from the buffer is sent
                     c.out_len = c.replies = 0
-                mark = c.out_len
+                # C may send itself while nobody else can: nothing queued or held here,
+                # no worker in flight (only this thread starts one)
+                c.may_send = int(not outbox._queued and not tx._held and not outbox.dead
+                                 and not budget._used_count and self._counted)
                 c.start, c.end = inbox.start, inbox.end
                 rc = burst(c, may_block)
                 inbox.start, inbox.end = c.start, c.end
-                if c.out_len != mark or rc == _FUA or c.stat[3] or c.n_held:
-                    self._account(tx, mark)
+                if c.send_failed:           # as Outbox.send does on its own failure
+                    outbox.dead = True
+                    hang_up(tx.sock)
+                if c.out_len != c.mark or c.stat[0] or c.stat[3] or c.flush_stat[0] \
+                        or c.n_held or rc == _FUA:
+                    self._account(tx, c.mark)
                     may_block = 0       # a request was read since the reader settled
                 if rc == _SYNC:         # the call's replies first, then the held ones
                     outbox.flush()
                     if not outbox._queued:
                         c.out_len = c.replies = 0
-                    mark = c.out_len
                     _lib.ts_nbd_settle(c)
-                    self._account(tx, mark)
+                    self._account(tx, c.mark)
                     rc = _IDLE
                 if c.n_held:            # what C could not settle: the reader's
                     self._take_over(tx)
