@@ -49,6 +49,17 @@ static inline int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* After a failed recv or send on fd: 1 when it failed only because a
+ * non-blocking socket was not ready (EAGAIN), once poll says it is (events:
+ * POLLIN or POLLOUT), so the caller tries again; 0 for a real error (errno). */
+static int would_block(int fd, short events)
+{
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return 0;
+    struct pollfd p = { fd, events, 0 };
+    poll(&p, 1, -1);
+    return 1;
+}
+
 /* Receive until [start, end) holds `need` bytes, blocking: 1, or -1 at the end
  * of the stream or on an error (c->err).  Like channel.Inbox._fill, what is
  * held moves to the front of the buffer first. */
@@ -65,11 +76,7 @@ static int fill(ts_nbd_conn *c, uint64_t need)
         if (n > 0) { c->end += (uint64_t)n; continue; }
         if (n == 0) return -1;
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {    /* a non-blocking socket */
-            struct pollfd p = { c->fd, POLLIN, 0 };
-            poll(&p, 1, -1);
-            continue;
-        }
+        if (would_block(c->fd, POLLIN)) continue;        /* a non-blocking socket */
         c->err = -errno;
         return -1;
     }
@@ -184,11 +191,7 @@ static int send_out(ts_nbd_conn *c)
         ssize_t n = send(c->fd, c->obuf + at, c->out_len - at, MSG_NOSIGNAL);
         if (n > 0) { at += (uint64_t)n; continue; }
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd p = { c->fd, POLLOUT, 0 };
-            poll(&p, 1, -1);
-            continue;
-        }
+        if (n < 0 && would_block(c->fd, POLLOUT)) continue;
         c->send_failed = n < 0 ? errno : EPIPE;
         return -1;
     }
@@ -403,11 +406,7 @@ static int receive_payload(ts_nbd_conn *c, uint8_t *buf, uint32_t length)
         ssize_t n = recv(c->fd, buf + have, length - have, MSG_WAITALL);  /* one wake-up */
         if (n > 0) { have += (uint64_t)n; continue; }
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd p = { c->fd, POLLIN, 0 };
-            poll(&p, 1, -1);
-            continue;
-        }
+        if (n < 0 && would_block(c->fd, POLLIN)) continue;
         c->err = n < 0 ? -errno : 0;
         c->lost = length;
         return TS_NBD_CLOSED;
