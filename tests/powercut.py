@@ -1,0 +1,376 @@
+"""Power cuts through the kernel's block layer: the native intent-log writer on ext4.
+
+The stack (what tests/test_powercut_native.py and tools/powercut_soak.py build)::
+
+    workload (own process, native backend: O_DIRECT|O_DSYNC log writes by Linux AIO
+      |        or the writer thread, fdatasync, full commits)
+    ext4 on /dev/loopN  <-  a FUSE file (nbdfuse)  <-  NBD  <-  blockrec (recording)
+
+Checked on this machine (kernel 6.x, nbdfuse 1.14): an O_DIRECT|O_DSYNC write of a
+file's allocated block reaches blockrec as a WRITE then a FLUSH (the loop device has
+a volatile write cache and no FUA, so the block layer turns a FUA write into a write
+and a flush; loop flushes by fsync of the FUSE file, which nbdfuse sends as FLUSH),
+and a buffered write then fdatasync as a WRITE then a FLUSH. So blockrec's
+recording is the order the disk saw, with every point where the kernel asked for
+durability.
+
+A cut at position C (records 0..C-1 completed, nothing after): the *crash image* is
+the disk at the mark (the workload's start) plus every write before the last FLUSH
+below C, plus -- as a volatile cache may or may not have written them -- a random
+choice of the writes after that FLUSH, each applied whole, dropped, or torn (a
+random subset of its 512-byte sectors), in recorded order; FUA writes are durable
+once completed, so always applied.
+
+The rule (nbdsoak_check.verify, fed per cut): the workload stamped each FLUSH, FUA
+write, snapshot and full commit with the position it read right after the call
+returned. One stamped at a position <= C returned before the cut: it counts as a
+completed FLUSH (a snapshot or commit as one too), a FUA write as durable; a stamp
+> C did not happen. Then every sector reads its last durable value or a later
+write's; a snapshot stamped <= C exists; every snapshot that exists holds exactly its
+export's writes before it. And `thinstore check` exits 0. (The stamp is compared
+with C, not with the cut's last FLUSH: a writer that acknowledged before the disk's
+FLUSH would otherwise never be caught.)
+
+Cuts in replay: a crash image whose log has records is served by blockrec again,
+mounted, and the pool opened on it (intent-log replay, the fold's full commit,
+close) in a native process; cuts over that recording are checked by the first cut's
+rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from blockrec import FLUSH, BlockRecorder, counts
+from nbdsoak_check import Op, payload, verify
+
+from thinstore import Pool
+from thinstore.cli.main import main as cli_main
+from thinstore.errors import NoSuchDevice
+from thinstore.nbd import protocol as P
+
+MiB = 1 << 20
+DISK = 64 * MiB
+SIZE = 4 * MiB                      # each export
+SECTORS = SIZE // 512
+EXPORTS = ("fresh", "base", "clone")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+SNAPSHOT, COMMIT = "snapshot", "commit"
+TEAR = 4096     # a torn write keeps or loses whole 4 KiB pieces (see the module docstring)
+
+
+# == the pool and the stack =========================================================
+def new_pool(path: str) -> None:
+    """``fresh`` (zeros), ``base`` (every sector tagged with id 1, snapshotted as
+    ``base@s``) and ``clone`` (of ``base@s``); 16 KiB chunks."""
+    pool = Pool.create(path, 40 * MiB, 16 << 10, commit_interval=0)
+    try:
+        for name in ("fresh", "base"):
+            pool.create_volume(name, SIZE)
+        with pool.open_device("base") as dev:
+            dev.pwrite(payload(1, 0, SECTORS), 0)
+        pool.snapshot("base@s")
+        pool.clone("base@s", "clone")
+    finally:
+        pool.close()
+
+
+def starts() -> dict:
+    import numpy as np
+    ones = np.ones(SECTORS, np.int64)
+    return {"fresh": np.zeros(SECTORS, np.int64), "base": ones, "clone": ones,
+            "base@s": ones}
+
+
+@contextlib.contextmanager
+def stack(br: BlockRecorder, work: str, mkfs: bool):
+    """blockrec -> nbdfuse -> loop -> ext4 (made when `mkfs`) mounted: yields the mount
+    point; everything is taken down again, also on failure."""
+    from test_nbd_blockdev import block_device, mounted
+    sock = os.path.join(work, f"nbd{len(os.listdir(work))}.sock")
+    br.listen(sock)
+    with block_device(f"nbd+unix:///?socket={sock}") as dev:
+        if mkfs:
+            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
+        with mounted(dev) as where:
+            yield where
+            run(["sync", "-f", where])
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} -> {proc.returncode}: {proc.stdout[-500:]}{proc.stderr[-2000:]}")
+    return proc
+
+
+def native_env(mode: str = "aio", unsafe: str | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), THINSTORE_PURE_PYTHON="0")
+    env.pop("THINSTORE_LOG_THREAD", None)
+    env.pop("THINSTORE_POWERCUT_UNSAFE", None)
+    if mode == "thread":
+        env["THINSTORE_LOG_THREAD"] = "1"
+    if unsafe:
+        env["THINSTORE_POWERCUT_UNSAFE"] = unsafe
+    return env
+
+
+# == recording a workload ============================================================
+@dataclass
+class Recording:
+    """The disk at the mark, what it completed after, and what the workload was told."""
+    base: bytes
+    mark: int
+    records: list
+    ops: list = field(default_factory=list)
+    end: dict = field(default_factory=dict)
+
+    def flushes(self) -> list[int]:
+        return [r.seq for r in self.records if r.kind == FLUSH]
+
+
+def record_workload(work: str, seed: int, ops: int, mode: str = "aio",
+                    unsafe: str | None = None) -> Recording:
+    """Make the file system and the pool on the recorded stack, mark, run the workload
+    (tests/powercut_workload.py) and return the recording."""
+    br = BlockRecorder(DISK)
+    possock = br.listen_position(os.path.join(work, "pos.sock"))
+    journal = os.path.join(work, "journal.jsonl")
+    try:
+        with stack(br, work, mkfs=True) as mnt:
+            new_pool(os.path.join(mnt, "pool"))
+            run(["sync", "-f", mnt])
+            base, mark = br.mark()
+            proc = subprocess.run(
+                [sys.executable, os.path.join(TESTS, "powercut_workload.py"),
+                 os.path.join(mnt, "pool"), possock, journal, "--seed", str(seed),
+                 "--ops", str(ops), "--sectors", str(SECTORS)],
+                env=native_env(mode, unsafe), capture_output=True, text=True, timeout=600)
+        lines = [json.loads(line) for line in open(journal)]
+    finally:
+        br.close()
+    if proc.returncode or not lines or "end" not in lines[-1]:
+        raise RuntimeError(f"workload failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return Recording(base, mark, br.records[mark:], lines[:-1], lines[-1])
+
+
+def record_replay(image: bytes, work: str) -> Recording:
+    """Serve a crash image on the recorded stack, mount it, open the pool (replay and
+    fold) and close it in a native process: the recording of that."""
+    br = BlockRecorder(image=image)
+    script = ("import sys\nfrom thinstore import Pool\n"
+              "p = Pool.open(sys.argv[1], commit_interval=0)\n"
+              "print(p._log.counters['replayed'])\np.close()\n")
+    try:
+        with stack(br, work, mkfs=False) as mnt:
+            out = run([sys.executable, "-c", script, os.path.join(mnt, "pool")],
+                      env=native_env()).stdout
+    finally:
+        br.close()
+    return Recording(image, 0, list(br.records), end={"replayed": int(out.split()[-1])})
+
+
+# == cuts and crash images ============================================================
+def cut_points(rec: Recording, rng: random.Random, n: int) -> list[int]:
+    """Up to `n` cut positions: right after each stamp (the hardest moment: the caller
+    was just told), just before and after each FLUSH, and random points in the runs of
+    writes between FLUSHes; all of them when there are no more than `n`."""
+    lo, hi = rec.mark, rec.mark + len(rec.records)
+    points = {hi, lo}
+    points.update(o["pos"] for o in rec.ops if o.get("pos") is not None)
+    for f in rec.flushes():
+        points.update((f, f + 1))
+    marks = [lo] + rec.flushes() + [hi]
+    for a, b in zip(marks, marks[1:]):
+        if b - a > 2:
+            points.add(rng.randrange(a + 1, b))
+    points = sorted(p for p in points if lo <= p <= hi)
+    return points if len(points) <= n else sorted(rng.sample(points, n))
+
+
+class Images:
+    """Crash images of one recording, for cuts in increasing order (the durable
+    prefix is carried forward from one cut to the next)."""
+
+    def __init__(self, rec: Recording):
+        self.rec = rec
+        self.durable = bytearray(rec.base)
+        self.applied = 0                    # records (index in rec.records) applied
+
+    def at(self, cut: int, rng: random.Random) -> bytearray:
+        recs = self.rec.records
+        end = cut - self.rec.mark
+        last = max((i for i in range(self.applied, end) if recs[i].kind == FLUSH),
+                   default=self.applied - 1)
+        if last + 1 < self.applied:
+            raise ValueError("cuts must come in increasing order")
+        for r in recs[self.applied:last + 1]:
+            _apply(self.durable, r)
+        self.applied = last + 1
+        img = bytearray(self.durable)
+        for r in recs[self.applied:end]:
+            if r.kind != FLUSH:
+                _volatile(img, r, rng)
+        return img
+
+
+def _apply(img: bytearray, r) -> None:
+    if r.kind != FLUSH:
+        img[r.offset:r.offset + len(r.data)] = r.data
+
+
+def _volatile(img: bytearray, r, rng: random.Random) -> None:
+    """A write after the last FLUSH: applied (FUA always), dropped, or torn."""
+    x = rng.random()
+    if r.fua or x < 0.4:
+        _apply(img, r)
+    elif x < 0.7 and len(r.data) > TEAR:
+        for s in range(0, len(r.data), TEAR):
+            if rng.random() < 0.5:
+                piece = r.data[s:s + TEAR]
+                img[r.offset + s:r.offset + s + len(piece)] = piece
+
+
+# == checking one image ==================================================================
+def expectations(ops: list, cut: int) -> tuple[list, list]:
+    """(nbdsoak_check Ops as the disk saw them at `cut`, the snapshots that must exist)."""
+    out, must_exist = [], []
+    for d in ops:
+        kind, stamped = d["kind"], d.get("pos") is not None and d["pos"] <= cut
+        if kind in (SNAPSHOT, COMMIT, int(P.Cmd.FLUSH)):
+            o = Op(0, P.Cmd.FLUSH, None)
+            o.acked = d["acked"] if stamped else None
+            if kind == SNAPSHOT and stamped:
+                must_exist.append(d["name"])
+        else:
+            o = Op(d["id"], kind, d["export"], d["first"], d["n"], d["fua"] and stamped)
+            o.acked = d["acked"]
+        o.sent = d["sent"]
+        out.append(o)
+    return out, must_exist
+
+
+def check_image(img: bytes, ops: list, cut: int, work: str) -> tuple[list, dict]:
+    """Loop-mount the image (ext4 replays its journal), open the pool (intent-log
+    replay), read every export and snapshot, close, run ``thinstore check``: (failures,
+    facts such as how many records were replayed)."""
+    path = os.path.join(_shm(work), "image")
+    with open(path, "wb") as f:
+        f.write(img)
+    loop = run(["losetup", "-f", "--show", path]).stdout.strip()
+    where = tempfile.mkdtemp(prefix="tspcm", dir="/tmp")
+    try:
+        run(["mount", loop, where])
+        try:
+            return _check_pool(os.path.join(where, "pool"), ops, cut)
+        finally:
+            run(["umount", where])
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        os.rmdir(where)
+        os.unlink(path)
+
+
+def _shm(work: str) -> str:
+    d = os.path.join("/dev/shm", os.path.basename(work)) if os.path.isdir("/dev/shm") else work
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _check_pool(path: str, ops: list, cut: int) -> tuple[list, dict]:
+    expect, must_exist = expectations(ops, cut)
+    start = starts()
+    errors: list = []
+    with Pool.open(path, commit_interval=0) as pool:
+        facts = {"replayed": pool._log.counters["replayed"]}
+        for name in EXPORTS + ("base@s",):
+            with pool.open_device(name) as dev:
+                errors += verify(name, start[name], expect, dev.pread(0, SIZE))[0]
+        errors += _check_snapshots(pool, ops, must_exist, start)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = cli_main(["--pool", path, "check"])
+    if rc:
+        errors.append(f"thinstore check exited {rc}: {out.getvalue()[-800:]}")
+    return errors, facts
+
+
+def _check_snapshots(pool, ops: list, must_exist: list, start: dict) -> list:
+    errors = []
+    for d in (o for o in ops if o["kind"] == SNAPSHOT):
+        try:
+            dev = pool.open_device(d["name"])
+        except NoSuchDevice:
+            if d["name"] in must_exist:
+                errors.append(f"snapshot {d['name']} was taken before the cut and is gone")
+            continue
+        with dev:
+            mine, _ = expectations([o for o in ops if o.get("export") == d["export"]
+                                    and o["kind"] not in (SNAPSHOT, COMMIT)
+                                    and o["sent"] < d["sent"]], 1 << 62)
+            for o in mine:
+                o.export = d["name"]        # verify() picks the ops of the name it checks
+            snap = Op(0, P.Cmd.FLUSH, None)
+            snap.sent, snap.acked = d["sent"], d["acked"]
+            errors += verify(d["name"], start[d["export"]], mine + [snap],
+                             dev.pread(0, SIZE))[0]
+    return errors
+
+
+# == a whole run ================================================================
+def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0,
+                 mode: str = "aio", unsafe: str | None = None, log=None) -> dict:
+    """Record one workload, check `cuts` crash images of it, and `replay_cuts` more
+    inside the replay of one of them. Returns a report: counts, failures (cut ->
+    messages), the workload's log counters."""
+    rng = random.Random(seed)
+    rec = record_workload(work, seed, ops, mode, unsafe)
+    report = {"seed": seed, "mode": mode, "disk": counts(rec.records), "workload": rec.end,
+              "cuts": 0, "replayed_cuts": 0, "failures": {}, "replay": None}
+    images, replay_from = Images(rec), None
+    for cut in cut_points(rec, rng, cuts):
+        img = images.at(cut, rng)
+        errors, facts = check_image(img, rec.ops, cut, work)
+        report["cuts"] += 1
+        report["replayed_cuts"] += facts["replayed"] > 0
+        if errors:
+            report["failures"][cut] = errors
+        elif facts["replayed"] and replay_from is None:
+            replay_from = (cut, bytes(img))
+        if log:
+            log(f"cut {cut}: {'FAIL ' + errors[0] if errors else 'ok'} {facts}")
+    if replay_cuts and replay_from is not None:
+        report["replay"] = replay_run(rec, replay_from, work, rng, replay_cuts, log)
+    return report
+
+
+def replay_run(rec: Recording, replay_from: tuple, work: str, rng: random.Random,
+               cuts: int, log=None) -> dict:
+    """Cuts inside the replay of the crash image `replay_from` = (cut, image)."""
+    first_cut, image = replay_from
+    rrec = record_replay(image, work)
+    out = {"from_cut": first_cut, "replayed": rrec.end["replayed"], "disk": counts(rrec.records),
+           "cuts": 0, "failures": {}}
+    images = Images(rrec)
+    for cut in cut_points(rrec, rng, cuts):
+        errors, _ = check_image(images.at(cut, rng), rec.ops, first_cut, work)
+        out["cuts"] += 1
+        if errors:
+            out["failures"][cut] = errors
+        if log:
+            log(f"replay cut {cut}: {'FAIL ' + errors[0] if errors else 'ok'}")
+    return out
+
+
+def cleanup(work: str) -> None:
+    shutil.rmtree(_shm(work), ignore_errors=True)
