@@ -254,6 +254,14 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
             return self._counters
 
     @property
+    def log_counters(self) -> dict:
+        """The intent log's totals since open (synclog.SyncLog.counters): records and
+        record_bytes appended (loop_records: by the native NBD loop itself), syncs,
+        direct (records made durable by O_DIRECT|O_DSYNC writes of the native log
+        writer alone), replayed at open, commits_instead."""
+        return self._log.counters
+
+    @property
     def chunk_size(self) -> int:
         return self.md.chunk_size
 

@@ -125,10 +125,14 @@ class SyncLog:
     def counters(self) -> dict:
         """records, record_bytes, syncs (fdatasyncs of the log), replayed,
         commits_instead: totals since open; records and record_bytes count the
-        native NBD loop's own records too (ts_log_own), loop_records those alone."""
+        native NBD loop's own records too (ts_log_own), loop_records those alone;
+        direct: the log writer's syncs done by O_DIRECT|O_DSYNC writes alone."""
         out = dict(self._counts)
+        out["direct"] = 0
         if self._syncer is not None:
-            out["syncs"] += self._syncer.stats()[1]
+            stats = self._syncer.stats()
+            out["syncs"] += stats[1]
+            out["direct"] = stats[3]
         out["records"] += self._cur.records
         out["record_bytes"] += self._cur.record_bytes
         out["loop_records"] = self._cur.records

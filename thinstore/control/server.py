@@ -174,12 +174,16 @@ class ControlServer(Guards):
         return dict(counters() if callable(counters) else counters)
 
     def _op_iostat(self):
-        """Per-export I/O counters of the NBD server (thinstore.nbd.stats) and the
-        pool's data-path counters, both cumulative: ``{"uptime_s", "devices", "pool"}``."""
+        """Per-export I/O counters of the NBD server (thinstore.nbd.stats), the
+        pool's data-path counters and its intent log's (Pool.log_counters), all
+        cumulative: ``{"uptime_s", "devices", "pool", "log"}``."""
         result = self.sessions.iostat() if self.sessions and hasattr(self.sessions, "iostat") \
             else {"uptime_s": None, "devices": {}}
         counters = self.pool.counters
         result["pool"] = dict(counters() if callable(counters) else counters)
+        log_counters = getattr(self.pool, "log_counters", None)
+        if log_counters is not None:
+            result["log"] = dict(log_counters)
         return result
 
     def _op_ping(self):
