@@ -59,13 +59,14 @@ from thinstore.errors import NoSuchDevice
 from thinstore.nbd import protocol as P
 
 MiB = 1 << 20
-DISK = 64 * MiB
+DISK = 128 * MiB
 SIZE = 4 * MiB                      # each export
 SECTORS = SIZE // 512
 EXPORTS = ("fresh", "base", "clone")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 SNAPSHOT, COMMIT = "snapshot", "commit"
+FLUSH_KIND = int(P.Cmd.FLUSH)
 TEAR = 4096     # a torn write keeps or loses whole 4 KiB pieces (see the module docstring)
 
 
@@ -73,7 +74,7 @@ TEAR = 4096     # a torn write keeps or loses whole 4 KiB pieces (see the module
 def new_pool(path: str) -> None:
     """``fresh`` (zeros), ``base`` (every sector tagged with id 1, snapshotted as
     ``base@s``) and ``clone`` (of ``base@s``); 16 KiB chunks."""
-    pool = Pool.create(path, 40 * MiB, 16 << 10, commit_interval=0)
+    pool = Pool.create(path, 64 * MiB, 16 << 10, commit_interval=0)
     try:
         for name in ("fresh", "base"):
             pool.create_volume(name, SIZE)
@@ -140,9 +141,10 @@ class Recording:
 
 
 def record_workload(work: str, seed: int, ops: int, mode: str = "aio",
-                    unsafe: str | None = None) -> Recording:
+                    unsafe: str | None = None, nbd_seconds: float = 0) -> Recording:
     """Make the file system and the pool on the recorded stack, mark, run the workload
-    (tests/powercut_workload.py) and return the recording."""
+    (tests/powercut_workload.py; through ``thinstore serve`` and NBD clients for
+    `nbd_seconds` when that is not 0) and return the recording."""
     br = BlockRecorder(DISK)
     possock = br.listen_position(os.path.join(work, "pos.sock"))
     journal = os.path.join(work, "journal.jsonl")
@@ -154,7 +156,9 @@ def record_workload(work: str, seed: int, ops: int, mode: str = "aio",
             proc = subprocess.run(
                 [sys.executable, os.path.join(TESTS, "powercut_workload.py"),
                  os.path.join(mnt, "pool"), possock, journal, "--seed", str(seed),
-                 "--ops", str(ops), "--sectors", str(SECTORS)],
+                 "--ops", str(ops), "--sectors", str(SECTORS),
+                 *(["--nbd", os.path.join(work, "ts.sock"), "--seconds", str(nbd_seconds)]
+                   if nbd_seconds else [])],
                 env=native_env(mode, unsafe), capture_output=True, text=True, timeout=600)
         lines = [json.loads(line) for line in open(journal)]
     finally:
@@ -247,7 +251,7 @@ def expectations(ops: list, cut: int) -> tuple[list, list]:
     out, must_exist = [], []
     for d in ops:
         kind, stamped = d["kind"], d.get("pos") is not None and d["pos"] <= cut
-        if kind in (SNAPSHOT, COMMIT, int(P.Cmd.FLUSH)):
+        if kind in (SNAPSHOT, COMMIT, FLUSH_KIND):
             o = Op(0, P.Cmd.FLUSH, None)
             o.acked = d["acked"] if stamped else None
             if kind == SNAPSHOT and stamped:
@@ -315,11 +319,16 @@ def _check_snapshots(pool, ops: list, must_exist: list, start: dict) -> list:
                 errors.append(f"snapshot {d['name']} was taken before the cut and is gone")
             continue
         with dev:
+            # anything sent before the snapshot returned may be in it; what was
+            # answered before it was asked for must be
+            # answered before it was asked for must be (only the snapshot's own commit
+            # counts as a flush here: a FLUSH sent meanwhile may come after it)
             mine, _ = expectations([o for o in ops if o.get("export") == d["export"]
-                                    and o["kind"] not in (SNAPSHOT, COMMIT)
-                                    and o["sent"] < d["sent"]], 1 << 62)
+                                    and o["kind"] not in (SNAPSHOT, COMMIT, FLUSH_KIND)
+                                    and o["sent"] < d["acked"]], 1 << 62)
             for o in mine:
                 o.export = d["name"]        # verify() picks the ops of the name it checks
+                o.fua = False               # a FUA write answered later is not in it
             snap = Op(0, P.Cmd.FLUSH, None)
             snap.sent, snap.acked = d["sent"], d["acked"]
             errors += verify(d["name"], start[d["export"]], mine + [snap],
@@ -329,12 +338,13 @@ def _check_snapshots(pool, ops: list, must_exist: list, start: dict) -> list:
 
 # == a whole run ================================================================
 def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0,
-                 mode: str = "aio", unsafe: str | None = None, log=None) -> dict:
+                 mode: str = "aio", unsafe: str | None = None, log=None,
+                 nbd_seconds: float = 0) -> dict:
     """Record one workload, check `cuts` crash images of it, and `replay_cuts` more
     inside the replay of one of them. Returns a report: counts, failures (cut ->
     messages), the workload's log counters."""
     rng = random.Random(seed)
-    rec = record_workload(work, seed, ops, mode, unsafe)
+    rec = record_workload(work, seed, ops, mode, unsafe, nbd_seconds)
     report = {"seed": seed, "mode": mode, "disk": counts(rec.records), "workload": rec.end,
               "cuts": 0, "replayed_cuts": 0, "failures": {}, "replay": None}
     images, replay_from = Images(rec), None

@@ -1,6 +1,7 @@
 """The power-cut workload (tests/powercut.py runs it in its own process, native backend).
 
-    python tests/powercut_workload.py POOL POSITION_SOCKET JOURNAL --seed S --ops N
+    python tests/powercut_workload.py POOL POSITION_SOCKET JOURNAL --sectors K
+                                      [--seed S] [--ops N | --nbd SOCKET --seconds T]
 
 Opens POOL (made by powercut.new_pool: exports ``fresh``, ``base``, ``clone``) with a
 short commit interval and runs two threads through the Pool/Device API: one owns
@@ -12,7 +13,8 @@ runs meanwhile. Every operation gets event numbers (sent, acked) from one counte
 FLUSH, a FUA write, a snapshot and a commit, once they return, ask the recording disk
 for its position (blockrec) and carry it as ``pos``. The JOURNAL (a file not on the
 recorded disk) gets one JSON line per operation as it completes, then a last line
-with the log's counters and the position at the end of the workload.
+with the log's counters and the position at the end of the workload. With --nbd the
+same happens through ``thinstore serve`` and NBD clients instead (powercut_nbd.py).
 
 THINSTORE_POWERCUT_UNSAFE=nodsync (the negative control): the native log writer's
 descriptor is opened without O_DSYNC, so its O_DIRECT writes reach the disk's
@@ -34,24 +36,26 @@ sys.path.insert(0, HERE)
 from blockrec import PositionClient             # noqa: E402
 from nbdsoak_check import TRIM, ZEROES, payload  # noqa: E402
 
-from thinstore import Pool, native, synclog     # noqa: E402
+from thinstore import Pool, native              # noqa: E402
 from thinstore.nbd import protocol as P         # noqa: E402
 
 SIZES = (1, 1, 2, 7, 8, 16, 31, 64, 128, 256)   # sectors per write
 FLUSH, SNAPSHOT, COMMIT = int(P.Cmd.FLUSH), "snapshot", "commit"
 
 
-def unsafe_nodsync() -> None:
-    """The negative control: the log writer's descriptor without O_DSYNC."""
-    real = synclog._open_direct
-
-    def no_dsync(fio):
-        fd = real(fio)
-        if fd >= 0:
-            os.close(fd)
-            fd = os.open(fio.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-        return fd
-    synclog._open_direct = no_dsync
+# the negative control, as source (the NBD server runs it before serving; nbdsoak.UNSAFE)
+NODSYNC = """
+import os
+from thinstore import synclog
+_real_open_direct = synclog._open_direct
+def _no_dsync(fio):
+    fd = _real_open_direct(fio)
+    if fd >= 0:
+        os.close(fd)
+        fd = os.open(fio.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    return fd
+synclog._open_direct = _no_dsync
+"""
 
 
 class Journal:
@@ -140,9 +144,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", type=int, default=300)
     ap.add_argument("--sectors", type=int, required=True)
     ap.add_argument("--commit-interval", type=float, default=0.4)
+    ap.add_argument("--nbd", metavar="SOCKET", help="through thinstore serve on SOCKET")
+    ap.add_argument("--seconds", type=float, default=3.0, help="how long the NBD clients run")
     args = ap.parse_args(argv)
-    if os.environ.get("THINSTORE_POWERCUT_UNSAFE") == "nodsync":
-        unsafe_nodsync()
+    unsafe = os.environ.get("THINSTORE_POWERCUT_UNSAFE")
+    if args.nbd:
+        return nbd_main(args, unsafe)
+    if unsafe == "nodsync":
+        exec(NODSYNC, {})
     journal = Journal(args.journal, args.socket)
     pool = Pool.open(args.pool, commit_interval=args.commit_interval)
     plan = [(["fresh"], args.seed * 2), (["base", "clone"], args.seed * 2 + 1)]
@@ -158,15 +167,28 @@ def main(argv=None) -> int:
         t.start()
     for t in threads:
         t.join()
-    slog = pool._log
-    syncer = slog._syncer.stats() if slog._syncer is not None else (0, 0, 0, 0)
-    end = {"end": journal.pos.ask(), "backend": native.BACKEND, "log": slog.counters,
-           "syncer": {"durable": syncer[0], "ok": syncer[1], "begun": syncer[2],
-                      "direct": syncer[3]},
+    end = {"end": journal.pos.ask(), "backend": native.BACKEND, "log": pool.log_counters,
            "commits": pool.counters.get("commits", 0), "errors": errors}
     pool.close()
     journal.f.write(json.dumps(end) + "\n")
     journal.f.close()
+    return 1 if errors else 0
+
+
+def nbd_main(args, unsafe: str | None) -> int:
+    import nbdsoak
+    import powercut_nbd
+    if unsafe:
+        nbdsoak.UNSAFE[unsafe] = NODSYNC
+    ops, counters, errors = powercut_nbd.run(args.pool, args.socket, args.nbd, args.sectors,
+                                             args.seed, args.seconds, unsafe)
+    pos = PositionClient(args.socket)
+    end = {"end": pos.ask(), "backend": native.BACKEND, "errors": errors, **counters}
+    pos.close()
+    with open(args.journal, "w") as f:
+        for op in sorted(ops, key=lambda o: o["sent"]):
+            f.write(json.dumps(op) + "\n")
+        f.write(json.dumps(end) + "\n")
     return 1 if errors else 0
 
 

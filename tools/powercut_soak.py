@@ -6,7 +6,9 @@
 
 Runs rounds of tests/powercut.py until --cuts crash images have been checked: each
 round records one native workload on ext4 / loop / nbdfuse / blockrec (the log writer
-alternating between Linux AIO and its writer thread), checks up to --per-run cuts of
+alternating between Linux AIO and its writer thread; two rounds of four through the
+Pool/Device API, two through ``thinstore serve`` and NBD clients, where the native
+request loop appends its own records), checks up to --per-run cuts of
 it and --replay-cuts more inside the replay of one of its crash images (those count
 towards --cuts too). Needs root, /dev/fuse, loop devices, nbdfuse. Exit status 0
 when no cut lost an acknowledged write and every `check` was clean; --unsafe runs the
@@ -38,13 +40,16 @@ def main(argv=None) -> int:
     ap.add_argument("--replay-cuts", type=int, default=15,
                     help="cuts inside one replay per workload")
     ap.add_argument("--ops", type=int, default=200, help="operations per workload thread")
+    ap.add_argument("--nbd-seconds", type=float, default=3.0,
+                    help="how long the NBD rounds' clients write")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--unsafe", choices=["nodsync"], help="run the negative control")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     logging.getLogger("thinstore").setLevel(logging.ERROR)   # recovery notes are expected
     total = {"cuts": 0, "replay_cuts": 0, "runs": 0, "cuts_with_log_replay": 0,
-             "log_records": 0, "direct_writes": 0, "commits": 0, "flushes_seen_by_disk": 0,
+             "log_records": 0, "nbd_loop_records": 0, "direct_writes": 0, "commits": 0,
+             "flushes_seen_by_disk": 0,
              "failures": []}
     t0 = time.monotonic()
     seed = args.seed
@@ -62,10 +67,11 @@ def _round(args, seed: int, total: dict) -> None:
     left = args.cuts - total["cuts"] - total["replay_cuts"]
     work = tempfile.mkdtemp(prefix="tspcsoak", dir="/tmp")
     mode = ("aio", "thread")[seed % 2]
+    nbd = args.nbd_seconds if seed % 4 >= 2 else 0
     try:
         r = powercut.powercut_run(work, seed, args.ops, min(args.per_run, left),
                                   min(args.replay_cuts, max(0, left - args.per_run)),
-                                  mode=mode, unsafe=args.unsafe)
+                                  mode=mode, unsafe=args.unsafe, nbd_seconds=nbd)
     finally:
         powercut.cleanup(work)
     wl = r["workload"]
@@ -73,9 +79,11 @@ def _round(args, seed: int, total: dict) -> None:
     total["cuts"] += r["cuts"]
     total["cuts_with_log_replay"] += r["replayed_cuts"]
     total["log_records"] += wl["log"]["records"]
-    total["direct_writes"] += wl["syncer"]["direct"]
+    total["direct_writes"] += wl["log"]["direct"]
     total["commits"] += wl["commits"]
     total["flushes_seen_by_disk"] += r["disk"]["flushes"]
+    mode += " nbd" if nbd else " api"
+    total["nbd_loop_records"] += wl["log"].get("loop_records", 0)
     fails = [f"seed {seed} ({mode}) cut {c}: {m[0]}" for c, m in r["failures"].items()]
     if r["replay"]:
         total["replay_cuts"] += r["replay"]["cuts"]
@@ -91,8 +99,8 @@ def _summary(t: dict) -> str:
     lines = [f"{t['cuts'] + t['replay_cuts']} cuts ({t['replay_cuts']} inside replay) over "
              f"{t['runs']} recorded workloads in {t['seconds']} s: {len(t['failures'])} failed",
              f"  {t['cuts_with_log_replay']} crash images had log records to replay; the "
-             f"workloads wrote {t['log_records']} records ({t['direct_writes']} O_DIRECT|O_DSYNC "
-             f"writes), made {t['commits']} full commits; the disk saw "
+             f"workloads wrote {t['log_records']} records ({t['nbd_loop_records']} by the NBD "
+             f"loop itself; {t['direct_writes']} O_DIRECT|O_DSYNC writes), made {t['commits']} full commits; the disk saw "
              f"{t['flushes_seen_by_disk']} FLUSHes"]
     lines += [f"  {f}" for f in t["failures"][:20]]
     return "\n".join(lines)
