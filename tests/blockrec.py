@@ -147,7 +147,7 @@ class BlockRecorder:
             magic, opt, length = OPTION.unpack(_recv(conn, OPTION.size))
             if magic != IHAVEOPT or length > 4096:
                 raise ValueError("bad option")
-            data = _recv(conn, length)
+            _recv(conn, length)     # the export name (any name is this disk), info requests
             if opt == OPT_EXPORT_NAME:
                 conn.sendall(struct.pack(">QH", self.size, TF) + bytes(124 if zeroes else 0))
                 return True

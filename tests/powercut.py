@@ -44,6 +44,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def stack(br: BlockRecorder, work: str, mkfs: bool):
     br.listen(sock)
     with block_device(f"nbd+unix:///?socket={sock}") as dev:
         if mkfs:
-            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
+            run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "nodiscard", dev])
         with mounted(dev) as where:
             yield where
             run(["sync", "-f", where])
@@ -135,6 +136,14 @@ class Recording:
     records: list
     ops: list = field(default_factory=list)
     end: dict = field(default_factory=dict)
+    extents: dict = field(default_factory=dict)     # pool file -> [(start, end)] on the disk
+
+    def file_at(self, offset: int) -> str:
+        """Which pool file (log, meta, data) holds the disk byte `offset`, else "ext4"."""
+        for name, spans in self.extents.items():
+            if any(a <= offset < b for a, b in spans):
+                return name
+        return "ext4"
 
     def flushes(self) -> list[int]:
         return [r.seq for r in self.records if r.kind == FLUSH]
@@ -160,12 +169,26 @@ def record_workload(work: str, seed: int, ops: int, mode: str = "aio",
                  *(["--nbd", os.path.join(work, "ts.sock"), "--seconds", str(nbd_seconds)]
                    if nbd_seconds else [])],
                 env=native_env(mode, unsafe), capture_output=True, text=True, timeout=600)
+            extents = {name: file_extents(os.path.join(mnt, "pool", name))
+                       for name in ("log", "meta", "data")}
         lines = [json.loads(line) for line in open(journal)]
     finally:
         br.close()
     if proc.returncode or not lines or "end" not in lines[-1]:
         raise RuntimeError(f"workload failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return Recording(base, mark, br.records[mark:], lines[:-1], lines[-1])
+    return Recording(base, mark, br.records[mark:], lines[:-1], lines[-1], extents)
+
+
+def file_extents(path: str) -> list[tuple[int, int]]:
+    """Where a file's blocks are on the disk under its file system, as byte ranges
+    (filefrag's FIEMAP report; ext4 on the whole device, so disk offsets)."""
+    out = run(["filefrag", "-v", path]).stdout
+    m = re.search(r"blocks of (\d+) bytes", out)
+    unit = int(m.group(1)) if m else 4096
+    spans = []
+    for a, b in re.findall(r"^\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+)\.\.\s*(\d+):", out, re.M):
+        spans.append((int(a) * unit, (int(b) + 1) * unit))
+    return spans
 
 
 def record_replay(image: bytes, work: str) -> Recording:
@@ -188,18 +211,27 @@ def record_replay(image: bytes, work: str) -> Recording:
 def cut_points(rec: Recording, rng: random.Random, n: int) -> list[int]:
     """Up to `n` cut positions: right after each stamp (the hardest moment: the caller
     was just told), just before and after each FLUSH, and random points in the runs of
-    writes between FLUSHes; all of them when there are no more than `n`."""
+    writes between FLUSHes; all of them when there are no more than `n`, else a sample
+    of which a third are just before a FLUSH that follows a write to the intent log
+    (between a log append and the FLUSH that would make it durable)."""
     lo, hi = rec.mark, rec.mark + len(rec.records)
     points = {hi, lo}
     points.update(o["pos"] for o in rec.ops if o.get("pos") is not None)
-    for f in rec.flushes():
+    flushes = rec.flushes()
+    for f in flushes:
         points.update((f, f + 1))
-    marks = [lo] + rec.flushes() + [hi]
+    marks = [lo] + flushes + [hi]
     for a, b in zip(marks, marks[1:]):
         if b - a > 2:
             points.add(rng.randrange(a + 1, b))
     points = sorted(p for p in points if lo <= p <= hi)
-    return points if len(points) <= n else sorted(rng.sample(points, n))
+    if len(points) <= n:
+        return points
+    appends = [f for f in flushes if f > lo and rec.records[f - 1 - lo].kind != FLUSH
+               and rec.file_at(rec.records[f - 1 - lo].offset) == "log"] or flushes
+    before = rng.sample(appends, min(len(appends), n // 3))
+    rest = [p for p in points if p not in set(before)]
+    return sorted(before + rng.sample(rest, n - len(before)))
 
 
 class Images:
@@ -210,6 +242,7 @@ class Images:
         self.rec = rec
         self.durable = bytearray(rec.base)
         self.applied = 0                    # records (index in rec.records) applied
+        self.fates: list = []               # the last image's writes after its FLUSH
 
     def at(self, cut: int, rng: random.Random) -> bytearray:
         recs = self.rec.records
@@ -222,9 +255,8 @@ class Images:
             _apply(self.durable, r)
         self.applied = last + 1
         img = bytearray(self.durable)
-        for r in recs[self.applied:end]:
-            if r.kind != FLUSH:
-                _volatile(img, r, rng)
+        self.fates = [(r, _volatile(img, r, rng)) for r in recs[self.applied:end]
+                      if r.kind != FLUSH]
         return img
 
 
@@ -233,16 +265,27 @@ def _apply(img: bytearray, r) -> None:
         img[r.offset:r.offset + len(r.data)] = r.data
 
 
-def _volatile(img: bytearray, r, rng: random.Random) -> None:
-    """A write after the last FLUSH: applied (FUA always), dropped, or torn."""
+def _volatile(img: bytearray, r, rng: random.Random) -> str:
+    """A write after the last FLUSH: "kept" (FUA always), "dropped", or "torn"."""
     x = rng.random()
     if r.fua or x < 0.4:
         _apply(img, r)
-    elif x < 0.7 and len(r.data) > TEAR:
+        return "kept"
+    if x < 0.7 and len(r.data) > TEAR:
         for s in range(0, len(r.data), TEAR):
             if rng.random() < 0.5:
                 piece = r.data[s:s + TEAR]
                 img[r.offset + s:r.offset + s + len(piece)] = piece
+        return "torn"
+    return "dropped"
+
+
+def _lost_in(rec: Recording, fates: list, report: dict) -> None:
+    """Count the cut in report["cuts_losing"][file] for each pool file (log, meta,
+    data) or "ext4" that had a write dropped or torn at it."""
+    hit = {rec.file_at(r.offset) for r, fate in fates if fate != "kept"}
+    for name in hit:
+        report["cuts_losing"][name] = report["cuts_losing"].get(name, 0) + 1
 
 
 # == checking one image ==================================================================
@@ -346,11 +389,12 @@ def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0
     rng = random.Random(seed)
     rec = record_workload(work, seed, ops, mode, unsafe, nbd_seconds)
     report = {"seed": seed, "mode": mode, "disk": counts(rec.records), "workload": rec.end,
-              "cuts": 0, "replayed_cuts": 0, "failures": {}, "replay": None}
+              "cuts": 0, "replayed_cuts": 0, "cuts_losing": {}, "failures": {}, "replay": None}
     images, replay_from = Images(rec), None
     for cut in cut_points(rec, rng, cuts):
         img = images.at(cut, rng)
         errors, facts = check_image(img, rec.ops, cut, work)
+        _lost_in(rec, images.fates, report)
         report["cuts"] += 1
         report["replayed_cuts"] += facts["replayed"] > 0
         if errors:

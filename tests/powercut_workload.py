@@ -152,6 +152,11 @@ def main(argv=None) -> int:
         return nbd_main(args, unsafe)
     if unsafe == "nodsync":
         exec(NODSYNC, {})
+    return api_main(args)
+
+
+def api_main(args) -> int:
+    """Two threads through the Pool/Device API (the module docstring)."""
     journal = Journal(args.journal, args.socket)
     pool = Pool.open(args.pool, commit_interval=args.commit_interval)
     plan = [(["fresh"], args.seed * 2), (["base", "clone"], args.seed * 2 + 1)]

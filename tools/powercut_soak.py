@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     logging.getLogger("thinstore").setLevel(logging.ERROR)   # recovery notes are expected
     total = {"cuts": 0, "replay_cuts": 0, "runs": 0, "cuts_with_log_replay": 0,
              "log_records": 0, "nbd_loop_records": 0, "direct_writes": 0, "commits": 0,
-             "flushes_seen_by_disk": 0,
+             "flushes_seen_by_disk": 0, "cuts_losing": {},
              "failures": []}
     t0 = time.monotonic()
     seed = args.seed
@@ -84,6 +84,8 @@ def _round(args, seed: int, total: dict) -> None:
     total["flushes_seen_by_disk"] += r["disk"]["flushes"]
     mode += " nbd" if nbd else " api"
     total["nbd_loop_records"] += wl["log"].get("loop_records", 0)
+    for name, k in r["cuts_losing"].items():
+        total["cuts_losing"][name] = total["cuts_losing"].get(name, 0) + k
     fails = [f"seed {seed} ({mode}) cut {c}: {m[0]}" for c, m in r["failures"].items()]
     if r["replay"]:
         total["replay_cuts"] += r["replay"]["cuts"]
@@ -100,8 +102,11 @@ def _summary(t: dict) -> str:
              f"{t['runs']} recorded workloads in {t['seconds']} s: {len(t['failures'])} failed",
              f"  {t['cuts_with_log_replay']} crash images had log records to replay; the "
              f"workloads wrote {t['log_records']} records ({t['nbd_loop_records']} by the NBD "
-             f"loop itself; {t['direct_writes']} O_DIRECT|O_DSYNC writes), made {t['commits']} full commits; the disk saw "
-             f"{t['flushes_seen_by_disk']} FLUSHes"]
+             f"loop itself; {t['direct_writes']} O_DIRECT|O_DSYNC writes), made "
+             f"{t['commits']} full commits; the disk saw {t['flushes_seen_by_disk']} FLUSHes",
+             "  cuts that dropped or tore a write to the pool's log / meta / data / ext4's "
+             "own blocks: " + " / ".join(str(t["cuts_losing"].get(k, 0))
+                                        for k in ("log", "meta", "data", "ext4"))]
     lines += [f"  {f}" for f in t["failures"][:20]]
     return "\n".join(lines)
 
