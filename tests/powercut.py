@@ -427,4 +427,6 @@ def replay_run(rec: Recording, replay_from: tuple, work: str, rng: random.Random
 
 
 def cleanup(work: str) -> None:
+    """Remove the work directory and its image directory in /dev/shm."""
     shutil.rmtree(_shm(work), ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
