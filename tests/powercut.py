@@ -110,6 +110,7 @@ def stack(br: BlockRecorder, work: str, mkfs: bool):
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:
+    """Run a tool; RuntimeError with its output when it fails."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
     if proc.returncode:
         raise RuntimeError(f"{cmd} -> {proc.returncode}: {proc.stdout[-500:]}{proc.stderr[-2000:]}")

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def work():
-    need_loop_over_nbd()
+    need_loop_over_nbd("filefrag", "sync")
     import powercut
     d = tempfile.mkdtemp(prefix="tspc", dir="/tmp")
     yield d
