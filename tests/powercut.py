@@ -203,9 +203,12 @@ def record_replay(image: bytes, work: str) -> Recording:
         with stack(br, work, mkfs=False) as mnt:
             out = run([sys.executable, "-c", script, os.path.join(mnt, "pool")],
                       env=native_env()).stdout
+            extents = {name: file_extents(os.path.join(mnt, "pool", name))
+                       for name in ("log", "meta", "data")}
     finally:
         br.close()
-    return Recording(image, 0, list(br.records), end={"replayed": int(out.split()[-1])})
+    return Recording(image, 0, list(br.records), end={"replayed": int(out.split()[-1])},
+                     extents=extents)
 
 
 # == cuts and crash images ============================================================
@@ -415,10 +418,11 @@ def replay_run(rec: Recording, replay_from: tuple, work: str, rng: random.Random
     first_cut, image = replay_from
     rrec = record_replay(image, work)
     out = {"from_cut": first_cut, "replayed": rrec.end["replayed"], "disk": counts(rrec.records),
-           "cuts": 0, "failures": {}}
+           "cuts": 0, "cuts_losing": {}, "failures": {}}
     images = Images(rrec)
     for cut in cut_points(rrec, rng, cuts):
         errors, _ = check_image(images.at(cut, rng), rec.ops, first_cut, work)
+        _lost_in(rrec, images.fates, out)
         out["cuts"] += 1
         if errors:
             out["failures"][cut] = errors

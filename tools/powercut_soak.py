@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     logging.getLogger("thinstore").setLevel(logging.ERROR)   # recovery notes are expected
     total = {"cuts": 0, "replay_cuts": 0, "runs": 0, "cuts_with_log_replay": 0,
              "log_records": 0, "nbd_loop_records": 0, "direct_writes": 0, "commits": 0,
-             "flushes_seen_by_disk": 0, "cuts_losing": {},
+             "flushes_seen_by_disk": 0, "cuts_losing": {}, "replay_cuts_losing": {},
              "failures": []}
     t0 = time.monotonic()
     seed = args.seed
@@ -89,6 +89,8 @@ def _round(args, seed: int, total: dict) -> None:
     fails = [f"seed {seed} ({mode}) cut {c}: {m[0]}" for c, m in r["failures"].items()]
     if r["replay"]:
         total["replay_cuts"] += r["replay"]["cuts"]
+        for name, k in r["replay"]["cuts_losing"].items():
+            total["replay_cuts_losing"][name] = total["replay_cuts_losing"].get(name, 0) + k
         fails += [f"seed {seed} ({mode}) replay cut {c}: {m[0]}"
                   for c, m in r["replay"]["failures"].items()]
     total["failures"] += fails
@@ -105,10 +107,14 @@ def _summary(t: dict) -> str:
              f"loop itself; {t['direct_writes']} O_DIRECT|O_DSYNC writes), made "
              f"{t['commits']} full commits; the disk saw {t['flushes_seen_by_disk']} FLUSHes",
              "  cuts that dropped or tore a write to the pool's log / meta / data / ext4's "
-             "own blocks: " + " / ".join(str(t["cuts_losing"].get(k, 0))
-                                        for k in ("log", "meta", "data", "ext4"))]
+             "own blocks: " + _files(t["cuts_losing"]) + "; of the cuts inside replay: "
+             + _files(t["replay_cuts_losing"])]
     lines += [f"  {f}" for f in t["failures"][:20]]
     return "\n".join(lines)
+
+
+def _files(losing: dict) -> str:
+    return " / ".join(str(losing.get(k, 0)) for k in ("log", "meta", "data", "ext4"))
 
 
 if __name__ == "__main__":
