@@ -386,10 +386,11 @@ def _check_snapshots(pool, ops: list, must_exist: list, start: dict) -> list:
 # == a whole run ================================================================
 def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0,
                  mode: str = "aio", unsafe: str | None = None, log=None,
-                 nbd_seconds: float = 0) -> dict:
+                 nbd_seconds: float = 0, keep: str | None = None) -> dict:
     """Record one workload, check `cuts` crash images of it, and `replay_cuts` more
     inside the replay of one of them. Returns a report: counts, failures (cut ->
-    messages), the workload's log counters."""
+    messages), the workload's log counters. With `keep` (a directory), each failing
+    crash image is saved there as it was before it was mounted, with the journal."""
     rng = random.Random(seed)
     rec = record_workload(work, seed, ops, mode, unsafe, nbd_seconds)
     report = {"seed": seed, "mode": mode, "disk": counts(rec.records), "workload": rec.end,
@@ -403,6 +404,7 @@ def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0
         report["replayed_cuts"] += facts["replayed"] > 0
         if errors:
             report["failures"][cut] = errors
+            _keep(keep, f"seed{seed}-cut{cut}", img, rec.ops)
         elif facts["replayed"] and replay_from is None:
             replay_from = (cut, bytes(img))
         if log:
@@ -429,6 +431,15 @@ def replay_run(rec: Recording, replay_from: tuple, work: str, rng: random.Random
         if log:
             log(f"replay cut {cut}: {'FAIL ' + errors[0] if errors else 'ok'}")
     return out
+
+
+def _keep(keep: str | None, name: str, img: bytes, ops: list) -> None:
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        with open(os.path.join(keep, name + ".img"), "wb") as f:
+            f.write(img)
+        with open(os.path.join(keep, name + ".jsonl"), "w") as f:
+            f.writelines(json.dumps(o) + "\n" for o in ops)
 
 
 def cleanup(work: str) -> None:

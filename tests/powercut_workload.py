@@ -16,9 +16,10 @@ recorded disk) gets one JSON line per operation as it completes, then a last lin
 with the log's counters and the position at the end of the workload. With --nbd the
 same happens through ``thinstore serve`` and NBD clients instead (powercut_nbd.py).
 
-THINSTORE_POWERCUT_UNSAFE=nodsync (the negative control): the native log writer's
-descriptor is opened without O_DSYNC, so its O_DIRECT writes reach the disk's
-volatile cache only and an acknowledged FLUSH is not durable until the next commit.
+THINSTORE_POWERCUT_UNSAFE=NAME runs a negative control (UNSAFE below): ``nodsync``,
+the native log writer's descriptor opened without O_DSYNC, so its O_DIRECT writes
+reach the disk's volatile cache only and an acknowledged FLUSH is not durable until
+the next commit; ``nowait``, a flush that does not wait for its record's write.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ SIZES = (1, 1, 2, 7, 8, 16, 31, 64, 128, 256)   # sectors per write
 FLUSH, SNAPSHOT, COMMIT = int(P.Cmd.FLUSH), "snapshot", "commit"
 
 
-# the negative control, as source (the NBD server runs it before serving; nbdsoak.UNSAFE)
-NODSYNC = """
+# the negative controls, as source (the NBD server runs them before serving,
+# nbdsoak.UNSAFE; the API workload execs them)
+UNSAFE = {
+    # the log writer's descriptor without O_DSYNC: its direct writes reach the disk's
+    # volatile cache only, and no FLUSH follows until the next commit
+    "nodsync": """
 import os
 from thinstore import synclog
 _real_open_direct = synclog._open_direct
@@ -55,7 +60,14 @@ def _no_dsync(fio):
         fd = os.open(fio.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
     return fd
 synclog._open_direct = _no_dsync
-"""
+""",
+    # a flush that starts the record's write but does not wait for it (Pool.flush and
+    # FUA through the API; the NBD loop's own records wait in C and are not affected)
+    "nowait": """
+from thinstore import synclog
+synclog.SyncLog.sync = lambda self, ticket: self.kick(ticket) if self._async else None
+""",
+}
 
 
 class Journal:
@@ -150,8 +162,8 @@ def main(argv=None) -> int:
     unsafe = os.environ.get("THINSTORE_POWERCUT_UNSAFE")
     if args.nbd:
         return nbd_main(args, unsafe)
-    if unsafe == "nodsync":
-        exec(NODSYNC, {})
+    if unsafe:
+        exec(UNSAFE[unsafe], {})
     return api_main(args)
 
 
@@ -184,7 +196,7 @@ def nbd_main(args, unsafe: str | None) -> int:
     import nbdsoak
     import powercut_nbd
     if unsafe:
-        nbdsoak.UNSAFE[unsafe] = NODSYNC
+        nbdsoak.UNSAFE[unsafe] = UNSAFE[unsafe]
     ops, counters, errors = powercut_nbd.run(args.pool, args.socket, args.nbd, args.sectors,
                                              args.seed, args.seconds, unsafe)
     pos = PositionClient(args.socket)

@@ -2,7 +2,7 @@
 """Long power-cut soak of the native intent-log writer, through the kernel block layer.
 
     python tools/powercut_soak.py --cuts 1000 [--per-run 50] [--replay-cuts 15]
-                                  [--seed 0] [--unsafe nodsync] [--json]
+                                  [--seed 0] [--unsafe nodsync|nowait] [--keep DIR] [--json]
 
 Runs rounds of tests/powercut.py until --cuts crash images have been checked: each
 round records one native workload on ext4 / loop / nbdfuse / blockrec (the log writer
@@ -43,7 +43,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nbd-seconds", type=float, default=3.0,
                     help="how long the NBD rounds' clients write")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
-    ap.add_argument("--unsafe", choices=["nodsync"], help="run the negative control")
+    ap.add_argument("--unsafe", choices=["nodsync", "nowait"],
+                    help="run a negative control (tests/powercut_workload.py UNSAFE)")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="save each failing crash image (before mounting) and its journal")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     logging.getLogger("thinstore").setLevel(logging.ERROR)   # recovery notes are expected
@@ -71,7 +74,8 @@ def _round(args, seed: int, total: dict) -> None:
     try:
         r = powercut.powercut_run(work, seed, args.ops, min(args.per_run, left),
                                   min(args.replay_cuts, max(0, left - args.per_run)),
-                                  mode=mode, unsafe=args.unsafe, nbd_seconds=nbd)
+                                  mode=mode, unsafe=args.unsafe, nbd_seconds=nbd,
+                                  keep=args.keep)
     finally:
         powercut.cleanup(work)
     wl = r["workload"]
