@@ -351,6 +351,8 @@ def _check_pool(path: str, ops: list, cut: int) -> tuple[list, dict]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         rc = cli_main(["--pool", path, "check"])
+    if rc == 130:               # the CLI's answer to Ctrl-C: stop here too
+        raise KeyboardInterrupt
     if rc:
         errors.append(f"thinstore check exited {rc}: {out.getvalue()[-800:]}")
     return errors, facts
