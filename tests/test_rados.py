@@ -236,3 +236,26 @@ def test_a_plain_second_open_names_the_holder_and_how_to_take_over(rpool, work):
     assert a.stop() == 0          # still the owner: it closes cleanly
     with Pool.open(rpool) as pool:
         assert pool.list() == []
+
+
+def test_a_command_for_another_clusters_pool_of_the_same_name_never_reaches_this_server(
+        rpool, work):
+    """Two clusters may both hold rados://P/N. While one's pool is served, a command for
+    the other's (another conf, another fsid) must go to that cluster (here: one this host
+    cannot reach, exit 15), not through the served pool's control socket, where a
+    `destroy` destroyed the served pool's volume and exited 0."""
+    ts("--pool", rpool, "init", "--capacity", "64M")
+    ts("--pool", rpool, "create", "vol", "--size", "8M")
+    other_conf = os.path.join(work, "other.conf")
+    with open(other_conf, "w") as f:       # another cluster's fsid, no monitor reachable
+        f.write("[global]\nfsid = 0e6fe4c8-8bd4-4c8e-9d4f-2f3b1a7f0001\n")
+    other = rpool.split("?")[0] + "?conf=" + other_conf
+    server = ServeProcess(rpool, "--socket", os.path.join(work, "a.sock"))
+    try:
+        for cmd in (("list",), ("destroy", "vol", "--force")):
+            res = ts("--pool", other, *cmd, check=False)
+            assert res.returncode == 15, (cmd, res.stdout, res.stderr)
+            assert other_conf in res.stderr.decode()
+        assert "vol" in ts("--pool", rpool, "list").stdout.decode()
+    finally:
+        assert server.stop() == 0

@@ -34,6 +34,7 @@ operation the old holder sends fails with EBLOCKLISTED.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import sys
@@ -97,16 +98,58 @@ def parse_uri(uri: str) -> tuple[str, str, str | None, str | None]:
     return u.netloc, name, q.get("conf", [None])[0], q.get("id", [None])[0]
 
 
-def local_runtime_dir(cephpool: str, name: str) -> str:
+def local_runtime_dir(cephpool: str, name: str, conf: str | None = None) -> str:
     """A local directory for a rados:// pool's sockets (the pool has no directory of its
-    own): $THINSTORE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/thinstore, else /tmp/thinstore-UID."""
+    own): $THINSTORE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/thinstore, else /tmp/thinstore-UID,
+    then ``rados-CEPHPOOL-NAME-HASH``, HASH naming the cluster too (`cluster_identity`):
+    two clusters on one host may both hold ``rados://rbd/vm``, and a command for one
+    must never reach the other's server through a shared control socket. A name whose
+    sockets would pass the 107 bytes of a unix socket path is ``rados-HASH`` alone."""
     base = (os.environ.get("THINSTORE_RUNTIME_DIR")
             or (os.environ.get("XDG_RUNTIME_DIR") and
                 os.path.join(os.environ["XDG_RUNTIME_DIR"], "thinstore"))
             or f"/tmp/thinstore-{os.getuid()}")
-    d = os.path.join(base, f"rados-{cephpool}-{name}")
+    key = "\n".join((cluster_identity(conf), cephpool, name)).encode()
+    digest = hashlib.sha256(key).hexdigest()
+    d = os.path.join(base, f"rados-{cephpool}-{name}-{digest[:12]}")
+    if len(os.path.join(d, "control.sock").encode()) > 107:
+        d = os.path.join(base, f"rados-{digest[:24]}")
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d
+
+
+def cluster_identity(conf: str | None) -> str:
+    """Which Ceph cluster `conf` leads to, read locally (no cluster is contacted): the
+    ``fsid`` in the [global] section of the configuration file librados reads (`conf`,
+    else $CEPH_CONF, else the first of /etc/ceph/ceph.conf, ~/.ceph/ceph.conf and
+    ./ceph.conf, its default search), else that file's real path, else "" (no file)."""
+    if conf is None:
+        candidates = ([os.environ["CEPH_CONF"]] if os.environ.get("CEPH_CONF") else
+                      ["/etc/ceph/ceph.conf", os.path.expanduser("~/.ceph/ceph.conf"),
+                       "ceph.conf"])
+        conf = next((c for c in candidates if os.path.isfile(c)), None)
+        if conf is None:
+            return ""
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as f:
+            fsid = _conf_fsid(f)
+    except OSError:
+        fsid = None
+    return f"fsid {fsid}" if fsid else f"file {os.path.realpath(conf)}"
+
+
+def _conf_fsid(lines) -> str | None:
+    """The [global] fsid of a ceph.conf (keys ignore case, and ``_`` is a space)."""
+    section = ""
+    for line in lines:
+        line = re.split(r"[#;]", line, maxsplit=1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+        elif section == "global" and "=" in line:
+            key, _, value = line.partition("=")
+            if " ".join(key.replace("_", " ").split()).lower() == "fsid" and value.strip():
+                return value.strip().lower()
+    return None
 
 
 class RadosStore:
@@ -118,6 +161,7 @@ class RadosStore:
     def __init__(self, uri: str):
         self.uri = self.path = uri
         self.cephpool, self.name, conf, client = parse_uri(uri)
+        self.conf = conf
         rados = self._rados = load_rados()
         try:
             self.cluster = rados.Rados(conffile=conf or "", rados_id=client)
@@ -233,7 +277,7 @@ class RadosStore:
         return rados_lock.collect_garbage(self, refs, chunk_shift)
 
     def runtime_dir(self) -> str:
-        return local_runtime_dir(self.cephpool, self.name)
+        return local_runtime_dir(self.cephpool, self.name, self.conf)
 
     def close(self) -> None:
         for f in self.files:

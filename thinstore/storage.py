@@ -244,8 +244,8 @@ def runtime_dir(location: str) -> str:
     if not is_rados(location):
         return location
     from .rados_store import local_runtime_dir, parse_uri
-    cephpool, name, _, _ = parse_uri(location)
-    return local_runtime_dir(cephpool, name)
+    cephpool, name, conf, _ = parse_uri(location)
+    return local_runtime_dir(cephpool, name, conf)
 
 
 class DirStore:
