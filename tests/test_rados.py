@@ -259,3 +259,33 @@ def test_a_command_for_another_clusters_pool_of_the_same_name_never_reaches_this
         assert "vol" in ts("--pool", rpool, "list").stdout.decode()
     finally:
         assert server.stop() == 0
+
+
+def test_the_local_directory_an_earlier_version_used_moves_to_the_clusters_own(rpool, work):
+    """Earlier versions kept a rados pool's frontend state (the snapshotter's records,
+    whose absence makes it destroy every layer device) in rados-CEPHPOOL-NAME: the first
+    open moves it to the directory that names the cluster, and leaves one a server still
+    answers in alone."""
+    from thinstore.storage import runtime_dir
+    ts("--pool", rpool, "init", "--capacity", "64M")
+    cephpool, name = rpool[len("rados://"):].split("?")[0].split("/")
+    legacy = os.path.join(work, "run", f"rados-{cephpool}-{name}")
+    os.makedirs(os.path.join(legacy, "containerd"))
+    with open(os.path.join(legacy, "containerd", "snapshots.json"), "w") as f:
+        f.write("records")
+    res = ts("--pool", rpool, "list")
+    assert not os.path.exists(legacy)
+    with open(os.path.join(runtime_dir(rpool), "containerd", "snapshots.json")) as f:
+        assert f.read() == "records"
+    assert "now" in res.stderr.decode() and legacy in res.stderr.decode()
+
+    os.makedirs(legacy)                    # an older server still serving from it: kept
+    import socket
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(os.path.join(legacy, "control.sock"))
+    live.listen(1)
+    try:
+        ts("--pool", rpool, "list")
+        assert os.path.isdir(legacy)
+    finally:
+        live.close()
