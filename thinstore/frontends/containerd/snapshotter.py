@@ -104,6 +104,7 @@ class Snapshotter:
 
     def recover(self) -> None:
         """Roll back unfinished intents and destroy the ``ctd-`` devices no record names."""
+        self._refuse_records_kept_elsewhere()
         body = self.store.body
         for intent in body["intents"]:
             log.warning("rolling back an unfinished %s of %r", intent["op"], intent["key"])
@@ -121,6 +122,27 @@ class Snapshotter:
             with self.store.transaction() as new:
                 for key in missing:
                     del new["snapshots"][key]
+
+    def _refuse_records_kept_elsewhere(self) -> None:
+        """Every ``ctd-<id>`` device is made after an intent is written to the records, so
+        a pool holding one while the records file never existed here had its records kept
+        elsewhere: another state directory, a rados:// pool's runtime directory on the host
+        that served it before (or one cleaned away), or a file removed. Recovery would
+        destroy every such device (every image layer) as an orphan: refuse instead."""
+        if not self.store.fresh:
+            return
+        layers = sorted(n for n in self._pool_names()
+                        if n.startswith(PREFIX) and n not in (BASE, BASE_SNAPSHOT))
+        if layers:
+            shown = ", ".join(layers[:3]) + (f", ... ({len(layers)} in all)"
+                                             if len(layers) > 3 else "")
+            raise UsageError(
+                f"this pool holds containerd snapshot devices ({shown}) but "
+                f"{self.store.path} does not exist: the records that name them are kept "
+                "elsewhere (a rados:// pool keeps them in the runtime directory of the host "
+                "that served it) or were removed, and starting without them would destroy "
+                "every one of these devices as an orphan; put the records file back, or "
+                "destroy the devices ('thinstore destroy NAME') to start afresh")
 
     def _destroy(self, name: str) -> None:
         self.attacher.detach(name)
