@@ -132,6 +132,10 @@ class Node(pbg.NodeServicer):
             if stage is None or stage["path"] != os.path.abspath(req.staging_target_path):
                 raise RPCError(Code.FAILED_PRECONDITION, f"volume {vid!r} is not staged at "
                                f"{req.staging_target_path}; call NodeStageVolume first")
+            asked = cap.WhichOneof("access_type")
+            if asked != stage["kind"]:      # a device node where a directory was asked
+                raise RPCError(Code.INVALID_ARGUMENT, f"volume {vid!r} is staged as "
+                               f"{stage['kind']}, so it cannot be published as {asked}")
             rec = {"volume": vid, "kind": stage["kind"],
                    "read_only": bool(req.readonly or stage["read_only"]),
                    "mode": cap.access_mode.mode}
