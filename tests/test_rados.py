@@ -274,11 +274,15 @@ def test_the_local_directory_an_earlier_version_used_moves_to_the_clusters_own(r
     with open(os.path.join(legacy, "containerd", "snapshots.json"), "w") as f:
         f.write("records")
     res = ts("--pool", rpool, "list")
-    assert not os.path.exists(legacy)
+    assert os.path.islink(legacy)          # paths configured before still lead there
+    assert os.path.realpath(legacy) == os.path.realpath(runtime_dir(rpool))
     with open(os.path.join(runtime_dir(rpool), "containerd", "snapshots.json")) as f:
         assert f.read() == "records"
     assert "now" in res.stderr.decode() and legacy in res.stderr.decode()
+    ts("--pool", rpool, "list")            # a link is not an older version's directory
+    assert os.path.isfile(os.path.join(runtime_dir(rpool), "containerd", "snapshots.json"))
 
+    os.unlink(legacy)
     os.makedirs(legacy)                    # an older server still serving from it: kept
     import socket
     live = socket.socket(socket.AF_UNIX)

@@ -132,8 +132,9 @@ def adopt_legacy_runtime_dir(cephpool: str, name: str, conf: str | None) -> str 
     """Earlier versions kept a pool's sockets, receive tokens and frontend state (the
     containerd snapshotter's records, the Docker plugin's volumes, CSI's) in
     ``rados-CEPHPOOL-NAME``, whatever the cluster. Called by the pool's lock holder:
-    move that directory to this cluster's name, unless a server still answers in it or
-    this cluster's directory holds something already. Returns the old path if moved."""
+    move that directory to this cluster's name, leaving a symbolic link to it in its
+    place, unless a server still answers in it or this cluster's directory holds
+    something already. Returns the old path if moved."""
     legacy = os.path.join(runtime_base(), f"rados-{cephpool}-{name}")
     if not os.path.isdir(legacy) or os.path.islink(legacy) or \
             _answers(os.path.join(legacy, "control.sock")):
@@ -146,6 +147,10 @@ def adopt_legacy_runtime_dir(cephpool: str, name: str, conf: str | None) -> str 
     except OSError:
         return None                       # in use: this cluster's own state stays
     os.rename(legacy, new)
+    try:                                  # paths configured before (containerd's config
+        os.symlink(os.path.basename(new), legacy)   # naming the snapshotter's socket) hold
+    except OSError:
+        pass
     return legacy
 
 
