@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from thinstore.frontends.attach import Attacher, AttachError, grow, host
 from thinstore.frontends.attach.privileged import attempt, run
@@ -109,7 +110,18 @@ class Node(pbg.NodeServicer):
                                f"at {', '.join(sorted(self.publishes_of(vid)))}")
             self._unstage(vid, rec)
             self.state.drop("stages", vid)
+            self._wait_hung_up(vid)
         return pb.NodeUnstageVolumeResponse()
+
+    def _wait_hung_up(self, vid: str, seconds: float = 5.0) -> None:
+        """The attachment's NBD client has exited, but the server sees its connections end
+        a moment later (on a loaded host, after the reply): wait for that, bounded, so that
+        a call right after the unstage (ControllerExpandVolume, DeleteVolume) does not
+        find the volume "open by an NBD client" and fail FAILED_PRECONDITION."""
+        server = getattr(self.plugin, "nbd_server", None)
+        deadline = time.monotonic() + seconds
+        while server is not None and server.connections(vid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _unstage(self, vid: str, rec: dict) -> None:
         if rec["kind"] == "block":
