@@ -193,3 +193,29 @@ def test_a_pool_whose_layer_records_are_elsewhere_is_refused_not_emptied(tmp_pat
         b.close()
     finally:
         snap.stop()
+
+
+def test_a_users_own_volume_named_like_ctd_something_is_not_taken_for_a_layer(tmp_path):
+    """Recovery at start and Cleanup destroy the snapshotter's devices that no record
+    names; they took every device whose name began with 'ctd-', so a volume a user made
+    beside the layers ('ctd-mine', and its snapshot) was destroyed at the next start."""
+    from google.protobuf import empty_pb2
+    from containerd_helpers import Backend, Snapshotter
+    from nbd_helpers import need_loop_over_nbd
+    need_loop_over_nbd()
+    pool = str(tmp_path / "pool")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ts = [sys.executable, "-m", "thinstore", "--pool", pool]
+    subprocess.run(ts + ["init", "--capacity", "256M"], check=True, env=env)
+    for args in (["create", "ctd-mine", "--size", "8M"], ["snapshot", "ctd-mine@keep"],
+                 ["create", "ctd-7x", "--size", "8M"]):
+        subprocess.run(ts + args, check=True, env=env, capture_output=True)
+    snap = Snapshotter(pool, str(tmp_path / "s.sock"), "16M")
+    snap.start()
+    try:
+        b = Backend(snap.address)
+        b.call("Cleanup", pb.CleanupRequest(), empty_pb2.Empty)
+        b.close()
+        assert {"ctd-mine", "ctd-mine@keep", "ctd-7x"} <= set(snap.devices())
+    finally:
+        snap.stop()
