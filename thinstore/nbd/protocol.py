@@ -315,8 +315,8 @@ def decode_meta_context_request(data: bytes) -> MetaContextRequest:
 
 #: An export whose volume has more snapshots than this answers a LIST_META_CONTEXT with no
 #: query by the namespace ``thinstore:diff:`` alone instead of one record per snapshot,
-#: as the spec lets a server do ("sufficient context records ... to allow a client with
-#: knowledge of the namespace to select any context"): 'nbdinfo --list' asks it of every
+#: as the NBD spec allows (fewer records, so long as a client that knows the namespace can
+#: still select each context by name): 'nbdinfo --list' asks it of every
 #: export, so a volume of 3,000 snapshots cost 9 million records and outran the handshake.
 LISTED_DIFF_BASES = 64
 
