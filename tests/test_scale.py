@@ -312,3 +312,31 @@ def test_a_data_device_renamed_to_another_disk_is_refused_before_a_byte_is_writt
     assert done.returncode == 0 and b"labelled" in done.stderr, done.stderr
     with Pool.open(path, commit_interval=0) as pool, pool.open_device("vol") as d:
         assert d.pread(0, MiB) == pattern(3, MiB)
+
+
+def test_init_refuses_a_data_device_that_holds_a_file_system_or_another_pool(tmp_path,
+                                                                              loop_device):
+    """'init --data-device' on a disk holding a file system took it silently (the label
+    and then the data overwrite it), as it would a disk of another pool: refused, naming
+    what is there, unless --force (mkfs, pvcreate and zpool create refuse alike)."""
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    if shutil.which("mkfs.ext4") is None or shutil.which("blkid") is None:
+        pytest.skip("needs mkfs.ext4 (e2fsprogs) and blkid (util-linux)")
+    dev, backing = loop_device
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    before = backing.read_bytes()[:4 * MiB]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def init(path, *extra):
+        return subprocess.run([sys.executable, "-m", "thinstore", "--pool", str(path), "init",
+                               "--data-device", dev, *extra], capture_output=True, text=True,
+                              env=env, timeout=60)
+    r = init(tmp_path / "p1")
+    assert r.returncode == 2 and "type ext4" in r.stderr and "--force" in r.stderr, r.stderr
+    assert backing.read_bytes()[:4 * MiB] == before and not (tmp_path / "p1").exists()
+    assert init(tmp_path / "p1", "--force").returncode == 0
+    r = init(tmp_path / "p2")                     # now another pool's data device
+    assert r.returncode == 2 and "holds the data of thinstore pool" in r.stderr, r.stderr
