@@ -74,6 +74,8 @@ COMMIT_INTERVAL = 5.0
 #: one), that time's parts (Metadata.commit: building and writing the tree, the fsync of
 #: data, the fsync of meta, the superblock and its fsync, freeing what the old tree
 #: used), and the requests waiting for the lock as each commit let go (total, largest).
+#: `flush_commits` (pools with an intent log) counts the flushes that were full commits
+#: because the log could not take them (synclog.py: MAX_BATCH, MAX_BYTES).
 COMMIT_COUNTERS = ("commit_hold_us", "commit_hold_us_max", "commit_tree_us",
                    "commit_data_sync_us", "commit_meta_sync_us", "commit_superblock_us",
                    "commit_release_us", "commit_waiters", "commit_waiters_max")
@@ -261,6 +263,8 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         (folding on every write cost more than a 4 KiB write's own Python)."""
         with self.lock:
             self._count()
+            if self._log is not None:
+                self._counters["flush_commits"] = self._log.counters["commits_instead"]
             return self._counters
 
     @property
