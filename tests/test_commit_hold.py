@@ -146,3 +146,56 @@ def test_early_commit_keeps_serving_writes_and_flushes(tmp_path, monkeypatch):
     with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
         for off, want in expect.items():
             assert dev.pread(off, len(want)) == want
+
+
+class _Timeline(FileIO):
+    """FileIO noting, in order, the data file's fsync start and end, and the meta
+    file's block writes, fsyncs and superblock writes (the data fsync runs on a
+    thread of its own beside the tree's writes)."""
+    events: list = []
+    mutex = threading.Lock()
+
+    def _note(self, what: str) -> None:
+        with _Timeline.mutex:
+            _Timeline.events.append(what)
+
+    def _name(self) -> str:
+        return os.path.basename(self.path)
+
+    def fsync(self) -> None:
+        name = self._name()
+        if name in ("data", "meta"):
+            self._note(f"{name} fsync")
+        super().fsync()
+        if name == "data":
+            self._note("data fsync done")
+
+    def pwrite(self, data, offset: int) -> None:
+        if self._name() == "meta":
+            self._note("meta write")
+        super().pwrite(data, offset)
+
+    def write_superblock(self, data, offset: int, generation: int) -> None:
+        self._note("superblock")
+        super().write_superblock(data, offset, generation)
+
+
+def test_data_fsync_runs_beside_the_tree_and_ends_before_the_superblock(tmp_path):
+    """The crash order of docs/integrity.md holds with the data fsync started first:
+    the superblock goes out only after the data fsync has returned and meta was
+    synced; meanwhile the tree's blocks were written beside it."""
+    path = str(tmp_path / "p")
+    Pool.create(path, 64 * MiB, commit_interval=0).close()
+    with Pool.open(path, commit_interval=0, fileio=_Timeline) as pool:
+        pool.create_volume("v", 8 * MiB)
+        with pool.open_device("v") as dev:
+            dev.pwrite(os.urandom(4 * MiB), 0)
+            _Timeline.events = []
+            pool.commit()
+            events = list(_Timeline.events)
+    assert events.count("superblock") == 1 and events.count("data fsync") == 1, events
+    sb = events.index("superblock")
+    done = events.index("data fsync done")
+    assert events.index("data fsync") < events.index("meta write") < sb
+    assert done < sb and "meta fsync" in events[done:sb]      # data, then meta, then sb
+    assert events[sb + 1:].count("meta fsync") == 1            # the superblock's own
