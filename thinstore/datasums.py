@@ -38,6 +38,8 @@ REGION_MIN_BYTES = 64 << 20       # md-raid's bitmap chunks are this coarse too
 MAX_REGIONS = 8 * 4000            # the bitmap fits in one 4 KiB block
 _BATCH = 256 << 10                # bytes read at once when hashing at commit (fits L2)
 _SMALL = 4                        # requests spanning fewer chunks take the scalar path
+_PARALLEL_MIN = 64                # chunks a commit hashes in C on two threads, from this many
+_PREHASH_STEP = 256               # chunks the pre-hash hashes per native call
 
 
 def chunk_sum(buf) -> int:
@@ -200,8 +202,7 @@ class DataSums:
         fresh, self.fresh = self.fresh, {}
         for c, ranges in self._sparse(todo, fresh):
             self._hash_fresh(c, ranges)
-        for start, count in id_runs(todo[~np.isin(todo, list(fresh))] if fresh else todo):
-            self._hash_run(start, count)
+        self._hash_ids(todo[~np.isin(todo, list(fresh))] if fresh else todo)
         sums.mark(written)
         self.verified[freed] = False
 
@@ -231,6 +232,17 @@ class DataSums:
         K.state_clear(state, ids, ST_REHASH)
         out = np.zeros(len(ids), dtype=np.uint32)
         cs = self.md.chunk_size
+        native_hash = getattr(K, "hash_chunks", None)
+        if native_hash is not None and native_hash(self.md.data_fio, ids[:0], cs, out[:0]):
+            # in C, without the GIL, so the server's Python runs meanwhile; a step of
+            # ids at a time, so that `stop` is seen
+            for lo in range(0, len(ids), _PREHASH_STEP):
+                if stop is not None and stop.is_set():
+                    return
+                native_hash(self.md.data_fio, ids[lo:lo + _PREHASH_STEP], cs,
+                            out[lo:lo + _PREHASH_STEP])
+            self._pre = (generation, state, ids, out)
+            return
         per = max(1, _BATCH // cs)
         if len(self._pre_buf) < per * cs:
             self._pre_buf = bytearray(per * cs)
@@ -291,6 +303,41 @@ class DataSums:
                 buf[lo:hi] = bytes(hi - lo)
         self.verified[chunk] = True
         self.counters["chunks_hashed"] += 1
+
+    def _hash_ids(self, ids: np.ndarray) -> None:
+        """Hash whole chunks `ids` (sorted) into the sums, in the commit (under the
+        lock every request waits behind): with the native kernels in C on two threads
+        at once (ts_hash_chunks lets go of the GIL), else run by run here."""
+        native_hash = getattr(K, "hash_chunks", None)
+        if native_hash is None or len(ids) < _PARALLEL_MIN:
+            for start, count in id_runs(ids):
+                self._hash_run(start, count)
+            return
+        out = np.zeros(len(ids), dtype=np.uint32)
+        half = len(ids) // 2
+        fio, cs, failed = self.md.data_fio, self.md.chunk_size, []
+
+        def other_half() -> None:
+            try:
+                native_hash(fio, ids[half:], cs, out[half:])
+            except BaseException as e:          # noqa: BLE001 -- raised below
+                failed.append(e)
+
+        helper = threading.Thread(target=other_half, name="thinstore-hash", daemon=True)
+        helper.start()
+        try:
+            done = native_hash(fio, ids[:half], cs, out[:half])
+        finally:
+            helper.join()
+        if failed:
+            raise failed[0]
+        if not done:                            # no descriptor: the Python way
+            for start, count in id_runs(ids):
+                self._hash_run(start, count)
+            return
+        self.md.space.sums.arr[ids] = out
+        self.verified[ids] = True
+        self.counters["chunks_hashed"] += len(ids)
 
     def _hash_run(self, start: int, count: int) -> None:
         """Hash `count` consecutive chunks from `start`, reading up to _BATCH at once into
