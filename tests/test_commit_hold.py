@@ -35,8 +35,8 @@ def test_counters_give_each_commits_lock_hold_time_and_its_parts(tmp_path):
         c = dict(pool.counters)
     assert c["commits"] == 3
     parts = sum(c[f"commit_{p}_us"] for p in PARTS)
-    assert 0 < parts <= c["commit_hold_us"]          # the parts are inside the hold
-    assert c["commit_data_sync_us"] > 0 and c["commit_tree_us"] > 0
+    assert 0 <= c["commit_hold_us"] - parts <= 20     # the parts add up to the hold (us)
+    assert parts > 0 and c["commit_tree_us"] > 0
     assert c["commit_hold_us"] / 3 <= c["commit_hold_us_max"] <= c["commit_hold_us"]
     assert c["commit_waiters"] == c["commit_waiters_max"] == 0    # nobody else was there
     assert c["flush_commits"] == 0

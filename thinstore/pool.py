@@ -73,7 +73,7 @@ COMMIT_INTERVAL = 5.0
 #: the time the commits held the pool lock exclusively, in us (total, and the longest
 #: one), that time's parts (Metadata.commit: building and writing the tree, the fsync of
 #: data, the fsync of meta, the superblock and its fsync, freeing what the old tree
-#: used), and the requests waiting for the lock as each commit let go (total, largest).
+#: used and starting the intent log's next epoch), and the requests waiting for the lock as each commit let go (total, largest).
 #: `flush_commits` (pools with an intent log) counts the flushes that were full commits
 #: because the log could not take them (synclog.py: MAX_BATCH, MAX_BYTES).
 COMMIT_COUNTERS = ("commit_hold_us", "commit_hold_us_max", "commit_tree_us",
@@ -114,6 +114,7 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         self._kc = np.zeros(4, dtype=np.int64)
         self._sums = None                      # DataSums when data checksums are on
         self._log: SyncLog | None = None       # the intent log (synclog.py)
+        self._garbage = None     # what a commit dropped, freed by the timer without the lock
         self._stop = threading.Event()
         self._background_io = threading.Lock()  # held while _presync/_prehash use the data file
         self._timer = None
@@ -297,8 +298,8 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
             self._check_open()
             start = time.perf_counter_ns()
             self.md.commit(getattr(self, "_checksum_hook", None))
-            if self._log is not None:
-                self._log.committed(log_base(self.md.sb))
+            if self._log is not None:    # the notes are freed later, without the lock
+                self._garbage = self._log.committed(log_base(self.md.sb))
             if self._sums is not None:
                 self._sums.committed()
             self._dirty = False
@@ -313,7 +314,10 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         held_us = held_ns // 1000
         c["commit_hold_us"] += held_us
         c["commit_hold_us_max"] = max(c["commit_hold_us_max"], held_us)
-        for part, ns in self.md.last_commit.items():
+        parts = dict(self.md.last_commit)
+        if "release" in parts:     # and the pool's own end: log epoch, intent bitmap
+            parts["release"] += max(0, held_ns - sum(parts.values()))
+        for part, ns in parts.items():
             c[f"commit_{part}_us"] += ns // 1000
         waiting = self.lock.waiting()
         c["commit_waiters"] += waiting

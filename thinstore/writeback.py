@@ -43,6 +43,7 @@ class Writeback:
     def _commit_loop(self, interval: float) -> None:
         due = time.monotonic() + interval
         while not self._stop.wait(min(_POLL, interval)):
+            self._garbage = None        # freed here, not under the lock (Pool.commit)
             if time.monotonic() < due and not self._log_filling():
                 continue
             self._presync()
@@ -56,6 +57,7 @@ class Writeback:
                         self.commit()
                     except (OSError, ThinstoreError) as e:
                         log.error("background commit failed: %s", e)
+            self._garbage = None
             due = time.monotonic() + interval
 
     def _log_filling(self) -> bool:
