@@ -4,8 +4,9 @@ A full commit holds the pool lock exclusively: every write (and every read behin
 waiting writer) waits for it. The pool's counters report how long each commit held
 it and its parts (docs/integrity.md "Commit lock hold time"); the background commit
 does the data file's fdatasync before it takes the lock, so the fsync under the lock
-finds little; and it commits early once the intent log's epoch is half full, so that
-no FLUSH has to make the full commit itself (docs/bench.md "Commit stalls").
+finds little; it commits early once the intent log's epoch is half full, so that no
+FLUSH has to make the full commit itself; and a FLUSH that must still commit does that
+preparation without the lock too (docs/bench.md "Commit stalls").
 """
 
 from __future__ import annotations
@@ -84,6 +85,33 @@ def test_background_commit_syncs_the_data_before_it_takes_the_lock(tmp_path):
     # under it (durability still comes from that one)
     first_fsync = calls.index(("fsync", True))
     assert ("datasync", False) in calls[:first_fsync], calls
+
+
+def test_a_flush_that_must_commit_syncs_the_data_before_the_lock(tmp_path, monkeypatch):
+    """The first FLUSH after more unflushed writes than one log record may carry is a
+    full commit; its data fdatasync runs before the commit takes the lock, and every
+    write reads back after a reopen."""
+    monkeypatch.setattr(synclog, "MAX_BATCH", 256 << 10)
+    path = str(tmp_path / "p")
+    Pool.create(path, 64 * MiB, commit_interval=0).close()
+    _Recorder.calls = []
+    data = os.urandom(2 * MiB)
+    with Pool.open(path, commit_interval=0, fileio=_Recorder) as pool:
+        pool.create_volume("v", 8 * MiB)
+        _Recorder.pool = pool
+        try:
+            with pool.open_device("v") as dev:
+                dev.pwrite(data, MiB)
+                start = len(_Recorder.calls)
+                dev.flush()
+                calls = _Recorder.calls[start:]
+            assert pool.counters["flush_commits"] == 1
+        finally:
+            _Recorder.pool = None
+    first_fsync = calls.index(("fsync", True))
+    assert ("datasync", False) in calls[:first_fsync], calls
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("v") as dev:
+        assert dev.pread(MiB, len(data)) == data
 
 
 def test_timer_commits_before_the_intent_log_fills(tmp_path, monkeypatch):

@@ -213,7 +213,7 @@ class SyncLog:
                         ticket = None if record is None else self.append(record, noted)
         if ticket is None:
             self._counts["commits_instead"] += 1
-            pool.commit()
+            getattr(pool, "_commit_for_flush", pool.commit)()
             return True
         if not wait:
             self.kick(ticket)

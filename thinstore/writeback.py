@@ -60,6 +60,17 @@ class Writeback:
             self._garbage = None
             due = time.monotonic() + interval
 
+    def _commit_for_flush(self) -> None:
+        """The full commit a FLUSH makes when the intent log cannot take it (more
+        written since the last record than MAX_BATCH, e.g. the first FLUSH after
+        seconds of writes without one; or the epoch full): the hashing and the data
+        file's fdatasync first, without the lock, as the timer does, then the commit.
+        The FLUSH waits for all of it either way; the other requests now wait only
+        for the commit (a FLUSH after 5 s of QD16 writes held them 0.4-0.8 s)."""
+        self._prehash()
+        self._predatasync()
+        self.commit()
+
     def _log_filling(self) -> bool:
         """Unlocked: has the intent log's epoch passed LOG_EARLY of its limit? Then the
         timer commits now, with its writeback and hashing done before the lock, rather
