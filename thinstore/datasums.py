@@ -229,20 +229,23 @@ class DataSums:
         any other is hashed again (_use_prehash). The result is used only by the next
         commit of the same generation and state array. `stop` (an Event): give up."""
         generation, state, ids = plan
-        K.state_clear(state, ids, ST_REHASH)
         out = np.zeros(len(ids), dtype=np.uint32)
         cs = self.md.chunk_size
         native_hash = getattr(K, "hash_chunks", None)
         if native_hash is not None and native_hash(self.md.data_fio, ids[:0], cs, out[:0]):
             # in C, without the GIL, so the server's Python runs meanwhile; a step of
-            # ids at a time, so that `stop` is seen
+            # ids at a time, so that `stop` is seen, each step's flags cleared just
+            # before its chunks are read: a chunk then counts as written again only
+            # if written after its own read, not after the pre-hash began
             for lo in range(0, len(ids), _PREHASH_STEP):
                 if stop is not None and stop.is_set():
                     return
-                native_hash(self.md.data_fio, ids[lo:lo + _PREHASH_STEP], cs,
-                            out[lo:lo + _PREHASH_STEP])
+                step = ids[lo:lo + _PREHASH_STEP]
+                K.state_clear(state, step, ST_REHASH)
+                native_hash(self.md.data_fio, step, cs, out[lo:lo + _PREHASH_STEP])
             self._pre = (generation, state, ids, out)
             return
+        K.state_clear(state, ids, ST_REHASH)
         per = max(1, _BATCH // cs)
         if len(self._pre_buf) < per * cs:
             self._pre_buf = bytearray(per * cs)

@@ -6,9 +6,11 @@ the intent log's epoch is half full (`_log_filling`). Before it takes
 the pool lock for that commit it does, unlocked, the two slow parts a commit would
 otherwise do with every request waiting behind it: it writes the transaction's data
 chunks out (paced, `PRESYNC_WINDOW` bytes queued at once) and hashes them for the
-data checksums (DataSums.prehash). Last, still unlocked, it fdatasyncs the data file
-(`_predatasync`), so that the file system's journal commit for the new chunks'
-blocks and the disk's cache flush happen before the lock, not under it. None of
+data checksums (DataSums.prehash). Between the two, still unlocked, it fdatasyncs the
+data file (`_predatasync`), so that the file system's journal commit for the new
+chunks' blocks and the disk's cache flush happen before the lock, not under it; the
+hashing comes last, so that as few chunks as can be are written again before the
+commit, which must hash those again with the lock held. None of
 this is needed for durability, which comes from the commit's own fsync: a failure
 here only leaves the work to the commit.
 
@@ -47,8 +49,8 @@ class Writeback:
             if time.monotonic() < due and not self._log_filling():
                 continue
             self._presync()
-            self._prehash()
             self._predatasync()
+            self._prehash()             # last: the fewer chunks rewritten before the lock
             with self.lock:
                 if self._closed:
                     return
@@ -67,8 +69,8 @@ class Writeback:
         file's fdatasync first, without the lock, as the timer does, then the commit.
         The FLUSH waits for all of it either way; the other requests now wait only
         for the commit (a FLUSH after 5 s of QD16 writes held them 0.4-0.8 s)."""
-        self._prehash()
         self._predatasync()
+        self._prehash()
         self.commit()
 
     def _log_filling(self) -> bool:
@@ -135,7 +137,7 @@ class Writeback:
             pass          # closed meanwhile, or a file without datasync: the commit syncs
 
     def _predatasync(self) -> None:
-        """fdatasync the data file just before the commit takes the lock: what the
+        """fdatasync the data file before the commit takes the lock: what the
         commit's own data fsync would otherwise do with every request waiting -- the
         file system's journal commit for the blocks of the chunks allocated in this
         transaction (copies on write into a sparse file), the disk's cache flush, and
