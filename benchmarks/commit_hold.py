@@ -3,13 +3,14 @@
 
 Serves the same clone fio_compare.py measures (benchmarks/fio_targets.py: a 4 TiB
 pool, a clone of a snapshot of random data), runs fio's 4K random writes once per
-WORKLOAD given (extra fio arguments, e.g. ``"--iodepth=16 --fsync=16"``), each over
+WORKLOAD given (extra fio options without their dashes, e.g. ``"iodepth=16
+fsync=16"``), each over
 12 s (two background commits), and prints fio's tail latency with the pool's commit
 counters over that run, read over the control socket (docs/integrity.md "Commit
 lock hold time"): the commits, their mean and longest lock hold, the mean of each
 part, the requests waiting as a commit let go, and the FLUSHes that were commits.
 
-    python benchmarks/commit_hold.py [--size 256M] "--iodepth=1 --fsync=1" "--iodepth=16"
+    python benchmarks/commit_hold.py [--size 256M] "iodepth=1 fsync=1" "iodepth=16"
 
 Run it under the machine's benchmark lock; compare two trees by running it with
 PYTHONPATH set to each, one after the other in the same locked run.
@@ -42,7 +43,8 @@ def run(ts: Thinstore, size: int, extra: str, runtime: int) -> None:
     from thinstore.control import RemotePool
     args = ["fio", "--output-format=json", "--name=hold", "--ioengine=nbd", f"--uri={ts.main}",
             "--rw=randwrite", "--bs=4k", f"--size={size}", "--time_based",
-            f"--runtime={runtime}", "--randrepeat=0", "--norandommap", *extra.split()]
+            f"--runtime={runtime}", "--randrepeat=0", "--norandommap",
+            *("--" + opt.lstrip("-") for opt in extra.split())]
     remote = RemotePool.connect(ts.pool_dir)
     try:
         before = remote.iostat()["pool"]
@@ -66,7 +68,7 @@ def run(ts: Thinstore, size: int, extra: str, runtime: int) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("workloads", nargs="+", metavar="WORKLOAD", help="extra fio arguments")
+    p.add_argument("workloads", nargs="+", metavar="WORKLOAD", help="extra fio options, without their dashes")
     p.add_argument("--size", default="256M", help="data size (default 256M)")
     p.add_argument("--capacity", default="4T", help="pool capacity (default 4T)")
     p.add_argument("--runtime", type=int, default=12, help="seconds per workload (default 12)")
