@@ -219,10 +219,25 @@ static int idle(ts_nbd_conn *c)
     if (c->since && c->since == c->gap && c->writable) {
         if (!c->guess)
             c->guess = c->since;
-        if (c->score >= 0 && !c->started && c->n_notes && own(c, &ticket))
+        if (c->score >= 0 && !c->started && c->n_notes && own(c, &ticket)) {
             c->started = 1;
+            c->early = ticket;
+        }
     }
     return TS_NBD_IDLE;
+}
+
+/* The early record's write is on its way and the FLUSH it was started for has not
+ * arrived yet (the write's reply just went out, nothing is buffered): wait for the
+ * record before waiting for the socket.  The FLUSH cannot be answered sooner anyway,
+ * and it then finds the record durable and is answered as soon as it is read, so a
+ * QD1 write+FLUSH cycle sleeps twice (request, record) rather than three times
+ * (request, FLUSH, record): in a virtual machine each wake-up is a scheduler round
+ * trip, often an IPI.  A failed wait is left to the FLUSH, which meets it again. */
+static void settle_early(ts_nbd_conn *c)
+{
+    ts_syncer_wait(c->log->syncer, c->early);
+    c->early = 0;
 }
 
 /* One WRITE whose header and payload are at h: TS_NBD_OTHER when the lane
@@ -514,6 +529,8 @@ static int burst(ts_nbd_conn *c, int may_block)
                     }
                     if (rc != TS_NBD_IDLE || c->n_held) return rc;
                     if (send_out(c) < 0) return TS_NBD_CLOSED;
+                    if (c->early && c->end == c->start)
+                        settle_early(c);
                     rounds++;
                     may_block = 1;      /* settled, as Python would have */
                     continue;
@@ -585,6 +602,7 @@ static void begin(ts_nbd_conn *c)
     c->n_notes = 0;
     c->mark = c->out_len;
     c->send_failed = 0;
+    c->early = 0;
 }
 
 int ts_nbd_burst(ts_nbd_conn *c, int may_block)

@@ -135,6 +135,7 @@ typedef struct ts_nbd_conn {
     uint32_t n_held;
     uint64_t held_cookie[64]; uint64_t held_offset[64]; uint32_t held_length[64];
     uint64_t ticket;
+    uint64_t early;
     int64_t since; int64_t gap; int64_t guess; int64_t score; int started;
     uint64_t mark;
     int64_t flush_stat[2];
@@ -157,6 +158,10 @@ typedef struct ts_nbd_conn {
  *                   the gap before, the write count a FLUSH is expected at, how
  *                   such guesses did, whether the early record of those writes was
  *                   appended here
+ *   early           that early record's ticket, within one call: once the loop
+ *                   has sent the write's reply itself (may_send) with nothing
+ *                   buffered, it waits for the record before the socket (the
+ *                   FLUSH it was started for finds it durable)
  *   mark            where the call's replies not yet sent begin in obuf (its
  *                   length when the call began, 0 after the loop sent them)
  *   flush_stat[2]   this call's answered FLUSHes: count and ns (held to answered)

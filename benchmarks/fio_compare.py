@@ -28,7 +28,15 @@ Workloads, over unix sockets with fio's nbd engine unless said otherwise:
   depth; qemu's qcow2 backing chain looks each cluster up level by level. nbdkit's
   file plugin has no snapshots and shows "-";
 - ext4 on a fresh COW child (nbdfuse + a loop device, made with mkfs.ext4 each round):
-  fio's 4K random writes into a file with ``--fsync=1``, a database's pattern.
+  fio's 4K random writes into a file with ``--fsync=1``, a database's pattern;
+- the floor of the two QD1 durable rows, measured in the same rounds: no server can
+  answer a FUA write (or the FLUSH after a write) before one durable write of the disk
+  has completed after the write arrived, so a QD1 cycle is at least the client's and
+  the socket's own round trip for the write (the same writes against nbdkit's null
+  plugin, which stores nothing; without the FLUSHes, whose trip may overlap the durable
+  write) plus one durable 4 KiB write of the disk under the work directory (fio,
+  O_DIRECT|O_DSYNC, QD1). The report prints that bound beside the 1.5x qemu-nbd
+  target: where the target is above the bound, no server can meet it on this machine.
 
 Each round runs every workload on every server back to back, the order rotating
 between rounds so none always runs first; the table shows the median of the rounds
@@ -52,7 +60,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from fio_targets import NbdkitFile, QemuNbd, Thinstore  # noqa: E402
+from fio_targets import NbdkitFile, NbdkitNull, QemuNbd, Thinstore  # noqa: E402
 
 WORKLOADS = {
     "4K randwrite QD1 flush/1": dict(rw="randwrite", bs="4k", iodepth=1, fsync=1, unit="IOPS"),
@@ -160,6 +168,33 @@ def run_fua(uri: str, w: dict, size: int, runtime: int) -> float:
     return json.loads(out)["iops"]
 
 
+def floored(w: dict) -> bool:
+    """A QD1 durable workload: one with a floor (module docstring)."""
+    return w.get("iodepth") == 1 and (w.get("kind") == "fua" or w.get("fsync") == 1) \
+        and w["unit"] == "IOPS"
+
+
+def disk_sync_us(work: str, runtime: int) -> float:
+    """Mean latency, in microseconds, of one durable 4 KiB write of the disk under `work`:
+    fio's psync engine, O_DIRECT|O_DSYNC, random offsets in a 64 MiB file, QD1."""
+    path = os.path.join(work, "disk-sync.img")
+    out = subprocess.run(["fio", "--output-format=json", "--name=disk", f"--filename={path}",
+                          "--size=64M", "--rw=randwrite", "--bs=4k", "--ioengine=psync",
+                          "--direct=1", "--sync=1", "--time_based", f"--runtime={runtime}",
+                          "--ramp_time=1"], capture_output=True, text=True, check=True).stdout
+    os.unlink(path)
+    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["lat_ns"]["mean"] / 1000
+
+
+def floor_iops(null_iops: float, sync_us: float) -> float:
+    """The most QD1 cycles per second any server can give: the null server's cycle for
+    the write alone (client and socket) plus one durable write of the disk. With a FLUSH
+    after each write, the durable write may start when the write arrives and the FLUSH
+    travels meanwhile, so the write's round trip, not the FLUSH's, is the part added to
+    it; the null run leaves the FLUSH out (fio without --fsync)."""
+    return 1e6 / (1e6 / null_iops + sync_us)
+
+
 def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
     """mkfs.ext4 on the device through nbdfuse and a loop device, then fio's 4K random
     writes into a 64 MiB file with an fsync after each (what a database does)."""
@@ -241,10 +276,13 @@ def main() -> int:
                                          args.workers, chain=chain)
         servers["qemu-nbd"] = QemuNbd(work, base)
         servers["nbdkit-file"] = NbdkitFile(work, base)
+        if any(floored(w) for w in chosen.values()):
+            servers["nbdkit-null"] = NbdkitNull(work, size)
         for wname, w in chosen.items():
             if w.get("kind", "fio") == "fio":
                 print(f"{wname}: {' '.join(fio_args('URI', w, size, args.runtime))}")
         results = {w: {s: [] for s in SERVERS} for w in chosen}
+        floors = {w: [] for w in chosen}
         for round_no in range(args.rounds):
             for wname, w in chosen.items():
                 order = SERVERS[round_no % 3:] + SERVERS[:round_no % 3]   # no one always first
@@ -256,7 +294,16 @@ def main() -> int:
                     results[wname][server].append(value)
                     print(f"round {round_no + 1} {wname:30} {server:12} {value:10.1f} "
                           f"{w['unit']}", flush=True)
-        report(results)
+                if floored(w):
+                    bare = {k: v for k, v in w.items() if k != "fsync"}   # see floor_iops
+                    null = run_workload(servers["nbdkit-null"], wname, bare, size, args, work,
+                                        f"r{round_no}")
+                    sync = disk_sync_us(work, min(args.runtime, 5))
+                    floors[wname].append(floor_iops(null, sync))
+                    print(f"round {round_no + 1} {wname:30} {'floor':12} {floors[wname][-1]:10.1f}"
+                          f" IOPS (nbdkit-null {null:.0f} IOPS, disk {sync:.1f} us per durable "
+                          f"write)", flush=True)
+        report(results, floors)
         if args.json:
             print(json.dumps(results, indent=1))
     finally:
@@ -267,7 +314,7 @@ def main() -> int:
     return 0
 
 
-def report(results: dict) -> None:
+def report(results: dict, floors: dict) -> None:
     print()
     print(f"{'workload':30} {'thinstore':>10} {'qemu-nbd':>10} {'nbdkit':>10} "
           f"{'vs qemu-nbd':>12} {'vs nbdkit':>10}")
@@ -285,6 +332,13 @@ def report(results: dict) -> None:
               f"({WORKLOADS[wname]['unit']})")
     print("targets: >= 1.5x qemu-nbd and >= 0.9x nbdkit-file on every workload "
           "(latency rows, 'ms ...': the ratio is the peer's over thinstore's)")
+    for wname, values in floors.items():
+        qemu = medians[wname]["qemu-nbd"]
+        if values and qemu:
+            floor = statistics.median(values)
+            print(f"{wname}: floor {floor:.0f} IOPS (no server does more here); thinstore at "
+                  f"{medians[wname]['thinstore'] / floor:.2f} of it; 1.5x qemu-nbd = "
+                  f"{1.5 * qemu:.0f} IOPS = {1.5 * qemu / floor:.2f} of the floor")
     root, top = (medians.get(f"4K randread QD16 depth {d}") for d in (0, 100))
     if root and top:
         depth = [f"{s} {top[s] / root[s]:.2f}" for s in SERVERS if root[s] and top[s]]

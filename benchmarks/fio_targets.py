@@ -209,3 +209,21 @@ class NbdkitFile:
 
     def stop(self) -> None:
         self._main_stop()
+
+
+class NbdkitNull:
+    """nbdkit's null plugin: every write and FLUSH answered at once, nothing stored. Its
+    QD1 rate is what the client and the socket alone allow on this machine, the part of
+    a durable write's cycle that no server can remove (fio_compare.py's floor)."""
+    name = "nbdkit-null"
+
+    def __init__(self, work: str, size: int):
+        self._sock = os.path.join(work, "nbdkit-null.sock")
+        self._proc = subprocess.Popen(["nbdkit", "-f", "-U", self._sock, "null", f"size={size}"])
+        wait_for_socket(self._sock)
+        self.main = f"nbd+unix:///?socket={self._sock}"
+
+    def stop(self) -> None:
+        _stop(self._proc)
+        if os.path.exists(self._sock):
+            os.unlink(self._sock)

@@ -15,6 +15,14 @@ class PeerClosed(ConnectionError):
     """The peer closed the connection in the middle of a message."""
 
 
+class RequestError(Exception):
+    """A request refused with an NBD error value (the connection carries on)."""
+
+    def __init__(self, error: int, message: str):
+        super().__init__(message)
+        self.error = error
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
     """Read exactly ``n`` bytes (the caller has bounded ``n``)."""
     buf = bytearray(n)
