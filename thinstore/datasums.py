@@ -24,6 +24,7 @@ import threading
 import mmh3
 import numpy as np
 
+from . import chunkhash
 from .spacemap import id_runs
 from .errors import DataChecksumError
 from .format import FANOUT
@@ -38,8 +39,6 @@ REGION_MIN_BYTES = 64 << 20       # md-raid's bitmap chunks are this coarse too
 MAX_REGIONS = 8 * 4000            # the bitmap fits in one 4 KiB block
 _BATCH = 256 << 10                # bytes read at once when hashing at commit (fits L2)
 _SMALL = 4                        # requests spanning fewer chunks take the scalar path
-_PARALLEL_MIN = 64                # chunks a commit hashes in C on two threads, from this many
-_PREHASH_STEP = 256               # chunks the pre-hash hashes per native call
 
 
 def chunk_sum(buf) -> int:
@@ -231,19 +230,10 @@ class DataSums:
         generation, state, ids = plan
         out = np.zeros(len(ids), dtype=np.uint32)
         cs = self.md.chunk_size
-        native_hash = getattr(K, "hash_chunks", None)
-        if native_hash is not None and native_hash(self.md.data_fio, ids[:0], cs, out[:0]):
-            # in C, without the GIL, so the server's Python runs meanwhile; a step of
-            # ids at a time, so that `stop` is seen, each step's flags cleared just
-            # before its chunks are read: a chunk then counts as written again only
-            # if written after its own read, not after the pre-hash began
-            for lo in range(0, len(ids), _PREHASH_STEP):
-                if stop is not None and stop.is_set():
-                    return
-                step = ids[lo:lo + _PREHASH_STEP]
-                K.state_clear(state, step, ST_REHASH)
-                native_hash(self.md.data_fio, step, cs, out[lo:lo + _PREHASH_STEP])
-            self._pre = (generation, state, ids, out)
+        pre = chunkhash.prehash(self.md.data_fio, state, ids, cs, stop)
+        if pre is not None or (stop is not None and stop.is_set()):
+            if pre is not None:
+                self._pre = (generation, state, ids, pre)
             return
         K.state_clear(state, ids, ST_REHASH)
         per = max(1, _BATCH // cs)
@@ -309,32 +299,10 @@ class DataSums:
 
     def _hash_ids(self, ids: np.ndarray) -> None:
         """Hash whole chunks `ids` (sorted) into the sums, in the commit (under the
-        lock every request waits behind): with the native kernels in C on two threads
-        at once (ts_hash_chunks lets go of the GIL), else run by run here."""
-        native_hash = getattr(K, "hash_chunks", None)
-        if native_hash is None or len(ids) < _PARALLEL_MIN:
-            for start, count in id_runs(ids):
-                self._hash_run(start, count)
-            return
-        out = np.zeros(len(ids), dtype=np.uint32)
-        half = len(ids) // 2
-        fio, cs, failed = self.md.data_fio, self.md.chunk_size, []
-
-        def other_half() -> None:
-            try:
-                native_hash(fio, ids[half:], cs, out[half:])
-            except BaseException as e:          # noqa: BLE001 -- raised below
-                failed.append(e)
-
-        helper = threading.Thread(target=other_half, name="thinstore-hash", daemon=True)
-        helper.start()
-        try:
-            done = native_hash(fio, ids[:half], cs, out[:half])
-        finally:
-            helper.join()
-        if failed:
-            raise failed[0]
-        if not done:                            # no descriptor: the Python way
+        lock every request waits behind): in C on two threads where it can
+        (chunkhash.py), else run by run here."""
+        out = chunkhash.hash_parallel(self.md.data_fio, ids, self.md.chunk_size)
+        if out is None:
             for start, count in id_runs(ids):
                 self._hash_run(start, count)
             return
