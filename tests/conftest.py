@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -25,6 +27,24 @@ def pytest_generate_tests(metafunc):
         # rados pool the I/O kernels take their Python twins anyway: the file has no fd)
         rados = pytest.param("rados", marks=pytest.mark.integration)
         metafunc.parametrize("backend", ["dir", rados], indirect=True, scope="module")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_dir():
+    """A rados:// pool keeps its sockets in a local runtime directory, /tmp/thinstore-UID
+    by default, where every run left one directory per pool it made (1,954 of them on the
+    shared dev machine): the tests get their own, short (socket paths are at most 107
+    bytes) and removed at the end. A test that sets THINSTORE_RUNTIME_DIR keeps its own."""
+    if os.environ.get("THINSTORE_RUNTIME_DIR"):
+        yield
+        return
+    d = tempfile.mkdtemp(prefix="tsrun", dir="/tmp")
+    os.environ["THINSTORE_RUNTIME_DIR"] = d
+    try:
+        yield
+    finally:
+        os.environ.pop("THINSTORE_RUNTIME_DIR", None)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

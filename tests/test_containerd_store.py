@@ -150,3 +150,72 @@ def test_a_base_size_its_file_system_cannot_take_is_refused_at_start(tmp_path, s
     listed = subprocess.run(run + ["list", "-H", "-o", "name"], capture_output=True,
                             text=True, env=env, check=True).stdout
     assert listed.strip() == "", listed
+
+
+# ------------------------------------------------------------ records kept elsewhere
+def test_a_pool_whose_layer_records_are_elsewhere_is_refused_not_emptied(tmp_path):
+    """The records file is local (a rados:// pool's is in the runtime directory of the
+    host that served it; another --address or host, a cleaned /tmp): a snapshotter that
+    starts without it on a pool holding layers refused to start; it used to destroy every
+    layer as an orphan. With the file back, it serves them again."""
+    from google.protobuf import empty_pb2
+    from containerd_helpers import Backend, Snapshotter
+    from nbd_helpers import need_loop_over_nbd
+    need_loop_over_nbd()
+    pool = str(tmp_path / "pool")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "-m", "thinstore", "--pool", pool, "init", "--capacity",
+                    "256M"], check=True, env=env)
+    snap = Snapshotter(pool, str(tmp_path / "s.sock"), "16M")
+    snap.start()
+    try:
+        b = Backend(snap.address)
+        b.call("Prepare", pb.PrepareSnapshotRequest(key="k1"), pb.PrepareSnapshotResponse)
+        b.call("Commit", pb.CommitSnapshotRequest(name="layer1", key="k1"), empty_pb2.Empty)
+        b.close()
+    finally:
+        snap.stop()
+    records = os.path.join(pool, "containerd", "snapshots.json")
+    os.rename(records, records + ".elsewhere")
+    done = subprocess.run([sys.executable, "-m", "thinstore", "--pool", pool, "snapshotter",
+                           "--address", str(tmp_path / "s.sock")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "ctd-1@c" in done.stderr and "would destroy" in done.stderr, done.stderr
+    listed = subprocess.run([sys.executable, "-m", "thinstore", "--pool", pool, "list", "-H",
+                             "-o", "name"], capture_output=True, text=True, env=env).stdout
+    assert "ctd-1@c" in listed.split()
+    os.rename(records + ".elsewhere", records)
+    snap.start()
+    try:
+        b = Backend(snap.address)
+        assert list(b.list()) == ["layer1"]
+        b.close()
+    finally:
+        snap.stop()
+
+
+def test_a_users_own_volume_named_like_ctd_something_is_not_taken_for_a_layer(tmp_path):
+    """Recovery at start and Cleanup destroy the snapshotter's devices that no record
+    names; they took every device whose name began with 'ctd-', so a volume a user made
+    beside the layers ('ctd-mine', and its snapshot) was destroyed at the next start."""
+    from google.protobuf import empty_pb2
+    from containerd_helpers import Backend, Snapshotter
+    from nbd_helpers import need_loop_over_nbd
+    need_loop_over_nbd()
+    pool = str(tmp_path / "pool")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ts = [sys.executable, "-m", "thinstore", "--pool", pool]
+    subprocess.run(ts + ["init", "--capacity", "256M"], check=True, env=env)
+    for args in (["create", "ctd-mine", "--size", "8M"], ["snapshot", "ctd-mine@keep"],
+                 ["create", "ctd-7x", "--size", "8M"]):
+        subprocess.run(ts + args, check=True, env=env, capture_output=True)
+    snap = Snapshotter(pool, str(tmp_path / "s.sock"), "16M")
+    snap.start()
+    try:
+        b = Backend(snap.address)
+        b.call("Cleanup", pb.CleanupRequest(), empty_pb2.Empty)
+        b.close()
+        assert {"ctd-mine", "ctd-mine@keep", "ctd-7x"} <= set(snap.devices())
+    finally:
+        snap.stop()

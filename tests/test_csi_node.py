@@ -181,6 +181,25 @@ def test_raw_block_publishes_the_device_node(env):
         assert dev.pread(5 * MiB, 16) == b"raw block bytes!"
 
 
+def test_a_publish_of_another_access_type_than_the_stage_is_refused(env):
+    """A volume staged as a raw block device and published with a mount capability got
+    its device node bound at the target (a file where the pod expects a directory), and
+    one staged as a file system published as block got a directory: both are refused,
+    as the CSI reference driver (csi-driver-host-path) refuses them, and nothing is left
+    at the target."""
+    c = env.client
+    for staged, asked in ((block_cap(), mount_cap()), (mount_cap(), block_cap())):
+        kind = staged.WhichOneof("access_type")
+        vid = c.create(f"pvc-as-{kind}", 32 * MiB, caps=[staged]).volume_id
+        stg, tgt = env.path("staging", f"as-{kind}"), env.path("pods", f"as-{kind}", "v")
+        c.node.NodeStageVolume(stage_req(vid, stg, staged))
+        assert status_of(c.node.NodePublishVolume,
+                         publish_req(vid, stg, tgt, asked)) == C.INVALID_ARGUMENT
+        assert not os.path.lexists(tgt)
+        c.node.NodePublishVolume(publish_req(vid, stg, tgt, staged))   # as staged: fine
+        unpublish_and_unstage(c, vid, stg, tgt)
+
+
 def test_volume_stats_bytes_and_inodes(env):
     c = env.client
     vid = c.create("pvc-stats", 64 * MiB).volume_id

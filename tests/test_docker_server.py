@@ -62,3 +62,35 @@ def test_an_idle_keep_alive_connection_closing_is_not_logged_as_an_error(server,
     request = [r.getMessage() for r in records if "/Plugin.Activate" in r.getMessage()]
     assert request and not any(re.match(r"\d{9,}\.\d", m) for m in request), \
         "a raw epoch time in the log line: " + repr(request)
+
+
+def test_another_frontends_devices_are_not_docker_volumes(tmp_path):
+    """A pool served with the CSI plugin or the containerd snapshotter beside the Docker
+    plugin: List showed their devices as Docker volumes and Remove destroyed them
+    (`docker volume rm csi.pv-x` destroyed a Kubernetes volume, leaving the CSI plugin
+    a record of a volume that was gone). Now List shows only the rest, and Get, Remove
+    and Create refuse those names, naming their owner; the devices stay."""
+    from thinstore.frontends.docker.options import DriverError
+    pool = Pool.create(str(tmp_path / "pool"), 64 << 20, 64 << 10, commit_interval=0)
+    attacher = Attacher(str(tmp_path / "attach.json"), str(tmp_path / "nbd.sock"))
+    driver = VolumeDriver(pool, attacher, Registry(str(tmp_path / "volumes.json")),
+                          str(tmp_path / "mnt"), 16 << 20)
+    try:
+        for name in ("csi.pv-x", "ctd-3", "mine", "ctd-mine"):
+            pool.create_volume(name, 8 << 20)
+        pool.snapshot("csi.pv-x@csi.snap-1")
+        listed = {v["Name"] for v in driver.list({})["Volumes"]}
+        assert listed == {"mine", "ctd-mine"}
+        for call, name, owner in ((driver.remove, "csi.pv-x", "CSI plugin"),
+                                  (driver.remove, "ctd-3", "containerd snapshotter"),
+                                  (driver.get, "csi.pv-x", "CSI plugin"),
+                                  (driver.create, "csi.pv-y", "CSI plugin")):
+            with pytest.raises(DriverError, match=owner):
+                call({"Name": name})
+        assert {"csi.pv-x", "ctd-3", "csi.pv-x@csi.snap-1"} <= {d.name for d in pool.list()}
+        assert "csi.pv-y" not in {d.name for d in pool.list()}
+        driver.remove({"Name": "mine"})                   # a volume of the user's: as before
+        assert "mine" not in {d.name for d in pool.list()}
+    finally:
+        attacher.close()
+        pool.close()

@@ -236,3 +236,60 @@ def test_a_plain_second_open_names_the_holder_and_how_to_take_over(rpool, work):
     assert a.stop() == 0          # still the owner: it closes cleanly
     with Pool.open(rpool) as pool:
         assert pool.list() == []
+
+
+def test_a_command_for_another_clusters_pool_of_the_same_name_never_reaches_this_server(
+        rpool, work):
+    """Two clusters may both hold rados://P/N. While one's pool is served, a command for
+    the other's (another conf, another fsid) must go to that cluster (here: one this host
+    cannot reach, exit 15), not through the served pool's control socket, where a
+    `destroy` destroyed the served pool's volume and exited 0."""
+    ts("--pool", rpool, "init", "--capacity", "64M")
+    ts("--pool", rpool, "create", "vol", "--size", "8M")
+    other_conf = os.path.join(work, "other.conf")
+    with open(other_conf, "w") as f:       # another cluster's fsid, no monitor reachable
+        f.write("[global]\nfsid = 0e6fe4c8-8bd4-4c8e-9d4f-2f3b1a7f0001\n")
+    other = rpool.split("?")[0] + "?conf=" + other_conf
+    server = ServeProcess(rpool, "--socket", os.path.join(work, "a.sock"))
+    try:
+        for cmd in (("list",), ("destroy", "vol", "--force")):
+            res = ts("--pool", other, *cmd, check=False)
+            assert res.returncode == 15, (cmd, res.stdout, res.stderr)
+            assert other_conf in res.stderr.decode()
+        assert "vol" in ts("--pool", rpool, "list").stdout.decode()
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_local_directory_an_earlier_version_used_moves_to_the_clusters_own(rpool, work):
+    """Earlier versions kept a rados pool's frontend state (the snapshotter's records,
+    whose absence makes it destroy every layer device) in rados-CEPHPOOL-NAME: the first
+    open moves it to the directory that names the cluster, and leaves one a server still
+    answers in alone."""
+    from thinstore.storage import runtime_dir
+    ts("--pool", rpool, "init", "--capacity", "64M")
+    cephpool, name = rpool[len("rados://"):].split("?")[0].split("/")
+    legacy = os.path.join(work, "run", f"rados-{cephpool}-{name}")
+    os.makedirs(os.path.join(legacy, "containerd"))
+    with open(os.path.join(legacy, "containerd", "snapshots.json"), "w") as f:
+        f.write("records")
+    res = ts("--pool", rpool, "list")
+    assert os.path.islink(legacy)          # paths configured before still lead there
+    assert os.path.realpath(legacy) == os.path.realpath(runtime_dir(rpool))
+    with open(os.path.join(runtime_dir(rpool), "containerd", "snapshots.json")) as f:
+        assert f.read() == "records"
+    assert "now" in res.stderr.decode() and legacy in res.stderr.decode()
+    ts("--pool", rpool, "list")            # a link is not an older version's directory
+    assert os.path.isfile(os.path.join(runtime_dir(rpool), "containerd", "snapshots.json"))
+
+    os.unlink(legacy)
+    os.makedirs(legacy)                    # an older server still serving from it: kept
+    import socket
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(os.path.join(legacy, "control.sock"))
+    live.listen(1)
+    try:
+        ts("--pool", rpool, "list")
+        assert os.path.isdir(legacy)
+    finally:
+        live.close()

@@ -249,3 +249,94 @@ def test_data_on_a_raw_block_device(tmp_path, loop_device):
         assert pool.status()["used"] == 0
     assert check_path(path).problems == []
     assert os.stat(backing).st_blocks * 512 < 4 * MiB     # punched through to the loop file
+
+
+@pytest.fixture
+def second_loop_device(tmp_path, loop_device):
+    """Another 256 MiB loop device, holding data of its own at 1 MiB."""
+    import subprocess
+    backing = tmp_path / "other"
+    with open(backing, "wb") as f:
+        f.truncate(256 * MiB)
+        f.seek(MiB)
+        f.write(b"another disk's data" * 100)
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no second loop device: {made.stderr.strip()}")
+    try:
+        yield made.stdout.strip(), backing
+    finally:
+        subprocess.run(["losetup", "-d", made.stdout.strip()], check=False)
+
+
+def test_a_data_device_renamed_to_another_disk_is_refused_before_a_byte_is_written(
+        tmp_path, loop_device, second_loop_device):
+    """POOL/data names its device by path, and device names change (sdb and sdc swap at
+    a boot, a loop number is reused): a pool whose name led to another disk wrote its
+    data there (that disk's bytes at 1 MiB were overwritten by an import). The device is
+    labelled at init; another disk is refused (exit 10), untouched; the right one works."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from thinstore.errors import WrongDataDevice
+    dev, _ = loop_device
+    other, other_backing = second_loop_device
+    path = str(tmp_path / "pool")
+    with Pool.create(path, None, 64 << 10, commit_interval=0, data_device=dev) as pool:
+        pool.create_volume("vol", 8 * MiB)
+        with pool.open_device("vol") as d:
+            d.pwrite(pattern(3, MiB), 0)
+    before = other_backing.read_bytes()
+    link = os.path.join(path, "data")
+    os.unlink(link)
+    os.symlink(other, link)                        # the name now leads to another disk
+    with pytest.raises(WrongDataDevice, match="carries no label"):
+        Pool.open(path, commit_interval=0)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cli = subprocess.run([sys.executable, "-m", "thinstore", "--pool", path, "import", "x",
+                          "-", "--size", "1M"], input=b"x" * MiB, capture_output=True,
+                         env=env, timeout=60)
+    assert cli.returncode == 10 and b"ln -sfn" in cli.stderr, cli.stderr
+    assert other_backing.read_bytes() == before
+    os.unlink(link)
+    os.symlink(dev, link)                          # pointed back: as before
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("vol") as d:
+        assert d.pread(0, MiB) == pattern(3, MiB)
+    with open(dev, "r+b") as f:                    # as an older thinstore left it: no label
+        f.write(bytes(4096))
+    with pytest.raises(WrongDataDevice, match="upgrade"):
+        Pool.open(path, commit_interval=0)
+    done = subprocess.run([sys.executable, "-m", "thinstore", "--pool", path, "upgrade"],
+                          capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0 and b"labelled" in done.stderr, done.stderr
+    with Pool.open(path, commit_interval=0) as pool, pool.open_device("vol") as d:
+        assert d.pread(0, MiB) == pattern(3, MiB)
+
+
+def test_init_refuses_a_data_device_that_holds_a_file_system_or_another_pool(tmp_path,
+                                                                              loop_device):
+    """'init --data-device' on a disk holding a file system took it silently (the label
+    and then the data overwrite it), as it would a disk of another pool: refused, naming
+    what is there, unless --force (mkfs, pvcreate and zpool create refuse alike)."""
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    if shutil.which("mkfs.ext4") is None or shutil.which("blkid") is None:
+        pytest.skip("needs mkfs.ext4 (e2fsprogs) and blkid (util-linux)")
+    dev, backing = loop_device
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    before = backing.read_bytes()[:4 * MiB]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def init(path, *extra):
+        return subprocess.run([sys.executable, "-m", "thinstore", "--pool", str(path), "init",
+                               "--data-device", dev, *extra], capture_output=True, text=True,
+                              env=env, timeout=60)
+    r = init(tmp_path / "p1")
+    assert r.returncode == 2 and "type ext4" in r.stderr and "--force" in r.stderr, r.stderr
+    assert backing.read_bytes()[:4 * MiB] == before and not (tmp_path / "p1").exists()
+    assert init(tmp_path / "p1", "--force").returncode == 0
+    r = init(tmp_path / "p2")                     # now another pool's data device
+    assert r.returncode == 2 and "holds the data of thinstore pool" in r.stderr, r.stderr

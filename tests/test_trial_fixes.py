@@ -214,3 +214,55 @@ def test_a_negative_size_is_called_negative_not_a_missing_argument(pool):
         assert "size must be positive" in fails(2, *args, pool=pool), args
     assert "K/M/G/T/P/E suffix" in fails(2, "create", "n", "--size", "5X", pool=pool)
     assert ts("create", "n", "--size", "1P", pool=pool).returncode == 0   # P is a suffix
+
+
+# a server that is stopped (SIGSTOP) ---------------------------------------------------------
+def test_a_command_against_a_stopped_server_says_the_server_does_not_answer(pool):
+    """A stopped server's control socket still takes connections, so a command waited
+    for the lock and then said only that the pool was 'in use by process N (a running
+    thinstore serve or another opener)': not that the server was there and silent."""
+    import signal
+    from nbd_helpers import ServeProcess
+    server = ServeProcess(pool)
+    try:
+        server.proc.send_signal(signal.SIGSTOP)
+        r = ts("--wait", "0.5", "list", pool=pool)
+        assert r.returncode == 5
+        err = r.stderr.decode().splitlines()[-1]
+        assert f"its server (process {server.proc.pid})" in err and "did not answer" in err
+        assert f"kill -CONT {server.proc.pid}" in err
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        assert server.stop() == 0
+    assert out("list", "-H", "-o", "name", pool=pool).split() == ["v", "v@a"]
+
+
+# the file system under the pool is full ------------------------------------------------------
+def test_a_full_file_system_under_the_pool_is_named_as_such(tmp_path):
+    """With the pool nearly empty but the file system holding it full, a command said
+    only 'No space left on device', which reads as the pool being full."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("could not mount a tmpfs")
+    try:
+        pool = str(mnt / "pool")
+        assert ts("init", "--capacity", "64M", pool=pool).returncode == 0
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(64 << 10))
+                    f.flush()
+            except OSError:
+                pass
+        r = ts("create", "v", "--size", "1M", pool=pool)
+        assert r.returncode == 1
+        err = r.stderr.decode()
+        assert f"no space left on the file system that holds pool {pool}" in err, err
+        assert f"df {pool}" in err
+        os.unlink(mnt / "filler")
+        assert ts("create", "v", "--size", "1M", pool=pool).returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])

@@ -130,6 +130,11 @@ class CorruptMetadata(ThinstoreError):
     exit_code = 10
 
 
+class WrongDataDevice(CorruptMetadata):
+    """POOL/data names a block device that is not this pool's (its label names another
+    pool, or none): a device renamed at boot; never written to."""
+
+
 class OldFormat(ThinstoreError):
     """The pool is in an older on-disk format (run 'thinstore upgrade')."""
 

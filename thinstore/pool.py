@@ -50,12 +50,13 @@ from .recovery import Recovery
 from .queries import Queries
 from .readers import MapView, Readers  # noqa: F401  (MapView: the type map_view returns)
 from .errors import (CorruptMetadata, NoSuchDevice, OldFormat, PoolNotFound, ThinstoreError,
-                     UsageError)
+                     UsageError, WrongDataDevice)
 from .format import VERSION as FORMAT_VERSION, log_base, valid_chunk_size
 from .metadata import FLAG_HIDDEN, DeviceMeta, Metadata
 from .native import NATIVE, K
 from .fastlane import Lane
-from .storage import FileIO, device_capacity, is_rados, open_store
+from .storage import (FileIO, check_data_label, device_capacity, is_rados, open_store,
+                      write_data_label)
 from .synclog import SyncLog
 from .reclaim import Reclaimer
 from .rwlock import RWLock
@@ -170,6 +171,8 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
             flags = POOL_FLAG_DATA_CHECKSUMS if data_checksums else 0
             md = Metadata.format_new(meta, data, chunk_size, nchunks + 1, flags,
                                      int(round(low_water * 100)))
+            if data_device is not None:
+                write_data_label(data_device, md.sb.pool_uuid)
         except BaseException:
             owner.release()
             store.close()
@@ -199,12 +202,17 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
             opened.append(store.open("meta"))
             md = Metadata(opened[1], opened[0])
             md.load(upgrade=upgrade)
+            labelled = check_data_label(store, md.sb.pool_uuid, adopt=upgrade)
+            if labelled:
+                log.warning("%s", labelled)
         except BaseException as e:
             for f in opened:          # a pool that fails to open keeps no descriptor
                 f.close()
             if owner is not None:
                 owner.release()
             store.close()
+            if isinstance(e, WrongDataDevice):
+                raise                 # names the device and the fix; 'check' would not help
             if isinstance(e, CorruptMetadata):
                 raise CorruptMetadata(f"pool {path}: {e}; "
                                       f"run 'thinstore --pool {path} check'") from None

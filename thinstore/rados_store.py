@@ -34,8 +34,11 @@ operation the old holder sends fails with EBLOCKLISTED.
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
 import re
+import socket
 import sys
 import urllib.parse
 import uuid
@@ -49,6 +52,7 @@ FORMAT_TAG = b"thinstore-rados 1"
 BLOCKLIST_SECONDS = 7 * 24 * 3600       # long enough that a paused holder never returns
 _DEBIAN_DIR = "/usr/lib/python3/dist-packages"
 _ZERO_SWAPPED: bool | None = None
+log = logging.getLogger("thinstore")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # no dot: NAME. prefixes never overlap
 
 
@@ -97,16 +101,104 @@ def parse_uri(uri: str) -> tuple[str, str, str | None, str | None]:
     return u.netloc, name, q.get("conf", [None])[0], q.get("id", [None])[0]
 
 
-def local_runtime_dir(cephpool: str, name: str) -> str:
-    """A local directory for a rados:// pool's sockets (the pool has no directory of its
-    own): $THINSTORE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/thinstore, else /tmp/thinstore-UID."""
-    base = (os.environ.get("THINSTORE_RUNTIME_DIR")
+def runtime_base() -> str:
+    """$THINSTORE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/thinstore, else /tmp/thinstore-UID."""
+    return (os.environ.get("THINSTORE_RUNTIME_DIR")
             or (os.environ.get("XDG_RUNTIME_DIR") and
                 os.path.join(os.environ["XDG_RUNTIME_DIR"], "thinstore"))
             or f"/tmp/thinstore-{os.getuid()}")
-    d = os.path.join(base, f"rados-{cephpool}-{name}")
-    os.makedirs(d, mode=0o700, exist_ok=True)
+
+
+def local_runtime_dir(cephpool: str, name: str, conf: str | None = None, *,
+                      create: bool = True) -> str:
+    """A local directory for a rados:// pool's sockets and frontend state (the pool has
+    no directory of its own): ``rados-CEPHPOOL-NAME-HASH`` under `runtime_base`, HASH
+    naming the cluster too (`cluster_identity`): two clusters on one host may both hold
+    ``rados://rbd/vm``, and a command for one must never reach the other's server through
+    a shared control socket. A name whose sockets would pass the 107 bytes of a unix
+    socket path is ``rados-HASH`` alone."""
+    base = runtime_base()
+    key = "\n".join((cluster_identity(conf), cephpool, name)).encode()
+    digest = hashlib.sha256(key).hexdigest()
+    d = os.path.join(base, f"rados-{cephpool}-{name}-{digest[:12]}")
+    if len(os.path.join(d, "control.sock").encode()) > 107:
+        d = os.path.join(base, f"rados-{digest[:24]}")
+    if create:
+        os.makedirs(d, mode=0o700, exist_ok=True)
     return d
+
+
+def adopt_legacy_runtime_dir(cephpool: str, name: str, conf: str | None) -> str | None:
+    """Earlier versions kept a pool's sockets, receive tokens and frontend state (the
+    containerd snapshotter's records, the Docker plugin's volumes, CSI's) in
+    ``rados-CEPHPOOL-NAME``, whatever the cluster. Called by the pool's lock holder:
+    move that directory to this cluster's name, leaving a symbolic link to it in its
+    place, unless a server still answers in it or this cluster's directory holds
+    something already. Returns the old path if moved."""
+    legacy = os.path.join(runtime_base(), f"rados-{cephpool}-{name}")
+    if not os.path.isdir(legacy) or os.path.islink(legacy) or \
+            _answers(os.path.join(legacy, "control.sock")):
+        return None
+    new = local_runtime_dir(cephpool, name, conf, create=False)
+    try:
+        os.rmdir(new)                     # an empty one a command made while looking
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None                       # in use: this cluster's own state stays
+    os.rename(legacy, new)
+    try:                                  # paths configured before (containerd's config
+        os.symlink(os.path.basename(new), legacy)   # naming the snapshotter's socket) hold
+    except OSError:
+        pass
+    return legacy
+
+
+def _answers(path: str) -> bool:
+    """Whether a server listens on the unix socket at `path`."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def cluster_identity(conf: str | None) -> str:
+    """Which Ceph cluster `conf` leads to, read locally (no cluster is contacted): the
+    ``fsid`` in the [global] section of the configuration file librados reads (`conf`,
+    else $CEPH_CONF, else the first of /etc/ceph/ceph.conf, ~/.ceph/ceph.conf and
+    ./ceph.conf, its default search), else that file's real path, else "" (no file)."""
+    if conf is None:
+        candidates = ([os.environ["CEPH_CONF"]] if os.environ.get("CEPH_CONF") else
+                      ["/etc/ceph/ceph.conf", os.path.expanduser("~/.ceph/ceph.conf"),
+                       "ceph.conf"])
+        conf = next((c for c in candidates if os.path.isfile(c)), None)
+        if conf is None:
+            return ""
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as f:
+            fsid = _conf_fsid(f)
+    except OSError:
+        fsid = None
+    return f"fsid {fsid}" if fsid else f"file {os.path.realpath(conf)}"
+
+
+def _conf_fsid(lines) -> str | None:
+    """The [global] fsid of a ceph.conf (keys ignore case, and ``_`` is a space)."""
+    section = ""
+    for line in lines:
+        line = re.split(r"[#;]", line, maxsplit=1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+        elif section == "global" and "=" in line:
+            key, _, value = line.partition("=")
+            if " ".join(key.replace("_", " ").split()).lower() == "fsid" and value.strip():
+                return value.strip().lower()
+    return None
 
 
 class RadosStore:
@@ -118,6 +210,7 @@ class RadosStore:
     def __init__(self, uri: str):
         self.uri = self.path = uri
         self.cephpool, self.name, conf, client = parse_uri(uri)
+        self.conf = conf
         rados = self._rados = load_rados()
         try:
             self.cluster = rados.Rados(conffile=conf or "", rados_id=client)
@@ -233,7 +326,7 @@ class RadosStore:
         return rados_lock.collect_garbage(self, refs, chunk_shift)
 
     def runtime_dir(self) -> str:
-        return local_runtime_dir(self.cephpool, self.name)
+        return local_runtime_dir(self.cephpool, self.name, self.conf)
 
     def close(self) -> None:
         for f in self.files:
@@ -246,7 +339,12 @@ class RadosStore:
     # ------------------------------------------------------------ ownership
     def lock(self, takeover: bool = False):
         from . import rados_lock
-        return rados_lock.acquire(self, takeover)
+        held = rados_lock.acquire(self, takeover)
+        moved = adopt_legacy_runtime_dir(self.cephpool, self.name, self.conf)
+        if moved:
+            log.warning("pool %s: its local directory %s is now %s (it names the cluster)",
+                        self.uri, moved, self.runtime_dir())
+        return held
 
     def holder(self) -> str | None:
         from . import rados_lock

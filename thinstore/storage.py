@@ -244,8 +244,8 @@ def runtime_dir(location: str) -> str:
     if not is_rados(location):
         return location
     from .rados_store import local_runtime_dir, parse_uri
-    cephpool, name, _, _ = parse_uri(location)
-    return local_runtime_dir(cephpool, name)
+    cephpool, name, conf, _ = parse_uri(location)
+    return local_runtime_dir(cephpool, name, conf)
 
 
 class DirStore:
@@ -413,4 +413,66 @@ def device_capacity(device: str, capacity: int | None, chunk_size: int) -> int:
         raise UsageError(f"{device} holds {have} bytes: a pool on it with {chunk_size}-byte "
                          f"chunks has at most {most} bytes of capacity")
     return capacity
+
+
+# -- the label of a data device (docs/format.md, "Data device label") -----------------
+DATA_LABEL_MAGIC = b"TSDATALB"
+DATA_LABEL = struct.Struct("<8sHHI16s")   # magic, version 1, 0, checksum of 16..4095, uuid
+DATA_LABEL_BYTES = 4096                   # the start of chunk 0, which no map ever names
+
+
+def _data_label(pool_uuid: bytes) -> bytes:
+    from .format import checksum
+    block = bytearray(DATA_LABEL_BYTES)
+    block[16:32] = pool_uuid
+    DATA_LABEL.pack_into(block, 0, DATA_LABEL_MAGIC, 1, 0, checksum(block[16:]), pool_uuid)
+    return bytes(block)
+
+
+def write_data_label(device: str, pool_uuid: bytes) -> None:
+    """Mark the block device `device` as the data of the pool `pool_uuid`."""
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, _data_label(pool_uuid), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_data_label(store, pool_uuid: bytes, adopt: bool = False) -> str | None:
+    """Before a pool on a block device (POOL/data a symlink to it) writes a byte: is the
+    device it names now the one it was made on? Device names are not stable (/dev/sdb
+    and /dev/sdc swap at a boot, a loop device's number is reused), and a pool writing
+    into another disk destroys that disk's data. The label in chunk 0 names the pool:
+    another pool's, a damaged one or none refuses (WrongDataDevice), before anything is
+    written; with `adopt` (``thinstore upgrade``: a device an older thinstore made carries
+    no label) an unlabelled device is labelled, and a note returned saying so."""
+    if getattr(store, "kind", None) != "dir":
+        return None
+    link = os.path.join(store.path, "data")
+    if not os.path.islink(link):
+        return None
+    device = os.path.realpath(link)
+    with open(link, "rb") as f:
+        block = f.read(DATA_LABEL_BYTES)
+    magic, _version, _zero, _sum, uuid = DATA_LABEL.unpack_from(block.ljust(32, b"\0"))
+    if block == _data_label(pool_uuid):
+        return None
+    from .errors import WrongDataDevice
+    fix = (f"point {link} at the pool's own device (ln -sfn /dev/disk/by-id/... {link}; "
+           "by-id names do not change between boots)")
+    if magic != DATA_LABEL_MAGIC and adopt:
+        write_data_label(link, pool_uuid)
+        return (f"pool {store.path}: labelled its data device {device} as this pool's "
+                "(its first 4096 bytes, never used for data)")
+    if magic != DATA_LABEL_MAGIC:
+        raise WrongDataDevice(f"{device}, the data device {link} names, carries no label of "
+                              f"pool {pool_uuid.hex()} in its first {DATA_LABEL_BYTES} bytes: "
+                              f"it may be another disk, which this pool would overwrite; "
+                              f"{fix}; a pool made before data devices were labelled: "
+                              f"label it once with 'thinstore --pool {store.path} upgrade'")
+    if uuid != pool_uuid:
+        raise WrongDataDevice(f"{device}, the data device {link} names, belongs to pool "
+                              f"{uuid.hex()}, not to this pool ({pool_uuid.hex()}); {fix}")
+    raise WrongDataDevice(f"the label of data device {device} ({link}) is damaged; {fix}")
 

@@ -36,12 +36,39 @@ def open_pool(args):
     with _opening(path):
         try:
             pool = Pool.open(path)
-        except PoolLocked:
+        except PoolLocked as err:
             pool = RemotePool.connect(path)     # a server started while this one waited
             if pool is None:
-                raise
+                silent = _silent_server(path)
+                if silent is None:
+                    raise
+                raise PoolLocked(f"{err}; {silent}") from err
         with pool:
             yield pool
+
+
+def _silent_server(path: str) -> str | None:
+    """Why commands did not go through the holder's server, when its control socket takes
+    connections but does not answer (the process is stopped, SIGSTOP, or hung): a
+    stopped server's socket still accepts, so the plain "in use" said nothing of it."""
+    import socket
+
+    from thinstore import sockets
+    from thinstore.control import socket_path
+    where = socket_path(path)
+    if not os.path.exists(where):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(2)
+        s.connect(where)
+        pid = sockets.peer_credentials(s)[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return (f"its server (process {pid}) takes connections on {where} but did not answer "
+            f"in 5 s: it is stopped or hung (resume it with 'kill -CONT {pid}', or stop it)")
 
 
 #: How long a command waits for another process's pool lock unless --wait says otherwise.

@@ -14,6 +14,7 @@ Tracebacks appear only with ``THINSTORE_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except OSError as err:
-        return _report(err, 1, _os_message(err))
+        return _report(err, 1, _os_message(err, getattr(args, "pool", None)))
     except KeyboardInterrupt:
         return _report(None, 130, "interrupted")
     except Exception as err:  # librados' own errors: the cluster, not a bug of ours
@@ -201,10 +202,16 @@ def _cli_words(message: str) -> str:
     return _API_ARGUMENT.sub(lambda m: f"--{m.group(1)}", message)
 
 
-def _os_message(err: OSError) -> str:
-    """``FILE: reason``, the way cp and dd word it."""
+def _os_message(err: OSError, pool: str | None = None) -> str:
+    """``FILE: reason``, the way cp and dd word it. A bare ENOSPC is the file system
+    that holds the pool's own files (metadata, intent log): "No space left on device"
+    alone read as the pool being full while 'status' showed it nearly empty."""
     if err.filename is not None:
         return f"{err.filename}: {err.strerror}"
+    if err.errno == errno.ENOSPC and pool and "://" not in pool:
+        return (f"no space left on the file system that holds pool {pool}: its metadata or "
+                f"intent log could not be written (the pool's own free space, 'thinstore "
+                f"status', is another matter); free space there ('df {pool}'), then retry")
     return err.strerror or str(err)
 
 

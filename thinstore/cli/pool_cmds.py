@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                       help="keep the data on this raw block device instead of a file in DIR "
                       "(capacity defaults to the whole device); for pools larger than a "
                       "file system's largest file (16T on ext4)")
+    init.add_argument("--force", action="store_true",
+                      help="with --data-device: use a device that holds a file system, a "
+                      "partition table or another signature blkid knows (it is overwritten)")
     init.set_defaults(func=cmd_init)
 
     grow = subparsers.add_parser("grow", help="enlarge the pool's capacity",
@@ -65,6 +68,8 @@ def cmd_init(args) -> int:
     from thinstore import Pool
 
     path = pool_path(args)
+    if args.data_device and not args.force:
+        _refuse_a_device_in_use(args.data_device)
     with _undone_on_failure(path):
         capacity = args.capacity
         if capacity is None and not args.data_device:
@@ -76,6 +81,35 @@ def cmd_init(args) -> int:
     if capacity is not None:
         _note_rounded(capacity, made, args.chunk_size)
     return 0
+
+
+def _refuse_a_device_in_use(device: str) -> None:
+    """A device with a file system, a partition table or a RAID/LVM member signature on
+    it is someone's data: init would overwrite it (its label at the start, then data),
+    so refuse unless --force, as mkfs, pvcreate and zpool create do."""
+    import shutil
+    import subprocess
+    from thinstore.storage import DATA_LABEL, DATA_LABEL_MAGIC
+    try:
+        with open(device, "rb") as f:
+            head = f.read(DATA_LABEL.size)
+    except OSError:
+        return                          # Pool.create says what is wrong with the path
+    if head.startswith(DATA_LABEL_MAGIC):
+        owner = DATA_LABEL.unpack(head.ljust(DATA_LABEL.size, b"\0"))[4].hex()
+        raise UsageError(f"{device} holds the data of thinstore pool {owner}: init would "
+                         "overwrite it; if that pool is not needed, pass --force")
+    if shutil.which("blkid") is None:
+        return
+    found = subprocess.run(["blkid", "-p", "-o", "export", device], capture_output=True,
+                           text=True, timeout=60)
+    if found.returncode != 0:           # 2: nothing recognised
+        return
+    fields = dict(line.split("=", 1) for line in found.stdout.splitlines() if "=" in line)
+    what = (f"a signature of type {fields['TYPE']}" if "TYPE" in fields else
+            f"a {fields['PTTYPE']} partition table" if "PTTYPE" in fields else "a signature")
+    raise UsageError(f"{device} holds {what} (blkid): init would overwrite it; if its data "
+                     f"is not needed, pass --force (or clear it first: wipefs -a {device})")
 
 
 def _note_rounded(asked: int, made: int, chunk: int) -> None:

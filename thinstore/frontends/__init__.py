@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 
 #: frontend name -> (module, class, the command that is ``serve`` with it on)
@@ -30,6 +31,27 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "snapshotter": ("thinstore.frontends.containerd", "SnapshotterFrontend", "snapshotter"),
     "csi": ("thinstore.frontends.csi", "CSIFrontend", "csi"),
 }
+
+
+#: frontend -> what it calls its devices, for another frontend's messages
+CLAIMS = {"csi": "the CSI plugin's (a Kubernetes volume or snapshot, docs/csi.md)",
+          "snapshotter": "the containerd snapshotter's (an image layer or a container's "
+                         "root file system, docs/containerd.md)"}
+_SNAPSHOTTER_NAME = re.compile(r"ctd-(?:[0-9]+|base)")
+
+
+def claimed_by(name: str) -> str | None:
+    """The frontend that manages the device ``name`` by its name alone, or None: the CSI
+    plugin's volumes and snapshots (``csi.*``, and ``csi.*@*``) and the containerd
+    snapshotter's devices (``ctd-<id>``, ``ctd-<id>@c``, ``ctd-base@fs``). A frontend
+    serving beside them leaves them alone (the Docker plugin neither lists nor removes
+    them): their owner keeps records of them that would otherwise go stale."""
+    volume = name.split("@", 1)[0]
+    if volume.startswith("csi."):
+        return "csi"
+    if _SNAPSHOTTER_NAME.fullmatch(volume):
+        return "snapshotter"
+    return None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 
@@ -40,6 +41,8 @@ log = logging.getLogger("thinstore.snapshotter")
 PREFIX = "ctd-"
 BASE = "ctd-base"
 BASE_SNAPSHOT = "ctd-base@fs"
+#: the only device names the snapshotter makes: a user's own "ctd-backup" is not its own
+_OWN = re.compile(r"ctd-(?:[0-9]+(?:@c)?|base(?:@fs)?)")
 DEFAULT_BASE_SIZE = 10 << 30
 FS_TYPES = ("ext4", "xfs")
 MAX_LABEL_BYTES = 4096      # containerd's limit on one label's key + value
@@ -63,6 +66,13 @@ def active_device(sid: int) -> str:
 
 def committed_device(sid: int) -> str:
     return f"{PREFIX}{sid}@c"
+
+
+def own_device(name: str) -> bool:
+    """Whether a pool device has a name the snapshotter gives (ctd-<id>, ctd-<id>@c, the
+    base): recovery and Cleanup destroy such devices when no record names them, and must
+    never take a volume a user named ctd-something for one of them."""
+    return _OWN.fullmatch(name) is not None
 
 
 class Snapshotter:
@@ -104,6 +114,7 @@ class Snapshotter:
 
     def recover(self) -> None:
         """Roll back unfinished intents and destroy the ``ctd-`` devices no record names."""
+        self._refuse_records_kept_elsewhere()
         body = self.store.body
         for intent in body["intents"]:
             log.warning("rolling back an unfinished %s of %r", intent["op"], intent["key"])
@@ -112,7 +123,7 @@ class Snapshotter:
                 new["intents"] = []
         keep = self.store.devices() | {BASE_SNAPSHOT}
         for name in sorted(self._pool_names()):
-            if name.startswith(PREFIX) and name not in keep:
+            if own_device(name) and name not in keep:
                 self._destroy(name)
         missing = [k for k, r in self.store.body["snapshots"].items()
                    if r["device"] not in self._pool_names()]
@@ -121,6 +132,27 @@ class Snapshotter:
             with self.store.transaction() as new:
                 for key in missing:
                     del new["snapshots"][key]
+
+    def _refuse_records_kept_elsewhere(self) -> None:
+        """Every ``ctd-<id>`` device is made after an intent is written to the records, so
+        a pool holding one while the records file never existed here had its records kept
+        elsewhere: another state directory, a rados:// pool's runtime directory on the host
+        that served it before (or one cleaned away), or a file removed. Recovery would
+        destroy every such device (every image layer) as an orphan: refuse instead."""
+        if not self.store.fresh:
+            return
+        layers = sorted(n for n in self._pool_names()
+                        if own_device(n) and n not in (BASE, BASE_SNAPSHOT))
+        if layers:
+            shown = ", ".join(layers[:3]) + (f", ... ({len(layers)} in all)"
+                                             if len(layers) > 3 else "")
+            raise UsageError(
+                f"this pool holds containerd snapshot devices ({shown}) but "
+                f"{self.store.path} does not exist: the records that name them are kept "
+                "elsewhere (a rados:// pool keeps them in the runtime directory of the host "
+                "that served it) or were removed, and starting without them would destroy "
+                "every one of these devices as an orphan; put the records file back, or "
+                "destroy the devices ('thinstore destroy NAME') to start afresh")
 
     def _destroy(self, name: str) -> None:
         self.attacher.detach(name)
@@ -304,7 +336,7 @@ class Snapshotter:
             keep = self.store.devices() | {BASE_SNAPSHOT}
             gone = [n for n in self.attacher.attached() if n not in keep]
             gone += [n for n in self._pool_names()
-                     if n.startswith(PREFIX) and n not in keep and n not in gone]
+                     if own_device(n) and n not in keep and n not in gone]
             for name in gone:
                 self._destroy(name)
             return len(gone)

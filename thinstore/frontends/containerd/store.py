@@ -65,9 +65,12 @@ class Store:
         self.path = os.path.join(directory, FILENAME)
         self.lock = threading.RLock()
         os.makedirs(directory, exist_ok=True)
+        self.fresh = not os.path.lexists(self.path)     # no records were ever kept here
         self._file = statefile.StateFile(self.path, MAGIC, legacy_key="body",
                                          error=CorruptMetadata,
-                                         advice="move it aside to start afresh")
+                                         advice="restore it from a backup, or move "
+                                                "it aside and destroy the ctd- devices "
+                                                "the next start names, to start afresh")
         self.body = self._file.load(default=empty_body())
 
     @contextlib.contextmanager

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from thinstore.frontends.attach import Attacher, AttachError, grow, host
 from thinstore.frontends.attach.privileged import attempt, run
@@ -109,7 +110,18 @@ class Node(pbg.NodeServicer):
                                f"at {', '.join(sorted(self.publishes_of(vid)))}")
             self._unstage(vid, rec)
             self.state.drop("stages", vid)
+            self._wait_hung_up(vid)
         return pb.NodeUnstageVolumeResponse()
+
+    def _wait_hung_up(self, vid: str, seconds: float = 5.0) -> None:
+        """The attachment's NBD client has exited, but the server sees its connections end
+        a moment later (on a loaded host, after the reply): wait for that, bounded, so that
+        a call right after the unstage (ControllerExpandVolume, DeleteVolume) does not
+        find the volume "open by an NBD client" and fail FAILED_PRECONDITION."""
+        server = getattr(self.plugin, "nbd_server", None)
+        deadline = time.monotonic() + seconds
+        while server is not None and server.connections(vid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _unstage(self, vid: str, rec: dict) -> None:
         if rec["kind"] == "block":
@@ -132,6 +144,10 @@ class Node(pbg.NodeServicer):
             if stage is None or stage["path"] != os.path.abspath(req.staging_target_path):
                 raise RPCError(Code.FAILED_PRECONDITION, f"volume {vid!r} is not staged at "
                                f"{req.staging_target_path}; call NodeStageVolume first")
+            asked = cap.WhichOneof("access_type")
+            if asked != stage["kind"]:      # a device node where a directory was asked
+                raise RPCError(Code.INVALID_ARGUMENT, f"volume {vid!r} is staged as "
+                               f"{stage['kind']}, so it cannot be published as {asked}")
             rec = {"volume": vid, "kind": stage["kind"],
                    "read_only": bool(req.readonly or stage["read_only"]),
                    "mode": cap.access_mode.mode}

@@ -36,6 +36,7 @@ from thinstore import names
 from thinstore.errors import DeviceBusy, NoSuchDevice, ThinstoreError, UsageError
 from thinstore.units import format_size
 
+from thinstore.frontends import CLAIMS, claimed_by
 from thinstore.frontends.attach import grow
 from thinstore.frontends.attach.fsbounds import probe_fs as _probe_fs
 
@@ -83,6 +84,7 @@ class VolumeDriver:
             raise DriverError(str(exc)) from None
 
     def _writable(self, name: str):
+        self._not_claimed(name)
         try:
             info = self.pool.info(name)
         except NoSuchDevice:
@@ -91,6 +93,14 @@ class VolumeDriver:
         if info.read_only:
             raise DriverError(f"{name!r} is a snapshot, not a volume")
         return info
+
+    def _not_claimed(self, name: str) -> None:
+        """Another frontend's devices in the same pool are not Docker volumes: removing a
+        CSI plugin's volume through Docker destroyed a Kubernetes volume."""
+        owner = claimed_by(name)
+        if owner:
+            raise DriverError(f"{name!r} is {CLAIMS[owner]}, not a Docker volume; names "
+                              "like it are kept for that frontend: choose another name")
 
     def _exists(self, name: str) -> bool:
         try:
@@ -116,6 +126,7 @@ class VolumeDriver:
     def create(self, request: dict) -> dict:
         name = self._name(request)
         opts = self._options(request.get("Opts"))
+        self._not_claimed(name)
         with self._name_lock(name):
             devices = self.pool.list()
             if any(d.name == name for d in devices):
@@ -408,7 +419,7 @@ class VolumeDriver:
 
     def list(self, request: dict) -> dict:
         return {"Volumes": [self._describe(d, status=False) for d in self.pool.list()
-                            if not d.read_only]}
+                            if not d.read_only and not claimed_by(d.name)]}
 
     def _describe(self, info, status: bool) -> dict:
         out = {"Name": info.name, "Mountpoint": self._mounted(info.name)}
