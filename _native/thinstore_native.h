@@ -43,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 15
+#define TS_API_VERSION 16
 
 #define TS_FANOUT 508
 
