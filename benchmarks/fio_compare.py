@@ -336,8 +336,9 @@ def report(results: dict, floors: dict) -> None:
         qemu = medians[wname]["qemu-nbd"]
         if values and qemu:
             floor = statistics.median(values)
-            print(f"{wname}: floor {floor:.0f} IOPS (null round trip + one durable write, measured beside it); thinstore at "
-                  f"{medians[wname]['thinstore'] / floor:.2f} of it; 1.5x qemu-nbd = "
+            share = medians[wname]["thinstore"] / floor
+            print(f"{wname}: floor {floor:.0f} IOPS (null round trip + one durable write, "
+                  f"measured beside it); thinstore at {share:.2f} of it; 1.5x qemu-nbd = "
                   f"{1.5 * qemu:.0f} IOPS = {1.5 * qemu / floor:.2f} of the floor")
     root, top = (medians.get(f"4K randread QD16 depth {d}") for d in (0, 100))
     if root and top:
