@@ -36,7 +36,8 @@ Workloads, over unix sockets with fio's nbd engine unless said otherwise:
   plugin, which stores nothing; without the FLUSHes, whose trip may overlap the durable
   write) plus one durable 4 KiB write of the disk under the work directory (fio,
   O_DIRECT|O_DSYNC, QD1). The report prints that bound beside the 1.5x qemu-nbd
-  target: where the target is above the bound, no server can meet it on this machine.
+  target: where the target is well above the bound, no server can meet it on this
+  machine (the bound is measured beside the servers, so it carries their noise).
 
 Each round runs every workload on every server back to back, the order rotating
 between rounds so none always runs first; the table shows the median of the rounds
