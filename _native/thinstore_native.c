@@ -196,6 +196,94 @@ int ts_writeback(int fd, const int64_t *runs, uint64_t n_runs, uint64_t window)
     return 0;
 }
 
+/* MurmurHash3 x64 128-bit, seed 0 (Austin Appleby's public-domain design), written
+ * here from its description; only h1's low 32 bits are kept (chunk_sum). */
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline uint64_t fmix64(uint64_t k)
+{
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return k;
+}
+
+uint32_t ts_mmh3_x64_low32(const uint8_t *data, uint64_t len)
+{
+    const uint64_t c1 = 0x87c37b91114253d5ULL, c2 = 0x4cf5ad432745937fULL;
+    uint64_t h1 = 0, h2 = 0, k1, k2;
+    uint64_t nblocks = len / 16;
+    for (uint64_t i = 0; i < nblocks; i++) {
+        memcpy(&k1, data + 16 * i, 8);          /* little-endian hosts (x86, arm64) */
+        memcpy(&k2, data + 16 * i + 8, 8);
+        k1 *= c1; k1 = rotl64(k1, 31); k1 *= c2; h1 ^= k1;
+        h1 = rotl64(h1, 27); h1 += h2; h1 = h1 * 5 + 0x52dce729;
+        k2 *= c2; k2 = rotl64(k2, 33); k2 *= c1; h2 ^= k2;
+        h2 = rotl64(h2, 31); h2 += h1; h2 = h2 * 5 + 0x38495ab5;
+    }
+    const uint8_t *tail = data + 16 * nblocks;
+    uint64_t rest = len & 15;
+    k1 = 0;
+    k2 = 0;
+    for (uint64_t i = rest; i > 8; i--)
+        k2 ^= (uint64_t)tail[i - 1] << (8 * (i - 9));
+    if (rest > 8) {
+        k2 *= c2; k2 = rotl64(k2, 33); k2 *= c1; h2 ^= k2;
+    }
+    for (uint64_t i = rest < 8 ? rest : 8; i > 0; i--)
+        k1 ^= (uint64_t)tail[i - 1] << (8 * (i - 1));
+    if (rest) {
+        k1 *= c1; k1 = rotl64(k1, 31); k1 *= c2; h1 ^= k1;
+    }
+    h1 ^= len;
+    h2 ^= len;
+    h1 += h2;
+    h2 += h1;
+    h1 = fmix64(h1);
+    h2 = fmix64(h2);
+    h1 += h2;
+    uint32_t low = (uint32_t)h1;
+    return low ? low : 1;
+}
+
+#define HASH_BATCH (256u << 10)
+
+int ts_hash_chunks(int fd, const int64_t *ids, uint64_t n, uint64_t chunk_size, uint32_t *out)
+{
+    if (chunk_size == 0 || chunk_size > (1u << 30)) return TS_E_ARG;
+    uint64_t per = HASH_BATCH / chunk_size ? HASH_BATCH / chunk_size : 1;
+    uint8_t *buf = malloc(per * chunk_size);
+    if (!buf) return -ENOMEM;
+    int rc = 0;
+    for (uint64_t k = 0; k < n && rc == 0;) {
+        if (ids[k] < 0) { rc = TS_E_ARG; break; }
+        uint64_t run = 1;           /* ids[k], ids[k] + 1, ... read at once */
+        while (k + run < n && run < per && ids[k + run] == ids[k] + (int64_t)run) run++;
+        uint64_t want = run * chunk_size, got = 0;
+        off_t at = (off_t)((uint64_t)ids[k] * chunk_size);
+        while (got < want) {
+            ssize_t r = pread(fd, buf + got, want - got, at + (off_t)got);
+            if (r < 0) {
+                if (errno == EINTR) continue;
+                rc = -errno;
+                break;
+            }
+            if (r == 0) {           /* past the end of the file: zeros */
+                memset(buf + got, 0, want - got);
+                break;
+            }
+            got += (uint64_t)r;
+        }
+        for (uint64_t i = 0; i < run && rc == 0; i++)
+            out[k + i] = ts_mmh3_x64_low32(buf + i * chunk_size, chunk_size);
+        k += run;
+    }
+    free(buf);
+    return rc;
+}
+
 int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length)
 {
     /* The whole file-system blocks of the range are shared where the file system

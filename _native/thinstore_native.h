@@ -43,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 15
+#define TS_API_VERSION 16
 
 #define TS_FANOUT 508
 
@@ -146,6 +146,18 @@ int ts_cow_copy(int fd, uint64_t src, uint64_t dst, uint64_t length);
  * work only: durability still comes from an fsync.  Returns 0 or -errno.
  */
 int ts_writeback(int fd, const int64_t *runs, uint64_t n_runs, uint64_t window);
+
+/*
+ * Data checksums of whole chunks (datasums.py chunk_sum, docs/format.md): for k < n,
+ * out[k] = the low 32 bits of MurmurHash3 x64 128-bit (seed 0) of chunk ids[k]'s
+ * chunk_size bytes at ids[k] * chunk_size in fd, or 1 where those bits are 0 (0 means
+ * "unknown").  Consecutive ids are read together, up to 256 KiB at once, into a
+ * buffer of its own: several threads may call it at once (cffi lets go of the GIL).
+ * Bytes past the end of the file read as zeros.  Returns 0, -errno or TS_E_ARG.
+ * ts_mmh3_x64_low32: the same hash of one buffer (what the tests compare to mmh3).
+ */
+int ts_hash_chunks(int fd, const int64_t *ids, uint64_t n, uint64_t chunk_size, uint32_t *out);
+uint32_t ts_mmh3_x64_low32(const uint8_t *data, uint64_t len);
 
 /* 1 if all length bytes of buf are zero, else 0. */
 int ts_is_zero(const uint8_t *buf, uint64_t length);

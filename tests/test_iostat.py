@@ -99,6 +99,24 @@ def test_iostat_table_and_errors(server):
     assert bad.returncode == 2 and "COUNT" in bad.stderr
 
 
+def test_iostat_shows_how_long_commits_held_the_pool_lock(server):
+    from thinstore.control import RemotePool
+    path, sock = server
+    remote = RemotePool.connect(path)
+    try:
+        remote.commit()
+        remote.commit()
+    finally:
+        remote.close()
+    text = cli("--pool", path, "iostat").stdout
+    line = [ln for ln in text.splitlines() if ln.startswith("commits ")]
+    assert line and line[0].startswith("commits 2, lock held ") and "longest" in line[0], text
+    report = json.loads(cli("--pool", path, "iostat", "--json").stdout)
+    pool = report["pool"]
+    assert pool["commits"] == 2 and pool["commit_hold_us_max"] > 0
+    assert pool["commit_hold_us"] >= pool["commit_data_sync_us"] + pool["commit_tree_us"]
+
+
 def test_iostat_without_a_server_says_so(tmp_path):
     Pool.create(str(tmp_path / "p"), 64 * MiB).close()
     proc = cli("--pool", str(tmp_path / "p"), "iostat", check=False)

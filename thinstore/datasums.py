@@ -24,6 +24,7 @@ import threading
 import mmh3
 import numpy as np
 
+from . import chunkhash
 from .spacemap import id_runs
 from .errors import DataChecksumError
 from .format import FANOUT
@@ -200,8 +201,7 @@ class DataSums:
         fresh, self.fresh = self.fresh, {}
         for c, ranges in self._sparse(todo, fresh):
             self._hash_fresh(c, ranges)
-        for start, count in id_runs(todo[~np.isin(todo, list(fresh))] if fresh else todo):
-            self._hash_run(start, count)
+        self._hash_ids(todo[~np.isin(todo, list(fresh))] if fresh else todo)
         sums.mark(written)
         self.verified[freed] = False
 
@@ -228,9 +228,14 @@ class DataSums:
         any other is hashed again (_use_prehash). The result is used only by the next
         commit of the same generation and state array. `stop` (an Event): give up."""
         generation, state, ids = plan
-        K.state_clear(state, ids, ST_REHASH)
         out = np.zeros(len(ids), dtype=np.uint32)
         cs = self.md.chunk_size
+        pre = chunkhash.prehash(self.md.data_fio, state, ids, cs, stop)
+        if pre is not None or (stop is not None and stop.is_set()):
+            if pre is not None:
+                self._pre = (generation, state, ids, pre)
+            return
+        K.state_clear(state, ids, ST_REHASH)
         per = max(1, _BATCH // cs)
         if len(self._pre_buf) < per * cs:
             self._pre_buf = bytearray(per * cs)
@@ -291,6 +296,19 @@ class DataSums:
                 buf[lo:hi] = bytes(hi - lo)
         self.verified[chunk] = True
         self.counters["chunks_hashed"] += 1
+
+    def _hash_ids(self, ids: np.ndarray) -> None:
+        """Hash whole chunks `ids` (sorted) into the sums, in the commit (under the
+        lock every request waits behind): in C on two threads where it can
+        (chunkhash.py), else run by run here."""
+        out = chunkhash.hash_parallel(self.md.data_fio, ids, self.md.chunk_size)
+        if out is None:
+            for start, count in id_runs(ids):
+                self._hash_run(start, count)
+            return
+        self.md.space.sums.arr[ids] = out
+        self.verified[ids] = True
+        self.counters["chunks_hashed"] += len(ids)
 
     def _hash_run(self, start: int, count: int) -> None:
         """Hash `count` consecutive chunks from `start`, reading up to _BATCH at once into

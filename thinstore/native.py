@@ -35,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 15  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 16  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -333,6 +333,23 @@ class NativeKernels:
         lib.ts_state_clear(ffi.from_buffer("uint8_t[]", chunk_state, require_writable=True),
                            len(chunk_state), ffi.from_buffer("int64_t[]", ids), len(ids),
                            flags)
+
+    @staticmethod
+    def hash_chunks(fio, ids, chunk_size: int, out) -> bool:
+        """Data checksums of whole chunks `ids` of `fio` into the uint32 array `out`
+        (ts_hash_chunks: datasums.chunk_sum of each, read and hashed in C without the
+        GIL). False, having done nothing, for a file without a descriptor. Raises
+        OSError."""
+        fd = _fd(fio)
+        if fd is None:
+            return False
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if out.dtype != np.uint32 or len(out) != len(ids):
+            raise ValueError("out must be a uint32 array with one entry per id")
+        _check(lib.ts_hash_chunks(fd, ffi.from_buffer("int64_t[]", ids), len(ids), chunk_size,
+                                  ffi.from_buffer("uint32_t[]", out, require_writable=True)),
+               "hash_chunks")
+        return True
 
     @staticmethod
     def writeback(fio, runs, window: int) -> None:

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -69,6 +70,17 @@ DEFAULT_CHUNK_SIZE = 64 << 10
 COMMIT_INTERVAL = 5.0
 
 
+#: The commit's counters (docs/integrity.md "Commit lock hold time"), beside `commits`:
+#: the time the commits held the pool lock exclusively, in us (total, and the longest
+#: one), that time's parts (Metadata.commit: building and writing the tree, the fsync of
+#: data, the fsync of meta, the superblock and its fsync, freeing what the old tree
+#: used and starting the intent log's next epoch), and the requests waiting for the lock as each commit let go (total, largest).
+#: `flush_commits` (pools with an intent log) counts the flushes that were full commits
+#: because the log could not take them (synclog.py: MAX_BATCH, MAX_BYTES).
+COMMIT_COUNTERS = ("commit_hold_us", "commit_hold_us_max", "commit_tree_us",
+                   "commit_data_sync_us", "commit_meta_sync_us", "commit_superblock_us",
+                   "commit_release_us", "commit_waiters", "commit_waiters_max")
+
 #: A pool holds at most 2**34 chunks: its refcount and checksum tables are held as
 #: arrays of a u32 per chunk (64 GiB of address space each at the cap, resident only
 #: where chunks are used): 1 PiB with 64 KiB chunks, 16 PiB with 1 MiB chunks.
@@ -99,10 +111,11 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         self._low_water_crossed = False
         self._since_low_water_check = 0
         self._counters = {"chunks_allocated": 0, "chunks_copied": 0, "bytes_copied": 0,
-                          "bytes_written": 0, "commits": 0}
+                          "bytes_written": 0, "commits": 0, **dict.fromkeys(COMMIT_COUNTERS, 0)}
         self._kc = np.zeros(4, dtype=np.int64)
         self._sums = None                      # DataSums when data checksums are on
         self._log: SyncLog | None = None       # the intent log (synclog.py)
+        self._garbage = None     # what a commit dropped, freed by the timer without the lock
         self._stop = threading.Event()
         self._background_io = threading.Lock()  # held while _presync/_prehash use the data file
         self._timer = None
@@ -259,6 +272,8 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         (folding on every write cost more than a 4 KiB write's own Python)."""
         with self.lock:
             self._count()
+            if self._log is not None:
+                self._counters["flush_commits"] = self._log.counters["commits_instead"]
             return self._counters
 
     @property
@@ -297,14 +312,32 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         also folds the intent log in (flush() is the cheap way to durability)."""
         with self.lock:
             self._check_open()
+            start = time.perf_counter_ns()
             self.md.commit(getattr(self, "_checksum_hook", None))
-            if self._log is not None:
-                self._log.committed(log_base(self.md.sb))
+            if self._log is not None:    # the notes are freed later, without the lock
+                self._garbage = self._log.committed(log_base(self.md.sb))
             if self._sums is not None:
                 self._sums.committed()
             self._dirty = False
             self._check_low_water()
-            self.counters["commits"] += 1
+            self._count_commit(time.perf_counter_ns() - start)
+
+    def _count_commit(self, held_ns: int) -> None:
+        """Fold one commit's lock hold time and its parts (Metadata.last_commit) into the
+        counters, and the requests that were waiting for the lock when it ended."""
+        c = self._counters
+        c["commits"] += 1
+        held_us = held_ns // 1000
+        c["commit_hold_us"] += held_us
+        c["commit_hold_us_max"] = max(c["commit_hold_us_max"], held_us)
+        parts = dict(self.md.last_commit)
+        if "release" in parts:     # and the pool's own end: log epoch, intent bitmap
+            parts["release"] += max(0, held_ns - sum(parts.values()))
+        for part, ns in parts.items():
+            c[f"commit_{part}_us"] += ns // 1000
+        waiting = self.lock.waiting()
+        c["commit_waiters"] += waiting
+        c["commit_waiters_max"] = max(c["commit_waiters_max"], waiting)
 
     def _commit_op(self) -> None:
         """A management operation's commit; inside batch() the batch commits once at its end."""

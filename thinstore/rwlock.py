@@ -94,6 +94,10 @@ class RWLock:
             self._owner, self._depth = me, 1
         return True
 
+    def waiting(self) -> int:
+        """Threads waiting now for either side (a count, for the commit's counters)."""
+        return self._writers_waiting + self._readers_waiting
+
     def release(self) -> None:
         if self._owner != _ident():
             raise RuntimeError("cannot release the pool lock: this thread does not hold it")

@@ -217,7 +217,7 @@ class SyncLog:
                         ticket = None if record is None else self.append(record, noted)
         if ticket is None:
             self._counts["commits_instead"] += 1
-            pool.commit()
+            getattr(pool, "_commit_for_flush", pool.commit)()
             return True
         if not wait:
             self.kick(ticket)
@@ -351,9 +351,12 @@ class SyncLog:
             self._dio_fd = -1
         self.fio.close()
 
-    def committed(self, base: fmt.LogBase) -> None:
+    def committed(self, base: fmt.LogBase) -> list:
         """After a full commit (superblock durable): everything is durable, and the next
-        record starts a new epoch at the start of the log."""
+        record starts a new epoch at the start of the log. Returns the notes dropped,
+        for the caller to let go of once it has released the pool lock: freeing them
+        here, hundreds of thousands of tuples after a few seconds of small writes
+        without a FLUSH, held every request back 10-25 ms (docs/integrity.md)."""
         self.base = base
         cur = self._cur
         cur.tail = 0
@@ -363,10 +366,12 @@ class SyncLog:
         if self._syncer is not None:      # records still queued are not needed now
             self._syncer.discard(cur.appended)
         n = len(self.notes)
+        dropped = self.notes[:n]        # so that the del below frees nothing
         del self.notes[:n]
         if self._c is not None:
             self._c.pending(-n)
         self._limits()
+        return dropped
 
     # ------------------------------------------------------------ replay
     def records(self):

@@ -114,8 +114,9 @@ def _concat(arrays) -> np.ndarray:
 
 def counters_delta(before: dict, after: dict) -> dict:
     """``after - before`` for every numeric counter either has (whatever keys the
-    pool reports: chunks allocated, copied, commits, log writes, ...)."""
+    pool reports: chunks allocated, copied, commits, log writes, ...), but the
+    maxima since the pool opened (``*_max``), which have no difference to give."""
     keys = list(dict.fromkeys([*before, *after]))
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys
-            if isinstance(after.get(k, 0), (int, float))
+            if not k.endswith("_max") and isinstance(after.get(k, 0), (int, float))
             and isinstance(before.get(k, 0), (int, float))}

@@ -94,8 +94,8 @@ def make_report(sample: dict, previous: dict | None, names: list[str]) -> dict:
     devices = {name: _device(sample["devices"].get(name, {}), old.get(name, {}), period)
                for name in names}
     pool_old = previous["pool"] if previous else {}
-    pool = {k: v - pool_old.get(k, 0) for k, v in sample.get("pool", {}).items()
-            if isinstance(v, (int, float))}
+    pool = {k: v if k.endswith("_max") else v - pool_old.get(k, 0)   # a maximum is since start
+            for k, v in sample.get("pool", {}).items() if isinstance(v, (int, float))}
     return {"interval_s": period, "uptime_s": sample["uptime_s"], "devices": devices,
             "pool": pool}
 
@@ -126,8 +126,27 @@ def show(report: dict, as_json: bool) -> None:
         print(f"over {report['interval_s']:.1f}s")
         print_table(["DEVICE", "CONN", "READ/S", "WRITE/S", "RBYTES/S", "WBYTES/S",
                      "RLAT", "WLAT", "FLUSH/S"], rows, right=set(range(1, 9)))
+        line = commit_line(report["pool"])
+        if line:
+            print(line)
         print()
     sys.stdout.flush()
+
+
+def commit_line(pool: dict) -> str | None:
+    """The commits of the period and how long they held the pool lock (every request
+    waits behind it), as ZFS's txgs kstat gives each transaction group's sync time:
+    ``commits 2, lock held 3.1 ms mean (tree 0.4, data fsync 1.9, meta fsync 0.3,
+    superblock 0.5), longest 4.0 ms since start``."""
+    n = pool.get("commits")
+    if not n or "commit_hold_us" not in pool:
+        return None
+    parts = ", ".join(f"{label} {pool.get(f'commit_{key}_us', 0) / n / 1000:.1f}"
+                      for key, label in (("tree", "tree"), ("data_sync", "data fsync"),
+                                         ("meta_sync", "meta fsync"),
+                                         ("superblock", "superblock")))
+    return (f"commits {n}, lock held {pool['commit_hold_us'] / n / 1000:.1f} ms mean "
+            f"({parts}), longest {pool.get('commit_hold_us_max', 0) / 1000:.1f} ms since start")
 
 
 def _sum(devices) -> dict:
