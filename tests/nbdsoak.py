@@ -56,7 +56,7 @@ import time
 import numpy as np
 
 from nbd_helpers import RawClient, reply_error
-from nbdsoak_check import SECTOR, TRIM, ZEROES, Op, payload, verify
+from nbdsoak_check import SECTOR, TRIM, ZEROES, Op, make_exports, payload, verify
 
 from thinstore import Pool
 from thinstore.control import RemotePool
@@ -96,20 +96,9 @@ _RUN = "import sys\nfrom thinstore.cli.main import main\nsys.exit(main(sys.argv[
 
 # == the pool ======================================================================
 def new_pool(path: str) -> dict:
-    """The soak's pool at `path`: the three exports, ``base`` filled with tags and
-    snapshotted (``base@s``), ``clone`` made from it; returns each export's contents
-    (the per-sector ids :func:`observe` gives)."""
-    pool = Pool.create(path, 256 * MiB, 64 << 10, commit_interval=0)
-    try:
-        for name in ("fresh", "base"):
-            pool.create_volume(name, SIZE)
-        with pool.open_device("base") as dev:
-            dev.pwrite(payload(1, 0, SECTORS), 0)
-        pool.snapshot("base@s")
-        pool.clone("base@s", "clone")
-        pool.commit()
-    finally:
-        pool.close()
+    """The soak's pool at `path` (nbdsoak_check.make_exports); returns each export's
+    contents (the per-sector ids :func:`observe` gives)."""
+    make_exports(path, 256 * MiB, 64 << 10, SIZE)
     start = np.ones(SECTORS, np.int64)
     return {"fresh": np.zeros(SECTORS, np.int64), "base": start, "clone": start.copy()}
 

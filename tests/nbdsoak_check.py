@@ -59,6 +59,24 @@ class Op:
         return self.id if self.kind == P.Cmd.WRITE else 0
 
 
+def make_exports(path: str, capacity: int, chunk: int, size: int) -> None:
+    """A pool at `path` of `capacity` bytes and `chunk`-byte chunks with the soaks' three
+    exports of `size` bytes: ``fresh`` (zeros), ``base`` (every sector tagged with id 1,
+    snapshotted as ``base@s``) and ``clone`` (of ``base@s``); committed and closed."""
+    from thinstore import Pool
+    pool = Pool.create(path, capacity, chunk, commit_interval=0)
+    try:
+        for name in ("fresh", "base"):
+            pool.create_volume(name, size)
+        with pool.open_device("base") as dev:
+            dev.pwrite(payload(1, 0, size // 512), 0)
+        pool.snapshot("base@s")
+        pool.clone("base@s", "clone")
+        pool.commit()
+    finally:
+        pool.close()
+
+
 def verify(name: str, start: np.ndarray, ops: list[Op], data: bytes) -> tuple[list, np.ndarray]:
     """The rule of the module docstring for export `name` (`ops`: the round's, on every
     export): (failures, what it holds)."""

@@ -52,7 +52,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from blockrec import FLUSH, BlockRecorder, counts
-from nbdsoak_check import Op, payload, verify
+from nbdsoak_check import Op, make_exports, verify
 
 from thinstore import Pool
 from thinstore.cli.main import main as cli_main
@@ -73,18 +73,9 @@ TEAR = 4096     # a torn write keeps or loses whole 4 KiB pieces (see the module
 
 # == the pool and the stack =========================================================
 def new_pool(path: str) -> None:
-    """``fresh`` (zeros), ``base`` (every sector tagged with id 1, snapshotted as
-    ``base@s``) and ``clone`` (of ``base@s``); 16 KiB chunks."""
-    pool = Pool.create(path, 64 * MiB, 16 << 10, commit_interval=0)
-    try:
-        for name in ("fresh", "base"):
-            pool.create_volume(name, SIZE)
-        with pool.open_device("base") as dev:
-            dev.pwrite(payload(1, 0, SECTORS), 0)
-        pool.snapshot("base@s")
-        pool.clone("base@s", "clone")
-    finally:
-        pool.close()
+    """``fresh``, ``base`` (snapshotted as ``base@s``) and ``clone``, 16 KiB chunks
+    (nbdsoak_check.make_exports)."""
+    make_exports(path, 64 * MiB, 16 << 10, SIZE)
 
 
 def starts() -> dict:
