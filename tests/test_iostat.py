@@ -117,6 +117,25 @@ def test_iostat_shows_how_long_commits_held_the_pool_lock(server):
     assert pool["commit_hold_us"] >= pool["commit_data_sync_us"] + pool["commit_tree_us"]
 
 
+def test_iostat_shows_the_intent_logs_records_of_the_period(server):
+    """A FLUSH after writes appends an intent-log record; iostat's text and JSON say so."""
+    from thinstore.nbd.client import NBDDevice
+    path, sock = server
+    dev = NBDDevice(sock, "a")
+    try:
+        for i in range(4):
+            dev.pwrite(os.urandom(4096), i * 65536)
+            dev.flush()
+    finally:
+        dev.close()
+    report = json.loads(cli("--pool", path, "iostat", "--json").stdout)
+    log = report["log"]
+    assert log["records"] >= 1 and log["syncs"] >= 1 and log["record_bytes"] >= 4096, log
+    text = cli("--pool", path, "iostat").stdout
+    line = [ln for ln in text.splitlines() if ln.startswith("intent log ")]
+    assert line and f"{log['records']} records" in line[0], text
+
+
 def test_iostat_without_a_server_says_so(tmp_path):
     Pool.create(str(tmp_path / "p"), 64 * MiB).close()
     proc = cli("--pool", str(tmp_path / "p"), "iostat", check=False)
