@@ -140,6 +140,8 @@ def test_iostat_without_a_server_says_so(tmp_path):
     Pool.create(str(tmp_path / "p"), 64 * MiB).close()
     proc = cli("--pool", str(tmp_path / "p"), "iostat", check=False)
     assert proc.returncode == 1 and "no server is serving" in proc.stderr
+    nopool = cli("--pool", str(tmp_path / "nopool"), "iostat", check=False)
+    assert nopool.returncode == 9 and "no thinstore pool at" in nopool.stderr, nopool.stderr
 
 
 def test_operands_split_into_devices_interval_count():

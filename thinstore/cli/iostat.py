@@ -68,6 +68,10 @@ def cmd_iostat(args) -> int:
     path = pool_path(args)
     remote = RemotePool.connect(path)
     if remote is None:
+        from thinstore.errors import PoolNotFound
+        from thinstore.storage import open_store
+        if not open_store(path).exists():      # as every other command says it (exit 9)
+            raise PoolNotFound(f"no thinstore pool at {path} (run 'thinstore init' first)")
         raise ThinstoreError(f"no server is serving pool {path}: iostat reads the counters "
                              "of a running 'thinstore serve' (through its control socket)")
     with remote:
