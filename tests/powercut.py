@@ -225,16 +225,43 @@ def cut_points(rec: Recording, rng: random.Random, n: int) -> list[int]:
     appends = [f for f in flushes if f > lo and rec.records[f - 1 - lo].kind != FLUSH
                and rec.file_at(rec.records[f - 1 - lo].offset) == "log"] or flushes
     before = rng.sample(appends, min(len(appends), n // 3))
-    rest = [p for p in points if p not in set(before)]
-    return sorted(before + rng.sample(rest, n - len(before)))
+    exposed = sorted(set(exposed_stamps(rec)) - set(before))
+    told = rng.sample(exposed, min(len(exposed), n // 3))
+    chosen = set(before) | set(told)
+    rest = [p for p in points if p not in chosen]
+    return sorted(chosen | set(rng.sample(rest, n - len(chosen))))
+
+
+def exposed_stamps(rec: Recording) -> list[int]:
+    """Stamps (positions right after the workload was told a FLUSH, FUA write, snapshot
+    or commit had completed) with a write to the intent log since the disk's last
+    FLUSH: if that write was the record the caller was told about, only a writer that
+    acknowledged early leaves it there, so a cut at such a stamp is the one that
+    catches it."""
+    out, last_flush, log_since = set(), rec.mark, []
+    stamps = sorted({o["pos"] for o in rec.ops if o.get("pos") is not None})
+    i = 0
+    for r in rec.records:
+        while i < len(stamps) and stamps[i] <= r.seq:
+            if log_since:
+                out.add(stamps[i])
+            i += 1
+        if r.kind == FLUSH:
+            log_since = []
+        elif rec.file_at(r.offset) == "log":
+            log_since.append(r.seq)
+    if log_since:
+        out.update(p for p in stamps[i:] if p <= rec.mark + len(rec.records))
+    return sorted(out)
 
 
 class Images:
     """Crash images of one recording, for cuts in increasing order (the durable
     prefix is carried forward from one cut to the next)."""
 
-    def __init__(self, rec: Recording):
+    def __init__(self, rec: Recording, cache: str = "random"):
         self.rec = rec
+        self.cache = cache                  # "random", or "lose": nothing after the FLUSH
         self.durable = bytearray(rec.base)
         self.applied = 0                    # records (index in rec.records) applied
         self.fates: list = []               # the last image's writes after its FLUSH
@@ -250,8 +277,8 @@ class Images:
             _apply(self.durable, r)
         self.applied = last + 1
         img = bytearray(self.durable)
-        self.fates = [(r, _volatile(img, r, rng)) for r in recs[self.applied:end]
-                      if r.kind != FLUSH]
+        self.fates = [(r, _volatile(img, r, rng, self.cache))
+                      for r in recs[self.applied:end] if r.kind != FLUSH]
         return img
 
 
@@ -260,9 +287,11 @@ def _apply(img: bytearray, r) -> None:
         img[r.offset:r.offset + len(r.data)] = r.data
 
 
-def _volatile(img: bytearray, r, rng: random.Random) -> str:
-    """A write after the last FLUSH: "kept" (FUA always), "dropped", or "torn"."""
-    x = rng.random()
+def _volatile(img: bytearray, r, rng: random.Random, cache: str = "random") -> str:
+    """A write after the last FLUSH: "kept" (FUA always), "dropped", or "torn"; with
+    `cache` "lose", every one that is not FUA is dropped (a cache that had written
+    none of them back: the harshest of the images the model allows)."""
+    x = rng.random() if cache == "random" else 1.0
     if r.fua or x < 0.4:
         _apply(img, r)
         return "kept"
@@ -379,16 +408,18 @@ def _check_snapshots(pool, ops: list, must_exist: list, start: dict) -> list:
 # == a whole run ================================================================
 def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0,
                  mode: str = "aio", unsafe: str | None = None, log=None,
-                 nbd_seconds: float = 0, keep: str | None = None) -> dict:
+                 nbd_seconds: float = 0, keep: str | None = None,
+                 cache: str = "random") -> dict:
     """Record one workload, check `cuts` crash images of it, and `replay_cuts` more
-    inside the replay of one of them. Returns a report: counts, failures (cut ->
+    inside the replay of one of them; `cache` is how the writes after each image's
+    last FLUSH fare (Images). Returns a report: counts, failures (cut ->
     messages), the workload's log counters. With `keep` (a directory), each failing
     crash image is saved there as it was before it was mounted, with the journal."""
     rng = random.Random(seed)
     rec = record_workload(work, seed, ops, mode, unsafe, nbd_seconds)
     report = {"seed": seed, "mode": mode, "disk": counts(rec.records), "workload": rec.end,
               "cuts": 0, "replayed_cuts": 0, "cuts_losing": {}, "failures": {}, "replay": None}
-    images, replay_from = Images(rec), None
+    images, replay_from = Images(rec, cache), None
     for cut in cut_points(rec, rng, cuts):
         img = images.at(cut, rng)
         errors, facts = check_image(img, rec.ops, cut, work)

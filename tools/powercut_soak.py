@@ -2,7 +2,8 @@
 """Long power-cut soak of the native intent-log writer, through the kernel block layer.
 
     python tools/powercut_soak.py --cuts 1000 [--per-run 50] [--replay-cuts 15]
-                                  [--seed 0] [--unsafe nodsync|nowait] [--keep DIR] [--json]
+                                  [--seed 0] [--unsafe nodsync|nowait] [--cache random|lose]
+                                  [--keep DIR] [--json]
 
 Runs rounds of tests/powercut.py until --cuts crash images have been checked: each
 round records one native workload on ext4 / loop / nbdfuse / blockrec (the log writer
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--unsafe", choices=["nodsync", "nowait"],
                     help="run a negative control (tests/powercut_workload.py UNSAFE)")
+    ap.add_argument("--cache", choices=["random", "lose"], default="random",
+                    help="the writes after each image's last FLUSH: each kept, dropped or "
+                         "torn at random (default), or all lost")
     ap.add_argument("--keep", metavar="DIR",
                     help="save each failing crash image (before mounting) and its journal")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -75,7 +79,7 @@ def _round(args, seed: int, total: dict) -> None:
         r = powercut.powercut_run(work, seed, args.ops, min(args.per_run, left),
                                   min(args.replay_cuts, max(0, left - args.per_run)),
                                   mode=mode, unsafe=args.unsafe, nbd_seconds=nbd,
-                                  keep=args.keep)
+                                  keep=args.keep, cache=args.cache)
     finally:
         powercut.cleanup(work)
     wl = r["workload"]
