@@ -6,7 +6,8 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
-        "units", "rwlock", "readers", "synclog", "recovery", "fastlane", "rados_store",
+        "units", "rwlock", "readers", "synclog", "logroom", "recovery", "fastlane",
+        "rados_store",
         "rados_lock", "queries", "reclaim", "management", "writeback", "mapkernels",
         "rados_file", "chunkhash"]
 # the only modules that know where bytes live

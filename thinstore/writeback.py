@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 
-from . import synclog as _synclog
 from .errors import ThinstoreError
 from .native import K
 from .spacemap import id_runs
@@ -35,7 +34,7 @@ log = logging.getLogger("thinstore")
 PRESYNC_WINDOW = 1 << 20    # bytes of data writeback queued at once before a commit
 _PRESYNC_STEP = 256         # runs per writeback call (close() can stop between calls)
 LOG_EARLY = 0.5             # commit early once the intent log's epoch is this much of its
-                            # limit (synclog.MAX_BYTES), so that no flush finds it full
+                            # cap (SyncLog.cap: logroom.py), so that no flush finds it full
 _POLL = 0.05                # seconds between the timer's looks at the log
 
 
@@ -81,7 +80,7 @@ class Writeback:
         ZFS likewise closes a transaction group early once its dirty data passes a
         limit (zfs_dirty_data_sync_percent)."""
         synclog = self._log
-        return synclog is not None and synclog.tail >= LOG_EARLY * _synclog.MAX_BYTES
+        return synclog is not None and synclog.tail >= LOG_EARLY * synclog.cap
 
     def _written_since_commit(self) -> bool:
         """Unlocked: has anything been written since the last commit? Native lane writes
