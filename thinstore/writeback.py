@@ -80,7 +80,8 @@ class Writeback:
         ZFS likewise closes a transaction group early once its dirty data passes a
         limit (zfs_dirty_data_sync_percent)."""
         synclog = self._log
-        return synclog is not None and synclog.tail >= LOG_EARLY * synclog.cap
+        # an empty epoch never: with the log off (cap 0) the timer keeps its interval
+        return synclog is not None and 0 < synclog.tail >= LOG_EARLY * synclog.cap
 
     def _written_since_commit(self) -> bool:
         """Unlocked: has anything been written since the last commit? Native lane writes
