@@ -227,8 +227,9 @@ print(json.dumps(out))
 def test_nbd_writes_until_full_then_kill_9(tight_fs):
     """Through `thinstore serve` and libnbd: writes with a FLUSH every 4 until the file
     system is full. The first failure is ENOSPC; the log's file stays under an eighth
-    of what was free; a `thinstore snapshot` on the full file system succeeds; after
-    the ballast is deleted the same server takes writes and FLUSHes again; after
+    of what was free; a `thinstore snapshot` on the full file system succeeds or says
+    which file system is full; after the ballast is deleted a snapshot succeeds and
+    the same server takes writes and FLUSHes again; after
     SIGKILL every write acknowledged before the last successful FLUSH reads back and
     `thinstore check` passes."""
     need_libnbd_python()
@@ -255,9 +256,14 @@ def test_nbd_writes_until_full_then_kill_9(tight_fs):
         assert first["errno"] == "ENOSPC", first     # libnbd names the errno
         assert "No space left" in (first["error"] or ""), first
         assert first["flushed"] * BLOCK >= 0.75 * free0, (first, free0)
+        # on the file system full to the last block a snapshot's commit may find no
+        # block for its metadata: then it says so
         snap = cli("--pool", path, "snapshot", "v@full", check=False)
-        assert snap.returncode == 0, snap.stderr
+        assert snap.returncode == 0 or "no space left on the file system that holds " \
+            f"pool {path}" in snap.stderr, snap.stderr
         free_again(spare)
+        # with a few MiB free (the log took none of it) it succeeds (session 9's case)
+        cli("--pool", path, "snapshot", "v@tight")
         more = first["written"] + 32
         after = json.loads(system_python(CLIENT, uri, str(first["written"]), str(more),
                                          "4").stdout)
