@@ -325,8 +325,8 @@ class SyncLog:
             if e.errno not in logroom.FULL:
                 raise
             self._counts["grow_failures"] += 1
-            log.warning("intent log: no room to grow to %d bytes (%s); flushes make "
-                        "full commits until the next one", want, e.strerror)
+            log.warning("intent log: no room to grow to %d bytes (%s); until the next "
+                        "commit, flushes it cannot hold are full commits", want, e.strerror)
             try:        # the zeros written past the extent: no record is there
                 self.fio.truncate(self.extent)
             except OSError:
