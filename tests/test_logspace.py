@@ -80,6 +80,49 @@ def test_a_tightening_fs_turns_the_log_off_and_the_commit_gives_the_space_back(
             assert dev.pread(i * BLOCK, BLOCK) == block(i), i
 
 
+def test_a_cut_at_every_io_call_while_the_log_is_cut_back(tmp_path, monkeypatch):
+    """test_synclog's scripted workload through the power-cut double, with the host
+    file system turning tight (1 MiB free) before its full commit: that commit cuts
+    the log's file to nothing, and the flush after it is a full commit. Cut at every
+    I/O call: `check` is clean and every write acknowledged before the last completed
+    flush reads back."""
+    import crashkit
+    import test_synclog as ts
+    from faultfs import FaultDisk
+
+    state = {"free": 1 << 40}
+    monkeypatch.setattr(logroom, "host_free", lambda fio: state["free"])
+
+    def run_op(pool, seed, op):
+        if op[0] >= 10:
+            state["free"] = 1 * MiB
+        ts_run_op(pool, seed, op)
+
+    def roomy(fn):
+        def call(*args, **kwargs):
+            state["free"] = 1 << 40     # each round opens the pool on a roomy fs
+            return fn(*args, **kwargs)
+        return call
+
+    ts_run_op = ts.run_op
+    monkeypatch.setattr(ts, "run_op", run_op)
+    monkeypatch.setattr(ts, "_run", roomy(ts._run))
+    monkeypatch.setattr(ts, "_io_calls", roomy(ts._io_calls))
+    template = str(tmp_path / "template")
+    contents = ts._template(template)
+    once = str(tmp_path / "once")
+    shutil.copytree(template, once)
+    pool = roomy(Pool.open)(once, commit_interval=0, fileio=FaultDisk(0).open)
+    for op in ts.SCRIPT:
+        run_op(pool, ts.SEED, op)
+    counts = pool.log_counters
+    crashkit._abandon(pool)
+    assert counts["records"] >= 2 and counts["trims"] == 1, counts
+    assert counts["commits_instead"] >= 1, counts
+    failures, n = ts._cut_everywhere(tmp_path, contents, template)
+    assert n > 30 and not failures, failures[:10]
+
+
 @pytest.fixture
 def tight_fs():
     """A fresh 96 MiB ext4 mounted on a short temp dir; unmounted afterwards."""
