@@ -9,8 +9,10 @@ chunks out (paced, `PRESYNC_WINDOW` bytes queued at once) and hashes them for th
 data checksums (DataSums.prehash). Between the two, still unlocked, it fdatasyncs the
 data file (`_predatasync`), so that the file system's journal commit for the new
 chunks' blocks and the disk's cache flush happen before the lock, not under it; the
-hashing comes last, so that as few chunks as can be are written again before the
-commit, which must hash those again with the lock held. None of
+hashing comes late, so that as few chunks as can be are written again before the
+commit, which must hash those again with the lock held; and a second fdatasync after
+it takes what was written while it hashed (QD16 4K writes: the data fsync under the
+lock went from 28 to 2 ms). None of
 this is needed for durability, which comes from the commit's own fsync: a failure
 here only leaves the work to the commit.
 
@@ -52,7 +54,8 @@ class Writeback:
                 continue
             self._presync()
             self._predatasync()
-            self._prehash()             # last: the fewer chunks rewritten before the lock
+            self._prehash()             # late: the fewer chunks rewritten before the lock
+            self._predatasync()         # what was written while it hashed
             with self.lock:
                 if self._closed:
                     return
