@@ -78,7 +78,7 @@ class Writeback:
         self.commit()
 
     def _log_filling(self) -> bool:
-        """Unlocked: has the intent log's epoch passed LOG_EARLY of its limit? Then the
+        """Unlocked: has the intent log's epoch passed LOG_EARLY of its cap? Then the
         timer commits now, with its writeback and hashing done before the lock, rather
         than leave the flush that finds the log full to make a full commit itself with
         all of that under the lock (a FLUSH of 0.8 s at QD16 flush/16, docs/bench.md).
