@@ -43,10 +43,11 @@ def free_bytes(path: str) -> int:
 
 
 def test_a_tightening_fs_turns_the_log_off_and_the_commit_gives_the_space_back(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     """Flushed writes grow the log while the host file system is roomy; once it is
     tight (the free-space probe says 16 MiB) the next growth finds no room, the flush
-    is a full commit and the log's file is cut to nothing; once space is back, the
+    is a full commit, the log's file is cut to nothing and a warning says why FLUSHes
+    are slower now; once space is back, the
     next epoch logs again. Every flushed write reads back after a reopen."""
     free = {"bytes": 1 << 40}
     monkeypatch.setattr(logroom, "host_free", lambda fio: free["bytes"])
@@ -68,6 +69,7 @@ def test_a_tightening_fs_turns_the_log_off_and_the_commit_gives_the_space_back(
             counts = pool.log_counters
             assert counts["commits_instead"] >= 1 and counts["trims"] == 1, counts
             assert counts["cap_now"] == 0 and os.path.getsize(log_path) == 0, counts
+            assert "intent log off: 16M free" in caplog.text    # the operator is told
             free["bytes"] = 1 << 40             # space freed: the next epoch logs again
             pool.commit()
             records = pool.log_counters["records"]

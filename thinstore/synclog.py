@@ -64,6 +64,7 @@ import threading
 from . import format as fmt
 from . import logroom, native
 from .native import K
+from .units import format_size
 
 log = logging.getLogger("thinstore")
 
@@ -105,7 +106,7 @@ class SyncLog:
         self.notes: list = []           # (dev_id, offset, length) written since the last record
         self.base = base
         self.extent = fio.size()        # bytes of the file already written (zeros or records)
-        self.cap = 0                    # the size the file may reach this epoch (logroom.py)
+        self.cap = None                 # the size the file may reach this epoch (logroom.py)
         self.synced = 0                 # every byte appended before this is durable
         self._sync = threading.Lock()
         # fdatasync where the storage backend has it, else its fsync
@@ -177,9 +178,19 @@ class SyncLog:
 
     def _measure(self, again: bool = False) -> None:
         """The cap from the host file system's free space now (logroom.py): the
-        epoch's at its start; `again` (at a growth) may only lower it."""
-        cap = logroom.cap(logroom.host_free(self.fio), self.extent, MAX_BYTES, GROW_STEP)
+        epoch's at its start; `again` (at a growth) may only lower it. Says so in the
+        log when the log turns off (or on again): FLUSHes become (stop being) commits."""
+        free = logroom.host_free(self.fio)
+        was, cap = self.cap, logroom.cap(free, self.extent, MAX_BYTES, GROW_STEP)
         self.cap = min(self.cap, cap) if again else cap
+        if (was == 0) != (self.cap == 0):       # was is None at open: said quietly
+            if self.cap:
+                log.info("intent log on again: it may grow to %s", format_size(self.cap))
+            else:
+                log.log(logging.INFO if was is None else logging.WARNING,
+                        "intent log off: %s free on the file system that holds it; FLUSHes "
+                        "are full commits until about %s are", format_size(free),
+                        format_size(int(logroom.LOG_FLOOR / logroom.LOG_SHARE)))
 
     # ------------------------------------------------------------ noting
     def note(self, dev_id: int, offset: int, length: int) -> None:
