@@ -160,7 +160,7 @@ def log_line(log: dict) -> str | None:
     """The intent log's work in the period (docs/integrity.md; the ZIL's counterpart is
     zil_commit_count in /proc/spl/kstat/zfs/zil): ``intent log 120 records (3.2 MiB),
     98 by the NBD loop, 120 syncs (120 direct), 0 flushes made full commits, file
-    4.0 MiB of at most 64.0 MiB``; the file's size and its cap (synclog.py, logroom.py:
+    4M of at most 64M``; the file's size and its cap (synclog.py, logroom.py:
     the cap follows the host file system's free space; "log off" when it is too
     tight for one). None when the log did nothing in the period (as the commit line:
     an idle pool prints its table alone)."""
