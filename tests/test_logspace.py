@@ -24,7 +24,8 @@ import threading
 
 import pytest
 
-from nbd_helpers import ServeProcess, cli, need, need_libnbd_python, run, system_python
+from nbd_helpers import (ServeProcess, cli, need, need_libnbd_python, run, system_python,
+                         wait_for)
 from thinstore import Pool, logroom, synclog
 from thinstore.errors import PoolFull
 
@@ -45,9 +46,9 @@ def free_bytes(path: str) -> int:
 def test_a_tightening_fs_turns_the_log_off_and_the_commit_gives_the_space_back(
         tmp_path, monkeypatch, caplog):
     """Flushed writes grow the log while the host file system is roomy; once it is
-    tight (the free-space probe says 16 MiB) the next growth finds no room, the flush
-    is a full commit, the log's file is cut to nothing and a warning says why FLUSHes
-    are slower now; once space is back, the
+    tight (the free-space probe says 16 MiB), idle, the log gives back what lies past
+    its records and a warning says why FLUSHes will be slower; the next flush is a
+    full commit and the log's file is cut to nothing; once space is back, the
     next epoch logs again. Every flushed write reads back after a reopen."""
     free = {"bytes": 1 << 40}
     monkeypatch.setattr(logroom, "host_free", lambda fio: free["bytes"])
@@ -62,14 +63,18 @@ def test_a_tightening_fs_turns_the_log_off_and_the_commit_gives_the_space_back(
                 dev.flush()
             assert os.path.getsize(log_path) >= 4 * MiB
             assert pool.log_counters["commits_instead"] == 0
+            tail = pool._log.tail
             free["bytes"] = 16 * MiB            # an eighth of 16 MiB + the log: < 8 MiB
+            # idle, the timer gives back what lies past the records (zeros), then (the
+            # log being off) commits, which cuts the rest
+            wait_for(lambda: os.path.getsize(log_path) <= tail, 10, "the idle give-back")
+            assert "intent log off: 16M free" in caplog.text    # the operator is told
             for i in range(64, 128):
                 dev.pwrite(block(i), i * BLOCK)
                 dev.flush()
             counts = pool.log_counters
-            assert counts["commits_instead"] >= 1 and counts["trims"] == 1, counts
+            assert counts["commits_instead"] >= 1 and counts["trims"] == 2, counts
             assert counts["cap_now"] == 0 and os.path.getsize(log_path) == 0, counts
-            assert "intent log off: 16M free" in caplog.text    # the operator is told
             free["bytes"] = 1 << 40             # space freed: the next epoch logs again
             pool.commit()
             records = pool.log_counters["records"]
@@ -243,6 +248,42 @@ def test_a_growth_the_fs_refuses_makes_the_flush_a_commit(tight_fs, monkeypatch)
             assert pool._log.extent == size
     with Pool.open(path) as pool, pool.open_device("v") as dev:
         for i in range(n):
+            assert dev.pread(i * BLOCK, BLOCK) == block(i), i
+    cli("--pool", path, "check")
+
+
+@pytest.mark.integration
+def test_an_idle_pool_gives_the_logs_room_back_when_another_writer_fills_the_fs(tight_fs):
+    """Another writer fills the file system while the pool is idle: the log gives its
+    file back without waiting for a write (the writeback timer looks at the free
+    space: the zeros past the records at once, then, the log being off, it commits
+    and the rest goes), and the file system's free space grows by that much. Every
+    flushed write reads back; `check` passes."""
+    path = os.path.join(tight_fs, "pool")
+    Pool.create(path, 256 * MiB, commit_interval=0).close()
+    log_path = os.path.join(path, synclog.LOG_NAME)
+    with Pool.open(path, commit_interval=600) as pool:
+        pool.create_volume("v", 64 * MiB)
+        with pool.open_device("v") as dev:
+            for i in range(64):                 # 4 MiB of records, the file ahead of them
+                dev.pwrite(block(i), i * BLOCK)
+                dev.flush()
+            grown = os.path.getsize(log_path)
+            assert grown >= 6 * MiB
+            # another writer takes what is free, at once (one fallocate)
+            with open(os.path.join(tight_fs, "filler"), "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, free_bytes(tight_fs))
+            full = free_bytes(tight_fs)
+            wait_for(lambda: os.path.getsize(log_path) == 0, 10,
+                     "the log to give its room back")
+            back = free_bytes(tight_fs) - full
+            assert back >= grown - MiB, (back, grown)   # the commit's metadata aside
+            free_again(os.path.join(tight_fs, "filler"))
+            for i in range(64, 80):
+                dev.pwrite(block(i), i * BLOCK)
+                dev.flush()
+    with Pool.open(path) as pool, pool.open_device("v") as dev:
+        for i in range(80):
             assert dev.pread(i * BLOCK, BLOCK) == block(i), i
     cli("--pool", path, "check")
 

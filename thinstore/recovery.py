@@ -38,6 +38,7 @@ class Recovery:
                             "record(s)", self.path, replayed)
             if recovered or replayed:
                 self.commit()
+            self._log.live = True       # nothing past the tail is needed any more
         except BaseException:
             self._closed = True
             self._stop.set()

@@ -107,6 +107,7 @@ class SyncLog:
         self.base = base
         self.extent = fio.size()        # bytes of the file already written (zeros or records)
         self.cap = None                 # the size the file may reach this epoch (logroom.py)
+        self.live = False               # opened, replayed and folded: tighten() may cut
         self.synced = 0                 # every byte appended before this is durable
         self._sync = threading.Lock()
         # fdatasync where the storage backend has it, else its fsync
@@ -346,6 +347,29 @@ class SyncLog:
             return end <= self.extent
         return True
 
+    def tighten(self, pool) -> None:
+        """From the writeback timer (unlocked; a statvfs when nothing is to do): if the
+        host file system is now too tight for the file's extent (the cap measured
+        again is below it), lower the cap and cut the file to the larger of the tail
+        and the cap. Only zeros lie past the tail (every record written or in flight
+        is before it, and appends wait on the mutex), so nothing of the epoch is lost;
+        the next commit cuts the rest. Not before the pool's open has replayed and
+        folded the log (`live`): until then, records past the tail may be replayed."""
+        if not self.live:
+            return
+        free = logroom.host_free(self.fio)
+        if logroom.cap(free, self.extent, MAX_BYTES, GROW_STEP) >= self.extent:
+            return
+        with pool.lock.shared:
+            if pool._closed:
+                return
+            with self._append:
+                self._measure(again=True)
+                keep = max(self.tail, self.cap)
+                if keep < self.extent:
+                    self._cut(keep)
+                self._limits()
+
     def _trim(self) -> None:
         """After a commit's discard (no record write in flight): a file larger than the
         new cap is cut to it, and the space goes back to the host file system. A crash
@@ -353,12 +377,18 @@ class SyncLog:
         if self.extent <= self.cap:
             return
         try:
-            self.fio.truncate(self.cap)
+            self._cut(self.cap)
         except OSError as e:
             log.warning("intent log: could not shrink to %d bytes: %s", self.cap, e)
-            return
-        self.extent = self.cap
+
+    def _cut(self, size: int) -> None:
+        """Truncate the file to `size` and sync that: a journaling file system (ext4)
+        reuses the blocks a truncate frees only once its journal has committed it,
+        otherwise seconds later, and the space is wanted now."""
+        self.fio.truncate(size)
+        self.extent = size
         self._counts["trims"] += 1
+        self._datasync()
 
     def _grow(self, want: int) -> None:
         """Write zeros from the log's extent up to `want` (rounded up to GROW_STEP), and

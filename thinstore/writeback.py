@@ -49,6 +49,7 @@ class Writeback:
         due = time.monotonic() + interval
         while not self._stop.wait(min(_POLL, interval)):
             self._garbage = None        # freed here, not under the lock (Pool.commit)
+            self._log_tighten()
             if time.monotonic() < due and not self._log_filling():
                 continue
             self._presync()
@@ -87,6 +88,19 @@ class Writeback:
         synclog = self._log
         # an empty epoch never: with the log off (cap 0) the timer keeps its interval
         return synclog is not None and 0 < synclog.tail >= LOG_EARLY * synclog.cap
+
+    def _log_tighten(self) -> None:
+        """Give back the intent log's file past its tail once the host file system is
+        too tight for it (SyncLog.tighten), even while the pool is idle: the space may
+        be taken by another writer, and the pool's next write must not fail for want
+        of blocks the log holds as zeros."""
+        synclog = self._log
+        if synclog is None or self._closed:
+            return
+        try:
+            synclog.tighten(self)
+        except (OSError, ThinstoreError) as e:      # closed meanwhile: nothing to give
+            log.debug("intent log not tightened: %s", e)
 
     def _written_since_commit(self) -> bool:
         """Unlocked: has anything been written since the last commit? Native lane writes
