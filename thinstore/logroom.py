@@ -32,8 +32,13 @@ before this rule.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+
+from .units import format_size
+
+log = logging.getLogger("thinstore")
 
 LOG_SHARE = 1 / 8           # the log may take this share of (free space + its own file)
 LOG_FLOOR = 8 << 20         # a share below this turns the log off for the epoch
@@ -65,3 +70,98 @@ def cap(free: int | None, held: int, most: int, step: int) -> int:
         return most
     share = int((free + held) * LOG_SHARE) // step * step
     return 0 if share < LOG_FLOOR else min(share, most)
+
+
+class LogRoom:
+    """SyncLog's room (a mixin, as Pool's are): the cap measured, the file grown within
+    it, and cut back. Reaches SyncLog's fio, extent, cap, tail, live, _append,
+    _counts, _datasync, _grow, _limits, _cap_for (MAX_BYTES stays synclog's) and
+    _AHEAD (how far ahead of the tail the file is grown)."""
+
+    def _measure(self, again: bool = False) -> None:
+        """The cap from the host file system's free space now: the epoch's at its
+        start; `again` (at a growth, or the timer's look) may only lower it. Says so in
+        the log when the log turns off (or on again): FLUSHes become (stop being)
+        commits."""
+        free = host_free(self.fio)
+        was, cap = self.cap, self._cap_for(free)
+        self.cap = min(self.cap, cap) if again else cap
+        if (was == 0) != (self.cap == 0):       # was is None at open: said quietly
+            if self.cap:
+                log.info("intent log on again: it may grow to %s", format_size(self.cap))
+            else:
+                log.log(logging.INFO if was is None else logging.WARNING,
+                        "intent log off: %s free on the file system that holds it; FLUSHes "
+                        "are full commits until about %s are", format_size(free),
+                        format_size(int(LOG_FLOOR / LOG_SHARE)))
+
+    def _make_room(self, end: int) -> bool:
+        """Grow the file for a record ending at `end`: `_AHEAD` bytes (two growth
+        steps) ahead of it where the cap (measured again now) allows, at least to
+        `end`. A growth the host file system refuses for want of room (FULL) is undone
+        and lowers the cap to the extent: True only if the record fits in what the
+        file holds already."""
+        self._measure(again=True)
+        if end > self.cap:
+            return False
+        want = min(end + self._AHEAD, self.cap)
+        if want <= self.extent:
+            return True
+        try:
+            self._grow(want)
+        except OSError as e:
+            if e.errno not in FULL:
+                raise
+            self._counts["grow_failures"] += 1
+            log.warning("intent log: no room to grow to %d bytes (%s); until the next "
+                        "commit, flushes it cannot hold are full commits", want, e.strerror)
+            try:        # the zeros written past the extent: no record is there
+                self.fio.truncate(self.extent)
+            except OSError:
+                pass
+            self.cap = min(self.cap, self.extent)
+            return end <= self.extent
+        return True
+
+    def tighten(self, pool) -> None:
+        """From the writeback timer (unlocked; a statvfs when nothing is to do): if the
+        host file system is now too tight for the file's extent (the cap measured
+        again is below it), lower the cap and cut the file to the larger of the tail
+        and the cap. Only zeros lie past the tail (every record written or in flight
+        is before it, and appends wait on the mutex), so nothing of the epoch is lost;
+        the next commit cuts the rest. Not before the pool's open has replayed and
+        folded the log (`live`): until then, records past the tail may be replayed."""
+        if not self.live:
+            return
+        free = host_free(self.fio)
+        if self._cap_for(free) >= self.extent:
+            return
+        with pool.lock.shared:
+            if pool._closed:
+                return
+            with self._append:
+                self._measure(again=True)
+                keep = max(self.tail, self.cap)
+                if keep < self.extent:
+                    self._cut(keep)
+                self._limits()
+
+    def _trim(self) -> None:
+        """After a commit's discard (no record write in flight): a file larger than the
+        new cap is cut to it, and the space goes back to the host file system. A crash
+        before or during the truncate is harmless: what it cuts is an older epoch's."""
+        if self.extent <= self.cap:
+            return
+        try:
+            self._cut(self.cap)
+        except OSError as e:
+            log.warning("intent log: could not shrink to %d bytes: %s", self.cap, e)
+
+    def _cut(self, size: int) -> None:
+        """Truncate the file to `size` and sync that: a journaling file system (ext4)
+        reuses the blocks a truncate frees only once its journal has committed it,
+        otherwise seconds later, and the space is wanted now."""
+        self.fio.truncate(size)
+        self.extent = size
+        self._counts["trims"] += 1
+        self._datasync()

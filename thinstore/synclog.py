@@ -64,7 +64,6 @@ import threading
 from . import format as fmt
 from . import logroom, native
 from .native import K
-from .units import format_size
 
 log = logging.getLogger("thinstore")
 
@@ -98,8 +97,11 @@ def log_records(store, sb) -> int:
         fio.close()
 
 
-class SyncLog:
-    """The log of one open pool: noted ranges, the epoch's tail, and group fdatasync."""
+class SyncLog(logroom.LogRoom):
+    """The log of one open pool: noted ranges, the epoch's tail, and group fdatasync;
+    its room on the host file system is logroom.LogRoom's."""
+
+    _AHEAD = 2 * GROW_STEP      # the file is grown this far past a record's end
 
     def __init__(self, fio, base: fmt.LogBase):
         self.fio = fio
@@ -177,21 +179,10 @@ class SyncLog:
         cur.room = 0 if closed else max(0, min(self.extent - 2 * GROW_STEP, self.cap))
         cur.max_batch = MAX_BATCH
 
-    def _measure(self, again: bool = False) -> None:
-        """The cap from the host file system's free space now (logroom.py): the
-        epoch's at its start; `again` (at a growth) may only lower it. Says so in the
-        log when the log turns off (or on again): FLUSHes become (stop being) commits."""
-        free = logroom.host_free(self.fio)
-        was, cap = self.cap, logroom.cap(free, self.extent, MAX_BYTES, GROW_STEP)
-        self.cap = min(self.cap, cap) if again else cap
-        if (was == 0) != (self.cap == 0):       # was is None at open: said quietly
-            if self.cap:
-                log.info("intent log on again: it may grow to %s", format_size(self.cap))
-            else:
-                log.log(logging.INFO if was is None else logging.WARNING,
-                        "intent log off: %s free on the file system that holds it; FLUSHes "
-                        "are full commits until about %s are", format_size(free),
-                        format_size(int(logroom.LOG_FLOOR / logroom.LOG_SHARE)))
+    def _cap_for(self, free: int | None) -> int:
+        """logroom.cap for this log: `free` bytes free on the host, its file's extent,
+        MAX_BYTES (read here, at each call) and GROW_STEP."""
+        return logroom.cap(free, self.extent, MAX_BYTES, GROW_STEP)
 
     # ------------------------------------------------------------ noting
     def note(self, dev_id: int, offset: int, length: int) -> None:
@@ -319,76 +310,6 @@ class SyncLog:
         self._counts["records"] += 1
         self._counts["record_bytes"] += len(record)
         return self.appended
-
-    def _make_room(self, end: int) -> bool:
-        """Grow the file for a record ending at `end`: two steps ahead of it where the
-        cap (measured again now) allows, at least to `end`. A growth the host file
-        system refuses for want of room (logroom.FULL) is undone and lowers the cap to
-        the extent: True only if the record fits in what the file holds already."""
-        self._measure(again=True)
-        if end > self.cap:
-            return False
-        want = min(end + 2 * GROW_STEP, self.cap)
-        if want <= self.extent:
-            return True
-        try:
-            self._grow(want)
-        except OSError as e:
-            if e.errno not in logroom.FULL:
-                raise
-            self._counts["grow_failures"] += 1
-            log.warning("intent log: no room to grow to %d bytes (%s); until the next "
-                        "commit, flushes it cannot hold are full commits", want, e.strerror)
-            try:        # the zeros written past the extent: no record is there
-                self.fio.truncate(self.extent)
-            except OSError:
-                pass
-            self.cap = min(self.cap, self.extent)
-            return end <= self.extent
-        return True
-
-    def tighten(self, pool) -> None:
-        """From the writeback timer (unlocked; a statvfs when nothing is to do): if the
-        host file system is now too tight for the file's extent (the cap measured
-        again is below it), lower the cap and cut the file to the larger of the tail
-        and the cap. Only zeros lie past the tail (every record written or in flight
-        is before it, and appends wait on the mutex), so nothing of the epoch is lost;
-        the next commit cuts the rest. Not before the pool's open has replayed and
-        folded the log (`live`): until then, records past the tail may be replayed."""
-        if not self.live:
-            return
-        free = logroom.host_free(self.fio)
-        if logroom.cap(free, self.extent, MAX_BYTES, GROW_STEP) >= self.extent:
-            return
-        with pool.lock.shared:
-            if pool._closed:
-                return
-            with self._append:
-                self._measure(again=True)
-                keep = max(self.tail, self.cap)
-                if keep < self.extent:
-                    self._cut(keep)
-                self._limits()
-
-    def _trim(self) -> None:
-        """After a commit's discard (no record write in flight): a file larger than the
-        new cap is cut to it, and the space goes back to the host file system. A crash
-        before or during the truncate is harmless: what it cuts is an older epoch's."""
-        if self.extent <= self.cap:
-            return
-        try:
-            self._cut(self.cap)
-        except OSError as e:
-            log.warning("intent log: could not shrink to %d bytes: %s", self.cap, e)
-
-    def _cut(self, size: int) -> None:
-        """Truncate the file to `size` and sync that: a journaling file system (ext4)
-        reuses the blocks a truncate frees only once its journal has committed it,
-        otherwise seconds later, and the space is wanted now."""
-        self.fio.truncate(size)
-        self.extent = size
-        self._counts["trims"] += 1
-        self._datasync()
 
     def _grow(self, want: int) -> None:
         """Write zeros from the log's extent up to `want` (rounded up to GROW_STEP), and
