@@ -66,7 +66,8 @@ def cmd_iostat(args) -> int:
 
     names, interval, count = split_operands(args.operands)
     path = pool_path(args)
-    remote = RemotePool.connect(path)
+    from thinstore.cli.context import connect
+    remote = connect(path)
     if remote is None:
         from thinstore.errors import PoolNotFound
         from thinstore.storage import open_store
