@@ -24,7 +24,7 @@ import sys
 from thinstore.errors import ThinstoreError
 
 COMMANDS = ["pool_cmds", "device_cmds", "image_cmds", "serve", "replication", "integrity",
-            "bench", "iostat"]
+            "bench", "iostat", "holds"]
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h: a bug, not the user's mistake
 
