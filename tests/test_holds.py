@@ -103,7 +103,8 @@ def test_the_docker_plugins_volumes_are_held_while_it_serves_and_after(where):
     """destroy and rename of a volume Docker created are refused with exit 5 naming the
     plugin, whether the plugin runs or not; the volume stays, served, with its data; a
     rollback (the documented restore) and everything of the user's own still work; the
-    plugin's own Remove works; destroy --force overrides a Docker hold, saying so."""
+    plugin's own Remove works; destroy --force overrides a Docker hold, saying so. A
+    device made outside Docker is held once Docker Creates it (adopts it)."""
     pool = os.path.join(where, "pool")
     ok(pool, "init", "--capacity", "256M")
     ok(pool, "create", "mine", "--size", "16M")
@@ -129,6 +130,9 @@ def test_the_docker_plugins_volumes_are_held_while_it_serves_and_after(where):
         ok(pool, "rename", "kept@s", "kept@t")
         ok(pool, "destroy", "kept@t")
         ok(pool, "rename", "mine", "yours")               # no frontend's: as before
+        ok(pool, "create", "adopted", "--size", "16M")    # Docker's once it Creates it
+        assert plugin("Create", {"Name": "adopted", "Opts": None}) == {}
+        assert "as volume 'adopted'" in refused(pool, "destroy", "adopted")
         assert plugin("Get", {"Name": "pg"})["Volume"]["Name"] == "pg"
         assert plugin("Remove", {"Name": "pg"}) == {}     # the plugin's own: not refused
         assert "pg" not in names(pool)
@@ -136,7 +140,7 @@ def test_the_docker_plugins_volumes_are_held_while_it_serves_and_after(where):
     refused(pool, "rename", "kept", "other")
     forced = ok(pool, "destroy", "--force", "kept")
     assert "held by the docker volume plugin" in forced.stderr and "--force" in forced.stderr
-    assert names(pool) == {"yours"}
+    assert names(pool) == {"yours", "adopted"}
 
 
 def _containerd_and_csi_records(pool: str) -> None:
