@@ -133,15 +133,17 @@ def cmd_destroy(args) -> int:
 
 
 def _warn_cut_off(name: str, cut) -> None:
-    """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..]}
-    (thinstore/control/guards.py); the user forced it, so it is done, but they should know."""
+    """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..],
+    "held": WHO} (thinstore/control/guards.py; "held": the Docker hold it overrode); the
+    user forced it, so it is done, but they should know."""
     if not isinstance(cut, dict):
         return
-    if cut.get("held"):
-        print(f"thinstore: warning: {name!r} was {cut['held']} and is destroyed (--force): "
-              "the plugin lets go of it, and Docker no longer finds it", file=sys.stderr)
     dropped = cut.get("dropped")
-    if not dropped:
+    if not dropped:                 # (in use, the users named say who lost it)
+        if cut.get("held"):
+            print(f"thinstore: warning: {name!r} was {cut['held']} and is destroyed "
+                  "(--force): the plugin lets go of it, and Docker no longer finds it",
+                  file=sys.stderr)
         return
     users = "; ".join(cut.get("users") or [])
     print(f"thinstore: warning: {name!r} was in use and is destroyed (--force): its "
@@ -197,7 +199,7 @@ def cmd_list(args) -> int:
     with open_pool(args) as pool:
         infos = [pool.info(name) for name in args.names] if args.names else pool.list()
         pending = pool.status().get("pending_receives") if not args.names else None
-        held = holds.holds_of(pool) if not args.json else []
+        held = holds.holds_of(pool) if not (args.names or args.json) else []
     _note_pending(pending)
     if held:
         note(f"held by frontends (destroy and rename refuse them): {holds.summary(held)}")

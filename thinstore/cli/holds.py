@@ -13,7 +13,7 @@ import sys
 from thinstore.cli.context import open_pool
 from thinstore.cli.names import device_name
 from thinstore.cli.output import print_json, print_table
-from thinstore.errors import DeviceBusy
+from thinstore.errors import DeviceBusy, ProtocolError
 
 
 def register(subparsers) -> None:
@@ -47,7 +47,10 @@ def holds_of(pool) -> list:
     read here (a damaged record file is said on stderr and holds nothing)."""
     from thinstore.control import RemotePool
     if isinstance(pool, RemotePool):
-        return pool.holds()
+        try:
+            return pool.holds()
+        except ProtocolError:          # a server of an older thinstore: it knows no holds
+            return []
     from thinstore.frontends.holds import recorded
     devices = {d.name: d.uuid for d in pool.list()}
     found, problems = recorded(pool.local_dir, devices)
