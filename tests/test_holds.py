@@ -217,3 +217,16 @@ def test_a_damaged_record_file_is_said_and_holds_nothing(where):
         f.write("thinstore-csi-state 2 3 00000000\n{}\n")
     done = ok(pool, "destroy", "csi.v")
     assert "warning" in done.stderr and "checksum" in done.stderr, done.stderr
+
+
+def test_a_docker_entry_holds_its_device_under_the_name_it_has_now():
+    """A volume renamed before holds existed (the registry follows it by uuid) is held
+    under its new name; an entry still "creating" holds its name; a stale entry whose
+    device is gone holds nothing, so a new device under that name is free."""
+    from thinstore.frontends.holds import docker_holds
+    held = docker_holds({"old": {"uuid": "u1"}, "making": {"uuid": None},
+                         "gone": {"uuid": "u9"}},
+                        {"new": "u1", "making": "u2", "gone": "u3"})
+    assert {h.device: h.what for h in held} == {"new": "volume 'new'",
+                                                "making": "volume 'making'"}
+    assert all(h.blocks == ("destroy", "rename", "shrink") for h in held)

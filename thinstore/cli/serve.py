@@ -160,8 +160,7 @@ def cmd_serve(args) -> int:
                 frontend = frontends.load(name)(context, args)
                 running.append(frontend)
                 frontend.start()
-                if type(frontend).holds is not frontends.Frontend.holds:
-                    control.hold_sources[name] = frontend.holds
+                control.hold_sources[name] = frontend.holds
             announce(sock, bound, config.tls_context is not None, control.path,
                      [d.name for d in pool.list()])
             for frontend in running:

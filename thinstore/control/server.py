@@ -55,9 +55,9 @@ class ControlServer(Guards):
         #: busy volume is done: it lets go of what it held of the volume and returns who
         #: lost it (str, for the caller's warning) or None
         self.busy_reasons: list = []
-        #: frontend name -> callable DEVICES (name -> uuid) -> [Hold]: a running frontend's
-        #: holds from its live records; a frontend not in it holds what its state file at
-        #: the default place says (thinstore/frontends/holds.py)
+        #: frontend name -> callable DEVICES (name -> uuid) -> [Hold] | None: a running
+        #: frontend's holds from its live records; one not in it, or answering None, holds
+        #: what its state file at the default place says (thinstore/frontends/holds.py)
         self.hold_sources: dict = {}
 
     def listen(self, path: str | None = None) -> str:
@@ -172,9 +172,13 @@ class ControlServer(Guards):
         damaged state file holds nothing and is logged."""
         from thinstore.frontends.holds import recorded
         devices = {d.name: d.uuid for d in self.pool.list()}
-        sources = dict(self.hold_sources)
-        found = [h for source in sources.values() for h in source(devices)]
-        more, problems = recorded(self.pool.local_dir, devices, skip=sources)
+        found, live = [], set()
+        for name, source in list(self.hold_sources.items()):
+            answer = source(devices)
+            if answer is not None:
+                found += answer
+                live.add(name)
+        more, problems = recorded(self.pool.local_dir, devices, skip=live)
         for problem in problems:
             log.warning("holds: %s", problem)
         return found + more
