@@ -183,6 +183,10 @@ def _containerd_and_csi_holds_refuse(pool: str) -> None:
     ok(pool, "snapshot", "csi.vol-1@mine")
     assert "roll back" in refused(pool, "rollback", "csi.vol-1@mine")
     refused(pool, "resize", "csi.vol-1", "8M", "--shrink")
+    stream = os.path.join(os.path.dirname(pool), "stream")
+    ok(pool, "send", "csi.vol-1@mine", "-o", stream)
+    assert "cannot receive into 'csi.vol-1'" in refused(pool, "receive", "csi.vol-1",
+                                                       "-i", stream, "--force")
     ok(pool, "resize", "csi.vol-1", "32M")                  # a grow is no harm
     ok(pool, "destroy", "csi.vol-1@mine")
     ok(pool, "destroy", "ctd-9")
@@ -205,7 +209,7 @@ def test_the_snapshotters_and_csi_records_hold_offline_and_through_a_server(wher
         held = json.loads(ok(pool, "holds", "--json", "ctd-2").stdout)["holds"]
         assert held == [{"device": "ctd-2", "holder": "snapshotter",
                          "what": "active snapshot 'default/2/ctr'",
-                         "blocks": ["destroy", "rename", "rollback", "shrink"]}]
+                         "blocks": ["destroy", "rename", "rollback", "shrink", "receive"]}]
 
 
 def test_a_damaged_record_file_is_said_and_holds_nothing(where):

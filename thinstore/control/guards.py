@@ -29,9 +29,10 @@ RELEASE_POLLS = 50        # x 0.1 s: connections of a hold a frontend let go of 
 class Guards:
     """ControlServer's guarded management ops (see the module docstring)."""
 
-    def _refuse_held(self, name: str, op: str, force: bool = False):
-        """DeviceBusy if a frontend's hold on ``name`` refuses ``op`` (and ``force`` does
-        not override it); else the overridden hold or None."""
+    def refuse_held(self, name: str, op: str, force: bool = False):
+        """DeviceBusy if a frontend's hold on ``name`` refuses ``op`` (of holds.ALL_OPS;
+        ``force`` overrides a hold that allows it); else the overridden hold or None.
+        Also for online.py's receive."""
         from thinstore.frontends.holds import blocking
         hold = blocking(self.holds(), name, op)
         if hold is not None and not (force and hold.forceable):
@@ -40,7 +41,7 @@ class Guards:
 
     def _op_destroy(self, name: str, force: bool = False):
         self.pool.info(name)              # a missing device is "no such device", not held
-        hold = self._refuse_held(name, "destroy", force)
+        hold = self.refuse_held(name, "destroy", force)
         if self.readers.get(name):        # its chunks must not be reused under a reader
             raise DeviceBusy(f"{name!r} is being read by an online send: "
                              "wait for it to finish (even --force waits)")
@@ -80,7 +81,7 @@ class Guards:
         """Refused while clients use the volume: its content would change under them."""
         volume = snapshot.split("@", 1)[0]
         self.pool.info(snapshot)          # a missing snapshot is "no such device", not busy
-        self._refuse_held(volume, "rollback")
+        self.refuse_held(volume, "rollback")
         busy, reason = self._in_use(volume)
         if busy:
             raise DeviceBusy(reason or
@@ -97,7 +98,7 @@ class Guards:
         names = [old] + ([] if info.kind == "snapshot" else
                          [d.name for d in self.pool.list() if d.name.startswith(old + "@")])
         for name in names:
-            self._refuse_held(name, "rename")
+            self.refuse_held(name, "rename")
         for name in names:
             busy, reason = self._in_use(name)
             if busy:
@@ -109,7 +110,7 @@ class Guards:
         """A shrink is refused while clients use the device, as a rollback is: the end
         of what they see would vanish under them (a grow is not: it only adds)."""
         if shrink and size < self.pool.info(name).size:
-            self._refuse_held(name, "shrink")
+            self.refuse_held(name, "shrink")
             busy, reason = self._in_use(name)
             if busy:
                 raise DeviceBusy(reason or f"{name!r} has {busy} open NBD connection(s): "

@@ -17,9 +17,11 @@ believes of it:
     destroy, rename       every hold (a volume's snapshots follow a rename: a held one
                           refuses the volume's rename too)
     resize --shrink       every hold (a file system or a layer spans the device)
-    rollback              containerd and CSI holds; not Docker's: restoring a stopped
+    rollback, receive     containerd and CSI holds; not Docker's: restoring a stopped
                           container's volume to a snapshot is the plugin's documented use
-                          (a mounted volume stays refused by the mount, control/guards.py)
+                          (a mounted volume stays refused by the mount, control/guards.py);
+                          a receive into an existing volume replaces its content as a
+                          rollback does
 
 ``destroy --force`` overrides only a Docker hold: the plugin lets go of its mount and
 Docker sees the volume gone, as before holds. A containerd layer or a Kubernetes volume
@@ -48,10 +50,10 @@ WHY = {"docker": "Docker and the containers made with it know it by this name",
 RELEASE = {"docker": "remove it through Docker ('docker volume rm {volume}')",
            "snapshotter": "remove it through containerd ('ctr snapshots rm KEY')",
            "csi": "delete it through Kubernetes (its PersistentVolumeClaim or VolumeSnapshot)"}
-ALL_OPS = ("destroy", "rename", "rollback", "shrink")
+ALL_OPS = ("destroy", "rename", "rollback", "shrink", "receive")
 BLOCKS = {"docker": ("destroy", "rename", "shrink"), "snapshotter": ALL_OPS, "csi": ALL_OPS}
 _VERBS = {"destroy": "destroy", "rename": "rename", "rollback": "roll back",
-          "shrink": "shrink"}
+          "shrink": "shrink", "receive": "receive into"}
 
 #: holder -> (its state file under the pool's directory, the file's magic)
 RECORDS = {"docker": ("docker/volumes.json", "thinstore-docker-volumes"),
