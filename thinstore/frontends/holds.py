@@ -55,11 +55,21 @@ BLOCKS = {"docker": ("destroy", "rename", "shrink"), "snapshotter": ALL_OPS, "cs
 _VERBS = {"destroy": "destroy", "rename": "rename", "rollback": "roll back",
           "shrink": "shrink", "receive": "receive into"}
 
-#: holder -> (its state file under the pool's directory, the file's magic)
-RECORDS = {"docker": ("docker/volumes.json", "thinstore-docker-volumes"),
-           "snapshotter": ("containerd/snapshots.json", "thinstore-containerd-snapshots"),
-           "csi": ("csi/state", "thinstore-csi-state")}
-_LEGACY_KEYS = {"docker": "volumes", "snapshotter": "body", "csi": None}
+#: holder -> its state file under the pool's directory (each frontend's default)
+RECORDS = {"docker": "docker/volumes.json", "snapshotter": "containerd/snapshots.json",
+           "csi": "csi/state"}
+
+
+def _kind(holder: str) -> tuple[str, str | None]:
+    """(magic, key of the version-1 layout) of ``holder``'s state file, from its module."""
+    if holder == "docker":
+        from thinstore.frontends.docker.registry import MAGIC
+        return MAGIC, "volumes"
+    if holder == "snapshotter":
+        from thinstore.frontends.containerd.store import MAGIC
+        return MAGIC, "body"
+    from thinstore.frontends.csi.state import MAGIC
+    return MAGIC, None
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,7 @@ def recorded(pool_dir: str, devices: dict, skip=()) -> tuple[list[Hold], list[st
     ``skip`` (those running say their own). A damaged file holds nothing and is named in
     ``problems``: its frontend refuses to start until someone looks at it anyway."""
     holds, problems = [], []
-    for holder, (relative, magic) in RECORDS.items():
+    for holder, relative in RECORDS.items():
         if holder in skip:
             continue
         path = os.path.join(pool_dir, relative)
@@ -175,7 +185,8 @@ def recorded(pool_dir: str, devices: dict, skip=()) -> tuple[list[Hold], list[st
             problems.append(f"{path}: {exc.strerror}")
             continue
         try:
-            data = statefile.decode(raw, magic, path, _LEGACY_KEYS[holder])
+            magic, legacy_key = _kind(holder)
+            data = statefile.decode(raw, magic, path, legacy_key)
             holds += from_records(holder, data, devices)
         except (statefile.StateFileError, AttributeError, KeyError, TypeError) as exc:
             problems.append(f"{exc}" if isinstance(exc, statefile.StateFileError)
