@@ -62,7 +62,6 @@ def _is_number(text: str) -> bool:
 
 def cmd_iostat(args) -> int:
     from thinstore.cli.context import pool_path
-    from thinstore.control import RemotePool
 
     names, interval, count = split_operands(args.operands)
     path = pool_path(args)

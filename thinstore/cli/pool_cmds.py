@@ -187,7 +187,6 @@ def cmd_grow(args) -> int:
 
 def cmd_upgrade(args) -> int:
     from thinstore import Pool
-    from thinstore.control import RemotePool
     from thinstore.format import VERSION
 
     path = pool_path(args)
