@@ -1,0 +1,191 @@
+"""The NBD project's reference test client (nbd-tester-client, from NetworkBlockDevice/nbd's
+tests/run) against ``thinstore serve``: the tests the NBD project runs its own server
+through, with thinstore as the server.
+
+- integrity (``-i -t TRACE``): replays a recorded trace of reads, writes (up to 47.5 MiB in
+  one request in the huge trace), FUA writes and FLUSHes, many in flight at once; every
+  block read must hold what the last completed write put there (zeros where none did).
+  On a fresh volume, and on a clone of a snapshot whose chunks all hold other data, so
+  that every write copies on write; the snapshot and the clone's blocks the trace did not
+  write must then still hold the old data.
+- read-only (``-w -F``): the write throughput test on a snapshot must get an error reply,
+  which is what the client's ``rowrite`` test expects of a read-only export.
+- oversize (``-o``), handshake (``-h``), and the write and write-with-flushes throughput
+  modes (``-w``, ``-w -f``) on a fresh volume, whose data is then checked.
+
+The binary: $THINSTORE_NBD_TESTER, else nbd-tester-client on PATH, with the release's
+integrity traces (integrity-test.tr, integrityhuge-test.tr) in its directory, as
+tools/build_nbd_tester.sh DIR leaves them. CI builds it so; where that build could not
+run, CI sets $THINSTORE_NBD_TESTER_UNAVAILABLE to the reason and these tests skip with it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+
+from nbd_helpers import MiB, ServeProcess, cli, new_pool_dir
+
+pytestmark = pytest.mark.integration
+
+SIZE = 50 * MiB                 # the export size the NBD project's integrity tests use
+BLOCK = 512                     # the client's unit of checking
+TRACES = {"normal": "integrity-test.tr", "huge": "integrityhuge-test.tr"}
+REQUEST = struct.Struct(">IIQQI")    # magic, type, cookie, offset, length (NBD request)
+REQUEST_MAGIC, REPLY_MAGIC, REPLY_SIZE = 0x25609513, 0x67446698, 16
+CMD_READ, CMD_WRITE = 0, 1
+
+
+def client_path() -> str:
+    reason = os.environ.get("THINSTORE_NBD_TESTER_UNAVAILABLE")
+    if reason:
+        pytest.skip(f"nbd-tester-client unavailable: {reason}")
+    path = os.environ.get("THINSTORE_NBD_TESTER") or shutil.which("nbd-tester-client")
+    if not path:
+        pytest.skip("nbd-tester-client not found: set THINSTORE_NBD_TESTER "
+                    "(tools/build_nbd_tester.sh DIR builds it)")
+    assert os.access(path, os.X_OK), f"THINSTORE_NBD_TESTER={path} is not executable"
+    return path
+
+
+def trace(kind: str) -> str:
+    path = os.path.join(os.path.dirname(client_path()), TRACES[kind])
+    if not os.path.exists(path):
+        pytest.skip(f"{TRACES[kind]} is not beside the client (tools/build_nbd_tester.sh "
+                    f"puts it there)")
+    return path
+
+
+def run_client(sock: str, export: str, *args: str, timeout: float = 300):
+    """The client on export `export`; (exit code, its stdout and stderr together)."""
+    proc = subprocess.run([client_path(), "-u", sock, "-N", export, *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, NBD_TEST_SILENT="1"))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def trace_blocks(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two masks over the export's 512-byte blocks: those the trace writes, and those it
+    reads before any write of the trace reached them (the client expects zeros there).
+    The trace is a sequence of NBD requests and simple-reply headers, as on the wire."""
+    data = open(path, "rb").read()
+    written = np.zeros(SIZE // BLOCK, bool)
+    read_unwritten = np.zeros(SIZE // BLOCK, bool)
+    at = 0
+    while at < len(data):
+        magic = int.from_bytes(data[at:at + 4], "big")
+        if magic == REPLY_MAGIC:
+            at += REPLY_SIZE
+            continue
+        assert magic == REQUEST_MAGIC, f"{path}: unknown record at {at}"
+        _, kind, _, offset, length = REQUEST.unpack_from(data, at)
+        at += REQUEST.size
+        blocks = slice(offset // BLOCK, (offset + length) // BLOCK)
+        if kind & 0xffff == CMD_WRITE:
+            written[blocks] = True
+        elif kind & 0xffff == CMD_READ:
+            read_unwritten[blocks] |= ~written[blocks]
+    return written, read_unwritten
+
+
+def blocks_of(path: str) -> np.ndarray:
+    return np.fromfile(path, np.uint8).reshape(-1, BLOCK)
+
+
+@pytest.fixture(scope="module")
+def server():
+    client_path()
+    with new_pool_dir("1G") as pool:
+        serve = ServeProcess(pool)
+        try:
+            yield pool, os.path.join(pool, "nbd.sock")
+        finally:
+            serve.stop()
+        assert cli("--pool", pool, "check").returncode == 0
+
+
+@pytest.mark.parametrize("kind", TRACES)
+def test_integrity_trace_passes_on_a_fresh_volume(server, kind):
+    pool, sock = server
+    path = trace(kind)
+    cli("--pool", pool, "create", "--size", str(SIZE), f"vol-{kind}")
+    code, out = run_client(sock, f"vol-{kind}", "-i", "-t", path)
+    assert code == 0, out
+    assert "Integrity read test complete" in out, out
+
+
+@pytest.mark.parametrize("kind", TRACES)
+def test_integrity_trace_passes_on_a_clone_and_leaves_the_snapshot_whole(server, kind, tmp_path):
+    """Every chunk of the clone is shared with the snapshot and holds random data, except
+    the blocks the trace reads before writing (zeros, as the client expects): every write
+    copies a shared chunk, keeping the parts it does not cover."""
+    pool, sock = server
+    path = trace(kind)
+    written, zeros = trace_blocks(path)
+    base = np.frombuffer(os.urandom(SIZE), np.uint8).reshape(-1, BLOCK).copy()
+    base[zeros] = 0
+    image = tmp_path / "base.raw"
+    base.tofile(image)
+    cli("--pool", pool, "import", f"base-{kind}", str(image))
+    cli("--pool", pool, "snapshot", f"base-{kind}@gold")
+    cli("--pool", pool, "clone", f"base-{kind}@gold", f"clone-{kind}")
+
+    code, out = run_client(sock, f"clone-{kind}", "-i", "-t", path)
+    assert code == 0, out
+    assert "Integrity read test complete" in out, out
+
+    cli("--pool", pool, "export", f"base-{kind}@gold", str(tmp_path / "snap.raw"))
+    cli("--pool", pool, "export", f"clone-{kind}", str(tmp_path / "clone.raw"))
+    assert np.array_equal(blocks_of(tmp_path / "snap.raw"), base), "the snapshot changed"
+    clone = blocks_of(tmp_path / "clone.raw")
+    kept = ~written
+    assert kept.any() and written.any()
+    assert np.array_equal(clone[kept], base[kept]), \
+        "blocks the trace never wrote lost the snapshot's data in the clone"
+    assert not np.array_equal(clone[written], base[written])
+
+
+def test_snapshot_export_refuses_writes_as_the_client_expects(server, tmp_path):
+    """The client's rowrite test (``-w -F``) passes: the first write gets an error reply.
+    Without -F the same run fails, naming the server's EPERM; the snapshot is unchanged."""
+    pool, sock = server
+    cli("--pool", pool, "create", "--size", str(4 * MiB), "ro")
+    cli("--pool", pool, "snapshot", "ro@s")
+    code, out = run_client(sock, "ro@s", "-w", "-F")
+    assert code == 0, out
+    code, out = run_client(sock, "ro@s", "-w")
+    assert code != 0
+    assert "Received error from server: 1 " in out, out       # 1: EPERM
+    cli("--pool", pool, "export", "ro@s", str(tmp_path / "snap.raw"))
+    assert not np.fromfile(tmp_path / "snap.raw", np.uint8).any()
+
+
+def test_oversize_and_handshake_tests_pass(server):
+    """-o: reads of 1 MiB, 1 MiB + 14 and 2 MiB + 28 bytes are all answered alike;
+    -h: an unknown option gets NBD_REP_ERR_UNSUP and NBD_OPT_ABORT ends the session."""
+    pool, sock = server
+    cli("--pool", pool, "create", "--size", str(8 * MiB), "small")
+    code, out = run_client(sock, "small", "-o")
+    assert code == 0, out
+    assert out.count(": OK") == 3, out
+    code, out = run_client(sock, "small", "-h")
+    assert code == 0, out
+    assert "Handshake test completed. No errors encountered." in out, out
+
+
+@pytest.mark.parametrize("flags", [["-w"], ["-w", "-f"]], ids=["write", "write-flushes"])
+def test_write_throughput_modes_write_the_whole_volume(server, flags, tmp_path):
+    """The throughput modes write 1 KiB of 'X' at every offset, many requests in flight
+    (with -f a FUA write and a FLUSH in every 16); the volume then holds nothing else."""
+    pool, sock = server
+    name = "tp" + "".join(flags).replace("-", "")
+    cli("--pool", pool, "create", "--size", str(4 * MiB), name)
+    code, out = run_client(sock, name, *flags)
+    assert code == 0, out
+    assert "Throughput write test" in out, out
+    cli("--pool", pool, "export", name, str(tmp_path / "out.raw"))
+    assert (np.fromfile(tmp_path / "out.raw", np.uint8) == ord("X")).all()
