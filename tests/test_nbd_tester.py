@@ -12,6 +12,13 @@ through, with thinstore as the server.
   which is what the client's ``rowrite`` test expects of a read-only export.
 - oversize (``-o``), handshake (``-h``), and the write and write-with-flushes throughput
   modes (``-w``, ``-w -f``) on a fresh volume, whose data is then checked.
+- TLS over TCP (the NBD project's ``tls``, ``tlshuge`` and ``tlswrongcert`` tests): both
+  traces through STARTTLS with a client certificate, and a certificate from another CA
+  refused. Skipped when the client was built without GnuTLS.
+
+One ``thinstore serve`` for the module: the pool's unix socket, and TCP on loopback with
+TLS offered (``--tls on``: the unix-socket tests stay plaintext) and client certificates
+checked against a test CA.
 
 The binary: $THINSTORE_NBD_TESTER, else nbd-tester-client on PATH, with the release's
 integrity traces (integrity-test.tr, integrityhuge-test.tr) in its directory, as
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import struct
 import subprocess
 
@@ -30,6 +38,7 @@ import numpy as np
 import pytest
 
 from nbd_helpers import MiB, ServeProcess, cli, new_pool_dir
+from test_nbd_tls import openssl, pki  # noqa: F401  (pki: a fixture, used below)
 
 pytestmark = pytest.mark.integration
 
@@ -61,11 +70,20 @@ def trace(kind: str) -> str:
     return path
 
 
-def run_client(sock: str, export: str, *args: str, timeout: float = 300):
-    """The client on export `export`; (exit code, its stdout and stderr together)."""
-    proc = subprocess.run([client_path(), "-u", sock, "-N", export, *args], capture_output=True,
+def run_client(where, export: str, *args: str, timeout: float = 300):
+    """The client on export `export` of `where` (a unix socket path, or a TCP port on
+    127.0.0.1); (exit code, its stdout and stderr together)."""
+    address = ["-u", where] if isinstance(where, str) else ["127.0.0.1", str(where)]
+    proc = subprocess.run([client_path(), *address, "-N", export, *args], capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ, NBD_TEST_SILENT="1"))
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def need_client_tls() -> None:
+    """Skip unless the client has TLS: without GnuTLS it exits 77 at once on -C."""
+    code, out = run_client("/nonexistent", "x", "-C", "/nonexistent", timeout=30)
+    if code == 77:
+        pytest.skip("nbd-tester-client was built without GnuTLS (libgnutls28-dev)")
 
 
 def trace_blocks(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -97,15 +115,27 @@ def blocks_of(path: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server():
+def served(pki):  # noqa: F811
+    """(pool, unix socket, TCP port with TLS offered, the test CA's directory)."""
     client_path()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tls = ["--tls", "on", "--tls-cert", os.path.join(pki, "server-cert.pem"),
+           "--tls-key", os.path.join(pki, "server-key.pem"),
+           "--tls-ca", os.path.join(pki, "ca-cert.pem")]
     with new_pool_dir("1G") as pool:
-        serve = ServeProcess(pool)
+        serve = ServeProcess(pool, "--listen", str(port), *tls)
         try:
-            yield pool, os.path.join(pool, "nbd.sock")
+            yield pool, os.path.join(pool, "nbd.sock"), port, pki
         finally:
             serve.stop()
         assert cli("--pool", pool, "check").returncode == 0
+
+
+@pytest.fixture
+def server(served):
+    return served[:2]
 
 
 @pytest.mark.parametrize("kind", TRACES)
@@ -189,3 +219,41 @@ def test_write_throughput_modes_write_the_whole_volume(server, flags, tmp_path):
     assert "Throughput write test" in out, out
     cli("--pool", pool, "export", name, str(tmp_path / "out.raw"))
     assert (np.fromfile(tmp_path / "out.raw", np.uint8) == ord("X")).all()
+
+
+def tls_args(pki: str, who: str = "client") -> list:
+    return ["-C", os.path.join(pki, f"{who}-cert.pem"), "-K", os.path.join(pki, f"{who}-key.pem"),
+            "-A", os.path.join(pki, "ca-cert.pem"), "-H", "localhost"]
+
+
+@pytest.mark.parametrize("kind", TRACES)
+def test_integrity_trace_passes_over_tls_on_tcp(served, kind):
+    """The NBD project's tls and tlshuge tests: STARTTLS, the client's certificate
+    checked against the CA, then the trace (a 47.5 MiB write in the huge one)."""
+    need_client_tls()
+    pool, _, port, pki = served
+    path = trace(kind)
+    cli("--pool", pool, "create", "--size", str(SIZE), f"tls-{kind}")
+    code, out = run_client(port, f"tls-{kind}", "-i", "-t", path, *tls_args(pki))
+    assert code == 0, out
+    assert "Integrity read test complete" in out, out
+
+
+def test_a_client_certificate_from_another_ca_is_refused(served, tmp_path):
+    """The tlswrongcert test: a self-signed client certificate does not get in (-F:
+    the client expects the failure), and without -F the client says it could not."""
+    need_client_tls()
+    pool, _, port, pki = served
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "rogue-key.pem", "-out", "rogue-cert.pem",
+            "-days", "2", "-subj", "/CN=client", cwd=str(tmp_path))
+    cli("--pool", pool, "create", "--size", str(4 * MiB), "guarded")
+    rogue = ["-C", str(tmp_path / "rogue-cert.pem"), "-K", str(tmp_path / "rogue-key.pem"),
+             "-A", os.path.join(pki, "ca-cert.pem"), "-H", "localhost"]
+    code, out = run_client(port, "guarded", "-w", "-F", *rogue)
+    assert code == 0, out
+    code, out = run_client(port, "guarded", "-w", *rogue)
+    assert code != 0
+    assert "TLS handshake failed" in out and "Could not open socket" in out, out
+    cli("--pool", pool, "export", "guarded", str(tmp_path / "out.raw"))
+    assert not np.fromfile(tmp_path / "out.raw", np.uint8).any(), "a rogue client wrote"

@@ -9,7 +9,8 @@
 # one test program (tests/run/nbd-tester-client) and copies it to DIR/bin beside the
 # release's two integrity traces (integrity-test.tr, integrityhuge-test.tr), which the
 # tests and benchmarks/nbd_tester.py read from the binary's directory. A second run with the
-# same DIR reuses the build. Needs gcc, make, pkg-config, bison, xz and libglib2.0-dev.
+# same DIR reuses the build. Needs gcc, make, pkg-config, bison, xz and libglib2.0-dev;
+# with libgnutls28-dev the client has TLS (-C/-K/-A), which the TLS tests need.
 #
 # On failure: exit 1, with one line on stderr saying why (CI exports it as the reason
 # tests/test_nbd_tester.py skips).
@@ -70,7 +71,7 @@ cd "$SRC"
 # DB2M=true: this release's configure stops with "don't know what to do here" when
 # docbook2man is absent, even with --disable-manpages; the man pages are never built here
 # (only tests/run is made), so any non-empty DB2M gets past the check.
-DB2M=true ./configure -q --without-gnutls --without-libnl >"$DIR/build.log" 2>&1 ||
+DB2M=true ./configure -q --without-libnl >"$DIR/build.log" 2>&1 ||
     die "configure failed (see $DIR/build.log)"
 make -C tests/run nbd-tester-client >>"$DIR/build.log" 2>&1 ||
     die "make failed (see $DIR/build.log)"
