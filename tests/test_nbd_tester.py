@@ -124,7 +124,7 @@ def served(pki):  # noqa: F811
     tls = ["--tls", "on", "--tls-cert", os.path.join(pki, "server-cert.pem"),
            "--tls-key", os.path.join(pki, "server-key.pem"),
            "--tls-ca", os.path.join(pki, "ca-cert.pem")]
-    with new_pool_dir("1G") as pool:
+    with new_pool_dir("2G") as pool:
         serve = ServeProcess(pool, "--listen", str(port), *tls)
         try:
             yield pool, os.path.join(pool, "nbd.sock"), port, pki
@@ -155,13 +155,7 @@ def test_integrity_trace_passes_on_a_clone_and_leaves_the_snapshot_whole(server,
     copies a shared chunk, keeping the parts it does not cover."""
     pool, sock = server
     path = trace(kind)
-    written, zeros = trace_blocks(path)
-    base = np.frombuffer(os.urandom(SIZE), np.uint8).reshape(-1, BLOCK).copy()
-    base[zeros] = 0
-    image = tmp_path / "base.raw"
-    base.tofile(image)
-    cli("--pool", pool, "import", f"base-{kind}", str(image))
-    cli("--pool", pool, "snapshot", f"base-{kind}@gold")
+    base, written = based_on(pool, kind, f"base-{kind}", tmp_path)
     cli("--pool", pool, "clone", f"base-{kind}@gold", f"clone-{kind}")
 
     code, out = run_client(sock, f"clone-{kind}", "-i", "-t", path)
@@ -177,6 +171,42 @@ def test_integrity_trace_passes_on_a_clone_and_leaves_the_snapshot_whole(server,
     assert np.array_equal(clone[kept], base[kept]), \
         "blocks the trace never wrote lost the snapshot's data in the clone"
     assert not np.array_equal(clone[written], base[written])
+
+
+def based_on(pool: str, kind: str, name: str, tmp_path) -> tuple[np.ndarray, np.ndarray]:
+    """A volume `name` of random data, zeros where the trace reads before writing, and
+    its snapshot NAME@gold; (its 512-byte blocks, the mask of blocks the trace writes)."""
+    written, zeros = trace_blocks(trace(kind))
+    base = np.frombuffer(os.urandom(SIZE), np.uint8).reshape(-1, BLOCK).copy()
+    base[zeros] = 0
+    image = tmp_path / f"{name}.raw"
+    base.tofile(image)
+    cli("--pool", pool, "import", name, str(image))
+    cli("--pool", pool, "snapshot", f"{name}@gold")
+    image.unlink()
+    return base, written
+
+
+def test_four_clients_at_once_on_four_clones_of_one_snapshot(server, tmp_path):
+    """Four connections copying the same shared chunks on write at the same time (one
+    clone each): every trace passes, and each clone keeps the snapshot's data where its
+    trace did not write."""
+    pool, sock = server
+    base, written = based_on(pool, "normal", "shared", tmp_path)
+    names = [f"shared-c{i}" for i in range(4)]
+    for name in names:
+        cli("--pool", pool, "clone", "shared@gold", name)
+    env = dict(os.environ, NBD_TEST_SILENT="1")
+    procs = [subprocess.Popen([client_path(), "-u", sock, "-N", name, "-i", "-t", trace("normal")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for name in names]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    for name in names:
+        cli("--pool", pool, "export", name, str(tmp_path / "clone.raw"))
+        assert np.array_equal(blocks_of(tmp_path / "clone.raw")[~written], base[~written]), name
+    cli("--pool", pool, "export", "shared@gold", str(tmp_path / "snap.raw"))
+    assert np.array_equal(blocks_of(tmp_path / "snap.raw"), base), "the snapshot changed"
 
 
 def test_snapshot_export_refuses_writes_as_the_client_expects(server, tmp_path):
