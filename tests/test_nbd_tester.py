@@ -31,12 +31,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import struct
 import subprocess
 
 import numpy as np
 import pytest
 
+from thinstore.nbd import protocol as P
 from nbd_helpers import MiB, ServeProcess, cli, new_pool_dir
 from test_nbd_tls import openssl, pki  # noqa: F401  (pki: a fixture, used below)
 
@@ -45,9 +45,6 @@ pytestmark = pytest.mark.integration
 SIZE = 50 * MiB                 # the export size the NBD project's integrity tests use
 BLOCK = 512                     # the client's unit of checking
 TRACES = {"normal": "integrity-test.tr", "huge": "integrityhuge-test.tr"}
-REQUEST = struct.Struct(">IIQQI")    # magic, type, cookie, offset, length (NBD request)
-REQUEST_MAGIC, REPLY_MAGIC, REPLY_SIZE = 0x25609513, 0x67446698, 16
-CMD_READ, CMD_WRITE = 0, 1
 
 
 def client_path() -> str:
@@ -96,16 +93,16 @@ def trace_blocks(path: str) -> tuple[np.ndarray, np.ndarray]:
     at = 0
     while at < len(data):
         magic = int.from_bytes(data[at:at + 4], "big")
-        if magic == REPLY_MAGIC:
-            at += REPLY_SIZE
+        if magic == P.SIMPLE_REPLY_MAGIC:
+            at += P.SIMPLE_REPLY.size
             continue
-        assert magic == REQUEST_MAGIC, f"{path}: unknown record at {at}"
-        _, kind, _, offset, length = REQUEST.unpack_from(data, at)
-        at += REQUEST.size
+        assert magic == P.REQUEST_MAGIC, f"{path}: unknown record at {at}"
+        _, _, kind, _, offset, length = P.REQUEST.unpack_from(data, at)
+        at += P.REQUEST.size
         blocks = slice(offset // BLOCK, (offset + length) // BLOCK)
-        if kind & 0xffff == CMD_WRITE:
+        if kind == P.Cmd.WRITE:
             written[blocks] = True
-        elif kind & 0xffff == CMD_READ:
+        elif kind == P.Cmd.READ:
             read_unwritten[blocks] |= ~written[blocks]
     return written, read_unwritten
 
