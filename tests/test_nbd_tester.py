@@ -248,9 +248,11 @@ def test_write_throughput_modes_write_the_whole_volume(server, flags, tmp_path):
     assert (np.fromfile(tmp_path / "out.raw", np.uint8) == ord("X")).all()
 
 
-def tls_args(pki: str, who: str = "client") -> list:
-    return ["-C", os.path.join(pki, f"{who}-cert.pem"), "-K", os.path.join(pki, f"{who}-key.pem"),
-            "-A", os.path.join(pki, "ca-cert.pem"), "-H", "localhost"]
+def tls_args(ca_dir: str, who: str = "client") -> list:
+    """The client's TLS options: `who`'s certificate and key, the test CA, the server's name."""
+    return ["-C", os.path.join(ca_dir, f"{who}-cert.pem"),
+            "-K", os.path.join(ca_dir, f"{who}-key.pem"),
+            "-A", os.path.join(ca_dir, "ca-cert.pem"), "-H", "localhost"]
 
 
 @pytest.mark.parametrize("kind", TRACES)
@@ -258,10 +260,10 @@ def test_integrity_trace_passes_over_tls_on_tcp(served, kind):
     """The NBD project's tls and tlshuge tests: STARTTLS, the client's certificate
     checked against the CA, then the trace (a 47.5 MiB write in the huge one)."""
     need_client_tls()
-    pool, _, port, pki = served
+    pool, _, port, ca_dir = served
     path = trace(kind)
     cli("--pool", pool, "create", "--size", str(SIZE), f"tls-{kind}")
-    code, out = run_client(port, f"tls-{kind}", "-i", "-t", path, *tls_args(pki))
+    code, out = run_client(port, f"tls-{kind}", "-i", "-t", path, *tls_args(ca_dir))
     assert code == 0, out
     assert "Integrity read test complete" in out, out
 
@@ -270,13 +272,13 @@ def test_a_client_certificate_from_another_ca_is_refused(served, tmp_path):
     """The tlswrongcert test: a self-signed client certificate does not get in (-F:
     the client expects the failure), and without -F the client says it could not."""
     need_client_tls()
-    pool, _, port, pki = served
+    pool, _, port, ca_dir = served
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     openssl("req", "-x509", *ec, "-keyout", "rogue-key.pem", "-out", "rogue-cert.pem",
             "-days", "2", "-subj", "/CN=client", cwd=str(tmp_path))
     cli("--pool", pool, "create", "--size", str(4 * MiB), "guarded")
     rogue = ["-C", str(tmp_path / "rogue-cert.pem"), "-K", str(tmp_path / "rogue-key.pem"),
-             "-A", os.path.join(pki, "ca-cert.pem"), "-H", "localhost"]
+             "-A", os.path.join(ca_dir, "ca-cert.pem"), "-H", "localhost"]
     code, out = run_client(port, "guarded", "-w", "-F", *rogue)
     assert code == 0, out
     code, out = run_client(port, "guarded", "-w", *rogue)
