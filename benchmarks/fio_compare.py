@@ -224,7 +224,12 @@ def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
     finally:
         if loop:
             subprocess.run(["losetup", "-d", loop], check=False)
-        subprocess.run(["fusermount3", "-u", mnt], check=False)
+        # the loop device lets go of the file a moment after losetup -d returns: until
+        # then the FUSE mount is busy
+        for _ in range(100):
+            if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
         fuse.wait(30)
 
 
