@@ -407,11 +407,10 @@ int64_t ts_log_record(const ts_pool *pool, const ts_dev *const *devs, const uint
  * The intent log's writer thread (intentlog.c; synclog.py uses it when the log file
  * has a descriptor).  A ticket is the log's count of bytes appended, after a record.
  *   ts_syncer_new(fd, dio_fd)  a writer over the log (fd) and the same file opened
- *                         O_DIRECT|O_DSYNC (dio_fd, or -1): with dio_fd and a Linux
- *                         AIO context, no thread (appends submit direct writes, waits
- *                         reap them); else a writer thread (direct writes, or
- *                         buffered ones and fdatasync).  THINSTORE_LOG_THREAD=1 forces
- *                         the thread.  A direct write refused with EINVAL is redone
+ *                         O_DIRECT|O_DSYNC (dio_fd, or -1): a writer thread (direct
+ *                         writes, or buffered ones and fdatasync); with
+ *                         THINSTORE_LOG_THREAD=0, dio_fd and a Linux AIO context, no
+ *                         thread (appends submit direct writes, waits reap them).  A direct write refused with EINVAL is redone
  *                         buffered with a fdatasync.  NULL with errno set on failure.
  *   ts_syncer_append(s, rec, len, off, ticket)  queue a copy of rec[len] for file
  *                         offset off (both multiples of 512), the record whose

@@ -393,8 +393,8 @@ def log_record(ps, devs: list, dev_ids: list, ranges: list, out) -> int | None:
 
 
 class LogSyncer:
-    """The intent log's writer (_native/intentlog.c): Linux AIO direct writes where
-    `dio_fd` is given and the kernel has an AIO context, else a thread. append(record, offset,
+    """The intent log's writer (_native/intentlog.c): a thread, or with
+    THINSTORE_LOG_THREAD=0 Linux AIO direct writes where `dio_fd` is given. append(record, offset,
     ticket) queues a copy of a record (`ticket`: the log's count of bytes appended
     after it); kick(ticket) asks for every record up to `ticket` and returns at once;
     wait(ticket) returns the durable count (>= ticket) once an attempt begun after the
