@@ -289,7 +289,8 @@ def run_workload(server, wname: str, w: dict, size: int, args, work: str, tag: s
             cleanup()
     uri, cleanup = server.child(f"child-{tag}")
     try:
-        return run_ext4(uri, work, f"{server.name}-{tag}", args.runtime, w.get("job", "fio"))
+        job = w.get("job", "fio")
+        return run_ext4(uri, work, f"{server.name}-{tag}-{job}", args.runtime, job)
     finally:
         cleanup()
 
