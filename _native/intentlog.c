@@ -11,13 +11,14 @@
  * (ts_syncer_append: a copy) and goes on -- the NBD reader sends the write's reply
  * and reads the client's FLUSH while the disk works -- and waits only where
  * durability is owed (ts_syncer_wait).  Two ways to the disk:
- *   - Linux AIO (where the log opens O_DIRECT and the kernel gives an AIO context;
- *     see "Linux AIO" below): the append submits the record as one asynchronous
- *     O_DIRECT|O_DSYNC write; a waiter reaps completions.  No thread, no hand-off.
- *   - A writer thread (elsewhere, or with THINSTORE_LOG_THREAD=1, for tests):
- *     the append queues, a kick wakes the thread, which writes everything queued
- *     with O_DIRECT|O_DSYNC, or buffered writes and one fdatasync where the file
- *     refuses direct I/O.
+ *   - A writer thread (the default): the append queues, a kick wakes the thread,
+ *     which writes everything queued with O_DIRECT|O_DSYNC, or buffered writes and
+ *     one fdatasync where the file refuses direct I/O.
+ *   - Linux AIO (with THINSTORE_LOG_THREAD=0, where the log opens O_DIRECT and the
+ *     kernel gives an AIO context; see "Linux AIO" below): the append submits the
+ *     record as one asynchronous O_DIRECT|O_DSYNC write; a waiter reaps
+ *     completions.  No thread, no hand-off -- but the cache flush of an AIO
+ *     O_DSYNC write runs on a kernel worker (ts_syncer_new says why that lost).
  *
  * Tickets: a ticket is the log's count of bytes appended after a record; it is
  * durable once every record up to it has been written durably.  A waiter needs an
@@ -584,8 +585,14 @@ ts_syncer *ts_syncer_new(int fd, int dio_fd)
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->work, NULL);
     pthread_cond_init(&s->done_cv, NULL);
-    const char *force = getenv("THINSTORE_LOG_THREAD");
-    if (dio_fd >= 0 && !(force && strcmp(force, "1") == 0) &&
+    /* the writer thread unless THINSTORE_LOG_THREAD=0 asks for Linux AIO: an AIO
+     * O_DIRECT|O_DSYNC write on ext4 leaves its cache flush to a kernel worker
+     * (the file system's dio completion queue, shared with every other direct
+     * writer of that file system), whose turn on a busy machine came late: ext4
+     * on nbdfuse with an fsync after each 4K write ran at 544-662 IOPS with AIO
+     * against 903-1203 with the thread (nbdkit-file 916-1028), interleaved */
+    const char *mode = getenv("THINSTORE_LOG_THREAD");
+    if (dio_fd >= 0 && mode && strcmp(mode, "0") == 0 &&
             sys_io_setup(256, &s->ctx) == 0) {
         s->aio = 1;
         s->joined = 1;          /* no thread to join */
@@ -757,14 +764,47 @@ void ts_log_pending(ts_log *l, int64_t delta)
     __atomic_add_fetch(&l->pending, delta, __ATOMIC_SEQ_CST);
 }
 
-#define OWN_MAX 64      /* notes one call of ts_log_own takes (nbd_fast.h TS_NBD_NOTES_MAX) */
+#define OWN_MAX (64 + TS_LOG_SHARED_MAX)   /* notes one record of ts_log_own takes:
+                                              * the caller's (TS_NBD_NOTES_MAX) and the shared */
+
+int ts_log_note(ts_log *l, uint64_t dev_id, uint64_t offset, uint64_t length)
+{
+    if (__atomic_load_n(&l->n_shared, __ATOMIC_RELAXED) >= TS_LOG_SHARED_MAX)
+        return 0;               /* full: a hint read without mu, checked again below */
+    pthread_mutex_lock(l->mu);
+    uint64_t n = l->n_shared;
+    int ok = n < TS_LOG_SHARED_MAX && (n == 0 || l->shared_dev == dev_id);
+    if (ok) {
+        l->shared[2 * n] = offset;
+        l->shared[2 * n + 1] = length;
+        l->shared_dev = dev_id;
+        __atomic_add_fetch(&l->pending, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&l->n_shared, n + 1, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(l->mu);
+    return ok;
+}
+
+uint64_t ts_log_take(ts_log *l, uint64_t *out, uint64_t max)
+{
+    uint64_t n = l->n_shared, k = n < max ? n : max;
+    for (uint64_t i = 0; i < k; i++) {
+        out[3 * i] = l->shared_dev;
+        out[3 * i + 1] = l->shared[2 * i];
+        out[3 * i + 2] = l->shared[2 * i + 1];
+    }
+    if (k < n)
+        memmove(l->shared, l->shared + 2 * k, (n - k) * 2 * sizeof l->shared[0]);
+    __atomic_store_n(&l->n_shared, n - k, __ATOMIC_SEQ_CST);
+    return k;
+}
 
 /* notes[2n] sorted by offset and joined where they overlap or touch, as
  * synclog._merge does, into ranges[3m] (device index 0); returns m. */
 static uint64_t own_ranges(const uint64_t *notes, uint64_t n, uint64_t *ranges)
 {
     uint64_t off[OWN_MAX], len[OWN_MAX];
-    for (uint64_t i = 0; i < n; i++) {            /* insertion sort: n <= 64 */
+    for (uint64_t i = 0; i < n; i++) {            /* insertion sort: n <= OWN_MAX */
         uint64_t o = notes[2 * i], ln = notes[2 * i + 1], j = i;
         while (j && off[j - 1] > o) {
             off[j] = off[j - 1];
@@ -790,15 +830,24 @@ static uint64_t own_ranges(const uint64_t *notes, uint64_t n, uint64_t *ranges)
     return m;
 }
 
-/* Under the gate and mu: the record of notes[2n] appended; 1 with *ticket, or 0. */
+/* Under the gate and mu: the record of notes[2n] and the shared notes appended;
+ * 1 with *ticket, or 0. */
 static int own_append(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
                       const uint64_t *notes, uint64_t n, uint8_t *scratch,
                       uint64_t scratch_len, uint64_t *ticket)
 {
-    if (__atomic_load_n(&l->pending, __ATOMIC_SEQ_CST) != (int64_t)n || !l->room)
+    uint64_t s = l->n_shared, all = n + s;
+    if ((s && l->shared_dev != dev_id) || !l->room ||
+            __atomic_load_n(&l->pending, __ATOMIC_SEQ_CST) != (int64_t)all)
         return 0;
-    uint64_t ranges[3 * OWN_MAX], data = 0;
-    uint64_t m = own_ranges(notes, n, ranges);
+    if (all == 0) {             /* appended by someone else meanwhile */
+        *ticket = l->appended;
+        return 1;
+    }
+    uint64_t joined[2 * OWN_MAX], ranges[3 * OWN_MAX], data = 0;
+    memcpy(joined, l->shared, 2 * s * sizeof joined[0]);
+    memcpy(joined + 2 * s, notes, 2 * n * sizeof joined[0]);
+    uint64_t m = own_ranges(joined, all, ranges);
     for (uint64_t k = 0; k < m; k++)
         data += ranges[3 * k + 2];
     uint64_t head = LOG_HEADER_SIZE + m * LOG_ENTRY_SIZE;
@@ -817,7 +866,9 @@ static int own_append(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
     l->tail += (uint64_t)total;
     l->sequence += 1;
     __atomic_store_n(&l->appended, end, __ATOMIC_SEQ_CST);
-    __atomic_sub_fetch(&l->pending, (int64_t)n, __ATOMIC_SEQ_CST);   /* after appended */
+    /* after appended: SyncLog.flush reads pending, then appended, without mu */
+    __atomic_store_n(&l->n_shared, 0, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&l->pending, (int64_t)all, __ATOMIC_SEQ_CST);
     l->records += 1;
     l->record_bytes += (uint64_t)total;
     *ticket = end;
@@ -828,9 +879,9 @@ int ts_log_own(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
                const uint64_t *notes, uint64_t n, uint8_t *scratch, uint64_t scratch_len,
                uint64_t *ticket)
 {
-    if (n > OWN_MAX || !__atomic_load_n(&l->syncer, __ATOMIC_SEQ_CST))
+    if (n > OWN_MAX - TS_LOG_SHARED_MAX || !__atomic_load_n(&l->syncer, __ATOMIC_SEQ_CST))
         return 0;               /* no log writer yet: Python's first append starts it */
-    if (n == 0) {
+    if (n == 0 && __atomic_load_n(&l->n_shared, __ATOMIC_SEQ_CST) == 0) {
         /* nothing to append: every write noted so far is in a record up to `appended`
          * when none is pending (read before `appended`, which grows first) */
         if (__atomic_load_n(&l->pending, __ATOMIC_SEQ_CST) != 0)

@@ -112,15 +112,19 @@ static int wrote(ts_nbd_conn *c, uint64_t cookie, uint64_t offset, uint32_t leng
     return noted(c, offset, length, t0);
 }
 
-/* A WRITE served: noted (its offset and length; counted pending in the log's
- * cursor at once) and counted; -1. */
+/* A WRITE served: noted and counted; -1.  With the log's cursor the note goes to
+ * its shared notes, where any connection's loop can put it in a record (a FLUSH
+ * may come on another connection); else, or when they cannot take it, to
+ * c->notes for Python, counted pending in the cursor at once. */
 static int noted(ts_nbd_conn *c, uint64_t offset, uint32_t length, int64_t t0)
 {
-    uint64_t k = c->n_notes++;
-    c->notes[2 * k] = offset;
-    c->notes[2 * k + 1] = length;
-    if (c->log)
-        ts_log_pending(c->log, 1);
+    if (!c->log || !ts_log_note(c->log, c->dev_id, offset, length)) {
+        uint64_t k = c->n_notes++;
+        c->notes[2 * k] = offset;
+        c->notes[2 * k + 1] = length;
+        if (c->log)
+            ts_log_pending(c->log, 1);
+    }
     c->since += 1;
     c->started = 0;
     c->stat[3] += 1;
@@ -219,7 +223,7 @@ static int idle(ts_nbd_conn *c)
     if (c->since && c->since == c->gap && c->writable) {
         if (!c->guess)
             c->guess = c->since;
-        if (c->score >= 0 && !c->started && c->n_notes && own(c, &ticket)) {
+        if (c->score >= 0 && !c->started && own(c, &ticket)) {
             c->started = 1;
             c->early = ticket;
         }

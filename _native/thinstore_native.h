@@ -43,7 +43,7 @@
 
 /* Bumped whenever a signature or semantics here changes; native.py refuses a
  * build whose ts_api_version() differs from the one it was written for. */
-#define TS_API_VERSION 16
+#define TS_API_VERSION 17
 
 #define TS_FANOUT 508
 
@@ -407,11 +407,10 @@ int64_t ts_log_record(const ts_pool *pool, const ts_dev *const *devs, const uint
  * The intent log's writer thread (intentlog.c; synclog.py uses it when the log file
  * has a descriptor).  A ticket is the log's count of bytes appended, after a record.
  *   ts_syncer_new(fd, dio_fd)  a writer over the log (fd) and the same file opened
- *                         O_DIRECT|O_DSYNC (dio_fd, or -1): with dio_fd and a Linux
- *                         AIO context, no thread (appends submit direct writes, waits
- *                         reap them); else a writer thread (direct writes, or
- *                         buffered ones and fdatasync).  THINSTORE_LOG_THREAD=1 forces
- *                         the thread.  A direct write refused with EINVAL is redone
+ *                         O_DIRECT|O_DSYNC (dio_fd, or -1): a writer thread (direct
+ *                         writes, or buffered ones and fdatasync); with
+ *                         THINSTORE_LOG_THREAD=0, dio_fd and a Linux AIO context, no
+ *                         thread (appends submit direct writes, waits reap them).  A direct write refused with EINVAL is redone
  *                         buffered with a fdatasync.  NULL with errno set on failure.
  *   ts_syncer_append(s, rec, len, off, ticket)  queue a copy of rec[len] for file
  *                         offset off (both multiples of 512), the record whose
@@ -460,16 +459,33 @@ void ts_syncer_free(ts_syncer *s);
  *   head[64]    the header of the epoch's records with sequence 0 (magic, version,
  *               base), packed by synclog.py whenever the base changes
  *   records, record_bytes  the records the loop appended (counters)
+ *   shared[2 * n_shared], shared_dev   the shared notes: (offset, length) of
+ *               writes the NBD loops of every connection served on device
+ *               shared_dev and not yet in an appended record; under mu, counted
+ *               in pending.  A client with several connections (nbdfuse, the
+ *               kernel's nbd driver with multi-conn) sends a FLUSH on one
+ *               connection for writes it sent on others: with the notes here,
+ *               that connection's loop can still put them in its own record
+ *               (ts_log_own) instead of handing the FLUSH to Python
+ * ts_log_note(l, dev_id, offset, length): add a served write to the shared notes
+ * (and to pending): 1; 0 with nothing changed when they are full or hold another
+ * device's writes (the caller keeps the note itself, as before).
+ * ts_log_take(l, out, max): under mu (the caller holds it: SyncLog's record or
+ * commit): move up to max shared notes to out[3k] = (dev_id, offset, length),
+ * oldest first, and return how many; pending is unchanged (the caller counts
+ * them off once they are in its record, or committed).
  * ts_log_own(l, p, dev, dev_id, notes, n, scratch, len, &ticket): under the gate
  * (a lane read's side: no write runs) and mu, when the only writes pending are
- * the n (offset, length) pairs of notes[2n] on dev (id dev_id), append one record
- * of them (built in scratch[len], ts_log_record) and start its write; with n = 0,
+ * the n (offset, length) pairs of notes[2n] on dev (id dev_id) and the shared
+ * notes (which must then be dev_id's too), append one record of them all (built
+ * in scratch[len], ts_log_record) and start its write; with nothing to append,
  * only check that nothing is pending.  1 with *ticket set (durable once
  * ts_syncer_wait(ticket) says so: every write noted so far is in a record up to
  * it), 0 when Python must do it (others' writes pending, the gate closed, no
  * room, a record too large or not buildable in C); never an error: Python's
  * path then meets the same one and reports it.
  */
+#define TS_LOG_SHARED_MAX 64
 typedef struct ts_log {
     ts_syncer *syncer;
     void *mu;
@@ -477,12 +493,16 @@ typedef struct ts_log {
     uint64_t appended, tail, sequence, room, max_batch;
     uint8_t head[64];
     uint64_t records, record_bytes;
+    uint64_t n_shared, shared_dev;
+    uint64_t shared[128];
 } ts_log;
 ts_log *ts_log_new(ts_syncer *s);
 void ts_log_free(ts_log *l);
 void ts_log_lock(ts_log *l);
 void ts_log_unlock(ts_log *l);
 void ts_log_pending(ts_log *l, int64_t delta);
+int ts_log_note(ts_log *l, uint64_t dev_id, uint64_t offset, uint64_t length);
+uint64_t ts_log_take(ts_log *l, uint64_t *out, uint64_t max);
 int ts_log_own(ts_log *l, ts_pool *p, const ts_dev *dev, uint64_t dev_id,
                const uint64_t *notes, uint64_t n, uint8_t *scratch, uint64_t scratch_len,
                uint64_t *ticket);

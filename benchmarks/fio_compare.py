@@ -28,7 +28,9 @@ Workloads, over unix sockets with fio's nbd engine unless said otherwise:
   depth; qemu's qcow2 backing chain looks each cluster up level by level. nbdkit's
   file plugin has no snapshots and shows "-";
 - ext4 on a fresh COW child (nbdfuse + a loop device, made with mkfs.ext4 each round):
-  fio's 4K random writes into a file with ``--fsync=1``, a database's pattern;
+  fio's 4K random writes into a file with ``--fsync=1``, a database's pattern; and
+  sqlite inserts of 100-byte rows, each its own transaction (WAL, synchronous=FULL:
+  one fsync of the WAL per commit), counted per second;
 - the floor of the two QD1 durable rows, measured in the same rounds: no server can
   answer a FUA write (or the FLUSH after a write) before one durable write of the disk
   has completed after the write arrived, so a QD1 cycle is at least the client's and
@@ -94,6 +96,7 @@ WORKLOADS = {
     "1M read QD4": dict(rw="read", bs="1m", iodepth=4, unit="MiB/s"),
     "1M write QD4": dict(rw="write", bs="1m", iodepth=4, unit="MiB/s"),
     "ext4 4K randwrite fsync=1": dict(kind="ext4", unit="IOPS"),
+    "ext4 sqlite insert/txn": dict(kind="ext4", job="sqlite", unit="inserts/s"),
     "4K randread QD16 depth 0": dict(kind="chain", level=0, rw="randread", bs="4k",
                                      iodepth=16, unit="IOPS"),
     "4K randread QD16 depth 100": dict(kind="chain", level=1, rw="randread", bs="4k",
@@ -196,9 +199,33 @@ def floor_iops(null_iops: float, sync_us: float) -> float:
     return 1e6 / (1e6 / null_iops + sync_us)
 
 
-def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
+SQLITE = """
+import os, sqlite3, sys, time
+db = sqlite3.connect(os.path.join(sys.argv[1], "bench.db"), isolation_level=None)
+db.execute("pragma journal_mode=wal")
+db.execute("pragma synchronous=full")
+db.execute("create table t (k integer primary key, v blob)")
+for _ in range(100):                            # warm-up, as fio's ramp_time
+    db.execute("insert into t (v) values (randomblob(100))")
+n, start = 0, time.monotonic()
+while time.monotonic() - start < float(sys.argv[2]):
+    db.execute("insert into t (v) values (randomblob(100))")
+    n += 1
+print(n / (time.monotonic() - start))
+"""
+
+
+def run_sqlite(fs: str, runtime: int) -> float:
+    """Inserts per second into a sqlite table on `fs`, each its own transaction."""
+    out = subprocess.run([sys.executable, "-c", SQLITE, fs, str(runtime)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out)
+
+
+def run_ext4(uri: str, work: str, tag: str, runtime: int, job: str = "fio") -> float:
     """mkfs.ext4 on the device through nbdfuse and a loop device, then fio's 4K random
-    writes into a 64 MiB file with an fsync after each (what a database does)."""
+    writes into a 64 MiB file with an fsync after each (what a database does), or
+    with `job` "sqlite" run_sqlite."""
     mnt, fs = os.path.join(work, f"fuse-{tag}"), os.path.join(work, f"fs-{tag}")
     os.makedirs(mnt)
     os.makedirs(fs)
@@ -215,6 +242,8 @@ def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
                         "nodiscard,lazy_itable_init=0,lazy_journal_init=0", loop], check=True)
         subprocess.run(["mount", loop, fs], check=True)
         try:
+            if job == "sqlite":
+                return run_sqlite(fs, runtime)
             return fio_result(["fio", "--output-format=json", "--name=sync", f"--directory={fs}",
                                "--rw=randwrite", "--bs=4k", "--size=64M", "--fsync=1",
                                "--ioengine=psync", "--time_based", f"--runtime={runtime}",
@@ -224,7 +253,12 @@ def run_ext4(uri: str, work: str, tag: str, runtime: int) -> float:
     finally:
         if loop:
             subprocess.run(["losetup", "-d", loop], check=False)
-        subprocess.run(["fusermount3", "-u", mnt], check=False)
+        # the loop device lets go of the file a moment after losetup -d returns: until
+        # then the FUSE mount is busy
+        for _ in range(100):
+            if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
         fuse.wait(30)
 
 
@@ -255,7 +289,8 @@ def run_workload(server, wname: str, w: dict, size: int, args, work: str, tag: s
             cleanup()
     uri, cleanup = server.child(f"child-{tag}")
     try:
-        return run_ext4(uri, work, f"{server.name}-{tag}", args.runtime)
+        job = w.get("job", "fio")
+        return run_ext4(uri, work, f"{server.name}-{tag}-{job}", args.runtime, job)
     finally:
         cleanup()
 

@@ -112,8 +112,7 @@ def native_env(mode: str = "aio", unsafe: str | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), THINSTORE_PURE_PYTHON="0")
     env.pop("THINSTORE_LOG_THREAD", None)
     env.pop("THINSTORE_POWERCUT_UNSAFE", None)
-    if mode == "thread":
-        env["THINSTORE_LOG_THREAD"] = "1"
+    env["THINSTORE_LOG_THREAD"] = "1" if mode == "thread" else "0"
     if unsafe:
         env["THINSTORE_POWERCUT_UNSAFE"] = unsafe
     return env

@@ -37,10 +37,7 @@ MODES = ["aio", "thread"]
 
 @pytest.fixture(params=MODES)
 def mode(request, monkeypatch):
-    if request.param == "thread":
-        monkeypatch.setenv("THINSTORE_LOG_THREAD", "1")
-    else:
-        monkeypatch.delenv("THINSTORE_LOG_THREAD", raising=False)
+    monkeypatch.setenv("THINSTORE_LOG_THREAD", "1" if request.param == "thread" else "0")
     return request.param
 
 

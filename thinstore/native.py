@@ -35,7 +35,7 @@ import numpy as np
 
 from thinstore.errors import CorruptMetadata, NativeUnavailable, ThinstoreError, UsageError
 
-API_VERSION = 16  # must equal TS_API_VERSION of _native/thinstore_native.h
+API_VERSION = 17  # must equal TS_API_VERSION of _native/thinstore_native.h
 ENV = "THINSTORE_PURE_PYTHON"
 
 _U8, _U32, _U64, _I64 = (np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, np.int64))
@@ -393,8 +393,8 @@ def log_record(ps, devs: list, dev_ids: list, ranges: list, out) -> int | None:
 
 
 class LogSyncer:
-    """The intent log's writer (_native/intentlog.c): Linux AIO direct writes where
-    `dio_fd` is given and the kernel has an AIO context, else a thread. append(record, offset,
+    """The intent log's writer (_native/intentlog.c): a thread, or with
+    THINSTORE_LOG_THREAD=0 Linux AIO direct writes where `dio_fd` is given. append(record, offset,
     ticket) queues a copy of a record (`ticket`: the log's count of bytes appended
     after it); kick(ticket) asks for every record up to `ticket` and returns at once;
     wait(ticket) returns the durable count (>= ticket) once an attempt begun after the
@@ -465,6 +465,14 @@ class LogCursor:
 
     def pending(self, delta: int) -> None:
         lib.ts_log_pending(self.c, delta)
+
+    def take(self) -> list:
+        """(Under the mutex.) The NBD loops' shared notes, (dev_id, offset, length)
+        each, moved out of C (ts_log_take); still counted in pending."""
+        out = ffi.new("uint64_t[]", 3 * lib.TS_LOG_SHARED_MAX)
+        n = lib.ts_log_take(self.c, out, lib.TS_LOG_SHARED_MAX)
+        flat = ffi.unpack(out, 3 * n)
+        return list(zip(flat[0::3], flat[1::3], flat[2::3]))
 
     def __enter__(self):
         lib.ts_log_lock(self.c)

@@ -201,7 +201,21 @@ class SyncLog(logroom.LogRoom):
 
     @property
     def pending(self) -> bool:
-        return bool(self.notes)
+        return self._noted()
+
+    def _noted(self) -> bool:
+        """Some write is noted and not yet in an appended record: in the notes, or
+        (native cursor) counted in its pending writes -- the NBD loops' shared notes
+        too, which only the count says without the mutex (ts_log_take empties them
+        before the notes get them; the count falls only after `appended` grew)."""
+        return bool(self.notes) or (self._c is not None and self._cur.pending != 0)
+
+    def _adopt(self) -> None:
+        """(Under the append mutex.) The NBD loops' shared notes (ts_log_note) join
+        the notes, still counted pending: the record or commit about to be made
+        covers them, and counts them off with the rest."""
+        if self._c is not None and self._cur.n_shared:
+            self.notes.extend(self._c.take())
 
     # ------------------------------------------------------------ flushing
     def flush(self, pool, wait: bool = True) -> bool:
@@ -219,7 +233,7 @@ class SyncLog(logroom.LogRoom):
         Returns True."""
         if not wait and not self._async:
             return False
-        if not self.notes and not pool._closed:
+        if not self._noted() and not pool._closed:
             # Nothing noted: no lock is needed. Notes are dropped only after `appended`
             # counts their record, so every write that returned before this call is
             # in a record up to `appended` (read after the notes).
@@ -230,6 +244,7 @@ class SyncLog(logroom.LogRoom):
             with pool.lock.shared:
                 pool._check_open()
                 with self._append:
+                    self._adopt()
                     if not self.notes:
                         ticket = self.appended
                     else:
@@ -393,6 +408,9 @@ class SyncLog(logroom.LogRoom):
         self.synced = max(self.synced, cur.appended)
         if self._syncer is not None:      # records still queued are not needed now
             self._syncer.discard(cur.appended)      # and none is in flight after it
+        if self._c is not None:
+            with self._append:          # the loops note beside it, under the mutex
+                self._adopt()
         n = len(self.notes)
         dropped = self.notes[:n]        # so that the del below frees nothing
         del self.notes[:n]
