@@ -236,6 +236,35 @@ def test_prehash_is_used_only_for_chunks_not_written_again(tmp_path):
             assert dev.pread(7 * CHUNK, CHUNK)[1024:1536] == b"B" * 512
 
 
+def test_a_catch_up_prehash_hashes_only_what_was_written_since(tmp_path):
+    """The second pass takes the chunks written again after the first read them and
+    the chunks first written since, and the commit then hashes nothing itself."""
+    pool = _pool(str(tmp_path / "p"))
+    with pool.open_device("v") as dev:
+        dev.pwrite(b"a" * CHUNK, 3 * CHUNK)
+        dev.pwrite(b"b" * CHUNK, 7 * CHUNK)
+        with pool.lock.shared:
+            pool._sums.prehash(pool._sums.prehash_plan())
+            assert pool._sums.prehash_plan(again=True) is None     # nothing since
+        dev.pwrite(b"B" * 512, 7 * CHUNK + 1024)                    # written again
+        dev.pwrite(b"c" * CHUNK, 11 * CHUNK)                        # first written now
+        with pool.lock.shared:
+            plan = pool._sums.prehash_plan(again=True)
+        assert len(plan[2]) == 2                # the chunks holding 7 and 11
+        pool._sums.prehash(plan)
+        hashed = pool._sums.counters["chunks_hashed"]
+        pre = pool._sums.counters["chunks_prehashed"]
+        pool.commit()
+        assert pool._sums.counters["chunks_prehashed"] == pre + 3          # 3, 7 and 11
+        assert pool._sums.counters["chunks_hashed"] == hashed
+        _scrub_clean(pool)
+    pool.close()
+    with Pool.open(str(tmp_path / "p"), commit_interval=0) as pool:
+        _scrub_clean(pool)
+        with pool.open_device("v") as dev:
+            assert dev.pread(7 * CHUNK, CHUNK)[1024:1536] == b"B" * 512
+
+
 def test_prehash_of_an_older_transaction_is_not_used(tmp_path):
     pool = _pool(str(tmp_path / "p"))
     with pool.open_device("v") as dev:
@@ -278,11 +307,14 @@ def test_prehash_beside_writes_commits_true_checksums(tmp_path):
         t.start()
     try:
         used = 0
-        for _ in range(30):
-            with pool.lock.shared:
-                plan = pool._sums.prehash_plan()
-            if plan is not None:
-                pool._sums.prehash(plan)
+        for i in range(30):
+            if i % 2:                   # the timer's way: a pre-hash and catch-up passes
+                pool._prehash()
+            else:
+                with pool.lock.shared:
+                    plan = pool._sums.prehash_plan()
+                if plan is not None:
+                    pool._sums.prehash(plan)
             before = pool._sums.counters["chunks_prehashed"]
             pool.commit()
             used += pool._sums.counters["chunks_prehashed"] - before

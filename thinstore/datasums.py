@@ -206,15 +206,28 @@ class DataSums:
         self.verified[freed] = False
 
     # ------------------------------------------------------------ before the commit
-    def prehash_plan(self):
+    def prehash_plan(self, again: bool = False):
         """Under the pool lock (either side): what prehash() is to hash -- the chunks
-        written so far in this transaction -- or None when there are none."""
+        written so far in this transaction -- or None when there are none. With
+        `again`, after a prehash of this transaction: only the chunks written since
+        their hash was taken (ST_REHASH set) or not in it; prehash() merges their sums
+        into the earlier ones (a catch-up pass: each is shorter, so the commit finds
+        fewer chunks still to hash). None then also when there is no earlier prehash
+        of this transaction."""
         space = self.md.space
         written = space.written()
         written = written[space.refs.arr[written] > 0]
+        if again:
+            pre = self._pre
+            if pre is None or pre[0] != self.md.sb.generation or pre[1] is not space.state \
+                    or not len(pre[2]):
+                return None
+            ids = pre[2]
+            pos = np.minimum(np.searchsorted(ids, written), len(ids) - 1)
+            written = written[(ids[pos] != written) | ((space.state[written] & ST_REHASH) != 0)]
         if not len(written):
             return None
-        return self.md.sb.generation, space.state, written
+        return self.md.sb.generation, space.state, written, again
 
     def prehash(self, plan, stop=None) -> None:
         """Without the pool lock, while writes go on: hash the chunks of `plan`
@@ -226,14 +239,17 @@ class DataSums:
         on every chunk it maps only after the write's bytes are in the file. So a chunk
         whose flag is still clear when the commit runs holds the bytes hashed here;
         any other is hashed again (_use_prehash). The result is used only by the next
-        commit of the same generation and state array. `stop` (an Event): give up."""
-        generation, state, ids = plan
+        commit of the same generation and state array. `stop` (an Event): give up.
+        Callers run one prehash at a time (the pool's _background_io lock): a catch-up
+        pass merges into the last one's result, and a sum taken earlier must never
+        replace one taken after the chunk's flag was last cleared."""
+        generation, state, ids, again = plan
         out = np.zeros(len(ids), dtype=np.uint32)
         cs = self.md.chunk_size
         pre = chunkhash.prehash(self.md.data_fio, state, ids, cs, stop)
         if pre is not None or (stop is not None and stop.is_set()):
             if pre is not None:
-                self._pre = (generation, state, ids, pre)
+                self._keep_prehash(generation, state, ids, pre, again)
             return
         K.state_clear(state, ids, ST_REHASH)
         per = max(1, _BATCH // cs)
@@ -250,7 +266,21 @@ class DataSums:
                 for i in range(n):
                     out[at + i] = chunk_sum(view[i * cs:(i + 1) * cs])
                 at += n
-        self._pre = (generation, state, ids, out)
+        self._keep_prehash(generation, state, ids, out, again)
+
+    def _keep_prehash(self, generation: int, state, ids: np.ndarray, sums: np.ndarray,
+                      again: bool) -> None:
+        """Store a prehash's (sorted ids, sums); a catch-up pass's replace the earlier
+        pass's sums of the same chunks and join the rest, kept sorted by chunk."""
+        pre = self._pre
+        if again and pre is not None and pre[0] == generation and pre[1] is state:
+            old_ids, old_sums = pre[2], pre[3]
+            keep = ~np.isin(old_ids, ids, assume_unique=True)
+            ids = np.concatenate([old_ids[keep], ids])
+            sums = np.concatenate([old_sums[keep], sums])
+            order = np.argsort(ids, kind="stable")
+            ids, sums = ids[order], sums[order]
+        self._pre = (generation, state, ids, sums)
 
     def _use_prehash(self, written: np.ndarray) -> np.ndarray:
         """In the commit: take the prehashed sums of `written` chunks not written since
