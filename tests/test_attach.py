@@ -468,7 +468,7 @@ def test_a_busy_fuse_unmount_logs_one_line_for_all_its_tries(rig, caplog, monkey
     lines = [r.getMessage() for r in caplog.records if "unmount FUSE" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "fusermount3 -u failed 8 of 8 tries (" in lines[0] and "busy" in lines[0], lines
-    for _ in range(50):                          # the kernel frees the loop at its last close
+    for _ in range(300):                         # the kernel frees the loop at its last close
         if not rig.leftovers():
             break
         time.sleep(0.1)
