@@ -153,9 +153,10 @@ def test_a_clone_made_larger_and_a_resized_volume_show_their_size_in_df(docker, 
 
 # 4 -----------------------------------------------------------------------------------
 def test_inspect_reports_the_file_system_and_origin_the_volume_really_has(docker, plugin):
-    """A clone of an xfs volume and an xfs volume renamed with the thinstore CLI are xfs
-    in 'docker volume inspect' (they mount as xfs); a clone whose snapshot is destroyed
-    says its origin is gone, as 'thinstore list' does."""
+    """A clone of an xfs volume is xfs in 'docker volume inspect' (it mounts as xfs); a
+    clone whose snapshot is destroyed says its origin is gone, as 'thinstore list' does.
+    (An xfs volume renamed with the CLI was the case too: Docker's volumes are held now,
+    and the rename is refused.)"""
     docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=320M", "xsrc")
     docker.run(["-v", "xsrc:/data"], "echo x > /data/f")
     plugin.cli("snapshot", "xsrc@s")
@@ -166,9 +167,10 @@ def test_inspect_reports_the_file_system_and_origin_the_volume_really_has(docker
     status = inspect(docker, "xclone")["Status"]
     listed = plugin.cli("list", "-H", "-o", "name,origin", "xclone").stdout.split("\t")
     assert status["origin"] == listed[1].strip() == "(gone)", (status, listed)
-    plugin.cli("rename", "xsrc", "xmoved")
-    assert inspect(docker, "xmoved")["Status"]["fs"] == "xfs"
-    assert " xfs " in docker.run(["-v", "xmoved:/data"], "grep ' /data ' /proc/mounts").stdout
+    refused = plugin.cli("rename", "xsrc", "xmoved", check=False)   # Docker's: held
+    assert refused.returncode == 5 and "held by the docker volume plugin as volume " \
+        "'xsrc'" in refused.stderr, refused.stderr
+    assert inspect(docker, "xsrc")["Status"]["fs"] == "xfs"
 
 
 # 5 -----------------------------------------------------------------------------------
@@ -218,20 +220,19 @@ def fs_in_container(docker, volume: str) -> str:
     return line.split()[2]
 
 
-def test_a_blank_volume_renamed_before_its_first_mount_keeps_its_options(docker, plugin):
-    """-o fs=xfs follows a volume through 'thinstore rename', whether the plugin runs
-    (the CLI goes through it) or not; a new volume under the old name has its own."""
+def test_a_docker_volume_cannot_be_renamed_from_under_docker(docker, plugin):
+    """Docker keeps a volume's name in its containers: 'thinstore rename' of a volume
+    Docker created is refused (its hold), the plugin running or not, and the volume
+    keeps its name and options; a new volume under another name is a clone."""
     docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=320M", "bx")
-    docker("volume", "create", "-d", plugin.name, "-o", "fs=xfs", "-o", "size=320M", "quiet")
-    plugin.cli("rename", "bx", "moved")
-    docker("volume", "create", "-d", plugin.name, "-o", "size=64M", "bx")
-    assert fs_in_container(docker, "moved") == "xfs"
-    assert fs_in_container(docker, "bx") == "ext4"
+    refused = plugin.cli("rename", "bx", "moved", check=False)
+    assert refused.returncode == 5 and "'docker volume rm bx'" in refused.stderr, \
+        refused.stderr
     plugin.stop()
-    plugin.cli("rename", "quiet", "woken")                # offline: the plugin is stopped
+    refused = plugin.cli("rename", "bx", "moved", check=False)   # offline: the same
+    assert refused.returncode == 5 and "held by the docker volume plugin" in refused.stderr
     plugin.start()
-    assert inspect(docker, "woken")["Status"]["fs"] == "xfs"
-    assert fs_in_container(docker, "woken") == "xfs"
+    assert fs_in_container(docker, "bx") == "xfs"
 
 
 # 8 -----------------------------------------------------------------------------------

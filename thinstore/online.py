@@ -132,6 +132,7 @@ def _receive(ctx: _Context, name: str, resume: bool = False, force: bool = False
     Refused while NBD clients have volume NAME open: publishing replaces its content
     (as rollback would) under them.
     """
+    ctx.server.refuse_held(name, "receive")       # a frontend's volume: as rollback
     sessions = ctx.server.sessions
     if sessions is not None and sessions.connections(name):
         raise DeviceBusy(f"{name!r} has {sessions.connections(name)} open NBD "

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import sys
+import time
 
 from thinstore.errors import CorruptMetadata, PoolLocked, UsageError
 
@@ -24,9 +25,7 @@ def open_pool(args):
     commands go through it (a :class:`thinstore.control.RemotePool`) instead.
     """
     path = pool_path(args)
-    from thinstore.control import RemotePool
-
-    remote = RemotePool.connect(path)
+    remote = connect(path)
     if remote is not None:
         with remote:
             yield remote
@@ -37,7 +36,7 @@ def open_pool(args):
         try:
             pool = Pool.open(path)
         except PoolLocked as err:
-            pool = RemotePool.connect(path)     # a server started while this one waited
+            pool = connect(path)                # a server started while this one waited
             if pool is None:
                 silent = _silent_server(path)
                 if silent is None:
@@ -68,12 +67,40 @@ def _silent_server(path: str) -> str | None:
     finally:
         s.close()
     return (f"its server (process {pid}) takes connections on {where} but did not answer "
-            f"in 5 s: it is stopped or hung (resume it with 'kill -CONT {pid}', or stop it)")
+            f"in {answer_timeout():g} s: it is stopped or hung (resume it with 'kill -CONT {pid}', or stop it)")
 
 
 #: How long a command waits for another process's pool lock unless --wait says otherwise.
 DEFAULT_WAIT = 10.0
 _NOTE_AFTER = 1.0       # a wait longer than this is said on stderr, once
+_MIN_ANSWER = 0.5       # a live server answers a ping in milliseconds; --no-wait gives it this
+_WAIT = {"seconds": None}    # the command's --wait, while lock_wait runs
+
+
+def answer_timeout() -> float:
+    """How long to wait for a server's answer on the control socket: within the command's
+    --wait (a stopped server once cost 5 s per try whatever --wait said), at least
+    _MIN_ANSWER, at most the client's default."""
+    from thinstore.control import RemotePool
+    seconds = _WAIT["seconds"]
+    if seconds is None:
+        return RemotePool.ANSWER_TIMEOUT
+    return min(RemotePool.ANSWER_TIMEOUT, max(seconds, _MIN_ANSWER))
+
+
+def connect(path: str, timeout: float | None = None):
+    """The RemotePool of the server answering for ``path`` within answer_timeout(), or
+    None. A server that let one try time out is not asked again by this command: it is
+    stopped or hung, and each try cost the whole timeout."""
+    from thinstore.control import RemotePool
+    if path in _WAIT.setdefault("silent", set()):
+        return None
+    timeout = answer_timeout() if timeout is None else timeout
+    started = time.monotonic()
+    remote = RemotePool.connect(path, timeout=timeout)
+    if remote is None and time.monotonic() - started >= timeout * 0.9:
+        _WAIT["silent"].add(path)
+    return remote
 
 
 @contextlib.contextmanager
@@ -83,17 +110,17 @@ def lock_wait(seconds: float):
     answers on the pool's control socket, since a server holds its pool until stopped
     (and the commands it carries go through it). After a second it says on stderr whom
     it waits for."""
-    from thinstore.control import RemotePool
     from thinstore.storage import DirLock
 
-    state = {"said": False, "asked": -1.0}
+    state = {"said": False, "asked": -1.0, "start": time.monotonic()}
 
     def keep_waiting(path: str, holder: str, waited: float) -> bool:
+        waited = max(waited, time.monotonic() - state["start"])   # a silent server's too
         if waited >= seconds:
             return False
         if waited - state["asked"] >= 1.0:         # at once, then once a second
             state["asked"] = waited
-            remote = RemotePool.connect(path)
+            remote = connect(path, min(answer_timeout(), max(seconds - waited, 0.05)))
             if remote is not None:
                 remote.close()
                 return False
@@ -103,12 +130,13 @@ def lock_wait(seconds: float):
                   f"{seconds:g} s for it (--wait SECONDS, --no-wait)", file=sys.stderr)
         return True
 
-    before = DirLock.waiting
+    before, wait_before = DirLock.waiting, _WAIT["seconds"]
     DirLock.waiting = keep_waiting if seconds > 0 else None
+    _WAIT["seconds"] = seconds
     try:
         yield
     finally:
-        DirLock.waiting = before
+        DirLock.waiting, _WAIT["seconds"] = before, wait_before
 
 
 @contextlib.contextmanager
@@ -118,9 +146,7 @@ def served_pool(args):
     send, receive, diff, check, dump and scrub run inside that server when there is
     one (thinstore/online.py); otherwise they open the pool themselves.
     """
-    from thinstore.control import RemotePool
-
-    remote = RemotePool.connect(pool_path(args))
+    remote = connect(pool_path(args))
     if remote is None:
         yield None
         return
@@ -137,9 +163,7 @@ def open_local_pool(args, command: str):
     they stop with exit 5 and say so, instead of failing half way through a proxy.
     """
     path = pool_path(args)
-    from thinstore.control import RemotePool
-
-    remote = RemotePool.connect(path)
+    remote = connect(path)
     if remote is not None:
         remote.close()
         raise PoolLocked(f"pool {path} is being served (thinstore serve holds it); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from thinstore.cli import holds
 from thinstore.cli.context import open_pool
 from thinstore.cli.names import device_name, new_volume_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell, time_cell
@@ -115,6 +116,7 @@ def cmd_clone(args) -> int:
 
 def cmd_destroy(args) -> int:
     with open_pool(args) as pool:
+        overridden = holds.guard(pool, [args.name], "destroy", args.force)
         snapshot = "@" in args.name
         # a snapshot's clones are found before it goes: they name it only by its uuid
         clones = [i.name for i in pool.list() if i.kind == "clone" and i.origin == args.name] \
@@ -122,6 +124,8 @@ def cmd_destroy(args) -> int:
         cut = pool.destroy(args.name, force=args.force)
         kept = clones if snapshot else \
             [i.name for i in pool.list() if i.name.startswith(args.name + "@")]
+    if overridden is not None:
+        cut = {"dropped": 0, "held": overridden.describe()}
     _warn_cut_off(args.name, cut)
     if kept:
         _note_kept(args.name, "clone" if snapshot else "snapshot", kept)
@@ -129,11 +133,18 @@ def cmd_destroy(args) -> int:
 
 
 def _warn_cut_off(name: str, cut) -> None:
-    """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..]}
-    (thinstore/control/guards.py); the user forced it, so it is done, but they should know."""
-    if not isinstance(cut, dict) or not cut.get("dropped"):
+    """A served pool's forced destroy says what it cut off: {"dropped": N, "users": [..],
+    "held": WHO} (thinstore/control/guards.py; "held": the Docker hold it overrode); the
+    user forced it, so it is done, but they should know."""
+    if not isinstance(cut, dict):
         return
-    dropped = cut["dropped"]
+    dropped = cut.get("dropped")
+    if not dropped:                 # (in use, the users named say who lost it)
+        if cut.get("held"):
+            print(f"thinstore: warning: {name!r} was {cut['held']} and is destroyed "
+                  "(--force): the plugin lets go of it, and Docker no longer finds it",
+                  file=sys.stderr)
+        return
     users = "; ".join(cut.get("users") or [])
     print(f"thinstore: warning: {name!r} was in use and is destroyed (--force): its "
           f"{dropped} NBD connection{'s were' if dropped > 1 else ' was'} dropped"
@@ -154,18 +165,25 @@ def _note_kept(name: str, what: str, kept: list[str]) -> None:
 
 def cmd_rename(args) -> int:
     with open_pool(args) as pool:
+        following = [] if "@" in args.old else \
+            [i.name for i in pool.list() if i.name.startswith(args.old + "@")]
+        holds.guard(pool, [args.old, *following], "rename")
         pool.rename(args.old, args.new)
     return 0
 
 
 def cmd_rollback(args) -> int:
     with open_pool(args) as pool:
+        pool.info(args.snapshot)                   # a missing snapshot: exit 3, not held
+        holds.guard(pool, [args.snapshot.split("@", 1)[0]], "rollback")
         pool.rollback(args.snapshot)
     return 0
 
 
 def cmd_resize(args) -> int:
     with open_pool(args) as pool:
+        if args.shrink and args.size < pool.info(args.name).size:
+            holds.guard(pool, [args.name], "shrink")
         pool.resize(args.name, args.size, shrink=args.shrink)   # its error names --shrink
     note_partial_sector(args.name, args.size)
     return 0
@@ -181,7 +199,10 @@ def cmd_list(args) -> int:
     with open_pool(args) as pool:
         infos = [pool.info(name) for name in args.names] if args.names else pool.list()
         pending = pool.status().get("pending_receives") if not args.names else None
+        held = holds.holds_of(pool) if not (args.names or args.json) else []
     _note_pending(pending)
+    if held:
+        note(f"held by frontends (destroy and rename refuse them): {holds.summary(held)}")
     devices = [device_dict(info) for info in infos]
     if args.type:
         devices = [d for d in devices if d["kind"] in args.type]

@@ -62,11 +62,11 @@ def _is_number(text: str) -> bool:
 
 def cmd_iostat(args) -> int:
     from thinstore.cli.context import pool_path
-    from thinstore.control import RemotePool
 
     names, interval, count = split_operands(args.operands)
     path = pool_path(args)
-    remote = RemotePool.connect(path)
+    from thinstore.cli.context import connect
+    remote = connect(path)
     if remote is None:
         from thinstore.errors import PoolNotFound
         from thinstore.storage import open_store

@@ -24,7 +24,7 @@ import sys
 from thinstore.errors import ThinstoreError
 
 COMMANDS = ["pool_cmds", "device_cmds", "image_cmds", "serve", "replication", "integrity",
-            "bench", "iostat"]
+            "bench", "iostat", "holds"]
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE from sysexits.h: a bug, not the user's mistake
 
@@ -39,6 +39,71 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+(\.\d*)?|\.\d+)[A-Za-z]*$")
+
+    # A command's unknown option was reported by the top parser ("unrecognized
+    # arguments", with thinstore's usage, not the command's), or not at all when an
+    # argument was missing too ('create -x' said only "--size is required"): a command
+    # refuses an unknown option itself, first, and every usage error is one line in the
+    # CLI's form (thinstore: COMMAND: ...; see '... --help') followed by the usage.
+    def parse_known_args(self, args=None, namespace=None):
+        command = self.prog != PROG
+        if command and args is not None:
+            unknown = self._unknown_option(args)
+            if unknown is not None:
+                self.error(f"unknown option {unknown!r}{self._name_hint(unknown)}")
+        namespace, extras = super().parse_known_args(args, namespace)
+        if command and extras:
+            self.error(f"unexpected argument{'s' if len(extras) > 1 else ''} "
+                       f"{' '.join(map(repr, extras))}")
+        return namespace, extras
+
+    def _unknown_option(self, args) -> str | None:
+        """The first argument that looks like an option this parser does not have."""
+        for arg in args:
+            if arg == "--":
+                return None
+            # (argparse's own lookup: abbreviations, -fH, --opt=value, negative numbers)
+            found = self._parse_optional(arg) if isinstance(arg, str) else None
+            if found is not None and found[0] is None:
+                return arg
+        return None
+
+    def _name_hint(self, unknown: str) -> str:
+        """Where the command takes a name, '-x' may have been meant as one."""
+        if not unknown.startswith("--") and any(not a.option_strings and a.dest != "help" for a in self._actions):
+            return " (a device name that starts with '-' goes after '--')"
+        return ""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix(PROG).strip()
+        print(f"{PROG}: {where + ': ' if where else ''}{_usage_words(message)}; see "
+              f"'{self.prog} --help'", file=sys.stderr)
+        self.print_usage(sys.stderr)
+        self.exit(2)
+
+
+def _usage_words(message: str) -> str:
+    """argparse's messages in the CLI's words (the rest pass unchanged)."""
+    m = re.fullmatch(r"argument COMMAND: invalid choice: '(.*?)' \(choose from (.*)\)", message)
+    if m:
+        import difflib
+        choices = re.findall(r"'([^']*)'", m.group(2))
+        close = difflib.get_close_matches(m.group(1), choices, n=1)
+        return f"unknown command {m.group(1)!r}" + (f" (did you mean {close[0]!r}?)"
+                                                     if close else "")
+    m = re.fullmatch(r"unrecognized arguments: (.*)", message)
+    if m:
+        return f"unknown option or argument {m.group(1)!r}"
+    m = re.fullmatch(r"the following arguments are required: (.*)", message)
+    if m:
+        return f"missing {m.group(1).replace(', ', ' and ')}"
+    m = re.fullmatch(r"argument (\S+): expected one argument", message)
+    if m:
+        return f"{m.group(1)} needs a value"
+    m = re.fullmatch(r"argument (\S+): (.*)", message, re.S)
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"
+    return message
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 
+from thinstore.cli import holds
 from thinstore.cli.context import _opening, open_pool, pool_path
 from thinstore.cli.output import print_json, size_cell
 from thinstore.errors import UsageError
@@ -186,11 +187,11 @@ def cmd_grow(args) -> int:
 
 def cmd_upgrade(args) -> int:
     from thinstore import Pool
-    from thinstore.control import RemotePool
     from thinstore.format import VERSION
 
     path = pool_path(args)
-    remote = RemotePool.connect(path)
+    from thinstore.cli.context import connect
+    remote = connect(path)
     if remote is not None:           # a server opened it: it is in this format already
         remote.close()
         print(f"pool {path} is in format {VERSION} already (it is being served)")
@@ -207,6 +208,9 @@ def cmd_upgrade(args) -> int:
 def cmd_status(args) -> int:
     with open_pool(args) as pool:
         status = dict(pool.status())
+        held = holds.holds_of(pool)
+    if held:        # only then: a pool no frontend uses shows what it always did
+        status["holds"] = [h.to_dict() for h in held]
     if args.json:
         print_json(status)
     else:
@@ -216,7 +220,7 @@ def cmd_status(args) -> int:
 
 STATUS_SIZES = {"capacity", "used", "free", "freeing", "chunk_size", "metadata_bytes"}
 STATUS_ORDER = ("path", "capacity", "used", "free", "freeing", "chunk_size", "devices",
-                "pending_receives", "low_water", "backend", "data_checksums", "metadata_bytes",
+                "holds", "pending_receives", "low_water", "backend", "data_checksums", "metadata_bytes",
                 "generation", "uuid")
 
 
@@ -245,6 +249,10 @@ def _status_value(status: dict, key: str, parsable: bool) -> str:
         return _low_water(value, status.get("low_water_crossed"))
     if key == "pending_receives":
         return pending_text(value, parsable) or "none"
+    if key == "holds":
+        from thinstore.cli.holds import summary
+        from thinstore.frontends.holds import Hold
+        return summary([Hold.from_dict(h) for h in value])
     return _plain(value)
 
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from thinstore import replication as RP
 from thinstore.errors import ServerGone
-from thinstore.cli import files
+from thinstore.cli import files, holds
 from thinstore.cli.context import open_local_pool, served_pool
 from thinstore.cli.names import device_name, snapshot_name, volume_name
 from thinstore.cli.output import print_json, print_table, size_cell
@@ -106,6 +106,7 @@ def cmd_receive(args) -> int:
                 if not RP.abort_receive(pool, args.name):
                     raise UsageError(f"no interrupted receive into {args.name!r}")
                 return 0
+            holds.guard(pool, [args.name], "receive")   # a frontend's volume: as rollback
             with _input(args.input) as inp, Bar(f"receive {args.name}") as bar, \
                     RP.full_pool_hint(pool, args.name):
                 stats = RP.receive(pool, args.name, inp, resume=args.resume, force=args.force,

@@ -160,6 +160,7 @@ def cmd_serve(args) -> int:
                 frontend = frontends.load(name)(context, args)
                 running.append(frontend)
                 frontend.start()
+                control.hold_sources[name] = frontend.holds
             announce(sock, bound, config.tls_context is not None, control.path,
                      [d.name for d in pool.list()])
             for frontend in running:
@@ -169,6 +170,7 @@ def cmd_serve(args) -> int:
             wait_for_signal(stop)
         finally:
             for frontend in reversed(running):  # frontends unmount before NBD goes away
+                control.hold_sources.pop(frontend.name, None)
                 frontend.stop()
             control.shutdown()
             server.shutdown()

@@ -49,13 +49,17 @@ class RemotePool:
                 f"of pool {self.path}: not trusting it; remove that socket and make the pool "
                 f"directory writable by its owner only (chmod 700 {self.path})")
 
+    #: how long connect() waits for a server's answer by default
+    ANSWER_TIMEOUT = 5.0
+
     @classmethod
-    def connect(cls, path: str) -> "RemotePool | None":
-        """A RemotePool if a live server answers in ``path``, else None."""
+    def connect(cls, path: str, timeout: float | None = None) -> "RemotePool | None":
+        """A RemotePool if a live server answers in ``path`` within ``timeout`` seconds
+        (default ANSWER_TIMEOUT), else None."""
         if not os.path.exists(socket_path(path)):
             return None
         try:
-            remote = cls(path, timeout=5.0)
+            remote = cls(path, timeout=cls.ANSWER_TIMEOUT if timeout is None else timeout)
             remote.ping()
         except errors.UntrustedPeer:
             raise                       # a planted or refusing socket: say so, do not fall back
@@ -157,6 +161,12 @@ class RemotePool:
 
     def iostat(self):
         return self.request("iostat")
+
+    def holds(self) -> list:
+        """The frontends' holds on the served pool's devices: [Hold]
+        (thinstore/frontends/holds.py)."""
+        from thinstore.frontends.holds import Hold
+        return [Hold.from_dict(h) for h in self.request("holds")]
 
     def counters(self) -> dict:
         """The serving pool's data-path counters (as :attr:`thinstore.Pool.counters`)."""

@@ -7,7 +7,12 @@ stage), whose reason is told in that user's words. A forced destroy drops the
 connections and tells who lost the device. A snapshot runs inside every
 ``snapshot_hooks`` context (a frontend freezes the file system it mounted). This is a
 mixin of ControlServer: it uses its ``pool``, ``sessions``, ``readers``,
-``busy_reasons`` and ``snapshot_hooks``; the plain Pool methods do the work.
+``busy_reasons``, ``snapshot_hooks`` and ``holds()``; the plain Pool methods do the work.
+
+Before any of that, a device a frontend *holds* (its records name it: a Docker volume, a
+containerd layer, a CSI volume or snapshot; thinstore/frontends/holds.py) is refused
+those operations whether or not anyone has it open, with DeviceBusy naming the holder;
+``destroy --force`` overrides only a hold that says it may (Docker's).
 """
 
 from __future__ import annotations
@@ -24,7 +29,19 @@ RELEASE_POLLS = 50        # x 0.1 s: connections of a hold a frontend let go of 
 class Guards:
     """ControlServer's guarded management ops (see the module docstring)."""
 
+    def refuse_held(self, name: str, op: str, force: bool = False):
+        """DeviceBusy if a frontend's hold on ``name`` refuses ``op`` (of holds.ALL_OPS;
+        ``force`` overrides a hold that allows it); else the overridden hold or None.
+        Also for online.py's receive."""
+        from thinstore.frontends.holds import blocking
+        hold = blocking(self.holds(), name, op)
+        if hold is not None and not (force and hold.forceable):
+            raise DeviceBusy(hold.refusal(op))
+        return hold
+
     def _op_destroy(self, name: str, force: bool = False):
+        self.pool.info(name)              # a missing device is "no such device", not held
+        hold = self.refuse_held(name, "destroy", force)
         if self.readers.get(name):        # its chunks must not be reused under a reader
             raise DeviceBusy(f"{name!r} is being read by an online send: "
                              "wait for it to finish (even --force waits)")
@@ -36,10 +53,11 @@ class Guards:
         if busy:
             self.sessions.disconnect(name)
         self.pool.destroy(name, force=force)
-        if not busy:
+        if not busy and hold is None:
             return None
         # what the force cut off, for the caller to warn of
-        return {"dropped": busy, "users": self._forced_users(name)}
+        return {"dropped": busy, "users": self._forced_users(name) if busy else [],
+                "held": hold.describe() if hold is not None else None}
 
     def _forced_users(self, name: str) -> list[str]:
         """After a forced destroy of busy `name`: the ``busy_reasons`` hooks that take
@@ -63,6 +81,7 @@ class Guards:
         """Refused while clients use the volume: its content would change under them."""
         volume = snapshot.split("@", 1)[0]
         self.pool.info(snapshot)          # a missing snapshot is "no such device", not busy
+        self.refuse_held(volume, "rollback")
         busy, reason = self._in_use(volume)
         if busy:
             raise DeviceBusy(reason or
@@ -79,6 +98,8 @@ class Guards:
         names = [old] + ([] if info.kind == "snapshot" else
                          [d.name for d in self.pool.list() if d.name.startswith(old + "@")])
         for name in names:
+            self.refuse_held(name, "rename")
+        for name in names:
             busy, reason = self._in_use(name)
             if busy:
                 raise DeviceBusy(reason or f"{name!r} has {busy} open NBD connection(s): "
@@ -89,6 +110,7 @@ class Guards:
         """A shrink is refused while clients use the device, as a rollback is: the end
         of what they see would vanish under them (a grow is not: it only adds)."""
         if shrink and size < self.pool.info(name).size:
+            self.refuse_held(name, "shrink")
             busy, reason = self._in_use(name)
             if busy:
                 raise DeviceBusy(reason or f"{name!r} has {busy} open NBD connection(s): "

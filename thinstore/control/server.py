@@ -55,6 +55,10 @@ class ControlServer(Guards):
         #: busy volume is done: it lets go of what it held of the volume and returns who
         #: lost it (str, for the caller's warning) or None
         self.busy_reasons: list = []
+        #: frontend name -> callable DEVICES (name -> uuid) -> [Hold] | None: a running
+        #: frontend's holds from its live records; one not in it, or answering None, holds
+        #: what its state file at the default place says (thinstore/frontends/holds.py)
+        self.hold_sources: dict = {}
 
     def listen(self, path: str | None = None) -> str:
         path = path or socket_path(self.pool.path)
@@ -162,6 +166,25 @@ class ControlServer(Guards):
         handler = getattr(self, "_op_" + op, None)
         result = handler(**args) if handler else getattr(self.pool, op)(**args)
         return to_wire(result, shape)
+
+    def holds(self) -> list:
+        """Every frontend's holds on the pool's devices (thinstore/frontends/holds.py); a
+        damaged state file holds nothing and is logged."""
+        from thinstore.frontends.holds import recorded
+        devices = {d.name: d.uuid for d in self.pool.list()}
+        found, live = [], set()
+        for name, source in list(self.hold_sources.items()):
+            answer = source(devices)
+            if answer is not None:
+                found += answer
+                live.add(name)
+        more, problems = recorded(self.pool.local_dir, devices, skip=live)
+        for problem in problems:
+            log.warning("holds: %s", problem)
+        return found + more
+
+    def _op_holds(self):
+        return [h.to_dict() for h in self.holds()]
 
     def _op_connections(self):
         if self.sessions is None:

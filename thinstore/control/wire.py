@@ -39,6 +39,7 @@ OPS = {
     "ping": ((), None),
     "counters": ((), None),
     "iostat": ((), None),
+    "holds": ((), None),
 }
 
 

@@ -82,7 +82,11 @@ class Frontend:
     :class:`ServeContext` and the parsed arguments; ``start()`` begins serving and returns
     (threads of its own); ``stop()`` stops serving and releases what it holds, and must be
     safe to call after a failed ``start``.  ``describe()`` returns lines ``serve`` prints
-    once started (where clients reach the frontend).
+    once started (where clients reach the frontend).  ``holds(devices)`` (devices: the
+    pool's name -> uuid) returns the :class:`thinstore.frontends.holds.Hold` of every
+    device its records name, or None when its records are the state file at the default
+    place (``holds.RECORDS``), which the control socket then reads itself; ``serve``
+    registers it with the control socket while the frontend runs.
     """
 
     name = "frontend"
@@ -103,6 +107,9 @@ class Frontend:
 
     def describe(self) -> list[str]:
         return []
+
+    def holds(self, devices: dict) -> list | None:
+        return None
 
 
 def available() -> dict[str, tuple[str, str, str]]:

@@ -141,6 +141,15 @@ class DockerVolumeFrontend(Frontend):
             self.attacher.close()
             self.attacher = None
 
+    def holds(self, devices: dict) -> list | None:
+        """The volumes Docker created, from the registry this plugin runs with (its
+        state directory may be elsewhere than the default, which the control socket
+        would read)."""
+        from thinstore.frontends.holds import docker_holds
+        if self.driver is None:
+            return []
+        return docker_holds(self.driver.registry.snapshot(), devices)
+
     def describe(self) -> list[str]:
         return [f"docker volume plugin {self.plugin_name!r}: unix://{self.socket_path} "
                 "(dockerd names the driver after the socket in /run/docker/plugins or a "

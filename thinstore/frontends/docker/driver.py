@@ -133,7 +133,7 @@ class VolumeDriver:
                 if opts:
                     raise DriverError(f"volume {name!r} exists already; its options cannot "
                                       "change (remove it first, or choose another name)")
-                self._writable(name)
+                self._adopt(name, self._writable(name))
                 return {}
             fs = self._fs_of(opts["from"]) if "from" in opts else opts.get("fs", "ext4")
             # an entry still under this name is of a volume renamed away: it goes along
@@ -148,6 +148,14 @@ class VolumeDriver:
                 raise DriverError(str(exc)) from None
             self.registry.put(name, state="ready", uuid=uuid, **entry)
         return {}
+
+    def _adopt(self, name: str, info) -> None:
+        """A Create of a device made outside Docker (``thinstore create``, a clone): Docker
+        knows it by this name from now on, so it gets an entry, which is the plugin's
+        hold on it (thinstore/frontends/holds.py)."""
+        if not self._entry(name, info.uuid):
+            self.registry.put(name, fs=self._fs_of(name), state="ready", uuid=info.uuid,
+                              **{"from": None})
 
     def _entry(self, name: str, uuid: str | None = None) -> dict:
         """The options Create recorded for volume ``name`` ({} if none), found by its

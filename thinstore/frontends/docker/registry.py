@@ -46,6 +46,11 @@ class Registry:
             entry = self.volumes.get(name)
             return dict(entry) if entry else None
 
+    def snapshot(self) -> dict:
+        """A copy of every entry ({NAME: entry}), e.g. for the plugin's holds."""
+        with self._lock:
+            return {name: dict(entry) for name, entry in self.volumes.items()}
+
     def put(self, name: str, **entry) -> None:
         with self._lock:
             self.volumes[name] = entry
