@@ -158,6 +158,7 @@ struct ts_syncer {
     int dio_fd;                 /* the log opened O_DIRECT|O_DSYNC, or -1          */
     int stop;
     int joined;                 /* ts_syncer_stop has joined (or is joining)      */
+    int busy;                   /* the thread is writing `writing` (no mutex held) */
     struct pending queued;      /* appended, not yet taken by the thread          */
     struct pending writing;     /* taken by the thread (empty between attempts)   */
     uint64_t requested;         /* highest ticket kicked                           */
@@ -315,10 +316,12 @@ static void *syncer_main(void *arg)
         pending_clear(&s->queued);
         uint64_t target = s->writing.ticket > s->done ? s->writing.ticket : s->done;
         uint64_t attempt = ++s->started;
+        s->busy = 1;
         pthread_mutex_unlock(&s->mu);
         int direct;
         int rc = write_durably(s, &direct);
         pthread_mutex_lock(&s->mu);
+        s->busy = 0;
         if (rc == 0) {
             pending_clear(&s->writing);
             if (target > s->done)
@@ -622,6 +625,10 @@ void ts_syncer_discard(ts_syncer *s, uint64_t ticket)
         arec_drain(s);
         s->epoch++;
     }
+    /* the thread's attempt ends (a failed one requeues its records, cleared below):
+     * once this returns no record write is under way, so the caller may truncate */
+    while (s->busy)
+        pthread_cond_wait(&s->done_cv, &s->mu);
     pending_clear(&s->queued);
     if (ticket > s->done)
         s->done = ticket;

@@ -421,8 +421,10 @@ int64_t ts_log_record(const ts_pool *pool, const ts_dev *const *devs, const uint
  *                         -errno of the attempt that should have made t durable
  *                         (its records stay queued; a later kick retries), or
  *                         -EBADF once stopped.
- *   ts_syncer_discard(s, t)  after a full commit: drop what is queued and count
- *                         every ticket up to t durable.
+ *   ts_syncer_discard(s, t)  after a full commit: wait for any write in flight,
+ *                         drop what is queued and count every ticket up to t
+ *                         durable; on return no record write is under way (the
+ *                         log may be truncated).
  *   ts_syncer_stats(s, out[4])  durable count, successful attempts, attempts
  *                         begun, attempts made durable by direct writes alone.
  *   ts_syncer_stop(s)     stop and join the thread (call it before the files are

@@ -142,6 +142,9 @@ def test_iostat_shows_the_intent_logs_records_of_the_period(server):
     text = cli("--pool", path, "iostat").stdout
     line = [ln for ln in text.splitlines() if ln.startswith("intent log ")]
     assert line and f"{log['records']} records" in line[0], text
+    # the log's file and the size it may reach (its cap follows the host's free space)
+    assert 0 < log["size_now"] <= log["cap_now"], log
+    assert "of at most" in line[0], text
 
 
 def test_iostat_without_a_server_says_so(tmp_path):

@@ -6,9 +6,9 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "thinstore"
 CORE = ["errors", "format", "storage", "kernels", "native", "paged", "metastore", "spacemap",
         "blockmap", "metadata", "datasums", "pool", "datapath", "hidden", "device", "names",
-        "units", "rwlock", "readers", "synclog", "recovery", "fastlane", "rados_store",
-        "rados_lock", "queries", "reclaim", "management", "writeback", "mapkernels",
-        "rados_file", "chunkhash"]
+        "units", "rwlock", "readers", "synclog", "logroom", "recovery", "fastlane",
+        "rados_store", "rados_lock", "queries", "reclaim", "management", "writeback",
+        "mapkernels", "rados_file", "chunkhash"]
 # the only modules that know where bytes live
 STORAGE = {"storage", "rados_store", "rados_file", "rados_lock"}
 ABOVE = ("nbd", "cli", "control", "replication", "stream", "diff", "resume", "frontends",

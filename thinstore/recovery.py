@@ -15,7 +15,9 @@ import logging
 
 from .datasums import DataSums, open_intent
 from .format import log_base
-from .synclog import SyncLog, open_log, replay
+from . import format as fmt
+from .native import K
+from .synclog import SyncLog, open_log
 
 log = logging.getLogger("thinstore")
 
@@ -36,6 +38,7 @@ class Recovery:
                             "record(s)", self.path, replayed)
             if recovered or replayed:
                 self.commit()
+            self._log.live = True       # nothing past the tail is needed any more
         except BaseException:
             self._closed = True
             self._stop.set()
@@ -61,3 +64,24 @@ class Recovery:
                         "written in place since the last commit (%d chunk(s) changed)",
                         self.path, changed)
         return self._sums.intent.any
+
+
+def replay(pool) -> int:
+    """Apply the log's records to the freshly opened pool (before anything else runs);
+    returns how many were applied. The caller commits (the fold)."""
+    slog = pool._log
+    n = 0
+    with pool.lock:
+        for entries in slog.records():
+            for e in entries:
+                dm = pool.md.devices.get(e.dev_id)
+                if dm is None or e.offset + e.length > dm.size:
+                    log.warning("intent log: record %d names %s, which the committed tree "
+                                "lacks; the replay stops there", n, e)
+                    return n
+                if e.kind == fmt.LOG_ZERO or K.is_zero(e.data):
+                    pool._zero_range(dm, e.offset, e.length, no_hole=False)
+                else:
+                    pool._write_data(dm, e.data, e.offset, e.length)
+            n += 1
+    return n

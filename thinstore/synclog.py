@@ -44,7 +44,12 @@ Invariants:
   committed tree a record builds on is intact whatever the process did after it.
 - The work of a flush is proportional to what was written since the last one, never
   to the pool's capacity or device count; past MAX_BATCH bytes, or when the log would
-  pass MAX_BYTES, the flush is a full commit instead.
+  pass its cap, the flush is a full commit instead.
+- The log's file never takes the space data needs (logroom.py): it may reach a cap
+  that follows the host file system's free space (at most MAX_BYTES; 0: the log is
+  off, every flush commits); a growth that finds no room makes the flush a full commit;
+  after a commit a file larger than the new cap is truncated to it. Its size is not
+  part of the format: records past the tail are never read as the epoch's.
 
 All log I/O goes through the pool's file factory (storage.py), like ``data``/``meta``.
 """
@@ -57,7 +62,7 @@ import os
 import threading
 
 from . import format as fmt
-from . import native
+from . import logroom, native
 from .native import K
 
 log = logging.getLogger("thinstore")
@@ -92,14 +97,19 @@ def log_records(store, sb) -> int:
         fio.close()
 
 
-class SyncLog:
-    """The log of one open pool: noted ranges, the epoch's tail, and group fdatasync."""
+class SyncLog(logroom.LogRoom):
+    """The log of one open pool: noted ranges, the epoch's tail, and group fdatasync;
+    its room on the host file system is logroom.LogRoom's."""
+
+    _AHEAD = 2 * GROW_STEP      # the file is grown this far past a record's end
 
     def __init__(self, fio, base: fmt.LogBase):
         self.fio = fio
         self.notes: list = []           # (dev_id, offset, length) written since the last record
         self.base = base
         self.extent = fio.size()        # bytes of the file already written (zeros or records)
+        self.cap = None                 # the size the file may reach this epoch (logroom.py)
+        self.live = False               # opened, replayed and folded: tighten() may cut
         self.synced = 0                 # every byte appended before this is durable
         self._sync = threading.Lock()
         # fdatasync where the storage backend has it, else its fsync
@@ -116,18 +126,23 @@ class SyncLog:
             self._cur, self._append = self._c.c, self._c
         else:
             self._c, self._cur, self._append = None, _Cursor(), threading.Lock()
-        self._pack_head()
-        self._limits()
         self._counts = {"records": 0, "record_bytes": 0, "syncs": 0, "replayed": 0,
-                        "commits_instead": 0}
+                        "commits_instead": 0, "grow_failures": 0, "trims": 0}
+        self._pack_head()
+        self._measure()
+        self._limits()
 
     @property
     def counters(self) -> dict:
         """records, record_bytes, syncs (fdatasyncs of the log), replayed,
-        commits_instead: totals since open; records and record_bytes count the
-        native NBD loop's own records too (ts_log_own), loop_records those alone;
-        direct: the log writer's syncs done by O_DIRECT|O_DSYNC writes alone."""
+        commits_instead, grow_failures (growths of the file refused for want of room),
+        trims (truncations after a commit): totals since open; records and
+        record_bytes count the native NBD loop's own records too (ts_log_own),
+        loop_records those alone; direct: the log writer's syncs done by
+        O_DIRECT|O_DSYNC writes alone. Gauges, not totals: size_now (bytes of the
+        file) and cap_now (the size it may reach this epoch, 0: the log is off)."""
         out = dict(self._counts)
+        out["size_now"], out["cap_now"] = self.extent, self.cap
         out["direct"] = 0
         if self._syncer is not None:
             stats = self._syncer.stats()
@@ -159,10 +174,15 @@ class SyncLog:
 
     def _limits(self, closed: bool = False) -> None:
         """Where a record appended by the native loop may end (and its batch limit):
-        before the grown extent's last two steps and MAX_BYTES; nowhere once closed."""
+        before the grown extent's last two steps and the cap; nowhere once closed."""
         cur = self._cur
-        cur.room = 0 if closed else max(0, min(self.extent - 2 * GROW_STEP, MAX_BYTES))
+        cur.room = 0 if closed else max(0, min(self.extent - 2 * GROW_STEP, self.cap))
         cur.max_batch = MAX_BATCH
+
+    def _cap_for(self, free: int | None) -> int:
+        """logroom.cap for this log: `free` bytes free on the host, its file's extent,
+        MAX_BYTES (read here, at each call) and GROW_STEP."""
+        return logroom.cap(free, self.extent, MAX_BYTES, GROW_STEP)
 
     # ------------------------------------------------------------ noting
     def note(self, dev_id: int, offset: int, length: int) -> None:
@@ -224,9 +244,15 @@ class SyncLog:
             return True
         try:
             self.sync(ticket)
-        except OSError:
-            if not pool._closed:      # close() committed: everything is durable
+        except OSError as e:
+            if pool._closed:          # close() committed: everything is durable
+                return True
+            if e.errno not in logroom.FULL:
                 raise
+            # the record could not be written for want of room: a full commit makes
+            # the same writes durable (and its discard drops the record)
+            self._counts["commits_instead"] += 1
+            getattr(pool, "_commit_for_flush", pool.commit)()
         return True
 
     def capture(self, pool) -> tuple[memoryview | None, int]:
@@ -239,7 +265,7 @@ class SyncLog:
         ranges = _merge(self.notes[:n])
         head = fmt.log_record_head(len(ranges))
         size = fmt.log_record_size(head + sum(r[2] for r in ranges))
-        if size - head > MAX_BATCH or self.tail + size > MAX_BYTES:
+        if size - head > MAX_BATCH or self.tail + size > self.cap:
             return None, n
         dms: dict = {}
         for dev_id, off, ln in ranges:
@@ -260,14 +286,16 @@ class SyncLog:
             pos += 0 if zero else ln
         return fmt.finish_log_record(out, pos, self.base, self.sequence, entries), n
 
-    def append(self, record: bytes, noted: int) -> int:
+    def append(self, record: bytes, noted: int) -> int | None:
         """Under the shared lock and the append mutex: write `record` at the tail (not yet
-        durable) and drop
-        the first `noted` notes it covers. Returns the ticket to pass to sync()."""
+        durable) and drop the first `noted` notes it covers. Returns the ticket to pass
+        to sync(), or None (nothing written, the notes kept) when the file cannot grow
+        to hold it: the flush must be a full commit instead."""
         cur = self._cur
         end = cur.tail + len(record)
-        if end + 2 * GROW_STEP > self.extent:
-            self._grow(end + 2 * GROW_STEP)
+        if end + 2 * GROW_STEP > self.extent and not self._make_room(end):
+            self._limits()
+            return None
         if self._async:     # the writer thread writes it (and makes it durable)
             self._thread().append(record, cur.tail, cur.appended + len(record))
         else:
@@ -364,12 +392,14 @@ class SyncLog:
         self._pack_head()
         self.synced = max(self.synced, cur.appended)
         if self._syncer is not None:      # records still queued are not needed now
-            self._syncer.discard(cur.appended)
+            self._syncer.discard(cur.appended)      # and none is in flight after it
         n = len(self.notes)
         dropped = self.notes[:n]        # so that the del below frees nothing
         del self.notes[:n]
         if self._c is not None:
             self._c.pending(-n)
+        self._measure()                 # the new epoch's cap, and the file cut to it
+        self._trim()
         self._limits()
         return dropped
 
@@ -467,23 +497,3 @@ def _gather(pool, dm, offset: int, length: int, piece: memoryview) -> bool:
     K.read_range(d, md.maps.pages, md.chunk_shift, md.data_fio, piece, offset, length)
     return K.is_zero(piece)
 
-
-def replay(pool) -> int:
-    """Apply the log's records to the freshly opened pool (before anything else runs);
-    returns how many were applied. The caller commits (the fold)."""
-    slog = pool._log
-    n = 0
-    with pool.lock:
-        for entries in slog.records():
-            for e in entries:
-                dm = pool.md.devices.get(e.dev_id)
-                if dm is None or e.offset + e.length > dm.size:
-                    log.warning("intent log: record %d names %s, which the committed tree "
-                                "lacks; the replay stops there", n, e)
-                    return n
-                if e.kind == fmt.LOG_ZERO or K.is_zero(e.data):
-                    pool._zero_range(dm, e.offset, e.length, no_hole=False)
-                else:
-                    pool._write_data(dm, e.data, e.offset, e.length)
-            n += 1
-    return n

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import time
 
-from . import synclog as _synclog
 from .errors import ThinstoreError
 from .native import K
 from .spacemap import id_runs
@@ -39,7 +38,7 @@ _PRESYNC_STEP = 256         # runs per writeback call (close() can stop between 
 PREHASH_PASSES = 3          # the pre-hash and its catch-up passes (Writeback._prehash)
 PREHASH_AGAIN = 16          # chunks written meanwhile worth a catch-up pass
 LOG_EARLY = 0.5             # commit early once the intent log's epoch is this much of its
-                            # limit (synclog.MAX_BYTES), so that no flush finds it full
+                            # cap (SyncLog.cap: logroom.py), so that no flush finds it full
 _POLL = 0.05                # seconds between the timer's looks at the log
 
 
@@ -50,6 +49,7 @@ class Writeback:
         due = time.monotonic() + interval
         while not self._stop.wait(min(_POLL, interval)):
             self._garbage = None        # freed here, not under the lock (Pool.commit)
+            self._log_tighten()
             if time.monotonic() < due and not self._log_filling():
                 continue
             self._presync()
@@ -79,14 +79,28 @@ class Writeback:
         self.commit()
 
     def _log_filling(self) -> bool:
-        """Unlocked: has the intent log's epoch passed LOG_EARLY of its limit? Then the
+        """Unlocked: has the intent log's epoch passed LOG_EARLY of its cap? Then the
         timer commits now, with its writeback and hashing done before the lock, rather
         than leave the flush that finds the log full to make a full commit itself with
         all of that under the lock (a FLUSH of 0.8 s at QD16 flush/16, docs/bench.md).
         ZFS likewise closes a transaction group early once its dirty data passes a
         limit (zfs_dirty_data_sync_percent)."""
         synclog = self._log
-        return synclog is not None and synclog.tail >= LOG_EARLY * _synclog.MAX_BYTES
+        # an empty epoch never: with the log off (cap 0) the timer keeps its interval
+        return synclog is not None and 0 < synclog.tail >= LOG_EARLY * synclog.cap
+
+    def _log_tighten(self) -> None:
+        """Give back the intent log's file past its tail once the host file system is
+        too tight for it (SyncLog.tighten), even while the pool is idle: the space may
+        be taken by another writer, and the pool's next write must not fail for want
+        of blocks the log holds as zeros."""
+        synclog = self._log
+        if synclog is None or self._closed:
+            return
+        try:
+            synclog.tighten(self)
+        except (OSError, ThinstoreError) as e:      # closed meanwhile: nothing to give
+            log.debug("intent log not tightened: %s", e)
 
     def _written_since_commit(self) -> bool:
         """Unlocked: has anything been written since the last commit? Native lane writes

@@ -101,8 +101,8 @@ def make_report(sample: dict, previous: dict | None, names: list[str]) -> dict:
     pool = {k: v if k.endswith("_max") else v - pool_old.get(k, 0)   # a maximum is since start
             for k, v in sample.get("pool", {}).items() if isinstance(v, (int, float))}
     log_old = previous.get("log", {}) if previous else {}
-    log = {k: v - log_old.get(k, 0) for k, v in sample.get("log", {}).items()
-           if isinstance(v, (int, float))}
+    log = {k: v if k.endswith("_now") else v - log_old.get(k, 0)   # a gauge is as it is
+           for k, v in sample.get("log", {}).items() if isinstance(v, (int, float))}
     return {"interval_s": period, "uptime_s": sample["uptime_s"], "devices": devices,
             "pool": pool, "log": log}
 
@@ -159,16 +159,24 @@ def commit_line(pool: dict) -> str | None:
 def log_line(log: dict) -> str | None:
     """The intent log's work in the period (docs/integrity.md; the ZIL's counterpart is
     zil_commit_count in /proc/spl/kstat/zfs/zil): ``intent log 120 records (3.2 MiB),
-    98 by the NBD loop, 120 syncs (120 direct), 0 flushes made full commits``; None
-    when the log did nothing in the period (as the commit line: an idle pool prints
-    its table alone)."""
-    if not any(log.values()):
+    98 by the NBD loop, 120 syncs (120 direct), 0 flushes made full commits, file
+    4M of at most 64M``; the file's size and its cap (synclog.py, logroom.py:
+    the cap follows the host file system's free space; "log off" when it is too
+    tight for one). None when the log did nothing in the period (as the commit line:
+    an idle pool prints its table alone)."""
+    if not any(v for k, v in log.items() if not k.endswith("_now")):
         return None
-    return (f"intent log {log.get('records', 0)} records "
+    line = (f"intent log {log.get('records', 0)} records "
             f"({format_size(int(log.get('record_bytes', 0)))}), "
             f"{log.get('loop_records', 0)} by the NBD loop, {log.get('syncs', 0)} syncs "
             f"({log.get('direct', 0)} direct), "
             f"{log.get('commits_instead', 0)} flushes made full commits")
+    if "cap_now" not in log:
+        return line
+    if not log["cap_now"]:
+        return f"{line}, log off (host file system too full for it)"
+    return (f"{line}, file {format_size(int(log.get('size_now', 0)))} of at most "
+            f"{format_size(int(log['cap_now']))}")
 
 
 def _sum(devices) -> dict:
