@@ -90,7 +90,7 @@ class PluginProcess:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        for _ in range(300):                    # the plugin prints its endpoint once serving
+        for _ in range(1800):                   # bounded: 90 s (a loaded host imports slowly)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"plugin exited: {self.proc.stderr.read()}")
             if os.path.exists(self.sock):
@@ -226,7 +226,7 @@ def once_released(call, req):
     """Run ``call(req)`` once the NBD server has let go of a client that just hung up:
     it releases the device from its own thread, so the first try may still find the
     device open (FAILED_PRECONDITION, which a CO retries too).  Bounded."""
-    for _ in range(500):
+    for _ in range(1500):                      # bounded: 30 s and more
         try:
             return call(req, timeout=30)
         except grpc.RpcError as err:

@@ -151,7 +151,7 @@ class Plugin:
             [sys.executable, "-m", "thinstore", "--pool", self.pool, "docker-plugin", "-v",
              "--plugin-socket", self.socket, *self.args], stdout=self.log, stderr=self.log,
             env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
-        for _ in range(300):                 # bounded: 30 s
+        for _ in range(900):                 # bounded: 90 s (a loaded host imports slowly)
             if self.proc.poll() is not None:
                 raise AssertionError(f"the plugin exited: {self.log_text()}")
             with contextlib.suppress(OSError):
@@ -202,8 +202,9 @@ class Plugin:
         return found
 
     def settled_leftovers(self) -> list[str]:
-        """leftovers() once a volume's last unmount has had its linger (2 s) and a bit."""
-        for _ in range(100):                 # bounded: 10 s
+        """leftovers() once a volume's last unmount has had its linger (2 s) and its
+        teardown (sync, umount, losetup -d, nbdfuse's exit: seconds on a loaded host)."""
+        for _ in range(600):                 # bounded: 60 s
             found = self.leftovers()
             if not found:
                 return found

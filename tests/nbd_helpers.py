@@ -246,7 +246,7 @@ def meta_request(name: str, queries) -> bytes:
     return body
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll a condition (bounded): for state that other threads reach eventually."""
     for _ in range(max(1, int(timeout / 0.02))):    # a bounded number of polls
         if predicate():

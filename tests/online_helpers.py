@@ -58,7 +58,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "thinstore", "--pool", pool, "serve", "--socket",
              self.sock, *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env())
-        for _ in range(300):        # serving once its control socket answers
+        for _ in range(1200):       # serving once its control socket answers (bounded: 60 s)
             remote = RemotePool.connect(pool)
             if remote is not None:
                 remote.close()

@@ -203,11 +203,17 @@ def record_replay(image: bytes, work: str) -> Recording:
 
 # == cuts and crash images ============================================================
 def cut_points(rec: Recording, rng: random.Random, n: int) -> list[int]:
-    """Up to `n` cut positions: right after each stamp (the hardest moment: the caller
-    was just told), just before and after each FLUSH, and random points in the runs of
-    writes between FLUSHes; all of them when there are no more than `n`, else a sample
-    of which a third are just before a FLUSH that follows a write to the intent log
-    (between a log append and the FLUSH that would make it durable)."""
+    """Up to `n` cut positions (:func:`plan_cuts`)."""
+    return plan_cuts(rec, rng, n)[0]
+
+
+def plan_cuts(rec: Recording, rng: random.Random, n: int) -> tuple[list[int], list[int]]:
+    """(up to `n` cut positions, those of them just before a log append's FLUSH).
+    The cuts: right after each stamp (the hardest moment: the caller was just told),
+    just before and after each FLUSH, and random points in the runs of writes between
+    FLUSHes; all of them when there are no more than `n`, else a sample of which a
+    third are just before a FLUSH that follows a write to the intent log (between a
+    log append and the FLUSH that would make it durable)."""
     lo, hi = rec.mark, rec.mark + len(rec.records)
     points = {hi, lo}
     points.update(o["pos"] for o in rec.ops if o.get("pos") is not None)
@@ -219,16 +225,18 @@ def cut_points(rec: Recording, rng: random.Random, n: int) -> list[int]:
         if b - a > 2:
             points.add(rng.randrange(a + 1, b))
     points = sorted(p for p in points if lo <= p <= hi)
-    if len(points) <= n:
-        return points
     appends = [f for f in flushes if f > lo and rec.records[f - 1 - lo].kind != FLUSH
-               and rec.file_at(rec.records[f - 1 - lo].offset) == "log"] or flushes
-    before = rng.sample(appends, min(len(appends), n // 3))
+               and not rec.records[f - 1 - lo].fua
+               and rec.file_at(rec.records[f - 1 - lo].offset) == "log"]
+    if len(points) <= n:
+        return points, sorted(set(points) & set(appends))
+    before = rng.sample(appends or flushes, min(len(appends or flushes), n // 3))
     exposed = sorted(set(exposed_stamps(rec)) - set(before))
     told = rng.sample(exposed, min(len(exposed), n // 3))
     chosen = set(before) | set(told)
     rest = [p for p in points if p not in chosen]
-    return sorted(chosen | set(rng.sample(rest, n - len(chosen))))
+    return (sorted(chosen | set(rng.sample(rest, n - len(chosen)))),
+            sorted(set(before) & set(appends)))
 
 
 def exposed_stamps(rec: Recording) -> list[int]:
@@ -265,7 +273,8 @@ class Images:
         self.applied = 0                    # records (index in rec.records) applied
         self.fates: list = []               # the last image's writes after its FLUSH
 
-    def at(self, cut: int, rng: random.Random) -> bytearray:
+    def at(self, cut: int, rng: random.Random, cache: str | None = None) -> bytearray:
+        """The crash image at `cut`; `cache` overrides the instance's for this one."""
         recs = self.rec.records
         end = cut - self.rec.mark
         last = max((i for i in range(self.applied, end) if recs[i].kind == FLUSH),
@@ -276,7 +285,7 @@ class Images:
             _apply(self.durable, r)
         self.applied = last + 1
         img = bytearray(self.durable)
-        self.fates = [(r, _volatile(img, r, rng, self.cache))
+        self.fates = [(r, _volatile(img, r, rng, cache or self.cache))
                       for r in recs[self.applied:end] if r.kind != FLUSH]
         return img
 
@@ -419,8 +428,13 @@ def powercut_run(work: str, seed: int, ops: int, cuts: int, replay_cuts: int = 0
     report = {"seed": seed, "mode": mode, "disk": counts(rec.records), "workload": rec.end,
               "cuts": 0, "replayed_cuts": 0, "cuts_losing": {}, "failures": {}, "replay": None}
     images, replay_from = Images(rec, cache), None
-    for cut in cut_points(rec, rng, cuts):
-        img = images.at(cut, rng)
+    chosen, appends = plan_cuts(rec, rng, cuts)
+    # the first cut between a log append and its FLUSH gets a cache that lost every
+    # write since the FLUSH before (one of the images the model allows): at least one
+    # cut of every run loses a log append, whatever the random fates of the others
+    harsh = appends[0] if appends else None
+    for cut in chosen:
+        img = images.at(cut, rng, "lose" if cut == harsh else None)
         errors, facts = check_image(img, rec.ops, cut, work)
         _lost_in(rec, images.fates, report)
         report["cuts"] += 1

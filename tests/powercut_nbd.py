@@ -8,8 +8,9 @@ raw NBD connections (nbdsoak.Client: QD1 and QD16, FLUSH after writes or FUA on
 each, TRIM and WRITE_ZEROES now and then) write disjoint regions of ``fresh``,
 ``base`` (two connections) and ``clone``; a fifth thread takes online snapshots and
 full commits through the control socket. Each FLUSH and FUA reply, each snapshot and
-commit, is stamped with the disk's position when it came back. After `seconds` the
-clients stop and the server is stopped with SIGTERM (it closes the pool).
+commit, is stamped with the disk's position when it came back. After `seconds` (and
+at least MIN_STAMPS stamped replies, on a loaded host) the clients stop and the server
+is stopped with SIGTERM (it closes the pool).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from thinstore.nbd import protocol as P
 # its data, and the log of an epoch must fit the small recorded disk until the next
 # commit (it reached 88 MiB in half a second with 1 MiB requests)
 nbdsoak._SIZES = (1, 8, 8, 8, 16, 64, 128)
+
+#: the clients run `seconds`, and on until this many FLUSH and FUA replies were stamped
+MIN_STAMPS = 40
 
 
 class StampingClient(nbdsoak.Client):
@@ -103,6 +107,11 @@ def run(pool: str, possock: str, sock: str, sectors: int, seed: int, seconds: fl
         for t in threads:
             t.start()
         time.sleep(seconds)
+        # and, however loaded the host, until there is something to cut: stamped FLUSH
+        # and FUA replies (bounded: a server that answers none fails the run's checks)
+        deadline = time.monotonic() + 120
+        while len(stamps) < MIN_STAMPS and time.monotonic() < deadline:
+            time.sleep(0.05)
         stop.set()
         for t in threads:
             t.join(60)

@@ -38,6 +38,14 @@ def server():
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _wait_reports(reports: list, n: int, watch: subprocess.Popen) -> None:
+    """Until `reports` has `n` (bounded: 60 s; a loaded host starts Python slowly)."""
+    deadline = time.monotonic() + 60
+    while len(reports) < n:
+        assert watch.poll() is None and time.monotonic() < deadline, "iostat stopped reporting"
+        time.sleep(0.05)
+
+
 def test_iostat_follows_fio_on_one_device_and_agrees_with_its_totals(server):
     need("fio")
     path, sock = server
@@ -49,7 +57,7 @@ def test_iostat_follows_fio_on_one_device_and_agrees_with_its_totals(server):
     reader = threading.Thread(target=lambda: reports.extend(
         json.loads(line) for line in watch.stdout), daemon=True)
     reader.start()
-    time.sleep(0.8)
+    _wait_reports(reports, 1, watch)      # iostat is up before fio starts
     fio = subprocess.run(["fio", "--output-format=json", "--name=io", "--ioengine=nbd",
                           f"--uri={uri(sock, 'a')}", "--rw=randrw", "--bs=4k",
                           "--iodepth=8", "--size=32M", "--io_size=24M", "--fsync=64",
@@ -63,7 +71,7 @@ def test_iostat_follows_fio_on_one_device_and_agrees_with_its_totals(server):
             r["devices"]["a"]["read_bytes"] + r["devices"]["a"]["write_bytes"]
             for r in list(reports)) < done:
         time.sleep(0.1)
-    time.sleep(0.4)                       # and one more, which must add nothing
+    _wait_reports(reports, len(reports) + 1, watch)   # and one more, which must add nothing
     watch.terminate()
     watch.wait(30)
     reader.join(10)
@@ -178,14 +186,14 @@ def test_the_server_counts_each_kind_of_request_and_keeps_closed_connections():
                 client.recv(lengths[cookie])
             replies[cookie] = error
         assert [replies[c] for c in range(1, 8)] == [0] * 6 + [P.EINVAL]
-        for _ in range(100):      # a worker counts its request just after replying
+        for _ in range(1500):     # a worker counts its request just after replying (30 s)
             live = s.server.iostat()["devices"]["a"]
             if live["other_ops"] and live["flush_ops"] and live["write_ops"] == 2:
                 break
             time.sleep(0.02)
         client.request(P.Cmd.DISC)
         client.close()
-        for _ in range(100):                    # the session ends in its own thread
+        for _ in range(1500):                   # the session ends in its own thread (30 s)
             if not s.server.connections():
                 break
             time.sleep(0.02)

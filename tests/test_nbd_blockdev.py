@@ -46,7 +46,7 @@ def block_device(uri: str, readonly: bool = False):
 
 
 def _wait_for_file(path: str, proc: subprocess.Popen) -> None:
-    for _ in range(100):            # bounded: 10 s
+    for _ in range(600):            # bounded: 60 s
         if os.path.exists(path):
             return
         if proc.poll() is not None:

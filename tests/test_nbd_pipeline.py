@@ -223,7 +223,7 @@ def test_each_connections_writer_thread_ends_with_it():
             client.request(P.Cmd.DISC)
             assert client.closed_by_server()
             client.close()
-        for _ in range(500):        # the connections' threads end after their sockets close
+        for _ in range(3000):       # the connections' threads end after their sockets close
             if threads() <= before:
                 break
             time.sleep(0.01)

@@ -202,6 +202,10 @@ def test_killing_the_server_mid_send_or_receive_leaves_both_pools_whole(pools, t
                                                                   tmp_path / "v")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_workspace(pool: str) -> None:
     """The receive has started: its resume token is on disk."""
     token = os.path.join(pool, "resume", "copy.json")
@@ -337,9 +341,12 @@ def test_interrupting_an_online_receive_stops_it_in_the_server(pools, tmp_path):
     data = stream.read_bytes()
     srv = Server(dst)
     try:
+        # SIGINT as a terminal's ^C sends it, also when the tests run where it is ignored
+        # (a job started with '&' by a shell without job control, nohup): a process that
+        # starts with SIGINT ignored keeps it ignored, Python's KeyboardInterrupt too
         feeder = subprocess.Popen([sys.executable, "-m", "thinstore", "--pool", dst, "receive",
                                    "copy"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  env=env())
+                                  env=env(), preexec_fn=_default_sigint)
         feeder.stdin.write(data[:len(data) // 2])
         feeder.stdin.flush()
         _wait_for_workspace(dst)

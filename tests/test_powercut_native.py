@@ -85,6 +85,8 @@ def test_no_acknowledged_write_is_lost_at_any_cut(work, mode):
     assert report["disk"]["flushes"] > 10
     assert report["failures"] == {}, _first(report["failures"])
     assert report["replayed_cuts"] > 0, "some crash images had log records to replay"
+    # not left to chance: each log append is a WRITE then a FLUSH (the first test), and
+    # the first cut between the two is made with a cache that lost the WRITE
     assert report["cuts_losing"].get("log", 0) > 0, "some cut lost or tore a log append"
     replay = report["replay"]
     assert replay and replay["replayed"] > 0 and replay["cuts"] > 3, replay

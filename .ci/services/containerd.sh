@@ -37,7 +37,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 TOML
     containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
     echo $! > "$dir/containerd.pid"
-    for _ in $(seq 100); do
+    for _ in $(seq 600); do               # bounded: 60 s (a loaded fresh machine is slow)
         if ctr --address "$dir/containerd.sock" version >/dev/null 2>&1; then
             echo "THINSTORE_TEST_CONTAINERD_ADDRESS=$dir/containerd.sock"
             echo "THINSTORE_TEST_SNAPSHOTTER_SOCKET=$dir/snapshotter.sock"

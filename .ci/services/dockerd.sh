@@ -26,7 +26,7 @@ start() {
         --pidfile "$dir/docker.pid" --config-file "$dir/daemon.json" --log-level warn \
         > "$dir/dockerd.log" 2>&1 &
     local i
-    for i in $(seq 120); do               # bounded: 60 s
+    for i in $(seq 240); do               # bounded: 120 s (a loaded fresh machine is slow)
         if docker -H "unix://$dir/docker.sock" version >/dev/null 2>&1; then
             break
         fi

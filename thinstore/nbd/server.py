@@ -64,6 +64,7 @@ class NBDServer:
         self._lock = threading.Lock()
         self._sockets: dict[int, socket.socket] = {}
         self._sessions: dict[int, Transmission] = {}
+        self._pids: dict[int, int | None] = {}     # conn id -> the client's pid (unix socket)
         self._next_id = 0
         self._stopping = threading.Event()
         self.unix_sockets: dict[str, tuple[int, int]] = {}
@@ -169,6 +170,7 @@ class NBDServer:
         """One connection; with ``serve -v`` (INFO) one line when it opens an export and
         one when it closes: peer, export, duration and bytes read and written."""
         peer, started, session, why = _peer(sock), time.monotonic(), None, "no export chosen"
+        pid = _peer_pid(sock)
         negotiation = Negotiation(sock, self.catalog, self.config)
         try:
             agreement = negotiation.run()
@@ -181,6 +183,7 @@ class NBDServer:
             with self._lock:
                 self._sockets[conn_id] = agreement.sock
                 self._sessions[conn_id] = session
+                self._pids[conn_id] = pid
             log.info("connection %d from %s: opened %r%s", conn_id, peer, session.dev.name,
                      " (read-only)" if session.read_only else "")
             session.run()
@@ -192,16 +195,21 @@ class NBDServer:
             with self._lock:
                 live = self._sockets.pop(conn_id, sock)
                 session = self._sessions.pop(conn_id, None)
+                self._pids.pop(conn_id, None)
                 if session is not None:     # under the lock: iostat sees it once, not 0 or 2 times
                     self._stats.retire(session.dev.name, session.stats)
             close_quietly(live)
             _log_close(conn_id, peer, started, session, why)
 
     # -- management ----------------------------------------------------------------
-    def connections(self, name: str | None = None) -> int:
-        """Connections in transmission (on export ``name`` if given)."""
+    def connections(self, name: str | None = None, pid: int | None = None) -> int:
+        """Connections in transmission (on export ``name`` if given; of the client process
+        ``pid`` if given: the process at the unix socket's other end when it connected,
+        SO_PEERCRED; a TCP connection has none)."""
         with self._lock:
-            return sum(1 for s in self._sessions.values() if name is None or s.dev.name == name)
+            return sum(1 for conn_id, s in self._sessions.items()
+                       if (name is None or s.dev.name == name)
+                       and (pid is None or self._pids.get(conn_id) == pid))
 
     def iostat(self) -> dict:
         """Cumulative I/O counters per export since the server started (fields in
@@ -235,6 +243,14 @@ class NBDServer:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of a unix-socket client (SO_PEERCRED), None on TCP or when it is gone."""
+    try:
+        return sockets.peer_credentials(sock)[0] if sock.family == socket.AF_UNIX else None
+    except OSError:
+        return None
 
 
 def _peer(sock: socket.socket) -> str:

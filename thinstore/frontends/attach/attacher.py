@@ -9,6 +9,7 @@ import contextlib
 import os
 import secrets
 import threading
+import time
 
 from thinstore.errors import DeviceBusy, UsageError
 
@@ -21,12 +22,18 @@ from .state import Attachment, StateFile
 _CLAIMS: dict[str, str] = {}
 _CLAIMS_LOCK = threading.Lock()
 
+#: how long a detach waits for the NBD server to see its client's connections end: they end
+#: within milliseconds of the client's exit on an idle host; the bound is for a loaded one
+HANG_UP_SECONDS = 30.0
+
 
 class Attacher:
     """Attach exports of one NBD server as kernel block devices and mount them."""
 
-    def __init__(self, state_path: str, nbd_socket: str, connector: connectors.Connector | None = None):
+    def __init__(self, state_path: str, nbd_socket: str,
+                 connector: connectors.Connector | None = None, server=None):
         self.state = StateFile(state_path)
+        self.server = server         # the NBDServer at nbd_socket when in this process
         root = os.path.join(os.path.dirname(self.state.path), "dev")
         self.connector = connector or connectors.choose(nbd_socket, root)
         self.records: dict[str, Attachment] = self.state.load()
@@ -141,9 +148,31 @@ class Attacher:
             (filesystem.unmount_dead if dead else filesystem.unmount)(target)
             rec.mount = None
             self._save()
+        ours, client = rec.server == host.process_identity(), rec.helper_pid
         self._connector(rec).disconnect(rec)
         rec.transport = rec.workdir = rec.server = None
         self._unclaim(rec.export)
+        if ours:
+            self._wait_hung_up(rec.export, client)
+
+    def _wait_hung_up(self, export: str, client: int | None) -> None:
+        """The transport's NBD client process has exited, but the server sees its connections
+        end a moment later, once its connection threads have run (on a loaded host: after
+        the detach returned): wait for that, bounded, so that what the detach allowed (a
+        rename, rollback, destroy or resize of the export right after it) does not find the
+        export still open by this very client.  Only ``client``'s connections are waited
+        for (the server knows each unix-socket client's pid), never another NBD client's.
+        Needs ``server`` (this process's NBDServer) and the client's pid (nbdfuse-loop)."""
+        if self.server is None or not client:
+            return
+        deadline = time.monotonic() + HANG_UP_SECONDS
+        while self.server.connections(export, pid=client):
+            if time.monotonic() > deadline:
+                log.warning("attach: %s: the NBD server still counts %d connection(s) of its "
+                            "client (pid %d) %.0f s after it exited", export,
+                            self.server.connections(export, pid=client), client, HANG_UP_SECONDS)
+                return
+            time.sleep(0.01)
 
     def _settle(self, rec: Attachment) -> bool:
         """Before rec's device goes: every write acknowledged so far into the pool, and no

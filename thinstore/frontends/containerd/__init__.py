@@ -65,7 +65,8 @@ class SnapshotterFrontend(Frontend):
         from .store import Store
 
         store = Store(self.state_dir)
-        self.attacher = Attacher(self.ctx.nbd_socket, self.state_dir)
+        self.attacher = Attacher(self.ctx.nbd_socket, self.state_dir,
+                                 server=self.ctx.nbd_server)
         snapshotter = Snapshotter(self.ctx.pool, store, self.attacher,
                                   fs_type=self.args.fs_type, base_size=self.args.base_size)
         snapshotter.start()

@@ -25,9 +25,10 @@ class Attacher:
     state_dir holds the attach module's state file (attach.json) and its work dirs.
     """
 
-    def __init__(self, nbd_socket: str, state_dir: str):
+    def __init__(self, nbd_socket: str, state_dir: str, server=None):
         self.state_dir = state_dir
-        self.shared = SharedAttacher(os.path.join(state_dir, "attach.json"), nbd_socket)
+        self.shared = SharedAttacher(os.path.join(state_dir, "attach.json"), nbd_socket,
+                                     server=server)
 
     def recover(self) -> dict:
         """Tear down what a dead predecessor left attached (attach's own recovery)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 from thinstore.frontends.attach import Attacher, AttachError, grow, host
 from thinstore.frontends.attach.privileged import attempt, run
@@ -52,7 +51,8 @@ class Node(pbg.NodeServicer):
         self.plugin = plugin
         self.state = State(plugin.state.dir, "node", ("stages", "publishes"))
         self.attacher = attacher or Attacher(os.path.join(plugin.state.dir, "attach.json"),
-                                             plugin.nbd_socket)
+                                             plugin.nbd_socket,
+                                             server=getattr(plugin, "nbd_server", None))
         self.lock = threading.RLock()     # one node operation at a time
 
     # ------------------------------------------------------------------ queries
@@ -109,19 +109,8 @@ class Node(pbg.NodeServicer):
                 raise RPCError(Code.FAILED_PRECONDITION, f"volume {vid!r} is still published "
                                f"at {', '.join(sorted(self.publishes_of(vid)))}")
             self._unstage(vid, rec)
-            self.state.drop("stages", vid)
-            self._wait_hung_up(vid)
+            self.state.drop("stages", vid)    # the attacher waited for the hang-up
         return pb.NodeUnstageVolumeResponse()
-
-    def _wait_hung_up(self, vid: str, seconds: float = 5.0) -> None:
-        """The attachment's NBD client has exited, but the server sees its connections end
-        a moment later (on a loaded host, after the reply): wait for that, bounded, so that
-        a call right after the unstage (ControllerExpandVolume, DeleteVolume) does not
-        find the volume "open by an NBD client" and fail FAILED_PRECONDITION."""
-        server = getattr(self.plugin, "nbd_server", None)
-        deadline = time.monotonic() + seconds
-        while server is not None and server.connections(vid) and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def _unstage(self, vid: str, rec: dict) -> None:
         if rec["kind"] == "block":

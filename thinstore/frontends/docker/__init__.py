@@ -98,7 +98,7 @@ class DockerVolumeFrontend(Frontend):
         size = parse_size(getattr(self.args, "docker_default_size", None) or DEFAULT_SIZE)
         registry = Registry(os.path.join(self.state_dir, "volumes.json"))
         self.attacher = Attacher(os.path.join(self.state_dir, "attach.json"),
-                                 self.ctx.nbd_socket)
+                                 self.ctx.nbd_socket, server=self.ctx.nbd_server)
         for export, outcome in self.attacher.recover().items():
             log.warning("docker plugin: %s: %s what the previous run left", export, outcome)
         registry.settle({d.name: d.uuid for d in self.ctx.pool.list()})
