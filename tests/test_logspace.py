@@ -365,3 +365,41 @@ def test_nbd_writes_until_full_then_kill_9(tight_fs):
         for i in flushed:
             assert dev.pread(i * BLOCK, BLOCK) == block(i), i
     cli("--pool", path, "check")
+
+
+def test_after_a_failed_commit_a_flush_is_a_commit_not_a_record(tmp_path):
+    """A management operation whose commit fails (here: ENOSPC for its metadata)
+    leaves a device in memory that the committed tree lacks; replay stops at a record
+    naming it, losing the records after it. So until a commit succeeds, a FLUSH makes
+    no record: it is a full commit, and fails as long as that does; then records again."""
+    path = str(tmp_path / "p")
+    Pool.create(path, 16 << 20, 4096, commit_interval=0).close()
+    with Pool.open(path, commit_interval=0) as pool:
+        pool.create_volume("v", 1 << 20)
+        real = pool.md.commit
+
+        def full(*args, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with pool.open_device("v") as dev:
+            dev.pwrite(b"a" * 4096, 0)
+            pool.flush()
+            assert pool.log_counters["records"] == 1
+            pool.md.commit = full
+            with pytest.raises(OSError):
+                pool.create_volume("y", 1 << 20)
+            assert pool.log_counters["cap_now"] == 0
+            dev.pwrite(b"b" * 4096, 4096)
+            with pytest.raises(OSError):
+                pool.flush()              # no record to pretend with: the commit fails
+            assert pool.log_counters["records"] == 1
+            pool.md.commit = real
+            pool.flush()                  # the commit succeeds: y and b are on disk
+            assert pool.log_counters["cap_now"] > 0
+            dev.pwrite(b"c" * 4096, 8192)
+            pool.flush()
+            assert pool.log_counters["records"] == 2      # records again
+    with Pool.open(path, commit_interval=0) as pool:
+        assert "y" in [d.name for d in pool.list()]
+        with pool.open_device("v") as dev:
+            assert dev.pread(0, 3 * 4096) == b"a" * 4096 + b"b" * 4096 + b"c" * 4096

@@ -123,6 +123,21 @@ class LogRoom:
             return end <= self.extent
         return True
 
+    def suspend(self) -> None:
+        """After a full commit failed (Pool.commit, exclusive lock held; e.g. ENOSPC for
+        its metadata): the open transaction may hold a device created, resized or
+        destroyed that the committed tree lacks, and replay stops at a record naming
+        such a device, so the records after it -- other devices' FLUSHed writes --
+        would be lost with it. So the log is off (cap 0) until a commit succeeds
+        (committed() measures the cap again): meanwhile every FLUSH is a full commit,
+        which fails, saying why, as long as the failing commit does."""
+        with self._append:
+            if self.cap:
+                log.warning("intent log off until a full commit succeeds: FLUSHes are "
+                            "full commits meanwhile")
+            self.cap = 0
+            self._limits()
+
     def tighten(self, pool) -> None:
         """From the writeback timer (unlocked; a statvfs when nothing is to do): if the
         host file system is now too tight for the file's extent (the cap measured

@@ -313,7 +313,12 @@ class Pool(Management, Writeback, DataPath, HiddenDevices, Readers, Recovery, Qu
         with self.lock:
             self._check_open()
             start = time.perf_counter_ns()
-            self.md.commit(getattr(self, "_checksum_hook", None))
+            try:
+                self.md.commit(getattr(self, "_checksum_hook", None))
+            except BaseException:
+                if self._log is not None:       # no record may name what is not on disk
+                    self._log.suspend()
+                raise
             if self._log is not None:    # the notes are freed later, without the lock
                 self._garbage = self._log.committed(log_base(self.md.sb))
             if self._sums is not None:
