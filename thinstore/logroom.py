@@ -92,7 +92,7 @@ class LogRoom:
             else:
                 log.log(logging.INFO if was is None else logging.WARNING,
                         "intent log off: %s free on the file system that holds it; FLUSHes "
-                        "are full commits until about %s are", format_size(free),
+                        "are full commits until about %s are free there", format_size(free),
                         format_size(int(LOG_FLOOR / LOG_SHARE)))
 
     def _make_room(self, end: int) -> bool:

@@ -174,7 +174,7 @@ def log_line(log: dict) -> str | None:
     if "cap_now" not in log:
         return line
     if not log["cap_now"]:
-        return f"{line}, log off (host file system too full for it)"
+        return f"{line}, log off (host file system too small or too full for it)"
     return (f"{line}, file {format_size(int(log.get('size_now', 0)))} of at most "
             f"{format_size(int(log['cap_now']))}")
 

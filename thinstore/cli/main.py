@@ -276,7 +276,9 @@ def _os_message(err: OSError, pool: str | None = None) -> str:
     if err.errno == errno.ENOSPC and pool and "://" not in pool:
         return (f"no space left on the file system that holds pool {pool}: its metadata or "
                 f"intent log could not be written (the pool's own free space, 'thinstore "
-                f"status', is another matter); free space there ('df {pool}'), then retry")
+                f"status', is another matter); free space there ('df {pool}'), then retry "
+                f"(through a running server the change was kept in its memory: it is "
+                f"committed once there is room, and lost if the server stops first)")
     return err.strerror or str(err)
 
 
