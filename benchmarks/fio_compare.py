@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +62,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from fio_targets import NbdkitFile, NbdkitNull, QemuNbd, Thinstore  # noqa: E402
+from fio_targets import NbdkitFile, NbdkitNull, QemuNbd, Thinstore, stop_all  # noqa: E402
 
 WORKLOADS = {
     "4K randwrite QD1 flush/1": dict(rw="randwrite", bs="4k", iodepth=1, fsync=1, unit="IOPS"),
@@ -343,10 +342,7 @@ def main() -> int:
         if args.json:
             print(json.dumps(results, indent=1))
     finally:
-        for server in servers.values():
-            server.stop()
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_all(servers, work, keep=bool(args.workdir))
     return 0
 
 

@@ -19,6 +19,7 @@ Each target but chain's is (uri, cleanup); cleanup stops whatever was started fo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,15 @@ def _stop(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_all(servers: dict, work: str, keep: bool) -> None:
+    """The end of a benchmark run: stop every server in `servers` (name -> target), then
+    remove the run's work directory unless the caller named it (`keep`)."""
+    for server in servers.values():
+        server.stop()
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class Thinstore:

@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 from fio_compare import make_base, size_bytes  # noqa: E402
-from fio_targets import NbdkitFile, QemuNbd, Thinstore  # noqa: E402
+from fio_targets import NbdkitFile, QemuNbd, Thinstore, stop_all  # noqa: E402
 
 TRACE_SIZE = 50 << 20       # the export size of the NBD project's own integrity tests
 WORKLOADS = {
@@ -138,10 +138,7 @@ def main() -> int:
                     print(f"round {round_no + 1} {name:24} {server:12} {shown}", flush=True)
         report(results, size)
     finally:
-        for server in servers.values():
-            server.stop()
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_all(servers, work, keep=bool(args.workdir))
     return 0
 
 
