@@ -245,7 +245,7 @@ def exposed_stamps(rec: Recording) -> list[int]:
     FLUSH: if that write was the record the caller was told about, only a writer that
     acknowledged early leaves it there, so a cut at such a stamp is the one that
     catches it."""
-    out, last_flush, log_since = set(), rec.mark, []
+    out, log_since = set(), []
     stamps = sorted({o["pos"] for o in rec.ops if o.get("pos") is not None})
     i = 0
     for r in rec.records:
